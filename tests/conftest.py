@@ -1,0 +1,43 @@
+"""Shared fixtures: the real Psych-201 data and tokenizers trained locally on it."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest
+
+from psych201_jax import tiny_tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA_ROOT = os.environ.get("PSYCH201_DATA", os.path.join(REPO, "..", "shared", "data", "psych201"))
+
+# A spread of studies: short and long transcripts, numeric responses, >32,768-character texts.
+TOKENIZER_STUDIES = ("thoma2025riskychoice", "franke2024bayesian", "guenther2024substitutions",
+                     "busch2024_stroop", "shahar2019twosteptask", "xu2023augmenting",
+                     "guenther2023ViSpa", "spektor2024lossaversion")
+
+
+@pytest.fixture(scope="session")
+def data_root():
+    if not os.path.isdir(DATA_ROOT):
+        pytest.fail(f"Psych-201 data not found at {DATA_ROOT}; set PSYCH201_DATA")
+    return os.path.abspath(DATA_ROOT)
+
+
+@pytest.fixture(scope="session")
+def _tokenizer_texts(data_root):
+    return tiny_tokenizer.sample_texts(data_root, TOKENIZER_STUDIES, per_study=30)
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir(tmp_path_factory, _tokenizer_texts):
+    """Byte-level BPE (4096 tokens), no BOS, ChatML template with enable_thinking."""
+    return tiny_tokenizer.train_tokenizer_dir(_tokenizer_texts, str(tmp_path_factory.mktemp("tok_qwen")),
+                                              flavour="qwen")
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer_dir(tmp_path_factory, _tokenizer_texts):
+    """Byte-level BPE (4096 tokens) that adds BOS, Llama-3 style template that also emits BOS."""
+    return tiny_tokenizer.train_tokenizer_dir(_tokenizer_texts, str(tmp_path_factory.mktemp("tok_llama")),
+                                              flavour="llama")
