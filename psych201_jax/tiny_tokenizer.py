@@ -56,14 +56,20 @@ def _special_tokens(flavour: str) -> list[str]:
 
 
 def train_tokenizer_dir(texts: Iterable[str], out_dir: str, *, flavour: str = "qwen",
-                        vocab_size: int = 4096) -> str:
-    """Trains a byte-level BPE on ``texts`` and writes an HF tokenizer directory; returns ``out_dir``."""
+                        vocab_size: int = 4096, isolate_close: bool = False) -> str:
+    """Trains a byte-level BPE on ``texts`` and writes an HF tokenizer directory; returns ``out_dir``.
+
+    Trained on Psych-201 text, BPE learns merges like ``>>.\n`` that make the reference protocol's
+    ``>>`` search fail on most responses (useful in tests). ``isolate_close`` splits ``>>`` off before
+    BPE, so the tokenizer behaves like the large hub tokenizers the reference was written for.
+    """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials = _special_tokens(flavour)
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
+    splits = [pre_tokenizers.Split(Regex(">>"), behavior="isolated")] if isolate_close else []
+    tok.pre_tokenizer = pre_tokenizers.Sequence(splits + [
         pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])

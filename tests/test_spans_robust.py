@@ -1,0 +1,129 @@
+"""Robust protocol: offset-based spans hold exactly the response characters; budget truncation."""
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from psych201_jax import metadata, records, spans
+
+CONTEXT = st.text(alphabet="abcdefghij XYZ.,:;!?-0123456789é\n", max_size=25)
+RESPONSE = st.text(alphabet="abcdeQR-0123456789 .,é%$", min_size=1, max_size=8).filter(lambda s: s.strip())
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _record(text, **meta):
+    md = {c: "N/A" for c in metadata.META_COLUMNS}
+    md.update(meta)
+    return records.Record("toy", "exp", "p", text, md, "mem", 1)
+
+
+def _build(contexts, responses):
+    text, bounds = "", []
+    for ctx, resp in zip(contexts, responses):
+        text += ctx + " <<"
+        bounds.append((len(text), len(text) + len(resp)))
+        text += resp + ">>"
+    return text + contexts[-1], bounds
+
+
+@pytest.fixture(scope="module", params=["qwen", "llama"])
+def tok(request):
+    return spans.TokenizerInfo(request.getfixturevalue(f"{request.param}_tokenizer_dir"))
+
+
+def _one(tok, record, protocol, persona=None):
+    selector = (lambda r: r.metadata) if persona else None
+    (out,) = spans.tokenize_records([record], tok, protocol, persona_of=selector)
+    assert isinstance(out, spans.ParticipantSpans), out
+    return out
+
+
+@SETTINGS
+@given(data=st.data())
+def test_robust_spans_hold_exactly_the_response_characters(tok, data):
+    responses = data.draw(st.lists(RESPONSE, min_size=1, max_size=5))
+    contexts = data.draw(st.lists(CONTEXT, min_size=len(responses) + 1, max_size=len(responses) + 1))
+    text, bounds = _build(contexts, responses)
+    ps = _one(tok, _record(text), spans.Protocol("robust"))
+    _, offsets = tok.encode_batch([text])[0]
+    assert ps.responses_text == ps.n_responses == len(responses) and ps.lost_truncation == 0
+    assert ps.responses_scored == len(responses)
+    straddling = 0
+    for j, (cs, ce) in enumerate(bounds):
+        positions = np.flatnonzero(ps.response_index == j)
+        assert len(positions) and np.all(np.diff(positions) == 1), "a response's tokens are contiguous"
+        covered = set()
+        for p in positions:
+            covered.update(range(*offsets[p]))
+        assert covered >= set(range(cs, ce)), "every response character is scored"
+        extra = covered - set(range(cs, ce))
+        straddling += sum(1 for p in positions if set(range(*offsets[p])) - set(range(cs, ce)))
+        if not extra:
+            assert tok.hf.decode(ps.token_ids[positions]) == text[cs:ce]
+    assert ps.straddle == straddling
+    outside = ps.response_index == -1
+    for p in np.flatnonzero(outside):
+        a, b = offsets[p]
+        assert all(not (cs < b and a < ce) for cs, ce in bounds), "no response character left outside"
+
+
+@SETTINGS
+@given(data=st.data())
+def test_token_budget_never_cuts_inside_a_response(tok, data):
+    responses = data.draw(st.lists(RESPONSE, min_size=1, max_size=6))
+    contexts = data.draw(st.lists(CONTEXT, min_size=len(responses) + 1, max_size=len(responses) + 1))
+    text, _ = _build(contexts, responses)
+    full = _one(tok, _record(text), spans.Protocol("robust"))
+    budget = data.draw(st.integers(1, len(full.token_ids) + 2))
+    cut = _one(tok, _record(text), spans.Protocol("robust", token_budget=budget))
+    assert len(cut.token_ids) <= budget + (tok.bos_token is not None)  # a leading BOS is not text
+    assert np.array_equal(cut.token_ids, full.token_ids[:len(cut.token_ids)])
+    kept = cut.n_responses
+    assert kept + cut.lost_truncation == len(responses)
+    for j in range(kept):  # every kept response is complete
+        assert np.array_equal(np.flatnonzero(cut.response_index == j), np.flatnonzero(full.response_index == j))
+    assert not (cut.response_index >= kept).any()
+
+
+def test_persona_prefix_is_outside_the_budget(tok, data_root):
+    recs = [r for r in itertools.islice(records.iter_records(f"{data_root}/thoma2025riskychoice"), 5)]
+    protocol = spans.Protocol("robust", token_budget=300)
+    for rec in recs:
+        plain = _one(tok, rec, protocol)
+        with_persona = _one(tok, rec, protocol, persona=True)
+        assert plain.n_responses == with_persona.n_responses and plain.lost_truncation > 0
+        prefix_tokens = len(with_persona.token_ids) - len(plain.token_ids)
+        assert prefix_tokens > 10
+        assert np.array_equal(with_persona.token_ids[prefix_tokens + (tok.bos_token is not None):],
+                              plain.token_ids[(tok.bos_token is not None):])
+
+
+def test_robust_chat_has_single_bos_and_assistant_spans(llama_tokenizer_dir, data_root):
+    tok = spans.TokenizerInfo(llama_tokenizer_dir)
+    rec = next(records.iter_records(f"{data_root}/thoma2025riskychoice"))
+    ps = _one(tok, rec, spans.Protocol("robust", "chat"))
+    bos = tok.hf.convert_tokens_to_ids("<|begin_of_text|>")
+    assert ps.token_ids[0] == bos and ps.token_ids[1] != bos
+    assert ps.n_responses == ps.responses_scored == rec.text.count("<<")
+    answers = [tok.hf.decode(ps.token_ids[ps.response_index == j]) for j in range(ps.n_responses)]
+    assert answers == [m["content"].strip() for m in _messages(rec.text) if m["role"] == "assistant"]
+
+
+def _messages(text):
+    from psych201_jax import transcripts
+
+    return transcripts.split_into_messages(text)
+
+
+def test_robust_sees_responses_the_reference_misses(qwen_tokenizer_dir, data_root):
+    """On real data the reference protocol (this tokenizer merges '>>.\\n') runs away; robust does not."""
+    tok = spans.TokenizerInfo(qwen_tokenizer_dir)
+    recs = list(itertools.islice(records.iter_records(f"{data_root}/thoma2025riskychoice"), 3))
+    for rec in recs:
+        ref = _one(tok, rec, spans.Protocol("reference"))
+        rob = _one(tok, rec, spans.Protocol("robust"))
+        assert rob.responses_scored == rec.text.count("<<") > ref.responses_scored
+        assert ref.runaway > 0 and ref.merged > 0 and rob.straddle == 0
