@@ -1,0 +1,78 @@
+"""Masked log-prob kernel: per-token NLL and argmax at scored positions only, and per-response sums.
+
+Only the C scored hidden states are gathered, and the vocabulary is visited in chunks with an online
+float32 logsumexp, so at most [C, vocab_chunk] logits exist at a time; the full [B * L, V] (or [C, V])
+logits are never built.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+
+@functools.partial(jax.jit, static_argnames=("vocab_chunk",))
+def masked_logprobs(hidden: jax.Array, unembedding: jax.Array, score_index: jax.Array,
+                    score_target: jax.Array, score_valid: jax.Array, *,
+                    vocab_chunk: int = 8192) -> tuple[jax.Array, jax.Array]:
+    """NLL and argmax of the next-token distribution at the scored entries.
+
+    hidden [B, L, D] final hidden states; unembedding [V, D]; score_index int [C] flat index into
+    B * L; score_target int [C] in [0, V); score_valid bool [C].
+    Returns nll float32 [C] (-log softmax(logits)[target], 0 for invalid entries) and argmax int32 [C]
+    (lowest index among maximal logits, like jnp.argmax; -1 for invalid entries).
+    Logits are computed in the hidden dtype with float32 accumulation.
+    """
+    d = hidden.shape[-1]
+    v = unembedding.shape[0]
+    chunk = min(vocab_chunk, v)
+    n_chunks = -(-v // chunk)
+    flat = hidden.reshape(-1, d)
+    # Under an explicit-sharding mesh the gathered [C, D] rows are replicated (C is small).
+    mesh = jax.typeof(flat).sharding.mesh
+    replicated = None if mesh.empty else NamedSharding(mesh, P())
+    h = flat.at[score_index].get(mode="clip", out_sharding=replicated)  # [C, D]
+    columns = jnp.arange(chunk)
+
+    def step(carry, i):
+        run_max, run_sum, run_arg, target_logit = carry
+        # The last chunk is shifted left to stay in bounds (no padded copy of the unembedding);
+        # its columns already seen in the previous chunk are masked to -inf.
+        first = i * chunk
+        start = jnp.minimum(first, v - chunk)
+        w = lax.dynamic_slice_in_dim(unembedding, start, chunk, axis=0).astype(h.dtype)
+        logits = jnp.einsum("cd,vd->cv", h, w, preferred_element_type=jnp.float32,
+                            precision=lax.Precision.HIGHEST)  # [C, chunk]
+        logits = jnp.where(start + columns >= first, logits, -jnp.inf)
+        chunk_max = logits.max(axis=1)
+        new_max = jnp.maximum(run_max, chunk_max)
+        run_sum = run_sum * jnp.exp(run_max - new_max) + jnp.exp(logits - new_max[:, None]).sum(axis=1)
+        run_arg = jnp.where(chunk_max > run_max, start + jnp.argmax(logits, axis=1), run_arg)
+        # A masked sum rather than a gather, so a vocabulary-sharded chunk needs no resharding.
+        picked = jnp.where(start + columns == score_target[:, None], logits, 0.0).sum(axis=1)
+        in_chunk = (score_target >= first) & (score_target < first + chunk)
+        target_logit = jnp.where(in_chunk, picked, target_logit)
+        return (new_max, run_sum, run_arg, target_logit), None
+
+    c = score_index.shape[0]
+    init = (jnp.full(c, -jnp.inf, jnp.float32), jnp.zeros(c, jnp.float32), jnp.zeros(c, jnp.int32),
+            jnp.zeros(c, jnp.float32))
+    (run_max, run_sum, run_arg, target_logit), _ = lax.scan(step, init, jnp.arange(n_chunks))
+    nll = jnp.where(score_valid, jnp.log(run_sum) + run_max - target_logit, 0.0)
+    return nll, jnp.where(score_valid, run_arg, -1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("num_slots",))
+def response_sums(nll: jax.Array, score_slot: jax.Array, score_valid: jax.Array,
+                  num_slots: int) -> jax.Array:
+    """float32 [num_slots]: sum of the valid entries' NLL per response slot (segment_sum in float32).
+
+    Pass ``num_slots`` = the plan capacity C to keep one compiled shape per capacity.
+    """
+    values = jnp.where(score_valid, nll.astype(jnp.float32), 0.0)
+    return jax.ops.segment_sum(values, score_slot, num_segments=num_slots)

@@ -1,0 +1,132 @@
+"""Masked log-prob kernel against full-logits log_softmax; response sums; compiled memory."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from psych201_jax.logprobs import masked_logprobs, response_sums
+
+
+def full_logits_reference(hidden, unembedding, score_index, score_target):
+    """-log_softmax over the full [B * L, V] logits (same dtype, float32 accumulation) and argmax."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    logits = jnp.einsum("td,vd->tv", flat, unembedding.astype(hidden.dtype),
+                        preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
+    logp = jax.nn.log_softmax(logits, axis=-1)[score_index]
+    return -logp[jnp.arange(len(score_target)), score_target], jnp.argmax(logits[score_index], axis=-1)
+
+
+def random_case(seed, batch=2, length=48, dim=32, vocab=1000, capacity=64, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    hidden = jnp.asarray(rng.normal(size=(batch, length, dim)), dtype)
+    unembedding = jnp.asarray(rng.normal(size=(vocab, dim)) / 2, dtype)
+    index = jnp.asarray(rng.integers(0, batch * length, capacity), jnp.int32)
+    target = jnp.asarray(rng.integers(0, vocab, capacity), jnp.int32)
+    valid = jnp.asarray(rng.random(capacity) < 0.8)
+    return hidden, unembedding, index, target, valid
+
+
+@pytest.mark.parametrize("vocab,chunk,dtype,tol", [
+    (1000, 256, jnp.float32, 1e-5),   # V not a multiple of the chunk
+    (1024, 256, jnp.float32, 1e-5),   # V a multiple of the chunk
+    (1000, 4096, jnp.float32, 1e-5),  # one chunk larger than V
+    (777, 100, jnp.float32, 1e-5),
+    (1000, 256, jnp.bfloat16, 1e-4),  # bf16 hidden and unembedding, float32 accumulation
+])
+def test_equals_full_log_softmax(vocab, chunk, dtype, tol):
+    hidden, unembedding, index, target, valid = random_case(vocab, vocab=vocab, dtype=dtype)
+    nll, argmax = masked_logprobs(hidden, unembedding, index, target, valid, vocab_chunk=chunk)
+    ref_nll, ref_argmax = full_logits_reference(hidden, unembedding, index, target)
+    assert nll.dtype == jnp.float32 and argmax.dtype == jnp.int32
+    np.testing.assert_allclose(nll[valid], ref_nll[valid], rtol=0, atol=tol)
+    np.testing.assert_array_equal(argmax[valid], ref_argmax[valid])
+
+
+def test_bf16_hidden_with_float32_unembedding_computes_in_bf16():
+    hidden, unembedding, index, target, valid = random_case(1, dtype=jnp.float32)
+    hidden = hidden.astype(jnp.bfloat16)
+    nll, argmax = masked_logprobs(hidden, unembedding, index, target, valid, vocab_chunk=128)
+    ref_nll, ref_argmax = full_logits_reference(hidden, unembedding, index, target)
+    np.testing.assert_allclose(nll[valid], ref_nll[valid], rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(argmax[valid], ref_argmax[valid])
+
+
+def test_argmax_ties_go_to_the_lowest_index_across_chunks():
+    vocab, chunk = 100, 32  # chunks start at 0, 32, 64 and (shifted left) 68
+    hidden, unembedding, index, target, _ = random_case(2, vocab=vocab, capacity=8)
+    valid = jnp.ones(8, bool)
+    best = hidden.reshape(-1, hidden.shape[-1])[index] * 10
+    for tied in [(5, 40), (40, 70), (66, 70, 99), (97, 98)]:
+        w = unembedding
+        for v in tied:
+            w = w.at[v].set(best[0])
+        _, argmax = masked_logprobs(hidden, w, index, target, valid, vocab_chunk=chunk)
+        _, ref_argmax = full_logits_reference(hidden, w, index, target)
+        assert int(argmax[0]) == int(ref_argmax[0]) == tied[0]
+
+
+def test_invalid_entries_are_ignored():
+    hidden, unembedding, index, target, valid = random_case(3)
+    nll, argmax = masked_logprobs(hidden, unembedding, index, target, valid, vocab_chunk=256)
+    assert (nll[~valid] == 0).all() and (argmax[~valid] == -1).all()
+    # Changing what invalid entries point at changes nothing for the valid ones.
+    other_index = jnp.where(valid, index, 0)
+    other_target = jnp.where(valid, target, 999)
+    nll2, argmax2 = masked_logprobs(hidden, unembedding, other_index, other_target, valid,
+                                    vocab_chunk=256)
+    np.testing.assert_array_equal(nll, nll2)
+    np.testing.assert_array_equal(argmax, argmax2)
+
+
+@pytest.mark.parametrize("unembedding_spec", [P(), P("data"), P(None, "data")])
+def test_runs_under_an_explicit_sharding_mesh(unembedding_spec):
+    """Row-sharded hidden states and a replicated or vocabulary/feature-sharded unembedding."""
+    hidden, unembedding, index, target, valid = random_case(5)
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(AxisType.Explicit,), devices=jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        nll, argmax = masked_logprobs(jax.device_put(hidden, NamedSharding(mesh, P("data"))),
+                                      jax.device_put(unembedding, NamedSharding(mesh, unembedding_spec)),
+                                      index, target, valid, vocab_chunk=300)
+        sums = response_sums(nll, jnp.zeros_like(index), valid, 4)
+    ref_nll, ref_argmax = full_logits_reference(hidden, unembedding, index, target)
+    np.testing.assert_allclose(nll[valid], ref_nll[valid], rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(argmax[valid], ref_argmax[valid])
+    np.testing.assert_allclose(sums[0], nll.sum(), rtol=1e-6)
+
+
+def test_response_sums_equal_a_python_loop():
+    rng = np.random.default_rng(4)
+    capacity, num_slots = 200, 64
+    nll = rng.random(capacity).astype(np.float32) * 5
+    slot = rng.integers(0, 40, capacity).astype(np.int32)
+    valid = rng.random(capacity) < 0.7
+    expected = np.zeros(num_slots, np.float64)
+    for n, s, v in zip(nll, slot, valid):
+        if v:
+            expected[s] += n
+    got = response_sums(jnp.asarray(nll), jnp.asarray(slot), jnp.asarray(valid), num_slots)
+    assert got.dtype == jnp.float32 and got.shape == (num_slots,)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    # bf16 NLL is summed in float32, not bf16.
+    got16 = response_sums(jnp.asarray(nll, jnp.bfloat16), jnp.asarray(slot), jnp.asarray(valid),
+                          num_slots)
+    assert got16.dtype == jnp.float32
+
+
+def test_compiled_temp_memory_is_a_tenth_of_full_logits():
+    tokens, dim, vocab = 16384, 64, 151936
+    capacity = 1024  # 5% of tokens scored (819) rounded up to a power of two
+    hidden = jax.ShapeDtypeStruct((1, tokens, dim), jnp.float32)
+    unembedding = jax.ShapeDtypeStruct((vocab, dim), jnp.float32)
+    ints = jax.ShapeDtypeStruct((capacity,), jnp.int32)
+    flags = jax.ShapeDtypeStruct((capacity,), jnp.bool_)
+    chunked = masked_logprobs.lower(hidden, unembedding, ints, ints, flags).compile().memory_analysis()
+    full = jax.jit(full_logits_reference).lower(hidden, unembedding, ints, ints).compile()
+    full = full.memory_analysis()
+    if chunked is None or full is None:
+        pytest.skip("memory_analysis() is not available on this backend")
+    assert full.temp_size_in_bytes >= tokens * vocab * 4  # the full logits really are materialised
+    assert chunked.temp_size_in_bytes <= full.temp_size_in_bytes / 10
