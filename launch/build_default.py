@@ -9,11 +9,13 @@ works on a fresh machine with neither the shared data nor torch.
 import json
 import os
 import shutil
+import tempfile
 import zipfile
 
+import numpy as np
 from absl import app, flags
 
-from psych201_jax import defaults, tiny_tokenizer
+from psych201_jax import checkpoint, defaults, tiny_models, tiny_tokenizer
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data", os.path.join("..", "shared", "data", "psych201"), "Psych-201 studies.")
@@ -51,11 +53,69 @@ def build_tokenizer(data_root: str, out_dir: str) -> None:
     tiny_tokenizer.train_tokenizer_dir(texts, out_dir, flavour="qwen", isolate_close=True)
 
 
+def training_tokens(data_root: str, tokenizer_dir: str, per_study: int = 60) -> np.ndarray:
+    """Token ids of the first transcripts of TOKENIZER_STUDIES, excluding the bundled sample's lines."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    held_out = dict(SAMPLE)
+    ids: list[int] = []
+    for study in TOKENIZER_STUDIES:
+        with zipfile.ZipFile(os.path.join(data_root, study, "prompts.jsonl.zip")) as zf:
+            member = next(n for n in zf.namelist() if not n.startswith("__MACOSX") and n.endswith(".jsonl"))
+            with zf.open(member) as fh:
+                for i, line in enumerate(fh):
+                    if i >= per_study:
+                        break
+                    if i not in held_out.get(study, ()):
+                        ids.extend(tok(json.loads(line)["text"][:20000]).input_ids)
+    return np.asarray(ids)
+
+
+def build_model(data_root: str, tokenizer_dir: str, out_dir: str, steps: int = 400) -> None:
+    """A 2-layer Qwen3-architecture model trained briefly (PyTorch, CPU) on Psych-201 text, converted.
+
+    Training makes the demo's numbers meaningful (NLL of a few nats instead of a random model's ~20) and
+    the converted result is what the bundled default scores with; torch is needed only here.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ids = training_tokens(data_root, tokenizer_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_dir = tiny_models.make_tiny_hf_checkpoint(
+            "qwen3", os.path.join(tmp, "hf"), tokenizer_dir, hidden_size=64, intermediate_size=192,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            tie_word_embeddings=True, max_position_embeddings=32768, logit_scale=1.0)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+        rng = np.random.default_rng(0)
+        window, batch = 256, 16
+        for step in range(steps):
+            starts = rng.integers(0, len(ids) - window - 1, batch)
+            x = torch.as_tensor(np.stack([ids[s:s + window] for s in starts]))
+            loss = model(input_ids=x, labels=x).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step % 100 == 0 or step == steps - 1:
+                print(f"step {step}: training loss {loss.item():.3f}")
+        model.save_pretrained(hf_dir)
+        converted = os.path.join(tmp, "converted")
+        checkpoint.convert(hf_dir, converted, "float32")
+        shutil.rmtree(out_dir, ignore_errors=True)
+        shutil.copytree(converted, out_dir)
+
+
 def main(argv):
     del argv
     build_sample(FLAGS.data, defaults.SAMPLE_DATA)
-    build_tokenizer(FLAGS.data, defaults.DEFAULT_TOKENIZER)
-    print(f"wrote {defaults.SAMPLE_DATA} and {defaults.DEFAULT_TOKENIZER}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_dir = os.path.join(tmp, "tokenizer")
+        build_tokenizer(FLAGS.data, tok_dir)
+        build_model(FLAGS.data, tok_dir, defaults.DEFAULT_MODEL)
+    print(f"wrote {defaults.SAMPLE_DATA} and {defaults.DEFAULT_MODEL}")
 
 
 if __name__ == "__main__":

@@ -220,6 +220,22 @@ def iter_records(spec: str | Sequence[str] | Sequence[Source]) -> Iterator[Recor
             yield item
 
 
+def count_participants(spec: str | Sequence[str]) -> int | None:
+    """Input lines (participants) across sources, for progress and ETA; None for a streamed dataset."""
+    total = 0
+    for source in resolve_sources(spec):
+        if source.kind == "hf_dataset":
+            return None
+        if source.kind == "hf_parquet":
+            import pyarrow.parquet as pq
+
+            total += pq.ParquetFile(source.path).metadata.num_rows
+            continue
+        _, lines = _open_raw_lines(source.path)
+        total += sum(1 for line in lines if line.strip())
+    return total
+
+
 # ---------------------------------------------------------------------------------------------------
 # One row → Record | Rejected
 

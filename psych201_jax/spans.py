@@ -84,6 +84,8 @@ class ParticipantSpans:
     runaway: int = 0
     merged: int = 0
     straddle: int = 0
+    source: str = ""
+    line: int = 0
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -404,7 +406,8 @@ def _label(record: Record, prep: _Prepared, ids: np.ndarray, offsets: np.ndarray
         index, runs = runs_to_response_index(labels)
         missed, runaway, merged = _diagnose_runs(runs, offsets, prep.responses)
         return ParticipantSpans(record.study, record.experiment, record.participant, ids, index, len(runs),
-                                prep.responses_text, len(runs), prep.lost_chars, missed, runaway, merged)
+                                prep.responses_text, len(runs), prep.lost_chars, missed, runaway, merged, 0,
+                                record.source, record.line)
     index, straddle = offsets_to_response_index(offsets, prep.responses)
     cut = _budget_cut(index, offsets, prep.text_start, protocol.token_budget, np.asarray(prep.marker_starts))
     ids, index = ids[:cut], index[:cut]
@@ -416,7 +419,8 @@ def _label(record: Record, prep: _Prepared, ids: np.ndarray, offsets: np.ndarray
     if len(index):
         index[0] = -1
     return ParticipantSpans(record.study, record.experiment, record.participant, ids, index, n_kept,
-                            prep.responses_text, scored, prep.responses_text - n_kept, missed, 0, 0, straddle)
+                            prep.responses_text, scored, prep.responses_text - n_kept, missed, 0, 0, straddle,
+                            record.source, record.line)
 
 
 def tokenize_records(records: Iterable[Record | Rejected], tok: TokenizerInfo, protocol: Protocol, *,

@@ -1,0 +1,35 @@
+"""Default configuration of ``launch.score``: the embedded default (bundled sample + tiny model).
+
+Override any field on the command line, e.g. ``--config.model=/ckpt/Qwen3-8B-Base
+--config.data=/data/psych201 --config.protocol=robust --config.dtype=bfloat16``.
+"""
+
+import ml_collections
+
+from psych201_jax import defaults
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = defaults.DEFAULT_MODEL  # converted checkpoint, or an HF dir (converted once into cache_dir)
+    # What the model is, for the analysis (set by sweep configs; never parsed from paths).
+    c.model_info = ml_collections.ConfigDict(dict(
+        hf_id="psych201_jax/tiny-qwen3", family="Qwen3", generation="tiny", size_b=0.0003, kind="base",
+        base_hf_id=""))  # kind: base | Instruction-tuned | Reasoning | Vision | Code | Math
+    c.data = defaults.SAMPLE_DATA  # study folder(s), files, comma list, or hf:<dataset>
+    c.out = "out/score-default"
+    c.protocol = "reference"  # reference | robust
+    c.template = "none"  # none | chat
+    c.persona = "none"  # none | matched
+    c.dtype = "float32"  # float32 | bfloat16 (parameters and activations; log-probs always float32)
+    c.attention = "xla"  # attention backend (see psych201_jax.attention.available_backends())
+    c.max_tokens = 0  # robust token budget; 0 = the model's context length
+    c.max_row_length = 0  # longest packed row; 0 = the model's context length
+    c.min_row_length = 2048
+    c.tokens_per_batch = 65536  # rows per batch = tokens_per_batch // row length
+    c.chunk_tokens = 1 << 20  # participant tokens packed together (and committed) at a time
+    c.vocab_chunk = 8192
+    c.cache_dir = "~/.cache/psych201_jax/converted"
+    c.fresh = False  # overwrite results of a different configuration in ``out``
+    c.log_every_s = 10.0
+    return c

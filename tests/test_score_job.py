@@ -1,0 +1,56 @@
+"""launch.score / launch.export on the embedded default: output, resume, refusal of a changed config."""
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(module, *args):
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=900)
+    return proc
+
+
+def _export(results_dir, path):
+    proc = _run("launch.export", f"--results={results_dir}", f"--out={path}")
+    assert proc.returncode == 0, proc.stderr
+    with open(path) as fh:
+        return [json.loads(line) for line in fh]
+
+
+def test_default_job_scores_every_participant_and_resumes(tmp_path):
+    out = tmp_path / "res"
+    proc = _run("launch.score", f"--config.out={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "model score" in proc.stdout and "15 scored, 0 rejected" in proc.stdout
+    rows = _export(out, tmp_path / "a.jsonl")
+    assert len(rows) == 15 and all(r["status"] == "scored" for r in rows)
+    assert all(len(r["nll"]) == r["n_markers"] for r in rows if r["study"] != "xu2023augmenting")
+    xu = [r for r in rows if r["study"] == "xu2023augmenting"]
+    assert any(len(r["nll"]) < r["n_markers"] for r in xu)  # the 32,768-character cut
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["determinants"]["protocol"] == "reference" and manifest["tokenizer"]["sha256"]
+
+    # Same config again: nothing new is scored, results unchanged.
+    again = _run("launch.score", f"--config.out={out}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "15 already done" in again.stderr
+    assert _export(out, tmp_path / "b.jsonl") == rows
+
+    # A different configuration into the same directory is refused, then allowed with fresh=True.
+    changed = _run("launch.score", f"--config.out={out}", "--config.protocol=robust")
+    assert changed.returncode != 0 and "different configuration" in changed.stderr
+    assert "protocol" in changed.stderr
+    fresh = _run("launch.score", f"--config.out={out}", "--config.protocol=robust", "--config.fresh=True")
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    robust = _export(out, tmp_path / "c.jsonl")
+    assert len(robust) == 15 and all(len(r["nll"]) == r["n_markers"] for r in robust)
+
+
+def test_bad_model_dir_is_a_clear_error(tmp_path):
+    proc = _run("launch.score", f"--config.out={tmp_path / 'r'}", f"--config.model={tmp_path}")
+    assert proc.returncode != 0
+    assert "neither a converted checkpoint" in proc.stderr
