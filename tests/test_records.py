@@ -1,7 +1,5 @@
 """Ingest: every input format, every bad-input class, and the real 18 studies."""
 
-import csv
-import io
 import json
 import os
 import zipfile
