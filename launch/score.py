@@ -5,8 +5,9 @@ r"""Score every human response of every participant with one model.
       --config.persona=none|matched --config.dtype=float32|bfloat16
 
 With no overrides it scores the bundled sample with the bundled tiny model (the embedded default).
-Writes ``<out>/manifest.json`` and atomically committed ``<out>/parts/*.jsonl`` (one line per input
-participant, scored or rejected); a restart with the same configuration resumes where it stopped.
+Writes a results store (``<out>/manifest.json`` and atomically committed chunks of zarr arrays and
+participant tables, see psych201_jax/results.py) with every input participant scored or rejected; a
+restart with the same configuration resumes where it stopped.
 """
 
 import os

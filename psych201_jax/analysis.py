@@ -125,7 +125,7 @@ def condition_of(manifest: dict) -> Condition:
 
 
 def run_from_rows(manifest: dict, rows: Iterable[dict], path: str = "") -> Run:
-    """Builds a ``Run`` from a manifest and its result rows (``results.result_row`` dicts)."""
+    """Builds a ``Run`` from a manifest and its result rows (``results.iter_rows`` dicts)."""
     participants, rejected = [], 0
     for row in rows:
         if row.get("status") != "scored":

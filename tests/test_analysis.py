@@ -13,24 +13,23 @@ from psych201_jax import analysis, results
 
 def write_results(path, hf_id, rows, *, kind="base", base_hf_id="", family="Fam", generation="G1", size_b=1.0,
                   protocol="reference", template="none", persona="none"):
-    """A results directory as ``launch.score`` writes it: manifest.json and one part file.
+    """A results directory as ``launch.score`` writes it: manifest.json and one committed chunk.
 
     rows: (study, participant, nll list) or (study, participant, nll list, extra row fields)."""
-    os.makedirs(os.path.join(path, "parts"), exist_ok=True)
     config = {"model": f"/models/{hf_id}", "protocol": protocol, "template": template, "persona": persona,
               "dtype": "float32", "data": "synthetic",
               "model_info": {"hf_id": hf_id, "family": family, "generation": generation, "size_b": size_b,
                              "kind": kind, "base_hf_id": base_hf_id}}
-    with open(os.path.join(path, results.MANIFEST), "w") as fh:
-        json.dump({"fingerprint": hf_id, "config": config}, fh)
-    with open(os.path.join(path, "parts", "part-00000-000000.jsonl"), "w") as fh:
-        for study, participant, nll, *extra in rows:
-            row = {"study": study, "experiment": f"{study}/", "participant": participant, "status": "scored",
-                   "reason": "", "nll": nll, "n_tokens": [1] * len(nll), "argmax": [], "target": []}
-            row.update(extra[0] if extra else {})
-            fh.write(json.dumps(row) + "\n")
-        fh.write(json.dumps({"study": "s1", "experiment": "s1/", "participant": "rejected-1", "status": "rejected",
-                             "reason": "empty"}) + "\n")
+    stored = []
+    for study, participant, nll, *extra in rows:
+        row = {"study": study, "experiment": f"{study}/", "participant": participant, "status": "scored",
+               "reason": "", "nll": [math.nan if x is None else x for x in nll], "n_tokens": [1] * len(nll),
+               "argmax": [], "target": []}
+        row.update(extra[0] if extra else {})
+        stored.append(row)
+    stored.append({"study": "s1", "experiment": "s1/", "participant": "rejected-1", "status": "rejected",
+                   "reason": "empty"})
+    results.write_rows(path, {"fingerprint": hf_id, "config": config}, stored)
     return path
 
 
