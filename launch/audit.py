@@ -1,7 +1,7 @@
 r"""Audit the records → token-span stage over Psych-201 data.
 
   python -m launch.audit --data=../shared/data/psych201 --tokenizer=DIR \
-      --protocol=reference|robust --template=none|chat --persona=none|matched [--out=audit.csv]
+      --protocol=reference|robust --template=none|chat --persona=none|matched|shuffled [--out=audit.csv]
 
 Prints a per-study table (participants, rejected, responses in the text, responses scored, lost to
 truncation, missed / runaway / merged / straddle, tokens, tokens/s), writes it as CSV and lists every
@@ -55,7 +55,8 @@ def main(argv):
             logging.info("%d participants, %d tokens, %.0f tokens/s", count, tokens, tokens / elapsed)
 
     stream = spans.tokenize_records(records.iter_records(FLAGS.data), tok, protocol,
-                                    persona_of=metadata.persona_selector(FLAGS.persona))
+                                    persona_of=metadata.persona_selector(
+                                        FLAGS.persona, records=records.iter_records(FLAGS.data)))
     for _ in audit.timed(stream, audits, rejected, progress):
         pass
     elapsed = time.perf_counter() - start

@@ -121,13 +121,58 @@ def persona_prefix(metadata: Mapping[str, str]) -> str:
     return "".join(parts)
 
 
-PERSONA_MODES = ("none", "matched")
+PERSONA_MODES = ("none", "matched", "shuffled")
 
 
-def persona_selector(mode: str):
-    """None (no persona) or a function record → metadata to interview on, None if it has none."""
+def shuffled_personas(records, seed: int = 0) -> dict:
+    """key → metadata of *another* participant of the same study (a seeded derangement).
+
+    Only participants with metadata take part. Within each study they are put in a random order and each
+    gets the persona of the next one in that cycle, so nobody keeps their own (needs ≥ 2 per study).
+    """
+    import zlib
+
+    import numpy as np
+
+    by_study: dict[str, list] = {}
+    for record in records:
+        if hasattr(record, "metadata") and has_persona(record.metadata):
+            by_study.setdefault(record.study, []).append(record)
+    out = {}
+    for study, members in by_study.items():
+        if len(members) < 2:
+            continue
+        members.sort(key=lambda r: r.key)
+        order = np.random.default_rng([seed, zlib.crc32(study.encode())]).permutation(len(members))
+        for i, j in zip(order, np.roll(order, -1)):
+            out[members[i].key] = members[j].metadata
+    return out
+
+
+def persona_selector(mode: str, *, subset_only: bool = False, records=None, seed: int = 0):
+    """None (no persona, everyone), or a function record → what to interview on.
+
+    The function returns the metadata mapping to prefix, None for no prefix, or a string: why the
+    participant is excluded from this condition. ``subset_only`` restricts ``none`` to participants
+    with metadata, so the no-persona contrast covers exactly the persona subset (the reference compares
+    different subsets). ``shuffled`` needs ``records`` (an iterable of all records) to draw from.
+    """
+    if mode not in PERSONA_MODES:
+        raise ValueError(f"unknown persona mode {mode!r}; expected one of {PERSONA_MODES}")
+    no_metadata = "participant has no metadata (all 25 fields N/A)"
     if mode == "none":
-        return None
+        if not subset_only:
+            return None
+        return lambda record: None if has_persona(record.metadata) else no_metadata
     if mode == "matched":
-        return lambda record: record.metadata if has_persona(record.metadata) else None
-    raise ValueError(f"unknown persona mode {mode!r}; expected one of {PERSONA_MODES}")
+        return lambda record: record.metadata if has_persona(record.metadata) else no_metadata
+    if records is None:
+        raise ValueError("persona=shuffled needs the records to draw other participants' metadata from")
+    mapping = shuffled_personas(records, seed)
+
+    def shuffled(record):
+        if not has_persona(record.metadata):
+            return no_metadata
+        return mapping.get(record.key, "no other participant of the study has metadata to shuffle in")
+
+    return shuffled

@@ -425,41 +425,51 @@ def _label(record: Record, prep: _Prepared, ids: np.ndarray, offsets: np.ndarray
 
 def tokenize_records(records: Iterable[Record | Rejected], tok: TokenizerInfo, protocol: Protocol, *,
                      persona_of=None, batch_size: int = 64) -> Iterator[ParticipantSpans | Rejected]:
-    """Streams records → ``ParticipantSpans`` (or ``Rejected``, passed through or raised here).
+    """Streams records → ``ParticipantSpans`` or ``Rejected`` (passed through or made here), in input order.
 
-    persona_of: None for no persona, else a function record → metadata mapping to interview on (the
-    record's own for ``matched``) or None to reject the participant (no metadata to use).
+    persona_of: None for no persona, else a function record → the metadata to interview on, None for no
+    prefix, or a string saying why the participant is excluded (see ``metadata.persona_selector``).
+    Texts are encoded in batches of ``batch_size`` (one Rust call, both cores), never across studies.
     """
-    batch: list[tuple[Record, _Prepared]] = []
+    pending: list[tuple[Record, _Prepared] | Rejected] = []
+    n_prepared = 0
 
     def flush():
-        encoded = tok.encode_batch([p.text for _, p in batch], [p.add_special for _, p in batch])
-        for (record, prep), (ids, offsets) in zip(batch, encoded):
-            yield _label(record, prep, ids, offsets, protocol, tok)
-        batch.clear()
+        nonlocal n_prepared
+        prepared = [p for p in pending if not isinstance(p, Rejected)]
+        encoded = iter(tok.encode_batch([p.text for _, p in prepared], [p.add_special for _, p in prepared]))
+        for entry in pending:
+            if isinstance(entry, Rejected):
+                yield entry
+            else:
+                ids, offsets = next(encoded)
+                yield _label(entry[0], entry[1], ids, offsets, protocol, tok)
+        pending.clear()
+        n_prepared = 0
 
     for record in records:
+        if pending and _study(pending[-1]) != record.study:
+            yield from flush()  # batches stay within a study so per-study timings stay honest
         if isinstance(record, Rejected):
-            yield record
+            pending.append(record)
             continue
-        persona = None
-        if persona_of is not None:
-            persona = persona_of(record)
-            if persona is None:
-                yield _reject(record, "persona condition: participant has no metadata (all 25 fields N/A)")
-                continue
+        persona = persona_of(record) if persona_of is not None else None
+        if isinstance(persona, str):
+            pending.append(_reject(record, f"excluded by the persona condition: {persona}"))
+            continue
         try:
-            prep = _prepare(record, persona, protocol, tok)
+            pending.append((record, _prepare(record, persona, protocol, tok)))
+            n_prepared += 1
         except ValueError as err:
-            yield _reject(record, str(err))
-            continue
-        if batch and batch[-1][0].study != record.study:
-            yield from flush()  # keep batches within a study so per-study timings stay honest
-        batch.append((record, prep))
-        if len(batch) >= batch_size:
+            pending.append(_reject(record, str(err)))
+        if n_prepared >= batch_size or len(pending) >= 4 * batch_size:
             yield from flush()
-    if batch:
+    if pending:
         yield from flush()
+
+
+def _study(entry: tuple[Record, _Prepared] | Rejected) -> str:
+    return entry.study if isinstance(entry, Rejected) else entry[0].study
 
 
 def _reject(record: Record, reason: str) -> Rejected:
