@@ -9,7 +9,8 @@ queries (segment 0) produce zeros.
 Backends: "dense" builds the full [T, T] mask (reference for tests); "xla" is a blockwise online-softmax
 that keeps memory at O(T * block) and iterates, per query block, only over key blocks that can be
 visible (causality, window and the start of the earliest segment in the block bound the range).
-GPU/TPU kernels can be added with ``register_backend``.
+Accelerator kernels ("splash" on TPU, "pallas_gpu" and "cudnn" on GPU) live in ``attention_kernels.py`` and
+are registered at the end of this module; more can be added with ``register_backend``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ def register_backend(name: str, fn: AttentionFn) -> None:
 
 def available_backends() -> tuple[str, ...]:
     return tuple(sorted(_BACKENDS))
+
+
+def runnable_backends() -> tuple[str, ...]:
+    """The registered backends that can run on this process's platform (kernels are platform-bound)."""
+    from psych201_jax import attention_kernels
+    return attention_kernels.runnable_backends(available_backends())
 
 
 def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray, *,
@@ -145,3 +152,11 @@ def _blockwise(q, k, v, segment_ids, *, sliding_window, block_q, block_k):
 
 register_backend("dense", _dense)
 register_backend("xla", _blockwise)
+
+
+def _register_kernel_backends() -> None:
+    from psych201_jax import attention_kernels
+    attention_kernels.register_all(register_backend)
+
+
+_register_kernel_backends()
