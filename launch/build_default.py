@@ -53,14 +53,15 @@ def build_tokenizer(data_root: str, out_dir: str) -> None:
     tiny_tokenizer.train_tokenizer_dir(texts, out_dir, flavour="qwen", isolate_close=True)
 
 
-def training_tokens(data_root: str, tokenizer_dir: str, per_study: int = 60) -> np.ndarray:
-    """Token ids of the first transcripts of TOKENIZER_STUDIES, excluding the bundled sample's lines."""
+def training_tokens(data_root: str, tokenizer_dir: str, per_study: int = 60,
+                    studies: tuple[str, ...] = TOKENIZER_STUDIES) -> np.ndarray:
+    """Token ids of the first transcripts of ``studies``, excluding the bundled sample's lines."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     held_out = dict(SAMPLE)
     ids: list[int] = []
-    for study in TOKENIZER_STUDIES:
+    for study in studies:
         with zipfile.ZipFile(os.path.join(data_root, study, "prompts.jsonl.zip")) as zf:
             member = next(n for n in zf.namelist() if not n.startswith("__MACOSX") and n.endswith(".jsonl"))
             with zf.open(member) as fh:
@@ -72,40 +73,51 @@ def training_tokens(data_root: str, tokenizer_dir: str, per_study: int = 60) -> 
     return np.asarray(ids)
 
 
-def build_model(data_root: str, tokenizer_dir: str, out_dir: str, steps: int = 400) -> None:
-    """A 2-layer Qwen3-architecture model trained briefly (PyTorch, CPU) on Psych-201 text, converted.
-
-    Training makes the demo's numbers meaningful (NLL of a few nats instead of a random model's ~20) and
-    the converted result is what the bundled default scores with; torch is needed only here.
-    """
+def _train(model, ids: np.ndarray, steps: int, seed: int) -> None:
     import torch
+
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    rng = np.random.default_rng(seed)
+    window, batch = 256, 16
+    for step in range(steps):
+        starts = rng.integers(0, len(ids) - window - 1, batch)
+        x = torch.as_tensor(np.stack([ids[s:s + window] for s in starts]))
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            print(f"step {step}: training loss {loss.item():.3f}")
+
+
+def build_models(data_root: str, tokenizer_dir: str, base_dir: str, post_dir: str, steps: int = 400) -> None:
+    """Two 2-layer Qwen3-architecture models trained briefly (PyTorch, CPU) on Psych-201 text, converted.
+
+    ``base_dir``: trained on the TOKENIZER_STUDIES mix. ``post_dir``: the base fine-tuned further on two
+    studies only, a stand-in for post-training that shifts the distribution (for the tiny sweep). Training
+    makes the demo's numbers meaningful (a few nats per response instead of a random model's ~20);
+    torch is needed only here.
+    """
     from transformers import AutoModelForCausalLM
 
     ids = training_tokens(data_root, tokenizer_dir)
+    shifted = training_tokens(data_root, tokenizer_dir, studies=("alsobay2025publicGoodsGame", "thoma2025riskychoice"))
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = tiny_models.make_tiny_hf_checkpoint(
             "qwen3", os.path.join(tmp, "hf"), tokenizer_dir, hidden_size=64, intermediate_size=192,
             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
             tie_word_embeddings=True, max_position_embeddings=32768, logit_scale=1.0)
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-        rng = np.random.default_rng(0)
-        window, batch = 256, 16
-        for step in range(steps):
-            starts = rng.integers(0, len(ids) - window - 1, batch)
-            x = torch.as_tensor(np.stack([ids[s:s + window] for s in starts]))
-            loss = model(input_ids=x, labels=x).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if step % 100 == 0 or step == steps - 1:
-                print(f"step {step}: training loss {loss.item():.3f}")
-        model.save_pretrained(hf_dir)
-        converted = os.path.join(tmp, "converted")
-        checkpoint.convert(hf_dir, converted, "float32")
-        shutil.rmtree(out_dir, ignore_errors=True)
-        shutil.copytree(converted, out_dir)
+        model = AutoModelForCausalLM.from_pretrained(hf_dir)
+        _train(model, ids, steps, seed=0)
+        for out_dir, name in ((base_dir, "base"), (post_dir, "post")):
+            if name == "post":
+                _train(model, shifted, steps // 4, seed=1)
+            model.save_pretrained(hf_dir)
+            converted = os.path.join(tmp, f"converted-{name}")
+            checkpoint.convert(hf_dir, converted, "float32")
+            shutil.rmtree(out_dir, ignore_errors=True)
+            shutil.copytree(converted, out_dir)
 
 
 def main(argv):
@@ -114,8 +126,8 @@ def main(argv):
     with tempfile.TemporaryDirectory() as tmp:
         tok_dir = os.path.join(tmp, "tokenizer")
         build_tokenizer(FLAGS.data, tok_dir)
-        build_model(FLAGS.data, tok_dir, defaults.DEFAULT_MODEL)
-    print(f"wrote {defaults.SAMPLE_DATA} and {defaults.DEFAULT_MODEL}")
+        build_models(FLAGS.data, tok_dir, defaults.DEFAULT_MODEL, defaults.DEFAULT_POST_MODEL)
+    print(f"wrote {defaults.SAMPLE_DATA}, {defaults.DEFAULT_MODEL} and {defaults.DEFAULT_POST_MODEL}")
 
 
 if __name__ == "__main__":

@@ -226,13 +226,16 @@ def count_participants(spec: str | Sequence[str]) -> int | None:
     for source in resolve_sources(spec):
         if source.kind == "hf_dataset":
             return None
-        if source.kind == "hf_parquet":
-            import pyarrow.parquet as pq
+        try:
+            if source.kind == "hf_parquet":
+                import pyarrow.parquet as pq
 
-            total += pq.ParquetFile(source.path).metadata.num_rows
-            continue
-        _, lines = _open_raw_lines(source.path)
-        total += sum(1 for line in lines if line.strip())
+                total += pq.ParquetFile(source.path).metadata.num_rows
+                continue
+            _, lines = _open_raw_lines(source.path)
+            total += sum(1 for line in lines if line.strip())
+        except (OSError, zipfile.BadZipFile, ValueError) as err:
+            raise DataError(f"{source.path}: unreadable ({type(err).__name__}: {err})") from err
     return total
 
 
