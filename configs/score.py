@@ -20,7 +20,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.out = "out/score-default"
     c.protocol = "reference"  # reference | robust
     c.template = "none"  # none | chat
-    c.persona = "none"  # none | matched
+    c.persona = "none"  # none | matched | shuffled (another participant of the same study)
+    c.persona_subset = False  # with persona=none: only participants with metadata (the persona subset)
+    c.seed = 0  # of the shuffled-persona derangement
     c.dtype = "float32"  # float32 | bfloat16 (parameters and activations; log-probs always float32)
     c.attention = "xla"  # attention backend (see psych201_jax.attention.available_backends())
     c.max_tokens = 0  # robust token budget; 0 = the model's context length
@@ -32,4 +34,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.cache_dir = "~/.cache/psych201_jax/converted"
     c.fresh = False  # overwrite results of a different configuration in ``out``
     c.log_every_s = 10.0
+    # Device mesh (psych201_jax/sharding.py): axis sizes, one may be -1 (= the remaining devices).
+    # mode: auto = a mesh when there is more than one device or process, else the single-device path;
+    # on = always a mesh (also on one device, to compare with mode=off); off = the single-device path.
+    # With a mesh, tokens_per_batch is per row shard (data x fsdp shards run one packed batch each per step).
+    c.mesh = ml_collections.ConfigDict(dict(mode="auto", data=-1, fsdp=1, tensor=1))
+    # Multiple processes (psych201_jax/distributed.py). mode: auto = initialise jax.distributed when a
+    # coordinator/num_processes is given or SLURM/Open MPI/GKE-TPU is detected; on = always (TPU pods:
+    # jax finds everything itself); off = never. coordinator "host:port", num_processes, process_id
+    # (-1 = detect) and local_device_ids ("0,1"; "" = all) are for clusters jax cannot detect (CPU tests).
+    c.distributed = ml_collections.ConfigDict(dict(mode="auto", coordinator="", num_processes=0, process_id=-1,
+                                                   local_device_ids=""))
     return c

@@ -17,7 +17,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from psych201_jax import checkpoint, metadata, packing, records, results, scorer, spans
+from psych201_jax import (checkpoint, distributed, metadata, modelspec, packing, records, results, scorer,
+                          sharding, spans)
 
 
 def _dir_key(hf_dir: str, dtype: str) -> str:
@@ -55,7 +56,8 @@ def build_manifest(cfg, model_dir: str, spec, tok: spans.TokenizerInfo, protocol
     determinants = {
         "model": os.path.abspath(model_dir), "model_sources": provenance.get("sha256"),
         "tokenizer_sha256": tok.sha256, "data": cfg.data, "protocol": protocol.name,
-        "template": protocol.template, "persona": cfg.persona, "token_budget": protocol.token_budget,
+        "template": protocol.template, "persona": cfg.persona, "persona_subset": cfg.persona_subset,
+        "persona_seed": cfg.seed if cfg.persona == "shuffled" else None, "token_budget": protocol.token_budget,
         "max_chars": protocol.max_chars, "dtype": cfg.dtype,
     }
     return {"fingerprint": results.fingerprint(determinants), "determinants": determinants,
@@ -88,24 +90,67 @@ def summarize(out_dir: str) -> str:
     return "\n".join(lines)
 
 
+class ConfigError(ValueError):
+    """A configuration value is invalid."""
+
+
+class ModelError(RuntimeError):
+    """The model directory cannot be loaded."""
+
+
+def validate_config(cfg) -> None:
+    """Fails fast, before any model is loaded, on a config value the job cannot use."""
+    from psych201_jax import attention
+
+    choices = {"protocol": spans.PROTOCOLS, "template": spans.TEMPLATES, "persona": metadata.PERSONA_MODES,
+               "dtype": ("float32", "bfloat16"), "attention": attention.available_backends()}
+    for field, allowed in choices.items():
+        if cfg[field] not in allowed:
+            raise ConfigError(f"config.{field}={cfg[field]!r} is not one of {tuple(allowed)}")
+    for field in ("tokens_per_batch", "chunk_tokens", "vocab_chunk", "min_row_length"):
+        if not isinstance(cfg[field], int) or cfg[field] < 1:
+            raise ConfigError(f"config.{field} must be a positive integer, got {cfg[field]!r}")
+    for field in ("max_tokens", "max_row_length"):
+        if not isinstance(cfg[field], int) or cfg[field] < 0:
+            raise ConfigError(f"config.{field} must be 0 (automatic) or a positive integer, got {cfg[field]!r}")
+    if cfg.persona_subset and cfg.persona != "none":
+        raise ConfigError("config.persona_subset restricts the no-persona run; use it with persona=none")
+    if not cfg.out:
+        raise ConfigError("config.out (the results directory) is required")
+
+
 def run(cfg) -> scorer.Progress:
     """Runs one scoring job described by ``cfg`` (see configs/score.py); returns its progress counters."""
+    distributed.initialize_from_config(cfg.get("distributed", {}))  # mesh/distributed wiring: before JAX use
+    validate_config(cfg)
+    total = records.count_participants(cfg.data)  # fails early on missing or unreadable data
     model_dir = resolve_model(cfg.model, cfg.cache_dir, cfg.dtype)
-    model, spec = checkpoint.load_model(model_dir, dtype=cfg.dtype, attention_backend=cfg.attention)
+    mesh, rules = _mesh_and_rules(cfg, model_dir)  # (None, None): the single-device path
+    try:
+        model, spec = checkpoint.load_model(model_dir, dtype=cfg.dtype, attention_backend=cfg.attention,
+                                            mesh=mesh, rules=rules)
+    except Exception as err:  # orbax/tensorstore errors on a damaged checkpoint are long and obscure
+        raise ModelError(f"could not load the converted checkpoint {model_dir} ({type(err).__name__}: "
+                         f"{str(err)[:300]}); if it is a conversion cache, delete it to reconvert") from err
+    score_model = scorer.Scorer(model, vocab_chunk=cfg.vocab_chunk, mesh=mesh, rules=rules)
     tok = spans.TokenizerInfo(os.path.join(model_dir, checkpoint.TOKENIZER))
     context = spec.max_position_embeddings
     budget = (cfg.max_tokens or context) if cfg.protocol == "robust" else None
     protocol = spans.Protocol(cfg.protocol, cfg.template, token_budget=budget)
     row_lengths = packing.choose_row_lengths(cfg.max_row_length or context, cfg.min_row_length)
-    writer = results.ResultsWriter(cfg.out, build_manifest(cfg, model_dir, spec, tok, protocol), fresh=cfg.fresh)
-    total = records.count_participants(cfg.data)
+    manifest = build_manifest(cfg, model_dir, spec, tok, protocol)
+    writer = _open_writer(cfg, manifest, score_model.layout)  # one per process; replicas commit nothing
+    already = len(writer.done)
     logging.info("model %s (%s), %s participants, protocol %s/%s, persona %s, rows %s, %d already done",
                  model_dir, spec.model_type, total, cfg.protocol, cfg.template, cfg.persona, row_lengths,
-                 len(writer.done))
+                 already)
 
     todo = (r for r in records.iter_records(cfg.data) if r.key not in writer.done)
-    stream = spans.tokenize_records(todo, tok, protocol, persona_of=metadata.persona_selector(cfg.persona))
-    progress = scorer.Progress(participants=len(writer.done))
+    todo = _my_share(todo, score_model.layout)  # this process's participants only
+    persona_of = metadata.persona_selector(cfg.persona, subset_only=cfg.persona_subset, seed=cfg.seed,
+                                           records=records.iter_records(cfg.data))
+    stream = spans.tokenize_records(todo, tok, protocol, persona_of=persona_of)
+    progress = scorer.Progress(participants=already)
     last_log = [0.0]
 
     def log_progress(p: scorer.Progress):
@@ -113,16 +158,62 @@ def run(cfg) -> scorer.Progress:
         if now - last_log[0] < cfg.log_every_s and p.participants < (total or math.inf):
             return
         last_log[0] = now
-        rate = (p.participants - len(writer.done)) / max(now - p.started, 1e-9)
+        rate = (p.participants - already) / max(now - p.started, 1e-9)
         eta = (total - p.participants) / rate if total and rate > 0 else math.nan
         logging.info("%d/%s participants, %.0f tokens/s, ETA %.0fs", p.participants, total or "?",
                      p.tokens_per_s, eta)
 
     pending = []
-    for item in scorer.score_spans(stream, scorer.Scorer(model, vocab_chunk=cfg.vocab_chunk),
+    for item in scorer.score_spans(stream, score_model,
                                    row_lengths=row_lengths, tokens_per_batch=cfg.tokens_per_batch,
                                    chunk_tokens=cfg.chunk_tokens, progress=progress,
                                    on_chunk=lambda p: (writer.commit(pending), pending.clear(), log_progress(p))):
         pending.append(item)
     writer.commit(pending)
+    distributed.sync("results-committed")  # every process's parts are committed before anyone goes on
+    if jax.process_index() == 0:
+        results.write_complete(cfg.out, manifest["fingerprint"], time.perf_counter() - progress.started)
     return progress
+
+
+# --- mesh / distributed wiring (issue 5; psych201_jax/sharding.py, distributed.py) ---------------------------
+
+def _mesh_and_rules(cfg, model_dir: str):
+    """The device mesh of ``cfg.mesh`` and the logical-axis rules specialised to the model, or (None, None)."""
+    mesh = sharding.mesh_from_config(cfg.get("mesh", {}))
+    if mesh is None:
+        return None, None
+    spec = modelspec.ModelSpec.load(os.path.join(model_dir, checkpoint.SPEC))
+    rules = sharding.rules_for(spec, mesh)
+    logging.info("mesh %s, rules %s", dict(mesh.shape), rules)
+    return mesh, rules
+
+
+class _ReplicaWriter(results.ResultsWriter):
+    """A process whose rows another process also computes (a replica share) commits nothing."""
+
+    def commit(self, items):
+        return None
+
+
+def _open_writer(cfg, manifest: dict, layout) -> results.ResultsWriter:
+    """Process 0 opens (and, with fresh, clears) the results first; then the others, each writing its own
+    parts (``part-<process>-*``); all have read the same completed participants when this returns."""
+    me = jax.process_index()
+    cls = results.ResultsWriter if layout is None or layout.writer else _ReplicaWriter
+    writer = cls(cfg.out, manifest, fresh=cfg.fresh, process_index=0) if me == 0 else None
+    distributed.sync("results-opened")
+    if writer is None:
+        writer = cls(cfg.out, manifest, fresh=cfg.fresh, process_index=me)
+    distributed.sync("results-ready")
+    if layout is not None:
+        logging.info("%s", layout.describe())
+    return writer
+
+
+def _my_share(items, layout):
+    """Round-robin share of the input order (after resume filtering, identical on every process)."""
+    if layout is None:
+        return items
+    return distributed.take_share(items, layout.share_index, layout.share_count)
+

@@ -16,27 +16,18 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 
-@functools.partial(jax.jit, static_argnames=("vocab_chunk",))
-def masked_logprobs(hidden: jax.Array, unembedding: jax.Array, score_index: jax.Array,
-                    score_target: jax.Array, score_valid: jax.Array, *,
-                    vocab_chunk: int = 8192) -> tuple[jax.Array, jax.Array]:
-    """NLL and argmax of the next-token distribution at the scored entries.
+def vocab_scan(h: jax.Array, unembedding: jax.Array, target: jax.Array, vocab_chunk: int
+               ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Online softmax statistics of ``h @ unembedding.T`` over vocabulary chunks.
 
-    hidden [B, L, D] final hidden states; unembedding [V, D]; score_index int [C] flat index into
-    B * L; score_target int [C] in [0, V); score_valid bool [C].
-    Returns nll float32 [C] (-log softmax(logits)[target], 0 for invalid entries) and argmax int32 [C]
-    (lowest index among maximal logits, like jnp.argmax; -1 for invalid entries).
-    Logits are computed in the hidden dtype with float32 accumulation.
+    h [C, D]; unembedding [V, D] (possibly one shard of the vocabulary); target int [C] indexed into this
+    unembedding (out-of-range ids never match). Returns float32 running max [C], sum of exp(logit - max)
+    [C], int32 argmax [C] (lowest index among maximal logits) and the target logit [C] (0 if absent).
+    At most [C, vocab_chunk] logits exist at a time.
     """
-    d = hidden.shape[-1]
     v = unembedding.shape[0]
     chunk = min(vocab_chunk, v)
     n_chunks = -(-v // chunk)
-    flat = hidden.reshape(-1, d)
-    # Under an explicit-sharding mesh the gathered [C, D] rows are replicated (C is small).
-    mesh = jax.typeof(flat).sharding.mesh
-    replicated = None if mesh.empty else NamedSharding(mesh, P())
-    h = flat.at[score_index].get(mode="clip", out_sharding=replicated)  # [C, D]
     columns = jnp.arange(chunk)
 
     def step(carry, i):
@@ -54,15 +45,37 @@ def masked_logprobs(hidden: jax.Array, unembedding: jax.Array, score_index: jax.
         run_sum = run_sum * jnp.exp(run_max - new_max) + jnp.exp(logits - new_max[:, None]).sum(axis=1)
         run_arg = jnp.where(chunk_max > run_max, start + jnp.argmax(logits, axis=1), run_arg)
         # A masked sum rather than a gather, so a vocabulary-sharded chunk needs no resharding.
-        picked = jnp.where(start + columns == score_target[:, None], logits, 0.0).sum(axis=1)
-        in_chunk = (score_target >= first) & (score_target < first + chunk)
+        picked = jnp.where(start + columns == target[:, None], logits, 0.0).sum(axis=1)
+        in_chunk = (target >= first) & (target < first + chunk)
         target_logit = jnp.where(in_chunk, picked, target_logit)
         return (new_max, run_sum, run_arg, target_logit), None
 
-    c = score_index.shape[0]
+    c = h.shape[0]
     init = (jnp.full(c, -jnp.inf, jnp.float32), jnp.zeros(c, jnp.float32), jnp.zeros(c, jnp.int32),
             jnp.zeros(c, jnp.float32))
-    (run_max, run_sum, run_arg, target_logit), _ = lax.scan(step, init, jnp.arange(n_chunks))
+    out, _ = lax.scan(step, init, jnp.arange(n_chunks))
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("vocab_chunk",))
+def masked_logprobs(hidden: jax.Array, unembedding: jax.Array, score_index: jax.Array,
+                    score_target: jax.Array, score_valid: jax.Array, *,
+                    vocab_chunk: int = 8192) -> tuple[jax.Array, jax.Array]:
+    """NLL and argmax of the next-token distribution at the scored entries.
+
+    hidden [B, L, D] final hidden states; unembedding [V, D]; score_index int [C] flat index into
+    B * L; score_target int [C] in [0, V); score_valid bool [C].
+    Returns nll float32 [C] (-log softmax(logits)[target], 0 for invalid entries) and argmax int32 [C]
+    (lowest index among maximal logits, like jnp.argmax; -1 for invalid entries).
+    Logits are computed in the hidden dtype with float32 accumulation.
+    """
+    d = hidden.shape[-1]
+    flat = hidden.reshape(-1, d)
+    # Under an explicit-sharding mesh the gathered [C, D] rows are replicated (C is small).
+    mesh = jax.typeof(flat).sharding.mesh
+    replicated = None if mesh.empty else NamedSharding(mesh, P())
+    h = flat.at[score_index].get(mode="clip", out_sharding=replicated)  # [C, D]
+    run_max, run_sum, run_arg, target_logit = vocab_scan(h, unembedding, score_target, vocab_chunk)
     nll = jnp.where(score_valid, jnp.log(run_sum) + run_max - target_logit, 0.0)
     return nll, jnp.where(score_valid, run_arg, -1).astype(jnp.int32)
 

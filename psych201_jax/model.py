@@ -247,7 +247,8 @@ class Decoder(nnx.Module):
         nonzero segment (0 = padding).
         """
         spec = self.spec
-        h = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+        # Gather from a table sharded only over the vocabulary, so the lookup output needs no re-split.
+        h = jnp.take(constrain(self.embed[...], (VOCAB, None)), tokens, axis=0).astype(self.dtype)
         h = constrain(h, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
         tables = {}
         for layer_type in sorted(set(spec.layer_types)):
