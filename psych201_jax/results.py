@@ -250,18 +250,29 @@ def iter_rows(out_dir: str) -> Iterator[dict]:
                 yield row
 
 
-def completed_keys(out_dir: str) -> set[tuple[str, str, str]]:
-    keys = set()
+def iter_table(out_dir: str) -> Iterator[dict]:
+    """The participant/audit table rows of every committed chunk (no arrays read)."""
     for chunk in chunk_dirs(out_dir):
         with open(os.path.join(chunk, "participants.jsonl")) as fh:
             for line in fh:
-                row = json.loads(line)
-                keys.add((row["study"], row["experiment"], row["participant"]))
-    return keys
+                yield json.loads(line)
 
 
-def write_complete(out_dir: str, summary: dict) -> None:
+def completed_keys(out_dir: str) -> set[tuple[str, str, str]]:
+    return {(row["study"], row["experiment"], row["participant"]) for row in iter_table(out_dir)}
+
+
+def write_complete(out_dir: str, fingerprint_: str, seconds: float) -> dict:
+    """Marks a finished job, with totals over every process's chunks; returns the record."""
+    counts = {"scored": 0, "rejected": 0}
+    tokens = 0
+    for row in iter_table(out_dir):
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+        tokens += row.get("tokens", 0)
+    summary = {"fingerprint": fingerprint_, "participants": sum(counts.values()), **counts, "tokens": tokens,
+               "seconds": seconds, "tokens_per_s": tokens / seconds if seconds > 0 else 0.0}
     _atomic_write(os.path.join(out_dir, COMPLETE), json.dumps(summary, indent=2, sort_keys=True))
+    return summary
 
 
 def read_complete(out_dir: str) -> dict | None:

@@ -1,8 +1,6 @@
 """Metrics of psych201_jax.analysis against hand-computed values on small synthetic results."""
 
-import json
 import math
-import os
 
 import numpy as np
 import pytest
