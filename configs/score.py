@@ -26,10 +26,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.dtype = "float32"  # float32 | bfloat16 (parameters and activations; log-probs always float32)
     c.attention = "xla"  # attention backend (see psych201_jax.attention.available_backends())
     c.max_tokens = 0  # robust token budget; 0 = the model's context length
-    c.max_row_length = 0  # longest packed row; 0 = the model's context length
+    c.max_row_length = 0  # longest packed row; 0 = max(context, tokens_per_batch) (participants ≤ context)
     c.min_row_length = 2048
-    c.tokens_per_batch = 65536  # rows per batch = tokens_per_batch // row length
-    c.chunk_tokens = 1 << 20  # participant tokens packed together (and committed) at a time
+    c.tokens_per_batch = 131072  # rows per batch = tokens_per_batch // row length
+    c.chunk_tokens = 1 << 22  # participant tokens packed together (and committed) at a time
     c.vocab_chunk = 8192
     c.cache_dir = "~/.cache/psych201_jax/converted"
     c.fresh = False  # overwrite results of a different configuration in ``out``

@@ -28,23 +28,23 @@ from psych201_jax import (checkpoint, defaults, logprobs, packing, records, scor
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data", os.path.join("..", "shared", "data", "psych201"), "Psych-201 studies.")
-flags.DEFINE_integer("participants", 24, "Participants in the end-to-end comparison.")
-flags.DEFINE_string("studies", "thoma2025riskychoice,franke2024bayesian,guenther2024substitutions,"
-                    "guenther2022relational", "Studies for the end-to-end comparison.")
+flags.DEFINE_integer("per_study", 1, "Participants per study in the end-to-end comparison.")
+flags.DEFINE_string("studies", "", "Comma list of studies for the end-to-end comparison (default: all).")
 flags.DEFINE_integer("vocab", 151936, "Model vocabulary (the tokenizer's ids are a prefix of it).")
 flags.DEFINE_string("out", "", "Optional JSON file for the numbers.")
 
+TOKENS_PER_BATCH, CHUNK_TOKENS = 131072, 1 << 22  # the job's defaults (configs/score.py)
 QWEN3_TINY = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=64, tie_word_embeddings=True, max_position_embeddings=32768)
 
 
-def end_to_end(data_root: str, studies: list[str], n: int, vocab: int) -> dict:
+def end_to_end(data_root: str, studies: list[str], per_study: int, vocab: int) -> dict:
+    """The first ``per_study`` participants of every study (a scored fraction close to the corpus's)."""
     tok = spans.TokenizerInfo(defaults.DEFAULT_TOKENIZER)
-    per_study = -(-n // len(studies))
     recs = []
     for study in studies:
         recs.extend(itertools.islice(records.iter_records(os.path.join(data_root, study)), per_study))
-    items = list(spans.tokenize_records(recs[:n], tok, spans.Protocol("reference")))
+    items = list(spans.tokenize_records(recs, tok, spans.Protocol("reference")))
     tokens = sum(len(p.token_ids) for p in items)
     scored = sum(int((p.response_index[1:] >= 0).sum()) for p in items)
     with tempfile.TemporaryDirectory() as tmp:
@@ -56,12 +56,13 @@ def end_to_end(data_root: str, studies: list[str], n: int, vocab: int) -> dict:
         torch_model = torch_reference.load_hf_model(hf_dir)
 
     ours = scorer.Scorer(model)
-    row_lengths = packing.choose_row_lengths(spec.max_position_embeddings)
+    row_lengths = packing.choose_row_lengths(max(spec.max_position_embeddings, TOKENS_PER_BATCH))
+    kwargs = dict(row_lengths=row_lengths, tokens_per_batch=TOKENS_PER_BATCH, max_tokens=spec.max_position_embeddings)
     start = time.perf_counter()
-    first = {r.key: r for r in scorer.score_spans(items, ours, row_lengths=row_lengths)}
+    first = {r.key: r for r in scorer.score_spans(items, ours, **kwargs)}
     with_compile = time.perf_counter() - start
     start = time.perf_counter()
-    steady = {r.key: r for r in scorer.score_spans(items, ours, row_lengths=row_lengths)}
+    steady = {r.key: r for r in scorer.score_spans(items, ours, **kwargs)}
     ours_s = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -69,25 +70,28 @@ def end_to_end(data_root: str, studies: list[str], n: int, vocab: int) -> dict:
                  for p in items}
     ref_s = time.perf_counter() - start
     diff = max(float(np.max(np.abs(steady[k].nll - reference[k]), initial=0.0)) for k in reference)
+    rel = max(float(np.max(np.abs(steady[k].nll - reference[k]) / np.maximum(np.abs(reference[k]), 1.0),
+                           initial=0.0)) for k in reference)
     assert all(np.array_equal(first[k].nll, steady[k].nll) for k in first)
-    return {"participants": len(items), "tokens": tokens, "scored_fraction": scored / tokens,
+    return {"participants": len(items), "studies": len(studies), "tokens": tokens,
+            "scored_fraction": scored / tokens, "max_rel_delta_nll": rel,
             "ours_tokens_per_s": tokens / ours_s, "ours_tokens_per_s_incl_compile": tokens / with_compile,
             "reference_tokens_per_s": tokens / ref_s, "speedup": ref_s / ours_s,
             "speedup_incl_compile": ref_s / with_compile, "max_abs_delta_nll": diff,
             "compilations": ours.compilations()}
 
 
-def packing_efficiency(data_root: str) -> dict:
-    """Real/computed tokens when the job packs every study (1M-token chunks, 32K context rows)."""
+def packing_efficiency(data_root: str, context: int = 32768) -> dict:
+    """Real/computed tokens when the job packs every study (its default chunks, batches and rows)."""
     tok = spans.TokenizerInfo(defaults.DEFAULT_TOKENIZER)
-    row_lengths = packing.choose_row_lengths(32768)
+    row_lengths = packing.choose_row_lengths(max(context, TOKENS_PER_BATCH))
     real = computed = 0
     shapes = set()
     chunk, chunk_tokens = [], 0
 
     def flush():
         nonlocal real, computed
-        stats = packing.packing_stats(packing.pack(chunk, row_lengths))
+        stats = packing.packing_stats(packing.pack(chunk, row_lengths, tokens_per_batch=TOKENS_PER_BATCH))
         real += stats["real_tokens"]
         computed += stats["computed_tokens"]
         shapes.update(stats["shapes"])
@@ -97,7 +101,7 @@ def packing_efficiency(data_root: str) -> dict:
         if isinstance(item, spans.ParticipantSpans):
             chunk.append(item)
             chunk_tokens += len(item.token_ids)
-            if chunk_tokens >= 1 << 20:
+            if chunk_tokens >= CHUNK_TOKENS:
                 flush()
                 chunk_tokens = 0
     if chunk:
@@ -132,7 +136,9 @@ def logprob_memory(tokens: int = 16384, d: int = 256, vocab: int = 151936, score
 def main(argv):
     del argv
     out = {"device": str(jax.devices()[0]), "jax": jax.__version__}
-    out["end_to_end"] = end_to_end(FLAGS.data, FLAGS.studies.split(","), FLAGS.participants, FLAGS.vocab)
+    studies = FLAGS.studies.split(",") if FLAGS.studies else sorted(
+        d for d in os.listdir(FLAGS.data) if os.path.isdir(os.path.join(FLAGS.data, d)))
+    out["end_to_end"] = end_to_end(FLAGS.data, studies, FLAGS.per_study, FLAGS.vocab)
     print("end to end:", json.dumps(out["end_to_end"], indent=1))
     out["logprob_memory"] = logprob_memory()
     print("log-prob memory:", json.dumps(out["logprob_memory"], indent=1))

@@ -40,9 +40,15 @@ def runnable_backends() -> tuple[str, ...]:
 
 
 def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray, *,
-              sliding_window: int | None = None, backend: str = "xla", block_q: int = 512,
-              block_k: int = 512) -> jnp.ndarray:
-    """q [B, T, Hq, hd], k/v [B, T, Hk, hd] (Hq % Hk == 0), segment_ids int32[B, T] -> [B, T, Hq, hd]."""
+              sliding_window: int | None = None, backend: str = "xla", block_q: int | None = None,
+              block_k: int | None = None) -> jnp.ndarray:
+    """q [B, T, Hq, hd], k/v [B, T, Hk, hd] (Hq % Hk == 0), segment_ids int32[B, T] -> [B, T, Hq, hd].
+
+    Tiles of the ``xla`` backend default to 256 on CPU (measured 1.5x faster than 512 on packed 32K rows:
+    less work wasted at segment edges) and 512 on accelerators.
+    """
+    default_block = 256 if jax.default_backend() == "cpu" else 512
+    block_q, block_k = block_q or default_block, block_k or default_block
     if backend not in _BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; available: {available_backends()}")
     if q.shape[2] % k.shape[2]:

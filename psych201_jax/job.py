@@ -137,7 +137,10 @@ def run(cfg) -> scorer.Progress:
     context = spec.max_position_embeddings
     budget = (cfg.max_tokens or context) if cfg.protocol == "robust" else None
     protocol = spans.Protocol(cfg.protocol, cfg.template, token_budget=budget)
-    row_lengths = packing.choose_row_lengths(cfg.max_row_length or context, cfg.min_row_length)
+    # Rows are containers of whole participants and may be longer than the context: long rows pack
+    # homogeneous studies (e.g. all ~9K-token transcripts) far better than context-length rows.
+    row_lengths = packing.choose_row_lengths(cfg.max_row_length or max(context, cfg.tokens_per_batch),
+                                             cfg.min_row_length)
     manifest = build_manifest(cfg, model_dir, spec, tok, protocol)
     writer = _open_writer(cfg, manifest, score_model.layout)  # one per process; replicas commit nothing
     already = len(writer.done)
@@ -166,7 +169,7 @@ def run(cfg) -> scorer.Progress:
     pending = []
     for item in scorer.score_spans(stream, score_model,
                                    row_lengths=row_lengths, tokens_per_batch=cfg.tokens_per_batch,
-                                   chunk_tokens=cfg.chunk_tokens, progress=progress,
+                                   chunk_tokens=cfg.chunk_tokens, max_tokens=context, progress=progress,
                                    on_chunk=lambda p: (writer.commit(pending), pending.clear(), log_progress(p))):
         pending.append(item)
     writer.commit(pending)

@@ -136,7 +136,8 @@ def pack(participants: Iterable, row_lengths: Sequence[int], *, tokens_per_batch
     A batch of row length L has ``max(1, tokens_per_batch // L)`` rows, except the final leftover batch,
     which may use a power of two fewer rows. Plan capacity: ``capacity`` if given, with entries beyond it
     scored by overflow passes (extra batches re-running the same rows, see ``PackedBatch.overflow_pass``);
-    otherwise each batch's scored-token count rounded up to a power of two >= ``min_capacity``.
+    otherwise each batch's scored-token count rounded up to a quarter-octave step (1, 1.25, 1.5 or 1.75
+    times a power of two, so at most 25% of the log-prob head is padding) and at least ``min_capacity``.
     The output depends only on the set of participants, not on their order.
     """
     row_lengths = sorted(set(int(n) for n in row_lengths))
@@ -251,7 +252,7 @@ def _layout(items: Sequence[_Item], row_lengths: Sequence[int],
     longest = row_lengths[-1]
     per_batch = _rows_per_batch(longest, tokens_per_batch)
     rows = sorted(_best_fit_decreasing(items, longest), key=lambda r: -sum(it.length for it in r))
-    n_full = len(rows) // per_batch * per_batch
+    n_full = (len(rows) - 1) // per_batch * per_batch  # the least-filled rows always go to the tail
     layout = [(longest, rows[i:i + per_batch]) for i in range(0, n_full, per_batch)]
     tail = sorted((it for row in rows[n_full:] for it in row), key=lambda it: (-it.length, it.key))
     if not tail:
@@ -271,6 +272,14 @@ def _layout(items: Sequence[_Item], row_lengths: Sequence[int],
         chunk = tail_rows[i:i + per_batch]
         layout.append((length, chunk + [[] for _ in range(per_batch - len(chunk))]))
     return layout
+
+
+def _quarter_octave(n: int) -> int:
+    """Smallest value >= n of the form (4 + j) * 2**k / 4, j in 0..3: few shapes, little padding."""
+    if n <= 4:
+        return max(n, 1)
+    step = _next_pow2(n) // 8
+    return -(-n // step) * step
 
 
 def _next_pow2(n: int) -> int:
@@ -307,7 +316,7 @@ def _materialize(rows: Sequence[Sequence[_Item]], length: int, capacity: int | N
         np.concatenate(a).astype(np.int64) if a else np.zeros(0, np.int64)
         for a in (index, target, position, owner, response))
     n = len(index)
-    size = capacity if capacity is not None else max(min_capacity, _next_pow2(n))
+    size = capacity if capacity is not None else max(min_capacity, _quarter_octave(n))
     common = dict(tokens=tokens, segment_ids=segment_ids, positions=positions,
                   row_keys=tuple(tuple(it.key for it in row) for row in rows), segments=tuple(segments))
     batches = []

@@ -217,25 +217,26 @@ class Progress:
 
 
 def score_spans(items: Iterable[ParticipantSpans | Rejected], scorer: Scorer, *, row_lengths: tuple[int, ...],
-                tokens_per_batch: int = 65536, chunk_tokens: int = 1 << 20,
+                tokens_per_batch: int = 131072, chunk_tokens: int = 1 << 22, max_tokens: int | None = None,
                 progress: Progress | None = None,
                 on_chunk: Callable[[Progress], None] | None = None) -> Iterator[ParticipantResult | Rejected]:
     """Scores a stream of participants; rejections pass through, in input order within each chunk.
 
-    A participant longer than the longest row is rejected (the model context bounds a row).
+    A participant longer than ``max_tokens`` (the model context; default: the longest row) is rejected.
+    Rows may be longer than the context: they are only containers of whole participants.
     On a mesh, ``items`` are this process's participants, ``tokens_per_batch`` is per row shard (one
     packed sub-batch; a step computes ``layout.shards`` of them) and every process must call this
     (chunks run in lockstep rounds until every process has run out of items).
     """
     progress = progress or Progress()
-    max_row = max(row_lengths)
+    limit = min(max(row_lengths), max_tokens or max(row_lengths))
 
     def checked(items):
         for item in items:
-            if isinstance(item, ParticipantSpans) and len(item.token_ids) > max_row:
+            if isinstance(item, ParticipantSpans) and len(item.token_ids) > limit:
                 item = Rejected(item.study, item.experiment, item.participant, item.source, item.line,
-                                f"{len(item.token_ids)} tokens exceed the longest row ({max_row} tokens, the "
-                                f"model context); use --protocol=robust to cut by a token budget")
+                                f"{len(item.token_ids)} tokens exceed the limit of {limit} tokens (the model "
+                                f"context or the longest row); use --protocol=robust to cut by a token budget")
             yield item
 
     def run_chunk(chunk, results):

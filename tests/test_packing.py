@@ -60,8 +60,10 @@ def check_layout_and_plan(participants, batches, row_lengths, capacity=None, min
         assert b.score_index.dtype == b.score_target.dtype == b.score_slot.dtype == np.int32
         assert b.score_valid.dtype == bool
         assert b.row_length in row_lengths
-        if capacity is None:
-            assert b.capacity >= min_capacity and b.capacity & (b.capacity - 1) == 0
+        if capacity is None:  # a quarter-octave step: (4..7) * 2**k / 4, at most 25% padding
+            c, n = b.capacity, b.n_scored
+            quarter = max((1 << (c.bit_length() - 1)) // 4, 1)
+            assert c >= min_capacity and c % quarter == 0 and c <= max(min_capacity, 1.25 * n)
         else:
             assert b.capacity == capacity
         # Segments tile each row from the left; the rest of the row is padding.

@@ -100,7 +100,8 @@ def test_too_long_participant_is_rejected_not_dropped(models, sample):
     _, model, _, tok = models
     items = list(spans.tokenize_records(sample[:3], tok, spans.Protocol("reference")))
     longest = max(len(p.token_ids) for p in items)
-    out = list(scorer.score_spans(items, scorer.Scorer(model), row_lengths=(longest - 1,)))
-    assert len(out) == 3
-    rejected = [r for r in out if isinstance(r, records.Rejected)]
-    assert rejected and all("exceed the longest row" in r.reason and r.line > 0 for r in rejected)
+    for kwargs in (dict(row_lengths=(longest - 1,)), dict(row_lengths=(4 * longest,), max_tokens=longest - 1)):
+        out = list(scorer.score_spans(items, scorer.Scorer(model), **kwargs))
+        assert len(out) == 3
+        rejected = [r for r in out if isinstance(r, records.Rejected)]
+        assert rejected and all("exceed the limit" in r.reason and r.line > 0 for r in rejected)
