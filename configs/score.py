@@ -23,6 +23,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.persona = "none"  # none | matched | shuffled (another participant of the same study)
     c.persona_subset = False  # with persona=none: only participants with metadata (the persona subset)
     c.seed = 0  # of the shuffled-persona derangement
+    # none | study: also store option_argmax, the top token among the study's options (the distinct
+    # single-token responses of the study, from an extra tokenization pass over the data before scoring).
+    c.options = "none"
     c.dtype = "float32"  # float32 | bfloat16 (parameters and activations; log-probs always float32)
     c.attention = "xla"  # attention backend (see psych201_jax.attention.available_backends())
     c.max_tokens = 0  # robust token budget; 0 = the model's context length

@@ -66,7 +66,8 @@ class Participant:
 
     nll: float64 [R], summed NLL per response in text order; NaN for a response with no scored token.
     n_tokens: scored tokens with an argmax (accuracy denominator); n_correct: argmax == human token.
-    n_option_correct: the same with the argmax restricted to the study's options; None if not recorded.
+    n_option_tokens / n_option_correct: tokens of single-token responses whose study has options, and how
+    many of them the argmax restricted to the study's options gets right; None if not recorded.
     """
     study: str
     experiment: str
@@ -75,6 +76,7 @@ class Participant:
     n_tokens: int
     n_correct: int
     n_option_correct: int | None
+    n_option_tokens: int | None = None
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -135,9 +137,17 @@ def run_from_rows(manifest: dict, rows: Iterable[dict], path: str = "") -> Run:
         argmax = np.asarray(row.get("argmax") or [], dtype=np.int64)
         target = np.asarray(row.get("target") or [], dtype=np.int64)
         option = row.get("option_argmax")
-        n_option = None if option is None else int(np.sum(np.asarray(option, dtype=np.int64) == target))
+        n_option = n_option_tokens = None
+        if option is not None:
+            # Options are the study's single-token responses, so only those responses are option choices.
+            per_response = np.asarray(row.get("n_tokens") or [], dtype=np.int64)
+            single = np.repeat(per_response == 1, per_response)
+            option = np.asarray(option, dtype=np.int64)
+            chosen = single & (option >= 0)
+            n_option, n_option_tokens = int(np.sum(option[chosen] == target[chosen])), int(chosen.sum())
         participants.append(Participant(row["study"], row.get("experiment", ""), str(row["participant"]), nll,
-                                        int(target.size), int(np.sum(argmax == target)), n_option))
+                                        int(target.size), int(np.sum(argmax == target)), n_option,
+                                        n_option_tokens))
     return Run(path, model_info(manifest), condition_of(manifest), tuple(participants), rejected)
 
 
@@ -228,8 +238,9 @@ def accuracy_moments(run: Run) -> dict[str, Moments]:
 def study_scores(run: Run) -> list[dict]:
     """One row per study: participants, responses (scored / unscored), the response-pooled mean NLL
     (the reference's), the per-participant mean (mean over participants of their mean response NLL),
-    the response SD (ddof=1), accuracy and option-restricted accuracy (token-pooled; NaN unless every
-    participant of the study carries ``option_argmax``)."""
+    the response SD (ddof=1), accuracy and option-restricted accuracy (pooled over single-token
+    responses; NaN unless every participant of the study carries ``option_argmax`` and the study has
+    options)."""
     by_study: dict[str, list[Participant]] = {}
     for p in run.participants:
         by_study.setdefault(p.study, []).append(p)
@@ -238,8 +249,9 @@ def study_scores(run: Run) -> list[dict]:
         pooled = np.concatenate([p.nll[~np.isnan(p.nll)] for p in ps])
         per_participant = [float(np.nanmean(p.nll)) for p in ps if np.any(~np.isnan(p.nll))]
         tokens = sum(p.n_tokens for p in ps)
-        option = (sum(p.n_option_correct for p in ps) / tokens
-                  if tokens and all(p.n_option_correct is not None for p in ps) else math.nan)
+        recorded = all(p.n_option_correct is not None for p in ps)
+        option_tokens = sum(p.n_option_tokens or 0 for p in ps) if recorded else 0
+        option = sum(p.n_option_correct for p in ps) / option_tokens if option_tokens else math.nan
         rows.append({
             "study": study, "n_participants": len(ps), "n_responses": int(pooled.size),
             "n_unscored_responses": int(sum(np.isnan(p.nll).sum() for p in ps)),
@@ -256,11 +268,11 @@ def model_score(study_rows: Sequence[dict]) -> dict:
     """Model-level scores from ``study_scores`` rows: each a mean over studies (equal weight).
 
     score: the reference alignment score (lower = more human-like); score_participant: the same from
-    per-participant means; accuracy over studies with scored tokens; option_accuracy NaN if any of
-    those studies lacks it."""
+    per-participant means; accuracy over studies with scored tokens; option_accuracy over the studies
+    that have it (NaN when none has)."""
     scored = [r for r in study_rows if r["n_responses"]]
     with_tokens = [r for r in study_rows if r["n_tokens"]]
-    option = [r["option_accuracy"] for r in with_tokens]
+    option = [r["option_accuracy"] for r in with_tokens if not math.isnan(r["option_accuracy"])]
     return {
         "n_studies": len(scored), "n_accuracy_studies": len(with_tokens),
         "n_participants": sum(r["n_participants"] for r in study_rows),

@@ -58,7 +58,7 @@ def build_manifest(cfg, model_dir: str, spec, tok: spans.TokenizerInfo, protocol
         "tokenizer_sha256": tok.sha256, "data": cfg.data, "protocol": protocol.name,
         "template": protocol.template, "persona": cfg.persona, "persona_subset": cfg.persona_subset,
         "persona_seed": cfg.seed if cfg.persona == "shuffled" else None, "token_budget": protocol.token_budget,
-        "max_chars": protocol.max_chars, "dtype": cfg.dtype,
+        "max_chars": protocol.max_chars, "dtype": cfg.dtype, "options": cfg.options,
     }
     return {"fingerprint": results.fingerprint(determinants), "determinants": determinants,
             "model": {"dir": os.path.abspath(model_dir), "spec": dataclasses.asdict(spec),
@@ -103,7 +103,8 @@ def validate_config(cfg) -> None:
     from psych201_jax import attention
 
     choices = {"protocol": spans.PROTOCOLS, "template": spans.TEMPLATES, "persona": metadata.PERSONA_MODES,
-               "dtype": ("float32", "bfloat16"), "attention": attention.available_backends()}
+               "dtype": ("float32", "bfloat16"), "attention": attention.available_backends(),
+               "options": ("none", "study")}
     for field, allowed in choices.items():
         if cfg[field] not in allowed:
             raise ConfigError(f"config.{field}={cfg[field]!r} is not one of {tuple(allowed)}")
@@ -132,11 +133,14 @@ def run(cfg) -> scorer.Progress:
     except Exception as err:  # orbax/tensorstore errors on a damaged checkpoint are long and obscure
         raise ModelError(f"could not load the converted checkpoint {model_dir} ({type(err).__name__}: "
                          f"{str(err)[:300]}); if it is a conversion cache, delete it to reconvert") from err
-    score_model = scorer.Scorer(model, vocab_chunk=cfg.vocab_chunk, mesh=mesh, rules=rules)
     tok = spans.TokenizerInfo(os.path.join(model_dir, checkpoint.TOKENIZER))
     context = spec.max_position_embeddings
     budget = (cfg.max_tokens or context) if cfg.protocol == "robust" else None
     protocol = spans.Protocol(cfg.protocol, cfg.template, token_budget=budget)
+    persona_of = metadata.persona_selector(cfg.persona, subset_only=cfg.persona_subset, seed=cfg.seed,
+                                           records=records.iter_records(cfg.data))
+    options = _collect_options(cfg, tok, protocol, persona_of) if cfg.options == "study" else None
+    score_model = scorer.Scorer(model, vocab_chunk=cfg.vocab_chunk, mesh=mesh, rules=rules, options=options)
     # Rows are containers of whole participants and may be longer than the context: long rows pack
     # homogeneous studies (e.g. all ~9K-token transcripts) far better than context-length rows.
     row_lengths = packing.choose_row_lengths(cfg.max_row_length or max(context, cfg.tokens_per_batch),
@@ -150,8 +154,6 @@ def run(cfg) -> scorer.Progress:
 
     todo = (r for r in records.iter_records(cfg.data) if r.key not in writer.done)
     todo = _my_share(todo, score_model.layout)  # this process's participants only
-    persona_of = metadata.persona_selector(cfg.persona, subset_only=cfg.persona_subset, seed=cfg.seed,
-                                           records=records.iter_records(cfg.data))
     stream = spans.tokenize_records(todo, tok, protocol, persona_of=persona_of)
     progress = scorer.Progress(participants=already)
     last_log = [0.0]
@@ -177,6 +179,17 @@ def run(cfg) -> scorer.Progress:
     if jax.process_index() == 0:
         results.write_complete(cfg.out, manifest["fingerprint"], time.perf_counter() - progress.started)
     return progress
+
+
+def _collect_options(cfg, tok: spans.TokenizerInfo, protocol: spans.Protocol, persona_of) -> dict[str, np.ndarray]:
+    """Options of every study from a pass over all of the data (not only what is left to score, so a
+    resumed job, and every process, gets the same options), tokenized as for scoring."""
+    start = time.perf_counter()
+    items = spans.tokenize_records(records.iter_records(cfg.data), tok, protocol, persona_of=persona_of)
+    options = scorer.collect_options(items)
+    logging.info("options pass (%.1fs): %s", time.perf_counter() - start,
+                 ", ".join(f"{study} {len(ids)}" for study, ids in options.items()))
+    return options
 
 
 # --- mesh / distributed wiring (issue 5; psych201_jax/sharding.py, distributed.py) ---------------------------

@@ -2,7 +2,7 @@
 
 Only the C scored hidden states are gathered, and the vocabulary is visited in chunks with an online
 float32 logsumexp, so at most [C, vocab_chunk] logits exist at a time; the full [B * L, V] (or [C, V])
-logits are never built.
+logits are never built. Response options (``option_max``) need only [K, D] rows of the unembedding.
 """
 
 from __future__ import annotations
@@ -78,6 +78,42 @@ def masked_logprobs(hidden: jax.Array, unembedding: jax.Array, score_index: jax.
     run_max, run_sum, run_arg, target_logit = vocab_scan(h, unembedding, score_target, vocab_chunk)
     nll = jnp.where(score_valid, jnp.log(run_sum) + run_max - target_logit, 0.0)
     return nll, jnp.where(score_valid, run_arg, -1).astype(jnp.int32)
+
+
+def option_max(h: jax.Array, unembedding: jax.Array, option_ids: jax.Array, option_mask: jax.Array,
+               offset: jax.Array | int = 0) -> tuple[jax.Array, jax.Array]:
+    """Best logit of each entry among its options that this unembedding holds.
+
+    h [C, D]; unembedding [V, D] holding vocabulary ids offset .. offset + V - 1 (a vocabulary shard, or
+    all of it); option_ids int32 [K], ascending over the ids any entry may choose; option_mask bool [C, K]:
+    the options of each entry. Returns the max logit float32 [C] (-inf where the entry has no option
+    here) and the lowest option id reaching it int32 [C] (-1 where none). Builds [K, D] and [C, K] only.
+    """
+    v = unembedding.shape[0]
+    local = option_ids - offset
+    mask = option_mask & ((local >= 0) & (local < v))[None, :]
+    w = jnp.take(unembedding, jnp.clip(local, 0, v - 1), axis=0).astype(h.dtype)  # [K, D]
+    logits = jnp.einsum("cd,kd->ck", h, w, preferred_element_type=jnp.float32,
+                        precision=lax.Precision.HIGHEST)  # [C, K]
+    logits = jnp.where(mask, logits, -jnp.inf)
+    k = jnp.argmax(logits, axis=1)  # first maximal column: the lowest id
+    best_id = jnp.where(mask.any(axis=1), option_ids[k], -1).astype(jnp.int32)
+    return logits.max(axis=1), best_id
+
+
+@jax.jit
+def masked_option_argmax(hidden: jax.Array, unembedding: jax.Array, score_index: jax.Array,
+                         score_valid: jax.Array, option_ids: jax.Array, option_mask: jax.Array) -> jax.Array:
+    """int32 [C]: argmax of the logits restricted to each scored entry's options (lowest id on ties); -1 for
+    invalid entries and entries without options.
+
+    hidden [B, L, D]; unembedding [V, D]; score_index int [C]; score_valid bool [C]; option_ids int32 [K]
+    and option_mask bool [C, K] as in ``option_max``.
+    """
+    d = hidden.shape[-1]
+    h = hidden.reshape(-1, d).at[score_index].get(mode="clip")  # [C, D]
+    _, best_id = option_max(h, unembedding, option_ids, option_mask)
+    return jnp.where(score_valid, best_id, -1)
 
 
 @functools.partial(jax.jit, static_argnames=("num_slots",))

@@ -106,6 +106,8 @@ def row_of(item: ParticipantResult | Rejected) -> dict:
     row.update({name: int(getattr(s, name)) for name in _COUNTS if name != "tokens"})
     row.update(tokens=int(len(s.token_ids)), nll=item.nll, n_tokens=item.n_scored, argmax=item.argmax,
                target=item.target)
+    if item.option_argmax is not None:
+        row["option_argmax"] = item.option_argmax
     return row
 
 

@@ -23,6 +23,7 @@ from psych201_jax import results
 from psych201_jax.modelspec import SUPPORTED_MODEL_TYPES
 
 MODEL_FIELDS = ("hf_id", "family", "generation", "size_b", "kind", "base_hf_id")
+CONDITION_FIELDS = ("protocol", "template", "persona", "persona_subset", "options")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +39,7 @@ class Job:
         """``launch.score`` flags of this job."""
         args = [f"--config.model={self.model_path}", f"--config.data={self.condition.get('data') or data}",
                 f"--config.out={self.out}"]
-        for key in ("protocol", "template", "persona", "persona_subset"):
+        for key in CONDITION_FIELDS:
             args.append(f"--config.{key}={self.condition[key]}")
         for key in MODEL_FIELDS:
             args.append(f"--config.model_info.{key}={self.model_info[key]}")
@@ -67,7 +68,7 @@ def expand(cfg) -> list[Job]:
     """All (model, condition) jobs of a sweep config, in config order (conditions outer)."""
     jobs = []
     for condition in cfg.conditions:
-        condition = {"persona_subset": False, "data": "", **dict(condition)}
+        condition = {"persona_subset": False, "options": "none", "data": "", **dict(condition)}
         for model in cfg.models:
             model = dict(model)
             if not _applies(condition, model):
@@ -88,7 +89,7 @@ def is_complete(job: Job) -> bool:
     if results.read_complete(job.out) is None:
         return False
     config = results.read_manifest(job.out).get("config", {})
-    return all(config.get(k) == job.condition[k] for k in ("protocol", "template", "persona", "persona_subset"))
+    return all(config.get(k, "none" if k == "options" else None) == job.condition[k] for k in CONDITION_FIELDS)
 
 
 @dataclasses.dataclass

@@ -1,6 +1,7 @@
 """Subprocess driver of the sharding tests (not collected by pytest): needs its own JAX device count.
 
   JAX_NUM_CPU_DEVICES=8 python tests/mp_driver.py meshes [--steady]   # one JSON report on the last line
+  JAX_NUM_CPU_DEVICES=8 python tests/mp_driver.py options             # option_argmax, mesh vs one device
 
 --steady also times a second, compiled pass of every configuration (1x1x1 vs the single-device path is
 the mesh-path overhead on one device).
@@ -21,6 +22,7 @@ from psych201_jax import checkpoint, defaults, model, records, scorer, sharding,
 from psych201_jax.modelspec import ModelSpec, RopeSpec
 
 MESHES = ((1, 1, 1), (8, 1, 1), (2, 2, 2), (1, 2, 4))  # data x fsdp x tensor
+OPTION_MESHES = ((1, 1, 1), (2, 2, 2), (1, 2, 4))
 ROW_LENGTHS = (2048, 4096)
 TOKENS_PER_BATCH = 8192
 
@@ -88,6 +90,39 @@ def meshes(steady: bool = False) -> dict:
     return report
 
 
+def options() -> dict:
+    """option_argmax on every mesh of OPTION_MESHES vs the single-device path (the bundled sample cut to
+    2,048 tokens). The options are the sample's plus 40 made-up ids for one study, so its batches need
+    K = 64 and the others K = 32 (a step takes the largest K of its sub-batches)."""
+    assert jax.device_count() == 8, jax.devices()
+    tok = spans.TokenizerInfo(defaults.DEFAULT_TOKENIZER)
+    items = list(spans.tokenize_records(records.iter_records(defaults.SAMPLE_DATA), tok,
+                                        spans.Protocol("robust", token_budget=2048)))
+    opts = scorer.collect_options(items)
+    opts["guenther2024substitutions"] = np.union1d(opts["guenther2024substitutions"],
+                                                   np.arange(1000, 1040)).astype(np.int32)
+
+    def score(model_, mesh=None, rules=None):
+        sc = scorer.Scorer(model_, vocab_chunk=1000, mesh=mesh, rules=rules, options=opts)
+        out = scorer.score_spans(items, sc, row_lengths=(2048,), tokens_per_batch=4096)
+        return {r.key: r for r in out}, sc.compilations()
+
+    base, spec = checkpoint.load_model(defaults.DEFAULT_MODEL, dtype="float32")
+    ref, comps = score(base)
+    chosen = np.concatenate([r.option_argmax for r in ref.values()])
+    report = {"tokens": int(chosen.size), "with_option": int((chosen >= 0).sum()),
+              "made_up_chosen": int((chosen >= 1000).sum()), "single_device": comps, "meshes": {}}
+    for shape in OPTION_MESHES:
+        mesh = sharding.make_mesh(*shape, devices=jax.devices()[:int(np.prod(shape))])
+        rules = sharding.rules_for(spec, mesh)
+        m, _ = checkpoint.load_model(defaults.DEFAULT_MODEL, dtype="float32", mesh=mesh, rules=rules)
+        got, comps = score(m, mesh, rules)
+        report["meshes"]["x".join(map(str, shape))] = dict(
+            _compare(got, ref), compilations=comps,
+            option_equal=all(np.array_equal(got[k].option_argmax, r.option_argmax) for k, r in ref.items()))
+    return report
+
+
 def abstract_70b() -> dict:
     out = {}
     live = len(jax.live_arrays())
@@ -106,6 +141,9 @@ def abstract_70b() -> dict:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["options"]:
+        print(json.dumps(options()))
+        sys.exit(0)
     if sys.argv[1:2] != ["meshes"] or not set(sys.argv[2:]) <= {"--steady"}:
         sys.exit(f"usage: {sys.argv[0]} meshes [--steady]")
     print(json.dumps(meshes(steady="--steady" in sys.argv)))

@@ -21,9 +21,11 @@ def write_results(path, hf_id, rows, *, kind="base", base_hf_id="", family="Fam"
     stored = []
     for study, participant, nll, *extra in rows:
         row = {"study": study, "experiment": f"{study}/", "participant": participant, "status": "scored",
-               "reason": "", "nll": [math.nan if x is None else x for x in nll], "n_tokens": [1] * len(nll),
-               "argmax": [], "target": []}
+               "reason": "", "nll": [math.nan if x is None else x for x in nll], "argmax": [], "target": []}
         row.update(extra[0] if extra else {})
+        # Scored tokens per response: one each, the first response taking any extra tokens.
+        extra_tokens = max(len(row["argmax"]) - len(nll), 0)
+        row.setdefault("n_tokens", [1 + extra_tokens] + [1] * (len(nll) - 1) if nll else [])
         stored.append(row)
     stored.append({"study": "s1", "experiment": "s1/", "participant": "rejected-1", "status": "rejected",
                    "reason": "empty"})
@@ -65,7 +67,8 @@ def test_run_from_rows(pair):
     assert [p.key for p in base.participants] == [("s1", "s1/", "p1"), ("s1", "s1/", "p2"), ("s2", "s2/", "p3")]
     assert base.participants[0].n_tokens == 3 and base.participants[0].n_correct == 2
     assert base.participants[0].n_option_correct is None
-    assert post.participants[0].n_option_correct == 2
+    # p1's tokens: a 2-token response then a 1-token one; only the latter is an option choice (3 vs 4).
+    assert (post.participants[0].n_option_correct, post.participants[0].n_option_tokens) == (0, 1)
 
 
 def test_study_and_model_scores(pair):
@@ -91,9 +94,10 @@ def test_study_and_model_scores(pair):
 def test_option_accuracy(pair):
     post, _ = pair
     rows = analysis.study_scores(post)
-    # option argmax: s1 p1 [1, 2, 3] vs [1, 2, 4], p2 [5] vs [5] → 3 of 4; s2 [7, 0] vs [7, 9] → 1 of 2
-    assert rows[0]["option_accuracy"] == pytest.approx(3 / 4) and rows[1]["option_accuracy"] == pytest.approx(1 / 2)
-    assert analysis.model_score(rows)["option_accuracy"] == pytest.approx((3 / 4 + 1 / 2) / 2)
+    # Only single-token responses are option choices: s1 p1's second response (3 vs 4) and p2's (5 vs 5)
+    # → 1 of 2; s2 p3's two responses [7, 0] vs [7, 9] → 1 of 2.
+    assert rows[0]["option_accuracy"] == pytest.approx(1 / 2) and rows[1]["option_accuracy"] == pytest.approx(1 / 2)
+    assert analysis.model_score(rows)["option_accuracy"] == pytest.approx(1 / 2)
     assert analysis.model_score(rows)["accuracy"] == pytest.approx((1 / 4 + 0 / 2) / 2)
 
 
@@ -321,3 +325,13 @@ def test_reads_rows_of_the_results_writer(tmp_path):
     assert p.nll[0] == 1.5 and math.isnan(p.nll[1]) and (p.n_tokens, p.n_correct) == (2, 1)
     (row,) = analysis.study_scores(run)
     assert row["n_responses"] == 1 and row["n_unscored_responses"] == 1 and row["mean_nll"] == 1.5
+
+
+def test_option_accuracy_without_options_is_nan_and_left_out(tmp_path):
+    """A study with no single-token options (option_argmax all -1) has no option accuracy."""
+    rows = [("s1", "p1", [1.0], tokens([4], [4], [4])), ("s2", "p2", [1.0], tokens([5], [6], [-1]))]
+    run = load(write_results(str(tmp_path / "r"), "M-1B", rows))
+    by_study = {r["study"]: r for r in analysis.study_scores(run)}
+    assert by_study["s1"]["option_accuracy"] == 1.0 and math.isnan(by_study["s2"]["option_accuracy"])
+    assert analysis.model_score(list(by_study.values()))["option_accuracy"] == 1.0
+

@@ -29,6 +29,11 @@ def test_paper_sweep_lists_the_study_models_and_pairs():
     args = qwen3.score_args(cfg.data, {"dtype": "bfloat16"})
     assert "--config.model=/models/Qwen/Qwen3-8B" in args and "--config.model_info.kind=Reasoning" in args
     assert "--config.model_info.base_hf_id=Qwen/Qwen3-8B-Base" in args and "--config.dtype=bfloat16" in args
+    assert "--config.options=none" in args
+    accuracy = next(j for j in jobs if j.condition["name"] == "accuracy")
+    assert "--config.options=study" in accuracy.score_args(cfg.data, {})
+    assert any(a.startswith("--config.data=hf:marcelbinz/Psych-201-discrete-test")
+               for a in accuracy.score_args(cfg.data, {}))
 
 
 def test_emitted_commands():

@@ -12,7 +12,8 @@ Conditions:
   persona_shuffled     another participant's metadata (a control the paper lacks)
   persona_subset_none  no persona on exactly the persona subset (the unconfounded comparison)
   robust               offset-based spans and a token budget instead of the 32,768-character cut
-  accuracy             the discrete test set (single-letter responses), for argmax accuracy
+  accuracy             the discrete test set (single-letter responses): argmax accuracy, also restricted to
+                       each study's response options
 """
 
 import ml_collections
@@ -109,7 +110,7 @@ def get_config() -> ml_collections.ConfigDict:
              persona_subset=True, kinds="persona"),
         dict(name="robust", protocol="robust", template="none", persona="none", kinds="all"),
         dict(name="accuracy", protocol="reference", template="none", persona="none", kinds="persona",
-             data="hf:marcelbinz/Psych-201-discrete-test"),
+             data="hf:marcelbinz/Psych-201-discrete-test", options="study"),
     ]
     c.score = dict(dtype="bfloat16")  # overrides passed to every launch.score job
     return c

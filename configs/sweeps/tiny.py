@@ -29,6 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
         dict(name="persona_shuffled", protocol="reference", template="none", persona="shuffled", kinds="persona"),
         dict(name="persona_subset_none", protocol="reference", template="none", persona="none",
              persona_subset=True, kinds="persona"),
+        dict(name="accuracy", protocol="reference", template="none", persona="none", kinds="all",
+             options="study"),
     ]
     c.score = dict(dtype="float32")  # overrides passed to every launch.score job
     return c

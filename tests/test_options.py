@@ -1,0 +1,181 @@
+"""Option-restricted argmax: options per study, brute force over full logits, mesh = one device, job + analysis."""
+
+import csv
+import itertools
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import score as score_config
+from psych201_jax import checkpoint, defaults, job, packing, records, results, scorer, spans, tiny_models
+from psych201_jax.logprobs import option_max
+from psych201_jax.spans import ParticipantSpans
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STUDIES = ("thoma2025riskychoice", "busch2024_stroop")  # single letters; left/right/down
+ROW_LENGTHS = (2048, 4096, 8192)
+TOKENS_PER_BATCH = 8192
+
+
+def _spans(study, name, tokens, responses):
+    n = max(responses) + 1
+    return ParticipantSpans(study, "e", name, np.asarray(tokens, np.int32), np.asarray(responses, np.int32), n,
+                            n, n, 0)
+
+
+def test_collect_options_keeps_single_token_responses(caplog):
+    items = [
+        # responses: 0 = [10] (single), 1 = [12, 13] (two tokens), 2 = [14] (single)
+        _spans("a", "p1", [5, 10, 11, 12, 13, 14], [-1, 0, -1, 1, 1, 2]),
+        # response 0 sits at position 0 (nothing predicts it: no scored token), response 1 = [20]
+        _spans("a", "p2", [7, 10, 20], [0, -1, 1]),
+        records.Rejected("a", "e", "p3", "f", 3, "bad"),
+        _spans("b", "p1", [5, 1, 2, 6], [-1, 0, 0, -1]),
+        _spans("c", "p1", [5, 32, 30, 30, 31, 29, 30, 31], [-1, 0, 1, 2, 3, 4, 5, 6]),
+    ]
+    got = scorer.collect_options(items)
+    assert got.keys() == {"a", "b", "c"}
+    np.testing.assert_array_equal(got["a"], [10, 14, 20])
+    assert got["b"].dtype == np.int32 and got["b"].size == 0
+    np.testing.assert_array_equal(got["c"], [29, 30, 31, 32])
+    with caplog.at_level(logging.WARNING):
+        capped = scorer.collect_options(items, max_options=3)
+    np.testing.assert_array_equal(capped["c"], [29, 30, 31])  # 30 x3, 31 x2; 29 and 32 once: lowest id
+    assert "most frequent" in caplog.text and "study c" in caplog.text
+
+
+def test_option_max_ties_vocabulary_shards_and_no_options():
+    unembedding = jnp.asarray(np.random.default_rng(0).normal(size=(8, 4)), jnp.float32)
+    unembedding = unembedding.at[5].set(unembedding[3])  # ids 3 and 5 tie
+    h = jnp.asarray(np.random.default_rng(1).normal(size=(3, 4)), jnp.float32)
+    ids = jnp.asarray([1, 3, 5, 0], jnp.int32)  # the last one is padding
+    mask = jnp.asarray([[False, True, True, False], [True, True, True, False], [False] * 4])
+    best, best_id = option_max(h, unembedding, ids, mask)
+    logits = np.asarray(h @ unembedding.T)
+    assert int(best_id[0]) == 3 and float(best[0]) == pytest.approx(logits[0, 3])
+    assert int(best_id[1]) == [1, 3][int(np.argmax(logits[1, [1, 3]]))]
+    assert int(best_id[2]) == -1 and float(best[2]) == -np.inf
+    # A vocabulary shard holding ids 4..7 sees only id 5.
+    _, shard_id = option_max(h, unembedding[4:], ids, mask, offset=4)
+    np.testing.assert_array_equal(np.asarray(shard_id), [5, 5, -1])
+
+
+def test_plan_steps_take_the_largest_option_capacity():
+    tables = [np.array([[2, 4096, 256, 32], [2, 4096, 512, 64]]), np.array([[2, 4096, 256, 128]])]
+    steps = scorer.plan_steps(tables, (0, 1), 0, 2)
+    assert [(s.capacity, s.options, s.slots) for s in steps] == [(512, 128, (1, 0))]
+
+
+@pytest.fixture(scope="module")
+def scored(data_root, tmp_path_factory):
+    """Two participants of each study (packed together) scored with options, and the JAX model."""
+    root = tmp_path_factory.mktemp("options_model")
+    hf_dir = tiny_models.make_tiny_hf_checkpoint("qwen3", str(root / "hf"), defaults.DEFAULT_TOKENIZER,
+                                                 max_position_embeddings=max(ROW_LENGTHS))
+    checkpoint.convert(hf_dir, str(root / "converted"), "float32")
+    model, _ = checkpoint.load_model(str(root / "converted"), dtype="float32")
+    tok = spans.TokenizerInfo(defaults.DEFAULT_TOKENIZER)
+    recs = [r for s in STUDIES for r in itertools.islice(records.iter_records(f"{data_root}/{s}"), 2)]
+    items = list(spans.tokenize_records(recs, tok, spans.Protocol("reference")))
+    options = scorer.collect_options(items)
+    assert all(len(options[s]) >= 2 for s in STUDIES), options
+    batches = packing.pack(items, ROW_LENGTHS, tokens_per_batch=TOKENS_PER_BATCH)
+    assert any({k[0] for k, _ in b.slot_keys} == set(STUDIES) for b in batches), "studies must share a batch"
+    sc = scorer.Scorer(model, vocab_chunk=1000, options=options)
+    out = list(scorer.score_spans(items, sc, row_lengths=ROW_LENGTHS, tokens_per_batch=TOKENS_PER_BATCH))
+    return model, items, options, {r.key: r for r in out}, batches
+
+
+def test_option_argmax_is_the_argmax_of_full_logits_over_the_study_options(scored):
+    model, items, options, got, _ = scored
+    # The plain full-vocabulary path on one participant at a time (end-padded to one shape): [1, L, V].
+    full_logits = nnx.jit(lambda m, tokens, positions, segment_ids: m.logits(m(tokens, positions, segment_ids)))
+    length = max(ROW_LENGTHS)
+    n_compared = n_tokens = 0
+    for p in items:
+        r = got[p.key]
+        assert r.option_argmax.dtype == np.int32 and r.option_argmax.shape == r.argmax.shape
+        tokens = np.zeros((1, length), np.int32)
+        tokens[0, :len(p.token_ids)] = p.token_ids
+        segment_ids = (np.arange(length) < len(p.token_ids)).astype(np.int32)[None]
+        logits = np.asarray(full_logits(model, tokens, np.arange(length)[None], segment_ids))[0]
+        positions = np.flatnonzero(p.response_index[1:] >= 0) + 1
+        restricted = logits[positions - 1][:, options[p.study]]  # [S, n options]
+        expected = options[p.study][np.argmax(restricted, axis=1)]
+        top2 = np.sort(restricted, axis=1)[:, -2:]
+        clear = top2[:, 1] - top2[:, 0] > 1e-4  # packed vs unpacked float32 may reorder near-ties only
+        np.testing.assert_array_equal(r.option_argmax[clear], expected[clear], err_msg=str(p.key))
+        chosen = restricted[np.arange(len(positions)), np.searchsorted(options[p.study], r.option_argmax)]
+        np.testing.assert_allclose(chosen, restricted.max(axis=1), rtol=0, atol=1e-4)
+        n_compared += int(clear.sum())
+        n_tokens += len(positions)
+    assert n_tokens > 150 and n_compared > 0.9 * n_tokens
+
+
+def test_study_without_options_has_no_option_in_the_mask(scored):
+    """Its entries get option_argmax -1 (``option_max`` with an empty mask row)."""
+    _, _, options, _, batches = scored
+    only_thoma = {"thoma2025riskychoice": options["thoma2025riskychoice"]}
+    for batch in batches:
+        ids, mask = scorer.option_plan(batch, only_thoma)
+        assert ids.shape == (32,) and mask.shape == (batch.capacity, 32)
+        slot_study = np.asarray([key[0] for key, _ in batch.slot_keys])
+        thoma = batch.score_valid & (slot_study[batch.score_slot] == "thoma2025riskychoice")
+        assert not mask[~thoma].any() and (mask[thoma].sum(axis=1) == 3).all()
+
+
+@pytest.mark.slow
+def test_mesh_paths_give_the_single_device_option_argmax():
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "mp_driver.py"), "options"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["with_option"] > 0.5 * report["tokens"] and report["made_up_chosen"] > 0, report
+    for mesh, r in report["meshes"].items():
+        assert r["option_equal"] and r["argmax_equal"], (mesh, r)
+    assert report["meshes"]["1x1x1"]["max_abs"] == 0.0
+
+
+def test_job_stores_option_argmax_and_analysis_reports_option_accuracy(tmp_path):
+    cfg = score_config.get_config()
+    cfg.out = str(tmp_path / "res")
+    cfg.data = os.path.join(defaults.SAMPLE_DATA, "thoma2025riskychoice")
+    cfg.options = "study"
+    cfg.log_every_s = 1e9
+    job.run(cfg)
+    assert results.read_manifest(cfg.out)["determinants"]["options"] == "study"
+    rows = list(results.iter_rows(cfg.out))
+    assert rows and all(r["status"] == "scored" for r in rows)
+    letters = set()
+    for r in rows:
+        assert len(r["option_argmax"]) == len(r["argmax"]) == len(r["target"])
+        letters.update(r["target"])
+    assert {x for r in rows for x in r["option_argmax"]} <= letters  # every response is one letter
+
+    report_dir = tmp_path / "report"
+    proc = subprocess.run([sys.executable, "-m", "launch.analyze", f"--results={cfg.out}", f"--out={report_dir}",
+                           "--bootstrap=10"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(report_dir / "study_scores.csv") as fh:
+        (study,) = list(csv.DictReader(fh))
+    expected = np.mean([o == t for r in rows for o, t in zip(r["option_argmax"], r["target"])])
+    assert float(study["option_accuracy"]) == pytest.approx(expected)
+    assert float(study["option_accuracy"]) >= float(study["accuracy"])
+
+
+def test_unknown_options_value_is_refused(tmp_path):
+    cfg = score_config.get_config()
+    cfg.out = str(tmp_path / "res")
+    cfg.options = "all"
+    with pytest.raises(job.ConfigError, match="config.options='all' is not one of"):
+        job.run(cfg)
+    assert not os.path.exists(cfg.out)
