@@ -52,6 +52,7 @@ class Condition:
     persona: str
     dtype: str
     data: str
+    persona_subset: bool = False  # a no-persona run restricted to participants with metadata
 
     def with_persona(self, persona: str) -> Condition:
         return dataclasses.replace(self, persona=persona)
@@ -123,7 +124,7 @@ def condition_of(manifest: dict) -> Condition:
     config = manifest.get("config", {})
     return Condition(protocol=str(config.get("protocol", "reference")), template=str(config.get("template", "none")),
                      persona=str(config.get("persona", "none")), dtype=str(config.get("dtype", "")),
-                     data=str(config.get("data", "")))
+                     data=str(config.get("data", "")), persona_subset=bool(config.get("persona_subset", False)))
 
 
 def run_from_rows(manifest: dict, rows: Iterable[dict], path: str = "") -> Run:

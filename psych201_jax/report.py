@@ -32,7 +32,7 @@ from absl import logging  # noqa: E402
 from psych201_jax import analysis, results  # noqa: E402
 
 CATEGORIES_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "psych_experiment_categories.csv")
-CONDITION = ("protocol", "template", "persona", "dtype", "data")
+CONDITION = ("protocol", "template", "persona", "dtype", "data", "persona_subset")
 INFO = ("family", "generation", "size_b", "kind", "base_hf_id")
 TYPE_COLORS = {"base": "C0", "Instruction-tuned": "C1", "Reasoning": "C2", "Vision": "C3", "Code": "C5", "Math": "C6"}
 
@@ -126,8 +126,8 @@ def primary_condition(runs: Sequence[analysis.Run]) -> analysis.Condition | None
     plain = [c for c in counts if c.persona == "none"] or list(counts)
     if not plain:
         return None
-    return max(plain, key=lambda c: (c.protocol == "reference" and c.template == "none", counts[c],
-                                     str(dataclasses.astuple(c))))
+    return max(plain, key=lambda c: (c.protocol == "reference" and c.template == "none" and not c.persona_subset,
+                                     counts[c], str(dataclasses.astuple(c))))
 
 
 # ------------------------------------------------------------------------------------------ tables
@@ -531,18 +531,18 @@ def render_report(t: Tables, figures: dict[str, str | None], ddof_mode: str, n_b
                                           "n_participants", "n_responses", "score", "score_participant", "accuracy",
                                           "option_accuracy")),
         ("Post-training misalignment per pair", "pair_misalignment",
-         ("post", "base", "kind", "template", "persona", "n_common_studies", "d_pair", "reason", "mean_diff",
+         ("post", "base", "kind", "protocol", "template", "persona", "persona_subset", "n_common_studies", "d_pair", "reason", "mean_diff",
           "ci_studies_lo", "ci_studies_hi", "ci_two_level_lo", "ci_two_level_hi", "wilcoxon_p", "mean_paired_d",
           "matched_responses", "unaligned_participants")),
-        ("Means by post-training type", "pair_types", ("kind", "template", "persona", "n_pairs", "d_pair",
+        ("Means by post-training type", "pair_types", ("kind", "protocol", "template", "persona", "persona_subset", "n_pairs", "d_pair",
                                                        "mean_diff", "mean_paired_d", "accuracy_d")),
-        ("Means by generation", "generations", ("generation", "template", "persona", "n_pairs", "d_pair", "mean_diff",
+        ("Means by generation", "generations", ("generation", "protocol", "template", "persona", "n_pairs", "d_pair", "mean_diff",
                                                 "mean_paired_d")),
-        ("Domains (reference categories)", "domains", ("post", "template", "persona", *t.domain_columns[0])),
+        ("Domains (reference categories)", "domains", ("post", "protocol", "template", "persona", *t.domain_columns[0])),
         ("Persona (summary)", "persona_summary", ("comparison", "model", "kind", "reference_d", "common_d",
                                                   "n_common_participants", "only_control", "mean_benefit",
                                                   "ci_studies_lo", "ci_studies_hi", "wilcoxon_p", "share_helped")),
-        ("Accuracy", "accuracy", ("model", "kind", "template", "persona", "accuracy", "option_accuracy",
+        ("Accuracy", "accuracy", ("model", "kind", "protocol", "template", "persona", "accuracy", "option_accuracy",
                                   "base_accuracy", "accuracy_d", "accuracy_reason")),
     )
     out.append("## Tables\n")
