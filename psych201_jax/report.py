@@ -298,7 +298,7 @@ def _log_sizes(ax, sizes: Sequence[float]) -> None:
 
 def _box_strip(ax, groups: Sequence[tuple[str, Sequence[float]]], seed: int = 0) -> None:
     """Box (mean line, no median, no fliers) and jittered points per group, as fig3a / fig5."""
-    labels = [g for g, _ in groups]
+    labels = [g.split("/")[-1] for g, _ in groups]  # HF ids without the organisation
     data = [[v for v in vals if _finite(v)] for _, vals in groups]
     ax.boxplot([d if d else [np.nan] for d in data], showfliers=False, showmeans=True, meanline=True,
                medianprops={"visible": False}, meanprops={"color": "k", "linestyle": "-", "linewidth": 1.0})
@@ -308,7 +308,7 @@ def _box_strip(ax, groups: Sequence[tuple[str, Sequence[float]]], seed: int = 0)
         ax.scatter(i + rng.uniform(-0.15, 0.15, len(d)), d, s=6, color="black", alpha=0.7, zorder=3)
     ax.axhline(0, color="black", linewidth=0.5)
     ax.grid(True, axis="y", alpha=0.3, linewidth=0.5)
-    ax.tick_params(axis="x", labelrotation=90)
+    ax.tick_params(axis="x", labelrotation=30 if max(map(len, labels), default=0) > 12 else 0, labelsize=7)
 
 
 def plot_nll_by_size(t: Tables, path: str) -> str | None:
@@ -399,7 +399,7 @@ def plot_persona(t: Tables, path: str) -> str | None:
     if not panels:
         return "no persona comparison (a matched-persona run with its no-persona run) in the primary condition"
     groups = (("Base models", lambda k: k == "base"), ("Post-trained models", lambda k: k != "base"))
-    fig, axes = plt.subplots(len(panels), 2, figsize=(7.0, 2.6 * len(panels)), sharey="row", squeeze=False)
+    fig, axes = plt.subplots(len(panels), 2, figsize=(8.0, 3.4 * len(panels)), sharey="row", squeeze=False)
     for (title, comparison, column), ax_row in zip(panels, axes):
         for ax, (group, member) in zip(ax_row, groups):
             sel = [r for r in rows if r["comparison"] == comparison and member(r["kind"])]
@@ -408,7 +408,7 @@ def plot_persona(t: Tables, path: str) -> str | None:
                 _box_strip(ax, [(m, [r[column] for r in sel if r["model"] == m]) for m in models])
             else:
                 ax.text(0.5, 0.5, "none", ha="center", va="center", transform=ax.transAxes)
-            ax.set_title(f"{group} — {title}", fontsize=8)
+            ax.set_title(f"{group}\n{title.replace('_', ' ')}", fontsize=8)
         ax_row[0].set_ylabel("Persona benefit (d)")
     fig.tight_layout()
     fig.savefig(path, dpi=150)
