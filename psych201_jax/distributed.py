@@ -104,8 +104,10 @@ def allgather(x: np.ndarray) -> np.ndarray:
 
 
 def allgather_rows(rows: np.ndarray) -> list[np.ndarray]:
-    """Each process's int [n_p, k] table (n_p may differ), by process index (two collectives)."""
-    rows = np.asarray(rows, np.int32).reshape(len(rows), -1)
+    """Each process's int [n_p, k] table (n_p may differ, also 0), by process index (two collectives)."""
+    rows = np.asarray(rows, np.int32)
+    if rows.ndim != 2:
+        raise ValueError(f"allgather_rows needs a 2-D table, got shape {rows.shape}")
     counts = allgather(np.asarray([rows.shape[0]], np.int32))[:, 0]
     padded = np.zeros((int(counts.max(initial=0)), rows.shape[1]), np.int32)
     padded[:rows.shape[0]] = rows

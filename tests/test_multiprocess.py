@@ -97,3 +97,16 @@ def test_two_processes_equal_one_process(tmp_path, one_process, mesh, writers):
         d = np.nan_to_num(np.abs(a - b))
         assert (d / n).max(initial=0) <= 1e-5 and (d / np.maximum(np.nan_to_num(np.abs(b)), 1)).max(initial=0) <= 1e-5
         assert got["argmax"] == ref["argmax"] and got["target"] == ref["target"], key
+
+
+@pytest.mark.slow
+def test_a_process_with_nothing_to_score_does_not_stall_the_others(tmp_path):
+    """Round-robin gives process 1 only a malformed line: it has no batches while process 0 has one."""
+    study = tmp_path / "data" / "tinystudy"
+    study.mkdir(parents=True)
+    good = '{"text": "You see A or B. You choose <<A>>. Again. You choose <<B>>.", "experiment": "e", "participant": 1}'
+    (study / "prompts.jsonl").write_text(good + "\n{not json\n")
+    out = tmp_path / "res"
+    _score_two_processes(out, "--config.mesh.data=2", "--config.mesh.tensor=2", f"--config.data={study}")
+    rows = list(results.iter_rows(str(out)))
+    assert sorted(r["status"] for r in rows) == ["rejected", "scored"]
