@@ -21,7 +21,8 @@ flags.DEFINE_string("tokenizer", defaults.DEFAULT_TOKENIZER, "HF tokenizer direc
 flags.DEFINE_enum("protocol", "reference", spans.PROTOCOLS, "Span protocol.")
 flags.DEFINE_enum("template", "none", spans.TEMPLATES, "Plain text or the tokenizer's chat template.")
 flags.DEFINE_enum("persona", "none", metadata.PERSONA_MODES, "Persona prefix from participant metadata.")
-flags.DEFINE_integer("max_tokens", None, "Robust token budget; default: the model's context length.")
+flags.DEFINE_integer("max_tokens", None, "Robust token budget; default: context - persona_reserve.")
+flags.DEFINE_integer("persona_reserve", 512, "Robust: tokens left free for BOS, chat header, persona prefix.")
 flags.DEFINE_string("out", "audit.csv", "Where to write the per-study CSV (rejections go beside it).")
 flags.DEFINE_integer("log_every", 2000, "Log progress every N participants.")
 
@@ -38,8 +39,9 @@ def main(argv):
     tok = spans.TokenizerInfo(tok_dir)
     budget = None
     if FLAGS.protocol == "robust":
-        budget = FLAGS.max_tokens or defaults.context_length(FLAGS.tokenizer) or defaults.context_length(tok_dir)
-        logging.info("robust token budget: %s", budget)
+        context = defaults.context_length(FLAGS.tokenizer) or defaults.context_length(tok_dir)
+        budget = FLAGS.max_tokens or (context - FLAGS.persona_reserve if context else None)
+        logging.info("robust token budget: %s (model context %s)", budget, context)
     protocol = spans.Protocol(FLAGS.protocol, FLAGS.template, token_budget=budget)
     audits: dict[str, audit.StudyAudit] = {}
     rejected: list[records.Rejected] = []

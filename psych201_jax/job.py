@@ -111,7 +111,7 @@ def validate_config(cfg) -> None:
     for field in ("tokens_per_batch", "chunk_tokens", "vocab_chunk", "min_row_length"):
         if not isinstance(cfg[field], int) or cfg[field] < 1:
             raise ConfigError(f"config.{field} must be a positive integer, got {cfg[field]!r}")
-    for field in ("max_tokens", "max_row_length"):
+    for field in ("max_tokens", "max_row_length", "persona_reserve"):
         if not isinstance(cfg[field], int) or cfg[field] < 0:
             raise ConfigError(f"config.{field} must be 0 (automatic) or a positive integer, got {cfg[field]!r}")
     if cfg.persona_subset and cfg.persona != "none":
@@ -135,7 +135,11 @@ def run(cfg) -> scorer.Progress:
                          f"{str(err)[:300]}); if it is a conversion cache, delete it to reconvert") from err
     tok = spans.TokenizerInfo(os.path.join(model_dir, checkpoint.TOKENIZER))
     context = spec.max_position_embeddings
-    budget = (cfg.max_tokens or context) if cfg.protocol == "robust" else None
+    if cfg.persona_reserve >= context:
+        raise ConfigError(f"config.persona_reserve={cfg.persona_reserve} leaves no budget in a {context}-token context")
+    # One budget for every condition (so persona and no-persona runs score the same responses); the
+    # reserve keeps BOS, chat header and persona prefix, which are outside the budget, inside the context.
+    budget = (cfg.max_tokens or context - cfg.persona_reserve) if cfg.protocol == "robust" else None
     protocol = spans.Protocol(cfg.protocol, cfg.template, token_budget=budget)
     persona_of = metadata.persona_selector(cfg.persona, subset_only=cfg.persona_subset, seed=cfg.seed,
                                            records=records.iter_records(cfg.data))

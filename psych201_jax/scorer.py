@@ -349,7 +349,9 @@ def score_spans(items: Iterable[ParticipantSpans | Rejected], scorer: Scorer, *,
             if isinstance(item, ParticipantSpans) and len(item.token_ids) > limit:
                 item = Rejected(item.study, item.experiment, item.participant, item.source, item.line,
                                 f"{len(item.token_ids)} tokens exceed the limit of {limit} tokens (the model "
-                                f"context or the longest row); use --protocol=robust to cut by a token budget")
+                                f"context or the longest row); the reference protocol cuts by characters only "
+                                f"(use --protocol=robust); a robust budget plus its free prefix (BOS, chat header, "
+                                f"persona) must fit (lower --config.max_tokens or raise --config.persona_reserve)")
             yield item
 
     def run_chunk(chunk, results):

@@ -394,7 +394,7 @@ def _prepare(record: Record, persona: Mapping[str, str] | None, protocol: Protoc
     rendered, all_spans = tok.render_with_spans(messages)
     spans = [s for s, m in zip(all_spans, messages) if m["role"] == "assistant"]
     add = not (tok.bos_token and rendered.startswith(tok.bos_token))
-    text_start = all_spans[0][0] + prefix_len if prefix_len else 0
+    text_start = all_spans[0][0] + prefix_len  # template header and persona prefix are outside the budget
     return _Prepared(rendered, add, spans, n_text, 0, text_start, [s for s, _ in spans])
 
 

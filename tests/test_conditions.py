@@ -46,3 +46,25 @@ def test_selectors(data_root, qwen_tokenizer_dir):
     assert all(len(s.token_ids) > len(p.token_ids) for s, p in zip(swapped, plain))
     assert any(len(s.token_ids) != len(m.token_ids) or (s.token_ids != m.token_ids).any()
                for s, m in zip(swapped, matched))
+
+
+def test_robust_budget_is_the_same_with_and_without_persona_in_a_job(tmp_path):
+    """Persona prefix, BOS and chat header are outside the budget: both runs keep the same responses."""
+    import os
+
+    from configs import score as score_config
+    from psych201_jax import defaults, job, results
+
+    kept = {}
+    for template in ("none", "chat"):
+        for persona in ("none", "matched"):
+            cfg = score_config.get_config()
+            cfg.update(dict(out=str(tmp_path / f"{template}-{persona}"), protocol="robust", template=template,
+                            persona=persona, max_tokens=250, log_every_s=1e9,
+                            data=os.path.join(defaults.SAMPLE_DATA, "thoma2025riskychoice")))
+            job.run(cfg)
+            rows = list(results.iter_rows(cfg.out))
+            assert all(r["status"] == "scored" for r in rows), [r.get("reason") for r in rows]
+            kept[template, persona] = {r["participant"]: len(r["nll"]) for r in rows}
+        assert kept[template, "none"] == kept[template, "matched"]
+        assert all(0 < n < 9 for n in kept[template, "none"].values())  # the budget did cut (9 in the text)

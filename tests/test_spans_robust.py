@@ -127,3 +127,13 @@ def test_robust_sees_responses_the_reference_misses(qwen_tokenizer_dir, data_roo
         rob = _one(tok, rec, spans.Protocol("robust"))
         assert rob.responses_scored == rec.text.count("<<") > ref.responses_scored
         assert ref.runaway > 0 and ref.merged > 0 and rob.straddle == 0
+
+
+@pytest.mark.parametrize("template", ["none", "chat"])
+def test_persona_and_no_persona_keep_the_same_responses_at_any_budget(tok, data_root, template):
+    rec = next(records.iter_records(f"{data_root}/thoma2025riskychoice"))
+    for budget in range(20, 400, 3):
+        protocol = spans.Protocol("robust", template, token_budget=budget)
+        plain = _one(tok, rec, protocol)
+        with_persona = _one(tok, rec, protocol, persona=True)
+        assert plain.n_responses == with_persona.n_responses, budget
