@@ -156,7 +156,7 @@ def run(cfg) -> scorer.Progress:
                  model_dir, spec.model_type, total, cfg.protocol, cfg.template, cfg.persona, row_lengths,
                  already)
 
-    todo = (r for r in records.iter_records(cfg.data) if r.key not in writer.done)
+    todo = (r for r in records.iter_records(cfg.data) if results.input_id(r) not in writer.done)
     todo = _my_share(todo, score_model.layout)  # this process's participants only
     stream = spans.tokenize_records(todo, tok, protocol, persona_of=persona_of)
     progress = scorer.Progress(participants=already)

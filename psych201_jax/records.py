@@ -209,13 +209,13 @@ def iter_records(spec: str | Sequence[str] | Sequence[Source]) -> Iterator[Recor
             raise DataError(f"unknown source kind {source.kind!r}")
         for number, obj, error in rows:
             item = _to_record(source, display, number, obj, error)
-            if isinstance(item, Record):
+            if "?" not in item.key:  # a rejected line counts too: a later repeat of its id is a duplicate
                 first = seen.get(item.key)
-                if first is not None:
+                if first is not None and isinstance(item, Record):
                     item = Rejected(item.study, item.experiment, item.participant, display, number,
                                     f"duplicate participant id in experiment {item.experiment!r} "
                                     f"(first seen at {first})")
-                else:
+                elif first is None:
                     seen[item.key] = f"{display} line {number}"
             yield item
 

@@ -141,7 +141,7 @@ class ResultsWriter:
             raise ResultsError(f"cannot write the results directory {out_dir}: {err}") from err
         for stale in glob.glob(os.path.join(chunks, f".tmp-p{process_index:05d}-*")):
             shutil.rmtree(stale, ignore_errors=True)
-        self.done = completed_keys(out_dir)
+        self.done = completed_inputs(out_dir)  # (source, line) of every committed input line
         mine = glob.glob(os.path.join(chunks, f"p{process_index:05d}-c*"))
         self.next_chunk = 1 + max((int(os.path.basename(p)[8:]) for p in mine), default=-1)
 
@@ -161,7 +161,7 @@ class ResultsWriter:
             raise ResultsError(f"could not commit results chunk {name} in {self.out_dir} ({err}); the "
                                f"{len(self.done)} participants committed before are intact — free space "
                                f"and rerun the same command to resume") from err
-        self.done.update(item.key for item in items)
+        self.done.update(input_id(item) for item in items)
         self.next_chunk += 1
         return final
 
@@ -260,8 +260,16 @@ def iter_table(out_dir: str) -> Iterator[dict]:
                 yield json.loads(line)
 
 
-def completed_keys(out_dir: str) -> set[tuple[str, str, str]]:
-    return {(row["study"], row["experiment"], row["participant"]) for row in iter_table(out_dir)}
+def input_id(item) -> tuple[str, int]:
+    """(source, line): the identity of one input line. Unlike (study, experiment, participant) it is
+    unique even for malformed lines and duplicates, so resuming never skips or repeats one."""
+    if isinstance(item, ParticipantResult):
+        return (item.spans.source, item.spans.line)
+    return (item.source, item.line)
+
+
+def completed_inputs(out_dir: str) -> set[tuple[str, int]]:
+    return {(row["source"], row["line"]) for row in iter_table(out_dir)}
 
 
 def write_complete(out_dir: str, fingerprint_: str, seconds: float) -> dict:

@@ -98,3 +98,39 @@ def test_results_dir_of_another_config_is_refused_and_kept(tmp_path):
     with pytest.raises(results.ResultsError, match="is not a results directory"):
         job.run(_cfg(tmp_path, out=str(not_results)))
     assert (not_results / "notes.txt").read_text() == "mine"
+
+
+def test_resume_keeps_every_input_line_exactly_once(tmp_path, monkeypatch):
+    """Malformed lines share the key (study, ?, ?) and a rejected id may repeat: resume goes by line."""
+    import json
+
+    study = tmp_path / "data" / "mixed"
+    study.mkdir(parents=True)
+    good = "You see A or B. You choose <<A>>. Again. You choose <<B>>."
+    lines = ["{broken", "[1, 2]", json.dumps({"text": good, "experiment": "e", "participant": 1}),
+             json.dumps({"text": "You choose:<<A>>.", "experiment": "e", "participant": 2}),
+             json.dumps({"text": good, "experiment": "e", "participant": 2}),
+             json.dumps({"text": good, "experiment": "e", "participant": 3})]
+    (study / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = _cfg(tmp_path, data=str(study), chunk_tokens=1)
+    real = results._write_chunk
+    calls = {"n": 0}
+
+    def fail_second(path, rows):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.EIO, "simulated crash")
+        return real(path, rows)
+
+    monkeypatch.setattr(results, "_write_chunk", fail_second)
+    with pytest.raises(results.ResultsError):
+        job.run(cfg)
+    assert len(list(results.iter_rows(cfg.out))) == 3  # two malformed lines and participant 1
+    monkeypatch.setattr(results, "_write_chunk", real)
+    job.run(cfg)
+    rows = list(results.iter_rows(cfg.out))
+    assert sorted(r["line"] for r in rows) == [1, 2, 3, 4, 5, 6]
+    by_line = {r["line"]: r for r in rows}
+    assert [by_line[n]["status"] for n in range(1, 7)] == ["rejected", "rejected", "scored", "rejected",
+                                                            "rejected", "scored"]
+    assert "duplicate participant id" in by_line[5]["reason"]
