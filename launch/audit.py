@@ -23,6 +23,8 @@ flags.DEFINE_enum("template", "none", spans.TEMPLATES, "Plain text or the tokeni
 flags.DEFINE_enum("persona", "none", metadata.PERSONA_MODES, "Persona prefix from participant metadata.")
 flags.DEFINE_integer("max_tokens", None, "Robust token budget; default: context - persona_reserve.")
 flags.DEFINE_integer("persona_reserve", 512, "Robust: tokens left free for BOS, chat header, persona prefix.")
+flags.DEFINE_bool("strict_markers", None, "Reject imperfect markup (empty <<>>, '<<' without a space before it, "
+                  "unclosed final '<<'); default: only under the robust protocol, as launch.score does.")
 flags.DEFINE_string("out", "audit.csv", "Where to write the per-study CSV (rejections go beside it).")
 flags.DEFINE_integer("log_every", 2000, "Log progress every N participants.")
 
@@ -56,7 +58,8 @@ def main(argv):
             elapsed = time.perf_counter() - start
             logging.info("%d participants, %d tokens, %.0f tokens/s", count, tokens, tokens / elapsed)
 
-    stream = spans.tokenize_records(records.iter_records(FLAGS.data), tok, protocol,
+    strict = FLAGS.protocol == "robust" if FLAGS.strict_markers is None else FLAGS.strict_markers
+    stream = spans.tokenize_records(records.iter_records(FLAGS.data, strict_markers=strict), tok, protocol,
                                     persona_of=metadata.persona_selector(
                                         FLAGS.persona, records=records.iter_records(FLAGS.data)))
     for _ in audit.timed(stream, audits, rejected, progress):

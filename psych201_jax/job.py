@@ -142,7 +142,7 @@ def run(cfg) -> scorer.Progress:
     budget = (cfg.max_tokens or context - cfg.persona_reserve) if cfg.protocol == "robust" else None
     protocol = spans.Protocol(cfg.protocol, cfg.template, token_budget=budget)
     persona_of = metadata.persona_selector(cfg.persona, subset_only=cfg.persona_subset, seed=cfg.seed,
-                                           records=records.iter_records(cfg.data))
+                                           records=_records(cfg))
     options = _collect_options(cfg, tok, protocol, persona_of) if cfg.options == "study" else None
     score_model = scorer.Scorer(model, vocab_chunk=cfg.vocab_chunk, mesh=mesh, rules=rules, options=options)
     # Rows are containers of whole participants and may be longer than the context: long rows pack
@@ -156,7 +156,7 @@ def run(cfg) -> scorer.Progress:
                  model_dir, spec.model_type, total, cfg.protocol, cfg.template, cfg.persona, row_lengths,
                  already)
 
-    todo = (r for r in records.iter_records(cfg.data) if results.input_id(r) not in writer.done)
+    todo = (r for r in _records(cfg) if results.input_id(r) not in writer.done)
     todo = _my_share(todo, score_model.layout)  # this process's participants only
     stream = spans.tokenize_records(todo, tok, protocol, persona_of=persona_of)
     progress = scorer.Progress(participants=already)
@@ -185,11 +185,16 @@ def run(cfg) -> scorer.Progress:
     return progress
 
 
+def _records(cfg):
+    """The job's input records; the reference protocol keeps imperfect markup, as its scripts score it."""
+    return records.iter_records(cfg.data, strict_markers=cfg.protocol == "robust")
+
+
 def _collect_options(cfg, tok: spans.TokenizerInfo, protocol: spans.Protocol, persona_of) -> dict[str, np.ndarray]:
     """Options of every study from a pass over all of the data (not only what is left to score, so a
     resumed job, and every process, gets the same options), tokenized as for scoring."""
     start = time.perf_counter()
-    items = spans.tokenize_records(records.iter_records(cfg.data), tok, protocol, persona_of=persona_of)
+    items = spans.tokenize_records(_records(cfg), tok, protocol, persona_of=persona_of)
     options = scorer.collect_options(items)
     logging.info("options pass (%.1fs): %s", time.perf_counter() - start,
                  ", ".join(f"{study} {len(ids)}" for study, ids in options.items()))

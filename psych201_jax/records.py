@@ -191,8 +191,13 @@ def _dataset_rows(name: str) -> Iterator[tuple[int, Any, str | None]]:
         yield number, row, None
 
 
-def iter_records(spec: str | Sequence[str] | Sequence[Source]) -> Iterator[Record | Rejected]:
-    """Streams every participant of every source as a ``Record`` or a ``Rejected``."""
+def iter_records(spec: str | Sequence[str] | Sequence[Source], *, strict_markers: bool = True
+                 ) -> Iterator[Record | Rejected]:
+    """Streams every participant of every source as a ``Record`` or a ``Rejected``.
+
+    ``strict_markers=False`` keeps the records the reference scripts score despite imperfect markup
+    (see ``marker_error``), for parity of the participant set under the reference protocol.
+    """
     sources = spec if spec and isinstance(spec[0], Source) else resolve_sources(spec)  # type: ignore[index]
     seen: dict[tuple[str, str, str], str] = {}
     for source in sources:
@@ -208,7 +213,7 @@ def iter_records(spec: str | Sequence[str] | Sequence[Source]) -> Iterator[Recor
         else:
             raise DataError(f"unknown source kind {source.kind!r}")
         for number, obj, error in rows:
-            item = _to_record(source, display, number, obj, error)
+            item = _to_record(source, display, number, obj, error, strict_markers)
             if "?" not in item.key:  # a rejected line counts too: a later repeat of its id is a duplicate
                 first = seen.get(item.key)
                 if first is not None and isinstance(item, Record):
@@ -253,7 +258,8 @@ def _id_string(value: Any) -> str | None:
     return None
 
 
-def _to_record(source: Source, display: str, number: int, obj: Any, error: str | None) -> Record | Rejected:
+def _to_record(source: Source, display: str, number: int, obj: Any, error: str | None,
+               strict_markers: bool = True) -> Record | Rejected:
     study = source.study or "?"
     if error is not None:
         return Rejected(study, "?", "?", display, number, error)
@@ -297,7 +303,7 @@ def _to_record(source: Source, display: str, number: int, obj: Any, error: str |
         if scalar_error:
             return reject(scalar_error)
         metadata = meta.canonical_metadata(obj)
-    reason = marker_error(text) or _rts_error(obj.get("RTs"), text)
+    reason = marker_error(text, strict=strict_markers) or _rts_error(obj.get("RTs"), text)
     if reason:
         return Rejected(study, experiment, participant, display, number, reason)
     return Record(study, experiment, participant, text, metadata, display, number)
@@ -332,12 +338,14 @@ def _rts_error(rts: Any, text: str) -> str | None:
 _MARKER = re.compile(r"<<|>>")
 
 
-def marker_error(text: str) -> str | None:
+def marker_error(text: str, *, strict: bool = True) -> str | None:
     """Why the ``<<…>>`` markup of ``text`` cannot be scored reliably, or None.
 
-    Checks: at least one ``<<``; no ``>>`` without an open ``<<``; no ``<<`` inside a response
-    (nesting); every ``<<`` closed; no empty ``<<>>``; every ``<<`` preceded by a space (else the
-    reference protocol's `` <<`` token search silently skips the response).
+    Always checked: at least one ``<<``; no ``>>`` without an open ``<<``; no ``<<`` inside a response
+    (nesting); no unclosed ``<<`` before the last marker. ``strict`` also rejects what the reference
+    scripts score anyway (as missed or cut responses, which the span audit counts): an empty ``<<>>``, a
+    ``<<`` not preceded by a space (the reference's `` <<`` token search skips it) and an unclosed final
+    ``<<`` (the reference cuts it).
     """
     if "<<" not in text:
         return "no response marker '<<' in text"
@@ -347,17 +355,17 @@ def marker_error(text: str) -> str | None:
         if match.group() == "<<":
             if open_at >= 0:
                 return f"nested marker: '<<' at char {pos} inside the response opened at char {open_at}"
-            if pos == 0 or text[pos - 1] != " ":
+            if strict and (pos == 0 or text[pos - 1] != " "):
                 before = repr(text[max(0, pos - 12):pos])
                 return f"marker '<<' at char {pos} is not preceded by a space (preceded by {before})"
             open_at = pos
         else:
             if open_at < 0:
                 return f"unbalanced marker: '>>' at char {pos} closes no '<<'"
-            if pos == open_at + 2:
+            if strict and pos == open_at + 2:
                 return f"empty response '<<>>' at char {open_at}"
             open_at = -1
-    if open_at >= 0:
+    if open_at >= 0 and strict:
         return f"unbalanced marker: '<<' at char {open_at} is never closed"
     return None
 

@@ -112,7 +112,7 @@ def test_resume_keeps_every_input_line_exactly_once(tmp_path, monkeypatch):
              json.dumps({"text": good, "experiment": "e", "participant": 2}),
              json.dumps({"text": good, "experiment": "e", "participant": 3})]
     (study / "prompts.jsonl").write_text("\n".join(lines) + "\n")
-    cfg = _cfg(tmp_path, data=str(study), chunk_tokens=1)
+    cfg = _cfg(tmp_path, data=str(study), chunk_tokens=1, protocol="robust")  # robust: strict markup
     real = results._write_chunk
     calls = {"n": 0}
 

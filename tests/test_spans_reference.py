@@ -239,3 +239,28 @@ def test_missed_response_is_counted(tmp_path):
     assert (ps.n_responses, ps.missed, ps.runaway, ps.merged) == (1, 1, 0, 0)
     robust = next(iter(spans.tokenize_records([_mini_record(text)], tok, spans.Protocol("robust"))))
     assert robust.responses_scored == 2 and robust.straddle >= 1
+
+
+def test_imperfect_markup_is_kept_for_the_reference_and_counted(tmp_path, qwen_tokenizer_dir):
+    """The reference scripts score these participants (responses missed or cut); so does our reference
+    protocol with strict_markers=False, position for position, and the audit counts what is lost."""
+    import json
+
+    texts = ["You choose:<<A>>. Then you pick <<B>>. End.",  # '<<' without a space: missed
+             "You say <<>>. Then you say <<C>>. End.",  # empty response: nothing to score
+             "Pick <<A>>. Then pick <<B"]  # unclosed final '<<': cut
+    study = tmp_path / "imperfect"
+    study.mkdir()
+    (study / "prompts.jsonl").write_text("\n".join(
+        json.dumps({"text": t, "experiment": "e", "participant": i}) for i, t in enumerate(texts)) + "\n")
+    assert all(isinstance(r, records.Rejected) for r in records.iter_records(str(study)))
+    recs = list(records.iter_records(str(study), strict_markers=False))
+    assert all(isinstance(r, records.Record) for r in recs)
+    tok = spans.TokenizerInfo(qwen_tokenizer_dir)
+    got = list(spans.tokenize_records(recs, tok, spans.Protocol("reference")))
+    for record, ps in zip(recs, got):
+        ids, runs = literal_reference(tok.hf, _example(record))
+        assert ps.token_ids.tolist() == ids
+        assert [np.flatnonzero(ps.response_index == r).tolist() for r in range(ps.n_responses)] == runs
+    assert got[0].missed == 1 and got[1].missed == 1 and got[2].lost_truncation == 1
+
