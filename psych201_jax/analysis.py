@@ -574,16 +574,22 @@ def domain_matrix(per_study_d: Mapping[str, Mapping[str, float]], categories: Ca
 
 def find_persona_comparisons(runs: Sequence[Run]) -> list[tuple[str, Run, Run]]:
     """(comparison, a, b) with b the matched-persona run and a its control, the same model under the
-    same condition otherwise: ``matched_vs_none`` (a = no persona) and ``matched_vs_shuffled``."""
+    same condition otherwise: ``matched_vs_none`` (a = no persona, all participants, as the reference),
+    ``matched_vs_none_subset`` (a = no persona restricted to the persona subset) and
+    ``matched_vs_shuffled``."""
     index = {(r.model, r.condition): r for r in runs}
     out = []
     for run in runs:
         if run.condition.persona != "matched":
             continue
-        for control in ("none", "shuffled"):
-            other = index.get((run.model, run.condition.with_persona(control)))
+        controls = (("matched_vs_none", run.condition.with_persona("none")),
+                    ("matched_vs_none_subset", dataclasses.replace(run.condition, persona="none",
+                                                                   persona_subset=True)),
+                    ("matched_vs_shuffled", run.condition.with_persona("shuffled")))
+        for name, condition in controls:
+            other = index.get((run.model, condition))
             if other is not None:
-                out.append((f"matched_vs_{control}", other, run))
+                out.append((name, other, run))
     return out
 
 

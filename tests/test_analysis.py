@@ -10,12 +10,12 @@ from psych201_jax import analysis, results
 
 
 def write_results(path, hf_id, rows, *, kind="base", base_hf_id="", family="Fam", generation="G1", size_b=1.0,
-                  protocol="reference", template="none", persona="none"):
+                  protocol="reference", template="none", persona="none", persona_subset=False):
     """A results directory as ``launch.score`` writes it: manifest.json and one committed chunk.
 
     rows: (study, participant, nll list) or (study, participant, nll list, extra row fields)."""
     config = {"model": f"/models/{hf_id}", "protocol": protocol, "template": template, "persona": persona,
-              "dtype": "float32", "data": "synthetic",
+              "persona_subset": persona_subset, "dtype": "float32", "data": "synthetic",
               "model_info": {"hf_id": hf_id, "family": family, "generation": generation, "size_b": size_b,
                              "kind": kind, "base_hf_id": base_hf_id}}
     stored = []
@@ -288,12 +288,16 @@ def test_find_pairs_and_persona_comparisons(tmp_path):
     orphan = load(write_results(str(tmp_path / "o"), "Q", POST_ROWS, kind="Code", base_hf_id="Missing"))
     matched = load(write_results(str(tmp_path / "m"), "B", BASE_ROWS, persona="matched"))
     shuffled = load(write_results(str(tmp_path / "s"), "B", BASE_ROWS, persona="shuffled"))
+    subset = load(write_results(str(tmp_path / "u"), "B", BASE_ROWS[:2], persona_subset=True))
     pairs, unpaired = analysis.find_pairs([base, chat, orphan, matched, shuffled])
     assert [(p.model, b.model) for p, b in pairs] == [("P", "B")]  # chat post → the base's plain run
     assert [(r.model, "Missing" in why) for r, why in unpaired] == [("Q", True)]
-    comparisons = analysis.find_persona_comparisons([base, chat, orphan, matched, shuffled])
-    assert [(c, a.condition.persona, b.condition.persona) for c, a, b in comparisons] == [
-        ("matched_vs_none", "none", "matched"), ("matched_vs_shuffled", "shuffled", "matched")]
+    comparisons = analysis.find_persona_comparisons([base, chat, orphan, matched, shuffled, subset])
+    assert [(c, a.condition.persona, a.condition.persona_subset, b.condition.persona)
+            for c, a, b in comparisons] == [("matched_vs_none", "none", False, "matched"),
+                                            ("matched_vs_none_subset", "none", True, "matched"),
+                                            ("matched_vs_shuffled", "shuffled", False, "matched")]
+    assert subset.condition != base.condition  # not a duplicate of the plain run
 
 
 def test_resolve_ddof():
