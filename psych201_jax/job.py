@@ -223,7 +223,7 @@ class _ReplicaWriter(results.ResultsWriter):
 
 def _open_writer(cfg, manifest: dict, layout) -> results.ResultsWriter:
     """Process 0 opens (and, with fresh, clears) the results first; then the others, each writing its own
-    parts (``part-<process>-*``); all have read the same completed participants when this returns."""
+    chunks (``chunks/p<process>-c*``); all have read the same completed inputs when this returns."""
     me = jax.process_index()
     cls = results.ResultsWriter if layout is None or layout.writer else _ReplicaWriter
     writer = cls(cfg.out, manifest, fresh=cfg.fresh, process_index=0) if me == 0 else None

@@ -106,6 +106,14 @@ def canonical_metadata(raw: Mapping[str, Any]) -> dict[str, str]:
     return {column: _cast(column, canon.get(column)) for column in META_COLUMNS}
 
 
+def published_value(column: str, value: Any) -> str:
+    """A value of the published HF layout as its canonical string: missing (None, NaN, "nan", "") →
+    "N/A"; strings kept; numbers cast as the build casts them (a numeric parquet column)."""
+    if _is_missing(value):
+        return NA
+    return value if isinstance(value, str) else _cast(column, value)
+
+
 def has_persona(metadata: Mapping[str, str]) -> bool:
     """True when at least one canonical field is known (the reference's ``has_any_meta``)."""
     return any(metadata.get(column, NA) != NA for column in META_COLUMNS)

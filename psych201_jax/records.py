@@ -19,6 +19,7 @@ participant); a repeat of that triple is rejected as a duplicate. In the HF layo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -140,23 +141,26 @@ def _sources_in_dir(root: str) -> list[Source]:
 # Reading
 
 
-def _open_raw_lines(path: str) -> tuple[str, Iterator[bytes]]:
-    """(display name, line iterator) of a raw prompts file; zips may name their member anything."""
+@contextlib.contextmanager
+def _open_raw_lines(path: str) -> Iterator[tuple[str, Iterator[bytes]]]:
+    """(display name, line iterator) of a jsonl file, closed on exit; zips may name their member anything."""
     if not path.endswith(".zip"):
-        return path, iter(open(path, "rb"))
-    zf = zipfile.ZipFile(path)
-    members = [n for n in zf.namelist()
-               if not n.startswith("__MACOSX/") and not os.path.basename(n).startswith("._")
-               and not n.endswith("/")]
-    jsonl = [n for n in members if n.endswith(".jsonl")] or members
-    if len(jsonl) != 1:
-        raise DataError(f"{path}: expected one jsonl member, found {jsonl or 'none'}")
-    return f"{path}!{jsonl[0]}", iter(io.BufferedReader(zf.open(jsonl[0])))
+        with open(path, "rb") as fh:
+            yield path, fh
+        return
+    with zipfile.ZipFile(path) as zf:
+        members = [n for n in zf.namelist()
+                   if not n.startswith("__MACOSX/") and not os.path.basename(n).startswith("._")
+                   and not n.endswith("/")]
+        jsonl = [n for n in members if n.endswith(".jsonl")] or members
+        if len(jsonl) != 1:
+            raise DataError(f"{path}: expected one jsonl member, found {jsonl or 'none'}")
+        with zf.open(jsonl[0]) as fh:
+            yield f"{path}!{jsonl[0]}", io.BufferedReader(fh)
 
 
-def _raw_rows(source: Source) -> Iterator[tuple[int, Any, str | None]]:
+def _parse_lines(lines: Iterable[bytes]) -> Iterator[tuple[int, Any, str | None]]:
     """(line, parsed object or None, parse error) for each non-blank line."""
-    _, lines = _open_raw_lines(source.path)
     for number, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
@@ -201,28 +205,27 @@ def iter_records(spec: str | Sequence[str] | Sequence[Source], *, strict_markers
     sources = spec if spec and isinstance(spec[0], Source) else resolve_sources(spec)  # type: ignore[index]
     seen: dict[tuple[str, str, str], str] = {}
     for source in sources:
-        if source.kind == "raw":
-            display, _ = _open_raw_lines(source.path)
-            rows: Iterable = _raw_rows(source)
-        elif source.kind == "hf_parquet":
-            display, rows = source.path, _parquet_rows(source.path)
-        elif source.kind == "hf_jsonl":
-            display, rows = source.path, _raw_rows(source)
-        elif source.kind == "hf_dataset":
-            display, rows = f"hf:{source.path}", _dataset_rows(source.path)
-        else:
-            raise DataError(f"unknown source kind {source.kind!r}")
-        for number, obj, error in rows:
-            item = _to_record(source, display, number, obj, error, strict_markers)
-            if "?" not in item.key:  # a rejected line counts too: a later repeat of its id is a duplicate
-                first = seen.get(item.key)
-                if first is not None and isinstance(item, Record):
-                    item = Rejected(item.study, item.experiment, item.participant, display, number,
-                                    f"duplicate participant id in experiment {item.experiment!r} "
-                                    f"(first seen at {first})")
-                elif first is None:
-                    seen[item.key] = f"{display} line {number}"
-            yield item
+        with contextlib.ExitStack() as stack:
+            if source.kind in ("raw", "hf_jsonl"):
+                display, lines = stack.enter_context(_open_raw_lines(source.path))
+                rows: Iterable = _parse_lines(lines)
+            elif source.kind == "hf_parquet":
+                display, rows = source.path, _parquet_rows(source.path)
+            elif source.kind == "hf_dataset":
+                display, rows = f"hf:{source.path}", _dataset_rows(source.path)
+            else:
+                raise DataError(f"unknown source kind {source.kind!r}")
+            for number, obj, error in rows:
+                item = _to_record(source, display, number, obj, error, strict_markers)
+                if "?" not in item.key:  # a rejected line counts too: a later repeat of its id is a duplicate
+                    first = seen.get(item.key)
+                    if first is not None and isinstance(item, Record):
+                        item = Rejected(item.study, item.experiment, item.participant, display, number,
+                                        f"duplicate participant id in experiment {item.experiment!r} "
+                                        f"(first seen at {first})")
+                    elif first is None:
+                        seen[item.key] = f"{display} line {number}"
+                yield item
 
 
 def count_participants(spec: str | Sequence[str]) -> int | None:
@@ -237,8 +240,8 @@ def count_participants(spec: str | Sequence[str]) -> int | None:
 
                 total += pq.ParquetFile(source.path).metadata.num_rows
                 continue
-            _, lines = _open_raw_lines(source.path)
-            total += sum(1 for line in lines if line.strip())
+            with _open_raw_lines(source.path) as (_, lines):
+                total += sum(1 for line in lines if line.strip())
         except (OSError, zipfile.BadZipFile, ValueError) as err:
             raise DataError(f"{source.path}: unreadable ({type(err).__name__}: {err})") from err
     return total
@@ -292,10 +295,14 @@ def _to_record(source: Source, display: str, number: int, obj: Any, error: str |
         return reject(f"field 'experiment' must be a string, got {type(experiment).__name__}")
     if not obj["text"].strip():
         return reject("empty text")
+    try:
+        obj["text"].encode("utf-8")
+    except UnicodeEncodeError as err:
+        return reject(f"text is not valid Unicode ({err.reason} at char {err.start})")
 
     text = obj["text"]
     if hf_layout:
-        metadata = {c: (str(obj[c]) if obj.get(c) is not None else meta.NA) for c in meta.META_COLUMNS}
+        metadata = {c: meta.published_value(c, obj.get(c)) for c in meta.META_COLUMNS}
     else:
         experiment = canonical_experiment(experiment, text)
         text = build_text_fixes(experiment, text)

@@ -311,8 +311,8 @@ def _diagnose_runs(runs: list[tuple[int, int]], offsets: np.ndarray,
 
 
 def offsets_to_response_index(offsets: np.ndarray, responses: list[tuple[int, int]]
-                              ) -> tuple[np.ndarray, int]:
-    """Per-token response index from character offsets, and the number of straddling tokens.
+                              ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token response index from character offsets, and which tokens straddle (bool [T]).
 
     A token belongs to response j when it overlaps j's content characters; zero-width (special)
     tokens belong to none.
@@ -320,7 +320,7 @@ def offsets_to_response_index(offsets: np.ndarray, responses: list[tuple[int, in
     n = len(offsets)
     index = np.full(n, -1, dtype=np.int32)
     if not responses or n == 0:
-        return index, 0
+        return index, np.zeros(n, dtype=bool)
     cs = np.asarray([s for s, _ in responses])
     ce = np.asarray([e for _, e in responses])
     ts, te = offsets[:, 0], offsets[:, 1]
@@ -329,8 +329,7 @@ def offsets_to_response_index(offsets: np.ndarray, responses: list[tuple[int, in
     jc = np.minimum(j, len(responses) - 1)
     hit = valid & (cs[jc] < te)
     index[hit] = jc[hit]
-    straddle = hit & ((ts < cs[jc]) | (te > ce[jc]))
-    return index, int(straddle.sum())
+    return index, hit & ((ts < cs[jc]) | (te > ce[jc]))
 
 
 def _tokens_ending_by(offsets: np.ndarray, char: int) -> int:
@@ -366,7 +365,7 @@ class _Prepared:
     responses: list[tuple[int, int]]  # content character ranges in ``text``
     responses_text: int
     lost_chars: int  # responses removed before tokenisation (reference character cut)
-    text_start: int  # characters of persona prefix (and chat header) outside the token budget
+    text_start: int  # characters before the experiment text (chat header, persona prefix): outside the budget
     marker_starts: list[int]  # char index of each response's opening marker in ``text``
 
 
@@ -408,8 +407,9 @@ def _label(record: Record, prep: _Prepared, ids: np.ndarray, offsets: np.ndarray
         return ParticipantSpans(record.study, record.experiment, record.participant, ids, index, len(runs),
                                 prep.responses_text, len(runs), prep.lost_chars, missed, runaway, merged, 0,
                                 record.source, record.line)
-    index, straddle = offsets_to_response_index(offsets, prep.responses)
+    index, straddling = offsets_to_response_index(offsets, prep.responses)
     cut = _budget_cut(index, offsets, prep.text_start, protocol.token_budget, np.asarray(prep.marker_starts))
+    straddle = int(straddling[:cut].sum())  # only tokens that are kept
     ids, index = ids[:cut], index[:cut]
     n_kept = len(prep.responses) if cut == len(offsets) else int(index.max(initial=-1)) + 1
     scorable = index[1:]

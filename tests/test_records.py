@@ -61,6 +61,8 @@ BAD_CASES = {
     "rts_non_numeric": ({**GOOD, "RTs": [1.0, "slow"]}, "non-numeric"),
     "rts_length": ({**GOOD, "RTs": [1.0]}, "has 1 entries but the text has 2 responses"),
     "metadata_wrong_type": ({**GOOD, "age": [30, 31]}, "field 'age' must be a scalar"),
+    "lone_surrogate": ('{"text": "You pick \\ud83d <<A>>.", "experiment": "e1", "participant": 7}',
+                       "not valid Unicode"),
 }
 
 
@@ -185,3 +187,18 @@ def test_all_real_studies_read_cleanly(data_root):
         c[0] += 1
         c[1] += item.text.count("<<")
     assert {k: tuple(v) for k, v in counts.items()} == expected
+
+
+def test_hf_layout_numeric_and_missing_metadata(tmp_path):
+    """A numeric parquet column: NaN is missing (not the persona answer "nan"), numbers are cast."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [_hf_row(participant_reindexed=str(i)) for i in range(2)]
+    table = pa.Table.from_pylist(rows).set_column(
+        list(rows[0]).index("age"), "age", pa.array([float("nan"), 37.0]))
+    pq.write_table(table, tmp_path / "t.parquet")
+    first, second = _read(str(tmp_path))
+    assert first.metadata["age"] == "N/A" and not metadata.has_persona(first.metadata)
+    assert second.metadata["age"] == "37.0"
+
