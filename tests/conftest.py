@@ -9,7 +9,9 @@ import pytest
 from psych201_jax import tiny_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA_ROOT = os.environ.get("PSYCH201_DATA", os.path.join(REPO, "..", "shared", "data", "psych201"))
+_CANDIDATES = [os.environ.get("PSYCH201_DATA", ""), os.path.join(REPO, "..", "shared", "data", "psych201"),
+               "/work/shared/data/psych201"]
+DATA_ROOT = next((p for p in _CANDIDATES if p and os.path.isdir(p)), _CANDIDATES[1])
 
 # A spread of studies: short and long transcripts, numeric responses, >32,768-character texts.
 TOKENIZER_STUDIES = ("thoma2025riskychoice", "franke2024bayesian", "guenther2024substitutions",
