@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from psych201_jax import attention as attn_lib
-from psych201_jax import attention_kernels as ak
+from psych201_jax.model import attention as attn_lib
+from psych201_jax.model import kernels as ak
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("lengths", None, "Row lengths T (default 8192,16384 on GPU/TPU, 1024 on CPU).")

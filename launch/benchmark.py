@@ -23,8 +23,16 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from psych201_jax import (checkpoint, defaults, logprobs, packing, records, scorer, spans, tiny_models,
-                          torch_reference)
+from psych201_jax.scoring import stream
+from psych201_jax import defaults
+from psych201_jax.model import checkpoint
+from psych201_jax.testing import oracle
+from psych201_jax.scoring import packing
+from psych201_jax.data import records
+from psych201_jax.scoring import scorer
+from psych201_jax.data import spans
+from psych201_jax.testing import tiny_models
+from psych201_jax.testing import torch_reference
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data", os.path.join("..", "shared", "data", "psych201"), "Psych-201 studies.")
@@ -59,10 +67,10 @@ def end_to_end(data_root: str, studies: list[str], per_study: int, vocab: int) -
     row_lengths = packing.choose_row_lengths(max(spec.max_position_embeddings, TOKENS_PER_BATCH))
     kwargs = dict(row_lengths=row_lengths, tokens_per_batch=TOKENS_PER_BATCH, max_tokens=spec.max_position_embeddings)
     start = time.perf_counter()
-    first = {r.key: r for r in scorer.score_spans(items, ours, **kwargs)}
+    first = {r.key: r for r in stream.score_spans(items, ours, **kwargs)}
     with_compile = time.perf_counter() - start
     start = time.perf_counter()
-    steady = {r.key: r for r in scorer.score_spans(items, ours, **kwargs)}
+    steady = {r.key: r for r in stream.score_spans(items, ours, **kwargs)}
     ours_s = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -127,7 +135,7 @@ def logprob_memory(tokens: int = 16384, d: int = 256, vocab: int = 151936, score
         analysis = jax.jit(fn).lower(hidden, w, idx, idx, valid).compile().memory_analysis()
         return None if analysis is None else analysis.temp_size_in_bytes
 
-    ours = temp(lambda *a: logprobs.masked_logprobs(*a))
+    ours = temp(lambda *a: oracle.masked_logprobs(*a))
     baseline = temp(full)
     return {"tokens": tokens, "scored": c, "ours_temp_bytes": ours, "full_logits_temp_bytes": baseline,
             "ratio": (ours / baseline) if ours and baseline else None}

@@ -107,7 +107,8 @@ def compile_seconds(model_type: str, num_layers: int, seq_len: int = 2048) -> fl
     from flax import nnx
     from transformers import AutoConfig
 
-    from psych201_jax import checkpoint, modelspec
+    from psych201_jax.model import checkpoint
+    from psych201_jax.model import spec as modelspec
 
     config = AutoConfig.for_model(model_type, hidden_size=1024, intermediate_size=2816, num_hidden_layers=num_layers,
                                   num_attention_heads=16, num_key_value_heads=4, vocab_size=VOCAB,

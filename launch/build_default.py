@@ -15,7 +15,10 @@ import zipfile
 import numpy as np
 from absl import app, flags
 
-from psych201_jax import checkpoint, defaults, tiny_models, tiny_tokenizer
+from psych201_jax import defaults
+from psych201_jax.model import checkpoint
+from psych201_jax.testing import tiny_models
+from psych201_jax.testing import tiny_tokenizer
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data", os.path.join("..", "shared", "data", "psych201"), "Psych-201 studies.")

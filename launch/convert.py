@@ -1,27 +1,6 @@
-"""Converts a local Hugging Face checkpoint into our orbax layout.
+"""`python -m launch.convert` from a checkout: the same command as `psych201-convert` (psych201_jax/cli/convert.py)."""
 
-    python -m launch.convert --hf=DIR --out=DIR [--dtype=bfloat16|float32] [--allow_pickle]
-
-Reads safetensors one tensor at a time (no torch); refuses pickle ``.bin`` weights unless --allow_pickle
-and configs that need remote code. Writes <out>/params (orbax), model_spec.json, tokenizer/ and
-provenance.json.
-"""
-
-from absl import app, flags, logging
-
-from psych201_jax import checkpoint, weights
-
-HF = flags.DEFINE_string("hf", None, "Local HF checkpoint directory (config.json + weights).", required=True)
-OUT = flags.DEFINE_string("out", None, "Output directory (its params/ must not exist yet).", required=True)
-DTYPE = flags.DEFINE_enum("dtype", "bfloat16", list(weights.TARGET_DTYPES), "Stored parameter dtype.")
-ALLOW_PICKLE = flags.DEFINE_bool("allow_pickle", False, "Allow pickle .bin weights (unpickling can run code).")
-
-
-def main(argv):
-    del argv
-    spec = checkpoint.convert(HF.value, OUT.value, DTYPE.value, allow_pickle=ALLOW_PICKLE.value)
-    logging.info("converted %s (%s, %d layers) to %s", HF.value, spec.model_type, spec.num_layers, OUT.value)
-
+from psych201_jax.cli.convert import run
 
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -3,11 +3,12 @@
 import os
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-SAMPLE_DATA = os.path.join(PACKAGE_DIR, "data", "sample")
-DEFAULT_MODEL = os.path.join(PACKAGE_DIR, "data", "tiny-qwen3")
+SAMPLE_DATA = os.path.join(PACKAGE_DIR, "assets", "sample")
+DEFAULT_MODEL = os.path.join(PACKAGE_DIR, "assets", "tiny-qwen3")
 DEFAULT_TOKENIZER = os.path.join(DEFAULT_MODEL, "tokenizer")
 # The same model fine-tuned further on two studies: a stand-in "post-trained" partner for the tiny sweep.
-DEFAULT_POST_MODEL = os.path.join(PACKAGE_DIR, "data", "tiny-qwen3-post")
+DEFAULT_POST_MODEL = os.path.join(PACKAGE_DIR, "assets", "tiny-qwen3-post")
+CATEGORIES_CSV = os.path.join(PACKAGE_DIR, "assets", "psych_experiment_categories.csv")
 
 
 def context_length(model_or_tokenizer_dir: str) -> int | None:

@@ -6,12 +6,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest
 
-from psych201_jax import tiny_tokenizer
+from psych201_jax.testing import tiny_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_CANDIDATES = [os.environ.get("PSYCH201_DATA", ""), os.path.join(REPO, "..", "shared", "data", "psych201"),
-               "/work/shared/data/psych201"]
-DATA_ROOT = next((p for p in _CANDIDATES if p and os.path.isdir(p)), _CANDIDATES[1])
+# The trimmed real corpus vendored in the repository (launch/build_test_corpus.py); PSYCH201_DATA may
+# point at another one laid out the same way (e.g. the full corpus, for benchmarks).
+VENDORED_DATA = os.path.join(REPO, "tests", "data", "psych201")
+DATA_ROOT = os.environ.get("PSYCH201_DATA") or VENDORED_DATA
 
 # A spread of studies: short and long transcripts, numeric responses, >32,768-character texts.
 TOKENIZER_STUDIES = ("thoma2025riskychoice", "franke2024bayesian", "guenther2024substitutions",
@@ -22,7 +23,9 @@ TOKENIZER_STUDIES = ("thoma2025riskychoice", "franke2024bayesian", "guenther2024
 @pytest.fixture(scope="session")
 def data_root():
     if not os.path.isdir(DATA_ROOT):
-        pytest.fail(f"Psych-201 data not found at {DATA_ROOT}; set PSYCH201_DATA")
+        where = "PSYCH201_DATA" if DATA_ROOT != VENDORED_DATA else "the vendored corpus"
+        pytest.fail(f"Psych-201 data not found at {DATA_ROOT} ({where}); "
+                    "rebuild it with python -m launch.build_test_corpus")
     return os.path.abspath(DATA_ROOT)
 
 

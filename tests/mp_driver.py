@@ -18,8 +18,17 @@ import time
 import jax
 import numpy as np
 
-from psych201_jax import checkpoint, defaults, model, records, scorer, sharding, spans
-from psych201_jax.modelspec import ModelSpec, RopeSpec
+from psych201_jax.scoring import options as options_lib
+from psych201_jax.scoring import stream
+from psych201_jax.types import ParticipantResult
+from psych201_jax import defaults
+from psych201_jax.model import checkpoint
+from psych201_jax.model import decoder as model
+from psych201_jax.data import records
+from psych201_jax.scoring import scorer
+from psych201_jax.parallel import sharding
+from psych201_jax.data import spans
+from psych201_jax.model.spec import ModelSpec, RopeSpec
 
 MESHES = ((1, 1, 1), (8, 1, 1), (2, 2, 2), (1, 2, 4))  # data x fsdp x tensor
 OPTION_MESHES = ((1, 1, 1), (2, 2, 2), (1, 2, 4))
@@ -40,11 +49,11 @@ def _score(items, model_, mesh=None, rules=None, steady=False):
     sc = scorer.Scorer(model_, vocab_chunk=1000, mesh=mesh, rules=rules)
     kw = dict(row_lengths=ROW_LENGTHS, tokens_per_batch=TOKENS_PER_BATCH)
     start = time.perf_counter()
-    first = {r.key: r for r in scorer.score_spans(items, sc, **kw)}
+    first = {r.key: r for r in stream.score_spans(items, sc, **kw)}
     timing = {"seconds_incl_compile": time.perf_counter() - start}
     if steady:
         start = time.perf_counter()
-        again = {r.key: r for r in scorer.score_spans(items, sc, **kw)}
+        again = {r.key: r for r in stream.score_spans(items, sc, **kw)}
         timing["seconds_steady"] = time.perf_counter() - start
         assert all(np.array_equal(first[k].nll, again[k].nll, equal_nan=True) for k in first)
     return first, timing, sc.compilations()
@@ -56,7 +65,7 @@ def _compare(got, ref):
     argmax_equal = True
     for k, r in ref.items():
         g = got[k]
-        assert isinstance(g, scorer.ParticipantResult) and len(g.nll) == len(r.nll)
+        assert isinstance(g, ParticipantResult) and len(g.nll) == len(r.nll)
         assert np.array_equal(np.isnan(g.nll), np.isnan(r.nll)) and np.array_equal(g.n_scored, r.n_scored)
         d = np.nan_to_num(np.abs(g.nll - r.nll))
         worst = max(worst, float(d.max(initial=0.0)))
@@ -98,13 +107,13 @@ def options() -> dict:
     tok = spans.TokenizerInfo(defaults.DEFAULT_TOKENIZER)
     items = list(spans.tokenize_records(records.iter_records(defaults.SAMPLE_DATA), tok,
                                         spans.Protocol("robust", token_budget=2048)))
-    opts = scorer.collect_options(items)
+    opts = options_lib.collect_options(items)
     opts["guenther2024substitutions"] = np.union1d(opts["guenther2024substitutions"],
                                                    np.arange(1000, 1040)).astype(np.int32)
 
     def score(model_, mesh=None, rules=None):
         sc = scorer.Scorer(model_, vocab_chunk=1000, mesh=mesh, rules=rules, options=opts)
-        out = scorer.score_spans(items, sc, row_lengths=(2048,), tokens_per_batch=4096)
+        out = stream.score_spans(items, sc, row_lengths=(2048,), tokens_per_batch=4096)
         return {r.key: r for r in out}, sc.compilations()
 
     base, spec = checkpoint.load_model(defaults.DEFAULT_MODEL, dtype="float32")

@@ -1,4 +1,4 @@
-"""Metrics of psych201_jax.analysis against hand-computed values on small synthetic results."""
+"""Metrics of psych201_jax.analysis.metrics against hand-computed values on small synthetic results."""
 
 import math
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from psych201_jax import analysis, results
+from psych201_jax.analysis import metrics as analysis
+from psych201_jax.runs import store as results
 
 
 def write_results(path, hf_id, rows, *, kind="base", base_hf_id="", family="Fam", generation="G1", size_b=1.0,
@@ -248,7 +249,7 @@ def test_domain_matrix_join_and_drops():
 
 
 def test_bundled_categories():
-    from psych201_jax import report
+    from psych201_jax.analysis import report
 
     cats = report.load_categories()
     assert len(cats.names) == 11 and len(cats.of) == 157
@@ -309,19 +310,18 @@ def test_resolve_ddof():
 
 def test_reads_rows_of_the_results_writer(tmp_path):
     """Rows as ``results.ResultsWriter`` commits them (not hand-written JSON) load into a Run."""
-    from psych201_jax.records import Rejected
-    from psych201_jax.scorer import ParticipantResult
-    from psych201_jax.spans import ParticipantSpans
+    from psych201_jax.types import ParticipantResult, ParticipantSpans, Rejected
 
-    spans = ParticipantSpans("s1", "s1/", "p1", np.arange(6, dtype=np.int32),
-                             np.array([-1, 0, -1, 1, 1, -1], dtype=np.int32), 2, 2, 2, 0)
-    scored = ParticipantResult(spans, np.array([1.5, np.nan]), np.array([1, 0], dtype=np.int32),
-                               np.array([4, 7], dtype=np.int32), np.array([4, 8], dtype=np.int32))
+    spans = ParticipantSpans(study="s1", experiment="s1/", participant="p1", token_ids=np.arange(6, dtype=np.int32),
+                             response_index=np.array([-1, 0, -1, 1, 1, -1], dtype=np.int32), n_responses=2,
+                             responses_text=2, responses_scored=2, lost_truncation=0)
+    scored = ParticipantResult(spans=spans, nll=np.array([1.5, np.nan]), n_scored=np.array([1, 0], dtype=np.int32),
+                               argmax=np.array([4, 7], dtype=np.int32), target=np.array([4, 8], dtype=np.int32))
     config = {"model_info": {"hf_id": "M", "family": "F", "generation": "G", "size_b": 2.0, "kind": "base",
                              "base_hf_id": ""}, "protocol": "robust", "template": "none", "persona": "none",
               "dtype": "bfloat16", "data": "d"}
     writer = results.ResultsWriter(str(tmp_path), {"fingerprint": "f", "determinants": {}, "config": config})
-    writer.commit([scored, Rejected("s1", "s1/", "p2", "src", 2, "empty")])
+    writer.commit([scored, Rejected(study="s1", experiment="s1/", participant="p2", source="src", line=2, reason="empty")])
     run = load(str(tmp_path))
     assert run.model == "M" and run.condition.protocol == "robust" and run.condition.dtype == "bfloat16"
     assert run.n_rejected == 1 and run.info["size_b"] == 2.0

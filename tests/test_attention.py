@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from psych201_jax import attention as attn_lib
-from psych201_jax.attention import attention
+from psych201_jax.model import attention as attn_lib
+from psych201_jax.model.attention import attention
 
 
 def _qkv(b, t, hq, hk, hd, seed=0, dtype=jnp.float32):

@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from psych201_jax import attention as attn_lib
-from psych201_jax import attention_kernels as ak
-from psych201_jax.attention import attention
+from psych201_jax.model import attention as attn_lib
+from psych201_jax.model import kernels as ak
+from psych201_jax.model.attention import attention
 
 PLATFORM = jax.default_backend()
 F32_ATOL = 1e-5  # measured on CPU (interpret mode): splash <= 1.5e-6, pallas_gpu <= 6e-7

@@ -21,12 +21,25 @@ def _run_audit(tmp_path, data, tokenizer, *extra):
     return proc.stdout, rows, rejected
 
 
+def _readme_counts(data_root):
+    """{study: (participants, responses)} from the data README's per-study table."""
+    counts = {}
+    with open(os.path.join(data_root, "README.md")) as fh:
+        for line in fh:
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) >= 3 and cells[1].isdigit() and not cells[0].startswith("**"):
+                counts[cells[0]] = (int(cells[1]), int(cells[2]))
+    return counts
+
+
 def test_audit_reference_and_robust(tmp_path, data_root, qwen_tokenizer_dir):
     data = f"{data_root}/thoma2025riskychoice,{data_root}/xu2023augmenting"
+    counts = _readme_counts(data_root)
+    (thoma_n, thoma_r), (xu_n, xu_r) = counts["thoma2025riskychoice"], counts["xu2023augmenting"]
     stdout, ref, rejected = _run_audit(tmp_path, data, qwen_tokenizer_dir, "--protocol=reference")
     assert "thoma2025riskychoice" in stdout and "TOTAL" in stdout and not rejected
-    assert int(ref["TOTAL"]["participants"]) == 301 + 79
-    assert int(ref["TOTAL"]["responses_text"]) == 2709 + 13496
+    assert int(ref["TOTAL"]["participants"]) == thoma_n + xu_n  # 301 + 79 in the full corpus
+    assert int(ref["TOTAL"]["responses_text"]) == thoma_r + xu_r  # 2709 + 13496 in the full corpus
     assert int(ref["xu2023augmenting"]["lost_truncation"]) > 0  # transcripts over 32,768 characters
     assert int(ref["thoma2025riskychoice"]["runaway"]) > 0  # this tokenizer merges '>>.\n'
     _, rob, _ = _run_audit(tmp_path, data, qwen_tokenizer_dir, "--protocol=robust", "--max_tokens=100000")

@@ -2,7 +2,10 @@
 
 import itertools
 
-from psych201_jax import metadata, records, spans
+from psych201_jax.types import Excluded
+from psych201_jax.data import metadata
+from psych201_jax.data import records
+from psych201_jax.data import spans
 
 
 def _recs(data_root, study, n):
@@ -28,11 +31,11 @@ def test_selectors(data_root, qwen_tokenizer_dir):
     recs = with_meta + without
     assert metadata.persona_selector("none") is None
     subset = metadata.persona_selector("none", subset_only=True)
-    assert [subset(r) for r in with_meta] == [None] * 3 and all(isinstance(subset(r), str) for r in without)
+    assert [subset(r) for r in with_meta] == [None] * 3 and all(isinstance(subset(r), Excluded) for r in without)
     shuffled = metadata.persona_selector("shuffled", records=recs, seed=0)
     assert all(shuffled(r) is not r.metadata and metadata.has_persona(shuffled(r)) for r in with_meta)
     lonely = metadata.persona_selector("shuffled", records=with_meta[:1], seed=0)
-    assert "no other participant" in lonely(with_meta[0])
+    assert "no other participant" in lonely(with_meta[0]).reason
 
     tok = spans.TokenizerInfo(qwen_tokenizer_dir)
     out = list(spans.tokenize_records(recs, tok, spans.Protocol("reference"), persona_of=subset))
@@ -52,8 +55,10 @@ def test_robust_budget_is_the_same_with_and_without_persona_in_a_job(tmp_path):
     """Persona prefix, BOS and chat header are outside the budget: both runs keep the same responses."""
     import os
 
-    from configs import score as score_config
-    from psych201_jax import defaults, job, results
+    from psych201_jax.runs import config as score_config
+    from psych201_jax import defaults
+    from psych201_jax.runs import job
+    from psych201_jax.runs import store as results
 
     kept = {}
     for template in ("none", "chat"):

@@ -17,8 +17,10 @@ from flax import nnx
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from psych201_jax import checkpoint, modelspec, weights
-from psych201_jax.tiny_models import make_tiny_hf_checkpoint
+from psych201_jax.model import checkpoint
+from psych201_jax.model import spec as modelspec
+from psych201_jax.model import hf_weights as weights
+from psych201_jax.testing.tiny_models import make_tiny_hf_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -6,8 +6,11 @@ import shutil
 
 import pytest
 
-from configs import score as score_config
-from psych201_jax import defaults, job, records, results
+from psych201_jax.runs import config as score_config
+from psych201_jax import defaults
+from psych201_jax.runs import job
+from psych201_jax.data import records
+from psych201_jax.runs import store as results
 
 
 def _cfg(tmp_path, **over):

@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from psych201_jax.logprobs import masked_logprobs, response_sums
+from psych201_jax.testing.oracle import masked_logprobs, response_sums
 
 
 def full_logits_reference(hidden, unembedding, score_index, score_target):
@@ -130,3 +130,22 @@ def test_compiled_temp_memory_is_a_tenth_of_full_logits():
         pytest.skip("memory_analysis() is not available on this backend")
     assert full.temp_size_in_bytes >= tokens * vocab * 4  # the full logits really are materialised
     assert chunked.temp_size_in_bytes <= full.temp_size_in_bytes / 10
+
+
+@pytest.mark.parametrize("vocab,chunk", [(1000, 256), (777, 100)])
+def test_score_head_on_one_device_equals_the_plain_oracle(vocab, chunk):
+    """The production head (shard_map body, one device, no vocabulary axes) against the plain formulas."""
+    from psych201_jax.scoring.head import score_head
+    from psych201_jax.testing.oracle import masked_option_argmax
+
+    hidden, unembedding, index, target, valid = random_case(vocab + 7, vocab=vocab)
+    slot = jnp.asarray(np.random.default_rng(3).integers(0, 10, len(index)), jnp.int32)
+    option_ids = jnp.asarray(np.sort(np.random.default_rng(4).choice(vocab, 32, replace=False)), jnp.int32)
+    option_mask = jnp.asarray(np.random.default_rng(5).random((len(index), 32)) < 0.5)
+    sums, top, option_top = score_head(hidden, unembedding, index, target, valid, slot, option_ids, option_mask,
+                                       vocab_axes=(), axis_sizes={}, vocab_chunk=chunk)
+    nll, argmax = masked_logprobs(hidden, unembedding, index, target, valid, vocab_chunk=chunk)
+    np.testing.assert_allclose(sums, response_sums(nll, slot, valid, len(index)), rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(top, argmax)
+    np.testing.assert_array_equal(option_top, masked_option_argmax(hidden, unembedding, index, valid, option_ids,
+                                                                   option_mask))

@@ -16,9 +16,10 @@ import torch
 from flax import nnx
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from psych201_jax import checkpoint, tiny_tokenizer
-from psych201_jax.model import Decoder
-from psych201_jax.tiny_models import make_tiny_hf_checkpoint
+from psych201_jax.model import checkpoint
+from psych201_jax.testing import tiny_tokenizer
+from psych201_jax.model.decoder import Decoder
+from psych201_jax.testing.tiny_models import make_tiny_hf_checkpoint
 
 T = 600
 STUDIES = ("thoma2025riskychoice", "xu2023augmenting", "guenther2023ViSpa")

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from psych201_jax import results
+from psych201_jax.runs import store as results
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB_FLAGS = ("--config.max_row_length=16384", "--config.tokens_per_batch=16384", "--config.chunk_tokens=6000")

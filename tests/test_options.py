@@ -13,10 +13,20 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import score as score_config
-from psych201_jax import checkpoint, defaults, job, packing, records, results, scorer, spans, tiny_models
-from psych201_jax.logprobs import option_max
-from psych201_jax.spans import ParticipantSpans
+from psych201_jax.scoring import options as options_lib
+from psych201_jax.scoring import stream
+from psych201_jax.runs import config as score_config
+from psych201_jax import defaults
+from psych201_jax.model import checkpoint
+from psych201_jax.runs import job
+from psych201_jax.scoring import packing
+from psych201_jax.data import records
+from psych201_jax.runs import store as results
+from psych201_jax.scoring import scorer
+from psych201_jax.data import spans
+from psych201_jax.testing import tiny_models
+from psych201_jax.scoring.head import option_max
+from psych201_jax.types import ParticipantSpans
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDIES = ("thoma2025riskychoice", "busch2024_stroop")  # single letters; left/right/down
@@ -26,8 +36,9 @@ TOKENS_PER_BATCH = 8192
 
 def _spans(study, name, tokens, responses):
     n = max(responses) + 1
-    return ParticipantSpans(study, "e", name, np.asarray(tokens, np.int32), np.asarray(responses, np.int32), n,
-                            n, n, 0)
+    return ParticipantSpans(study=study, experiment="e", participant=name, token_ids=np.asarray(tokens, np.int32),
+                            response_index=np.asarray(responses, np.int32), n_responses=n, responses_text=n,
+                            responses_scored=n, lost_truncation=0)
 
 
 def test_collect_options_keeps_single_token_responses(caplog):
@@ -36,17 +47,17 @@ def test_collect_options_keeps_single_token_responses(caplog):
         _spans("a", "p1", [5, 10, 11, 12, 13, 14], [-1, 0, -1, 1, 1, 2]),
         # response 0 sits at position 0 (nothing predicts it: no scored token), response 1 = [20]
         _spans("a", "p2", [7, 10, 20], [0, -1, 1]),
-        records.Rejected("a", "e", "p3", "f", 3, "bad"),
+        records.Rejected(study="a", experiment="e", participant="p3", source="f", line=3, reason="bad"),
         _spans("b", "p1", [5, 1, 2, 6], [-1, 0, 0, -1]),
         _spans("c", "p1", [5, 32, 30, 30, 31, 29, 30, 31], [-1, 0, 1, 2, 3, 4, 5, 6]),
     ]
-    got = scorer.collect_options(items)
+    got = options_lib.collect_options(items)
     assert got.keys() == {"a", "b", "c"}
     np.testing.assert_array_equal(got["a"], [10, 14, 20])
     assert got["b"].dtype == np.int32 and got["b"].size == 0
     np.testing.assert_array_equal(got["c"], [29, 30, 31, 32])
     with caplog.at_level(logging.WARNING):
-        capped = scorer.collect_options(items, max_options=3)
+        capped = options_lib.collect_options(items, max_options=3)
     np.testing.assert_array_equal(capped["c"], [29, 30, 31])  # 30 x3, 31 x2; 29 and 32 once: lowest id
     assert "most frequent" in caplog.text and "study c" in caplog.text
 
@@ -69,7 +80,7 @@ def test_option_max_ties_vocabulary_shards_and_no_options():
 
 def test_plan_steps_take_the_largest_option_capacity():
     tables = [np.array([[2, 4096, 256, 32], [2, 4096, 512, 64]]), np.array([[2, 4096, 256, 128]])]
-    steps = scorer.plan_steps(tables, (0, 1), 0, 2)
+    steps = stream.plan_steps(tables, (0, 1), 0, 2)
     assert [(s.capacity, s.options, s.slots) for s in steps] == [(512, 128, (1, 0))]
 
 
@@ -84,12 +95,12 @@ def scored(data_root, tmp_path_factory):
     tok = spans.TokenizerInfo(defaults.DEFAULT_TOKENIZER)
     recs = [r for s in STUDIES for r in itertools.islice(records.iter_records(f"{data_root}/{s}"), 2)]
     items = list(spans.tokenize_records(recs, tok, spans.Protocol("reference")))
-    options = scorer.collect_options(items)
+    options = options_lib.collect_options(items)
     assert all(len(options[s]) >= 2 for s in STUDIES), options
     batches = packing.pack(items, ROW_LENGTHS, tokens_per_batch=TOKENS_PER_BATCH)
     assert any({k[0] for k, _ in b.slot_keys} == set(STUDIES) for b in batches), "studies must share a batch"
     sc = scorer.Scorer(model, vocab_chunk=1000, options=options)
-    out = list(scorer.score_spans(items, sc, row_lengths=ROW_LENGTHS, tokens_per_batch=TOKENS_PER_BATCH))
+    out = list(stream.score_spans(items, sc, row_lengths=ROW_LENGTHS, tokens_per_batch=TOKENS_PER_BATCH))
     return model, items, options, {r.key: r for r in out}, batches
 
 
@@ -124,7 +135,7 @@ def test_study_without_options_has_no_option_in_the_mask(scored):
     _, _, options, _, batches = scored
     only_thoma = {"thoma2025riskychoice": options["thoma2025riskychoice"]}
     for batch in batches:
-        ids, mask = scorer.option_plan(batch, only_thoma)
+        ids, mask = options_lib.option_plan(batch, only_thoma)
         assert ids.shape == (32,) and mask.shape == (batch.capacity, 32)
         slot_study = np.asarray([key[0] for key, _ in batch.slot_keys])
         thoma = batch.score_valid & (slot_study[batch.score_slot] == "thoma2025riskychoice")

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from psych201_jax import packing
+from psych201_jax.scoring import packing
 
 
 @dataclasses.dataclass(frozen=True)

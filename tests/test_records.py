@@ -6,7 +6,8 @@ import zipfile
 
 import pytest
 
-from psych201_jax import metadata, records
+from psych201_jax.data import metadata
+from psych201_jax.data import records
 
 GOOD = {"text": "You see A or B. You choose <<A>>.\nAgain. You choose <<B>>.", "experiment": "e1",
         "participant": 7}
@@ -152,33 +153,44 @@ def test_missing_path_gives_clear_error(tmp_path):
         list(records.iter_records(str(tmp_path)))
 
 
-def test_list_of_paths_and_comma_list(data_root):
-    a, b = f"{data_root}/thoma2025riskychoice", f"{data_root}/franke2024bayesian"
-    from_list = [(r.study, r.participant) for r in records.iter_records([a, b])]
-    from_commas = [(r.study, r.participant) for r in records.iter_records(f"{a},{b}")]
-    assert from_list == from_commas and len(from_list) == 301 + 302
-
-
-def test_iter_records_streams(data_root):
-    """The largest study yields its first record without reading the whole file."""
-    import tracemalloc
-
-    tracemalloc.start()
-    first = next(records.iter_records(f"{data_root}/alsobay2025publicGoodsGame"))
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    assert isinstance(first, records.Record)
-    assert peak < 20e6  # the study's jsonl is 75 MB
-
-
-def test_all_real_studies_read_cleanly(data_root):
-    """Participant and response counts equal the data README's table, with no rejection."""
+def _readme_counts(data_root):
+    """{study: (participants, responses)} from the data README's per-study table."""
     expected = {}
     with open(os.path.join(data_root, "README.md")) as fh:
         for line in fh:
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
             if len(cells) >= 3 and cells[1].isdigit() and not cells[0].startswith("**"):
                 expected[cells[0]] = (int(cells[1]), int(cells[2]))
+    return expected
+
+
+def test_list_of_paths_and_comma_list(data_root):
+    a, b = f"{data_root}/thoma2025riskychoice", f"{data_root}/franke2024bayesian"
+    from_list = [(r.study, r.participant) for r in records.iter_records([a, b])]
+    from_commas = [(r.study, r.participant) for r in records.iter_records(f"{a},{b}")]
+    counts = _readme_counts(data_root)
+    assert from_list == from_commas
+    assert len(from_list) == counts["thoma2025riskychoice"][0] + counts["franke2024bayesian"][0] > 0
+
+
+def test_iter_records_streams(data_root):
+    """The largest study yields its first record without reading the whole file."""
+    import tracemalloc
+
+    study = f"{data_root}/alsobay2025publicGoodsGame"
+    with zipfile.ZipFile(f"{study}/prompts.jsonl.zip") as zf:
+        size = max(info.file_size for info in zf.infolist())  # 1.2 MB vendored, 75 MB in the full corpus
+    tracemalloc.start()
+    first = next(records.iter_records(study))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert isinstance(first, records.Record)
+    assert peak < size / 3  # reading the whole file would hold all of it
+
+
+def test_all_real_studies_read_cleanly(data_root):
+    """Participant and response counts equal the data README's table, with no rejection."""
+    expected = _readme_counts(data_root)
     assert len(expected) == 18
     counts: dict[str, list[int]] = {}
     for item in records.iter_records(data_root):

@@ -1,4 +1,4 @@
-"""Tables, figures and report.md of psych201_jax.report, and launch.analyze end to end."""
+"""Tables, figures and report.md of psych201_jax.analysis.report, and launch.analyze end to end."""
 
 import csv
 import math
@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from psych201_jax import report
+from psych201_jax.analysis import report
 from test_analysis import load, tokens, write_results
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

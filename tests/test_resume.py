@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from psych201_jax import results
+from psych201_jax.runs import store as results
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--config.chunk_tokens=3000", "--config.tokens_per_batch=8192"]  # many small chunks

@@ -10,7 +10,8 @@ from transformers.models.llama import modeling_llama
 from transformers.models.olmo3 import modeling_olmo3
 from transformers.models.qwen2 import modeling_qwen2
 
-from psych201_jax import modelspec, rope
+from psych201_jax.model import spec as modelspec
+from psych201_jax.model import rope
 
 BASE = dict(hidden_size=256, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
             num_hidden_layers=4, vocab_size=32)

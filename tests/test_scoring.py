@@ -6,7 +6,16 @@ import random
 import numpy as np
 import pytest
 
-from psych201_jax import checkpoint, defaults, packing, records, scorer, spans, tiny_models, torch_reference
+from psych201_jax.scoring import stream
+from psych201_jax.types import ParticipantResult
+from psych201_jax import defaults
+from psych201_jax.model import checkpoint
+from psych201_jax.scoring import packing
+from psych201_jax.data import records
+from psych201_jax.scoring import scorer
+from psych201_jax.data import spans
+from psych201_jax.testing import tiny_models
+from psych201_jax.testing import torch_reference
 
 STUDIES = ("thoma2025riskychoice", "franke2024bayesian", "guenther2024substitutions", "busch2024_stroop")
 PROTOCOLS = [("reference", "none"), ("reference", "chat"), ("robust", "none"), ("robust", "chat")]
@@ -38,8 +47,8 @@ def models(request, tmp_path_factory, llama_tokenizer_dir):
 def _score(items, model, **kw):
     kw.setdefault("row_lengths", (2048, 4096, 8192, 16384))
     kw.setdefault("tokens_per_batch", 16384)
-    out = list(scorer.score_spans(items, scorer.Scorer(model, vocab_chunk=1000), **kw))
-    assert all(isinstance(r, scorer.ParticipantResult) for r in out), out
+    out = list(stream.score_spans(items, scorer.Scorer(model, vocab_chunk=1000), **kw))
+    assert all(isinstance(r, ParticipantResult) for r in out), out
     return {r.key: r for r in out}
 
 
@@ -101,7 +110,7 @@ def test_too_long_participant_is_rejected_not_dropped(models, sample):
     items = list(spans.tokenize_records(sample[:3], tok, spans.Protocol("reference")))
     longest = max(len(p.token_ids) for p in items)
     for kwargs in (dict(row_lengths=(longest - 1,)), dict(row_lengths=(4 * longest,), max_tokens=longest - 1)):
-        out = list(scorer.score_spans(items, scorer.Scorer(model), **kwargs))
+        out = list(stream.score_spans(items, scorer.Scorer(model), **kwargs))
         assert len(out) == 3
         rejected = [r for r in out if isinstance(r, records.Rejected)]
         assert rejected and all("exceed the limit" in r.reason and r.line > 0 for r in rejected)

@@ -9,8 +9,11 @@ import jax
 import numpy as np
 import pytest
 
-from psych201_jax import distributed, scorer, sharding
-from psych201_jax.model import logical_to_spec
+from psych201_jax.scoring import stream
+from psych201_jax.parallel import distributed
+from psych201_jax.scoring import scorer
+from psych201_jax.parallel import sharding
+from psych201_jax.model.decoder import logical_to_spec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
@@ -92,7 +95,7 @@ def test_plan_steps_agree_on_shapes_and_pad_with_empty_sub_batches():
     # share 1: one (2, 4096) batch and two (8, 1024).
     tables = [np.array([[2, 4096, 256], [2, 4096, 512], [4, 2048, 256], [2, 4096, 1024]]),
               np.array([[8, 1024, 256], [2, 4096, 2048], [8, 1024, 512]])]
-    steps = [scorer.plan_steps(tables, (0, 1), share, 2) for share in (0, 1)]
+    steps = [stream.plan_steps(tables, (0, 1), share, 2) for share in (0, 1)]
     assert [(s.rows, s.length, s.capacity) for s in steps[0]] == [(s.rows, s.length, s.capacity) for s in steps[1]]
     assert [(s.rows, s.length, s.capacity) for s in steps[0]] == [
         (2, 4096, 2048), (2, 4096, 256), (4, 2048, 256), (8, 1024, 512)]
@@ -106,9 +109,9 @@ def test_plan_steps_agree_on_shapes_and_pad_with_empty_sub_batches():
 
 def test_plan_steps_replicas_follow_their_share():
     table = np.array([[2, 4096, 256]])
-    steps = scorer.plan_steps([table, table, np.zeros((0, 3))], (0, 0, 1), 0, 1)
+    steps = stream.plan_steps([table, table, np.zeros((0, 3))], (0, 0, 1), 0, 1)
     assert [(s.rows, s.capacity, s.slots) for s in steps] == [(2, 256, (0,))]
-    assert scorer.plan_steps([table, table, np.zeros((0, 3))], (0, 0, 1), 1, 1)[0].slots == (None,)
+    assert stream.plan_steps([table, table, np.zeros((0, 3))], (0, 0, 1), 1, 1)[0].slots == (None,)
 
 
 def test_take_share_is_a_partition():

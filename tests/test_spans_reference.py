@@ -11,7 +11,9 @@ import re
 import numpy as np
 import pytest
 
-from psych201_jax import metadata, records, spans
+from psych201_jax.data import metadata
+from psych201_jax.data import records
+from psych201_jax.data import spans
 
 STUDIES = ("thoma2025riskychoice", "busch2024_stroop", "guenther2024substitutions", "xu2023augmenting",
            "spektor2024lossaversion", "franke2024bayesian")
@@ -211,7 +213,8 @@ def test_reference_counts_truncation_losses(qwen_tokenizer_dir, data_root):
 
 
 def _mini_record(text, study="toy"):
-    return records.Record(study, "exp", "p1", text, {c: "N/A" for c in metadata.META_COLUMNS}, "mem", 1)
+    return records.Record(study=study, experiment="exp", participant="p1", text=text,
+                          metadata={c: "N/A" for c in metadata.META_COLUMNS}, source="mem", line=1)
 
 
 def test_runaway_and_merge_are_counted(qwen_tokenizer_dir):
@@ -228,7 +231,7 @@ def test_runaway_and_merge_are_counted(qwen_tokenizer_dir):
 
 def test_missed_response_is_counted(tmp_path):
     """A tokenizer that merges ' <<$' hides the opening marker from the reference search."""
-    from psych201_jax import tiny_tokenizer
+    from psych201_jax.testing import tiny_tokenizer
 
     corpus = ["You pay <<$5>> now and <<$7>> later. Then <<x>> is it."] * 200
     tok_dir = tiny_tokenizer.train_tokenizer_dir(corpus, str(tmp_path / "tok"), vocab_size=300)

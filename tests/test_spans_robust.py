@@ -7,7 +7,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from psych201_jax import metadata, records, spans
+from psych201_jax.data import metadata
+from psych201_jax.data import records
+from psych201_jax.data import spans
 
 CONTEXT = st.text(alphabet="abcdefghij XYZ.,:;!?-0123456789é\n", max_size=25)
 RESPONSE = st.text(alphabet="abcdeQR-0123456789 .,é%$", min_size=1, max_size=8).filter(lambda s: s.strip())
@@ -17,7 +19,7 @@ SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[Healt
 def _record(text, **meta):
     md = {c: "N/A" for c in metadata.META_COLUMNS}
     md.update(meta)
-    return records.Record("toy", "exp", "p", text, md, "mem", 1)
+    return records.Record(study="toy", experiment="exp", participant="p", text=text, metadata=md, source="mem", line=1)
 
 
 def _build(contexts, responses):
@@ -113,7 +115,7 @@ def test_robust_chat_has_single_bos_and_assistant_spans(llama_tokenizer_dir, dat
 
 
 def _messages(text):
-    from psych201_jax import transcripts
+    from psych201_jax.data import transcripts
 
     return transcripts.split_into_messages(text)
 

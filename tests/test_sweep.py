@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from configs.sweeps import psych201_paper
-from psych201_jax import sweep
+from psych201_jax.runs import sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,7 +42,7 @@ def test_emitted_commands():
     tpu = sweep.emit_commands(jobs, cfg.data, {}, "tpu")
     assert tpu.count("gcloud compute tpus tpu-vm ssh") == 3 and "--worker=all" in tpu
     slurm = sweep.emit_commands(jobs, cfg.data, {}, "slurm")
-    assert "#SBATCH --array=0-2" in slurm and "srun .venv/bin/python -m launch.score" in slurm
+    assert "#SBATCH --array=0-2" in slurm and "srun .venv/bin/psych201-score" in slurm
 
 
 def _run(*args):

@@ -2,7 +2,9 @@
 
 import itertools
 
-from psych201_jax import metadata, records, transcripts
+from psych201_jax.data import metadata
+from psych201_jax.data import records
+from psych201_jax.data import transcripts
 
 
 def test_canonical_metadata_renames_casts_and_drops():

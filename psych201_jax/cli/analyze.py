@@ -1,0 +1,52 @@
+r"""Analyse completed scoring results: tables, figures and report.md.
+
+  psych201-analyze --results=DIR [DIR ...] --out=DIR \
+      [--ddof=reference|0|1] [--bootstrap=2000] [--seed=0] [--categories=CSV]
+
+``--results`` takes results directories (each holding manifest.json), comma lists of them, or parent
+folders searched for them; it may be repeated, and extra positional arguments count as more results.
+Writes into ``--out``: report.md, the CSV tables (model_scores, study_scores, pair_misalignment,
+pair_paired_stats, pair_types, generations, domains, domains_extended, persona, persona_summary,
+accuracy) and the PNG figures (see ``psych201_jax.analysis.report``).
+"""
+
+import os
+
+from absl import app, flags, logging
+
+from psych201_jax import console
+from psych201_jax.analysis import metrics as analysis
+from psych201_jax.analysis import report
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("results", None, "Results dir(s), comma lists, or folders holding results dirs.")
+flags.DEFINE_string("out", None, "Output folder for report.md, CSVs and figures.")
+flags.DEFINE_enum("ddof", "reference", analysis.DDOF_MODES,
+                  "SD convention: reference = ddof 1 for pairs/generations/accuracy, 0 for domains/persona "
+                  "(as the reference scripts); 0 or 1 = that ddof everywhere.")
+flags.DEFINE_integer("bootstrap", 2000, "Bootstrap replicates for the confidence intervals.")
+flags.DEFINE_integer("seed", 0, "Seed of the bootstrap.")
+flags.DEFINE_string("categories", report.CATEGORIES_CSV, "Study category CSV (experiment + 0/1 columns).")
+flags.mark_flags_as_required(["results", "out"])
+
+
+def main(argv):
+    console.quiet_libraries()
+    paths = list(FLAGS.results) + list(argv[1:])
+    figures = report.generate(paths, FLAGS.out, ddof_mode=FLAGS.ddof, n_boot=FLAGS.bootstrap, seed=FLAGS.seed,
+                              categories_csv=FLAGS.categories)
+    for name, note in figures.items():
+        if note is None:
+            logging.info("figure %s written", name)
+        else:
+            logging.warning("figure %s skipped: %s", name, note)
+    print(f"wrote {os.path.join(FLAGS.out, 'report.md')}")
+
+
+def run() -> None:
+    """Console-script entry point."""
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,155 @@
+"""The one definition of a scoring condition and of what a model is, shared by job, sweep and analysis.
+
+A ``Condition`` is everything about *how* a run was scored that the analysis compares runs by; a
+``ModelInfo`` is what the analysis needs to know about the model (never parsed from paths). Both are
+frozen, keyword-only dataclasses of enum values, built from config or manifest mappings with
+``from_mapping``, which names the field and the allowed values on a bad value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+
+class Protocol(enum.StrEnum):
+    """How transcripts become token spans (see ``psych201_jax.data.spans``)."""
+
+    REFERENCE = "reference"
+    ROBUST = "robust"
+
+
+class Template(enum.StrEnum):
+    NONE = "none"
+    CHAT = "chat"
+
+
+class Persona(enum.StrEnum):
+    NONE = "none"
+    MATCHED = "matched"
+    SHUFFLED = "shuffled"  # another participant's metadata from the same study (a seeded derangement)
+
+
+class OptionsMode(enum.StrEnum):
+    """Whether the head also takes the argmax over each study's response options."""
+
+    NONE = "none"
+    STUDY = "study"
+
+
+class DType(enum.StrEnum):
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+
+
+class ModelKind(enum.StrEnum):
+    BASE = "base"
+    INSTRUCT = "Instruction-tuned"
+    REASONING = "Reasoning"
+    VISION = "Vision"
+    CODE = "Code"
+    MATH = "Math"
+    UNKNOWN = "unknown"
+
+
+class ConditionError(ValueError):
+    """A condition or model-info value is not one of the allowed ones."""
+
+
+def parse_enum(cls: type[enum.StrEnum], value: Any, field: str) -> Any:
+    """``cls(value)``, or a ConditionError naming ``field`` and the allowed values."""
+    try:
+        return cls(str(value))
+    except ValueError:
+        raise ConditionError(f"{field}={value!r} is not one of {tuple(m.value for m in cls)}") from None
+
+
+def _as_bool(value: Any, field: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "false", "1", "0"):
+        return str(value).lower() in ("true", "1")
+    raise ConditionError(f"{field}={value!r} is not a boolean")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Condition:
+    """How a run was scored.
+
+    ``options`` changes only the head (extra option-argmax outputs), never the NLLs; ``nll_condition``
+    drops it, and the analysis compares runs by that.
+    """
+
+    protocol: Protocol = Protocol.REFERENCE
+    template: Template = Template.NONE
+    persona: Persona = Persona.NONE
+    persona_subset: bool = False  # a no-persona run restricted to the participants with metadata
+    options: OptionsMode = OptionsMode.NONE
+    dtype: DType = DType.FLOAT32
+    data: str = ""
+
+    # The fields a sweep sets per condition (data and dtype come from the sweep and its overrides).
+    SWEEP_FIELDS: ClassVar[tuple[str, ...]] = ("protocol", "template", "persona", "persona_subset", "options")
+    # The fields the analysis tables report (options: see nll_condition).
+    ANALYSIS_FIELDS: ClassVar[tuple[str, ...]] = ("protocol", "template", "persona", "dtype", "data", "persona_subset")
+
+    def __post_init__(self):
+        if self.persona_subset and self.persona != Persona.NONE:
+            raise ConditionError("persona_subset restricts the no-persona run; use it with persona=none")
+
+    @classmethod
+    def from_mapping(cls, m: Mapping[str, Any]) -> Condition:
+        """From a job config, manifest config or sweep condition (absent fields take their defaults)."""
+        return cls(protocol=parse_enum(Protocol, m.get("protocol", "reference"), "protocol"),
+                   template=parse_enum(Template, m.get("template", "none"), "template"),
+                   persona=parse_enum(Persona, m.get("persona", "none"), "persona"),
+                   persona_subset=_as_bool(m.get("persona_subset", False), "persona_subset"),
+                   options=parse_enum(OptionsMode, m.get("options", "none"), "options"),
+                   dtype=parse_enum(DType, m.get("dtype", "float32") or "float32", "dtype"),
+                   data=str(m.get("data", "")))
+
+    def nll_condition(self) -> Condition:
+        """The condition without head-only fields: runs equal here have equal NLLs."""
+        return dataclasses.replace(self, options=OptionsMode.NONE)
+
+    def with_persona(self, persona: Persona | str) -> Condition:
+        return dataclasses.replace(self, persona=Persona(persona))
+
+    def with_template(self, template: Template | str) -> Condition:
+        return dataclasses.replace(self, template=Template(template))
+
+    def values(self, fields: tuple[str, ...]) -> dict[str, Any]:
+        """Plain (str / bool) values of ``fields``, e.g. for table columns or command-line flags."""
+        return {f: (v.value if isinstance(v := getattr(self, f), enum.Enum) else v) for f in fields}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelInfo:
+    """What a model is, for pairing and grouping in the analysis (set by sweep configs).
+
+    base_hf_id: the base model a post-trained model is paired with ("" for a base model).
+    """
+
+    hf_id: str
+    family: str = ""
+    generation: str = ""
+    size_b: float = math.nan
+    kind: ModelKind = ModelKind.UNKNOWN
+    base_hf_id: str = ""
+
+    FIELDS: ClassVar[tuple[str, ...]] = ("hf_id", "family", "generation", "size_b", "kind", "base_hf_id")
+
+    @classmethod
+    def from_mapping(cls, m: Mapping[str, Any], *, default_hf_id: str = "unknown") -> ModelInfo:
+        size = m.get("size_b")
+        return cls(hf_id=str(m.get("hf_id") or default_hf_id), family=str(m.get("family") or ""),
+                   generation=str(m.get("generation") or ""),
+                   size_b=float(size) if isinstance(size, (int, float)) and not isinstance(size, bool) else math.nan,
+                   kind=parse_enum(ModelKind, m.get("kind") or "unknown", "model_info.kind"),
+                   base_hf_id=str(m.get("base_hf_id") or ""))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f: (v.value if isinstance(v := getattr(self, f), enum.Enum) else v) for f in self.FIELDS}

@@ -1,0 +1,426 @@
+"""Stage 3: transcripts → token ids + the token positions of every human response.
+
+Two protocols (``Protocol.name``):
+
+``reference`` — exactly the published scripts: tokenise the processed string with special tokens, then
+  search left to right for the token ids of `` <<`` and ``>>`` (chat: the template's assistant-turn
+  delimiters found from placeholder messages) and label everything in between. Its failure modes are
+  kept and counted: a response whose `` <<`` merged into another token is *missed*; a ``>>`` that
+  merged with what follows makes the span *run away* to the next standalone ``>>``, swallowing
+  context and *merging* the next response. A response is a maximal run of labelled positions.
+
+``robust`` — each response's tokens come from character offsets: the tokens overlapping the
+  characters between ``<<`` and ``>>``. A token that also covers marker or context characters is
+  kept and reported as a *straddle*. Truncation is by a token budget on the experiment text, never
+  inside a response; the persona prefix does not count against the budget; chat mode adds no second
+  BOS.
+
+Both give per participant the token ids, a per-token response index (-1 outside any response) and the
+counts the audit reports. A position-0 token can never be scored (nothing predicts it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from psych201_jax import conditions, hashing
+from psych201_jax.data import transcripts
+from psych201_jax.types import Excluded, ParticipantSpans, Record, Rejected
+
+PROTOCOLS = tuple(p.value for p in conditions.Protocol)
+TEMPLATES = tuple(t.value for t in conditions.Template)
+# Every tokenizer file the converter copies; the tokenizer fingerprint covers these plus config.json.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+                   "generation_config.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """How records become token spans.
+
+    name: reference | robust.  template: none | chat.
+    max_chars: the reference's character cut (applied after the persona prefix, as it does).
+    token_budget: robust only; tokens of experiment text kept (persona prefix excluded). None = no cut.
+    """
+    name: str = "reference"
+    template: str = "none"
+    max_chars: int = transcripts.REFERENCE_MAX_CHARS
+    token_budget: int | None = None
+
+    def __post_init__(self):
+        if self.name not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {self.name!r}; expected one of {PROTOCOLS}")
+        if self.template not in TEMPLATES:
+            raise ValueError(f"unknown template {self.template!r}; expected one of {TEMPLATES}")
+        if self.token_budget is not None and self.token_budget < 1:
+            raise ValueError(f"token_budget must be positive, got {self.token_budget}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+class TokenizerInfo:
+    """An HF tokenizer directory plus what both protocols need from it.
+
+    Encoding goes through the Rust ``tokenizers`` backend in batches (identical ids to
+    ``tok([text]).input_ids``, checked in the tests) so the host keeps up with the accelerator.
+    """
+
+    def __init__(self, path: str):
+        from transformers import AutoTokenizer
+
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"tokenizer directory {path!r} does not exist")
+        self.path = path
+        self.hf = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        self.fast = getattr(self.hf, "backend_tokenizer", None) or getattr(self.hf, "_tokenizer", None)
+        if self.fast is None:
+            raise ValueError(f"{path}: a fast (tokenizers-backed) tokenizer is required for offsets")
+        self.sha256 = hashing.hash_files(path, TOKENIZER_FILES + ("config.json",))
+        self.base_l_id = tuple(self.hf(" <<", add_special_tokens=False).input_ids)
+        self.base_r_id = tuple(self.hf(">>", add_special_tokens=False).input_ids)
+        self.has_template = bool(getattr(self.hf, "chat_template", None))
+        self._chat_markers: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+        self._trims: bool | None = None
+
+    # -- encoding -----------------------------------------------------------------------------------
+    def encode_batch(self, texts: Sequence[str], add_special_tokens: Sequence[bool] | bool = True
+                     ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """[(ids int32 [T], char offsets int32 [T, 2])] per text."""
+        flags = [add_special_tokens] * len(texts) if isinstance(add_special_tokens, bool) else list(add_special_tokens)
+        out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(texts)
+        for flag in (True, False):
+            idx = [i for i, f in enumerate(flags) if f == flag]
+            if not idx:
+                continue
+            encs = self.fast.encode_batch([texts[i] for i in idx], add_special_tokens=flag)
+            for i, enc in zip(idx, encs):
+                out[i] = (np.asarray(enc.ids, dtype=np.int32),
+                          np.asarray(enc.offsets, dtype=np.int32).reshape(-1, 2))
+        return out  # type: ignore[return-value]
+
+    @property
+    def bos_token(self) -> str | None:
+        return getattr(self.hf, "bos_token", None)
+
+    # -- chat ---------------------------------------------------------------------------------------
+    def template_kwargs(self) -> dict:
+        """The reference's kwargs: no generation prompt; ``enable_thinking=False`` iff the template knows it."""
+        if not self.has_template:
+            raise ValueError(f"{self.path}: tokenizer has no chat template; use template=none")
+        kwargs: dict = dict(tokenize=False, add_generation_prompt=False)
+        if "enable_thinking" in (self.hf.chat_template or ""):
+            kwargs["enable_thinking"] = False
+        return kwargs
+
+    def render(self, messages: list[dict[str, str]]) -> str:
+        return self.hf.apply_chat_template(messages, **self.template_kwargs())
+
+    def chat_markers(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The reference's ``build_assistant_markers``: ids opening and closing an assistant turn."""
+        if self._chat_markers is None:
+            a_mark, t_mark = "\uE000ASSISTANT_CONTENT\uE001", "\uE002TRAILING_USER\uE003"
+            user_only = self.render([{"role": "user", "content": "u"}])
+            with_asst = self.render([{"role": "user", "content": "u"}, {"role": "assistant", "content": a_mark},
+                                     {"role": "user", "content": t_mark}])
+            ids_user = self.hf(user_only, add_special_tokens=False).input_ids
+            enc = self.hf(with_asst, add_special_tokens=False, return_offsets_mapping=True)
+            ids_full, offsets = enc.input_ids, enc.offset_mapping
+            if ids_full[:len(ids_user)] != ids_user:
+                raise ValueError(f"{self.path}: chat template tokenises non-prefix; marker ids unreliable")
+            mstart = with_asst.index(a_mark)
+            mend = mstart + len(a_mark)
+            tstart = with_asst.index(t_mark)
+            first = next(i for i, (a, _) in enumerate(offsets) if a >= mstart)
+            after = next(i for i, (a, _) in enumerate(offsets) if a >= mend)
+            trailing_first = next(i for i, (a, _) in enumerate(offsets) if a >= tstart)
+            self._chat_markers = (tuple(ids_full[len(ids_user):first]), tuple(ids_full[after:trailing_first]))
+        return self._chat_markers
+
+    def template_trims(self) -> bool:
+        """Whether the chat template strips message content (Llama 3's ``| trim``)."""
+        if self._trims is None:
+            rendered = self.render([{"role": "user", "content": " \uE000u\uE001 "},
+                                    {"role": "assistant", "content": " \uE000a\uE001 "},
+                                    {"role": "user", "content": " \uE000v\uE001 "}])
+            self._trims = " \uE000a\uE001 " not in rendered
+        return self._trims
+
+    def render_with_spans(self, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+        """(rendered chat, [start, end) of every message's content in it), in message order.
+
+        Positions come from rendering placeholder contents; the real rendering must equal the
+        placeholder rendering with contents substituted, else a ValueError (the template does
+        something content-dependent we cannot locate reliably).
+        """
+        holders = [f"\uE000{i}\uE001" for i in range(len(messages))]
+        layout = self.render([{"role": m["role"], "content": h} for m, h in zip(messages, holders)])
+        trims = self.template_trims()
+        pieces, spans, cursor, length = [], [], 0, 0
+        for message, holder in zip(messages, holders):
+            at = layout.index(holder, cursor)
+            pieces.append(layout[cursor:at])
+            length += at - cursor
+            content = message["content"].strip() if trims else message["content"]
+            pieces.append(content)
+            spans.append((length, length + len(content)))
+            length += len(content)
+            cursor = at + len(holder)
+        pieces.append(layout[cursor:])
+        rendered = "".join(pieces)
+        if rendered != self.render(messages):
+            raise ValueError("chat template output depends on message content; cannot locate responses")
+        return rendered, spans
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reference labelling
+
+
+def _match_starts(ids: np.ndarray, pattern: Sequence[int]) -> np.ndarray:
+    """Sorted start indices where ``pattern`` occurs in ``ids`` (overlapping matches included)."""
+    m = len(pattern)
+    if m == 0 or len(ids) < m:
+        return np.zeros(0, dtype=np.int64)
+    hits = ids[: len(ids) - m + 1] == pattern[0]
+    for j in range(1, m):
+        hits &= ids[j: len(ids) - m + 1 + j] == pattern[j]
+    return np.flatnonzero(hits)
+
+
+def reference_labels(ids: np.ndarray, l_id: Sequence[int], r_id: Sequence[int]) -> np.ndarray:
+    """bool [T]: positions the reference's ``collate`` labels (greedy left-to-right subsequence search)."""
+    n = len(ids)
+    labels = np.zeros(n, dtype=bool)
+    if not l_id:
+        raise ValueError("empty opening-marker id sequence")
+    lefts, rights = _match_starts(ids, l_id), _match_starts(ids, r_id)
+    i = 0
+    while True:
+        k = np.searchsorted(lefts, i)
+        if k == len(lefts):
+            break
+        content_start = int(lefts[k]) + len(l_id)
+        m = np.searchsorted(rights, content_start)
+        end = int(rights[m]) if m < len(rights) else n
+        labels[content_start:end] = True
+        i = end + len(r_id)
+    return labels
+
+
+def runs_to_response_index(labels: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Maximal runs of labelled positions ≥ 1 → (response index [T], [(start, end)] token runs)."""
+    scorable = labels.copy()
+    if len(scorable):
+        scorable[0] = False  # logits[:-1] vs labels[1:]: position 0 is never scored
+    padded = np.concatenate([[False], scorable, [False]]).astype(np.int8)
+    edges = np.diff(padded)
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    index = np.full(len(labels), -1, dtype=np.int32)
+    for r, (a, b) in enumerate(zip(starts, ends)):
+        index[a:b] = r
+    return index, list(zip(starts.tolist(), ends.tolist()))
+
+
+def _diagnose_runs(runs: list[tuple[int, int]], offsets: np.ndarray,
+                   responses: list[tuple[int, int]]) -> tuple[int, int, int]:
+    """(missed, runaway, merged) of labelled token runs against response character ranges."""
+    if not responses:
+        return 0, len(runs), 0
+    cs = np.asarray([s for s, _ in responses])
+    ce = np.asarray([e for _, e in responses])
+    covered = np.zeros(len(responses), dtype=bool)
+    runaway = merged = 0
+    for a, b in runs:
+        start, end = int(offsets[a, 0]), int(offsets[b - 1, 1])
+        first = int(np.searchsorted(ce, start, side="right"))  # first response ending after start
+        last = int(np.searchsorted(cs, end, side="left")) - 1  # last response starting before end
+        if first > last:
+            runaway += 1
+            continue
+        covered[first:last + 1] = True
+        merged += last - first
+        if last > first or start < cs[first] or end > ce[last]:
+            runaway += 1
+    return int((~covered).sum()), runaway, merged
+
+
+# ---------------------------------------------------------------------------------------------------
+# Robust labelling
+
+
+def offsets_to_response_index(offsets: np.ndarray, responses: list[tuple[int, int]]
+                              ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token response index from character offsets, and which tokens straddle (bool [T]).
+
+    A token belongs to response j when it overlaps j's content characters; zero-width (special)
+    tokens belong to none.
+    """
+    n = len(offsets)
+    index = np.full(n, -1, dtype=np.int32)
+    if not responses or n == 0:
+        return index, np.zeros(n, dtype=bool)
+    cs = np.asarray([s for s, _ in responses])
+    ce = np.asarray([e for _, e in responses])
+    ts, te = offsets[:, 0], offsets[:, 1]
+    j = np.searchsorted(ce, ts, side="right")
+    valid = (j < len(responses)) & (te > ts)
+    jc = np.minimum(j, len(responses) - 1)
+    hit = valid & (cs[jc] < te)
+    index[hit] = jc[hit]
+    return index, hit & ((ts < cs[jc]) | (te > ce[jc]))
+
+
+def _tokens_ending_by(offsets: np.ndarray, char: int) -> int:
+    """Length of the leading run of tokens that end at or before character ``char``."""
+    beyond = offsets[:, 1] > char
+    return int(np.argmax(beyond)) if beyond.any() else len(offsets)
+
+
+def _budget_cut(index: np.ndarray, offsets: np.ndarray, text_start_char: int, budget: int | None,
+                marker_starts: np.ndarray) -> int:
+    """Token count to keep: prefix tokens + at most ``budget`` text tokens, never cutting a response."""
+    n = len(index)
+    if budget is None:
+        return n
+    cut = _tokens_ending_by(offsets, text_start_char) + budget  # prefix and leading BOS are free
+    if cut >= n:
+        return n
+    r = index[cut]
+    if r >= 0 and index[cut - 1] == r:
+        # The cut falls inside response r: keep only the tokens before its opening marker.
+        cut = _tokens_ending_by(offsets, int(marker_starts[r]))
+    return cut
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per participant
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    text: str  # what gets tokenised
+    add_special: bool
+    responses: list[tuple[int, int]]  # content character ranges in ``text``
+    responses_text: int
+    lost_chars: int  # responses removed before tokenisation (reference character cut)
+    text_start: int  # characters before the experiment text (chat header, persona prefix): outside the budget
+    marker_starts: list[int]  # char index of each response's opening marker in ``text``
+
+
+def _prepare(record: Record, persona: Mapping[str, str] | None, protocol: Protocol,
+             tok: TokenizerInfo) -> _Prepared:
+    n_text = record.text.count("<<")
+    full, prefix_len = transcripts.with_persona(record.text, persona)
+    if protocol.name == "reference":
+        chat = protocol.template == "chat"
+        processed = transcripts.reference_truncate(full, protocol.max_chars, chat=chat)
+        kept = processed.count("<<")
+        if not chat:
+            spans = transcripts.response_char_spans(processed)
+            return _Prepared(processed, True, spans, n_text, n_text - kept, 0, [s - 2 for s, _ in spans])
+        messages = transcripts.split_into_messages(processed)
+        rendered, spans = tok.render_with_spans(messages)
+        spans = [s for s, m in zip(spans, messages) if m["role"] == "assistant"]
+        return _Prepared(rendered, True, spans, n_text, n_text - kept, 0, [s for s, _ in spans])
+    # robust
+    if protocol.template == "none":
+        spans = transcripts.response_char_spans(full)
+        return _Prepared(full, True, spans, n_text, 0, prefix_len, [s - 2 for s, _ in spans])
+    text = full + "." if transcripts.ends_with_response(full) else full
+    messages = transcripts.split_into_messages(text)
+    rendered, all_spans = tok.render_with_spans(messages)
+    spans = [s for s, m in zip(all_spans, messages) if m["role"] == "assistant"]
+    add = not (tok.bos_token and rendered.startswith(tok.bos_token))
+    text_start = all_spans[0][0] + prefix_len  # template header and persona prefix are outside the budget
+    return _Prepared(rendered, add, spans, n_text, 0, text_start, [s for s, _ in spans])
+
+
+def _label(record: Record, prep: _Prepared, ids: np.ndarray, offsets: np.ndarray, protocol: Protocol,
+           tok: TokenizerInfo) -> ParticipantSpans:
+    if protocol.name == "reference":
+        l_id, r_id = tok.chat_markers() if protocol.template == "chat" else (tok.base_l_id, tok.base_r_id)
+        labels = reference_labels(ids, l_id, r_id)
+        index, runs = runs_to_response_index(labels)
+        missed, runaway, merged = _diagnose_runs(runs, offsets, prep.responses)
+        return ParticipantSpans(study=record.study, experiment=record.experiment, participant=record.participant,
+                                token_ids=ids, response_index=index, n_responses=len(runs),
+                                responses_text=prep.responses_text, responses_scored=len(runs),
+                                lost_truncation=prep.lost_chars, missed=missed, runaway=runaway, merged=merged,
+                                source=record.source, line=record.line)
+    index, straddling = offsets_to_response_index(offsets, prep.responses)
+    cut = _budget_cut(index, offsets, prep.text_start, protocol.token_budget, np.asarray(prep.marker_starts))
+    straddle = int(straddling[:cut].sum())  # only tokens that are kept
+    ids, index = ids[:cut], index[:cut]
+    n_kept = len(prep.responses) if cut == len(offsets) else int(index.max(initial=-1)) + 1
+    scorable = index[1:]
+    scored = int(np.unique(scorable[scorable >= 0]).size)
+    missed = n_kept - scored
+    index = index.copy()
+    if len(index):
+        index[0] = -1
+    return ParticipantSpans(study=record.study, experiment=record.experiment, participant=record.participant,
+                            token_ids=ids, response_index=index, n_responses=n_kept,
+                            responses_text=prep.responses_text, responses_scored=scored,
+                            lost_truncation=prep.responses_text - n_kept, missed=missed, straddle=straddle,
+                            source=record.source, line=record.line)
+
+
+def tokenize_records(records: Iterable[Record | Rejected], tok: TokenizerInfo, protocol: Protocol, *,
+                     persona_of=None, batch_size: int = 64) -> Iterator[ParticipantSpans | Rejected]:
+    """Streams records → ``ParticipantSpans`` or ``Rejected`` (passed through or made here), in input order.
+
+    persona_of: None for no persona, else a function record → the metadata to interview on, None for no
+    prefix, or an ``Excluded`` saying why the participant is not in this condition (see
+    ``metadata.persona_selector``).
+    Texts are encoded in batches of ``batch_size`` (one Rust call, both cores), never across studies.
+    """
+    pending: list[tuple[Record, _Prepared] | Rejected] = []
+    n_prepared = 0
+
+    def flush():
+        nonlocal n_prepared
+        prepared = [p for p in pending if not isinstance(p, Rejected)]
+        encoded = iter(tok.encode_batch([p.text for _, p in prepared], [p.add_special for _, p in prepared]))
+        for entry in pending:
+            if isinstance(entry, Rejected):
+                yield entry
+            else:
+                ids, offsets = next(encoded)
+                yield _label(entry[0], entry[1], ids, offsets, protocol, tok)
+        pending.clear()
+        n_prepared = 0
+
+    for record in records:
+        if pending and _study(pending[-1]) != record.study:
+            yield from flush()  # batches stay within a study so per-study timings stay honest
+        if isinstance(record, Rejected):
+            pending.append(record)
+            continue
+        persona = persona_of(record) if persona_of is not None else None
+        if isinstance(persona, Excluded):
+            pending.append(_reject(record, f"excluded by the persona condition: {persona.reason}"))
+            continue
+        try:
+            pending.append((record, _prepare(record, persona, protocol, tok)))
+            n_prepared += 1
+        except ValueError as err:
+            pending.append(_reject(record, str(err)))
+        if n_prepared >= batch_size or len(pending) >= 4 * batch_size:
+            yield from flush()
+    if pending:
+        yield from flush()
+
+
+def _study(entry: tuple[Record, _Prepared] | Rejected) -> str:
+    return entry.study if isinstance(entry, Rejected) else entry[0].study
+
+
+def _reject(record: Record, reason: str) -> Rejected:
+    return Rejected.of(record, reason)

@@ -1,0 +1,168 @@
+"""Segment-aware causal (optionally sliding-window) attention with GQA, behind a small backend registry.
+
+Semantics shared by every backend: query i sees key j iff both carry the same nonzero segment id,
+j <= i (packed segments are contiguous, so index order is position order) and, with a sliding window W,
+i - W < j (the key lies within the last W positions including i itself, as in HF OLMo 3 / Qwen2).
+Scores and softmax are float32, the scale is head_dim**-0.5, the output has q's dtype, and padding
+queries (segment 0) produce zeros.
+
+Backends: "dense" builds the full [T, T] mask (reference for tests); "xla" is a blockwise online-softmax
+that keeps memory at O(T * block) and iterates, per query block, only over key blocks that can be
+visible (causality, window and the start of the earliest segment in the block bound the range).
+Accelerator kernels ("splash" on TPU, "pallas_gpu" and "cudnn" on GPU) live in ``attention_kernels.py`` and
+are registered at the end of this module; more can be added with ``register_backend``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+AttentionFn = Callable[..., jnp.ndarray]
+_BACKENDS: dict[str, AttentionFn] = {}
+
+
+def register_backend(name: str, fn: AttentionFn) -> None:
+    """Adds ``fn(q, k, v, segment_ids, *, sliding_window, block_q, block_k) -> out`` under ``name``."""
+    _BACKENDS[name] = fn
+
+
+def available_backends() -> tuple[str, ...]:
+    return tuple(sorted(_BACKENDS))
+
+
+def runnable_backends() -> tuple[str, ...]:
+    """The registered backends that can run on this process's platform (kernels are platform-bound)."""
+    from psych201_jax.model import kernels as attention_kernels
+    return attention_kernels.runnable_backends(available_backends())
+
+
+def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray, *,
+              sliding_window: int | None = None, backend: str = "xla", block_q: int | None = None,
+              block_k: int | None = None) -> jnp.ndarray:
+    """q [B, T, Hq, hd], k/v [B, T, Hk, hd] (Hq % Hk == 0), segment_ids int32[B, T] -> [B, T, Hq, hd].
+
+    Tiles of the ``xla`` backend default to 256 on CPU (measured 1.5x faster than 512 on packed 32K rows:
+    less work wasted at segment edges) and 512 on accelerators.
+    """
+    default_block = 256 if jax.default_backend() == "cpu" else 512
+    block_q, block_k = block_q or default_block, block_k or default_block
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; available: {available_backends()}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads {q.shape[2]} not a multiple of key/value heads {k.shape[2]}")
+    return _BACKENDS[backend](q, k, v, segment_ids, sliding_window=sliding_window, block_q=block_q,
+                              block_k=block_k)
+
+
+def _visible(q_idx, k_idx, q_seg, k_seg, sliding_window):
+    """Mask [B, Tq, Tk] from query/key indices [Tq]/[Tk] and segment ids [B, Tq]/[B, Tk]."""
+    mask = (q_seg[:, :, None] == k_seg[:, None, :]) & (q_seg[:, :, None] != 0)
+    mask &= (k_idx[None, :] <= q_idx[:, None])[None]
+    if sliding_window is not None:
+        mask &= (k_idx[None, :] > q_idx[:, None] - sliding_window)[None]
+    return mask
+
+
+def _grouped(q, num_kv_heads):
+    """[B, T, Hq, hd] -> [B, T, Hk, G, hd]; query head h uses kv head h // G (HF repeat_kv order)."""
+    b, t, hq, hd = q.shape
+    return q.reshape(b, t, num_kv_heads, hq // num_kv_heads, hd)
+
+
+def _dense(q, k, v, segment_ids, *, sliding_window, block_q, block_k):
+    """Reference: full fp32 score matrix and mask."""
+    del block_q, block_k
+    b, t, hq, hd = q.shape
+    idx = jnp.arange(t)
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", _grouped(q, k.shape[2]), k, preferred_element_type=jnp.float32)
+    s = s * (hd ** -0.5)
+    mask = _visible(idx, idx, segment_ids, segment_ids, sliding_window)[:, None, None]
+    s = jnp.where(mask, s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    o = jnp.einsum("bhgqk,bkhd->bqhgd", p / jnp.where(denom == 0, 1.0, denom), v.astype(jnp.float32))
+    return o.reshape(b, t, hq, hd).astype(q.dtype)
+
+
+def _key_block_ranges(segment_ids, t, bq, bk, nq, sliding_window):
+    """First and last key block (int32[nq] each) that queries of each query block can see.
+
+    The earliest visible key of query i is max(start of i's segment, i - W + 1); the latest is i. Blocks
+    whose queries are all padding get an empty range (first > last).
+    """
+    idx = jnp.arange(t)
+    starts = jnp.where((idx == 0)[None] | (segment_ids != jnp.roll(segment_ids, 1, axis=1)), idx[None], 0)
+    seg_start = jax.lax.cummax(starts, axis=1)  # [B, T]
+    lo = seg_start if sliding_window is None else jnp.maximum(seg_start, idx[None] - sliding_window + 1)
+    real = segment_ids != 0
+    pad = nq * bq - t
+    lo = jnp.pad(jnp.where(real, lo, t), ((0, 0), (0, pad)), constant_values=t)
+    hi = jnp.pad(jnp.where(real, idx[None], -1), ((0, 0), (0, pad)), constant_values=-1)
+    lo = lo.reshape(-1, nq, bq).min(axis=(0, 2))
+    hi = hi.reshape(-1, nq, bq).max(axis=(0, 2))
+    return (lo // bk).astype(jnp.int32), jnp.where(hi < 0, -1, hi // bk).astype(jnp.int32)
+
+
+def _blockwise(q, k, v, segment_ids, *, sliding_window, block_q, block_k):
+    """Online-softmax attention over [block_q x block_k] tiles, skipping key blocks no query can see."""
+    b, t, hq, hd = q.shape
+    hk = k.shape[2]
+    g = hq // hk
+    bq, bk = min(block_q, t), min(block_k, t)
+    nq, nk = -(-t // bq), -(-t // bk)
+    scale = hd ** -0.5
+
+    def pad_to(x, n):
+        return jnp.pad(x, ((0, 0), (0, n - t)) + ((0, 0),) * (x.ndim - 2))
+
+    qp = _grouped(pad_to(q, nq * bq), hk)  # [B, nq*bq, Hk, G, hd]
+    kp, vp = pad_to(k, nk * bk), pad_to(v, nk * bk)
+    q_seg, k_seg = pad_to(segment_ids, nq * bq), pad_to(segment_ids, nk * bk)
+    first, last = _key_block_ranges(segment_ids, t, bq, bk, nq, sliding_window)
+
+    def query_block(args):
+        i, j0, j1 = args
+        q_blk = jax.lax.dynamic_slice_in_dim(qp, i * bq, bq, axis=1)
+        qs_blk = jax.lax.dynamic_slice_in_dim(q_seg, i * bq, bq, axis=1)
+        q_idx = i * bq + jnp.arange(bq)
+
+        def key_block(j, carry):
+            m, l, acc = carry
+            k_blk = jax.lax.dynamic_slice_in_dim(kp, j * bk, bk, axis=1)
+            v_blk = jax.lax.dynamic_slice_in_dim(vp, j * bk, bk, axis=1)
+            ks_blk = jax.lax.dynamic_slice_in_dim(k_seg, j * bk, bk, axis=1)
+            s = jnp.einsum("bqhgd,bkhd->bhgqk", q_blk, k_blk, preferred_element_type=jnp.float32) * scale
+            mask = _visible(q_idx, j * bk + jnp.arange(bk), qs_blk, ks_blk, sliding_window)
+            s = jnp.where(mask[:, None, None], s, -jnp.inf)
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+            p = jnp.exp(s - m_safe[..., None])
+            correction = jnp.exp(m - m_safe)
+            l = l * correction + jnp.sum(p, axis=-1)
+            pv = jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(v.dtype), v_blk, preferred_element_type=jnp.float32)
+            return m_new, l, acc * correction[..., None] + pv
+
+        init = (jnp.full((b, hk, g, bq), -jnp.inf, jnp.float32), jnp.zeros((b, hk, g, bq), jnp.float32),
+                jnp.zeros((b, hk, g, bq, hd), jnp.float32))
+        _, l, acc = jax.lax.fori_loop(j0, j1 + 1, key_block, init)
+        out = acc / jnp.where(l == 0, 1.0, l)[..., None]  # [B, Hk, G, bq, hd]
+        return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, bq, hq, hd).astype(q.dtype)
+
+    blocks = jax.lax.map(query_block, (jnp.arange(nq, dtype=jnp.int32), first, last))  # [nq, B, bq, Hq, hd]
+    return jnp.transpose(blocks, (1, 0, 2, 3, 4)).reshape(b, nq * bq, hq, hd)[:, :t]
+
+
+register_backend("dense", _dense)
+register_backend("xla", _blockwise)
+
+
+def _register_kernel_backends() -> None:
+    from psych201_jax.model import kernels as attention_kernels
+    attention_kernels.register_all(register_backend)
+
+
+_register_kernel_backends()

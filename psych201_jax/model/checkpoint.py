@@ -1,0 +1,142 @@
+"""Converted checkpoints: HF directory -> orbax parameters + model spec + tokenizer + provenance, and back.
+
+Layout of a converted directory::
+
+    <out>/params/           orbax (v1 layout) PyTree checkpoint, the model's pure state dict
+    <out>/model_spec.json   ModelSpec
+    <out>/tokenizer/        the HF tokenizer files
+    <out>/provenance.json   source path, sha256 of every source file, dtype, converter version, time
+
+Conversion writes one parameter per orbax partial save, so the host holds at most one stacked parameter
+(plus orbax's write buffer for it) instead of the whole model. Restoring reads straight into target
+shardings given by an abstract state of ``jax.ShapeDtypeStruct(..., sharding=...)``, so no host ever
+materialises a model that does not fit it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+from collections.abc import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from psych201_jax import hashing
+from psych201_jax.data.spans import TOKENIZER_FILES
+from psych201_jax.model import spec as modelspec
+from psych201_jax.model import hf_weights as weights
+from psych201_jax.model.decoder import Decoder, logical_to_spec
+from psych201_jax.model.spec import ModelSpec
+
+try:  # orbax >= 0.12.9 exposes the v1 API at the top level; 0.12.8 under experimental.
+    from orbax.checkpoint import v1 as ocp
+except ImportError:
+    from orbax.checkpoint.experimental import v1 as ocp
+
+CONVERTER_VERSION = "1.0"
+PARAMS, SPEC, TOKENIZER, PROVENANCE = "params", "model_spec.json", "tokenizer", "provenance.json"
+CHUNK_BYTES = 64 << 20
+
+
+def save_params(params_dir: str, items: Iterable[tuple[tuple[str, ...], np.ndarray]],
+                chunk_bytes: int = CHUNK_BYTES) -> None:
+    """Writes (path, array) items into one orbax PyTree checkpoint, one partial save per item.
+
+    Host arrays are not defensively copied (the items are not modified afterwards) and are stored in chunks
+    of at most ``chunk_bytes``, which bounds compression buffers and lets sharded restores read only the
+    chunks they need.
+    """
+    ctx = ocp.Context()
+    ctx.memory.deepcopy_host_arrays = False
+    ctx.array.saving.storage_options.chunk_byte_size = chunk_bytes
+    with ctx:
+        for path, array in items:
+            tree = array
+            for key in reversed(path):
+                tree = {key: tree}
+            ocp.partial.save(params_dir, tree)
+            del tree, array
+        ocp.partial.finalize(params_dir)
+
+
+def restore_params(params_dir: str, abstract: dict) -> dict:
+    """Restores the pure state dict into the shardings/dtypes of ``abstract`` (ShapeDtypeStruct leaves)."""
+    return ocp.load(params_dir, abstract)
+
+
+def convert(hf_dir: str, out_dir: str, dtype: str = "bfloat16", *, allow_pickle: bool = False) -> ModelSpec:
+    """Converts a local HF checkpoint directory into ``out_dir`` (see module docstring); returns its spec."""
+    if dtype not in weights.TARGET_DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(weights.TARGET_DTYPES)}, got {dtype!r}")
+    spec = modelspec.from_hf_dir(hf_dir)
+    reader = weights.open_weights(hf_dir, allow_pickle=allow_pickle)
+    params_dir = os.path.join(out_dir, PARAMS)
+    if os.path.exists(params_dir):
+        raise FileExistsError(f"{params_dir} already exists; convert into a fresh directory")
+    os.makedirs(out_dir, exist_ok=True)
+    save_params(params_dir, weights.converted_params(reader, spec, dtype))
+    spec.save(os.path.join(out_dir, SPEC))
+
+    tok_dir = os.path.join(out_dir, TOKENIZER)
+    os.makedirs(tok_dir, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(hf_dir, name)):
+            shutil.copy2(os.path.join(hf_dir, name), tok_dir)
+
+    source_files = sorted(f for f in os.listdir(hf_dir) if os.path.isfile(os.path.join(hf_dir, f)))
+    provenance = {
+        "source": os.path.abspath(hf_dir),
+        "sha256": {f: hashing.hash_file(os.path.join(hf_dir, f)) for f in source_files},
+        "dtype": dtype,
+        "converter_version": CONVERTER_VERSION,
+        "model_type": spec.model_type,
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    with open(os.path.join(out_dir, PROVENANCE), "w") as fh:
+        json.dump(provenance, fh, indent=2)
+    return spec
+
+
+def abstract_model(spec: ModelSpec, *, dtype, param_dtype, mesh: jax.sharding.Mesh | None = None,
+                   rules: Sequence[tuple[str, str | tuple[str, ...] | None]] | None = None,
+                   attention_backend: str = "xla") -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, state of ShapeDtypeStruct-with-sharding variables) of a Decoder, without allocating it.
+
+    With a mesh, each parameter's logical axes are mapped through ``rules``; without one, every parameter
+    goes to the first local device.
+    """
+    model = nnx.eval_shape(lambda: Decoder(spec, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0),
+                                           attention_backend=attention_backend))
+    graphdef, state = nnx.split(model)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def leaf(var):
+        sharding = (device if mesh is None
+                    else jax.NamedSharding(mesh, logical_to_spec(var.get_metadata()["out_sharding"], rules or ())))
+        return var.replace(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding))
+
+    return graphdef, jax.tree.map(leaf, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def load_model(converted_dir: str, *, dtype=None, mesh: jax.sharding.Mesh | None = None,
+               rules: Sequence[tuple[str, str | tuple[str, ...] | None]] | None = None,
+               attention_backend: str = "xla") -> tuple[Decoder, ModelSpec]:
+    """Restores a converted checkpoint as (Decoder, spec).
+
+    ``dtype``: parameter and activation dtype (default: the dtype it was converted to); parameters are cast
+    on restore. ``mesh``/``rules``: target shardings (default: one device).
+    """
+    spec = ModelSpec.load(os.path.join(converted_dir, SPEC))
+    if dtype is None:
+        with open(os.path.join(converted_dir, PROVENANCE)) as fh:
+            dtype = json.load(fh)["dtype"]
+    dtype = jnp.dtype(dtype)
+    graphdef, state = abstract_model(spec, dtype=dtype, param_dtype=dtype, mesh=mesh, rules=rules,
+                                     attention_backend=attention_backend)
+    nnx.replace_by_pure_dict(state, restore_params(os.path.join(converted_dir, PARAMS), nnx.to_pure_dict(state)))
+    return nnx.merge(graphdef, state), spec

@@ -1,0 +1,282 @@
+"""Flax NNX decoder for the Llama, Qwen2, Qwen3 and OLMo 3 families, with stacked, scanned layers.
+
+Every layer parameter is stored stacked over layers ([L, ...]) and the forward scans over them, so compile
+time does not grow with depth. Layers whose attention differs (OLMo 3: three sliding-window layers, then a
+full one) are scanned in groups of the repeating ``layer_types`` pattern, so each window stays static.
+Parameters carry logical axis names (``out_sharding`` metadata, never applied eagerly) and activations
+pass through ``constrain``, a no-op without a mesh; a sharding layer maps the names below to mesh axes.
+Parameter layouts (ours, not HF's): projections are [in, out] with heads split out, e.g. wq [L, D, Hq, hd].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.core.spmd import get_logical_axis_rules
+
+from psych201_jax.model import rope as rope_lib
+from psych201_jax.model.attention import attention
+from psych201_jax.model.spec import ModelSpec
+
+# Logical axis names of parameters.
+VOCAB = "vocab"
+EMBED = "embed"
+LAYERS = "layers"
+Q_HEADS = "q_heads"
+KV_HEADS = "kv_heads"
+HEAD_DIM = "head_dim"
+MLP = "mlp"
+NORM = "norm"
+
+# Logical axis names of activations.
+ACT_BATCH = "activation_batch"
+ACT_LENGTH = "activation_length"
+ACT_EMBED = "activation_embed"
+ACT_Q_HEADS = "activation_q_heads"
+ACT_KV_HEADS = "activation_kv_heads"
+ACT_HEAD_DIM = "activation_head_dim"
+ACT_MLP = "activation_mlp"
+ACT_VOCAB = "activation_vocab"
+
+
+BIASES = ("bq", "bk", "bv", "bo", "b_gate", "b_up", "b_down")
+
+
+def layer_param_axes(spec: ModelSpec) -> dict[str, tuple[str, ...]]:
+    """Logical axes of every stacked layer parameter this family has (name -> axes, first axis LAYERS)."""
+    axes = {
+        "wq": (LAYERS, EMBED, Q_HEADS, HEAD_DIM),
+        "wk": (LAYERS, EMBED, KV_HEADS, HEAD_DIM),
+        "wv": (LAYERS, EMBED, KV_HEADS, HEAD_DIM),
+        "wo": (LAYERS, Q_HEADS, HEAD_DIM, EMBED),
+        "w_gate": (LAYERS, EMBED, MLP),
+        "w_up": (LAYERS, EMBED, MLP),
+        "w_down": (LAYERS, MLP, EMBED),
+    }
+    if spec.norm_placement == "pre":
+        axes.update(attn_in_norm=(LAYERS, NORM), mlp_in_norm=(LAYERS, NORM))
+    else:
+        axes.update(attn_out_norm=(LAYERS, NORM), mlp_out_norm=(LAYERS, NORM))
+    if spec.qkv_bias:
+        axes.update(bq=(LAYERS, Q_HEADS, HEAD_DIM), bk=(LAYERS, KV_HEADS, HEAD_DIM), bv=(LAYERS, KV_HEADS, HEAD_DIM))
+    if spec.o_bias:
+        axes.update(bo=(LAYERS, EMBED))
+    if spec.mlp_bias:
+        axes.update(b_gate=(LAYERS, MLP), b_up=(LAYERS, MLP), b_down=(LAYERS, EMBED))
+    if spec.qk_norm == "head":
+        axes.update(q_norm=(LAYERS, HEAD_DIM), k_norm=(LAYERS, HEAD_DIM))
+    elif spec.qk_norm == "full":
+        axes.update(q_norm=(LAYERS, Q_HEADS, HEAD_DIM), k_norm=(LAYERS, KV_HEADS, HEAD_DIM))
+    return axes
+
+
+def param_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Shape of every parameter, keyed like ``layer_param_axes`` plus embed/lm_head/final_norm."""
+    sizes = {LAYERS: spec.num_layers, EMBED: spec.hidden_size, Q_HEADS: spec.num_heads,
+             KV_HEADS: spec.num_kv_heads, HEAD_DIM: spec.head_dim, MLP: spec.intermediate_size,
+             NORM: spec.hidden_size, VOCAB: spec.vocab_size}
+    shapes = {name: tuple(sizes[a] for a in axes) for name, axes in layer_param_axes(spec).items()}
+    shapes["embed"] = (spec.vocab_size, spec.hidden_size)
+    shapes["final_norm"] = (spec.hidden_size,)
+    if not spec.tie_word_embeddings:
+        shapes["lm_head"] = (spec.vocab_size, spec.hidden_size)
+    return shapes
+
+
+def logical_to_spec(names: Sequence[str | None], rules: Sequence[tuple[str, str | tuple[str, ...] | None]]
+                    ) -> jax.P:
+    """PartitionSpec for logical ``names`` under ``rules`` [(logical, mesh axes or None)]; first match wins,
+    a mesh axis is used at most once, unmatched names are replicated."""
+    table: dict[str, list] = {}
+    for logical, mesh_axes in rules:
+        table.setdefault(logical, []).append(mesh_axes)
+    used: set[str] = set()
+    out = []
+    for name in names:
+        choice = None
+        for mesh_axes in table.get(name, []):
+            axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+            if axes and not used.intersection(axes):
+                choice = mesh_axes
+                used.update(axes)
+                break
+        out.append(choice)
+    return jax.P(*out)
+
+
+def constrain(x: jnp.ndarray, names: Sequence[str | None]) -> jnp.ndarray:
+    """Sharding constraint by logical names under the active ``nnx.logical_axis_rules``; no-op without a mesh."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, get_logical_axis_rules()))
+
+
+def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float, *, weight_fp32: bool,
+             axes: tuple[int, ...] = (-1,)) -> jnp.ndarray:
+    """RMSNorm over ``axes`` in fp32. weight_fp32: weight * x in fp32 then cast (OLMo); else cast then
+    multiply in x.dtype (Llama/Qwen). Returns x.dtype."""
+    xf = x.astype(jnp.float32)
+    normed = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=axes, keepdims=True) + eps)
+    if weight_fp32:
+        return (weight.astype(jnp.float32) * normed).astype(x.dtype)
+    return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def _attention_block(p: dict[str, jnp.ndarray], x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray,
+                     segment_ids: jnp.ndarray, *, spec: ModelSpec, window: int | None, backend: str
+                     ) -> jnp.ndarray:
+    """x [B, T, D] -> self-attention output [B, T, D] (before any post-norm / residual)."""
+    dt = x.dtype
+    q = jnp.einsum("btd,dhk->bthk", x, p["wq"].astype(dt))
+    k = jnp.einsum("btd,dhk->bthk", x, p["wk"].astype(dt))
+    v = jnp.einsum("btd,dhk->bthk", x, p["wv"].astype(dt))
+    if spec.qkv_bias:
+        q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
+    if spec.qk_norm != "none":
+        axes = (-1,) if spec.qk_norm == "head" else (-2, -1)
+        q = rms_norm(q, p["q_norm"], spec.rms_norm_eps, weight_fp32=spec.norm_weight_fp32, axes=axes)
+        k = rms_norm(k, p["k_norm"], spec.rms_norm_eps, weight_fp32=spec.norm_weight_fp32, axes=axes)
+    q = rope_lib.apply_rope(q, cos, sin, in_fp32=spec.rope_fp32)
+    k = rope_lib.apply_rope(k, cos, sin, in_fp32=spec.rope_fp32)
+    q = constrain(q, (ACT_BATCH, ACT_LENGTH, ACT_Q_HEADS, ACT_HEAD_DIM))
+    k = constrain(k, (ACT_BATCH, ACT_LENGTH, ACT_KV_HEADS, ACT_HEAD_DIM))
+    v = constrain(v, (ACT_BATCH, ACT_LENGTH, ACT_KV_HEADS, ACT_HEAD_DIM))
+    o = attention(q, k, v, segment_ids, sliding_window=window, backend=backend)
+    out = jnp.einsum("bthk,hkd->btd", o, p["wo"].astype(dt))
+    if spec.o_bias:
+        out = out + p["bo"].astype(dt)
+    return out
+
+
+def _mlp_block(p: dict[str, jnp.ndarray], x: jnp.ndarray, *, spec: ModelSpec) -> jnp.ndarray:
+    """SwiGLU: down(silu(gate(x)) * up(x)), x [B, T, D] -> [B, T, D]."""
+    dt = x.dtype
+    gate = jnp.einsum("btd,df->btf", x, p["w_gate"].astype(dt))
+    up = jnp.einsum("btd,df->btf", x, p["w_up"].astype(dt))
+    if spec.mlp_bias:
+        gate, up = gate + p["b_gate"].astype(dt), up + p["b_up"].astype(dt)
+    h = constrain(jax.nn.silu(gate) * up, (ACT_BATCH, ACT_LENGTH, ACT_MLP))
+    out = jnp.einsum("btf,fd->btd", h, p["w_down"].astype(dt))
+    if spec.mlp_bias:
+        out = out + p["b_down"].astype(dt)
+    return out
+
+
+def decoder_layer(p: dict[str, jnp.ndarray], h: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray,
+                  segment_ids: jnp.ndarray, *, spec: ModelSpec, window: int | None, backend: str) -> jnp.ndarray:
+    """One decoder layer on h [B, T, D] with this layer's (unstacked) parameters ``p``."""
+    def norm(x, name):
+        return rms_norm(x, p[name], spec.rms_norm_eps, weight_fp32=spec.norm_weight_fp32)
+
+    pre = spec.norm_placement == "pre"
+    attn = _attention_block(p, norm(h, "attn_in_norm") if pre else h, cos, sin, segment_ids, spec=spec,
+                            window=window, backend=backend)
+    h = h + (attn if pre else norm(attn, "attn_out_norm"))
+    mlp = _mlp_block(p, norm(h, "mlp_in_norm") if pre else h, spec=spec)
+    h = h + (mlp if pre else norm(mlp, "mlp_out_norm"))
+    return constrain(h, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
+
+
+def layer_groups(layer_types: Sequence[str]) -> tuple[tuple[int, int, tuple[str, ...]], ...]:
+    """Splits the layer list into scan groups (start, repeats, pattern) with static per-layer attention.
+
+    The shortest period p of ``layer_types`` gives one group scanned L // p times over a p-layer body
+    (plus a remainder group run once); lists without a period <= L / 2 fall back to runs of equal types.
+    """
+    n = len(layer_types)
+    period = next(p for p in range(1, n + 1) if all(layer_types[i] == layer_types[i % p] for i in range(n)))
+    if period <= n // 2 or period == n == 1:
+        repeats = n // period
+        groups = [(0, repeats, tuple(layer_types[:period]))]
+        if repeats * period < n:
+            groups.append((repeats * period, 1, tuple(layer_types[repeats * period:])))
+        return tuple(groups)
+    groups, start = [], 0
+    for i in range(1, n + 1):
+        if i == n or layer_types[i] != layer_types[start]:
+            groups.append((start, i - start, (layer_types[start],)))
+            start = i
+    return tuple(groups)
+
+
+class LayerStack(nnx.Module):
+    """All decoder layers' parameters, each stacked over layers: name -> nnx.Param [L, ...]."""
+
+    def __init__(self, spec: ModelSpec, *, param_dtype, rngs: nnx.Rngs):
+        shapes = param_shapes(spec)
+        self.names = tuple(sorted(layer_param_axes(spec)))
+        for name, axes in layer_param_axes(spec).items():
+            setattr(self, name, _new_param(name, shapes[name], axes, param_dtype, rngs))
+
+    def arrays(self) -> dict[str, jnp.ndarray]:
+        return {name: getattr(self, name)[...] for name in self.names}
+
+
+def _new_param(name: str, shape: tuple[int, ...], axes: tuple[str, ...], param_dtype, rngs: nnx.Rngs) -> nnx.Param:
+    """Norm weights start at 1, biases at 0, matrices ~ N(0, 0.02); logical axes kept as metadata."""
+    if name.endswith("norm"):
+        value = jnp.ones(shape, param_dtype)
+    elif name in BIASES:
+        value = jnp.zeros(shape, param_dtype)
+    else:
+        value = 0.02 * jax.random.normal(rngs.params(), shape, param_dtype)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+class Decoder(nnx.Module):
+    """Decoder-only transformer of one supported family; returns final (normed) hidden states."""
+
+    def __init__(self, spec: ModelSpec, *, dtype, param_dtype, rngs: nnx.Rngs, attention_backend: str = "xla"):
+        self.spec = spec
+        self.dtype = jnp.dtype(dtype)
+        self.attention_backend = attention_backend
+        shapes = param_shapes(spec)
+        self.embed = _new_param("embed", shapes["embed"], (VOCAB, EMBED), param_dtype, rngs)
+        self.lm_head = (None if spec.tie_word_embeddings
+                        else _new_param("lm_head", shapes["lm_head"], (VOCAB, EMBED), param_dtype, rngs))
+        self.final_norm = _new_param("final_norm", shapes["final_norm"], (NORM,), param_dtype, rngs)
+        self.layers = LayerStack(spec, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, tokens: jnp.ndarray, positions: jnp.ndarray, segment_ids: jnp.ndarray) -> jnp.ndarray:
+        """tokens/positions/segment_ids int32[B, T] -> hidden [B, T, D] after the final norm.
+
+        ``positions`` restart at 0 in each packed segment and drive RoPE; tokens attend only within their
+        nonzero segment (0 = padding).
+        """
+        spec = self.spec
+        # Gather from a table sharded only over the vocabulary, so the lookup output needs no re-split.
+        h = jnp.take(constrain(self.embed[...], (VOCAB, None)), tokens, axis=0).astype(self.dtype)
+        h = constrain(h, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
+        tables = {}
+        for layer_type in sorted(set(spec.layer_types)):
+            inv_freq, scaling = rope_lib.inv_freq_and_scaling(spec.rope_for(layer_type), spec.head_dim,
+                                                             spec.max_position_embeddings)
+            tables[layer_type] = rope_lib.cos_sin(positions, inv_freq, scaling)
+        params = self.layers.arrays()
+        for start, repeats, pattern in layer_groups(spec.layer_types):
+            count = repeats * len(pattern)
+            group = {name: x[start:start + count].reshape(repeats, len(pattern), *x.shape[1:])
+                     for name, x in params.items()}
+
+            def body(h, p, pattern=pattern):
+                for j, layer_type in enumerate(pattern):
+                    h = decoder_layer({name: x[j] for name, x in p.items()}, h, *tables[layer_type], segment_ids,
+                                      spec=spec, window=spec.window_for(layer_type),
+                                      backend=self.attention_backend)
+                return h, None
+
+            h, _ = jax.lax.scan(body, h, group)
+        return rms_norm(h, self.final_norm[...], spec.rms_norm_eps, weight_fp32=spec.norm_weight_fp32)
+
+    def unembedding(self) -> jnp.ndarray:
+        """Output projection [V, D] (HF orientation): lm_head, or the input embedding when tied."""
+        return (self.embed if self.lm_head is None else self.lm_head)[...]
+
+    def logits(self, hidden: jnp.ndarray) -> jnp.ndarray:
+        """hidden [B, T, D] -> float32 logits [B, T, V]; the plain full-vocabulary path, for tests."""
+        w = self.unembedding().astype(hidden.dtype)
+        out = jnp.einsum("btd,vd->btv", hidden, w, preferred_element_type=jnp.float32)
+        return constrain(out, (ACT_BATCH, ACT_LENGTH, ACT_VOCAB))

@@ -1,0 +1,222 @@
+"""HF checkpoint tensors -> our stacked parameter layout, one tensor at a time.
+
+``SafetensorsReader`` parses safetensors headers itself (8-byte little-endian header length, JSON header,
+raw little-endian data) and reads each tensor with a positioned file read into a fresh numpy buffer, so
+bf16 works through ``ml_dtypes`` without torch and the page cache, not the process, holds file data.
+``converted_params`` yields our parameters one at a time (per-layer HF tensors copied into one stacked
+array), so at most one stacked parameter plus one source tensor is resident at once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterator, Mapping
+
+import ml_dtypes
+import numpy as np
+
+from psych201_jax.model.decoder import param_shapes
+from psych201_jax.model.spec import ModelSpec
+
+SAFETENSORS_DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+TARGET_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
+# Buffers some older checkpoints store that carry no weights.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class WeightsError(ValueError):
+    """The checkpoint's tensors do not match what its config describes, or cannot be read safely."""
+
+
+def read_safetensors_header(path: str) -> dict[str, tuple[np.dtype, tuple[int, ...], int, int]]:
+    """name -> (dtype, shape, absolute start offset, absolute end offset) of every tensor in one file."""
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if meta["dtype"] not in SAFETENSORS_DTYPES:
+            raise WeightsError(f"{path}: tensor {name} has unsupported dtype {meta['dtype']}")
+        start, end = meta["data_offsets"]
+        out[name] = (SAFETENSORS_DTYPES[meta["dtype"]], tuple(meta["shape"]), 8 + n + start, 8 + n + end)
+    return out
+
+
+def write_safetensors(path: str, tensors: Mapping[str, np.ndarray]) -> None:
+    """Writes ``tensors`` (numpy, bf16 via ml_dtypes allowed) as one safetensors file, tensor by tensor."""
+    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    header, offset = {}, 0
+    for name, x in tensors.items():
+        header[name] = {"dtype": names[x.dtype], "shape": list(x.shape), "data_offsets": [offset, offset + x.nbytes]}
+        offset += x.nbytes
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)) + blob)
+        for x in tensors.values():
+            fh.write(np.ascontiguousarray(x).tobytes())
+
+
+class SafetensorsReader:
+    """All tensors of a checkpoint directory (single file, index + shards, or a set of shards)."""
+
+    def __init__(self, hf_dir: str):
+        index = os.path.join(hf_dir, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            with open(index) as fh:
+                files = sorted(set(json.load(fh)["weight_map"].values()))
+        else:
+            files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
+        if not files:
+            raise WeightsError(f"no .safetensors weights in {hf_dir}")
+        self.files = [os.path.join(hf_dir, f) for f in files]
+        self._tensors = {}
+        for path in self.files:
+            for name, (dtype, shape, start, end) in read_safetensors_header(path).items():
+                self._tensors[name] = (path, dtype, shape, start, end)
+
+    def names(self) -> set[str]:
+        return set(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._tensors[name][2]
+
+    def read(self, name: str) -> np.ndarray:
+        """One tensor as a fresh numpy array (read with pread, no mmap)."""
+        path, dtype, shape, start, end = self._tensors[name]
+        buf = np.empty(end - start, np.uint8)
+        view, done = memoryview(buf), 0
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            while done < len(buf):
+                n = os.preadv(fd, [view[done:]], start + done)
+                if n == 0:
+                    raise WeightsError(f"{path}: truncated tensor {name}")
+                done += n
+        finally:
+            os.close(fd)
+        return buf.view(dtype).reshape(shape)
+
+
+class PickleReader:
+    """Tensors of ``pytorch_model*.bin`` files via ``torch.load(weights_only=True)``; only when allowed."""
+
+    def __init__(self, hf_dir: str):
+        import torch
+
+        self.files = sorted(os.path.join(hf_dir, f) for f in os.listdir(hf_dir)
+                            if f.startswith("pytorch_model") and f.endswith(".bin"))
+        self._tensors = {}
+        for path in self.files:
+            self._tensors.update(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+
+    def names(self) -> set[str]:
+        return set(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].shape)
+
+    def read(self, name: str) -> np.ndarray:
+        import torch
+
+        t = self._tensors[name].contiguous()
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+        return t.numpy().copy()
+
+
+def open_weights(hf_dir: str, *, allow_pickle: bool = False) -> SafetensorsReader | PickleReader:
+    """Reader over the checkpoint's weights; pickle ``.bin`` weights only with ``allow_pickle``."""
+    files = os.listdir(hf_dir)
+    if any(f.endswith(".safetensors") for f in files):
+        return SafetensorsReader(hf_dir)
+    if any(f.startswith("pytorch_model") and f.endswith(".bin") for f in files):
+        if not allow_pickle:
+            raise WeightsError(f"{hf_dir} has only pickle (.bin) weights; unpickling can run arbitrary code. "
+                               "Pass allow_pickle (--allow_pickle) only for a source you trust.")
+        return PickleReader(hf_dir)
+    raise WeightsError(f"no weights (.safetensors or pytorch_model*.bin) in {hf_dir}")
+
+
+def layer_sources(spec: ModelSpec) -> dict[str, tuple[str, int | None]]:
+    """Our stacked layer param -> (HF key under ``model.layers.{i}.``, n_in).
+
+    n_in: for linear weights, how many leading axes of our per-layer shape are the HF input side (the HF
+    [out, in] weight is transposed, then reshaped); None for vectors (norm weights, biases), only reshaped.
+    """
+    attn = "self_attn."
+    src = {"wq": (attn + "q_proj.weight", 1), "wk": (attn + "k_proj.weight", 1), "wv": (attn + "v_proj.weight", 1),
+           "wo": (attn + "o_proj.weight", 2), "w_gate": ("mlp.gate_proj.weight", 1),
+           "w_up": ("mlp.up_proj.weight", 1), "w_down": ("mlp.down_proj.weight", 1),
+           "bq": (attn + "q_proj.bias", None), "bk": (attn + "k_proj.bias", None), "bv": (attn + "v_proj.bias", None),
+           "bo": (attn + "o_proj.bias", None), "b_gate": ("mlp.gate_proj.bias", None),
+           "b_up": ("mlp.up_proj.bias", None), "b_down": ("mlp.down_proj.bias", None),
+           "q_norm": (attn + "q_norm.weight", None), "k_norm": (attn + "k_norm.weight", None)}
+    if spec.norm_placement == "pre":
+        src.update(attn_in_norm=("input_layernorm.weight", None), mlp_in_norm=("post_attention_layernorm.weight", None))
+    else:
+        src.update(attn_out_norm=("post_attention_layernorm.weight", None),
+                   mlp_out_norm=("post_feedforward_layernorm.weight", None))
+    shapes = param_shapes(spec)
+    return {name: src[name] for name in shapes if name in src}
+
+
+def _to_ours(x: np.ndarray, shape: tuple[int, ...], n_in: int | None, key: str) -> np.ndarray:
+    """HF tensor -> our per-layer shape (a view when possible); checks the HF shape exactly."""
+    if n_in is None:
+        expected = (math.prod(shape),)
+    else:
+        expected = (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
+    if x.shape != expected:
+        raise WeightsError(f"{key}: shape {x.shape}, expected {expected} from the config")
+    return (x if n_in is None else x.T).reshape(shape)
+
+
+def converted_params(reader, spec: ModelSpec, dtype: str) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+    """Yields (path in the model's state dict, array in ``dtype``) for every parameter, one at a time.
+
+    Raises WeightsError for missing tensors, shape mismatches and unexpected tensors (a sign that the
+    config does not describe the weights).
+    """
+    target = TARGET_DTYPES[dtype]
+    shapes = param_shapes(spec)
+    available = reader.names()
+    used = set()
+
+    def read(key):
+        if key not in available:
+            raise WeightsError(f"tensor {key} missing from the checkpoint")
+        used.add(key)
+        return reader.read(key)
+
+    def whole(key, name):
+        x = read(key)
+        if x.shape != shapes[name]:
+            raise WeightsError(f"{key}: shape {x.shape}, expected {shapes[name]} from the config")
+        return (name,), x.astype(target, copy=False)
+
+    yield whole("model.embed_tokens.weight", "embed")
+    yield whole("model.norm.weight", "final_norm")
+    if not spec.tie_word_embeddings:
+        yield whole("lm_head.weight", "lm_head")
+    elif "lm_head.weight" in available:
+        used.add("lm_head.weight")  # tied: HF ignores a stored copy as well
+    for name, (suffix, n_in) in layer_sources(spec).items():
+        out = np.empty(shapes[name], target)
+        for i in range(spec.num_layers):
+            key = f"model.layers.{i}.{suffix}"
+            out[i] = _to_ours(read(key), shapes[name][1:], n_in, key)
+        yield ("layers", name), out
+    unexpected = sorted(k for k in available - used if not k.endswith(IGNORED_SUFFIXES))
+    if unexpected:
+        raise WeightsError(f"checkpoint has tensors the {spec.model_type} config does not describe: "
+                           f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")

@@ -1,0 +1,213 @@
+"""One scoring job: model + data + condition → a results directory (``psych201-score``).
+
+Resolves the model (converting an HF directory once into a cache), opens or resumes the results
+directory, streams records → token spans → packed scoring, and commits results chunk by chunk.
+"""
+
+import collections
+import dataclasses
+import json
+import math
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from psych201_jax import console
+from psych201_jax.conditions import Condition, ConditionError, OptionsMode, Protocol
+from psych201_jax.data import metadata, records, spans
+from psych201_jax.model import checkpoint
+from psych201_jax.model import spec as modelspec
+from psych201_jax.parallel import distributed, sharding
+from psych201_jax.runs import model_cache, store
+from psych201_jax.scoring import options, packing, scorer, stream
+from psych201_jax.scoring.options import StudyOptions
+from psych201_jax.types import input_id
+
+
+def build_manifest(cfg, model_dir: str, spec, tok: spans.TokenizerInfo, protocol: spans.Protocol) -> dict:
+    with open(os.path.join(model_dir, checkpoint.PROVENANCE)) as fh:
+        provenance = json.load(fh)
+    determinants = {
+        "model": os.path.abspath(model_dir), "model_sources": provenance.get("sha256"),
+        "tokenizer_sha256": tok.sha256, "data": cfg.data, "protocol": protocol.name,
+        "template": protocol.template, "persona": cfg.persona, "persona_subset": cfg.persona_subset,
+        "persona_seed": cfg.seed if cfg.persona == "shuffled" else None, "token_budget": protocol.token_budget,
+        "max_chars": protocol.max_chars, "dtype": cfg.dtype, "options": cfg.options,
+    }
+    return {"fingerprint": store.fingerprint(determinants), "determinants": determinants,
+            "model": {"dir": os.path.abspath(model_dir), "spec": dataclasses.asdict(spec),
+                      "provenance": provenance},
+            "tokenizer": {"dir": tok.path, "sha256": tok.sha256}, "config": cfg.to_dict(),
+            "code_version": store.code_version(), "jax": jax.__version__,
+            "devices": [str(d) for d in jax.devices()], "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def summarize(out_dir: str) -> str:
+    """Short per-study summary of a results directory (response-pooled mean NLL)."""
+    per_study = collections.defaultdict(list)
+    counts = collections.Counter()
+    for row in store.iter_rows(out_dir):
+        counts[row["status"]] += 1
+        if row["status"] == "scored":
+            nll = store.nll_array(row)
+            per_study[row["study"]].extend(nll[~np.isnan(nll)].tolist())
+    lines = [f"{'study':<32} {'responses':>9} {'mean NLL':>9}"]
+    means = []
+    for study in sorted(per_study):
+        values = per_study[study]
+        mean = float(np.mean(values)) if values else math.nan
+        means.append(mean)
+        lines.append(f"{study:<32} {len(values):>9} {mean:>9.3f}")
+    score = float(np.nanmean(means)) if means else math.nan
+    lines.append(f"participants: {counts['scored']} scored, {counts['rejected']} rejected; "
+                 f"model score (mean over studies of the mean response NLL): {score:.4f}")
+    return "\n".join(lines)
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid."""
+
+
+class ModelError(RuntimeError):
+    """The model directory cannot be loaded."""
+
+
+def condition_of(cfg) -> Condition:
+    """The job's condition from its config; a ConfigError names a bad value and the allowed ones."""
+    try:
+        return Condition.from_mapping(cfg)
+    except ConditionError as err:
+        raise ConfigError(f"config.{err}") from None
+
+
+def validate_config(cfg) -> Condition:
+    """Fails fast, before any model is loaded, on a config value the job cannot use; returns the condition."""
+    from psych201_jax.model import attention
+
+    condition = condition_of(cfg)
+    if cfg.attention not in attention.available_backends():
+        raise ConfigError(f"config.attention={cfg.attention!r} is not one of {attention.available_backends()}")
+    for field in ("tokens_per_batch", "chunk_tokens", "vocab_chunk", "min_row_length"):
+        if not isinstance(cfg[field], int) or cfg[field] < 1:
+            raise ConfigError(f"config.{field} must be a positive integer, got {cfg[field]!r}")
+    for field in ("max_tokens", "max_row_length", "persona_reserve"):
+        if not isinstance(cfg[field], int) or cfg[field] < 0:
+            raise ConfigError(f"config.{field} must be 0 (automatic) or a positive integer, got {cfg[field]!r}")
+    if not cfg.out:
+        raise ConfigError("config.out (the results directory) is required")
+    return condition
+
+
+def run(cfg) -> stream.Progress:
+    """Runs one scoring job described by ``cfg`` (see psych201_jax/runs/config.py); returns its progress."""
+    distributed.initialize_from_config(cfg.get("distributed", {}))  # mesh/distributed wiring: before JAX use
+    condition = validate_config(cfg)
+    total = records.count_participants(cfg.data)  # fails early on missing or unreadable data
+    model_dir = model_cache.resolve_model(cfg.model, cfg.cache_dir, cfg.dtype)
+    mesh, rules = _mesh_and_rules(cfg, model_dir)
+    try:
+        model, spec = checkpoint.load_model(model_dir, dtype=cfg.dtype, attention_backend=cfg.attention,
+                                            mesh=mesh, rules=rules)
+    except Exception as err:  # orbax/tensorstore errors on a damaged checkpoint are long and obscure
+        raise ModelError(f"could not load the converted checkpoint {model_dir} ({type(err).__name__}: "
+                         f"{str(err)[:300]}); if it is a conversion cache, delete it to reconvert") from err
+    tok = spans.TokenizerInfo(os.path.join(model_dir, checkpoint.TOKENIZER))
+    context = spec.max_position_embeddings
+    if cfg.persona_reserve >= context:
+        raise ConfigError(f"config.persona_reserve={cfg.persona_reserve} leaves no budget in a {context}-token context")
+    # One budget for every condition (so persona and no-persona runs score the same responses); the
+    # reserve keeps BOS, chat header and persona prefix, which are outside the budget, inside the context.
+    robust = condition.protocol == Protocol.ROBUST
+    budget = (cfg.max_tokens or context - cfg.persona_reserve) if robust else None
+    protocol = spans.Protocol(condition.protocol.value, condition.template.value, token_budget=budget)
+    persona_of = metadata.persona_selector(condition.persona.value, subset_only=condition.persona_subset,
+                                           seed=cfg.seed, records=_records(cfg))
+    study_options = (_collect_options(cfg, tok, protocol, persona_of) if condition.options == OptionsMode.STUDY
+                     else None)
+    score_model = scorer.Scorer(model, vocab_chunk=cfg.vocab_chunk, mesh=mesh, rules=rules, options=study_options)
+    # Rows are containers of whole participants and may be longer than the context: long rows pack
+    # homogeneous studies (e.g. all ~9K-token transcripts) far better than context-length rows.
+    row_lengths = packing.choose_row_lengths(cfg.max_row_length or max(context, cfg.tokens_per_batch),
+                                             cfg.min_row_length)
+    manifest = build_manifest(cfg, model_dir, spec, tok, protocol)
+    writer = _open_writer(cfg, manifest, score_model.layout)  # one per process; replicas commit nothing
+    already = len(writer.done)
+    logging.info("model %s (%s), %s participants, protocol %s/%s, persona %s, %d already done",
+                 model_dir, spec.model_type, total, protocol.name, protocol.template, condition.persona.value,
+                 already)
+
+    todo = (r for r in _records(cfg) if input_id(r) not in writer.done)
+    todo = distributed.take_share(todo, score_model.layout.share_index, score_model.layout.share_count)
+    items = spans.tokenize_records(todo, tok, protocol, persona_of=persona_of)
+    progress = stream.Progress(participants=already)
+    line = console.ProgressLine(total, every_s=cfg.log_every_s)
+
+    def on_chunk(p: stream.Progress):
+        writer.commit(pending)
+        pending.clear()
+        rate = (p.participants - already) / max(time.perf_counter() - p.started, 1e-9)
+        eta = (total - p.participants) / rate if total and rate > 0 else math.nan
+        line.update(p.participants, p.tokens_per_s, eta)
+
+    pending: list = []
+    try:
+        for item in stream.score_spans(items, score_model, row_lengths=row_lengths,
+                                       tokens_per_batch=cfg.tokens_per_batch, chunk_tokens=cfg.chunk_tokens,
+                                       max_tokens=context, progress=progress, on_chunk=on_chunk):
+            pending.append(item)
+        writer.commit(pending)
+    finally:
+        line.close()
+    distributed.sync("results-committed")  # every process's parts are committed before anyone goes on
+    if jax.process_index() == 0:
+        store.write_complete(cfg.out, manifest["fingerprint"], time.perf_counter() - progress.started)
+    return progress
+
+
+def _records(cfg):
+    """The job's input records; the reference protocol keeps imperfect markup, as its scripts score it."""
+    return records.iter_records(cfg.data, strict_markers=cfg.protocol == Protocol.ROBUST)
+
+
+def _collect_options(cfg, tok: spans.TokenizerInfo, protocol: spans.Protocol, persona_of) -> StudyOptions:
+    """Options of every study from a pass over all of the data (not only what is left to score, so a
+    resumed job, and every process, gets the same options), tokenized as for scoring."""
+    start = time.perf_counter()
+    items = spans.tokenize_records(_records(cfg), tok, protocol, persona_of=persona_of)
+    study_options = options.collect_options(items)
+    logging.info("options pass (%.1fs): %s", time.perf_counter() - start,
+                 ", ".join(f"{study} {len(ids)}" for study, ids in study_options.items()))
+    return study_options
+
+
+def _mesh_and_rules(cfg, model_dir: str) -> tuple[jax.sharding.Mesh, sharding.Rules]:
+    """The device mesh of ``cfg.mesh`` and the logical-axis rules specialised to the model."""
+    mesh = sharding.mesh_from_config(cfg.get("mesh", {}))
+    spec = modelspec.ModelSpec.load(os.path.join(model_dir, checkpoint.SPEC))
+    rules = sharding.rules_for(spec, mesh)
+    logging.info("mesh %s, rules %s", dict(mesh.shape), rules)
+    return mesh, rules
+
+
+class _ReplicaWriter(store.ResultsWriter):
+    """A process whose rows another process also computes (a replica share) commits nothing."""
+
+    def commit(self, items):
+        return None
+
+
+def _open_writer(cfg, manifest: dict, layout: sharding.RowLayout) -> store.ResultsWriter:
+    """Process 0 opens (and, with fresh, clears) the results first; then the others, each writing its own
+    chunks (``chunks/p<process>-c*``); all have read the same completed inputs when this returns."""
+    me = jax.process_index()
+    cls = store.ResultsWriter if layout.writer else _ReplicaWriter
+    writer = cls(cfg.out, manifest, fresh=cfg.fresh, process_index=0) if me == 0 else None
+    distributed.sync("results-opened")
+    if writer is None:
+        writer = cls(cfg.out, manifest, fresh=cfg.fresh, process_index=me)
+    distributed.sync("results-ready")
+    logging.info("%s", layout.describe())
+    return writer

@@ -1,0 +1,38 @@
+"""The conversion cache: an HF checkpoint directory is converted once into a converted checkpoint."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from absl import logging
+
+from psych201_jax import hashing
+from psych201_jax.model import checkpoint
+
+
+def _dir_key(hf_dir: str, dtype: str) -> str:
+    """Cheap identity of an HF directory (file names, sizes, mtimes) for the conversion cache."""
+    listing = [dtype] + [f"{name}:{st.st_size}:{int(st.st_mtime)}"
+                         for name in sorted(os.listdir(hf_dir)) for st in [os.stat(os.path.join(hf_dir, name))]]
+    return hashing.hash_json(listing)[:16]
+
+
+def resolve_model(path: str, cache_dir: str, dtype: str) -> str:
+    """A converted checkpoint directory for ``path`` (converting an HF directory once, atomically)."""
+    if os.path.isfile(os.path.join(path, checkpoint.SPEC)):
+        return path
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path!r} is neither a converted checkpoint (model_spec.json) nor an HF "
+                                f"checkpoint directory (config.json)")
+    cache_dir = os.path.expanduser(cache_dir)
+    target = os.path.join(cache_dir, f"{os.path.basename(os.path.normpath(path))}-{_dir_key(path, dtype)}")
+    if os.path.isfile(os.path.join(target, checkpoint.PROVENANCE)):
+        logging.info("using converted cache %s", target)
+        return target
+    tmp = f"{target}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    logging.info("converting %s → %s (%s)", path, target, dtype)
+    checkpoint.convert(path, tmp, dtype)
+    os.replace(tmp, target)
+    return target

@@ -1,0 +1,287 @@
+"""Stage 7: the results store of one scoring job.
+
+Layout:
+  manifest.json                 provenance: model (spec, source hashes), tokenizer hash, protocol,
+                                template, persona, dtype, mesh, code version, config, and the
+                                fingerprint of everything that determines the numbers.
+  chunks/pPPPPP-cNNNNNN/        one committed chunk of participants from process P:
+      participants.jsonl        participant + audit table: one line per input participant (scored or
+                                rejected) with its counts and its offsets into the arrays below;
+      nll/ n_tokens/            zarr arrays (tensorstore) [responses]: summed NLL, scored tokens;
+      argmax/ target/           zarr arrays [scored tokens]: the model's top token, the human token;
+      response_offsets/ token_offsets/   zarr int64 [participants + 1].
+  complete.json                 written when the job finished (totals, timing).
+
+A chunk is written into a hidden temporary directory and renamed into place, so a job killed at any
+moment (kill -9 included) leaves only whole chunks; a restart with the same fingerprint skips the
+participants those chunks hold. A different fingerprint is refused unless the caller asks for a fresh
+run. A failed write (full disk) removes its temporary directory and leaves earlier chunks intact.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import shutil
+import subprocess
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import tensorstore as ts
+
+from psych201_jax import hashing
+from psych201_jax.types import SPAN_COUNTERS, ParticipantResult, Rejected, input_id
+
+MANIFEST = "manifest.json"
+CHUNKS = "chunks"
+COMPLETE = "complete.json"
+
+
+class ResultsError(RuntimeError):
+    """The results directory cannot be used for this job."""
+
+
+def code_version() -> str:
+    """Package version plus the git commit of the checkout when there is one."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ver = version("psych201_jax")
+    except PackageNotFoundError:
+        ver = "unknown"
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "", ""
+    return f"{ver}+{commit}{'.dirty' if dirty else ''}" if commit else ver
+
+
+def fingerprint(determinants: dict) -> str:
+    return hashing.hash_json(determinants)
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _write_array(path: str, values: np.ndarray, dtype) -> None:
+    store = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": path}}, create=True, dtype=dtype,
+                    shape=[len(values)], chunk_layout=ts.ChunkLayout(chunk_shape=[max(1, len(values))])).result()
+    if len(values):
+        store.write(values).result()
+
+
+def _read_array(path: str) -> np.ndarray:
+    return ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": path}}).result().read().result()
+
+
+RESPONSE_FIELDS = ("nll", "n_tokens")  # one value per response
+TOKEN_FIELDS = ("argmax", "target", "option_argmax")  # one value per scored token (option_argmax optional)
+_DTYPES = {"nll": ts.float64, "n_tokens": ts.int32, "argmax": ts.int32, "target": ts.int32,
+           "option_argmax": ts.int32}
+
+
+def row_of(item: ParticipantResult | Rejected) -> dict:
+    """The stored form of one participant: table fields plus per-response / per-token arrays."""
+    if isinstance(item, Rejected):
+        return {"study": item.study, "experiment": item.experiment, "participant": item.participant,
+                "status": "rejected", "reason": item.reason, "source": item.source, "line": item.line}
+    s = item.spans
+    row = {"study": s.study, "experiment": s.experiment, "participant": s.participant, "status": "scored",
+           "reason": "; ".join(s.warnings), "source": s.source, "line": s.line}
+    row.update(s.counters())
+    row.update(tokens=int(len(s.token_ids)), nll=item.nll, n_tokens=item.n_scored, argmax=item.argmax,
+               target=item.target)
+    if item.option_argmax is not None:
+        row["option_argmax"] = item.option_argmax
+    return row
+
+
+class ResultsWriter:
+    """Opens (or resumes) a results directory and commits chunks atomically."""
+
+    def __init__(self, out_dir: str, manifest: dict, *, fresh: bool = False, process_index: int = 0):
+        self.out_dir = out_dir
+        self.process_index = process_index
+        chunks = os.path.join(out_dir, CHUNKS)
+        if os.path.exists(os.path.join(out_dir, MANIFEST)):
+            old = read_manifest(out_dir)
+            if fresh:
+                if process_index == 0:
+                    shutil.rmtree(chunks, ignore_errors=True)
+                    _remove(os.path.join(out_dir, COMPLETE))
+            elif old.get("fingerprint") != manifest["fingerprint"]:
+                before, now = old.get("determinants", {}), manifest["determinants"]
+                changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+                raise ResultsError(f"{out_dir} holds results of a different configuration (changed: "
+                                   f"{', '.join(changed) or 'unknown'}); pass a new --config.out or "
+                                   f"--config.fresh=True to overwrite")
+        elif os.path.isdir(out_dir) and os.listdir(out_dir) and not fresh:
+            raise ResultsError(f"{out_dir} exists, is not empty and is not a results directory; "
+                               f"choose another --config.out")
+        try:
+            os.makedirs(chunks, exist_ok=True)
+            if process_index == 0:
+                _atomic_write(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True))
+        except OSError as err:
+            raise ResultsError(f"cannot write the results directory {out_dir}: {err}") from err
+        for stale in glob.glob(os.path.join(chunks, f".tmp-p{process_index:05d}-*")):
+            shutil.rmtree(stale, ignore_errors=True)
+        self.done = completed_inputs(out_dir)  # (source, line) of every committed input line
+        mine = glob.glob(os.path.join(chunks, f"p{process_index:05d}-c*"))
+        self.next_chunk = 1 + max((int(os.path.basename(p)[8:]) for p in mine), default=-1)
+
+    def commit(self, items: Iterable[ParticipantResult | Rejected]) -> str | None:
+        """Writes one chunk atomically; returns its path (None when ``items`` is empty)."""
+        items = list(items)
+        if not items:
+            return None
+        name = f"p{self.process_index:05d}-c{self.next_chunk:06d}"
+        final = os.path.join(self.out_dir, CHUNKS, name)
+        tmp = os.path.join(self.out_dir, CHUNKS, f".tmp-{name}-{os.getpid()}")
+        try:
+            _write_chunk(tmp, [row_of(item) for item in items])
+            os.rename(tmp, final)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ResultsError(f"could not commit results chunk {name} in {self.out_dir} ({err}); the "
+                               f"{len(self.done)} participants committed before are intact — free space "
+                               f"and rerun the same command to resume") from err
+        self.done.update(input_id(item) for item in items)
+        self.next_chunk += 1
+        return final
+
+
+def _write_chunk(path: str, rows: list[dict]) -> None:
+    """Arrays first, then the participant table (fsynced); the caller renames ``path`` into place.
+
+    Scored rows (those with ``nll``) get an ``index`` into the offsets arrays; per-token fields other
+    than argmax/target are stored only when every scored row has them.
+    """
+    os.makedirs(path)
+    scored = [r for r in rows if "nll" in r]
+    token_fields = [f for f in TOKEN_FIELDS if scored and all(f in r for r in scored)]
+    arrays = {}
+    for field in RESPONSE_FIELDS + tuple(token_fields):
+        parts = [np.asarray(r[field], dtype=np.float64 if field == "nll" else np.int64) for r in scored]
+        arrays[field] = (np.concatenate(parts) if parts else np.zeros(0)).astype(_DTYPES[field].numpy_dtype)
+    arrays["response_offsets"] = np.cumsum([0] + [len(r["nll"]) for r in scored], dtype=np.int64)
+    arrays["token_offsets"] = np.cumsum([0] + [len(r.get("argmax", ())) for r in scored], dtype=np.int64)
+    for name, values in arrays.items():
+        _write_array(os.path.join(path, name), values, ts.dtype(values.dtype.name))
+    lines, k = [], 0
+    for row in rows:
+        table = {key: value for key, value in row.items() if key not in RESPONSE_FIELDS + TOKEN_FIELDS}
+        if "nll" in row:
+            table["index"] = k  # position in the offsets arrays
+            k += 1
+        lines.append(json.dumps(table))
+    with open(os.path.join(path, "participants.jsonl"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def write_rows(out_dir: str, manifest: dict, rows: Iterable[dict], *, chunk: str = "p00000-c000000") -> str:
+    """Writes ``manifest`` and one chunk of plain row dicts (as ``row_of`` makes them); for tools and tests."""
+    os.makedirs(os.path.join(out_dir, CHUNKS), exist_ok=True)
+    _atomic_write(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True))
+    final = os.path.join(out_dir, CHUNKS, chunk)
+    tmp = os.path.join(out_dir, CHUNKS, f".tmp-{chunk}-{os.getpid()}")
+    _write_chunk(tmp, list(rows))
+    os.rename(tmp, final)
+    return out_dir
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def read_manifest(out_dir: str) -> dict:
+    path = os.path.join(out_dir, MANIFEST)
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ResultsError(f"{path}: unreadable manifest ({err}); is {out_dir} a results directory?") from err
+
+
+def chunk_dirs(out_dir: str) -> list[str]:
+    """Committed chunks in (process, chunk) order; temporary directories of a killed job are ignored."""
+    return sorted(glob.glob(os.path.join(out_dir, CHUNKS, "p*-c*")))
+
+
+def iter_rows(out_dir: str) -> Iterator[dict]:
+    """Every committed participant as a dict: the table row plus, for scored participants, ``nll``
+    (None for a response with no scored token), ``n_tokens``, ``argmax``, ``target`` (and
+    ``option_argmax`` when stored) as lists."""
+    for chunk in chunk_dirs(out_dir):
+        names = [n for n in RESPONSE_FIELDS + TOKEN_FIELDS + ("response_offsets", "token_offsets")
+                 if os.path.isdir(os.path.join(chunk, n))]
+        arrays = {name: _read_array(os.path.join(chunk, name)) for name in names}
+        r_off, t_off = arrays["response_offsets"], arrays["token_offsets"]
+        with open(os.path.join(chunk, "participants.jsonl")) as fh:
+            for line in fh:
+                row = json.loads(line)
+                k = row.pop("index", None)
+                if k is None:
+                    yield row
+                    continue
+                for field in RESPONSE_FIELDS + TOKEN_FIELDS:
+                    if field in arrays:
+                        off = r_off if field in RESPONSE_FIELDS else t_off
+                        row[field] = arrays[field][off[k]:off[k + 1]].tolist()
+                row["nll"] = [None if math.isnan(x) else x for x in row["nll"]]
+                yield row
+
+
+def iter_table(out_dir: str) -> Iterator[dict]:
+    """The participant/audit table rows of every committed chunk (no arrays read)."""
+    for chunk in chunk_dirs(out_dir):
+        with open(os.path.join(chunk, "participants.jsonl")) as fh:
+            for line in fh:
+                yield json.loads(line)
+
+
+def completed_inputs(out_dir: str) -> set[tuple[str, int]]:
+    return {(row["source"], row["line"]) for row in iter_table(out_dir)}
+
+
+def write_complete(out_dir: str, fingerprint_: str, seconds: float) -> dict:
+    """Marks a finished job, with totals over every process's chunks; returns the record."""
+    counts = {"scored": 0, "rejected": 0}
+    tokens = 0
+    for row in iter_table(out_dir):
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+        tokens += row.get("tokens", 0)
+    summary = {"fingerprint": fingerprint_, "participants": sum(counts.values()), **counts, "tokens": tokens,
+               "seconds": seconds, "tokens_per_s": tokens / seconds if seconds > 0 else 0.0}
+    _atomic_write(os.path.join(out_dir, COMPLETE), json.dumps(summary, indent=2, sort_keys=True))
+    return summary
+
+
+def read_complete(out_dir: str) -> dict | None:
+    """The completion record of a finished job, or None."""
+    try:
+        with open(os.path.join(out_dir, COMPLETE)) as fh:
+            return json.load(fh)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def nll_array(row: dict) -> np.ndarray:
+    return np.asarray([np.nan if x is None else x for x in row.get("nll", [])], dtype=np.float64)

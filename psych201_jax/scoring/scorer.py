@@ -1,0 +1,138 @@
+"""The jitted steps of scoring: model forward and the masked log-prob head, as SPMD programs on a mesh.
+
+There is one path for every layout: a single device is a 1 x 1 x 1 mesh. A step stacks one packed batch
+per row shard (data x fsdp) along rows; the forward is GSPMD-partitioned by the logical-axis rules, and
+the head (``head.score_head``) runs under ``shard_map`` with each row shard scoring its own plan and the
+vocabulary split over ``tensor``. The forward compiles once per (rows, row length) and the head once per
+(rows, row length, plan capacity[, option capacity]), so a new capacity never recompiles the forward.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from psych201_jax.parallel import distributed, sharding
+from psych201_jax.scoring import head, packing
+from psych201_jax.scoring.options import StudyOptions, batch_options, option_capacity, option_plan
+
+
+class Scorer:
+    """Runs packed batches through a model and the head on a mesh.
+
+    ``mesh``: default the 1 x 1 x 1 mesh on the first local device. The model's parameters are (re)placed on their shardings
+    under ``rules`` (default ``sharding.rules_for(model.spec, mesh)``; restoring with
+    ``checkpoint.load_model(mesh=, rules=)`` already puts them there). ``options`` (study -> option ids, see
+    ``options.collect_options``): the head also returns the option argmax; None compiles it without.
+    """
+
+    def __init__(self, model: nnx.Module, *, vocab_chunk: int = 8192, mesh: jax.sharding.Mesh | None = None,
+                 rules: sharding.Rules | None = None, options: StudyOptions | None = None):
+        graphdef, state = nnx.split(model)
+        self.mesh = mesh = sharding.make_mesh(1, 1, 1, devices=jax.local_devices()[:1]) if mesh is None else mesh
+        self.options = options
+        self.vocab_chunk = vocab_chunk
+        self.rules = tuple(rules) if rules is not None else sharding.rules_for(model.spec, mesh)
+        self.layout = layout = sharding.RowLayout.create(mesh, sharding.row_axes(self.rules))
+        state_shardings = sharding.state_shardings(state, mesh, self.rules)
+        self.state = jax.device_put(state, state_shardings)
+        rows, plan = layout.rows_sharding, layout.plan_sharding
+        vocab_axes = sharding.vocab_axes(self.rules)
+        rows_spec = jax.P(layout.axes or None)
+        rules_ = self.rules
+
+        def forward(state, tokens, positions, segment_ids):
+            with nnx.logical_axis_rules(rules_):
+                return nnx.merge(graphdef, state)(tokens, positions, segment_ids)
+
+        n_plan = 4 if options is None else 6  # + option_ids [shards * K], option_mask [shards * C, K]
+        n_out = 2 if options is None else 3
+
+        def head_step(state, hidden, *plan_arrays):
+            unembedding = nnx.merge(graphdef, state).unembedding()
+            local = functools.partial(head.score_head, vocab_axes=vocab_axes, axis_sizes=dict(mesh.shape),
+                                      vocab_chunk=vocab_chunk)
+            # Each row shard scores its own plan on its own rows; the vocabulary stays split over vocab_axes.
+            # check_vma=False: the outputs are combined over vocab_axes by hand (psum / pmax / pmin).
+            sharded = jax.shard_map(
+                local, mesh=mesh,
+                in_specs=(jax.P(layout.axes or None, None, None), jax.P(vocab_axes or None, None))
+                + (rows_spec,) * n_plan,
+                out_specs=(rows_spec,) * n_out, check_vma=False)
+            return sharded(hidden, unembedding, *plan_arrays)
+
+        self._forward = jax.jit(forward, in_shardings=(state_shardings, rows, rows, rows),
+                                out_shardings=layout.hidden_sharding)
+        self._head = jax.jit(head_step, in_shardings=(state_shardings, layout.hidden_sharding) + (plan,) * n_plan,
+                             out_shardings=(plan,) * n_out)
+
+    def option_capacity(self, batch: packing.PackedBatch) -> int:
+        """K of the batch's option ids (0 without options)."""
+        return 0 if self.options is None else option_capacity(len(batch_options(batch, self.options)))
+
+    def dispatch(self, batch: packing.PackedBatch) -> tuple[jax.Array, ...]:
+        """Enqueues one batch as one step (a mesh that does not split rows, one process); returns device
+        (response sums [C], argmax [C][, option argmax [C]])."""
+        if self.layout.shards != 1 or distributed.is_multiprocess():
+            raise ValueError("Scorer.dispatch runs one batch; use stream.score_spans on a mesh that splits rows")
+        return self.dispatch_step([batch], rows=batch.rows, length=batch.row_length, capacity=batch.capacity,
+                                  options=self.option_capacity(batch))
+
+    def dispatch_step(self, batches: Sequence[packing.PackedBatch | None], *, rows: int, length: int,
+                      capacity: int, options: int = 0) -> tuple[jax.Array, ...]:
+        """Enqueues one SPMD step (every process calls it with the same rows/length/capacity/options).
+
+        ``batches[k]``: this process's sub-batch ``layout.local_shards[k]`` ([rows, length], plan capacity
+        <= ``capacity``, option capacity <= ``options``), or None for an empty one. ``options``: the step's
+        option capacity K (> 0 exactly when the scorer has options). Returns global (sums, argmax[,
+        option_argmax]) [shards * capacity]; ``layout.local_blocks`` gives this process's blocks.
+        """
+        layout = self.layout
+        if len(batches) != len(layout.local_shards):
+            raise ValueError(f"{len(batches)} sub-batches for {len(layout.local_shards)} local row shards")
+        if (options > 0) != (self.options is not None):
+            raise ValueError(f"option capacity {options}: must be > 0 exactly when the scorer has options")
+        n = len(batches)
+        only = batches[0] if n == 1 else None
+        if only is not None and (only.rows, only.row_length, only.capacity) == (rows, length, capacity):
+            # One full sub-batch (every single-device step): its arrays are the step's, no host copies.
+            host = [only.tokens, only.positions, only.segment_ids]
+            plan_host = [only.score_index, only.score_target, only.score_valid, only.score_slot]
+            if self.options is not None:
+                plan_host += list(option_plan(only, self.options, options))
+            return self._run(host, plan_host)
+        tokens, positions, segment_ids = (np.zeros((n * rows, length), np.int32) for _ in range(3))
+        index, target, slot = (np.zeros(n * capacity, np.int32) for _ in range(3))
+        valid = np.zeros(n * capacity, bool)
+        option_ids = np.zeros(n * options, np.int32)
+        option_mask = np.zeros((n * capacity, options), bool)
+        for k, b in enumerate(batches):
+            if b is None:
+                continue
+            if (b.rows, b.row_length) != (rows, length) or b.capacity > capacity:
+                raise ValueError(f"sub-batch shape {(b.rows, b.row_length, b.capacity)} does not fit step "
+                                 f"{(rows, length, capacity)}")
+            r, c = slice(k * rows, (k + 1) * rows), slice(k * capacity, k * capacity + b.capacity)
+            tokens[r], positions[r], segment_ids[r] = b.tokens, b.positions, b.segment_ids
+            index[c], target[c], slot[c], valid[c] = b.score_index, b.score_target, b.score_slot, b.score_valid
+            if self.options is not None:
+                option_ids[k * options:(k + 1) * options], option_mask[c] = option_plan(b, self.options, options)
+        plan_host = [index, target, valid, slot] + ([option_ids, option_mask] if self.options is not None else [])
+        return self._run([tokens, positions, segment_ids], plan_host)
+
+    def _run(self, host: list[np.ndarray], plan_host: list[np.ndarray]) -> tuple[jax.Array, ...]:
+        """Places this process's rows and plan as global arrays and enqueues forward + head."""
+        layout = self.layout
+        with jax.set_mesh(self.mesh):
+            arrays = [layout.global_array(x, layout.rows_sharding) for x in host]
+            plan = [layout.global_array(x, layout.plan_sharding) for x in plan_host]
+            hidden = self._forward(self.state, *arrays)
+            return self._head(self.state, hidden, *plan)
+
+    def compilations(self) -> dict[str, int]:
+        """Distinct compiled programs so far (forward per (B, L); head per (B, L, C))."""
+        return {"forward": self._forward._cache_size(), "head": self._head._cache_size()}

@@ -1,0 +1,168 @@
+"""Streams participants through the scorer: chunks → packed batches → lockstep SPMD steps → results.
+
+``score_spans`` packs a chunk of participants, agrees with the other processes on one schedule of step
+shapes (``plan_steps``: same step count and shapes everywhere, empty sub-batches where a process has
+nothing of that shape), dispatches every step before reading any result, then unpacks per participant in
+input order. Results do not depend on how participants are grouped (segment-isolated attention,
+per-segment positions), which the invariance tests check. Each process packs only its own participants.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from psych201_jax.parallel import distributed
+from psych201_jax.scoring import packing
+from psych201_jax.scoring.scorer import Scorer
+from psych201_jax.types import ParticipantResult, ParticipantSpans, Rejected
+
+
+@dataclasses.dataclass
+class Progress:
+    participants: int = 0
+    tokens: int = 0
+    computed_tokens: int = 0
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+
+    @property
+    def tokens_per_s(self) -> float:
+        elapsed = time.perf_counter() - self.started
+        return self.tokens / elapsed if elapsed > 0 else 0.0
+
+
+def score_spans(items: Iterable[ParticipantSpans | Rejected], scorer: Scorer, *, row_lengths: tuple[int, ...],
+                tokens_per_batch: int = 131072, chunk_tokens: int = 1 << 22, max_tokens: int | None = None,
+                progress: Progress | None = None,
+                on_chunk: Callable[[Progress], None] | None = None) -> Iterator[ParticipantResult | Rejected]:
+    """Scores a stream of participants; rejections pass through, in input order within each chunk.
+
+    A participant longer than ``max_tokens`` (the model context; default: the longest row) is rejected.
+    Rows may be longer than the context: they are only containers of whole participants.
+    ``items`` are this process's participants, ``tokens_per_batch`` is per row shard (one
+    packed sub-batch; a step computes ``layout.shards`` of them) and every process must call this
+    (chunks run in lockstep rounds until every process has run out of items).
+    """
+    progress = progress or Progress()
+    limit = min(max(row_lengths), max_tokens or max(row_lengths))
+
+    def checked(items):
+        for item in items:
+            if isinstance(item, ParticipantSpans) and len(item.token_ids) > limit:
+                item = Rejected.of(item, f"{len(item.token_ids)} tokens exceed the limit of {limit} tokens (the model "
+                                f"context or the longest row); the reference protocol cuts by characters only "
+                                f"(use --protocol=robust); a robust budget plus its free prefix (BOS, chat header, "
+                                f"persona) must fit (lower --config.max_tokens or raise --config.persona_reserve)")
+            yield item
+
+    def run_chunk(chunk, results):
+        scored = [p for p in chunk if isinstance(p, ParticipantSpans)]
+        for item in chunk:
+            yield results[item.key] if isinstance(item, ParticipantSpans) else item
+        progress.participants += len(chunk)
+        progress.tokens += sum(len(p.token_ids) for p in scored)
+        if on_chunk is not None:
+            on_chunk(progress)
+
+    yield from _rounds(checked(items), scorer, row_lengths, tokens_per_batch, chunk_tokens, progress, run_chunk)
+
+def _results(participants: list[ParticipantSpans], batches, sums, tops, option_tops=None) -> dict:
+    """Per-participant results from per-batch host outputs (``option_tops``: per-batch option_argmax [C])."""
+    unpacked = packing.unpack(batches, sums, tops)
+    # unpack places any per-entry values at their positions: reused for option_argmax ([T], -1 unscored).
+    options = packing.unpack(batches, sums, option_tops) if option_tops is not None else None
+    out = {}
+    for p in participants:
+        scores = unpacked[p.key]
+        positions = np.flatnonzero(scores.argmax >= 0)
+        option = options[p.key].argmax[positions] if options is not None else None
+        out[p.key] = ParticipantResult(spans=p, nll=scores.nll, n_scored=scores.n_scored,
+                                       argmax=scores.argmax[positions], target=p.token_ids[positions],
+                                       option_argmax=option)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One SPMD step of a round: sub-batch shape, plan capacity, per local slot the index of this
+    process's packed batch that fills it (None: empty), and the option capacity K (0: no options)."""
+
+    rows: int
+    length: int
+    capacity: int
+    slots: tuple[int | None, ...]
+    options: int = 0
+
+
+def plan_steps(tables: Sequence[np.ndarray], process_share: Sequence[int], share: int, slots: int) -> list[Step]:
+    """The common step schedule of one round, as seen by share ``share``.
+
+    ``tables[p]``: int [n_p, 3] (rows, length, capacity) of process p's packed batches, or [n_p, 4] with
+    their option capacities (processes of one share hold identical tables); ``process_share[p]``: p's
+    share; ``slots``: sub-batches per share and step. For each sub-batch shape (sorted), each share's
+    batches of that shape are ordered by decreasing capacity and dealt ``slots`` per step; the step count
+    is the largest share's and a step's capacity (and option capacity) the largest among its sub-batches.
+    Every process derives the same steps from the same tables.
+    """
+    firsts = {}
+    for p, s in enumerate(process_share):
+        firsts.setdefault(s, p)
+    width = np.shape(tables[0])[-1]
+    per_share = {s: np.asarray(tables[p]).reshape(-1, width) for s, p in firsts.items()}
+    shapes = sorted({(int(r), int(l)) for t in per_share.values() for r, l in t[:, :2]})
+    steps = []
+    for rows, length in shapes:
+        order = {}
+        for s, t in per_share.items():
+            mine = [i for i in range(len(t)) if (t[i, 0], t[i, 1]) == (rows, length)]
+            order[s] = sorted(mine, key=lambda i: (-int(t[i, 2]), i))
+        n_steps = max(-(-len(o) // slots) for o in order.values())
+        for j in range(n_steps):
+            members = [per_share[s][i] for s, o in order.items() for i in o[j * slots:(j + 1) * slots]]
+            capacity = max(int(t[2]) for t in members)
+            options = max(int(t[3]) if width > 3 else 0 for t in members)
+            mine = order.get(share, [])[j * slots:(j + 1) * slots]
+            steps.append(Step(rows, length, capacity, tuple(mine) + (None,) * (slots - len(mine)), options))
+    return steps
+
+
+def _rounds(items: Iterator, scorer: Scorer, row_lengths, tokens_per_batch, chunk_tokens,
+                      progress: Progress, run_chunk) -> Iterator:
+    """Lockstep rounds: each process packs its next chunk (possibly empty), all agree on the steps, run them."""
+    layout = scorer.layout
+    done = False
+    while True:
+        chunk, chunk_len = [], 0
+        while not done and chunk_len < chunk_tokens:
+            item = next(items, None)
+            if item is None:
+                done = True
+                break
+            chunk.append(item)
+            chunk_len += len(item.token_ids) if isinstance(item, ParticipantSpans) else 0
+        scored = [p for p in chunk if isinstance(p, ParticipantSpans)]
+        batches = packing.pack(scored, row_lengths, tokens_per_batch=tokens_per_batch) if scored else []
+        width = 3 if scorer.options is None else 4  # + the option capacity
+        table = np.asarray([(b.rows, b.row_length, b.capacity, scorer.option_capacity(b))[:width] for b in batches],
+                           np.int32).reshape(-1, width)
+        header = distributed.allgather(np.asarray([len(batches), done], np.int32))
+        tables = distributed.allgather_rows(table) if header[:, 0].max() > 0 else [table[:0]] * len(header)
+        steps = plan_steps(tables, layout.process_share, layout.share_index, len(layout.local_shards))
+        outputs = [scorer.dispatch_step([None if i is None else batches[i] for i in st.slots], rows=st.rows,
+                                        length=st.length, capacity=st.capacity, options=st.options)
+                   for st in steps]
+        host: list = [None] * len(batches)  # per batch: sums, tops[, option tops]
+        for st, out in zip(steps, outputs):
+            blocks = [layout.local_blocks(x) for x in out]
+            for k, i in enumerate(st.slots):
+                if i is not None:
+                    host[i] = [b[layout.local_shards[k]] for b in blocks]
+        progress.computed_tokens += sum(b.computed_tokens for b in batches)
+        results = _results(scored, batches, *zip(*host)) if scored else {}
+        if chunk:
+            yield from run_chunk(chunk, results)
+        if header[:, 1].all():
+            return
