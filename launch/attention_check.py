@@ -50,7 +50,7 @@ def packed_row_ids(t: int, n_segments: int, rng, fill: float = 0.97) -> np.ndarr
     ids = np.zeros(t, np.int32)
     pos = 0
     for i, n in enumerate(lengths):
-        ids[pos:pos + n] = i + 1
+        ids[pos : pos + n] = i + 1
         pos += n
     return ids
 
@@ -85,14 +85,20 @@ def backend_fns(platform: str, names: list[str] | None):
         if name == "dense" or (names and name not in names):
             continue
         if name in runnable:
-            fns[name] = (name, lambda q, k, v, s, w, name=name: attn_lib.attention(
-                q, k, v, s, sliding_window=w, backend=name))
+            fns[name] = (
+                name,
+                lambda q, k, v, s, w, name=name: attn_lib.attention(q, k, v, s, sliding_window=w, backend=name),
+            )
         elif platform == "cpu" and name == "splash":
-            fns[name] = ("splash (interpret)", lambda q, k, v, s, w: ak.splash_attention(
-                q, k, v, s, sliding_window=w, interpret=True))
+            fns[name] = (
+                "splash (interpret)",
+                lambda q, k, v, s, w: ak.splash_attention(q, k, v, s, sliding_window=w, interpret=True),
+            )
         elif platform == "cpu" and name == "pallas_gpu":
-            fns[name] = ("pallas_gpu (interpret)", lambda q, k, v, s, w: ak.pallas_gpu_attention(
-                q, k, v, s, sliding_window=w, interpret=True))
+            fns[name] = (
+                "pallas_gpu (interpret)",
+                lambda q, k, v, s, w: ak.pallas_gpu_attention(q, k, v, s, sliding_window=w, interpret=True),
+            )
         else:
             fns[name] = (name, None)  # registered, not runnable here
     return fns
@@ -105,14 +111,18 @@ def main(argv):
     lengths = [int(x) for x in (FLAGS.lengths or (["1024"] if cpu else ["8192", "16384"]))]
     hq, hk = (int(x) for x in (FLAGS.heads or (["4", "2"] if cpu else ["32", "8"])))
     n_seg = FLAGS.segments or (6 if cpu else 20)
-    windows = [None if w.lower() == "none" else int(w)
-               for w in (FLAGS.windows or (["none", "256"] if cpu else ["none", "4096"]))]
+    windows = [
+        None if w.lower() == "none" else int(w)
+        for w in (FLAGS.windows or (["none", "256"] if cpu else ["none", "4096"]))
+    ]
     iters = FLAGS.iters or (2 if cpu else 10)
     dtype = jnp.dtype(FLAGS.dtype)
     hd, b = FLAGS.head_dim, FLAGS.batch
     device = jax.devices()[0]
-    print(f"device: {device.platform} {getattr(device, 'device_kind', '')}  jax {jax.__version__}  "
-          f"B={b} Hq={hq} Hk={hk} hd={hd} {dtype.name} segments/row={n_seg} iters={iters}")
+    print(
+        f"device: {device.platform} {getattr(device, 'device_kind', '')}  jax {jax.__version__}  "
+        f"B={b} Hq={hq} Hk={hk} hd={hd} {dtype.name} segments/row={n_seg} iters={iters}"
+    )
     fns = backend_fns(platform, FLAGS.backends)
     rng = np.random.default_rng(FLAGS.seed)
     results = []
@@ -138,8 +148,11 @@ def main(argv):
             xla_fn = jax.jit(lambda q, k, v, s, w=window: attn_lib.attention(q, k, v, s, sliding_window=w))
             ref_bf = np.asarray(xla_fn(q, k, v, seg), np.float32)
             with jax.default_matmul_precision("highest"):
-                f32 = jax.jit(lambda q, k, v, s, w=window: attn_lib.attention(
-                    q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), s, sliding_window=w))
+                f32 = jax.jit(
+                    lambda q, k, v, s, w=window: attn_lib.attention(
+                        q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), s, sliding_window=w
+                    )
+                )
                 ref_32 = np.asarray(f32(q, k, v, seg))
             for name, (label, fn) in fns.items():
                 row = dict(T=t, window=window, backend=label)
@@ -162,19 +175,37 @@ def main(argv):
                     results.append(row)
                     continue
                 row.update(
-                    d_xla=float(np.abs(out - ref_bf)[real].max()), d_f32=float(np.abs(out - ref_32)[real].max()),
-                    leak=float(np.abs(changed - out)[others].max()), ms=ms, compile_s=compile_s,
-                    finite=bool(np.isfinite(out).all()), padding_zero=bool((out[~real] == 0).all()),
-                    tflops=flops / (ms * 1e-3) / 1e12)
+                    d_xla=float(np.abs(out - ref_bf)[real].max()),
+                    d_f32=float(np.abs(out - ref_32)[real].max()),
+                    leak=float(np.abs(changed - out)[others].max()),
+                    ms=ms,
+                    compile_s=compile_s,
+                    finite=bool(np.isfinite(out).all()),
+                    padding_zero=bool((out[~real] == 0).all()),
+                    tflops=flops / (ms * 1e-3) / 1e12,
+                )
                 flag = "" if row["finite"] and row["padding_zero"] and row["leak"] == 0 else "  <-- CHECK"
-                print(f"{t:>6} {str(window):>6}  {label:<24}{row['d_xla']:>10.2e}{row['d_f32']:>10.2e}"
-                      f"{row['leak']:>8.0e}{ms:>10.2f}{row['tflops']:>9.2f}{flag}")
+                print(
+                    f"{t:>6} {str(window):>6}  {label:<24}{row['d_xla']:>10.2e}{row['d_f32']:>10.2e}"
+                    f"{row['leak']:>8.0e}{ms:>10.2f}{row['tflops']:>9.2f}{flag}"
+                )
                 results.append(row)
     if FLAGS.out:
         with open(FLAGS.out, "w") as f:
-            json.dump(dict(device=f"{device.platform} {getattr(device, 'device_kind', '')}", jax=jax.__version__,
-                           batch=b, heads=[hq, hk], head_dim=hd, dtype=dtype.name, segments=n_seg,
-                           results=results), f, indent=1)
+            json.dump(
+                dict(
+                    device=f"{device.platform} {getattr(device, 'device_kind', '')}",
+                    jax=jax.__version__,
+                    batch=b,
+                    heads=[hq, hk],
+                    head_dim=hd,
+                    dtype=dtype.name,
+                    segments=n_seg,
+                    results=results,
+                ),
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

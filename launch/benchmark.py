@@ -23,16 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from psych201_jax.scoring import stream
 from psych201_jax import defaults
+from psych201_jax.data import records, spans
 from psych201_jax.model import checkpoint
-from psych201_jax.testing import oracle
-from psych201_jax.scoring import packing
-from psych201_jax.data import records
-from psych201_jax.scoring import scorer
-from psych201_jax.data import spans
-from psych201_jax.testing import tiny_models
-from psych201_jax.testing import torch_reference
+from psych201_jax.scoring import packing, scorer, stream
+from psych201_jax.testing import oracle, tiny_models, torch_reference
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data", os.path.join("..", "shared", "data", "psych201"), "Psych-201 studies.")
@@ -42,8 +37,16 @@ flags.DEFINE_integer("vocab", 151936, "Model vocabulary (the tokenizer's ids are
 flags.DEFINE_string("out", "", "Optional JSON file for the numbers.")
 
 TOKENS_PER_BATCH, CHUNK_TOKENS = 131072, 1 << 22  # the job's defaults (configs/score.py)
-QWEN3_TINY = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=64, tie_word_embeddings=True, max_position_embeddings=32768)
+QWEN3_TINY = dict(
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    tie_word_embeddings=True,
+    max_position_embeddings=32768,
+)
 
 
 def end_to_end(data_root: str, studies: list[str], per_study: int, vocab: int) -> dict:
@@ -56,8 +59,9 @@ def end_to_end(data_root: str, studies: list[str], per_study: int, vocab: int) -
     tokens = sum(len(p.token_ids) for p in items)
     scored = sum(int((p.response_index[1:] >= 0).sum()) for p in items)
     with tempfile.TemporaryDirectory() as tmp:
-        hf_dir = tiny_models.make_tiny_hf_checkpoint("qwen3", os.path.join(tmp, "hf"), defaults.DEFAULT_TOKENIZER,
-                                                     vocab_size=vocab, **QWEN3_TINY)
+        hf_dir = tiny_models.make_tiny_hf_checkpoint(
+            "qwen3", os.path.join(tmp, "hf"), defaults.DEFAULT_TOKENIZER, vocab_size=vocab, **QWEN3_TINY
+        )
         conv = os.path.join(tmp, "conv")
         checkpoint.convert(hf_dir, conv, "float32")
         model, spec = checkpoint.load_model(conv, dtype="float32")
@@ -74,19 +78,30 @@ def end_to_end(data_root: str, studies: list[str], per_study: int, vocab: int) -
     ours_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    reference = {p.key: torch_reference.reference_response_nll(torch_model, p.token_ids, p.response_index)
-                 for p in items}
+    reference = {
+        p.key: torch_reference.reference_response_nll(torch_model, p.token_ids, p.response_index) for p in items
+    }
     ref_s = time.perf_counter() - start
     diff = max(float(np.max(np.abs(steady[k].nll - reference[k]), initial=0.0)) for k in reference)
-    rel = max(float(np.max(np.abs(steady[k].nll - reference[k]) / np.maximum(np.abs(reference[k]), 1.0),
-                           initial=0.0)) for k in reference)
+    rel = max(
+        float(np.max(np.abs(steady[k].nll - reference[k]) / np.maximum(np.abs(reference[k]), 1.0), initial=0.0))
+        for k in reference
+    )
     assert all(np.array_equal(first[k].nll, steady[k].nll) for k in first)
-    return {"participants": len(items), "studies": len(studies), "tokens": tokens,
-            "scored_fraction": scored / tokens, "max_rel_delta_nll": rel,
-            "ours_tokens_per_s": tokens / ours_s, "ours_tokens_per_s_incl_compile": tokens / with_compile,
-            "reference_tokens_per_s": tokens / ref_s, "speedup": ref_s / ours_s,
-            "speedup_incl_compile": ref_s / with_compile, "max_abs_delta_nll": diff,
-            "compilations": ours.compilations()}
+    return {
+        "participants": len(items),
+        "studies": len(studies),
+        "tokens": tokens,
+        "scored_fraction": scored / tokens,
+        "max_rel_delta_nll": rel,
+        "ours_tokens_per_s": tokens / ours_s,
+        "ours_tokens_per_s_incl_compile": tokens / with_compile,
+        "reference_tokens_per_s": tokens / ref_s,
+        "speedup": ref_s / ours_s,
+        "speedup_incl_compile": ref_s / with_compile,
+        "max_abs_delta_nll": diff,
+        "compilations": ours.compilations(),
+    }
 
 
 def packing_efficiency(data_root: str, context: int = 32768) -> dict:
@@ -114,8 +129,12 @@ def packing_efficiency(data_root: str, context: int = 32768) -> dict:
                 chunk_tokens = 0
     if chunk:
         flush()
-    return {"real_tokens": real, "computed_tokens": computed, "efficiency": real / computed,
-            "distinct_shapes": len(shapes)}
+    return {
+        "real_tokens": real,
+        "computed_tokens": computed,
+        "efficiency": real / computed,
+        "distinct_shapes": len(shapes),
+    }
 
 
 def logprob_memory(tokens: int = 16384, d: int = 256, vocab: int = 151936, scored: float = 0.05) -> dict:
@@ -137,15 +156,23 @@ def logprob_memory(tokens: int = 16384, d: int = 256, vocab: int = 151936, score
 
     ours = temp(lambda *a: oracle.masked_logprobs(*a))
     baseline = temp(full)
-    return {"tokens": tokens, "scored": c, "ours_temp_bytes": ours, "full_logits_temp_bytes": baseline,
-            "ratio": (ours / baseline) if ours and baseline else None}
+    return {
+        "tokens": tokens,
+        "scored": c,
+        "ours_temp_bytes": ours,
+        "full_logits_temp_bytes": baseline,
+        "ratio": (ours / baseline) if ours and baseline else None,
+    }
 
 
 def main(argv):
     del argv
     out = {"device": str(jax.devices()[0]), "jax": jax.__version__}
-    studies = FLAGS.studies.split(",") if FLAGS.studies else sorted(
-        d for d in os.listdir(FLAGS.data) if os.path.isdir(os.path.join(FLAGS.data, d)))
+    studies = (
+        FLAGS.studies.split(",")
+        if FLAGS.studies
+        else sorted(d for d in os.listdir(FLAGS.data) if os.path.isdir(os.path.join(FLAGS.data, d)))
+    )
     out["end_to_end"] = end_to_end(FLAGS.data, studies, FLAGS.per_study, FLAGS.vocab)
     print("end to end:", json.dumps(out["end_to_end"], indent=1))
     out["logprob_memory"] = logprob_memory()

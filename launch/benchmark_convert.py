@@ -33,16 +33,26 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def llama_tensors(num_layers: int) -> dict[str, tuple[int, ...]]:
     """HF tensor names and shapes of an untied Llama with the module's dimensions."""
     hd = HIDDEN // HEADS
-    shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN), "model.norm.weight": (HIDDEN,),
-              "lm_head.weight": (VOCAB, HIDDEN)}
+    shapes = {
+        "model.embed_tokens.weight": (VOCAB, HIDDEN),
+        "model.norm.weight": (HIDDEN,),
+        "lm_head.weight": (VOCAB, HIDDEN),
+    }
     for i in range(num_layers):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (HIDDEN,), p + "post_attention_layernorm.weight": (HIDDEN,),
-            p + "self_attn.q_proj.weight": (HEADS * hd, HIDDEN), p + "self_attn.k_proj.weight": (KV_HEADS * hd, HIDDEN),
-            p + "self_attn.v_proj.weight": (KV_HEADS * hd, HIDDEN), p + "self_attn.o_proj.weight": (HIDDEN, HEADS * hd),
-            p + "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN), p + "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
-            p + "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE)})
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (HIDDEN,),
+                p + "post_attention_layernorm.weight": (HIDDEN,),
+                p + "self_attn.q_proj.weight": (HEADS * hd, HIDDEN),
+                p + "self_attn.k_proj.weight": (KV_HEADS * hd, HIDDEN),
+                p + "self_attn.v_proj.weight": (KV_HEADS * hd, HIDDEN),
+                p + "self_attn.o_proj.weight": (HIDDEN, HEADS * hd),
+                p + "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN),
+                p + "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
+                p + "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE),
+            }
+        )
     return shapes
 
 
@@ -81,10 +91,21 @@ def write_checkpoint(hf_dir: str, size_bytes: float) -> int:
     index = {"metadata": {"total_size": total}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}
     with open(os.path.join(hf_dir, "model.safetensors.index.json"), "w") as fh:
         json.dump(index, fh)
-    config = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=HIDDEN,
-                  intermediate_size=INTERMEDIATE, num_hidden_layers=num_layers, num_attention_heads=HEADS,
-                  num_key_value_heads=KV_HEADS, vocab_size=VOCAB, rms_norm_eps=1e-5, rope_theta=500000.0,
-                  max_position_embeddings=8192, tie_word_embeddings=False, torch_dtype="bfloat16")
+    config = dict(
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=num_layers,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        vocab_size=VOCAB,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+        torch_dtype="bfloat16",
+    )
     with open(os.path.join(hf_dir, "config.json"), "w") as fh:
         json.dump(config, fh)
     return total
@@ -93,8 +114,10 @@ def write_checkpoint(hf_dir: str, size_bytes: float) -> int:
 def child_baseline(hf_dir: str) -> tuple[int, float]:
     """(peak RSS in kB, wall seconds) of a child that only starts up like the converter: imports and reads
     the config through AutoConfig (which imports torch when it is installed)."""
-    code = ("import resource, sys, launch.convert; from psych201_jax import modelspec; "
-            "modelspec.from_hf_dir(sys.argv[1]); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    code = (
+        "import resource, sys, launch.convert; from psych201_jax import modelspec; "
+        "modelspec.from_hf_dir(sys.argv[1]); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
     start = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code, hf_dir], cwd=REPO, check=True, capture_output=True, text=True)
     return int(out.stdout.strip().splitlines()[-1]), time.perf_counter() - start
@@ -110,9 +133,19 @@ def compile_seconds(model_type: str, num_layers: int, seq_len: int = 2048) -> fl
     from psych201_jax.model import checkpoint
     from psych201_jax.model import spec as modelspec
 
-    config = AutoConfig.for_model(model_type, hidden_size=1024, intermediate_size=2816, num_hidden_layers=num_layers,
-                                  num_attention_heads=16, num_key_value_heads=4, vocab_size=VOCAB,
-                                  sliding_window=512, pad_token_id=None, eos_token_id=None, bos_token_id=None)
+    config = AutoConfig.for_model(
+        model_type,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=num_layers,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        vocab_size=VOCAB,
+        sliding_window=512,
+        pad_token_id=None,
+        eos_token_id=None,
+        bos_token_id=None,
+    )
     spec = modelspec.from_hf_config(config)
     graphdef, state = checkpoint.abstract_model(spec, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
@@ -131,16 +164,23 @@ def main(argv):
     print(f"checkpoint: {size / 1e6:.0f} MB bf16 in 2 shards at {hf_dir}")
 
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "launch.convert", f"--hf={hf_dir}", f"--out={out_dir}",
-                    "--dtype=bfloat16"], cwd=REPO, check=True)
+    subprocess.run(
+        [sys.executable, "-m", "launch.convert", f"--hf={hf_dir}", f"--out={out_dir}", "--dtype=bfloat16"],
+        cwd=REPO,
+        check=True,
+    )
     seconds = time.perf_counter() - start
     peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     base_kb, base_seconds = child_baseline(hf_dir)
-    print(f"convert: {seconds:.1f} s wall = {size / 1e6 / seconds:.0f} MB/s (sha256 of the sources and orbax "
-          f"writes included); without the {base_seconds:.1f} s start-up: "
-          f"{size / 1e6 / (seconds - base_seconds):.0f} MB/s")
-    print(f"converter peak RSS: {peak_kb / 1e3:.0f} MB = {peak_kb * 1e3 / size:.2f} x checkpoint size "
-          f"(start-up alone {base_kb / 1e3:.0f} MB; above it {(peak_kb - base_kb) * 1e3 / size:.2f} x)")
+    print(
+        f"convert: {seconds:.1f} s wall = {size / 1e6 / seconds:.0f} MB/s (sha256 of the sources and orbax "
+        f"writes included); without the {base_seconds:.1f} s start-up: "
+        f"{size / 1e6 / (seconds - base_seconds):.0f} MB/s"
+    )
+    print(
+        f"converter peak RSS: {peak_kb / 1e3:.0f} MB = {peak_kb * 1e3 / size:.2f} x checkpoint size "
+        f"(start-up alone {base_kb / 1e3:.0f} MB; above it {(peak_kb - base_kb) * 1e3 / size:.2f} x)"
+    )
 
     for model_type in ("llama", "olmo3"):
         times = ", ".join(f"{n} layers {compile_seconds(model_type, n):.2f} s" for n in (2, 8, 24))

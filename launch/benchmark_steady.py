@@ -21,12 +21,20 @@ from psych201_jax.model import checkpoint
 from psych201_jax.scoring import packing, scorer, stream
 from psych201_jax.testing import tiny_models
 
-_DATA = flags.DEFINE_string("data", os.environ.get("PSYCH201_DATA", os.path.join("tests", "data", "psych201")),
-                            "Psych-201 studies (the full corpus: set PSYCH201_DATA).")
+_DATA = flags.DEFINE_string(
+    "data",
+    os.environ.get("PSYCH201_DATA", os.path.join("tests", "data", "psych201")),
+    "Psych-201 studies (the full corpus: set PSYCH201_DATA).",
+)
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Warm passes; the best is reported.")
 _OUT = flags.DEFINE_string("out", "", "Optional JSON file for the numbers.")
-STUDIES = ("thoma2025riskychoice", "guenther2024substitutions", "busch2024_stroop", "xu2023augmenting",
-           "franke2024bayesian")
+STUDIES = (
+    "thoma2025riskychoice",
+    "guenther2024substitutions",
+    "busch2024_stroop",
+    "xu2023augmenting",
+    "franke2024bayesian",
+)
 
 
 def main(argv):
@@ -37,9 +45,18 @@ def main(argv):
     tokens = sum(len(p.token_ids) for p in items if isinstance(p, spans.ParticipantSpans))
     with tempfile.TemporaryDirectory() as tmp:
         hf = tiny_models.make_tiny_hf_checkpoint(
-            "qwen3", os.path.join(tmp, "hf"), defaults.DEFAULT_TOKENIZER, vocab_size=32768, hidden_size=256,
-            intermediate_size=768, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-            max_position_embeddings=8192)
+            "qwen3",
+            os.path.join(tmp, "hf"),
+            defaults.DEFAULT_TOKENIZER,
+            vocab_size=32768,
+            hidden_size=256,
+            intermediate_size=768,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=64,
+            max_position_embeddings=8192,
+        )
         checkpoint.convert(hf, os.path.join(tmp, "conv"), "float32")
         model, _ = checkpoint.load_model(os.path.join(tmp, "conv"), dtype="float32")
     sc = scorer.Scorer(model)
@@ -52,8 +69,14 @@ def main(argv):
         start = time.perf_counter()
         list(stream.score_spans(items, sc, **kw))
         times.append(time.perf_counter() - start)
-    out = {"tokens": tokens, "participants": len(items), "first_s": first, "steady_s": min(times),
-           "tokens_per_s": tokens / min(times), "compilations": sc.compilations()}
+    out = {
+        "tokens": tokens,
+        "participants": len(items),
+        "first_s": first,
+        "steady_s": min(times),
+        "tokens_per_s": tokens / min(times),
+        "compilations": sc.compilations(),
+    }
     print(json.dumps(out, indent=2))
     if _OUT.value:
         with open(_OUT.value, "w") as fh:

@@ -17,19 +17,27 @@ from absl import app, flags
 
 from psych201_jax import defaults
 from psych201_jax.model import checkpoint
-from psych201_jax.testing import tiny_models
-from psych201_jax.testing import tiny_tokenizer
+from psych201_jax.testing import tiny_models, tiny_tokenizer
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data", os.path.join("..", "shared", "data", "psych201"), "Psych-201 studies.")
 
 # (study, 0-based lines): persona metadata (thoma, busch), '<<-' and '<<skip>>' responses (guenther),
 # transcripts over 32,768 characters (xu2023), long multi-round games (alsobay), short ones (franke).
-SAMPLE = (("thoma2025riskychoice", (0, 1, 2)), ("franke2024bayesian", (0, 1, 2)),
-          ("busch2024_stroop", (0, 1)), ("guenther2024substitutions", (0, 379, 517)),
-          ("xu2023augmenting", (0, 1)), ("alsobay2025publicGoodsGame", (0, 1)))
-TOKENIZER_STUDIES = tuple(s for s, _ in SAMPLE) + ("guenther2023ViSpa", "shahar2019twosteptask",
-                                                   "spektor2024lossaversion", "sandbrink2024metacontrol")
+SAMPLE = (
+    ("thoma2025riskychoice", (0, 1, 2)),
+    ("franke2024bayesian", (0, 1, 2)),
+    ("busch2024_stroop", (0, 1)),
+    ("guenther2024substitutions", (0, 379, 517)),
+    ("xu2023augmenting", (0, 1)),
+    ("alsobay2025publicGoodsGame", (0, 1)),
+)
+TOKENIZER_STUDIES = tuple(s for s, _ in SAMPLE) + (
+    "guenther2023ViSpa",
+    "shahar2019twosteptask",
+    "spektor2024lossaversion",
+    "sandbrink2024metacontrol",
+)
 
 
 def build_sample(data_root: str, out_root: str) -> None:
@@ -56,8 +64,9 @@ def build_tokenizer(data_root: str, out_dir: str) -> None:
     tiny_tokenizer.train_tokenizer_dir(texts, out_dir, flavour="qwen", isolate_close=True)
 
 
-def training_tokens(data_root: str, tokenizer_dir: str, per_study: int = 60,
-                    studies: tuple[str, ...] = TOKENIZER_STUDIES) -> np.ndarray:
+def training_tokens(
+    data_root: str, tokenizer_dir: str, per_study: int = 60, studies: tuple[str, ...] = TOKENIZER_STUDIES
+) -> np.ndarray:
     """Token ids of the first transcripts of ``studies``, excluding the bundled sample's lines."""
     from transformers import AutoTokenizer
 
@@ -85,7 +94,7 @@ def _train(model, ids: np.ndarray, steps: int, seed: int) -> None:
     window, batch = 256, 16
     for step in range(steps):
         starts = rng.integers(0, len(ids) - window - 1, batch)
-        x = torch.as_tensor(np.stack([ids[s:s + window] for s in starts]))
+        x = torch.as_tensor(np.stack([ids[s : s + window] for s in starts]))
         loss = model(input_ids=x, labels=x).loss
         opt.zero_grad()
         loss.backward()
@@ -108,9 +117,19 @@ def build_models(data_root: str, tokenizer_dir: str, base_dir: str, post_dir: st
     shifted = training_tokens(data_root, tokenizer_dir, studies=("alsobay2025publicGoodsGame", "thoma2025riskychoice"))
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = tiny_models.make_tiny_hf_checkpoint(
-            "qwen3", os.path.join(tmp, "hf"), tokenizer_dir, hidden_size=64, intermediate_size=192,
-            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-            tie_word_embeddings=True, max_position_embeddings=32768, logit_scale=1.0)
+            "qwen3",
+            os.path.join(tmp, "hf"),
+            tokenizer_dir,
+            hidden_size=64,
+            intermediate_size=192,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            tie_word_embeddings=True,
+            max_position_embeddings=32768,
+            logit_scale=1.0,
+        )
         model = AutoModelForCausalLM.from_pretrained(hf_dir)
         _train(model, ids, steps, seed=0)
         for out_dir, name in ((base_dir, "base"), (post_dir, "post")):

@@ -37,9 +37,16 @@ flags.DEFINE_string("out", os.path.join("tests", "data", "psych201"), "Where to 
 
 LONG_CHARS = 32768  # the reference scripts' character cut
 # Studies whose first 30 transcripts train the test tokenizers (tests/conftest.py TOKENIZER_STUDIES).
-TOKENIZER_STUDIES = ("thoma2025riskychoice", "franke2024bayesian", "guenther2024substitutions",
-                     "busch2024_stroop", "shahar2019twosteptask", "xu2023augmenting",
-                     "guenther2023ViSpa", "spektor2024lossaversion")
+TOKENIZER_STUDIES = (
+    "thoma2025riskychoice",
+    "franke2024bayesian",
+    "guenther2024substitutions",
+    "busch2024_stroop",
+    "shahar2019twosteptask",
+    "xu2023augmenting",
+    "guenther2023ViSpa",
+    "spektor2024lossaversion",
+)
 HEAD = {"thoma2025riskychoice": 40, **{s: 30 for s in TOKENIZER_STUDIES if s != "thoma2025riskychoice"}}
 DEFAULT_HEAD = 24
 MAX_PARTICIPANTS = 40
@@ -148,21 +155,28 @@ def stats(objs: list[dict]) -> dict:
     ids = collections.defaultdict(set)
     for o in objs:
         ids[str(o["participant"])].add(o["experiment"])
-    return {"participants": len(objs), "responses": sum(o["text"].count("<<") for o in objs),
-            "characters": sum(len(o["text"]) for o in objs),
-            "extra": sorted({k for o in objs for k in o} - set(CORE_FIELDS)),
-            "long": sum(len(o["text"]) > LONG_CHARS for o in objs),
-            "negative": sum("<<-" in o["text"] for o in objs),
-            "repeated_ids": sum(len(e) > 1 for e in ids.values()),
-            "experiments": len({o["experiment"] for o in objs})}
+    return {
+        "participants": len(objs),
+        "responses": sum(o["text"].count("<<") for o in objs),
+        "characters": sum(len(o["text"]) for o in objs),
+        "extra": sorted({k for o in objs for k in o} - set(CORE_FIELDS)),
+        "long": sum(len(o["text"]) > LONG_CHARS for o in objs),
+        "negative": sum("<<-" in o["text"] for o in objs),
+        "repeated_ids": sum(len(e) > 1 for e in ids.values()),
+        "experiments": len({o["experiment"] for o in objs}),
+    }
 
 
 def readme(rows: dict[str, dict]) -> str:
-    out = [README_HEAD.format(n=len(rows)),
-           "| study | participants | responses (`<<`) | characters | extra fields |", "|---|---|---|---|---|"]
+    out = [
+        README_HEAD.format(n=len(rows)),
+        "| study | participants | responses (`<<`) | characters | extra fields |",
+        "|---|---|---|---|---|",
+    ]
     for study, s in rows.items():
-        out.append(f"| {study} | {s['participants']} | {s['responses']} | {s['characters']} | "
-                   f"{', '.join(s['extra'])} |")
+        out.append(
+            f"| {study} | {s['participants']} | {s['responses']} | {s['characters']} | {', '.join(s['extra'])} |"
+        )
     total = {k: sum(s[k] for s in rows.values()) for k in ("participants", "responses", "characters")}
     out.append(f"| **total** | {total['participants']} | {total['responses']} | {total['characters']} | |")
     return "\n".join(out) + "\n"
@@ -183,8 +197,7 @@ def build(src: str, out: str) -> dict[str, dict]:
         readme_src = os.path.join(src, study, "README.md")
         if os.path.isfile(readme_src):
             shutil.copyfile(readme_src, os.path.join(out, study, "README.md"))
-        rows[study] = {**stats([objs[i] for i in kept]), "zip_bytes": os.path.getsize(path),
-                       "source": len(objs)}
+        rows[study] = {**stats([objs[i] for i in kept]), "zip_bytes": os.path.getsize(path), "source": len(objs)}
     for name in ("LICENSE", "psych_experiment_categories.csv"):
         shutil.copyfile(os.path.join(src, name), os.path.join(out, name))
     with open(os.path.join(out, "README.md"), "w") as fh:
@@ -195,16 +208,22 @@ def build(src: str, out: str) -> dict[str, dict]:
 def main(argv):
     del argv
     rows = build(FLAGS.src, FLAGS.out)
-    print(f"{'study':42s} {'kept':>9s} {'responses':>9s} {'chars':>9s} {'>32768':>6s} {'<<-':>4s} "
-          f"{'rep.ids':>7s} {'exps':>4s} {'zip KB':>7s}")
+    print(
+        f"{'study':42s} {'kept':>9s} {'responses':>9s} {'chars':>9s} {'>32768':>6s} {'<<-':>4s} "
+        f"{'rep.ids':>7s} {'exps':>4s} {'zip KB':>7s}"
+    )
     for study, s in rows.items():
-        print(f"{study:42s} {s['participants']:>4d}/{s['source']:<4d} {s['responses']:>9d} "
-              f"{s['characters']:>9d} {s['long']:>6d} {s['negative']:>4d} {s['repeated_ids']:>7d} "
-              f"{s['experiments']:>4d} {s['zip_bytes'] / 1024:>7.1f}")
+        print(
+            f"{study:42s} {s['participants']:>4d}/{s['source']:<4d} {s['responses']:>9d} "
+            f"{s['characters']:>9d} {s['long']:>6d} {s['negative']:>4d} {s['repeated_ids']:>7d} "
+            f"{s['experiments']:>4d} {s['zip_bytes'] / 1024:>7.1f}"
+        )
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(FLAGS.out) for f in fs)
-    print(f"{len(rows)} studies, {sum(s['participants'] for s in rows.values())} participants, "
-          f"{sum(s['zip_bytes'] for s in rows.values()) / 2**20:.2f} MiB zipped, "
-          f"{size / 2**20:.2f} MiB in {FLAGS.out}")
+    print(
+        f"{len(rows)} studies, {sum(s['participants'] for s in rows.values())} participants, "
+        f"{sum(s['zip_bytes'] for s in rows.values()) / 2**20:.2f} MiB zipped, "
+        f"{size / 2**20:.2f} MiB in {FLAGS.out}"
+    )
 
 
 if __name__ == "__main__":

@@ -103,13 +103,15 @@ class Condition:
     @classmethod
     def from_mapping(cls, m: Mapping[str, Any]) -> Condition:
         """From a job config, manifest config or sweep condition (absent fields take their defaults)."""
-        return cls(protocol=parse_enum(Protocol, m.get("protocol", "reference"), "protocol"),
-                   template=parse_enum(Template, m.get("template", "none"), "template"),
-                   persona=parse_enum(Persona, m.get("persona", "none"), "persona"),
-                   persona_subset=_as_bool(m.get("persona_subset", False), "persona_subset"),
-                   options=parse_enum(OptionsMode, m.get("options", "none"), "options"),
-                   dtype=parse_enum(DType, m.get("dtype", "float32") or "float32", "dtype"),
-                   data=str(m.get("data", "")))
+        return cls(
+            protocol=parse_enum(Protocol, m.get("protocol", "reference"), "protocol"),
+            template=parse_enum(Template, m.get("template", "none"), "template"),
+            persona=parse_enum(Persona, m.get("persona", "none"), "persona"),
+            persona_subset=_as_bool(m.get("persona_subset", False), "persona_subset"),
+            options=parse_enum(OptionsMode, m.get("options", "none"), "options"),
+            dtype=parse_enum(DType, m.get("dtype", "float32") or "float32", "dtype"),
+            data=str(m.get("data", "")),
+        )
 
     def nll_condition(self) -> Condition:
         """The condition without head-only fields: runs equal here have equal NLLs."""
@@ -145,11 +147,14 @@ class ModelInfo:
     @classmethod
     def from_mapping(cls, m: Mapping[str, Any], *, default_hf_id: str = "unknown") -> ModelInfo:
         size = m.get("size_b")
-        return cls(hf_id=str(m.get("hf_id") or default_hf_id), family=str(m.get("family") or ""),
-                   generation=str(m.get("generation") or ""),
-                   size_b=float(size) if isinstance(size, (int, float)) and not isinstance(size, bool) else math.nan,
-                   kind=parse_enum(ModelKind, m.get("kind") or "unknown", "model_info.kind"),
-                   base_hf_id=str(m.get("base_hf_id") or ""))
+        return cls(
+            hf_id=str(m.get("hf_id") or default_hf_id),
+            family=str(m.get("family") or ""),
+            generation=str(m.get("generation") or ""),
+            size_b=float(size) if isinstance(size, (int, float)) and not isinstance(size, bool) else math.nan,
+            kind=parse_enum(ModelKind, m.get("kind") or "unknown", "model_info.kind"),
+            base_hf_id=str(m.get("base_hf_id") or ""),
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {f: (v.value if isinstance(v := getattr(self, f), enum.Enum) else v) for f in self.FIELDS}

@@ -15,8 +15,7 @@ ParticipantKey = tuple[str, str, str]  # (study, experiment, participant): raw f
 InputId = tuple[str, int]  # (source, line): one input line, unique even for malformed lines and duplicates
 
 # Per-participant counts of the token-span stage, in the order the audit and the results table report them.
-SPAN_COUNTERS = ("responses_text", "responses_scored", "lost_truncation", "missed", "runaway", "merged",
-                 "straddle")
+SPAN_COUNTERS = ("responses_text", "responses_scored", "lost_truncation", "missed", "runaway", "merged", "straddle")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -54,12 +53,19 @@ class Rejected:
     @classmethod
     def of(cls, item: Record | ParticipantSpans, reason: str) -> Rejected:
         """The rejection of a record (or of its spans) with ``reason``."""
-        return cls(study=item.study, experiment=item.experiment, participant=item.participant, source=item.source,
-                   line=item.line, reason=reason)
+        return cls(
+            study=item.study,
+            experiment=item.experiment,
+            participant=item.participant,
+            source=item.source,
+            line=item.line,
+            reason=reason,
+        )
 
     def describe(self) -> str:
-        return (f"study {self.study!r}, participant {self.participant!r} ({self.source}, line {self.line}): "
-                f"{self.reason}")
+        return (
+            f"study {self.study!r}, participant {self.participant!r} ({self.source}, line {self.line}): {self.reason}"
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -15,17 +15,25 @@ VENDORED_DATA = os.path.join(REPO, "tests", "data", "psych201")
 DATA_ROOT = os.environ.get("PSYCH201_DATA") or VENDORED_DATA
 
 # A spread of studies: short and long transcripts, numeric responses, >32,768-character texts.
-TOKENIZER_STUDIES = ("thoma2025riskychoice", "franke2024bayesian", "guenther2024substitutions",
-                     "busch2024_stroop", "shahar2019twosteptask", "xu2023augmenting",
-                     "guenther2023ViSpa", "spektor2024lossaversion")
+TOKENIZER_STUDIES = (
+    "thoma2025riskychoice",
+    "franke2024bayesian",
+    "guenther2024substitutions",
+    "busch2024_stroop",
+    "shahar2019twosteptask",
+    "xu2023augmenting",
+    "guenther2023ViSpa",
+    "spektor2024lossaversion",
+)
 
 
 @pytest.fixture(scope="session")
 def data_root():
     if not os.path.isdir(DATA_ROOT):
         where = "PSYCH201_DATA" if DATA_ROOT != VENDORED_DATA else "the vendored corpus"
-        pytest.fail(f"Psych-201 data not found at {DATA_ROOT} ({where}); "
-                    "rebuild it with python -m launch.build_test_corpus")
+        pytest.fail(
+            f"Psych-201 data not found at {DATA_ROOT} ({where}); rebuild it with python -m launch.build_test_corpus"
+        )
     return os.path.abspath(DATA_ROOT)
 
 
@@ -37,12 +45,14 @@ def _tokenizer_texts(data_root):
 @pytest.fixture(scope="session")
 def qwen_tokenizer_dir(tmp_path_factory, _tokenizer_texts):
     """Byte-level BPE (4096 tokens), no BOS, ChatML template with enable_thinking."""
-    return tiny_tokenizer.train_tokenizer_dir(_tokenizer_texts, str(tmp_path_factory.mktemp("tok_qwen")),
-                                              flavour="qwen")
+    return tiny_tokenizer.train_tokenizer_dir(
+        _tokenizer_texts, str(tmp_path_factory.mktemp("tok_qwen")), flavour="qwen"
+    )
 
 
 @pytest.fixture(scope="session")
 def llama_tokenizer_dir(tmp_path_factory, _tokenizer_texts):
     """Byte-level BPE (4096 tokens) that adds BOS, Llama-3 style template that also emits BOS."""
-    return tiny_tokenizer.train_tokenizer_dir(_tokenizer_texts, str(tmp_path_factory.mktemp("tok_llama")),
-                                              flavour="llama")
+    return tiny_tokenizer.train_tokenizer_dir(
+        _tokenizer_texts, str(tmp_path_factory.mktemp("tok_llama")), flavour="llama"
+    )

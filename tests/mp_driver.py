@@ -18,17 +18,15 @@ import time
 import jax
 import numpy as np
 
-from psych201_jax.scoring import options as options_lib
-from psych201_jax.scoring import stream
-from psych201_jax.types import ParticipantResult
 from psych201_jax import defaults
+from psych201_jax.data import records, spans
 from psych201_jax.model import checkpoint
 from psych201_jax.model import decoder as model
-from psych201_jax.data import records
-from psych201_jax.scoring import scorer
-from psych201_jax.parallel import sharding
-from psych201_jax.data import spans
 from psych201_jax.model.spec import ModelSpec, RopeSpec
+from psych201_jax.parallel import sharding
+from psych201_jax.scoring import options as options_lib
+from psych201_jax.scoring import scorer, stream
+from psych201_jax.types import ParticipantResult
 
 MESHES = ((1, 1, 1), (8, 1, 1), (2, 2, 2), (1, 2, 4))  # data x fsdp x tensor
 OPTION_MESHES = ((1, 1, 1), (2, 2, 2), (1, 2, 4))
@@ -36,13 +34,40 @@ ROW_LENGTHS = (2048, 4096)
 TOKENS_PER_BATCH = 8192
 
 LLAMA31_70B = ModelSpec(
-    model_type="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80,
-    num_heads=64, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, tie_word_embeddings=False, qkv_bias=False,
-    o_bias=False, mlp_bias=False, qk_norm="none", norm_placement="pre", norm_weight_fp32=False, rope_fp32=False,
-    layer_types=("full_attention",) * 80, sliding_window=None,
-    rope=(("full_attention", RopeSpec("llama3", 500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                      original_max_position_embeddings=8192)),),
-    max_position_embeddings=131072)
+    model_type="llama",
+    vocab_size=128256,
+    hidden_size=8192,
+    intermediate_size=28672,
+    num_layers=80,
+    num_heads=64,
+    num_kv_heads=8,
+    head_dim=128,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    qkv_bias=False,
+    o_bias=False,
+    mlp_bias=False,
+    qk_norm="none",
+    norm_placement="pre",
+    norm_weight_fp32=False,
+    rope_fp32=False,
+    layer_types=("full_attention",) * 80,
+    sliding_window=None,
+    rope=(
+        (
+            "full_attention",
+            RopeSpec(
+                "llama3",
+                500000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=8192,
+            ),
+        ),
+    ),
+    max_position_embeddings=131072,
+)
 
 
 def _score(items, model_, mesh=None, rules=None, steady=False):
@@ -78,23 +103,29 @@ def _compare(got, ref):
 def meshes(steady: bool = False) -> dict:
     assert jax.device_count() == 8, jax.devices()
     tok = spans.TokenizerInfo(defaults.DEFAULT_TOKENIZER)
-    items = list(spans.tokenize_records(records.iter_records(defaults.SAMPLE_DATA), tok,
-                                        spans.Protocol("robust", token_budget=max(ROW_LENGTHS))))
+    items = list(
+        spans.tokenize_records(
+            records.iter_records(defaults.SAMPLE_DATA), tok, spans.Protocol("robust", token_budget=max(ROW_LENGTHS))
+        )
+    )
     report = {"participants": len(items), "tokens": int(sum(len(p.token_ids) for p in items)), "meshes": {}}
     base, spec = checkpoint.load_model(defaults.DEFAULT_MODEL, dtype="float32")
     ref, timing, comps = _score(items, base, steady=steady)
     report["single_device"] = dict(timing, compilations=comps)
     for shape in MESHES:
-        mesh = sharding.make_mesh(*shape, devices=jax.devices()[:int(np.prod(shape))])
+        mesh = sharding.make_mesh(*shape, devices=jax.devices()[: int(np.prod(shape))])
         rules = sharding.rules_for(spec, mesh)
         m, _ = checkpoint.load_model(defaults.DEFAULT_MODEL, dtype="float32", mesh=mesh, rules=rules)
         shardings = {name: str(getattr(m.layers, name).sharding.spec) for name in ("wq", "wk", "w_up")}
         shardings["embed"] = str(m.embed.sharding.spec)
         got, timing, comps = _score(items, m, mesh, rules, steady=steady)
         report["meshes"]["x".join(map(str, shape))] = dict(
-            _compare(got, ref), **timing, compilations=comps,
+            _compare(got, ref),
+            **timing,
+            compilations=comps,
             rules=[list(r) if not isinstance(r[1], tuple) else [r[0], list(r[1])] for r in rules],
-            shardings=shardings)
+            shardings=shardings,
+        )
     report["llama70b"] = abstract_70b()
     return report
 
@@ -105,11 +136,15 @@ def options() -> dict:
     K = 64 and the others K = 32 (a step takes the largest K of its sub-batches)."""
     assert jax.device_count() == 8, jax.devices()
     tok = spans.TokenizerInfo(defaults.DEFAULT_TOKENIZER)
-    items = list(spans.tokenize_records(records.iter_records(defaults.SAMPLE_DATA), tok,
-                                        spans.Protocol("robust", token_budget=2048)))
+    items = list(
+        spans.tokenize_records(
+            records.iter_records(defaults.SAMPLE_DATA), tok, spans.Protocol("robust", token_budget=2048)
+        )
+    )
     opts = options_lib.collect_options(items)
-    opts["guenther2024substitutions"] = np.union1d(opts["guenther2024substitutions"],
-                                                   np.arange(1000, 1040)).astype(np.int32)
+    opts["guenther2024substitutions"] = np.union1d(opts["guenther2024substitutions"], np.arange(1000, 1040)).astype(
+        np.int32
+    )
 
     def score(model_, mesh=None, rules=None):
         sc = scorer.Scorer(model_, vocab_chunk=1000, mesh=mesh, rules=rules, options=opts)
@@ -119,16 +154,23 @@ def options() -> dict:
     base, spec = checkpoint.load_model(defaults.DEFAULT_MODEL, dtype="float32")
     ref, comps = score(base)
     chosen = np.concatenate([r.option_argmax for r in ref.values()])
-    report = {"tokens": int(chosen.size), "with_option": int((chosen >= 0).sum()),
-              "made_up_chosen": int((chosen >= 1000).sum()), "single_device": comps, "meshes": {}}
+    report = {
+        "tokens": int(chosen.size),
+        "with_option": int((chosen >= 0).sum()),
+        "made_up_chosen": int((chosen >= 1000).sum()),
+        "single_device": comps,
+        "meshes": {},
+    }
     for shape in OPTION_MESHES:
-        mesh = sharding.make_mesh(*shape, devices=jax.devices()[:int(np.prod(shape))])
+        mesh = sharding.make_mesh(*shape, devices=jax.devices()[: int(np.prod(shape))])
         rules = sharding.rules_for(spec, mesh)
         m, _ = checkpoint.load_model(defaults.DEFAULT_MODEL, dtype="float32", mesh=mesh, rules=rules)
         got, comps = score(m, mesh, rules)
         report["meshes"]["x".join(map(str, shape))] = dict(
-            _compare(got, ref), compilations=comps,
-            option_equal=all(np.array_equal(got[k].option_argmax, r.option_argmax) for k, r in ref.items()))
+            _compare(got, ref),
+            compilations=comps,
+            option_equal=all(np.array_equal(got[k].option_argmax, r.option_argmax) for k, r in ref.items()),
+        )
     return report
 
 
@@ -137,13 +179,21 @@ def abstract_70b() -> dict:
     live = len(jax.live_arrays())
     for shape in ((1, 8, 1), (1, 2, 4), (1, 4, 2), (1, 1, 8), (2, 4, 1)):
         mesh = sharding.make_mesh(*shape)
-        _, state = checkpoint.abstract_model(LLAMA31_70B, dtype="bfloat16", param_dtype="bfloat16", mesh=mesh,
-                                             rules=sharding.rules_for(LLAMA31_70B, mesh))
+        _, state = checkpoint.abstract_model(
+            LLAMA31_70B,
+            dtype="bfloat16",
+            param_dtype="bfloat16",
+            mesh=mesh,
+            rules=sharding.rules_for(LLAMA31_70B, mesh),
+        )
         per_device = sharding.state_bytes_per_device(state)
         total = sharding.state_bytes(state)
-        out["x".join(map(str, shape))] = {"total_bytes": total, "max_device_bytes": max(per_device.values()),
-                                          "devices": len(per_device),
-                                          "ratio_to_total_over_8": max(per_device.values()) / (total / 8)}
+        out["x".join(map(str, shape))] = {
+            "total_bytes": total,
+            "max_device_bytes": max(per_device.values()),
+            "devices": len(per_device),
+            "ratio_to_total_over_8": max(per_device.values()) / (total / 8),
+        }
     out["live_arrays_added"] = len(jax.live_arrays()) - live
     out["params"] = sum(int(np.prod(s)) for s in model.param_shapes(LLAMA31_70B).values())
     return out

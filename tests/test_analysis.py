@@ -10,26 +10,61 @@ from psych201_jax.analysis import metrics as analysis
 from psych201_jax.runs import store as results
 
 
-def write_results(path, hf_id, rows, *, kind="base", base_hf_id="", family="Fam", generation="G1", size_b=1.0,
-                  protocol="reference", template="none", persona="none", persona_subset=False):
+def write_results(
+    path,
+    hf_id,
+    rows,
+    *,
+    kind="base",
+    base_hf_id="",
+    family="Fam",
+    generation="G1",
+    size_b=1.0,
+    protocol="reference",
+    template="none",
+    persona="none",
+    persona_subset=False,
+):
     """A results directory as ``launch.score`` writes it: manifest.json and one committed chunk.
 
     rows: (study, participant, nll list) or (study, participant, nll list, extra row fields)."""
-    config = {"model": f"/models/{hf_id}", "protocol": protocol, "template": template, "persona": persona,
-              "persona_subset": persona_subset, "dtype": "float32", "data": "synthetic",
-              "model_info": {"hf_id": hf_id, "family": family, "generation": generation, "size_b": size_b,
-                             "kind": kind, "base_hf_id": base_hf_id}}
+    config = {
+        "model": f"/models/{hf_id}",
+        "protocol": protocol,
+        "template": template,
+        "persona": persona,
+        "persona_subset": persona_subset,
+        "dtype": "float32",
+        "data": "synthetic",
+        "model_info": {
+            "hf_id": hf_id,
+            "family": family,
+            "generation": generation,
+            "size_b": size_b,
+            "kind": kind,
+            "base_hf_id": base_hf_id,
+        },
+    }
     stored = []
     for study, participant, nll, *extra in rows:
-        row = {"study": study, "experiment": f"{study}/", "participant": participant, "status": "scored",
-               "reason": "", "nll": [math.nan if x is None else x for x in nll], "argmax": [], "target": []}
+        row = {
+            "study": study,
+            "experiment": f"{study}/",
+            "participant": participant,
+            "status": "scored",
+            "reason": "",
+            "nll": [math.nan if x is None else x for x in nll],
+            "argmax": [],
+            "target": [],
+        }
         row.update(extra[0] if extra else {})
         # Scored tokens per response: one each, the first response taking any extra tokens.
         extra_tokens = max(len(row["argmax"]) - len(nll), 0)
         row.setdefault("n_tokens", [1 + extra_tokens] + [1] * (len(nll) - 1) if nll else [])
         stored.append(row)
-    stored.append({"study": "s1", "experiment": "s1/", "participant": "rejected-1", "status": "rejected",
-                   "reason": "empty"})
+    stored.append(
+        {"study": "s1", "experiment": "s1/", "participant": "rejected-1", "status": "rejected", "reason": "empty"}
+    )
     results.write_rows(path, {"fingerprint": hf_id, "config": config}, stored)
     return path
 
@@ -47,17 +82,24 @@ def tokens(argmax, target, option=None):
 
 # Base and post-trained NLLs, hand-checked below:
 #   s1: p1 base [1, 2] post [2, 3]; p2 base [3] post [5]        s2: p3 base [2, 4] post [2, 6]
-BASE_ROWS = [("s1", "p1", [1.0, 2.0], tokens([1, 2, 3], [1, 2, 4])), ("s1", "p2", [3.0], tokens([5], [5])),
-             ("s2", "p3", [2.0, 4.0], tokens([7, 8], [7, 9]))]
-POST_ROWS = [("s1", "p1", [2.0, 3.0], tokens([1, 0, 0], [1, 2, 4], [1, 2, 3])),
-             ("s1", "p2", [5.0], tokens([0], [5], [5])), ("s2", "p3", [2.0, 6.0], tokens([0, 0], [7, 9], [7, 0]))]
+BASE_ROWS = [
+    ("s1", "p1", [1.0, 2.0], tokens([1, 2, 3], [1, 2, 4])),
+    ("s1", "p2", [3.0], tokens([5], [5])),
+    ("s2", "p3", [2.0, 4.0], tokens([7, 8], [7, 9])),
+]
+POST_ROWS = [
+    ("s1", "p1", [2.0, 3.0], tokens([1, 0, 0], [1, 2, 4], [1, 2, 3])),
+    ("s1", "p2", [5.0], tokens([0], [5], [5])),
+    ("s2", "p3", [2.0, 6.0], tokens([0, 0], [7, 9], [7, 0])),
+]
 
 
 @pytest.fixture
 def pair(tmp_path):
     base = load(write_results(str(tmp_path / "base"), "Base-1B", BASE_ROWS))
-    post = load(write_results(str(tmp_path / "post"), "Post-1B", POST_ROWS, kind="Instruction-tuned",
-                              base_hf_id="Base-1B"))
+    post = load(
+        write_results(str(tmp_path / "post"), "Post-1B", POST_ROWS, kind="Instruction-tuned", base_hf_id="Base-1B")
+    )
     return post, base
 
 
@@ -176,11 +218,22 @@ def test_paired_statistics(pair):
 
 
 def test_unmatched_responses_are_counted(tmp_path):
-    base = load(write_results(str(tmp_path / "b"), "B", [
-        ("s1", "p1", [1.0, 2.0]), ("s1", "p2", [1.0, 1.0]), ("s1", "p3", [1.0, None]), ("s1", "only-base", [4.0])]))
-    post = load(write_results(str(tmp_path / "p"), "P", [
-        ("s1", "p1", [2.0, 4.0]), ("s1", "p2", [5.0]), ("s1", "p3", [3.0, 3.0]), ("s1", "only-post", [1.0])],
-        kind="Reasoning", base_hf_id="B"))
+    base = load(
+        write_results(
+            str(tmp_path / "b"),
+            "B",
+            [("s1", "p1", [1.0, 2.0]), ("s1", "p2", [1.0, 1.0]), ("s1", "p3", [1.0, None]), ("s1", "only-base", [4.0])],
+        )
+    )
+    post = load(
+        write_results(
+            str(tmp_path / "p"),
+            "P",
+            [("s1", "p1", [2.0, 4.0]), ("s1", "p2", [5.0]), ("s1", "p3", [3.0, 3.0]), ("s1", "only-post", [1.0])],
+            kind="Reasoning",
+            base_hf_id="B",
+        )
+    )
     (m,) = analysis.match_runs(post, base).values()
     assert m.only_a == 1 and m.only_b == 1
     assert m.unaligned == 1  # p2: 1 response vs 2
@@ -260,11 +313,26 @@ def test_bundled_categories():
 
 
 def test_persona_common_subset(tmp_path):
-    none = load(write_results(str(tmp_path / "none"), "M", [
-        ("s1", "p1", [2.0, 4.0]), ("s1", "p2", [3.0, 3.0]), ("s1", "p3", [6.0]),
-        ("gunadi2021deferral", "p9", [1.0, 2.0])]))
-    matched = load(write_results(str(tmp_path / "matched"), "M", [
-        ("s1", "p1", [1.0, 3.0]), ("s1", "p2", [3.0]), ("gunadi2021deferral", "p9", [9.0, 9.0])], persona="matched"))
+    none = load(
+        write_results(
+            str(tmp_path / "none"),
+            "M",
+            [
+                ("s1", "p1", [2.0, 4.0]),
+                ("s1", "p2", [3.0, 3.0]),
+                ("s1", "p3", [6.0]),
+                ("gunadi2021deferral", "p9", [1.0, 2.0]),
+            ],
+        )
+    )
+    matched = load(
+        write_results(
+            str(tmp_path / "matched"),
+            "M",
+            [("s1", "p1", [1.0, 3.0]), ("s1", "p2", [3.0]), ("gunadi2021deferral", "p9", [9.0, 9.0])],
+            persona="matched",
+        )
+    )
     summary, studies = analysis.persona_statistics(none, matched, ddof=0, n_boot=100, seed=0)
     assert [s["study"] for s in studies] == ["s1"]  # the reference's exclusions
     (s1,) = studies
@@ -294,10 +362,11 @@ def test_find_pairs_and_persona_comparisons(tmp_path):
     assert [(p.model, b.model) for p, b in pairs] == [("P", "B")]  # chat post → the base's plain run
     assert [(r.model, "Missing" in why) for r, why in unpaired] == [("Q", True)]
     comparisons = analysis.find_persona_comparisons([base, chat, orphan, matched, shuffled, subset])
-    assert [(c, a.condition.persona, a.condition.persona_subset, b.condition.persona)
-            for c, a, b in comparisons] == [("matched_vs_none", "none", False, "matched"),
-                                            ("matched_vs_none_subset", "none", True, "matched"),
-                                            ("matched_vs_shuffled", "shuffled", False, "matched")]
+    assert [(c, a.condition.persona, a.condition.persona_subset, b.condition.persona) for c, a, b in comparisons] == [
+        ("matched_vs_none", "none", False, "matched"),
+        ("matched_vs_none_subset", "none", True, "matched"),
+        ("matched_vs_shuffled", "shuffled", False, "matched"),
+    ]
     assert subset.condition != base.condition  # not a duplicate of the plain run
 
 
@@ -312,16 +381,36 @@ def test_reads_rows_of_the_results_writer(tmp_path):
     """Rows as ``results.ResultsWriter`` commits them (not hand-written JSON) load into a Run."""
     from psych201_jax.types import ParticipantResult, ParticipantSpans, Rejected
 
-    spans = ParticipantSpans(study="s1", experiment="s1/", participant="p1", token_ids=np.arange(6, dtype=np.int32),
-                             response_index=np.array([-1, 0, -1, 1, 1, -1], dtype=np.int32), n_responses=2,
-                             responses_text=2, responses_scored=2, lost_truncation=0)
-    scored = ParticipantResult(spans=spans, nll=np.array([1.5, np.nan]), n_scored=np.array([1, 0], dtype=np.int32),
-                               argmax=np.array([4, 7], dtype=np.int32), target=np.array([4, 8], dtype=np.int32))
-    config = {"model_info": {"hf_id": "M", "family": "F", "generation": "G", "size_b": 2.0, "kind": "base",
-                             "base_hf_id": ""}, "protocol": "robust", "template": "none", "persona": "none",
-              "dtype": "bfloat16", "data": "d"}
+    spans = ParticipantSpans(
+        study="s1",
+        experiment="s1/",
+        participant="p1",
+        token_ids=np.arange(6, dtype=np.int32),
+        response_index=np.array([-1, 0, -1, 1, 1, -1], dtype=np.int32),
+        n_responses=2,
+        responses_text=2,
+        responses_scored=2,
+        lost_truncation=0,
+    )
+    scored = ParticipantResult(
+        spans=spans,
+        nll=np.array([1.5, np.nan]),
+        n_scored=np.array([1, 0], dtype=np.int32),
+        argmax=np.array([4, 7], dtype=np.int32),
+        target=np.array([4, 8], dtype=np.int32),
+    )
+    config = {
+        "model_info": {"hf_id": "M", "family": "F", "generation": "G", "size_b": 2.0, "kind": "base", "base_hf_id": ""},
+        "protocol": "robust",
+        "template": "none",
+        "persona": "none",
+        "dtype": "bfloat16",
+        "data": "d",
+    }
     writer = results.ResultsWriter(str(tmp_path), {"fingerprint": "f", "determinants": {}, "config": config})
-    writer.commit([scored, Rejected(study="s1", experiment="s1/", participant="p2", source="src", line=2, reason="empty")])
+    writer.commit(
+        [scored, Rejected(study="s1", experiment="s1/", participant="p2", source="src", line=2, reason="empty")]
+    )
     run = load(str(tmp_path))
     assert run.model == "M" and run.condition.protocol == "robust" and run.condition.dtype == "bfloat16"
     assert run.n_rejected == 1 and run.info["size_b"] == 2.0
@@ -338,4 +427,3 @@ def test_option_accuracy_without_options_is_nan_and_left_out(tmp_path):
     by_study = {r["study"]: r for r in analysis.study_scores(run)}
     assert by_study["s1"]["option_accuracy"] == 1.0 and math.isnan(by_study["s2"]["option_accuracy"])
     assert analysis.model_score(list(by_study.values()))["option_accuracy"] == 1.0
-

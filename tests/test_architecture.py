@@ -89,16 +89,27 @@ def test_the_rule_catches_upward_imports():
 
 
 def test_only_testing_imports_torch():
-    users = [module for module, path in _modules()
-             if "torch" in _third_party(path) and _top(module) != "testing" and module not in TORCH_ALLOWED]
+    users = [
+        module
+        for module, path in _modules()
+        if "torch" in _third_party(path) and _top(module) != "testing" and module not in TORCH_ALLOWED
+    ]
     assert not users, users
 
 
-@pytest.mark.parametrize("module", ["psych201_jax.analysis.report", "psych201_jax.runs.store",
-                                    "psych201_jax.cli.analyze", "psych201_jax.cli.export"])
+@pytest.mark.parametrize(
+    "module",
+    ["psych201_jax.analysis.report", "psych201_jax.runs.store", "psych201_jax.cli.analyze", "psych201_jax.cli.export"],
+)
 def test_analysis_and_store_import_no_jax(module):
-    code = (f"import sys, {module}; heavy = sorted(m for m in ('jax', 'flax', 'torch', 'transformers') "
-            f"if m in sys.modules); assert not heavy, heavy")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(PACKAGE.parent)})
+    code = (
+        f"import sys, {module}; heavy = sorted(m for m in ('jax', 'flax', 'torch', 'transformers') "
+        f"if m in sys.modules); assert not heavy, heavy"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(PACKAGE.parent)},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -21,7 +21,7 @@ def _packed_segments(b, t, lengths_per_row):
     for row, lengths in enumerate(lengths_per_row):
         pos = 0
         for i, n in enumerate(lengths):
-            seg[row, pos:pos + n] = i + 1
+            seg[row, pos : pos + n] = i + 1
             pos += n
     return jnp.asarray(seg)
 
@@ -29,8 +29,7 @@ def _packed_segments(b, t, lengths_per_row):
 SEGMENTS = [(40, 90, 3, 60), (200,), (1, 1, 150)]  # row 0 padded after 193, row 1 after 200, row 2 after 152
 
 
-@pytest.mark.parametrize("hq,hk,window", [(4, 4, None), (4, 2, 7), (4, 1, 64), (4, 2, 1), (4, 1, None),
-                                           (4, 4, 300)])
+@pytest.mark.parametrize("hq,hk,window", [(4, 4, None), (4, 2, 7), (4, 1, 64), (4, 2, 1), (4, 1, None), (4, 4, 300)])
 def test_blockwise_matches_dense(hq, hk, window):
     t = 203  # not a multiple of the blocks
     q, k, v = _qkv(3, t, hq, hk, 16)
@@ -50,9 +49,9 @@ def _naive(q, k, v, window):
     for i in range(t):
         lo = 0 if window is None else max(0, i - window + 1)
         for h in range(hq):
-            s = k[lo:i + 1, h // g] @ q[i, h] / np.sqrt(hd)
+            s = k[lo : i + 1, h // g] @ q[i, h] / np.sqrt(hd)
             p = np.exp(s - s.max())
-            out[i, h] = (p / p.sum()) @ v[lo:i + 1, h // g]
+            out[i, h] = (p / p.sum()) @ v[lo : i + 1, h // g]
     return out
 
 
@@ -79,8 +78,8 @@ def test_segments_are_isolated(backend, window):
     first = np.arange(t) < lengths[0]
     mix = lambda a, b: jnp.where(first[None, :, None, None], b, a)  # noqa: E731
     changed = np.asarray(attention(mix(q, q2), mix(k, k2), mix(v, v2), seg, **kwargs))
-    np.testing.assert_array_equal(changed[:, lengths[0]:], packed[:, lengths[0]:])
-    assert not np.allclose(changed[:, :lengths[0]], packed[:, :lengths[0]])
+    np.testing.assert_array_equal(changed[:, lengths[0] :], packed[:, lengths[0] :])
+    assert not np.allclose(changed[:, : lengths[0]], packed[:, : lengths[0]])
 
     # Each segment alone (its own row, one segment) gives the same output as packed.
     start = 0
@@ -140,6 +139,8 @@ def test_unknown_backend_and_registry():
         attention(q, k, v, seg, backend="nope")
     attn_lib.register_backend("test_dense_alias", attn_lib._BACKENDS["dense"])
     assert "test_dense_alias" in attn_lib.available_backends()
-    np.testing.assert_array_equal(np.asarray(attention(q, k, v, seg, backend="test_dense_alias")),
-                                  np.asarray(attention(q, k, v, seg, backend="dense")))
+    np.testing.assert_array_equal(
+        np.asarray(attention(q, k, v, seg, backend="test_dense_alias")),
+        np.asarray(attention(q, k, v, seg, backend="dense")),
+    )
     del attn_lib._BACKENDS["test_dense_alias"]

@@ -34,7 +34,7 @@ def _rows(t, rows):
     for r, runs in enumerate(rows):
         pos = 0
         for sid, n in runs:
-            seg[r, pos:pos + n] = sid
+            seg[r, pos : pos + n] = sid
             pos += n
     return jnp.asarray(seg)
 
@@ -52,8 +52,22 @@ def _close(out, ref, atol):
 PADDING_CAUSAL = "PADDING_CAUSAL"
 
 
-def _emulated_cudnn(query, key, value, bias=None, mask=None, q_seqlen=None, kv_seqlen=None, q_offsets=None,
-                    kv_offsets=None, *, scale, mask_type, qkv_layout, sliding_window_length):
+def _emulated_cudnn(
+    query,
+    key,
+    value,
+    bias=None,
+    mask=None,
+    q_seqlen=None,
+    kv_seqlen=None,
+    q_offsets=None,
+    kv_offsets=None,
+    *,
+    scale,
+    mask_type,
+    qkv_layout,
+    sliding_window_length,
+):
     """The documented contract of jax._src.cudnn.fused_attention_stablehlo.dot_product_attention with
     sequence packing: per row, segment m covers [q_offsets[b, m], q_offsets[b, m] + q_seqlen[b, m]); -1
     entries are unused; attention is causal within each segment with the window (pos - W, pos]. Tokens
@@ -61,7 +75,7 @@ def _emulated_cudnn(query, key, value, bias=None, mask=None, q_seqlen=None, kv_s
     assert bias is None and mask is None and qkv_layout == "BTNH" and mask_type == PADDING_CAUSAL
     assert query.dtype in (jnp.bfloat16, jnp.float16) and key.dtype == value.dtype == query.dtype
     b, t, _, hd = query.shape
-    assert abs(scale - hd ** -0.5) < 1e-12
+    assert abs(scale - hd**-0.5) < 1e-12
     m = q_seqlen.shape[1]
     for x, shape in ((q_seqlen, (b, m)), (kv_seqlen, (b, m)), (q_offsets, (b, m + 1)), (kv_offsets, (b, m + 1))):
         assert x.dtype == jnp.int32 and x.shape == shape
@@ -86,17 +100,23 @@ CPU_BACKENDS = {
 }
 
 
-@pytest.mark.parametrize("t,hq,hk,window", [(256, 2, 2, None), (256, 4, 2, None), (256, 2, 2, 64),
-                                             (256, 4, 2, 64), (512, 2, 2, None), (512, 4, 2, 64)])
+@pytest.mark.parametrize(
+    "t,hq,hk,window",
+    [(256, 2, 2, None), (256, 4, 2, None), (256, 2, 2, 64), (256, 4, 2, 64), (512, 2, 2, None), (512, 4, 2, 64)],
+)
 def test_splash_interpret_matches_dense(t, hq, hk, window):
     q, k, v = _qkv(2, t, hq, hk, 128, seed=t + hq)
     n = t // 8
-    seg = _rows(t, [[(1, 3 * n), (2, n), (3, 1), (4, 2 * n - 1), (0, 2 * n)],
-                    [(0, 5), (1, n), (2, 4 * n), (3, 3 * n - 5)]])
+    seg = _rows(
+        t, [[(1, 3 * n), (2, n), (3, 1), (4, 2 * n - 1), (0, 2 * n)], [(0, 5), (1, n), (2, 4 * n), (3, 3 * n - 5)]]
+    )
     dense = attention(q, k, v, seg, sliding_window=window, backend="dense")
     blocks = (128, 128) if t == 256 else (256, 128)
-    fn = jax.jit(functools.partial(ak.splash_attention, sliding_window=window, block_q=blocks[0],
-                                   block_kv=blocks[1], interpret=True))
+    fn = jax.jit(
+        functools.partial(
+            ak.splash_attention, sliding_window=window, block_q=blocks[0], block_kv=blocks[1], interpret=True
+        )
+    )
     out = fn(q, k, v, seg)
     assert out.dtype == q.dtype and out.shape == q.shape
     _close(out, dense, F32_ATOL)
@@ -114,8 +134,7 @@ def test_splash_interpret_odd_length_bf16_and_vmap():
     _close(out, dense, BF16_ATOL)
     # Batched by an outer vmap (one row per mapped example) gives the same numbers.
     per_row = jax.vmap(lambda a, b, c, s: backend(a[None], b[None], c[None], s[None], sliding_window=32)[0])
-    np.testing.assert_array_equal(np.asarray(jax.jit(per_row)(q, k, v, seg), np.float32),
-                                  np.asarray(out, np.float32))
+    np.testing.assert_array_equal(np.asarray(jax.jit(per_row)(q, k, v, seg), np.float32), np.asarray(out, np.float32))
 
 
 @pytest.mark.parametrize("t,hq,hk", [(256, 2, 2), (256, 4, 2), (203, 4, 1)])
@@ -156,6 +175,7 @@ def test_registered_kernels_refuse_the_wrong_platform_and_unknown_names():
 
 # ------------------------------------------------------------------------------------------ cuDNN wrapper
 
+
 def _offsets_reference(seg_row, m):
     """Plain-Python maximal runs of nonzero ids -> (offsets[m + 1], lengths[m], overflow)."""
     runs, i, t = [], 0, len(seg_row)
@@ -173,14 +193,22 @@ def _offsets_reference(seg_row, m):
 
 
 def test_segment_offsets_examples_and_random_rows():
-    seg = _rows(12, [[(1, 3), (2, 4), (3, 5)], [(0, 2), (1, 1), (0, 3), (2, 6)], [(0, 12)], [(7, 12)],
-                     [(1, 1), (2, 1), (3, 1), (4, 1), (0, 8)]])
+    seg = _rows(
+        12,
+        [
+            [(1, 3), (2, 4), (3, 5)],
+            [(0, 2), (1, 1), (0, 3), (2, 6)],
+            [(0, 12)],
+            [(7, 12)],
+            [(1, 1), (2, 1), (3, 1), (4, 1), (0, 8)],
+        ],
+    )
     offsets, lengths, overflow = ak.segment_offsets(seg, 3)
     assert offsets.dtype == lengths.dtype == jnp.int32
-    np.testing.assert_array_equal(np.asarray(offsets), [[0, 3, 7, -1], [2, 6, -1, -1], [-1, -1, -1, -1],
-                                                        [0, -1, -1, -1], [0, 1, 2, -1]])
-    np.testing.assert_array_equal(np.asarray(lengths), [[3, 4, 5], [1, 6, -1], [-1, -1, -1], [12, -1, -1],
-                                                        [1, 1, 1]])
+    np.testing.assert_array_equal(
+        np.asarray(offsets), [[0, 3, 7, -1], [2, 6, -1, -1], [-1, -1, -1, -1], [0, -1, -1, -1], [0, 1, 2, -1]]
+    )
+    np.testing.assert_array_equal(np.asarray(lengths), [[3, 4, 5], [1, 6, -1], [-1, -1, -1], [12, -1, -1], [1, 1, 1]])
     np.testing.assert_array_equal(np.asarray(overflow), [False, False, False, False, True])
 
     rng = np.random.default_rng(0)
@@ -216,12 +244,15 @@ def test_cudnn_wrapper_refuses_float32_and_overflow():
     # Under jit the count is not known while tracing: the overflowing row becomes NaN, never silently short.
     seg2 = jnp.concatenate([seg, _rows(t, [[(1, 64)]])])
     q2, k2, v2 = (jnp.concatenate([x, x]) for x in (q, k, v))
-    out = np.asarray(jax.jit(functools.partial(ak.cudnn_attention, max_segments=2, _api=EMULATED_CUDNN))(
-        q2, k2, v2, seg2), np.float32)
+    out = np.asarray(
+        jax.jit(functools.partial(ak.cudnn_attention, max_segments=2, _api=EMULATED_CUDNN))(q2, k2, v2, seg2),
+        np.float32,
+    )
     assert np.isnan(out[0]).all() and np.isfinite(out[1]).all()
 
 
 # ------------------------------------------------------------------------------------------ leakage
+
 
 def _leakage_check(backend, window, dtype, *, t=256, hq=4, hk=2, hd=128, atol=F32_ATOL):
     """Changing one segment's q/k/v leaves every other segment's outputs bitwise unchanged, and each segment
@@ -236,7 +267,7 @@ def _leakage_check(backend, window, dtype, *, t=256, hq=4, hk=2, hd=128, atol=F3
 
     q2, k2, v2 = _qkv(3, t, hq, hk, hd, seed=12, dtype=dtype)
     middle = np.zeros((3, t), bool)
-    middle[0, lengths[0]:lengths[0] + lengths[1]] = True
+    middle[0, lengths[0] : lengths[0] + lengths[1]] = True
     mix = lambda a, b: jnp.where(middle[:, :, None, None], b, a)  # noqa: E731
     changed = np.asarray(fn(mix(q, q2), mix(k, k2), mix(v, v2), seg), np.float32)
     np.testing.assert_array_equal(changed[~middle], packed[~middle])
@@ -244,25 +275,38 @@ def _leakage_check(backend, window, dtype, *, t=256, hq=4, hk=2, hd=128, atol=F3
 
     # Alone: segment s at the start of row s (the rest padding), same compiled shape.
     starts = np.cumsum((0,) + lengths[:-1])
-    take = lambda x: jnp.stack([jnp.pad(x[0, s:s + n], ((0, t - n), (0, 0), (0, 0)))  # noqa: E731
-                                for s, n in zip(starts, lengths)])
+    take = lambda x: jnp.stack(
+        [
+            jnp.pad(x[0, s : s + n], ((0, t - n), (0, 0), (0, 0)))  # noqa: E731
+            for s, n in zip(starts, lengths)
+        ]
+    )
     alone_seg = _rows(t, [[(1, n)] for n in lengths])
     alone = np.asarray(fn(take(q), take(k), take(v), alone_seg), np.float32)
     for r, (s, n) in enumerate(zip(starts, lengths)):
-        np.testing.assert_allclose(alone[r, :n], packed[0, s:s + n], atol=atol,
-                                   rtol=0 if dtype == jnp.float32 else 1e-2)  # bf16: tiling order, 1-2 ulp
+        np.testing.assert_allclose(
+            alone[r, :n], packed[0, s : s + n], atol=atol, rtol=0 if dtype == jnp.float32 else 1e-2
+        )  # bf16: tiling order, 1-2 ulp
         assert (alone[r, n:] == 0).all()
 
 
-@pytest.mark.parametrize("name,window", [("splash_interpret", None), ("splash_interpret", 64),
-                                         ("pallas_gpu_interpret", None), ("cudnn_emulated", None),
-                                         ("cudnn_emulated", 64)])
+@pytest.mark.parametrize(
+    "name,window",
+    [
+        ("splash_interpret", None),
+        ("splash_interpret", 64),
+        ("pallas_gpu_interpret", None),
+        ("cudnn_emulated", None),
+        ("cudnn_emulated", 64),
+    ],
+)
 def test_no_leakage_between_segments_cpu(name, window):
     backend, dtype, hd = CPU_BACKENDS[name]
     _leakage_check(backend, window, dtype, hd=hd, atol=F32_ATOL if dtype == jnp.float32 else BF16_ATOL)
 
 
 # ------------------------------------------------------------------------------------------ on hardware
+
 
 def _hardware_skip(name):
     want = ak.PLATFORM_OF[name]

@@ -11,8 +11,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _run_audit(tmp_path, data, tokenizer, *extra):
     out = tmp_path / "audit.csv"
-    proc = subprocess.run([sys.executable, "-m", "launch.audit", f"--data={data}", f"--tokenizer={tokenizer}",
-                           f"--out={out}", *extra], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.audit", f"--data={data}", f"--tokenizer={tokenizer}", f"--out={out}", *extra],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     with open(out) as fh:
         rows = {r["study"]: r for r in csv.DictReader(fh)}
@@ -50,9 +55,11 @@ def test_audit_reference_and_robust(tmp_path, data_root, qwen_tokenizer_dir):
 def test_audit_lists_rejections_and_persona_exclusions(tmp_path, data_root, qwen_tokenizer_dir):
     study = tmp_path / "data" / "mixed"
     study.mkdir(parents=True)
-    lines = [{"text": "You pick <<A>>.", "experiment": "e", "participant": 1, "age": 30},
-             {"text": "You pick <<B>>.", "experiment": "e", "participant": 2},
-             {"text": "no marker", "experiment": "e", "participant": 3}]
+    lines = [
+        {"text": "You pick <<A>>.", "experiment": "e", "participant": 1, "age": 30},
+        {"text": "You pick <<B>>.", "experiment": "e", "participant": 2},
+        {"text": "no marker", "experiment": "e", "participant": 3},
+    ]
     (study / "prompts.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     _, rows, rejected = _run_audit(tmp_path, study, qwen_tokenizer_dir, "--persona=matched")
     assert rows["mixed"]["participants"] == "3" and rows["mixed"]["rejected"] == "2"

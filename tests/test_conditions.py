@@ -2,10 +2,8 @@
 
 import itertools
 
+from psych201_jax.data import metadata, records, spans
 from psych201_jax.types import Excluded
-from psych201_jax.data import metadata
-from psych201_jax.data import records
-from psych201_jax.data import spans
 
 
 def _recs(data_root, study, n):
@@ -44,19 +42,23 @@ def test_selectors(data_root, qwen_tokenizer_dir):
     plain = list(spans.tokenize_records(with_meta, tok, spans.Protocol("reference")))
     assert all((a.token_ids == b.token_ids).all() for a, b in zip(out[:3], plain))
     swapped = list(spans.tokenize_records(with_meta, tok, spans.Protocol("reference"), persona_of=shuffled))
-    matched = list(spans.tokenize_records(with_meta, tok, spans.Protocol("reference"),
-                                          persona_of=metadata.persona_selector("matched")))
+    matched = list(
+        spans.tokenize_records(
+            with_meta, tok, spans.Protocol("reference"), persona_of=metadata.persona_selector("matched")
+        )
+    )
     assert all(len(s.token_ids) > len(p.token_ids) for s, p in zip(swapped, plain))
-    assert any(len(s.token_ids) != len(m.token_ids) or (s.token_ids != m.token_ids).any()
-               for s, m in zip(swapped, matched))
+    assert any(
+        len(s.token_ids) != len(m.token_ids) or (s.token_ids != m.token_ids).any() for s, m in zip(swapped, matched)
+    )
 
 
 def test_robust_budget_is_the_same_with_and_without_persona_in_a_job(tmp_path):
     """Persona prefix, BOS and chat header are outside the budget: both runs keep the same responses."""
     import os
 
-    from psych201_jax.runs import config as score_config
     from psych201_jax import defaults
+    from psych201_jax.runs import config as score_config
     from psych201_jax.runs import job
     from psych201_jax.runs import store as results
 
@@ -64,9 +66,17 @@ def test_robust_budget_is_the_same_with_and_without_persona_in_a_job(tmp_path):
     for template in ("none", "chat"):
         for persona in ("none", "matched"):
             cfg = score_config.get_config()
-            cfg.update(dict(out=str(tmp_path / f"{template}-{persona}"), protocol="robust", template=template,
-                            persona=persona, max_tokens=250, log_every_s=1e9,
-                            data=os.path.join(defaults.SAMPLE_DATA, "thoma2025riskychoice")))
+            cfg.update(
+                dict(
+                    out=str(tmp_path / f"{template}-{persona}"),
+                    protocol="robust",
+                    template=template,
+                    persona=persona,
+                    max_tokens=250,
+                    log_every_s=1e9,
+                    data=os.path.join(defaults.SAMPLE_DATA, "thoma2025riskychoice"),
+                )
+            )
             job.run(cfg)
             rows = list(results.iter_rows(cfg.out))
             assert all(r["status"] == "scored" for r in rows), [r.get("reason") for r in rows]

@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from psych201_jax.model import checkpoint
-from psych201_jax.model import spec as modelspec
 from psych201_jax.model import hf_weights as weights
+from psych201_jax.model import spec as modelspec
 from psych201_jax.testing.tiny_models import make_tiny_hf_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,16 +28,26 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory, qwen_tokenizer_dir):
     """A sharded float32 Qwen3 checkpoint (index file + several shards)."""
-    return make_tiny_hf_checkpoint("qwen3", str(tmp_path_factory.mktemp("q3") / "hf"), qwen_tokenizer_dir,
-                                   num_hidden_layers=3, head_dim=32, max_shard_size="400KB")
+    return make_tiny_hf_checkpoint(
+        "qwen3",
+        str(tmp_path_factory.mktemp("q3") / "hf"),
+        qwen_tokenizer_dir,
+        num_hidden_layers=3,
+        head_dim=32,
+        max_shard_size="400KB",
+    )
 
 
 @pytest.fixture(scope="module")
 def converted(hf_dir, tmp_path_factory):
     """Converted through the command line, to bfloat16."""
     out = str(tmp_path_factory.mktemp("q3_conv") / "out")
-    subprocess.run([sys.executable, "-m", "launch.convert", f"--hf={hf_dir}", f"--out={out}", "--dtype=bfloat16"],
-                   cwd=REPO, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "launch.convert", f"--hf={hf_dir}", f"--out={out}", "--dtype=bfloat16"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
     return out
 
 
@@ -86,10 +96,12 @@ def test_restored_parameters_equal_hf_tensors(hf_dir, converted):
     wo = bf16(hf[p + "self_attn.o_proj.weight"]).T.reshape(spec.num_heads, spec.head_dim, spec.hidden_size)
     np.testing.assert_array_equal(np.asarray(model.layers.wq[...][layer], np.float32), wq)
     np.testing.assert_array_equal(np.asarray(model.layers.wo[...][layer], np.float32), wo)
-    np.testing.assert_array_equal(np.asarray(model.layers.q_norm[...][layer], np.float32),
-                                  bf16(hf[p + "self_attn.q_norm.weight"]))
-    np.testing.assert_array_equal(np.asarray(model.layers.w_down[...][layer], np.float32),
-                                  bf16(hf[p + "mlp.down_proj.weight"]).T)
+    np.testing.assert_array_equal(
+        np.asarray(model.layers.q_norm[...][layer], np.float32), bf16(hf[p + "self_attn.q_norm.weight"])
+    )
+    np.testing.assert_array_equal(
+        np.asarray(model.layers.w_down[...][layer], np.float32), bf16(hf[p + "mlp.down_proj.weight"]).T
+    )
     assert model.layers.wq[...].dtype == jnp.bfloat16
 
 
@@ -151,9 +163,11 @@ def test_existing_output_is_not_overwritten(hf_dir, converted):
 
 def test_safetensors_reader_round_trip_and_bf16(tmp_path, qwen_tokenizer_dir):
     rng = np.random.default_rng(0)
-    tensors = {"a": rng.normal(size=(3, 5)).astype(np.float32),
-               "b": rng.normal(size=(7,)).astype(ml_dtypes.bfloat16),
-               "c": np.arange(6, dtype=np.int64).reshape(2, 3)}
+    tensors = {
+        "a": rng.normal(size=(3, 5)).astype(np.float32),
+        "b": rng.normal(size=(7,)).astype(ml_dtypes.bfloat16),
+        "c": np.arange(6, dtype=np.int64).reshape(2, 3),
+    }
     weights.write_safetensors(str(tmp_path / "x.safetensors"), tensors)
     reader = weights.SafetensorsReader(str(tmp_path))
     for name, x in tensors.items():

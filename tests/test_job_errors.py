@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 
-from psych201_jax.runs import config as score_config
 from psych201_jax import defaults
-from psych201_jax.runs import job
 from psych201_jax.data import records
+from psych201_jax.runs import config as score_config
+from psych201_jax.runs import job
 from psych201_jax.runs import store as results
 
 
@@ -24,12 +24,15 @@ def _cfg(tmp_path, **over):
     return cfg
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("protocol", "fancy", "config.protocol='fancy' is not one of"),
-    ("dtype", "float16", "config.dtype='float16'"),
-    ("attention", "nope", "config.attention='nope'"),
-    ("tokens_per_batch", 0, "config.tokens_per_batch must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("protocol", "fancy", "config.protocol='fancy' is not one of"),
+        ("dtype", "float16", "config.dtype='float16'"),
+        ("attention", "nope", "config.attention='nope'"),
+        ("tokens_per_batch", 0, "config.tokens_per_batch must be a positive integer"),
+    ],
+)
 def test_wrong_config_value_fails_before_writing_anything(tmp_path, field, value, message):
     with pytest.raises(job.ConfigError, match=message):
         job.run(_cfg(tmp_path, **{field: value}))
@@ -85,7 +88,7 @@ def test_full_disk_keeps_earlier_chunks_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(results, "_write_chunk", real)
     job.run(cfg)
     rows = list(results.iter_rows(cfg.out))
-    assert len(rows) == 3 and rows[:len(first)] == first
+    assert len(rows) == 3 and rows[: len(first)] == first
 
 
 def test_results_dir_of_another_config_is_refused_and_kept(tmp_path):
@@ -110,10 +113,14 @@ def test_resume_keeps_every_input_line_exactly_once(tmp_path, monkeypatch):
     study = tmp_path / "data" / "mixed"
     study.mkdir(parents=True)
     good = "You see A or B. You choose <<A>>. Again. You choose <<B>>."
-    lines = ["{broken", "[1, 2]", json.dumps({"text": good, "experiment": "e", "participant": 1}),
-             json.dumps({"text": "You choose:<<A>>.", "experiment": "e", "participant": 2}),
-             json.dumps({"text": good, "experiment": "e", "participant": 2}),
-             json.dumps({"text": good, "experiment": "e", "participant": 3})]
+    lines = [
+        "{broken",
+        "[1, 2]",
+        json.dumps({"text": good, "experiment": "e", "participant": 1}),
+        json.dumps({"text": "You choose:<<A>>.", "experiment": "e", "participant": 2}),
+        json.dumps({"text": good, "experiment": "e", "participant": 2}),
+        json.dumps({"text": good, "experiment": "e", "participant": 3}),
+    ]
     (study / "prompts.jsonl").write_text("\n".join(lines) + "\n")
     cfg = _cfg(tmp_path, data=str(study), chunk_tokens=1, protocol="robust")  # robust: strict markup
     real = results._write_chunk
@@ -134,6 +141,12 @@ def test_resume_keeps_every_input_line_exactly_once(tmp_path, monkeypatch):
     rows = list(results.iter_rows(cfg.out))
     assert sorted(r["line"] for r in rows) == [1, 2, 3, 4, 5, 6]
     by_line = {r["line"]: r for r in rows}
-    assert [by_line[n]["status"] for n in range(1, 7)] == ["rejected", "rejected", "scored", "rejected",
-                                                            "rejected", "scored"]
+    assert [by_line[n]["status"] for n in range(1, 7)] == [
+        "rejected",
+        "rejected",
+        "scored",
+        "rejected",
+        "rejected",
+        "scored",
+    ]
     assert "duplicate participant id" in by_line[5]["reason"]

@@ -13,8 +13,13 @@ from psych201_jax.testing.oracle import masked_logprobs, response_sums
 def full_logits_reference(hidden, unembedding, score_index, score_target):
     """-log_softmax over the full [B * L, V] logits (same dtype, float32 accumulation) and argmax."""
     flat = hidden.reshape(-1, hidden.shape[-1])
-    logits = jnp.einsum("td,vd->tv", flat, unembedding.astype(hidden.dtype),
-                        preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
+    logits = jnp.einsum(
+        "td,vd->tv",
+        flat,
+        unembedding.astype(hidden.dtype),
+        preferred_element_type=jnp.float32,
+        precision=jax.lax.Precision.HIGHEST,
+    )
     logp = jax.nn.log_softmax(logits, axis=-1)[score_index]
     return -logp[jnp.arange(len(score_target)), score_target], jnp.argmax(logits[score_index], axis=-1)
 
@@ -29,13 +34,16 @@ def random_case(seed, batch=2, length=48, dim=32, vocab=1000, capacity=64, dtype
     return hidden, unembedding, index, target, valid
 
 
-@pytest.mark.parametrize("vocab,chunk,dtype,tol", [
-    (1000, 256, jnp.float32, 1e-5),   # V not a multiple of the chunk
-    (1024, 256, jnp.float32, 1e-5),   # V a multiple of the chunk
-    (1000, 4096, jnp.float32, 1e-5),  # one chunk larger than V
-    (777, 100, jnp.float32, 1e-5),
-    (1000, 256, jnp.bfloat16, 1e-4),  # bf16 hidden and unembedding, float32 accumulation
-])
+@pytest.mark.parametrize(
+    "vocab,chunk,dtype,tol",
+    [
+        (1000, 256, jnp.float32, 1e-5),  # V not a multiple of the chunk
+        (1024, 256, jnp.float32, 1e-5),  # V a multiple of the chunk
+        (1000, 4096, jnp.float32, 1e-5),  # one chunk larger than V
+        (777, 100, jnp.float32, 1e-5),
+        (1000, 256, jnp.bfloat16, 1e-4),  # bf16 hidden and unembedding, float32 accumulation
+    ],
+)
 def test_equals_full_log_softmax(vocab, chunk, dtype, tol):
     hidden, unembedding, index, target, valid = random_case(vocab, vocab=vocab, dtype=dtype)
     nll, argmax = masked_logprobs(hidden, unembedding, index, target, valid, vocab_chunk=chunk)
@@ -75,8 +83,7 @@ def test_invalid_entries_are_ignored():
     # Changing what invalid entries point at changes nothing for the valid ones.
     other_index = jnp.where(valid, index, 0)
     other_target = jnp.where(valid, target, 999)
-    nll2, argmax2 = masked_logprobs(hidden, unembedding, other_index, other_target, valid,
-                                    vocab_chunk=256)
+    nll2, argmax2 = masked_logprobs(hidden, unembedding, other_index, other_target, valid, vocab_chunk=256)
     np.testing.assert_array_equal(nll, nll2)
     np.testing.assert_array_equal(argmax, argmax2)
 
@@ -87,9 +94,14 @@ def test_runs_under_an_explicit_sharding_mesh(unembedding_spec):
     hidden, unembedding, index, target, valid = random_case(5)
     mesh = jax.make_mesh((1,), ("data",), axis_types=(AxisType.Explicit,), devices=jax.devices()[:1])
     with jax.set_mesh(mesh):
-        nll, argmax = masked_logprobs(jax.device_put(hidden, NamedSharding(mesh, P("data"))),
-                                      jax.device_put(unembedding, NamedSharding(mesh, unembedding_spec)),
-                                      index, target, valid, vocab_chunk=300)
+        nll, argmax = masked_logprobs(
+            jax.device_put(hidden, NamedSharding(mesh, P("data"))),
+            jax.device_put(unembedding, NamedSharding(mesh, unembedding_spec)),
+            index,
+            target,
+            valid,
+            vocab_chunk=300,
+        )
         sums = response_sums(nll, jnp.zeros_like(index), valid, 4)
     ref_nll, ref_argmax = full_logits_reference(hidden, unembedding, index, target)
     np.testing.assert_allclose(nll[valid], ref_nll[valid], rtol=0, atol=1e-5)
@@ -111,8 +123,7 @@ def test_response_sums_equal_a_python_loop():
     assert got.dtype == jnp.float32 and got.shape == (num_slots,)
     np.testing.assert_allclose(got, expected, rtol=1e-6)
     # bf16 NLL is summed in float32, not bf16.
-    got16 = response_sums(jnp.asarray(nll, jnp.bfloat16), jnp.asarray(slot), jnp.asarray(valid),
-                          num_slots)
+    got16 = response_sums(jnp.asarray(nll, jnp.bfloat16), jnp.asarray(slot), jnp.asarray(valid), num_slots)
     assert got16.dtype == jnp.float32
 
 
@@ -142,10 +153,22 @@ def test_score_head_on_one_device_equals_the_plain_oracle(vocab, chunk):
     slot = jnp.asarray(np.random.default_rng(3).integers(0, 10, len(index)), jnp.int32)
     option_ids = jnp.asarray(np.sort(np.random.default_rng(4).choice(vocab, 32, replace=False)), jnp.int32)
     option_mask = jnp.asarray(np.random.default_rng(5).random((len(index), 32)) < 0.5)
-    sums, top, option_top = score_head(hidden, unembedding, index, target, valid, slot, option_ids, option_mask,
-                                       vocab_axes=(), axis_sizes={}, vocab_chunk=chunk)
+    sums, top, option_top = score_head(
+        hidden,
+        unembedding,
+        index,
+        target,
+        valid,
+        slot,
+        option_ids,
+        option_mask,
+        vocab_axes=(),
+        axis_sizes={},
+        vocab_chunk=chunk,
+    )
     nll, argmax = masked_logprobs(hidden, unembedding, index, target, valid, vocab_chunk=chunk)
     np.testing.assert_allclose(sums, response_sums(nll, slot, valid, len(index)), rtol=0, atol=1e-5)
     np.testing.assert_array_equal(top, argmax)
-    np.testing.assert_array_equal(option_top, masked_option_argmax(hidden, unembedding, index, valid, option_ids,
-                                                                   option_mask))
+    np.testing.assert_array_equal(
+        option_top, masked_option_argmax(hidden, unembedding, index, valid, option_ids, option_mask)
+    )

@@ -72,14 +72,33 @@ def test_unsupported_rope_type_is_refused():
         modelspec.from_hf_config(config)
 
 
-@pytest.mark.parametrize("model_type,extra", [
-    ("llama", dict(tie_word_embeddings=True, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                                                                high_freq_factor=4.0,
-                                                                original_max_position_embeddings=64))),
-    ("qwen2", {}), ("qwen3", dict(head_dim=32)),
-    ("olmo3", dict(num_hidden_layers=8, rope_scaling=dict(rope_type="yarn", factor=8.0,
-                                                          original_max_position_embeddings=64))),
-])
+@pytest.mark.parametrize(
+    "model_type,extra",
+    [
+        (
+            "llama",
+            dict(
+                tie_word_embeddings=True,
+                rope_scaling=dict(
+                    rope_type="llama3",
+                    factor=8.0,
+                    low_freq_factor=1.0,
+                    high_freq_factor=4.0,
+                    original_max_position_embeddings=64,
+                ),
+            ),
+        ),
+        ("qwen2", {}),
+        ("qwen3", dict(head_dim=32)),
+        (
+            "olmo3",
+            dict(
+                num_hidden_layers=8,
+                rope_scaling=dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=64),
+            ),
+        ),
+    ],
+)
 def test_spec_json_round_trip_and_family_flags(model_type, extra):
     spec = modelspec.from_hf_config(AutoConfig.for_model(model_type, **{**SMALL, **extra}))
     assert modelspec.ModelSpec.from_json(spec.to_json()) == spec
@@ -94,13 +113,16 @@ def test_spec_json_round_trip_and_family_flags(model_type, extra):
         assert spec.window_for("sliding_attention") == 4096 and spec.window_for("full_attention") is None
 
 
-@pytest.mark.parametrize("layer_types,expected", [
-    (("f",) * 6, ((0, 6, ("f",)),)),
-    (("s", "s", "s", "f") * 3, ((0, 3, ("s", "s", "s", "f")),)),
-    (("s", "s", "s", "f") * 2 + ("s", "s"), ((0, 2, ("s", "s", "s", "f")), (8, 1, ("s", "s")))),
-    (("f",) * 5 + ("s",) * 3, ((0, 5, ("f",)), (5, 3, ("s",)))),
-    (("f",), ((0, 1, ("f",)),)),
-])
+@pytest.mark.parametrize(
+    "layer_types,expected",
+    [
+        (("f",) * 6, ((0, 6, ("f",)),)),
+        (("s", "s", "s", "f") * 3, ((0, 3, ("s", "s", "s", "f")),)),
+        (("s", "s", "s", "f") * 2 + ("s", "s"), ((0, 2, ("s", "s", "s", "f")), (8, 1, ("s", "s")))),
+        (("f",) * 5 + ("s",) * 3, ((0, 5, ("f",)), (5, 3, ("s",)))),
+        (("f",), ((0, 1, ("f",)),)),
+    ],
+)
 def test_layer_groups(layer_types, expected):
     assert model_lib.layer_groups(layer_types) == expected
 
@@ -111,8 +133,9 @@ def _spec(model_type="olmo3", **kw):
 
 def test_every_parameter_has_logical_axes_matching_its_rank():
     for spec in (_spec("olmo3", num_hidden_layers=4), _spec("qwen2"), _spec("qwen3", tie_word_embeddings=True)):
-        model = nnx.eval_shape(lambda: model_lib.Decoder(spec, dtype=jnp.float32, param_dtype=jnp.float32,
-                                                         rngs=nnx.Rngs(0)))
+        model = nnx.eval_shape(
+            lambda spec=spec: model_lib.Decoder(spec, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+        )
         for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
             axes = var.get_metadata()["out_sharding"]
             assert len(axes) == len(var.shape), (path, axes, var.shape)
@@ -135,10 +158,12 @@ def _count_equations(jaxpr) -> int:
 
 def test_depth_does_not_grow_the_program():
     """Scanned layers: the traced program has the same size for 8 and 32 layers."""
+
     def program_size(num_layers):
         spec = _spec("olmo3", num_hidden_layers=num_layers, sliding_window=8)
-        model = nnx.eval_shape(lambda: model_lib.Decoder(spec, dtype=jnp.float32, param_dtype=jnp.float32,
-                                                         rngs=nnx.Rngs(0)))
+        model = nnx.eval_shape(
+            lambda spec=spec: model_lib.Decoder(spec, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+        )
         graphdef, state = nnx.split(model)
         ids = jax.ShapeDtypeStruct((1, 32), jnp.int32)
         fn = lambda state, a, b, c: nnx.merge(graphdef, state)(a, b, c)  # noqa: E731

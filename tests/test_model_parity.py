@@ -17,8 +17,8 @@ from flax import nnx
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from psych201_jax.model import checkpoint
-from psych201_jax.testing import tiny_tokenizer
 from psych201_jax.model.decoder import Decoder
+from psych201_jax.testing import tiny_tokenizer
 from psych201_jax.testing.tiny_models import make_tiny_hf_checkpoint
 
 T = 600
@@ -28,14 +28,22 @@ STUDIES = ("thoma2025riskychoice", "xu2023augmenting", "guenther2023ViSpa")
 CASES = {
     "llama-llama3-untied-gqa4": ("llama", "llama", dict(num_key_value_heads=1)),
     "llama-llama3-tied-gqa2": ("llama", "llama", dict(num_key_value_heads=2, tie_word_embeddings=True)),
-    "qwen2-bias-mha-bf16shards": ("qwen2", "qwen", dict(num_key_value_heads=4, dtype="bfloat16",
-                                                        max_shard_size="300KB")),
-    "qwen3-headdim32-tied-gqa2": ("qwen3", "qwen", dict(num_key_value_heads=2, head_dim=32,
-                                                        tie_word_embeddings=True)),
+    "qwen2-bias-mha-bf16shards": (
+        "qwen2",
+        "qwen",
+        dict(num_key_value_heads=4, dtype="bfloat16", max_shard_size="300KB"),
+    ),
+    "qwen3-headdim32-tied-gqa2": ("qwen3", "qwen", dict(num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)),
     "olmo3-window64-mha": ("olmo3", "qwen", dict(num_key_value_heads=4, sliding_window=64)),
-    "olmo3-yarn-window100-gqa2": ("olmo3", "qwen", dict(
-        num_key_value_heads=2, sliding_window=100,
-        rope_scaling=dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=128))),
+    "olmo3-yarn-window100-gqa2": (
+        "olmo3",
+        "qwen",
+        dict(
+            num_key_value_heads=2,
+            sliding_window=100,
+            rope_scaling=dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=128),
+        ),
+    ),
 }
 
 
@@ -88,8 +96,9 @@ def _log_probs(model, tokens, positions, segment_ids):
 
 def _single_row(model, tokens):
     t = len(tokens)
-    return np.asarray(_log_probs(model, jnp.asarray(tokens[None]), jnp.arange(t, dtype=jnp.int32)[None],
-                                 jnp.ones((1, t), jnp.int32)))[0]
+    return np.asarray(
+        _log_probs(model, jnp.asarray(tokens[None]), jnp.arange(t, dtype=jnp.int32)[None], jnp.ones((1, t), jnp.int32))
+    )[0]
 
 
 def _token_log_probs(log_probs, tokens):
@@ -120,8 +129,8 @@ def test_packed_row_matches_each_transcript_alone(case):
     packed = np.asarray(_log_probs(case.model32, *(jnp.asarray(x[None]) for x in (tokens, positions, segments))))[0]
     alone_a = _token_log_probs(_single_row(case.model32, a), a)
     alone_b = _token_log_probs(_single_row(case.model32, b), b)
-    np.testing.assert_allclose(_token_log_probs(packed[:len(a)], a), alone_a, atol=1e-5)
-    np.testing.assert_allclose(_token_log_probs(packed[len(a):len(a) + len(b)], b), alone_b, atol=1e-5)
+    np.testing.assert_allclose(_token_log_probs(packed[: len(a)], a), alone_a, atol=1e-5)
+    np.testing.assert_allclose(_token_log_probs(packed[len(a) : len(a) + len(b)], b), alone_b, atol=1e-5)
     assert np.isfinite(packed).all()
 
 
@@ -148,6 +157,7 @@ def test_parity_check_detects_window_off_by_one(case):
 @pytest.mark.parametrize("case", ["llama-llama3-untied-gqa4", "olmo3-yarn-window100-gqa2"], indirect=True)
 def test_parity_check_detects_missing_rope_scaling(case):
     """... and RoPE without its llama3 / YaRN scaling (positions run past original_max_position_embeddings)."""
-    bad = dataclasses.replace(case.spec, rope=tuple((t, dataclasses.replace(r, rope_type="default"))
-                                                    for t, r in case.spec.rope))
+    bad = dataclasses.replace(
+        case.spec, rope=tuple((t, dataclasses.replace(r, rope_type="default")) for t, r in case.spec.rope)
+    )
     assert _max_error_with(case, bad) > 1e-3

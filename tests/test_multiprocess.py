@@ -34,19 +34,41 @@ def _env(devices: int) -> dict:
 
 
 def _score(out, *flags, devices=1):
-    proc = subprocess.run([sys.executable, "-m", "launch.score", f"--config.out={out}", *JOB_FLAGS, *flags],
-                          cwd=REPO, env=_env(devices), capture_output=True, text=True, timeout=TIMEOUT_S)
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.score", f"--config.out={out}", *JOB_FLAGS, *flags],
+        cwd=REPO,
+        env=_env(devices),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
 
 def _score_two_processes(out, *flags):
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "launch.score", f"--config.out={out}", *JOB_FLAGS, *flags,
-                               f"--config.distributed.coordinator=127.0.0.1:{port}",
-                               "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"],
-                              cwd=REPO, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "launch.score",
+                f"--config.out={out}",
+                *JOB_FLAGS,
+                *flags,
+                f"--config.distributed.coordinator=127.0.0.1:{port}",
+                "--config.distributed.num_processes=2",
+                f"--config.distributed.process_id={i}",
+            ],
+            cwd=REPO,
+            env=_env(2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outputs = []
     try:
         for p in procs:
@@ -78,8 +100,13 @@ def one_process(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh,writers", [(("--config.mesh.data=2", "--config.mesh.tensor=2"), {0, 1}),
-                                          (("--config.mesh.data=1", "--config.mesh.tensor=4"), {0})])
+@pytest.mark.parametrize(
+    "mesh,writers",
+    [
+        (("--config.mesh.data=2", "--config.mesh.tensor=2"), {0, 1}),
+        (("--config.mesh.data=1", "--config.mesh.tensor=4"), {0}),
+    ],
+)
 def test_two_processes_equal_one_process(tmp_path, one_process, mesh, writers):
     out = tmp_path / "res"
     outputs = _score_two_processes(out, *mesh)

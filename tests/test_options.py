@@ -13,19 +13,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from psych201_jax.scoring import options as options_lib
-from psych201_jax.scoring import stream
-from psych201_jax.runs import config as score_config
 from psych201_jax import defaults
+from psych201_jax.data import records, spans
 from psych201_jax.model import checkpoint
+from psych201_jax.runs import config as score_config
 from psych201_jax.runs import job
-from psych201_jax.scoring import packing
-from psych201_jax.data import records
 from psych201_jax.runs import store as results
-from psych201_jax.scoring import scorer
-from psych201_jax.data import spans
-from psych201_jax.testing import tiny_models
+from psych201_jax.scoring import options as options_lib
+from psych201_jax.scoring import packing, scorer, stream
 from psych201_jax.scoring.head import option_max
+from psych201_jax.testing import tiny_models
 from psych201_jax.types import ParticipantSpans
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,9 +33,17 @@ TOKENS_PER_BATCH = 8192
 
 def _spans(study, name, tokens, responses):
     n = max(responses) + 1
-    return ParticipantSpans(study=study, experiment="e", participant=name, token_ids=np.asarray(tokens, np.int32),
-                            response_index=np.asarray(responses, np.int32), n_responses=n, responses_text=n,
-                            responses_scored=n, lost_truncation=0)
+    return ParticipantSpans(
+        study=study,
+        experiment="e",
+        participant=name,
+        token_ids=np.asarray(tokens, np.int32),
+        response_index=np.asarray(responses, np.int32),
+        n_responses=n,
+        responses_text=n,
+        responses_scored=n,
+        lost_truncation=0,
+    )
 
 
 def test_collect_options_keeps_single_token_responses(caplog):
@@ -88,8 +93,9 @@ def test_plan_steps_take_the_largest_option_capacity():
 def scored(data_root, tmp_path_factory):
     """Two participants of each study (packed together) scored with options, and the JAX model."""
     root = tmp_path_factory.mktemp("options_model")
-    hf_dir = tiny_models.make_tiny_hf_checkpoint("qwen3", str(root / "hf"), defaults.DEFAULT_TOKENIZER,
-                                                 max_position_embeddings=max(ROW_LENGTHS))
+    hf_dir = tiny_models.make_tiny_hf_checkpoint(
+        "qwen3", str(root / "hf"), defaults.DEFAULT_TOKENIZER, max_position_embeddings=max(ROW_LENGTHS)
+    )
     checkpoint.convert(hf_dir, str(root / "converted"), "float32")
     model, _ = checkpoint.load_model(str(root / "converted"), dtype="float32")
     tok = spans.TokenizerInfo(defaults.DEFAULT_TOKENIZER)
@@ -114,7 +120,7 @@ def test_option_argmax_is_the_argmax_of_full_logits_over_the_study_options(score
         r = got[p.key]
         assert r.option_argmax.dtype == np.int32 and r.option_argmax.shape == r.argmax.shape
         tokens = np.zeros((1, length), np.int32)
-        tokens[0, :len(p.token_ids)] = p.token_ids
+        tokens[0, : len(p.token_ids)] = p.token_ids
         segment_ids = (np.arange(length) < len(p.token_ids)).astype(np.int32)[None]
         logits = np.asarray(full_logits(model, tokens, np.arange(length)[None], segment_ids))[0]
         positions = np.flatnonzero(p.response_index[1:] >= 0) + 1
@@ -146,8 +152,14 @@ def test_study_without_options_has_no_option_in_the_mask(scored):
 def test_mesh_paths_give_the_single_device_option_argmax():
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8")
     env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "mp_driver.py"), "options"], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tests", "mp_driver.py"), "options"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["with_option"] > 0.5 * report["tokens"] and report["made_up_chosen"] > 0, report
@@ -173,8 +185,13 @@ def test_job_stores_option_argmax_and_analysis_reports_option_accuracy(tmp_path)
     assert {x for r in rows for x in r["option_argmax"]} <= letters  # every response is one letter
 
     report_dir = tmp_path / "report"
-    proc = subprocess.run([sys.executable, "-m", "launch.analyze", f"--results={cfg.out}", f"--out={report_dir}",
-                           "--bootstrap=10"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.analyze", f"--results={cfg.out}", f"--out={report_dir}", "--bootstrap=10"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(report_dir / "study_scores.csv") as fh:
         (study,) = list(csv.DictReader(fh))

@@ -27,7 +27,7 @@ def make_participant(key, length, seed, response_rate=0.2, empty_responses=0):
     while t < length:
         if rng.random() < response_rate:
             run = int(rng.integers(1, 5))
-            responses[t:t + run] = n
+            responses[t : t + run] = n
             n += 1
             t += run + 1
         else:
@@ -42,8 +42,9 @@ def participant_sets(draw, max_len=256, max_count=12):
     names = draw(st.permutations([f"s{i:02d}" for i in range(len(lengths))]))
     if draw(st.booleans()):  # keys may also be tuples, like (study, experiment, participant)
         names = [("study", "exp", name) for name in names]
-    return [make_participant(name, n, seed + i, empty_responses=i % 2)
-            for i, (name, n) in enumerate(zip(names, lengths))]
+    return [
+        make_participant(name, n, seed + i, empty_responses=i % 2) for i, (name, n) in enumerate(zip(names, lengths))
+    ]
 
 
 def scorable(p):
@@ -79,7 +80,7 @@ def check_layout_and_plan(participants, batches, row_lengths, capacity=None, min
         assert [len(k) for k in b.row_keys] == [sum(s.row == r for s in b.segments) for r in range(b.rows)]
         for r in range(b.rows):
             for a in (b.tokens, b.segment_ids, b.positions):
-                assert (a[r, ends[r]:] == 0).all()
+                assert (a[r, ends[r] :] == 0).all()
         if b.overflow_pass == 0:
             placed += [s.key for s in b.segments]
             assert b.real_tokens == ends.sum()
@@ -103,16 +104,18 @@ def check_layout_and_plan(participants, batches, row_lengths, capacity=None, min
     for p in participants:
         expected.update(scorable(p))
     assert planned == expected
-    assert unscorable == {(p.key, int(p.response_index[0])) for p in participants
-                          if len(p.token_ids) and p.response_index[0] >= 0}
+    assert unscorable == {
+        (p.key, int(p.response_index[0])) for p in participants if len(p.token_ids) and p.response_index[0] >= 0
+    }
 
 
 @settings(max_examples=40, deadline=None)
 @given(participant_sets(), st.sampled_from([None, 4, 32]), st.sampled_from([128, 512, 2048]))
 def test_layout_and_plan_are_exact(participants, capacity, tokens_per_batch):
     row_lengths = (64, 128, 256)
-    batches = packing.pack(participants, row_lengths, tokens_per_batch=tokens_per_batch,
-                           capacity=capacity, min_capacity=16)
+    batches = packing.pack(
+        participants, row_lengths, tokens_per_batch=tokens_per_batch, capacity=capacity, min_capacity=16
+    )
     check_layout_and_plan(participants, batches, row_lengths, capacity, min_capacity=16)
     for b in batches:
         assert b.rows <= max(1, tokens_per_batch // b.row_length)
@@ -124,8 +127,10 @@ def test_deterministic_and_order_invariant(participants, rnd):
     shuffled = list(participants)
     rnd.shuffle(shuffled)
     first = packing.pack(participants, (64, 256), tokens_per_batch=512, min_capacity=8)
-    for batches in (packing.pack(participants, (64, 256), tokens_per_batch=512, min_capacity=8),
-                    packing.pack(shuffled, (256, 64), tokens_per_batch=512, min_capacity=8)):
+    for batches in (
+        packing.pack(participants, (64, 256), tokens_per_batch=512, min_capacity=8),
+        packing.pack(shuffled, (256, 64), tokens_per_batch=512, min_capacity=8),
+    ):
         assert len(batches) == len(first)
         for a, b in zip(first, batches):
             for field in dataclasses.fields(packing.PackedBatch):
@@ -149,8 +154,7 @@ def fake_outputs(batch):
 @settings(max_examples=30, deadline=None)
 @given(participant_sets(), st.sampled_from([None, 3, 16]))
 def test_unpack_matches_per_participant_computation(participants, capacity):
-    batches = packing.pack(participants, (64, 256), tokens_per_batch=512, capacity=capacity,
-                           min_capacity=8)
+    batches = packing.pack(participants, (64, 256), tokens_per_batch=512, capacity=capacity, min_capacity=8)
     sums, argmax = zip(*(fake_outputs(b) for b in batches))
     results = packing.unpack(batches, sums, argmax)
     assert sorted(results) == sorted(p.key for p in participants)
@@ -195,8 +199,7 @@ def test_small_leftover_uses_a_small_shape():
 def test_efficiency_on_realistic_lengths():
     rng = np.random.default_rng(0)
     lengths = np.clip(rng.lognormal(np.log(3500), 0.8, 1000), 1000, 30000).astype(int)
-    participants = [make_participant(f"p{i}", int(n), i, response_rate=0.01)
-                    for i, n in enumerate(lengths)]
+    participants = [make_participant(f"p{i}", int(n), i, response_rate=0.01) for i, n in enumerate(lengths)]
     batches = packing.pack(participants, packing.choose_row_lengths(32768), tokens_per_batch=65536)
     stats = packing.packing_stats(batches)
     assert stats["real_tokens"] == lengths.sum()

@@ -6,11 +6,9 @@ import zipfile
 
 import pytest
 
-from psych201_jax.data import metadata
-from psych201_jax.data import records
+from psych201_jax.data import metadata, records
 
-GOOD = {"text": "You see A or B. You choose <<A>>.\nAgain. You choose <<B>>.", "experiment": "e1",
-        "participant": 7}
+GOOD = {"text": "You see A or B. You choose <<A>>.\nAgain. You choose <<B>>.", "experiment": "e1", "participant": 7}
 
 
 def _write_study(tmp_path, lines, study="toystudy", name="prompts.jsonl"):
@@ -62,8 +60,10 @@ BAD_CASES = {
     "rts_non_numeric": ({**GOOD, "RTs": [1.0, "slow"]}, "non-numeric"),
     "rts_length": ({**GOOD, "RTs": [1.0]}, "has 1 entries but the text has 2 responses"),
     "metadata_wrong_type": ({**GOOD, "age": [30, 31]}, "field 'age' must be a scalar"),
-    "lone_surrogate": ('{"text": "You pick \\ud83d <<A>>.", "experiment": "e1", "participant": 7}',
-                       "not valid Unicode"),
+    "lone_surrogate": (
+        '{"text": "You pick \\ud83d <<A>>.", "experiment": "e1", "participant": 7}',
+        "not valid Unicode",
+    ),
 }
 
 
@@ -109,8 +109,15 @@ def test_zip_with_macosx_and_other_member_name(tmp_path):
 
 
 def _hf_row(**over):
-    row = {"text": GOOD["text"], "study": "s1", "experiment": "s1/exp.csv", "participant": "abc",
-           "participant_reindexed": "0", "RTs": [float("nan"), 1.0], **{c: "N/A" for c in metadata.META_COLUMNS}}
+    row = {
+        "text": GOOD["text"],
+        "study": "s1",
+        "experiment": "s1/exp.csv",
+        "participant": "abc",
+        "participant_reindexed": "0",
+        "RTs": [float("nan"), 1.0],
+        **{c: "N/A" for c in metadata.META_COLUMNS},
+    }
     row.update(over)
     return row
 
@@ -119,14 +126,21 @@ def test_hf_layout_parquet_and_jsonl(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = [_hf_row(), _hf_row(participant_reindexed="1", age="31.0", gender="female"),
-            _hf_row(participant_reindexed="2", text="no markers")]
+    rows = [
+        _hf_row(),
+        _hf_row(participant_reindexed="1", age="31.0", gender="female"),
+        _hf_row(participant_reindexed="2", text="no markers"),
+    ]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "test-00000.parquet")
     with open(tmp_path / "more.jsonl", "w") as fh:
         fh.write(json.dumps(_hf_row(study="s2")) + "\n")
     items = _read(str(tmp_path))
     assert [(i.study, i.participant, type(i).__name__) for i in items] == [
-        ("s2", "0", "Record"), ("s1", "0", "Record"), ("s1", "1", "Record"), ("s1", "2", "Rejected")]
+        ("s2", "0", "Record"),
+        ("s1", "0", "Record"),
+        ("s1", "1", "Record"),
+        ("s1", "2", "Rejected"),
+    ]
     assert items[2].metadata["age"] == "31.0" and items[2].metadata["gender"] == "female"
     assert items[3].line == 3 and "no response marker" in items[3].reason
 
@@ -207,10 +221,8 @@ def test_hf_layout_numeric_and_missing_metadata(tmp_path):
     import pyarrow.parquet as pq
 
     rows = [_hf_row(participant_reindexed=str(i)) for i in range(2)]
-    table = pa.Table.from_pylist(rows).set_column(
-        list(rows[0]).index("age"), "age", pa.array([float("nan"), 37.0]))
+    table = pa.Table.from_pylist(rows).set_column(list(rows[0]).index("age"), "age", pa.array([float("nan"), 37.0]))
     pq.write_table(table, tmp_path / "t.parquet")
     first, second = _read(str(tmp_path))
     assert first.metadata["age"] == "N/A" and not metadata.has_persona(first.metadata)
     assert second.metadata["age"] == "37.0"
-

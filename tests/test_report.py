@@ -8,16 +8,32 @@ import sys
 
 import numpy as np
 import pytest
-
-from psych201_jax.analysis import report
 from test_analysis import load, tokens, write_results
 
+from psych201_jax.analysis import report
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIGURES = ["fig_nll_by_size.png", "fig_misalignment_by_generation.png", "fig_domains.png", "fig_persona.png",
-           "fig_accuracy.png", "fig_pair_ci.png"]
-CSVS = ["model_scores.csv", "study_scores.csv", "pair_misalignment.csv", "pair_paired_stats.csv", "domains.csv",
-        "domains_extended.csv", "persona.csv", "persona_summary.csv", "accuracy.csv", "pair_types.csv",
-        "generations.csv"]
+FIGURES = [
+    "fig_nll_by_size.png",
+    "fig_misalignment_by_generation.png",
+    "fig_domains.png",
+    "fig_persona.png",
+    "fig_accuracy.png",
+    "fig_pair_ci.png",
+]
+CSVS = [
+    "model_scores.csv",
+    "study_scores.csv",
+    "pair_misalignment.csv",
+    "pair_paired_stats.csv",
+    "domains.csv",
+    "domains_extended.csv",
+    "persona.csv",
+    "persona_summary.csv",
+    "accuracy.csv",
+    "pair_types.csv",
+    "generations.csv",
+]
 # Real study names, so the bundled category CSV applies: Risky Choice, Psycholinguistics (two), Moral
 # Judgment (dropped by the reference figure) and one study not in the CSV.
 STUDIES = ["thoma2025riskychoice", "franke2024bayesian", "guenther2024substitutions", "awad2018moral", "not_in_csv"]
@@ -39,17 +55,39 @@ def sweep(tmp_path_factory):
     """A tiny sweep: two generations × (base, post-trained), a Vision pair, and persona runs."""
     root = tmp_path_factory.mktemp("sweep")
     rng = np.random.default_rng(0)
-    specs = [("G1-1B-Base", "base", "", "G1", 1.0, 0.0), ("G1-1B", "Instruction-tuned", "G1-1B-Base", "G1", 1.0, 0.3),
-             ("G1-4B-Base", "base", "", "G1", 4.0, -0.2), ("G1-4B", "Instruction-tuned", "G1-4B-Base", "G1", 4.0, 0.1),
-             ("G2-2B-Base", "base", "", "G2", 2.0, -0.1), ("G2-2B", "Reasoning", "G2-2B-Base", "G2", 2.0, 0.4),
-             ("G2-VL-2B", "Vision", "G2-2B-Base", "G2", 2.0, 0.2)]
+    specs = [
+        ("G1-1B-Base", "base", "", "G1", 1.0, 0.0),
+        ("G1-1B", "Instruction-tuned", "G1-1B-Base", "G1", 1.0, 0.3),
+        ("G1-4B-Base", "base", "", "G1", 4.0, -0.2),
+        ("G1-4B", "Instruction-tuned", "G1-4B-Base", "G1", 4.0, 0.1),
+        ("G2-2B-Base", "base", "", "G2", 2.0, -0.1),
+        ("G2-2B", "Reasoning", "G2-2B-Base", "G2", 2.0, 0.4),
+        ("G2-VL-2B", "Vision", "G2-2B-Base", "G2", 2.0, 0.2),
+    ]
     for hf_id, kind, base, generation, size, shift in specs:
-        write_results(str(root / hf_id), hf_id, synthetic_rows(rng, shift, option=kind == "base"), kind=kind,
-                      base_hf_id=base, generation=generation, size_b=size, family=generation)
+        write_results(
+            str(root / hf_id),
+            hf_id,
+            synthetic_rows(rng, shift, option=kind == "base"),
+            kind=kind,
+            base_hf_id=base,
+            generation=generation,
+            size_b=size,
+            family=generation,
+        )
     for hf_id, kind in (("G1-1B-Base", "base"), ("G1-1B", "Instruction-tuned")):
         rows = [r for r in synthetic_rows(rng, -0.05) if r[1] != "p3"]  # fewer participants have metadata
-        write_results(str(root / f"{hf_id}-persona"), hf_id, rows, kind=kind, generation="G1", size_b=1.0,
-                      family="G1", persona="matched", base_hf_id="G1-1B-Base" if kind != "base" else "")
+        write_results(
+            str(root / f"{hf_id}-persona"),
+            hf_id,
+            rows,
+            kind=kind,
+            generation="G1",
+            size_b=1.0,
+            family="G1",
+            persona="matched",
+            base_hf_id="G1-1B-Base" if kind != "base" else "",
+        )
     return str(root)
 
 
@@ -72,26 +110,38 @@ def test_tables(sweep):
     t = report.build_tables(runs, report.load_categories(), n_boot=200, seed=0)
     assert t.primary.persona == "none" and t.primary.protocol == "reference"
     pairs = {(r["post"], r["persona"]): r for r in t.rows["pair_misalignment"]}
-    assert set(pairs) == {("G1-1B", "none"), ("G1-4B", "none"), ("G2-2B", "none"), ("G2-VL-2B", "none"),
-                          ("G1-1B", "matched")}
+    assert set(pairs) == {
+        ("G1-1B", "none"),
+        ("G1-4B", "none"),
+        ("G2-2B", "none"),
+        ("G2-VL-2B", "none"),
+        ("G1-1B", "matched"),
+    }
     assert all(r["n_common_studies"] == 5 for r in pairs.values())
     assert all(r["d_pair"] > 0 for k, r in pairs.items() if k[1] == "none")  # post-trained runs are shifted up
     assert {(r["generation"], r["n_pairs"]) for r in t.rows["generations"] if r["persona"] == "none"} == {
-        ("G1", 2), ("G2", 1)}  # the Vision pair is left out of generations
+        ("G1", 2),
+        ("G2", 1),
+    }  # the Vision pair is left out of generations
     types = {r["kind"]: r for r in t.rows["pair_types"] if r["persona"] == "none"}
     assert types["Instruction-tuned"]["n_pairs"] == 2
     assert types["Instruction-tuned"]["d_pair"] == pytest.approx(
-        (pairs[("G1-1B", "none")]["d_pair"] + pairs[("G1-4B", "none")]["d_pair"]) / 2)
+        (pairs[("G1-1B", "none")]["d_pair"] + pairs[("G1-4B", "none")]["d_pair"]) / 2
+    )
     ref_cols, ext_cols = t.domain_columns
     assert len(ref_cols) == 7 and "Moral Judgment" not in ref_cols and len(ext_cols) == 12
     avg = [r for r in t.rows["domains"] if r["post"] == "Average" and r["persona"] == "none"][0]
     assert avg["Risky Choice"] > 0 and math.isnan(avg["Reinforcement Learning"])
     ext = [r for r in t.rows["domains_extended"] if r["post"] == "G1-1B" and r["persona"] == "none"][0]
     assert not math.isnan(ext["Moral Judgment"]) and not math.isnan(ext["Other"])  # awad2018moral, not_in_csv
-    per_study = {r["study"]: r["domain_d"] for r in t.rows["pair_paired_stats"]
-                 if r["post"] == "G1-1B" and r["persona"] == "none"}
+    per_study = {
+        r["study"]: r["domain_d"]
+        for r in t.rows["pair_paired_stats"]
+        if r["post"] == "G1-1B" and r["persona"] == "none"
+    }
     assert ext["Psycholinguistics"] == pytest.approx(
-        (per_study["franke2024bayesian"] + per_study["guenther2024substitutions"]) / 2)
+        (per_study["franke2024bayesian"] + per_study["guenther2024substitutions"]) / 2
+    )
     persona = {(r["comparison"], r["model"]): r for r in t.rows["persona_summary"]}
     assert set(persona) == {("matched_vs_none", "G1-1B-Base"), ("matched_vs_none", "G1-1B")}
     assert persona[("matched_vs_none", "G1-1B")]["only_control"] == 5  # p3 of each study
@@ -104,8 +154,16 @@ def test_tables(sweep):
 def test_launch_analyze_end_to_end(sweep, tmp_path):
     out = tmp_path / "report"
     dirs = report.find_results_dirs([sweep])
-    cmd = [sys.executable, "-m", "launch.analyze", f"--results={sweep}", f"--out={out}", "--bootstrap=200",
-           "--seed=1", "--ddof=reference"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.analyze",
+        f"--results={sweep}",
+        f"--out={out}",
+        "--bootstrap=200",
+        "--seed=1",
+        "--ddof=reference",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in FIGURES + CSVS + ["report.md"]:
@@ -117,8 +175,16 @@ def test_launch_analyze_end_to_end(sweep, tmp_path):
     assert len(read_csv(out / "pair_paired_stats.csv")) == 5 * 5
     # the same results given as a comma list and positional dirs, ddof forced to 0
     out0 = tmp_path / "report0"
-    cmd = [sys.executable, "-m", "launch.analyze", f"--results={dirs[0]},{dirs[1]}", *dirs[2:], f"--out={out0}",
-           "--bootstrap=50", "--ddof=0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.analyze",
+        f"--results={dirs[0]},{dirs[1]}",
+        *dirs[2:],
+        f"--out={out0}",
+        "--bootstrap=50",
+        "--ddof=0",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     d1 = {r["post"] + r["persona"]: float(r["d_pair"]) for r in read_csv(out / "pair_misalignment.csv")}
@@ -127,8 +193,9 @@ def test_launch_analyze_end_to_end(sweep, tmp_path):
 
 
 def test_report_degrades_without_pairs_or_persona(tmp_path):
-    write_results(str(tmp_path / "runs" / "only"), "Solo", [("s1", "p1", [1.0, 2.0]), ("s2", "p1", [3.0])],
-                  size_b=float("nan"))
+    write_results(
+        str(tmp_path / "runs" / "only"), "Solo", [("s1", "p1", [1.0, 2.0]), ("s2", "p1", [3.0])], size_b=float("nan")
+    )
     out = tmp_path / "out"
     figures = report.generate([str(tmp_path / "runs")], str(out), n_boot=10)
     assert all(figures[f] is not None for f in FIGURES)  # nothing to draw, each with its reason
@@ -142,9 +209,11 @@ def test_report_degrades_without_pairs_or_persona(tmp_path):
 
 
 def test_unpaired_and_duplicate_runs_are_noted(tmp_path):
-    runs = [load(write_results(str(tmp_path / "a"), "A", [("s1", "p1", [1.0]), ("s2", "p1", [2.0])])),
-            load(write_results(str(tmp_path / "b"), "A", [("s1", "p1", [1.0])])),
-            load(write_results(str(tmp_path / "c"), "C", [("s1", "p1", [1.0])], kind="Math", base_hf_id="Z"))]
+    runs = [
+        load(write_results(str(tmp_path / "a"), "A", [("s1", "p1", [1.0]), ("s2", "p1", [2.0])])),
+        load(write_results(str(tmp_path / "b"), "A", [("s1", "p1", [1.0])])),
+        load(write_results(str(tmp_path / "c"), "C", [("s1", "p1", [1.0])], kind="Math", base_hf_id="Z")),
+    ]
     t = report.build_tables(runs, report.load_categories(), n_boot=10)
     assert len(t.rows["model_scores"]) == 2
     assert any("same model and condition" in n for n in t.notes) and any("Z not scored" in n for n in t.notes)

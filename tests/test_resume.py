@@ -16,8 +16,13 @@ ARGS = ["--config.chunk_tokens=3000", "--config.tokens_per_batch=8192"]  # many 
 
 
 def _start(out):
-    return subprocess.Popen([sys.executable, "-m", "launch.score", f"--config.out={out}", *ARGS], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "launch.score", f"--config.out={out}", *ARGS],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _rows(out):
@@ -29,7 +34,9 @@ def _kill_after(out, n_chunks, timeout=300):
     proc = _start(out)
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        if len(results.chunk_dirs(out)) >= n_chunks and (n_chunks or os.path.exists(os.path.join(out, "manifest.json"))):
+        if len(results.chunk_dirs(out)) >= n_chunks and (
+            n_chunks or os.path.exists(os.path.join(out, "manifest.json"))
+        ):
             break
         time.sleep(0.05)
     assert proc.poll() is None, f"job finished before it could be killed: {proc.stderr.read()[-2000:]}"
@@ -54,8 +61,11 @@ def test_kill_and_resume_gives_identical_results(tmp_path):
         assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-3000:]
         got = _rows(out)
         assert got.keys() == expected.keys(), point  # every participant exactly once
-        n = sum(len(json.loads(line)) > 0 for c in results.chunk_dirs(out)
-                for line in open(os.path.join(c, "participants.jsonl")))
+        n = sum(
+            len(json.loads(line)) > 0
+            for c in results.chunk_dirs(out)
+            for line in open(os.path.join(c, "participants.jsonl"))
+        )
         assert n == 15, "no participant duplicated across chunks"
         for key, row in expected.items():
             assert got[key]["status"] == row["status"]

@@ -10,37 +10,85 @@ from transformers.models.llama import modeling_llama
 from transformers.models.olmo3 import modeling_olmo3
 from transformers.models.qwen2 import modeling_qwen2
 
-from psych201_jax.model import spec as modelspec
 from psych201_jax.model import rope
+from psych201_jax.model import spec as modelspec
 
-BASE = dict(hidden_size=256, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
-            num_hidden_layers=4, vocab_size=32)
+BASE = dict(
+    hidden_size=256,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    vocab_size=32,
+)
 POSITIONS = np.array([[0, 1, 2, 63, 64, 127, 128, 500, 4095, 8191, 8192, 30000, 65535]], np.int32)
 
 FLAT_CASES = {
     "llama_default": ("llama", dict(rope_theta=500000.0)),
-    "llama3_real": ("llama", dict(rope_theta=500000.0, max_position_embeddings=131072,
-                                  rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                                                    high_freq_factor=4.0, original_max_position_embeddings=8192))),
-    "llama3_tiny": ("llama", dict(head_dim=16, rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
-                                                                 high_freq_factor=4.0,
-                                                                 original_max_position_embeddings=128))),
+    "llama3_real": (
+        "llama",
+        dict(
+            rope_theta=500000.0,
+            max_position_embeddings=131072,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=8192,
+            ),
+        ),
+    ),
+    "llama3_tiny": (
+        "llama",
+        dict(
+            head_dim=16,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=32.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=128,
+            ),
+        ),
+    ),
     "linear": ("llama", dict(rope_scaling=dict(rope_type="linear", factor=4.0))),
-    "qwen2_yarn_untruncated": ("qwen2", dict(rope_theta=1e6, max_position_embeddings=131072,
-                                             rope_scaling=dict(rope_type="yarn", factor=4.0, truncate=False,
-                                                               original_max_position_embeddings=32768))),
-    "yarn_mscale": ("llama", dict(rope_scaling=dict(rope_type="yarn", factor=40.0, mscale=1.0, mscale_all_dim=0.707,
-                                                    beta_fast=16, beta_slow=2,
-                                                    original_max_position_embeddings=4096))),
-    "yarn_attention_factor": ("qwen2", dict(rope_scaling=dict(rope_type="yarn", factor=8.0, attention_factor=1.3,
-                                                              original_max_position_embeddings=64))),
+    "qwen2_yarn_untruncated": (
+        "qwen2",
+        dict(
+            rope_theta=1e6,
+            max_position_embeddings=131072,
+            rope_scaling=dict(rope_type="yarn", factor=4.0, truncate=False, original_max_position_embeddings=32768),
+        ),
+    ),
+    "yarn_mscale": (
+        "llama",
+        dict(
+            rope_scaling=dict(
+                rope_type="yarn",
+                factor=40.0,
+                mscale=1.0,
+                mscale_all_dim=0.707,
+                beta_fast=16,
+                beta_slow=2,
+                original_max_position_embeddings=4096,
+            )
+        ),
+    ),
+    "yarn_attention_factor": (
+        "qwen2",
+        dict(
+            rope_scaling=dict(rope_type="yarn", factor=8.0, attention_factor=1.3, original_max_position_embeddings=64)
+        ),
+    ),
 }
 ROTARY = {"llama": modeling_llama.LlamaRotaryEmbedding, "qwen2": modeling_qwen2.Qwen2RotaryEmbedding}
 
 
 def _ours(spec, layer_type, positions=POSITIONS):
-    inv_freq, scaling = rope.inv_freq_and_scaling(spec.rope_for(layer_type), spec.head_dim,
-                                                  spec.max_position_embeddings)
+    inv_freq, scaling = rope.inv_freq_and_scaling(
+        spec.rope_for(layer_type), spec.head_dim, spec.max_position_embeddings
+    )
     cos, sin = rope.cos_sin(jnp.asarray(positions), inv_freq, scaling)
     return inv_freq, scaling, np.asarray(cos), np.asarray(sin)
 
@@ -65,9 +113,20 @@ def test_flat_rope_matches_transformers(case):
 def test_olmo3_per_layer_type_rope_matches_transformers(truncate):
     """OLMo 3 Instruct-style YaRN: pinned transformers applies YaRN to full layers only (default RoPE on
     sliding layers) and reads `truncate` from the top-level dict, i.e. always truncates for nested params."""
-    config = AutoConfig.for_model("olmo3", **BASE, max_position_embeddings=65536, rope_theta=500000.0,
-                                  rope_scaling=dict(rope_type="yarn", factor=8.0, beta_fast=32, beta_slow=1,
-                                                    original_max_position_embeddings=8192, truncate=truncate))
+    config = AutoConfig.for_model(
+        "olmo3",
+        **BASE,
+        max_position_embeddings=65536,
+        rope_theta=500000.0,
+        rope_scaling=dict(
+            rope_type="yarn",
+            factor=8.0,
+            beta_fast=32,
+            beta_slow=1,
+            original_max_position_embeddings=8192,
+            truncate=truncate,
+        ),
+    )
     spec = modelspec.from_hf_config(config)
     hf = modeling_olmo3.Olmo3RotaryEmbedding(config)
     x = torch.zeros(1, dtype=torch.float32)

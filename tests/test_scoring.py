@@ -6,16 +6,12 @@ import random
 import numpy as np
 import pytest
 
-from psych201_jax.scoring import stream
-from psych201_jax.types import ParticipantResult
 from psych201_jax import defaults
+from psych201_jax.data import records, spans
 from psych201_jax.model import checkpoint
-from psych201_jax.scoring import packing
-from psych201_jax.data import records
-from psych201_jax.scoring import scorer
-from psych201_jax.data import spans
-from psych201_jax.testing import tiny_models
-from psych201_jax.testing import torch_reference
+from psych201_jax.scoring import packing, scorer, stream
+from psych201_jax.testing import tiny_models, torch_reference
+from psych201_jax.types import ParticipantResult
 
 STUDIES = ("thoma2025riskychoice", "franke2024bayesian", "guenther2024substitutions", "busch2024_stroop")
 PROTOCOLS = [("reference", "none"), ("reference", "chat"), ("robust", "none"), ("robust", "chat")]
@@ -91,8 +87,9 @@ def test_results_do_not_depend_on_packing(models, sample):
     variants = {
         "alone": {k: v for ps in items for k, v in _score([ps], model).items()},
         "reversed": _score(items[::-1], model),
-        "shuffled_small_rows": _score(random.Random(0).sample(items, len(items)), model,
-                                      row_lengths=(4096,), tokens_per_batch=4096),
+        "shuffled_small_rows": _score(
+            random.Random(0).sample(items, len(items)), model, row_lengths=(4096,), tokens_per_batch=4096
+        ),
         "one_long_row": _score(items, model, row_lengths=(32768,), tokens_per_batch=32768),
         "small_chunks": _score(items, model, chunk_tokens=5000),
     }

@@ -9,11 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from psych201_jax.scoring import stream
-from psych201_jax.parallel import distributed
-from psych201_jax.scoring import scorer
-from psych201_jax.parallel import sharding
 from psych201_jax.model.decoder import logical_to_spec
+from psych201_jax.parallel import distributed, sharding
+from psych201_jax.scoring import stream
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
@@ -21,16 +19,21 @@ import mp_driver  # noqa: E402
 
 
 def _abstract_mesh(data, fsdp, tensor):
-    return jax.sharding.AbstractMesh((data, fsdp, tensor), sharding.AXES,
-                                     axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    return jax.sharding.AbstractMesh((data, fsdp, tensor), sharding.AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
 @pytest.fixture(scope="module")
 def report():
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8")
     env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "mp_driver.py"), "meshes"], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tests", "mp_driver.py"), "meshes"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -77,8 +80,9 @@ def test_rules_keep_only_dividing_axes():
     assert rules["vocab"] == "tensor" and rules["embed"] == "fsdp"
     assert rules["activation_batch"] == ("data", "fsdp")  # rows are made a multiple by the scorer
     # Longest dividing prefix: embed 8192 % 3 != 0 drops the rule; mlp keeps tensor (size 1), not fsdp=3.
-    table = sharding.rules_for(spec, _abstract_mesh(1, 3, 1), (("embed", ("fsdp", "tensor")),
-                                                               ("mlp", ("tensor", "fsdp")), ("layers", None)))
+    table = sharding.rules_for(
+        spec, _abstract_mesh(1, 3, 1), (("embed", ("fsdp", "tensor")), ("mlp", ("tensor", "fsdp")), ("layers", None))
+    )
     assert table == (("mlp", "tensor"), ("layers", None))
 
 
@@ -93,12 +97,18 @@ def test_mesh_shape():
 def test_plan_steps_agree_on_shapes_and_pad_with_empty_sub_batches():
     # Two shares of one process each, 2 slots per step. Share 0: three (2, 4096) batches, one (4, 2048);
     # share 1: one (2, 4096) batch and two (8, 1024).
-    tables = [np.array([[2, 4096, 256], [2, 4096, 512], [4, 2048, 256], [2, 4096, 1024]]),
-              np.array([[8, 1024, 256], [2, 4096, 2048], [8, 1024, 512]])]
+    tables = [
+        np.array([[2, 4096, 256], [2, 4096, 512], [4, 2048, 256], [2, 4096, 1024]]),
+        np.array([[8, 1024, 256], [2, 4096, 2048], [8, 1024, 512]]),
+    ]
     steps = [stream.plan_steps(tables, (0, 1), share, 2) for share in (0, 1)]
     assert [(s.rows, s.length, s.capacity) for s in steps[0]] == [(s.rows, s.length, s.capacity) for s in steps[1]]
     assert [(s.rows, s.length, s.capacity) for s in steps[0]] == [
-        (2, 4096, 2048), (2, 4096, 256), (4, 2048, 256), (8, 1024, 512)]
+        (2, 4096, 2048),
+        (2, 4096, 256),
+        (4, 2048, 256),
+        (8, 1024, 512),
+    ]
     assert [s.slots for s in steps[0]] == [(3, 1), (0, None), (2, None), (None, None)]
     assert [s.slots for s in steps[1]] == [(1, None), (None, None), (None, None), (2, 0)]
     # Every local batch is scheduled exactly once.
@@ -124,5 +134,10 @@ def test_row_layout_on_one_device():
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     layout = sharding.RowLayout.create(mesh, sharding.ROW_AXES)
     assert (layout.shards, layout.local_shards, layout.share_index, layout.share_count, layout.writer) == (
-        1, (0,), 0, 1, True)
+        1,
+        (0,),
+        0,
+        1,
+        True,
+    )
     assert logical_to_spec(("activation_batch", "activation_length"), sharding.RULES) == jax.P(("data", "fsdp"), None)

@@ -11,12 +11,16 @@ import re
 import numpy as np
 import pytest
 
-from psych201_jax.data import metadata
-from psych201_jax.data import records
-from psych201_jax.data import spans
+from psych201_jax.data import metadata, records, spans
 
-STUDIES = ("thoma2025riskychoice", "busch2024_stroop", "guenther2024substitutions", "xu2023augmenting",
-           "spektor2024lossaversion", "franke2024bayesian")
+STUDIES = (
+    "thoma2025riskychoice",
+    "busch2024_stroop",
+    "guenther2024substitutions",
+    "xu2023augmenting",
+    "spektor2024lossaversion",
+    "franke2024bayesian",
+)
 PER_STUDY = 6
 
 # ---------------------------------------------------------------------------------------------------
@@ -26,8 +30,13 @@ _space_before_close = re.compile(r"\s+(?=>>)")
 
 
 def _safe_truncate_angle(text, max_len, chat):
-    t = (text[:max_len].replace("<<skip>>", "<<skip>>.").replace("<<-", "<< -")
-         .replace("<<think>>", "<< think>>").replace("More Details >>", "More Details ->"))
+    t = (
+        text[:max_len]
+        .replace("<<skip>>", "<<skip>>.")
+        .replace("<<-", "<< -")
+        .replace("<<think>>", "<< think>>")
+        .replace("More Details >>", "More Details ->")
+    )
     if t.count("<<") > t.count(">>"):
         last_open = t.rfind("<<")
         if last_open != -1:
@@ -41,7 +50,7 @@ def _safe_truncate_angle(text, max_len, chat):
 def _find_subseq(seq, subseq, start=0):
     n, m = len(seq), len(subseq)
     for i in range(start, n - m + 1):
-        if seq[i:i + m] == subseq:
+        if seq[i : i + m] == subseq:
             return i
     return -1
 
@@ -91,22 +100,27 @@ def _template_kwargs(tok):
 
 
 def _assistant_markers(tok, kwargs):
-    a_mark, t_mark = "\uE000ASSISTANT_CONTENT\uE001", "\uE002TRAILING_USER\uE003"
+    a_mark, t_mark = "\ue000ASSISTANT_CONTENT\ue001", "\ue002TRAILING_USER\ue003"
     user_only = tok.apply_chat_template([{"role": "user", "content": "u"}], **kwargs)
-    with_asst = tok.apply_chat_template([{"role": "user", "content": "u"},
-                                         {"role": "assistant", "content": a_mark},
-                                         {"role": "user", "content": t_mark}], **kwargs)
+    with_asst = tok.apply_chat_template(
+        [
+            {"role": "user", "content": "u"},
+            {"role": "assistant", "content": a_mark},
+            {"role": "user", "content": t_mark},
+        ],
+        **kwargs,
+    )
     ids_user = tok(user_only, add_special_tokens=False).input_ids
     enc = tok(with_asst, add_special_tokens=False, return_offsets_mapping=True)
     ids_full, offsets = enc.input_ids, enc.offset_mapping
-    assert ids_full[:len(ids_user)] == ids_user
+    assert ids_full[: len(ids_user)] == ids_user
     mstart = with_asst.index(a_mark)
     mend = mstart + len(a_mark)
     first = next(i for i, (a, _) in enumerate(offsets) if a >= mstart)
     after = next(i for i, (a, _) in enumerate(offsets) if a >= mend)
     tstart = with_asst.index(t_mark)
     trailing_first = next(i for i, (a, _) in enumerate(offsets) if a >= tstart)
-    return ids_full[len(ids_user):first], ids_full[after:trailing_first]
+    return ids_full[len(ids_user) : first], ids_full[after:trailing_first]
 
 
 def _response_runs(labels):
@@ -213,8 +227,15 @@ def test_reference_counts_truncation_losses(qwen_tokenizer_dir, data_root):
 
 
 def _mini_record(text, study="toy"):
-    return records.Record(study=study, experiment="exp", participant="p1", text=text,
-                          metadata={c: "N/A" for c in metadata.META_COLUMNS}, source="mem", line=1)
+    return records.Record(
+        study=study,
+        experiment="exp",
+        participant="p1",
+        text=text,
+        metadata={c: "N/A" for c in metadata.META_COLUMNS},
+        source="mem",
+        line=1,
+    )
 
 
 def test_runaway_and_merge_are_counted(qwen_tokenizer_dir):
@@ -222,7 +243,7 @@ def test_runaway_and_merge_are_counted(qwen_tokenizer_dir):
     tok = spans.TokenizerInfo(qwen_tokenizer_dir)
     text = "You choose <<A>>.\nThen you choose <<B>> and stop."
     ids = tok.hf(text).input_ids
-    assert tok.base_r_id[0] not in ids[:ids.index(tok.base_l_id[0], 3)], "tokenizer no longer merges '>>.\\n'"
+    assert tok.base_r_id[0] not in ids[: ids.index(tok.base_l_id[0], 3)], "tokenizer no longer merges '>>.\\n'"
     ps = next(iter(spans.tokenize_records([_mini_record(text)], tok, spans.Protocol("reference"))))
     assert (ps.n_responses, ps.missed, ps.runaway, ps.merged) == (1, 0, 1, 1)
     robust = next(iter(spans.tokenize_records([_mini_record(text)], tok, spans.Protocol("robust"))))
@@ -249,13 +270,16 @@ def test_imperfect_markup_is_kept_for_the_reference_and_counted(tmp_path, qwen_t
     protocol with strict_markers=False, position for position, and the audit counts what is lost."""
     import json
 
-    texts = ["You choose:<<A>>. Then you pick <<B>>. End.",  # '<<' without a space: missed
-             "You say <<>>. Then you say <<C>>. End.",  # empty response: nothing to score
-             "Pick <<A>>. Then pick <<B"]  # unclosed final '<<': cut
+    texts = [
+        "You choose:<<A>>. Then you pick <<B>>. End.",  # '<<' without a space: missed
+        "You say <<>>. Then you say <<C>>. End.",  # empty response: nothing to score
+        "Pick <<A>>. Then pick <<B",
+    ]  # unclosed final '<<': cut
     study = tmp_path / "imperfect"
     study.mkdir()
-    (study / "prompts.jsonl").write_text("\n".join(
-        json.dumps({"text": t, "experiment": "e", "participant": i}) for i, t in enumerate(texts)) + "\n")
+    (study / "prompts.jsonl").write_text(
+        "\n".join(json.dumps({"text": t, "experiment": "e", "participant": i}) for i, t in enumerate(texts)) + "\n"
+    )
     assert all(isinstance(r, records.Rejected) for r in records.iter_records(str(study)))
     recs = list(records.iter_records(str(study), strict_markers=False))
     assert all(isinstance(r, records.Record) for r in recs)
@@ -266,4 +290,3 @@ def test_imperfect_markup_is_kept_for_the_reference_and_counted(tmp_path, qwen_t
         assert ps.token_ids.tolist() == ids
         assert [np.flatnonzero(ps.response_index == r).tolist() for r in range(ps.n_responses)] == runs
     assert got[0].missed == 1 and got[1].missed == 1 and got[2].lost_truncation == 1
-

@@ -7,9 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from psych201_jax.data import metadata
-from psych201_jax.data import records
-from psych201_jax.data import spans
+from psych201_jax.data import metadata, records, spans
 
 CONTEXT = st.text(alphabet="abcdefghij XYZ.,:;!?-0123456789é\n", max_size=25)
 RESPONSE = st.text(alphabet="abcdeQR-0123456789 .,é%$", min_size=1, max_size=8).filter(lambda s: s.strip())
@@ -82,7 +80,7 @@ def test_token_budget_never_cuts_inside_a_response(tok, data):
     budget = data.draw(st.integers(1, len(full.token_ids) + 2))
     cut = _one(tok, _record(text), spans.Protocol("robust", token_budget=budget))
     assert len(cut.token_ids) <= budget + (tok.bos_token is not None)  # a leading BOS is not text
-    assert np.array_equal(cut.token_ids, full.token_ids[:len(cut.token_ids)])
+    assert np.array_equal(cut.token_ids, full.token_ids[: len(cut.token_ids)])
     kept = cut.n_responses
     assert kept + cut.lost_truncation == len(responses)
     for j in range(kept):  # every kept response is complete
@@ -99,8 +97,10 @@ def test_persona_prefix_is_outside_the_budget(tok, data_root):
         assert plain.n_responses == with_persona.n_responses and plain.lost_truncation > 0
         prefix_tokens = len(with_persona.token_ids) - len(plain.token_ids)
         assert prefix_tokens > 10
-        assert np.array_equal(with_persona.token_ids[prefix_tokens + (tok.bos_token is not None):],
-                              plain.token_ids[(tok.bos_token is not None):])
+        assert np.array_equal(
+            with_persona.token_ids[prefix_tokens + (tok.bos_token is not None) :],
+            plain.token_ids[(tok.bos_token is not None) :],
+        )
 
 
 def test_robust_chat_has_single_bos_and_assistant_spans(llama_tokenizer_dir, data_root):

@@ -32,8 +32,9 @@ def test_paper_sweep_lists_the_study_models_and_pairs():
     assert "--config.options=none" in args
     accuracy = next(j for j in jobs if j.condition["name"] == "accuracy")
     assert "--config.options=study" in accuracy.score_args(cfg.data, {})
-    assert any(a.startswith("--config.data=hf:marcelbinz/Psych-201-discrete-test")
-               for a in accuracy.score_args(cfg.data, {}))
+    assert any(
+        a.startswith("--config.data=hf:marcelbinz/Psych-201-discrete-test") for a in accuracy.score_args(cfg.data, {})
+    )
 
 
 def test_emitted_commands():
@@ -60,7 +61,8 @@ def test_tiny_sweep_end_to_end_with_a_failing_job_and_report(tmp_path):
         "        generation='x', size_b=1.0, kind='base', base_hf_id='', arch='qwen3', chat=False, persona=False)]\n"
         "    c.conditions = [c for c in c.conditions if c['name'] in ('plain', 'chat', 'persona',\n"
         "                    'persona_shuffled', 'persona_subset_none')]\n"
-        "    return c\n")
+        "    return c\n"
+    )
     proc = _run("launch.sweep", f"--config={config}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     outcomes = json.loads((tmp_path / "sweep" / "sweep_outcomes.json").read_text())

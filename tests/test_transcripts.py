@@ -2,14 +2,21 @@
 
 import itertools
 
-from psych201_jax.data import metadata
-from psych201_jax.data import records
-from psych201_jax.data import transcripts
+from psych201_jax.data import metadata, records, transcripts
 
 
 def test_canonical_metadata_renames_casts_and_drops():
-    raw = {"age": "37", "sex": "F", "stai_total": 41.0, "diagnosis": "Healthy", "gad7": 5, "bis": "n/a",
-           "condition": "repeated", "FACSIMILE A/D": 0.3, "location": "Other Germany (please specify)"}
+    raw = {
+        "age": "37",
+        "sex": "F",
+        "stai_total": 41.0,
+        "diagnosis": "Healthy",
+        "gad7": 5,
+        "bis": "n/a",
+        "condition": "repeated",
+        "FACSIMILE A/D": 0.3,
+        "location": "Other Germany (please specify)",
+    }
     meta = metadata.canonical_metadata(raw)
     assert set(meta) == set(metadata.META_COLUMNS)
     assert meta["age"] == "37.0" and meta["gender"] == "female" and meta["STAI-T"] == "41"
@@ -23,8 +30,10 @@ def test_persona_prefix_matches_reference_example(data_root):
     """Reference doc §6: thoma2025riskychoice record 1 → age 31.0 and gender female."""
     first = next(records.iter_records(f"{data_root}/thoma2025riskychoice"))
     prefix = metadata.persona_prefix(first.metadata)
-    assert prefix == ("Interviewer: What is your age?\nInterviewee: 31.0\n\n"
-                      "Interviewer: What is your gender?\nInterviewee: female\n\n")
+    assert prefix == (
+        "Interviewer: What is your age?\nInterviewee: 31.0\n\n"
+        "Interviewer: What is your gender?\nInterviewee: female\n\n"
+    )
     assert metadata.has_persona(first.metadata)
     franke = next(records.iter_records(f"{data_root}/franke2024bayesian"))
     assert not metadata.has_persona(franke.metadata) and metadata.persona_prefix(franke.metadata) == ""
@@ -48,8 +57,11 @@ def test_reference_cut_is_by_characters_not_bytes():
 
 def test_split_into_messages():
     assert transcripts.split_into_messages("Hi <<A>>. Next <<B>>") == [
-        {"role": "user", "content": "Hi "}, {"role": "assistant", "content": "A"},
-        {"role": "user", "content": ". Next "}, {"role": "assistant", "content": "B"}]
+        {"role": "user", "content": "Hi "},
+        {"role": "assistant", "content": "A"},
+        {"role": "user", "content": ". Next "},
+        {"role": "assistant", "content": "B"},
+    ]
     assert transcripts.split_into_messages("<<A>> then")[0] == {"role": "assistant", "content": "A"}
 
 
@@ -57,4 +69,4 @@ def test_response_char_spans(data_root):
     for rec in itertools.islice(records.iter_records(f"{data_root}/busch2024_stroop"), 3):
         spans = transcripts.response_char_spans(rec.text)
         assert len(spans) == rec.text.count("<<")
-        assert all(rec.text[s - 2:s] == "<<" and rec.text[e:e + 2] == ">>" for s, e in spans)
+        assert all(rec.text[s - 2 : s] == "<<" and rec.text[e : e + 2] == ">>" for s, e in spans)

@@ -20,8 +20,17 @@ import ml_collections
 
 
 def _model(hf_id, family, generation, size_b, kind, base="", arch="qwen2", chat=False, persona=True):
-    return dict(hf_id=hf_id, family=family, generation=generation, size_b=float(size_b), kind=kind,
-                base_hf_id=base, arch=arch, chat=chat, persona=persona)
+    return dict(
+        hf_id=hf_id,
+        family=family,
+        generation=generation,
+        size_b=float(size_b),
+        kind=kind,
+        base_hf_id=base,
+        arch=arch,
+        chat=chat,
+        persona=persona,
+    )
 
 
 def models() -> list[dict]:
@@ -29,26 +38,45 @@ def models() -> list[dict]:
     # Qwen1.5 (Qwen2 architecture): base and -Chat.
     for s in ("0.5", "1.8", "4", "7", "14", "32", "72"):
         base = f"Qwen/Qwen1.5-{s}B"
-        out += [_model(base, "Qwen", "Qwen1.5", s, "base"),
-                _model(f"{base}-Chat", "Qwen", "Qwen1.5", s, "Instruction-tuned", base, chat=True)]
+        out += [
+            _model(base, "Qwen", "Qwen1.5", s, "base"),
+            _model(f"{base}-Chat", "Qwen", "Qwen1.5", s, "Instruction-tuned", base, chat=True),
+        ]
     for s in ("0.5", "1.5", "7", "72"):
         base = f"Qwen/Qwen2-{s}B"
-        out += [_model(base, "Qwen", "Qwen2", s, "base"),
-                _model(f"{base}-Instruct", "Qwen", "Qwen2", s, "Instruction-tuned", base, chat=True)]
+        out += [
+            _model(base, "Qwen", "Qwen2", s, "base"),
+            _model(f"{base}-Instruct", "Qwen", "Qwen2", s, "Instruction-tuned", base, chat=True),
+        ]
     for s in ("0.5", "1.5", "3", "7", "14", "32", "72"):
         base = f"Qwen/Qwen2.5-{s}B"
-        out += [_model(base, "Qwen", "Qwen2.5", s, "base"),
-                _model(f"{base}-Instruct", "Qwen", "Qwen2.5", s, "Instruction-tuned", base, chat=True)]
+        out += [
+            _model(base, "Qwen", "Qwen2.5", s, "base"),
+            _model(f"{base}-Instruct", "Qwen", "Qwen2.5", s, "Instruction-tuned", base, chat=True),
+        ]
     for s in ("0.5", "1.5", "3", "7", "14", "32"):
         out.append(_model(f"Qwen/Qwen2.5-Coder-{s}B", "Qwen", "Qwen2.5", s, "Code", f"Qwen/Qwen2.5-{s}B"))
     for s in ("1.5", "7", "72"):
         out.append(_model(f"Qwen/Qwen2.5-Math-{s}B", "Qwen", "Qwen2.5", s, "Math", f"Qwen/Qwen2.5-{s}B"))
     for s in ("3", "7", "32", "72"):
-        out.append(_model(f"Qwen/Qwen2.5-VL-{s}B-Instruct", "Qwen", "Qwen2.5", s, "Vision", f"Qwen/Qwen2.5-{s}B",
-                          arch="qwen2_5_vl", persona=False))
+        out.append(
+            _model(
+                f"Qwen/Qwen2.5-VL-{s}B-Instruct",
+                "Qwen",
+                "Qwen2.5",
+                s,
+                "Vision",
+                f"Qwen/Qwen2.5-{s}B",
+                arch="qwen2_5_vl",
+                persona=False,
+            )
+        )
     for s in ("1.5", "7", "14", "32"):
-        out.append(_model(f"deepseek-ai/DeepSeek-R1-Distill-Qwen-{s}B", "Qwen", "Qwen2.5", s, "Reasoning",
-                          f"Qwen/Qwen2.5-{s}B"))
+        out.append(
+            _model(
+                f"deepseek-ai/DeepSeek-R1-Distill-Qwen-{s}B", "Qwen", "Qwen2.5", s, "Reasoning", f"Qwen/Qwen2.5-{s}B"
+            )
+        )
     # Qwen3: -Base models; the post-trained ones are labelled Reasoning (scored without a template).
     for s in ("0.6", "1.7", "4", "8", "14"):
         out.append(_model(f"Qwen/Qwen3-{s}B-Base", "Qwen", "Qwen3", s, "base", arch="qwen3"))
@@ -57,40 +85,102 @@ def models() -> list[dict]:
         out.append(_model(f"Qwen/Qwen3-{s}B", "Qwen", "Qwen3", s, "Reasoning", base, arch="qwen3", chat=True))
     for s, base in (("2", "1.7"), ("4", "4"), ("8", "8"), ("32", "14")):  # the paper pairs 32B with 14B-Base
         for variant in ("Instruct", "Thinking"):
-            out.append(_model(f"Qwen/Qwen3-VL-{s}B-{variant}", "Qwen", "Qwen3", s, "Vision",
-                              f"Qwen/Qwen3-{base}B-Base", arch="qwen3_vl", persona=False))
+            out.append(
+                _model(
+                    f"Qwen/Qwen3-VL-{s}B-{variant}",
+                    "Qwen",
+                    "Qwen3",
+                    s,
+                    "Vision",
+                    f"Qwen/Qwen3-{base}B-Base",
+                    arch="qwen3_vl",
+                    persona=False,
+                )
+            )
     for s in ("0.8", "2", "4", "9"):
-        out.append(_model(f"Qwen/Qwen3.5-{s}B-Base", "Qwen", "Qwen3.5", s, "base", arch="qwen3_5",
-                          persona=s != "4"))
+        out.append(_model(f"Qwen/Qwen3.5-{s}B-Base", "Qwen", "Qwen3.5", s, "base", arch="qwen3_5", persona=s != "4"))
     for s in ("0.8", "2", "4", "9", "27"):
         base = f"Qwen/Qwen3.5-{s}B-Base" if s != "27" else ""
-        out.append(_model(f"Qwen/Qwen3.5-{s}B", "Qwen", "Qwen3.5", s, "Reasoning", base, arch="qwen3_5",
-                          chat=True))
+        out.append(_model(f"Qwen/Qwen3.5-{s}B", "Qwen", "Qwen3.5", s, "Reasoning", base, arch="qwen3_5", chat=True))
     # OLMo 3.
-    out += [_model("allenai/Olmo-3-1025-7B", "OLMo", "OLMo3", 7, "base", arch="olmo3"),
-            _model("allenai/Olmo-3-1125-32B", "OLMo", "OLMo3", 32, "base", arch="olmo3"),
-            _model("allenai/Olmo-3-7B-Instruct", "OLMo", "OLMo3", 7, "Instruction-tuned", "allenai/Olmo-3-1025-7B",
-                   arch="olmo3", chat=True),
-            _model("allenai/Olmo-3-7B-Think", "OLMo", "OLMo3", 7, "Reasoning", "allenai/Olmo-3-1025-7B",
-                   arch="olmo3"),
-            _model("allenai/Olmo-3.1-32B-Instruct", "OLMo", "OLMo3", 32, "Instruction-tuned",
-                   "allenai/Olmo-3-1125-32B", arch="olmo3", chat=True),
-            _model("allenai/Olmo-3.1-32B-Think", "OLMo", "OLMo3", 32, "Reasoning", "allenai/Olmo-3-1125-32B",
-                   arch="olmo3")]
+    out += [
+        _model("allenai/Olmo-3-1025-7B", "OLMo", "OLMo3", 7, "base", arch="olmo3"),
+        _model("allenai/Olmo-3-1125-32B", "OLMo", "OLMo3", 32, "base", arch="olmo3"),
+        _model(
+            "allenai/Olmo-3-7B-Instruct",
+            "OLMo",
+            "OLMo3",
+            7,
+            "Instruction-tuned",
+            "allenai/Olmo-3-1025-7B",
+            arch="olmo3",
+            chat=True,
+        ),
+        _model("allenai/Olmo-3-7B-Think", "OLMo", "OLMo3", 7, "Reasoning", "allenai/Olmo-3-1025-7B", arch="olmo3"),
+        _model(
+            "allenai/Olmo-3.1-32B-Instruct",
+            "OLMo",
+            "OLMo3",
+            32,
+            "Instruction-tuned",
+            "allenai/Olmo-3-1125-32B",
+            arch="olmo3",
+            chat=True,
+        ),
+        _model("allenai/Olmo-3.1-32B-Think", "OLMo", "OLMo3", 32, "Reasoning", "allenai/Olmo-3-1125-32B", arch="olmo3"),
+    ]
     # Llama 3.x.
-    for base, generation, s in (("meta-llama/Meta-Llama-3-8B", "Llama3", 8), ("meta-llama/Llama-3.1-8B", "Llama3.1", 8),
-                                ("meta-llama/Llama-3.1-70B", "Llama3.1", 70), ("meta-llama/Llama-3.2-1B", "Llama3.2", 1),
-                                ("meta-llama/Llama-3.2-3B", "Llama3.2", 3)):
-        out += [_model(base, "Llama", generation, s, "base", arch="llama"),
-                _model(f"{base}-Instruct", "Llama", generation, s, "Instruction-tuned", base, arch="llama", chat=True)]
-    out += [_model("deepseek-ai/DeepSeek-R1-Distill-Llama-8B", "Llama", "Llama3.1", 8, "Reasoning",
-                   "meta-llama/Llama-3.1-8B", arch="llama"),
-            _model("deepseek-ai/DeepSeek-R1-Distill-Llama-70B", "Llama", "Llama3.1", 70, "Reasoning",
-                   "meta-llama/Llama-3.1-70B", arch="llama"),
-            _model("unsloth/Llama-3.2-11B-Vision", "Llama", "Llama3.2", 11, "Vision", "meta-llama/Llama-3.1-8B",
-                   arch="mllama", persona=False),
-            _model("unsloth/Llama-3.2-90B-Vision", "Llama", "Llama3.2", 90, "Vision", "meta-llama/Llama-3.1-70B",
-                   arch="mllama", persona=False)]
+    for base, generation, s in (
+        ("meta-llama/Meta-Llama-3-8B", "Llama3", 8),
+        ("meta-llama/Llama-3.1-8B", "Llama3.1", 8),
+        ("meta-llama/Llama-3.1-70B", "Llama3.1", 70),
+        ("meta-llama/Llama-3.2-1B", "Llama3.2", 1),
+        ("meta-llama/Llama-3.2-3B", "Llama3.2", 3),
+    ):
+        out += [
+            _model(base, "Llama", generation, s, "base", arch="llama"),
+            _model(f"{base}-Instruct", "Llama", generation, s, "Instruction-tuned", base, arch="llama", chat=True),
+        ]
+    out += [
+        _model(
+            "deepseek-ai/DeepSeek-R1-Distill-Llama-8B",
+            "Llama",
+            "Llama3.1",
+            8,
+            "Reasoning",
+            "meta-llama/Llama-3.1-8B",
+            arch="llama",
+        ),
+        _model(
+            "deepseek-ai/DeepSeek-R1-Distill-Llama-70B",
+            "Llama",
+            "Llama3.1",
+            70,
+            "Reasoning",
+            "meta-llama/Llama-3.1-70B",
+            arch="llama",
+        ),
+        _model(
+            "unsloth/Llama-3.2-11B-Vision",
+            "Llama",
+            "Llama3.2",
+            11,
+            "Vision",
+            "meta-llama/Llama-3.1-8B",
+            arch="mllama",
+            persona=False,
+        ),
+        _model(
+            "unsloth/Llama-3.2-90B-Vision",
+            "Llama",
+            "Llama3.2",
+            90,
+            "Vision",
+            "meta-llama/Llama-3.1-70B",
+            arch="mllama",
+            persona=False,
+        ),
+    ]
     return out
 
 
@@ -106,11 +196,24 @@ def get_config() -> ml_collections.ConfigDict:
         dict(name="chat", protocol="reference", template="chat", persona="none", kinds="chat"),
         dict(name="persona", protocol="reference", template="none", persona="matched", kinds="persona"),
         dict(name="persona_shuffled", protocol="reference", template="none", persona="shuffled", kinds="persona"),
-        dict(name="persona_subset_none", protocol="reference", template="none", persona="none",
-             persona_subset=True, kinds="persona"),
+        dict(
+            name="persona_subset_none",
+            protocol="reference",
+            template="none",
+            persona="none",
+            persona_subset=True,
+            kinds="persona",
+        ),
         dict(name="robust", protocol="robust", template="none", persona="none", kinds="all"),
-        dict(name="accuracy", protocol="reference", template="none", persona="none", kinds="persona",
-             data="hf:marcelbinz/Psych-201-discrete-test", options="study"),
+        dict(
+            name="accuracy",
+            protocol="reference",
+            template="none",
+            persona="none",
+            kinds="persona",
+            data="hf:marcelbinz/Psych-201-discrete-test",
+            options="study",
+        ),
     ]
     c.score = dict(dtype="bfloat16")  # overrides passed to every launch.score job
     return c

@@ -55,6 +55,7 @@ class Participant:
     n_option_tokens / n_option_correct: tokens of single-token responses whose study has options, and how
     many of them the argmax restricted to the study's options gets right; None if not recorded.
     """
+
     study: str
     experiment: str
     participant: str
@@ -76,6 +77,7 @@ class Run:
     info: the manifest's ``config.model_info`` (hf_id, family, generation, size_b, kind, base_hf_id).
     participants: scored participants, in row order; n_rejected: rows with status "rejected".
     """
+
     path: str
     info: Mapping
     condition: Condition
@@ -122,9 +124,18 @@ def run_from_rows(manifest: dict, rows: Iterable[dict], path: str = "") -> Run:
             option = np.asarray(option, dtype=np.int64)
             chosen = single & (option >= 0)
             n_option, n_option_tokens = int(np.sum(option[chosen] == target[chosen])), int(chosen.sum())
-        participants.append(Participant(row["study"], row.get("experiment", ""), str(row["participant"]), nll,
-                                        int(target.size), int(np.sum(argmax == target)), n_option,
-                                        n_option_tokens))
+        participants.append(
+            Participant(
+                row["study"],
+                row.get("experiment", ""),
+                str(row["participant"]),
+                nll,
+                int(target.size),
+                int(np.sum(argmax == target)),
+                n_option,
+                n_option_tokens,
+            )
+        )
     return Run(path, model_info(manifest), condition_of(manifest), tuple(participants), rejected)
 
 
@@ -145,6 +156,7 @@ def resolve_ddof(mode: str) -> dict[str, int]:
 @dataclasses.dataclass(frozen=True)
 class Moments:
     """n values, their mean and m2 = sum of squared deviations from the mean."""
+
     n: int
     mean: float
     m2: float
@@ -229,15 +241,20 @@ def study_scores(run: Run) -> list[dict]:
         recorded = all(p.n_option_correct is not None for p in ps)
         option_tokens = sum(p.n_option_tokens or 0 for p in ps) if recorded else 0
         option = sum(p.n_option_correct for p in ps) / option_tokens if option_tokens else math.nan
-        rows.append({
-            "study": study, "n_participants": len(ps), "n_responses": int(pooled.size),
-            "n_unscored_responses": int(sum(np.isnan(p.nll).sum() for p in ps)),
-            "mean_nll": float(pooled.mean()) if pooled.size else math.nan,
-            "participant_mean_nll": nanmean(per_participant),
-            "sd_nll": float(pooled.std(ddof=1)) if pooled.size > 1 else math.nan,
-            "n_tokens": tokens, "accuracy": sum(p.n_correct for p in ps) / tokens if tokens else math.nan,
-            "option_accuracy": option,
-        })
+        rows.append(
+            {
+                "study": study,
+                "n_participants": len(ps),
+                "n_responses": int(pooled.size),
+                "n_unscored_responses": int(sum(np.isnan(p.nll).sum() for p in ps)),
+                "mean_nll": float(pooled.mean()) if pooled.size else math.nan,
+                "participant_mean_nll": nanmean(per_participant),
+                "sd_nll": float(pooled.std(ddof=1)) if pooled.size > 1 else math.nan,
+                "n_tokens": tokens,
+                "accuracy": sum(p.n_correct for p in ps) / tokens if tokens else math.nan,
+                "option_accuracy": option,
+            }
+        )
     return rows
 
 
@@ -251,7 +268,8 @@ def model_score(study_rows: Sequence[dict]) -> dict:
     with_tokens = [r for r in study_rows if r["n_tokens"]]
     option = [r["option_accuracy"] for r in with_tokens if not math.isnan(r["option_accuracy"])]
     return {
-        "n_studies": len(scored), "n_accuracy_studies": len(with_tokens),
+        "n_studies": len(scored),
+        "n_accuracy_studies": len(with_tokens),
         "n_participants": sum(r["n_participants"] for r in study_rows),
         "n_responses": sum(r["n_responses"] for r in study_rows),
         "score": nanmean(r["mean_nll"] for r in scored),
@@ -285,13 +303,15 @@ def find_pairs(runs: Sequence[Run]) -> tuple[list[tuple[Run, Run]], list[tuple[R
 @dataclasses.dataclass(frozen=True)
 class PairD:
     """The reference's pair score: d (NaN with ``reason`` when undefined), d_e per common study."""
+
     d: float
     per_study: dict[str, float]
     reason: str
 
 
-def reference_pair_d(post: Mapping[str, Moments], base: Mapping[str, Moments], ddof: int,
-                     min_studies: int = 2) -> PairD:
+def reference_pair_d(
+    post: Mapping[str, Moments], base: Mapping[str, Moments], ddof: int, min_studies: int = 2
+) -> PairD:
     """d_pair = mean over common studies of d_e = (μ_post − μ_base)/sqrt((σ_post² + σ_base²)/2).
 
     post, base: study → moments of response-level values (NLL, or 0/1 accuracy). d_e that are NaN
@@ -317,6 +337,7 @@ class Matched:
     response counts differ (strict alignment); dropped: responses of participants in both left out
     (unaligned participants, a response scored in one run only, responses past the common prefix).
     """
+
     study: str
     a: tuple[np.ndarray, ...]
     b: tuple[np.ndarray, ...]
@@ -373,8 +394,9 @@ def match_runs(a: Run, b: Run, *, prefix: bool = False, exclude: Iterable[str] =
             if aligned[0].size:
                 xs.append(aligned[0])
                 ys.append(aligned[1])
-        out[study] = Matched(study, tuple(xs), tuple(ys), len(keys_a - keys_b), len(keys_b - keys_a), unaligned,
-                             dropped)
+        out[study] = Matched(
+            study, tuple(xs), tuple(ys), len(keys_a - keys_b), len(keys_b - keys_a), unaligned, dropped
+        )
     return out
 
 
@@ -394,8 +416,9 @@ def bootstrap_ci(values: Sequence[float], n_boot: int, seed: int, level: float =
     return (float(lo), float(hi))
 
 
-def bootstrap_two_level_ci(groups: Sequence[tuple[np.ndarray, np.ndarray]], n_boot: int, seed: int,
-                           level: float = 0.95) -> tuple[float, float]:
+def bootstrap_two_level_ci(
+    groups: Sequence[tuple[np.ndarray, np.ndarray]], n_boot: int, seed: int, level: float = 0.95
+) -> tuple[float, float]:
     """Percentile CI of the mean over studies, resampling studies, then participants within each
     drawn study (a fresh participant draw for every draw of a study).
 
@@ -413,7 +436,7 @@ def bootstrap_two_level_ci(groups: Sequence[tuple[np.ndarray, np.ndarray]], n_bo
         block = max(1, 4_000_000 // sums.size)  # bound the [draws, P] index matrix
         for start in range(0, rows.size, block):
             idx = rng.integers(0, sums.size, size=(min(block, rows.size - start), sums.size))
-            stat[rows[start:start + block], cols[start:start + block]] = sums[idx].sum(1) / counts[idx].sum(1)
+            stat[rows[start : start + block], cols[start : start + block]] = sums[idx].sum(1) / counts[idx].sum(1)
     lo, hi = np.percentile(stat.mean(axis=1), [50 * (1 - level), 50 * (1 + level)])
     return (float(lo), float(hi))
 
@@ -438,9 +461,17 @@ def paired_study_stats(m: Matched, ddof: int) -> dict:
     mean = float(diff.mean()) if diff.size else math.nan
     with np.errstate(divide="ignore", invalid="ignore"):
         d = float(np.float64(mean) / np.float64(sd))
-    return {"n_participants": len(m.a), "n_responses": int(diff.size), "mean_diff": mean, "sd_diff": sd,
-            "paired_d": d, "only_post": m.only_a, "only_base": m.only_b, "unaligned_participants": m.unaligned,
-            "dropped_responses": m.dropped}
+    return {
+        "n_participants": len(m.a),
+        "n_responses": int(diff.size),
+        "mean_diff": mean,
+        "sd_diff": sd,
+        "paired_d": d,
+        "only_post": m.only_a,
+        "only_base": m.only_b,
+        "unaligned_participants": m.unaligned,
+        "dropped_responses": m.dropped,
+    }
 
 
 def pair_statistics(post: Run, base: Run, ddofs: Mapping[str, int], n_boot: int, seed: int) -> tuple[dict, list[dict]]:
@@ -458,29 +489,44 @@ def pair_statistics(post: Run, base: Run, ddofs: Mapping[str, int], n_boot: int,
     matched = match_runs(post, base)
     studies = []
     for study, m in matched.items():
-        row = {"study": study, "n_post": post_m[study].n if study in post_m else 0,
-               "n_base": base_m[study].n if study in base_m else 0,
-               "reference_d": ref.per_study.get(study, math.nan), "domain_d": domain.per_study.get(study, math.nan)}
+        row = {
+            "study": study,
+            "n_post": post_m[study].n if study in post_m else 0,
+            "n_base": base_m[study].n if study in base_m else 0,
+            "reference_d": ref.per_study.get(study, math.nan),
+            "domain_d": domain.per_study.get(study, math.nan),
+        }
         row.update(paired_study_stats(m, ddofs["pair"]))
         studies.append(row)
     usable = [r for r in studies if r["n_responses"]]
     means = [r["mean_diff"] for r in usable]
-    groups = [(np.array([np.sum(x - y) for x, y in zip(m.a, m.b)]), np.array([x.size for x in m.a]))
-              for m in matched.values() if m.n_responses]
+    groups = [
+        (np.array([np.sum(x - y) for x, y in zip(m.a, m.b)]), np.array([x.size for x in m.a]))
+        for m in matched.values()
+        if m.n_responses
+    ]
     ci = bootstrap_ci(means, n_boot, seed)
     ci2 = bootstrap_two_level_ci(groups, n_boot, seed)
     w_stat, w_p = wilcoxon_test(means)
     summary = {
-        "n_common_studies": len(ref.per_study), "d_pair": ref.d, "reason": ref.reason,
-        "n_paired_studies": len(usable), "mean_diff": nanmean(means) if means else math.nan,
-        "ci_studies_lo": ci[0], "ci_studies_hi": ci[1], "ci_two_level_lo": ci2[0], "ci_two_level_hi": ci2[1],
-        "wilcoxon_stat": w_stat, "wilcoxon_p": w_p,
+        "n_common_studies": len(ref.per_study),
+        "d_pair": ref.d,
+        "reason": ref.reason,
+        "n_paired_studies": len(usable),
+        "mean_diff": nanmean(means) if means else math.nan,
+        "ci_studies_lo": ci[0],
+        "ci_studies_hi": ci[1],
+        "ci_two_level_lo": ci2[0],
+        "ci_two_level_hi": ci2[1],
+        "wilcoxon_stat": w_stat,
+        "wilcoxon_p": w_p,
         "mean_paired_d": nanmean(r["paired_d"] for r in usable) if usable else math.nan,
         "matched_responses": sum(r["n_responses"] for r in studies),
         "unaligned_participants": sum(r["unaligned_participants"] for r in studies),
         "unmatched_participants": sum(r["only_post"] + r["only_base"] for r in studies),
         "dropped_responses": sum(r["dropped_responses"] for r in studies),
-        "accuracy_d": acc.d, "accuracy_reason": acc.reason,
+        "accuracy_d": acc.d,
+        "accuracy_reason": acc.reason,
     }
     return summary, studies
 
@@ -507,6 +553,7 @@ def means_by(rows: Sequence[dict], keys: Sequence[str], values: Sequence[str]) -
 @dataclasses.dataclass(frozen=True)
 class Categories:
     """The category CSV: names (its 11 binary columns, in order) and study → its categories."""
+
     names: tuple[str, ...]
     of: dict[str, tuple[str, ...]]
 
@@ -522,8 +569,13 @@ def parse_categories(rows: Iterable[Mapping[str, str]]) -> Categories:
     return Categories(names, of)
 
 
-def domain_matrix(per_study_d: Mapping[str, Mapping[str, float]], categories: Categories, *,
-                  drop: Sequence[str] = (), other: bool = False) -> tuple[list[str], np.ndarray, np.ndarray]:
+def domain_matrix(
+    per_study_d: Mapping[str, Mapping[str, float]],
+    categories: Categories,
+    *,
+    drop: Sequence[str] = (),
+    other: bool = False,
+) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Pair × category mean of d_e (plot_experiments): (column names, matrix [P, C], average [C]).
 
     per_study_d: pair label → study → d_e (rows in the mapping's order). A cell is the mean d_e over
@@ -558,10 +610,11 @@ def find_persona_comparisons(runs: Sequence[Run]) -> list[tuple[str, Run, Run]]:
     for run in runs:
         if run.condition.persona != "matched":
             continue
-        controls = (("matched_vs_none", run.condition.with_persona("none")),
-                    ("matched_vs_none_subset", dataclasses.replace(run.condition, persona=Persona.NONE,
-                                                                   persona_subset=True)),
-                    ("matched_vs_shuffled", run.condition.with_persona("shuffled")))
+        controls = (
+            ("matched_vs_none", run.condition.with_persona("none")),
+            ("matched_vs_none_subset", dataclasses.replace(run.condition, persona=Persona.NONE, persona_subset=True)),
+            ("matched_vs_shuffled", run.condition.with_persona("shuffled")),
+        )
         for name, condition in controls:
             other = index.get((run.model, condition))
             if other is not None:
@@ -569,8 +622,9 @@ def find_persona_comparisons(runs: Sequence[Run]) -> list[tuple[str, Run, Run]]:
     return out
 
 
-def persona_statistics(control: Run, persona: Run, ddof: int, n_boot: int, seed: int,
-                       exclude: Iterable[str] = PERSONA_EXCLUDED) -> tuple[dict, list[dict]]:
+def persona_statistics(
+    control: Run, persona: Run, ddof: int, n_boot: int, seed: int, exclude: Iterable[str] = PERSONA_EXCLUDED
+) -> tuple[dict, list[dict]]:
     """Persona benefit = control − persona NLL (positive = the persona helps): (summary, per study).
 
     Per study: the reference d = (μ_control − μ_persona)/pooled (``ddof``) on each run's own
@@ -580,8 +634,12 @@ def persona_statistics(control: Run, persona: Run, ddof: int, n_boot: int, seed:
     means over studies, bootstrap CIs of the mean per-study benefit (studies; studies then
     participants) and the Wilcoxon test across studies."""
     skip = set(exclude)
-    ref = reference_pair_d({s: m for s, m in nll_moments(control).items() if s not in skip},
-                           {s: m for s, m in nll_moments(persona).items() if s not in skip}, ddof, min_studies=1)
+    ref = reference_pair_d(
+        {s: m for s, m in nll_moments(control).items() if s not in skip},
+        {s: m for s, m in nll_moments(persona).items() if s not in skip},
+        ddof,
+        min_studies=1,
+    )
     matched = match_runs(control, persona, prefix=True, exclude=skip)
     studies = []
     groups = []
@@ -589,17 +647,25 @@ def persona_statistics(control: Run, persona: Run, ddof: int, n_boot: int, seed:
         benefit = np.array([x.mean() - y.mean() for x, y in zip(m.a, m.b)])
         sd = float(benefit.std(ddof=ddof)) if benefit.size > ddof else math.nan
         mean = float(benefit.mean()) if benefit.size else math.nan
-        common_d = (cohens_d(moments(np.concatenate(m.a)), moments(np.concatenate(m.b)), ddof)
-                    if m.a else math.nan)
+        common_d = cohens_d(moments(np.concatenate(m.a)), moments(np.concatenate(m.b)), ddof) if m.a else math.nan
         with np.errstate(divide="ignore", invalid="ignore"):
             d_z = float(np.float64(mean) / np.float64(sd))
-        studies.append({
-            "study": study, "reference_d": ref.per_study.get(study, math.nan), "common_d": common_d,
-            "n_common": len(m.a), "only_control": m.only_a, "only_persona": m.only_b,
-            "n_responses": m.n_responses, "dropped_responses": m.dropped, "mean_benefit": mean,
-            "sd_benefit": sd, "paired_d": d_z,
-            "share_helped": float(np.mean(benefit > 0)) if benefit.size else math.nan,
-        })
+        studies.append(
+            {
+                "study": study,
+                "reference_d": ref.per_study.get(study, math.nan),
+                "common_d": common_d,
+                "n_common": len(m.a),
+                "only_control": m.only_a,
+                "only_persona": m.only_b,
+                "n_responses": m.n_responses,
+                "dropped_responses": m.dropped,
+                "mean_benefit": mean,
+                "sd_benefit": sd,
+                "paired_d": d_z,
+                "share_helped": float(np.mean(benefit > 0)) if benefit.size else math.nan,
+            }
+        )
         if benefit.size:
             groups.append((benefit, np.ones(benefit.size)))
     usable = [r for r in studies if r["n_common"]]
@@ -608,13 +674,20 @@ def persona_statistics(control: Run, persona: Run, ddof: int, n_boot: int, seed:
     ci2 = bootstrap_two_level_ci(groups, n_boot, seed)
     w_stat, w_p = wilcoxon_test(means)
     summary = {
-        "n_reference_studies": len(ref.per_study), "reference_d": nanmean(ref.per_study.values()),
-        "n_common_studies": len(usable), "common_d": nanmean(r["common_d"] for r in usable),
+        "n_reference_studies": len(ref.per_study),
+        "reference_d": nanmean(ref.per_study.values()),
+        "n_common_studies": len(usable),
+        "common_d": nanmean(r["common_d"] for r in usable),
         "n_common_participants": sum(r["n_common"] for r in studies),
         "only_control": sum(r["only_control"] for r in studies),
         "only_persona": sum(r["only_persona"] for r in studies),
-        "mean_benefit": nanmean(means), "ci_studies_lo": ci[0], "ci_studies_hi": ci[1],
-        "ci_two_level_lo": ci2[0], "ci_two_level_hi": ci2[1], "wilcoxon_stat": w_stat, "wilcoxon_p": w_p,
+        "mean_benefit": nanmean(means),
+        "ci_studies_lo": ci[0],
+        "ci_studies_hi": ci[1],
+        "ci_two_level_lo": ci2[0],
+        "ci_two_level_hi": ci2[1],
+        "wilcoxon_stat": w_stat,
+        "wilcoxon_p": w_p,
         "mean_paired_d": nanmean(r["paired_d"] for r in usable),
         "share_helped": (float(np.mean(np.concatenate([g[0] for g in groups]) > 0)) if groups else math.nan),
     }

@@ -24,14 +24,14 @@ from collections.abc import Sequence
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 
 from psych201_jax import defaults  # noqa: E402
-from psych201_jax.conditions import Condition, ModelInfo  # noqa: E402
 from psych201_jax.analysis import metrics as analysis  # noqa: E402
+from psych201_jax.conditions import Condition, ModelInfo  # noqa: E402
 from psych201_jax.runs import store as results
 
 CATEGORIES_CSV = defaults.CATEGORIES_CSV
@@ -40,29 +40,136 @@ INFO = ModelInfo.FIELDS[1:]  # hf_id is the "model" column
 TYPE_COLORS = {"base": "C0", "Instruction-tuned": "C1", "Reasoning": "C2", "Vision": "C3", "Code": "C5", "Math": "C6"}
 
 COLUMNS = {
-    "model_scores": ("model", *INFO, *CONDITION, "n_studies", "n_participants", "n_rejected", "n_responses", "score",
-                     "score_participant", "accuracy", "option_accuracy", "path"),
-    "study_scores": ("model", "kind", *CONDITION, "study", "n_participants", "n_responses", "n_unscored_responses",
-                     "mean_nll", "participant_mean_nll", "sd_nll", "n_tokens", "accuracy", "option_accuracy"),
-    "pair_misalignment": ("post", "base", *INFO[:-1], *CONDITION, "ddof", "n_common_studies", "d_pair", "reason",
-                          "generation_pair", "n_paired_studies", "mean_diff", "ci_studies_lo", "ci_studies_hi",
-                          "ci_two_level_lo", "ci_two_level_hi", "wilcoxon_stat", "wilcoxon_p", "mean_paired_d",
-                          "matched_responses", "unaligned_participants", "unmatched_participants",
-                          "dropped_responses"),
-    "pair_paired_stats": ("post", "base", "kind", *CONDITION, "study", "n_post", "n_base", "reference_d", "domain_d",
-                          "n_participants", "n_responses", "mean_diff", "sd_diff", "paired_d", "only_post",
-                          "only_base", "unaligned_participants", "dropped_responses"),
+    "model_scores": (
+        "model",
+        *INFO,
+        *CONDITION,
+        "n_studies",
+        "n_participants",
+        "n_rejected",
+        "n_responses",
+        "score",
+        "score_participant",
+        "accuracy",
+        "option_accuracy",
+        "path",
+    ),
+    "study_scores": (
+        "model",
+        "kind",
+        *CONDITION,
+        "study",
+        "n_participants",
+        "n_responses",
+        "n_unscored_responses",
+        "mean_nll",
+        "participant_mean_nll",
+        "sd_nll",
+        "n_tokens",
+        "accuracy",
+        "option_accuracy",
+    ),
+    "pair_misalignment": (
+        "post",
+        "base",
+        *INFO[:-1],
+        *CONDITION,
+        "ddof",
+        "n_common_studies",
+        "d_pair",
+        "reason",
+        "generation_pair",
+        "n_paired_studies",
+        "mean_diff",
+        "ci_studies_lo",
+        "ci_studies_hi",
+        "ci_two_level_lo",
+        "ci_two_level_hi",
+        "wilcoxon_stat",
+        "wilcoxon_p",
+        "mean_paired_d",
+        "matched_responses",
+        "unaligned_participants",
+        "unmatched_participants",
+        "dropped_responses",
+    ),
+    "pair_paired_stats": (
+        "post",
+        "base",
+        "kind",
+        *CONDITION,
+        "study",
+        "n_post",
+        "n_base",
+        "reference_d",
+        "domain_d",
+        "n_participants",
+        "n_responses",
+        "mean_diff",
+        "sd_diff",
+        "paired_d",
+        "only_post",
+        "only_base",
+        "unaligned_participants",
+        "dropped_responses",
+    ),
     "pair_types": (*CONDITION, "kind", "n_pairs", "d_pair", "mean_diff", "mean_paired_d", "accuracy_d"),
     "generations": (*CONDITION, "generation", "n_pairs", "d_pair", "mean_diff", "mean_paired_d"),
-    "persona": ("comparison", "model", "kind", *CONDITION[:2], *CONDITION[3:], "study", "reference_d", "common_d",
-                "n_common", "only_control", "only_persona", "n_responses", "dropped_responses", "mean_benefit",
-                "sd_benefit", "paired_d", "share_helped"),
-    "persona_summary": ("comparison", "model", "kind", *CONDITION[:2], *CONDITION[3:], "n_reference_studies",
-                        "reference_d", "n_common_studies", "common_d", "n_common_participants", "only_control",
-                        "only_persona", "mean_benefit", "ci_studies_lo", "ci_studies_hi", "ci_two_level_lo",
-                        "ci_two_level_hi", "wilcoxon_stat", "wilcoxon_p", "mean_paired_d", "share_helped"),
-    "accuracy": ("model", *INFO, *CONDITION, "n_studies", "n_tokens", "accuracy", "option_accuracy", "base_accuracy",
-                 "base_option_accuracy", "accuracy_d", "accuracy_reason"),
+    "persona": (
+        "comparison",
+        "model",
+        "kind",
+        *CONDITION[:2],
+        *CONDITION[3:],
+        "study",
+        "reference_d",
+        "common_d",
+        "n_common",
+        "only_control",
+        "only_persona",
+        "n_responses",
+        "dropped_responses",
+        "mean_benefit",
+        "sd_benefit",
+        "paired_d",
+        "share_helped",
+    ),
+    "persona_summary": (
+        "comparison",
+        "model",
+        "kind",
+        *CONDITION[:2],
+        *CONDITION[3:],
+        "n_reference_studies",
+        "reference_d",
+        "n_common_studies",
+        "common_d",
+        "n_common_participants",
+        "only_control",
+        "only_persona",
+        "mean_benefit",
+        "ci_studies_lo",
+        "ci_studies_hi",
+        "ci_two_level_lo",
+        "ci_two_level_hi",
+        "wilcoxon_stat",
+        "wilcoxon_p",
+        "mean_paired_d",
+        "share_helped",
+    ),
+    "accuracy": (
+        "model",
+        *INFO,
+        *CONDITION,
+        "n_studies",
+        "n_tokens",
+        "accuracy",
+        "option_accuracy",
+        "base_accuracy",
+        "base_option_accuracy",
+        "accuracy_d",
+        "accuracy_reason",
+    ),
 }
 
 
@@ -96,8 +203,9 @@ def load_run(path: str) -> analysis.Run:
     """One results directory (``psych201_jax.runs.store`` layout) as an ``analysis.Run``."""
     manifest = results.read_manifest(path)
     if not manifest.get("config", {}).get("model_info"):
-        logging.warning("%s: manifest has no config.model_info; the model is labelled by its path and left "
-                        "out of pairs", path)
+        logging.warning(
+            "%s: manifest has no config.model_info; the model is labelled by its path and left out of pairs", path
+        )
     return analysis.run_from_rows(manifest, results.iter_rows(path), path)
 
 
@@ -129,8 +237,14 @@ def primary_condition(runs: Sequence[analysis.Run]) -> Condition | None:
     plain = [c for c in counts if c.persona == "none"] or list(counts)
     if not plain:
         return None
-    return max(plain, key=lambda c: (c.protocol == "reference" and c.template == "none" and not c.persona_subset,
-                                     counts[c], str(tuple(_condition_cols(c).values()))))
+    return max(
+        plain,
+        key=lambda c: (
+            c.protocol == "reference" and c.template == "none" and not c.persona_subset,
+            counts[c],
+            str(tuple(_condition_cols(c).values())),
+        ),
+    )
 
 
 # ------------------------------------------------------------------------------------------ tables
@@ -139,6 +253,7 @@ def primary_condition(runs: Sequence[analysis.Run]) -> Condition | None:
 @dataclasses.dataclass
 class Tables:
     """Every table (name → rows) plus what the figures need beyond them."""
+
     rows: dict[str, list[dict]]
     domain_columns: tuple[list[str], list[str]]  # reference, extended
     primary: Condition | None
@@ -153,8 +268,13 @@ def _info_cols(run: analysis.Run) -> dict:
     return {k: run.info[k] for k in INFO}
 
 
-def build_tables(runs: Sequence[analysis.Run], categories: analysis.Categories, ddof_mode: str = "reference",
-                 n_boot: int = 2000, seed: int = 0) -> Tables:
+def build_tables(
+    runs: Sequence[analysis.Run],
+    categories: analysis.Categories,
+    ddof_mode: str = "reference",
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> Tables:
     """All tables of the report from loaded runs (see ``COLUMNS`` and the module docstring)."""
     runs, notes = dedupe(runs)
     ddofs = analysis.resolve_ddof(ddof_mode)
@@ -165,8 +285,9 @@ def build_tables(runs: Sequence[analysis.Run], categories: analysis.Categories, 
         score = scores[(run.model, run.condition)] = analysis.model_score(studies)
         head = {"model": run.model, **_info_cols(run), **_condition_cols(run.condition)}
         rows["model_scores"].append({**head, **score, "n_rejected": run.n_rejected, "path": run.path})
-        rows["study_scores"] += [{"model": run.model, "kind": run.kind, **_condition_cols(run.condition), **s}
-                                 for s in studies]
+        rows["study_scores"] += [
+            {"model": run.model, "kind": run.kind, **_condition_cols(run.condition), **s} for s in studies
+        ]
 
     pairs, unpaired = analysis.find_pairs(runs)
     domain_d: dict[Condition, dict[tuple[str, str], dict[str, float]]] = {}
@@ -174,63 +295,108 @@ def build_tables(runs: Sequence[analysis.Run], categories: analysis.Categories, 
     generation_rows = []
     for post, base in pairs:
         summary, per_study = analysis.pair_statistics(post, base, ddofs, n_boot, seed)
-        head = {"post": post.model, "base": base.model, **{k: post.info[k] for k in INFO[:-1]},
-                **_condition_cols(post.condition)}
+        head = {
+            "post": post.model,
+            "base": base.model,
+            **{k: post.info[k] for k in INFO[:-1]},
+            **_condition_cols(post.condition),
+        }
         same_generation = post.info["generation"] == base.info["generation"] != ""
-        row = {**head, "ddof": ddofs["pair"], **summary,
-               "generation_pair": post.kind in analysis.GENERATION_TYPES and same_generation}
+        row = {
+            **head,
+            "ddof": ddofs["pair"],
+            **summary,
+            "generation_pair": post.kind in analysis.GENERATION_TYPES and same_generation,
+        }
         rows["pair_misalignment"].append(row)
         rows["pair_paired_stats"] += [{**head, **s} for s in per_study]
         domain_d.setdefault(post.condition, {})[(post.model, base.model)] = {
-            s["study"]: s["domain_d"] for s in per_study if s["n_post"] and s["n_base"]}
+            s["study"]: s["domain_d"] for s in per_study if s["n_post"] and s["n_base"]
+        }
         pair_of[(post.model, post.condition)] = (base, summary)
         if row["generation_pair"]:
             generation_rows.append(row)
-        logging.info("pair %s vs %s: d_pair %.4f (%s), paired mean diff %.4f", post.model, base.model,
-                     summary["d_pair"], summary["reason"] or "ok", summary["mean_diff"])
-    rows["pair_types"] = analysis.means_by(rows["pair_misalignment"], (*CONDITION, "kind"),
-                                           ("d_pair", "mean_diff", "mean_paired_d", "accuracy_d"))
-    rows["generations"] = analysis.means_by(generation_rows, (*CONDITION, "generation"),
-                                            ("d_pair", "mean_diff", "mean_paired_d"))
+        logging.info(
+            "pair %s vs %s: d_pair %.4f (%s), paired mean diff %.4f",
+            post.model,
+            base.model,
+            summary["d_pair"],
+            summary["reason"] or "ok",
+            summary["mean_diff"],
+        )
+    rows["pair_types"] = analysis.means_by(
+        rows["pair_misalignment"], (*CONDITION, "kind"), ("d_pair", "mean_diff", "mean_paired_d", "accuracy_d")
+    )
+    rows["generations"] = analysis.means_by(
+        generation_rows, (*CONDITION, "generation"), ("d_pair", "mean_diff", "mean_paired_d")
+    )
     for post, reason in unpaired:
-        rows["pair_misalignment"].append({"post": post.model, "base": post.info["base_hf_id"],
-                                          **{k: post.info[k] for k in INFO[:-1]}, **_condition_cols(post.condition),
-                                          "ddof": ddofs["pair"], "d_pair": math.nan, "reason": reason})
+        rows["pair_misalignment"].append(
+            {
+                "post": post.model,
+                "base": post.info["base_hf_id"],
+                **{k: post.info[k] for k in INFO[:-1]},
+                **_condition_cols(post.condition),
+                "ddof": ddofs["pair"],
+                "d_pair": math.nan,
+                "reason": reason,
+            }
+        )
         notes.append(f"{post.model} ({post.path}): {reason}")
 
     columns: dict[str, list[str]] = {}
     for cond, per_pair in domain_d.items():
         labels = list(per_pair)
-        for name, drop, other in (("domains", analysis.REFERENCE_DROPPED_DOMAINS, False),
-                                  ("domains_extended", (), True)):
+        for name, drop, other in (
+            ("domains", analysis.REFERENCE_DROPPED_DOMAINS, False),
+            ("domains_extended", (), True),
+        ):
             cols, matrix, average = analysis.domain_matrix(per_pair, categories, drop=drop, other=other)
             columns[name] = cols
             order = np.argsort([analysis.nanmean(r) for r in matrix], kind="stable")  # reference: rows by mean
-            rows[name] += [{"post": labels[i][0], "base": labels[i][1], **_condition_cols(cond),
-                            **dict(zip(cols, matrix[i]))} for i in order]
+            rows[name] += [
+                {"post": labels[i][0], "base": labels[i][1], **_condition_cols(cond), **dict(zip(cols, matrix[i]))}
+                for i in order
+            ]
             rows[name].append({"post": "Average", "base": "", **_condition_cols(cond), **dict(zip(cols, average))})
 
     for comparison, control, persona in analysis.find_persona_comparisons(runs):
         summary, per_study = analysis.persona_statistics(control, persona, ddofs["persona"], n_boot, seed)
-        head = {"comparison": comparison, "model": persona.model, "kind": persona.kind,
-                **{k: v for k, v in _condition_cols(persona.condition).items() if k != "persona"}}
+        head = {
+            "comparison": comparison,
+            "model": persona.model,
+            "kind": persona.kind,
+            **{k: v for k, v in _condition_cols(persona.condition).items() if k != "persona"},
+        }
         rows["persona_summary"].append({**head, **summary})
         rows["persona"] += [{**head, **s} for s in per_study]
 
     for run in runs:
         score = scores[(run.model, run.condition)]
-        row = {"model": run.model, **_info_cols(run), **_condition_cols(run.condition),
-               "n_studies": score["n_accuracy_studies"], "n_tokens": sum(p.n_tokens for p in run.participants),
-               "accuracy": score["accuracy"], "option_accuracy": score["option_accuracy"]}
+        row = {
+            "model": run.model,
+            **_info_cols(run),
+            **_condition_cols(run.condition),
+            "n_studies": score["n_accuracy_studies"],
+            "n_tokens": sum(p.n_tokens for p in run.participants),
+            "accuracy": score["accuracy"],
+            "option_accuracy": score["option_accuracy"],
+        }
         if (run.model, run.condition) in pair_of:
             base, summary = pair_of[(run.model, run.condition)]
             base_score = scores[(base.model, base.condition)]
-            row.update(base_accuracy=base_score["accuracy"], base_option_accuracy=base_score["option_accuracy"],
-                       accuracy_d=summary["accuracy_d"], accuracy_reason=summary["accuracy_reason"])
+            row.update(
+                base_accuracy=base_score["accuracy"],
+                base_option_accuracy=base_score["option_accuracy"],
+                accuracy_d=summary["accuracy_d"],
+                accuracy_reason=summary["accuracy_reason"],
+            )
         rows["accuracy"].append(row)
     if not columns:
-        columns = {"domains": [n for n in categories.names if n not in analysis.REFERENCE_DROPPED_DOMAINS],
-                   "domains_extended": [*categories.names, analysis.OTHER_DOMAIN]}
+        columns = {
+            "domains": [n for n in categories.names if n not in analysis.REFERENCE_DROPPED_DOMAINS],
+            "domains_extended": [*categories.names, analysis.OTHER_DOMAIN],
+        }
     return Tables(rows, (columns["domains"], columns["domains_extended"]), primary_condition(runs), notes)
 
 
@@ -303,8 +469,14 @@ def _box_strip(ax, groups: Sequence[tuple[str, Sequence[float]]], seed: int = 0)
     """Box (mean line, no median, no fliers) and jittered points per group, as fig3a / fig5."""
     labels = [g.split("/")[-1] for g, _ in groups]  # HF ids without the organisation
     data = [[v for v in vals if _finite(v)] for _, vals in groups]
-    ax.boxplot([d if d else [np.nan] for d in data], showfliers=False, showmeans=True, meanline=True,
-               medianprops={"visible": False}, meanprops={"color": "k", "linestyle": "-", "linewidth": 1.0})
+    ax.boxplot(
+        [d if d else [np.nan] for d in data],
+        showfliers=False,
+        showmeans=True,
+        meanline=True,
+        medianprops={"visible": False},
+        meanprops={"color": "k", "linestyle": "-", "linewidth": 1.0},
+    )
     ax.set_xticks(range(1, len(labels) + 1), labels)
     rng = np.random.default_rng(seed)
     for i, d in enumerate(data, start=1):
@@ -323,8 +495,11 @@ def plot_accuracy(t: Tables, path: str) -> str | None:
 
 
 def plot_misalignment_by_generation(t: Tables, path: str) -> str | None:
-    bases = [r for r in _in(t.rows["model_scores"], t.primary) if r["kind"] == "base" and r["generation"]
-             and _finite(r["size_b"]) and r["size_b"] > 0 and _finite(r["score"])]
+    bases = [
+        r
+        for r in _in(t.rows["model_scores"], t.primary)
+        if r["kind"] == "base" and r["generation"] and _finite(r["size_b"]) and r["size_b"] > 0 and _finite(r["score"])
+    ]
     gens = _in(t.rows["generations"], t.primary)
     pairs = [r for r in _in(t.rows["pair_misalignment"], t.primary) if r.get("generation_pair")]
     if not bases and not gens:
@@ -377,8 +552,15 @@ def plot_domains(t: Tables, path: str) -> str | None:
     ax.axhline(len(pairs) - 0.5, color="white", linewidth=2.0)
     for j, v in enumerate(average):
         if not np.isnan(v):
-            ax.text(j, len(pairs), f"{v:.2f}", ha="center", va="center", fontsize=6,
-                    bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "black", "linewidth": 0.5})
+            ax.text(
+                j,
+                len(pairs),
+                f"{v:.2f}",
+                ha="center",
+                va="center",
+                fontsize=6,
+                bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "black", "linewidth": 0.5},
+            )
     ax.set_xticks(range(len(cols)), [cols[i] for i in col_order], rotation=90)
     ax.set_yticks(range(len(labels)), labels, fontsize=6)
     ax.set_title("Post-training misalignment by domain (mean d_e)")
@@ -394,11 +576,15 @@ def plot_persona(t: Tables, path: str) -> str | None:
         return "no run without persona"
     want = {k: v for k, v in _condition_cols(t.primary).items() if k != "persona"}
     rows = [r for r in t.rows["persona"] if all(r[k] == v for k, v in want.items())]
-    panels = [(f"{comparison}: {label}", comparison, column)
-              for comparison, column, label in (("matched_vs_none", "reference_d", "reference subsets"),
-                                                ("matched_vs_none", "common_d", "common subset"),
-                                                ("matched_vs_shuffled", "common_d", "common subset"))
-              if any(r["comparison"] == comparison for r in rows)]
+    panels = [
+        (f"{comparison}: {label}", comparison, column)
+        for comparison, column, label in (
+            ("matched_vs_none", "reference_d", "reference subsets"),
+            ("matched_vs_none", "common_d", "common subset"),
+            ("matched_vs_shuffled", "common_d", "common subset"),
+        )
+        if any(r["comparison"] == comparison for r in rows)
+    ]
     if not panels:
         return "no persona comparison (a matched-persona run with its no-persona run) in the primary condition"
     groups = (("Base models", lambda k: k == "base"), ("Post-trained models", lambda k: k != "base"))
@@ -426,15 +612,26 @@ def plot_pair_ci(t: Tables, path: str) -> str | None:
     rows = sorted(rows, key=lambda r: r["mean_diff"])
     y = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(7.0, 0.25 * len(rows) + 1.4))
-    for offset, (lo, hi, label, color) in zip((-0.15, 0.15), (("ci_studies_lo", "ci_studies_hi", "studies", "C0"),
-                                                              ("ci_two_level_lo", "ci_two_level_hi",
-                                                               "studies → participants", "C1"))):
+    for offset, (lo, hi, label, color) in zip(
+        (-0.15, 0.15),
+        (
+            ("ci_studies_lo", "ci_studies_hi", "studies", "C0"),
+            ("ci_two_level_lo", "ci_two_level_hi", "studies → participants", "C1"),
+        ),
+    ):
         mean = np.array([r["mean_diff"] for r in rows])
         low = np.array([r[lo] for r in rows], dtype=np.float64)
         high = np.array([r[hi] for r in rows], dtype=np.float64)
         ok = ~np.isnan(low)
-        ax.errorbar(mean[ok], y[ok] + offset, xerr=[mean[ok] - low[ok], high[ok] - mean[ok]], fmt="none",
-                    ecolor=color, capsize=2, label=f"95% CI ({label})")
+        ax.errorbar(
+            mean[ok],
+            y[ok] + offset,
+            xerr=[mean[ok] - low[ok], high[ok] - mean[ok]],
+            fmt="none",
+            ecolor=color,
+            capsize=2,
+            label=f"95% CI ({label})",
+        )
     ax.scatter([r["mean_diff"] for r in rows], y, color="black", s=10, zorder=3)
     ax.axvline(0, color="black", linewidth=0.5)
     ax.set_yticks(y, [r["post"] for r in rows], fontsize=6)
@@ -448,8 +645,11 @@ def plot_pair_ci(t: Tables, path: str) -> str | None:
 
 FIGURES = (
     ("fig_nll_by_size.png", "NLL by model size, base vs post-trained per family (fig2)", plot_nll_by_size),
-    ("fig_misalignment_by_generation.png", "Base NLL and post-training misalignment by generation (fig3a)",
-     plot_misalignment_by_generation),
+    (
+        "fig_misalignment_by_generation.png",
+        "Base NLL and post-training misalignment by generation (fig3a)",
+        plot_misalignment_by_generation,
+    ),
     ("fig_domains.png", "Post-training misalignment by domain (fig4)", plot_domains),
     ("fig_persona.png", "Persona benefit (fig5)", plot_persona),
     ("fig_accuracy.png", "Accuracy, base vs post-trained (fig_accuracy)", plot_accuracy),
@@ -491,37 +691,40 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_report(t: Tables, figures: dict[str, str | None], ddof_mode: str, n_boot: int, seed: int,
-                  n_inputs: int) -> str:
+def render_report(
+    t: Tables, figures: dict[str, str | None], ddof_mode: str, n_boot: int, seed: int, n_inputs: int
+) -> str:
     """The text of report.md."""
     ddofs = analysis.resolve_ddof(ddof_mode)
     primary = ", ".join(f"{k}={v}" for k, v in _condition_cols(t.primary).items()) if t.primary else "none"
-    out = ["# Psych-201 analysis report\n",
-           f"{n_inputs} results directories, {len(t.rows['model_scores'])} runs analysed. "
-           f"Figures show the primary condition ({primary}); the CSV tables beside this file cover every condition.\n",
-           "## Conventions\n",
-           f"- ddof mode `{ddof_mode}`: pairs and generations ddof={ddofs['pair']}, domains ddof={ddofs['domain']}, "
-           f"persona ddof={ddofs['persona']}, accuracy ddof={ddofs['accuracy']}.",
-           "- Score = mean over studies of the response-pooled mean NLL (lower = more human-like).",
-           "- Reference d_pair = mean over common studies of (μ_post − μ_base)/sqrt((σ_post² + σ_base²)/2) on "
-           "response NLLs; ≥ 2 common studies; positive = post-training moved the model away from humans.",
-           "- Paired statistics: post − base on the same responses (same participant and response index, "
-           "participants with equal response counts only); per-study means, their mean over studies, 95% "
-           f"percentile bootstrap CIs ({n_boot} replicates, seed {seed}) resampling studies, and studies then "
-           "participants; Wilcoxon signed-rank test across studies.",
-           "- Paired d = mean difference / SD of the differences (d_z), with the ddof of its analysis.",
-           "- Generations: pairs of an Instruction-tuned or Reasoning model with a base of its own generation "
-           "(`generation_pair` in pair_misalignment.csv), as fig3a; Vision, Code and Math pairs are left out.",
-           "- Domains: per-study d (domain ddof) inner-joined with the bundled category CSV, mean per category; "
-           "domains.csv drops Intertemporal Choice, Moral Judgment, Psychophysics and Cognitive Control as fig4, "
-           "domains_extended.csv keeps them and adds Other (uncategorised or not in the CSV).",
-           "- Persona benefit = NLL without (or with a shuffled) persona − NLL with the matched persona "
-           f"(positive = the persona helps); {', '.join(analysis.PERSONA_EXCLUDED)} excluded as in the reference. "
-           "reference_d uses each run's own participants (as plot_meta); common_d and the per-participant "
-           "statistics use participants scored in both runs, on their common prefix of responses.",
-           "- Accuracy = argmax over the full vocabulary == human token, per scored token, pooled per study, mean "
-           "over studies; accuracy d = post − base (negative = post-training worse). Option-restricted accuracy "
-           "needs `option_argmax` in the rows; n/a otherwise.\n"]
+    out = [
+        "# Psych-201 analysis report\n",
+        f"{n_inputs} results directories, {len(t.rows['model_scores'])} runs analysed. "
+        f"Figures show the primary condition ({primary}); the CSV tables beside this file cover every condition.\n",
+        "## Conventions\n",
+        f"- ddof mode `{ddof_mode}`: pairs and generations ddof={ddofs['pair']}, domains ddof={ddofs['domain']}, "
+        f"persona ddof={ddofs['persona']}, accuracy ddof={ddofs['accuracy']}.",
+        "- Score = mean over studies of the response-pooled mean NLL (lower = more human-like).",
+        "- Reference d_pair = mean over common studies of (μ_post − μ_base)/sqrt((σ_post² + σ_base²)/2) on "
+        "response NLLs; ≥ 2 common studies; positive = post-training moved the model away from humans.",
+        "- Paired statistics: post − base on the same responses (same participant and response index, "
+        "participants with equal response counts only); per-study means, their mean over studies, 95% "
+        f"percentile bootstrap CIs ({n_boot} replicates, seed {seed}) resampling studies, and studies then "
+        "participants; Wilcoxon signed-rank test across studies.",
+        "- Paired d = mean difference / SD of the differences (d_z), with the ddof of its analysis.",
+        "- Generations: pairs of an Instruction-tuned or Reasoning model with a base of its own generation "
+        "(`generation_pair` in pair_misalignment.csv), as fig3a; Vision, Code and Math pairs are left out.",
+        "- Domains: per-study d (domain ddof) inner-joined with the bundled category CSV, mean per category; "
+        "domains.csv drops Intertemporal Choice, Moral Judgment, Psychophysics and Cognitive Control as fig4, "
+        "domains_extended.csv keeps them and adds Other (uncategorised or not in the CSV).",
+        "- Persona benefit = NLL without (or with a shuffled) persona − NLL with the matched persona "
+        f"(positive = the persona helps); {', '.join(analysis.PERSONA_EXCLUDED)} excluded as in the reference. "
+        "reference_d uses each run's own participants (as plot_meta); common_d and the per-participant "
+        "statistics use participants scored in both runs, on their common prefix of responses.",
+        "- Accuracy = argmax over the full vocabulary == human token, per scored token, pooled per study, mean "
+        "over studies; accuracy d = post − base (negative = post-training worse). Option-restricted accuracy "
+        "needs `option_argmax` in the rows; n/a otherwise.\n",
+    ]
     if t.notes:
         out += ["## Input notes\n"] + [f"- {n}" for n in t.notes] + [""]
     out += ["## Figures\n"]
@@ -530,42 +733,144 @@ def render_report(t: Tables, figures: dict[str, str | None], ddof_mode: str, n_b
         out.append(f"### {title}\n")
         out.append(f"![{title}]({name})\n" if note is None else f"_Skipped: {note}._\n")
     sections = (
-        ("Model scores", "model_scores", ("model", "kind", "size_b", "protocol", "template", "persona", "n_studies",
-                                          "n_participants", "n_responses", "score", "score_participant", "accuracy",
-                                          "option_accuracy")),
-        ("Post-training misalignment per pair", "pair_misalignment",
-         ("post", "base", "kind", "protocol", "template", "persona", "persona_subset", "n_common_studies", "d_pair", "reason", "mean_diff",
-          "ci_studies_lo", "ci_studies_hi", "ci_two_level_lo", "ci_two_level_hi", "wilcoxon_p", "mean_paired_d",
-          "matched_responses", "unaligned_participants")),
-        ("Means by post-training type", "pair_types", ("kind", "protocol", "template", "persona", "persona_subset", "n_pairs", "d_pair",
-                                                       "mean_diff", "mean_paired_d", "accuracy_d")),
-        ("Means by generation", "generations", ("generation", "protocol", "template", "persona", "n_pairs", "d_pair", "mean_diff",
-                                                "mean_paired_d")),
-        ("Domains (reference categories)", "domains", ("post", "protocol", "template", "persona", *t.domain_columns[0])),
-        ("Persona (summary)", "persona_summary", ("comparison", "model", "kind", "reference_d", "common_d",
-                                                  "n_common_participants", "only_control", "mean_benefit",
-                                                  "ci_studies_lo", "ci_studies_hi", "wilcoxon_p", "share_helped")),
-        ("Accuracy", "accuracy", ("model", "kind", "protocol", "template", "persona", "accuracy", "option_accuracy",
-                                  "base_accuracy", "accuracy_d", "accuracy_reason")),
+        (
+            "Model scores",
+            "model_scores",
+            (
+                "model",
+                "kind",
+                "size_b",
+                "protocol",
+                "template",
+                "persona",
+                "n_studies",
+                "n_participants",
+                "n_responses",
+                "score",
+                "score_participant",
+                "accuracy",
+                "option_accuracy",
+            ),
+        ),
+        (
+            "Post-training misalignment per pair",
+            "pair_misalignment",
+            (
+                "post",
+                "base",
+                "kind",
+                "protocol",
+                "template",
+                "persona",
+                "persona_subset",
+                "n_common_studies",
+                "d_pair",
+                "reason",
+                "mean_diff",
+                "ci_studies_lo",
+                "ci_studies_hi",
+                "ci_two_level_lo",
+                "ci_two_level_hi",
+                "wilcoxon_p",
+                "mean_paired_d",
+                "matched_responses",
+                "unaligned_participants",
+            ),
+        ),
+        (
+            "Means by post-training type",
+            "pair_types",
+            (
+                "kind",
+                "protocol",
+                "template",
+                "persona",
+                "persona_subset",
+                "n_pairs",
+                "d_pair",
+                "mean_diff",
+                "mean_paired_d",
+                "accuracy_d",
+            ),
+        ),
+        (
+            "Means by generation",
+            "generations",
+            ("generation", "protocol", "template", "persona", "n_pairs", "d_pair", "mean_diff", "mean_paired_d"),
+        ),
+        (
+            "Domains (reference categories)",
+            "domains",
+            ("post", "protocol", "template", "persona", *t.domain_columns[0]),
+        ),
+        (
+            "Persona (summary)",
+            "persona_summary",
+            (
+                "comparison",
+                "model",
+                "kind",
+                "reference_d",
+                "common_d",
+                "n_common_participants",
+                "only_control",
+                "mean_benefit",
+                "ci_studies_lo",
+                "ci_studies_hi",
+                "wilcoxon_p",
+                "share_helped",
+            ),
+        ),
+        (
+            "Accuracy",
+            "accuracy",
+            (
+                "model",
+                "kind",
+                "protocol",
+                "template",
+                "persona",
+                "accuracy",
+                "option_accuracy",
+                "base_accuracy",
+                "accuracy_d",
+                "accuracy_reason",
+            ),
+        ),
     )
     out.append("## Tables\n")
     for title, name, columns in sections:
         out += [f"### {title}\n", f"Full table: [{name}.csv]({name}.csv).\n", markdown_table(t.rows[name], columns)]
-    out.append("Also written: study_scores.csv (per model × study), pair_paired_stats.csv (per pair × study), "
-               "domains_extended.csv (all 11 categories plus Other), persona.csv (per model × study).\n")
+    out.append(
+        "Also written: study_scores.csv (per model × study), pair_paired_stats.csv (per pair × study), "
+        "domains_extended.csv (all 11 categories plus Other), persona.csv (per model × study).\n"
+    )
     return "\n".join(out)
 
 
-def generate(paths: Sequence[str], out_dir: str, *, ddof_mode: str = "reference", n_boot: int = 2000, seed: int = 0,
-             categories_csv: str = CATEGORIES_CSV) -> dict[str, str | None]:
+def generate(
+    paths: Sequence[str],
+    out_dir: str,
+    *,
+    ddof_mode: str = "reference",
+    n_boot: int = 2000,
+    seed: int = 0,
+    categories_csv: str = CATEGORIES_CSV,
+) -> dict[str, str | None]:
     """Loads the results dirs under ``paths``, writes every CSV, figure and report.md into
     ``out_dir``; returns the figure notes (None = written)."""
     dirs = find_results_dirs(paths)
     runs = []
     for d in dirs:
         run = load_run(d)
-        logging.info("%s: %s (%s), %d participants scored, %d rejected", d, run.model, run.kind,
-                     len(run.participants), run.n_rejected)
+        logging.info(
+            "%s: %s (%s), %d participants scored, %d rejected",
+            d,
+            run.model,
+            run.kind,
+            len(run.participants),
+            run.n_rejected,
+        )
         runs.append(run)
     tables = build_tables(runs, load_categories(categories_csv), ddof_mode, n_boot, seed)
     os.makedirs(out_dir, exist_ok=True)

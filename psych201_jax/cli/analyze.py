@@ -21,9 +21,13 @@ from psych201_jax.analysis import report
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("results", None, "Results dir(s), comma lists, or folders holding results dirs.")
 flags.DEFINE_string("out", None, "Output folder for report.md, CSVs and figures.")
-flags.DEFINE_enum("ddof", "reference", analysis.DDOF_MODES,
-                  "SD convention: reference = ddof 1 for pairs/generations/accuracy, 0 for domains/persona "
-                  "(as the reference scripts); 0 or 1 = that ddof everywhere.")
+flags.DEFINE_enum(
+    "ddof",
+    "reference",
+    analysis.DDOF_MODES,
+    "SD convention: reference = ddof 1 for pairs/generations/accuracy, 0 for domains/persona "
+    "(as the reference scripts); 0 or 1 = that ddof everywhere.",
+)
 flags.DEFINE_integer("bootstrap", 2000, "Bootstrap replicates for the confidence intervals.")
 flags.DEFINE_integer("seed", 0, "Seed of the bootstrap.")
 flags.DEFINE_string("categories", report.CATEGORIES_CSV, "Study category CSV (experiment + 0/1 columns).")
@@ -33,8 +37,9 @@ flags.mark_flags_as_required(["results", "out"])
 def main(argv):
     console.quiet_libraries()
     paths = list(FLAGS.results) + list(argv[1:])
-    figures = report.generate(paths, FLAGS.out, ddof_mode=FLAGS.ddof, n_boot=FLAGS.bootstrap, seed=FLAGS.seed,
-                              categories_csv=FLAGS.categories)
+    figures = report.generate(
+        paths, FLAGS.out, ddof_mode=FLAGS.ddof, n_boot=FLAGS.bootstrap, seed=FLAGS.seed, categories_csv=FLAGS.categories
+    )
     for name, note in figures.items():
         if note is None:
             logging.info("figure %s written", name)

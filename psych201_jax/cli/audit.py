@@ -13,12 +13,8 @@ import time
 
 from absl import app, flags, logging
 
-from psych201_jax import console
-from psych201_jax import defaults
-from psych201_jax.data import audit
-from psych201_jax.data import metadata
-from psych201_jax.data import records
-from psych201_jax.data import spans
+from psych201_jax import console, defaults
+from psych201_jax.data import audit, metadata, records, spans
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data", defaults.SAMPLE_DATA, "Study folder(s), files, comma list, or hf:<dataset>.")
@@ -28,8 +24,12 @@ flags.DEFINE_enum("template", "none", spans.TEMPLATES, "Plain text or the tokeni
 flags.DEFINE_enum("persona", "none", metadata.PERSONA_MODES, "Persona prefix from participant metadata.")
 flags.DEFINE_integer("max_tokens", None, "Robust token budget; default: context - persona_reserve.")
 flags.DEFINE_integer("persona_reserve", 512, "Robust: tokens left free for BOS, chat header, persona prefix.")
-flags.DEFINE_bool("strict_markers", None, "Reject imperfect markup (empty <<>>, '<<' without a space before it, "
-                  "unclosed final '<<'); default: only under the robust protocol, as launch.score does.")
+flags.DEFINE_bool(
+    "strict_markers",
+    None,
+    "Reject imperfect markup (empty <<>>, '<<' without a space before it, "
+    "unclosed final '<<'); default: only under the robust protocol, as launch.score does.",
+)
 flags.DEFINE_string("out", "audit.csv", "Where to write the per-study CSV (rejections go beside it).")
 flags.DEFINE_integer("log_every", 2000, "Log progress every N participants.")
 
@@ -65,15 +65,20 @@ def main(argv):
             logging.info("%d participants, %d tokens, %.0f tokens/s", count, tokens, tokens / elapsed)
 
     strict = FLAGS.protocol == "robust" if FLAGS.strict_markers is None else FLAGS.strict_markers
-    stream = spans.tokenize_records(records.iter_records(FLAGS.data, strict_markers=strict), tok, protocol,
-                                    persona_of=metadata.persona_selector(
-                                        FLAGS.persona, records=records.iter_records(FLAGS.data)))
+    stream = spans.tokenize_records(
+        records.iter_records(FLAGS.data, strict_markers=strict),
+        tok,
+        protocol,
+        persona_of=metadata.persona_selector(FLAGS.persona, records=records.iter_records(FLAGS.data)),
+    )
     for _ in audit.timed(stream, audits, rejected, progress):
         pass
     elapsed = time.perf_counter() - start
     rows = [audits[s] for s in sorted(audits)]
-    print(f"protocol={FLAGS.protocol} template={FLAGS.template} persona={FLAGS.persona} "
-          f"tokenizer={tok_dir} (sha256 {tok.sha256[:12]})")
+    print(
+        f"protocol={FLAGS.protocol} template={FLAGS.template} persona={FLAGS.persona} "
+        f"tokenizer={tok_dir} (sha256 {tok.sha256[:12]})"
+    )
     print(audit.format_table(rows))
     print(f"wall time {elapsed:.1f}s")
     audit.write_csv(rows, FLAGS.out)

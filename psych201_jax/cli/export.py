@@ -20,9 +20,15 @@ _OUT = flags.DEFINE_string("out", None, "Output .jsonl file.", required=True)
 
 def export_rows(results_dir: str):
     for row in results.iter_rows(results_dir):
-        yield {"study": row["study"], "experiment": row["experiment"], "participant": row["participant"],
-               "nll": row.get("nll", []), "n_markers": row.get("responses_text"), "status": row["status"],
-               "reason": row.get("reason", "")}
+        yield {
+            "study": row["study"],
+            "experiment": row["experiment"],
+            "participant": row["participant"],
+            "nll": row.get("nll", []),
+            "n_markers": row.get("responses_text"),
+            "status": row["status"],
+            "reason": row.get("reason", ""),
+        }
 
 
 def main(argv):

@@ -18,8 +18,11 @@ from ml_collections import config_flags
 from psych201_jax import console
 from psych201_jax.runs import config, job
 
-_CONFIG = config_flags.DEFINE_config_file("config", config.__file__, "Scoring configuration (default: the embedded "
-                                          "default; configs/score.py is the same file for a checkout).")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    config.__file__,
+    "Scoring configuration (default: the embedded default; configs/score.py is the same file for a checkout).",
+)
 
 
 def main(argv):
@@ -28,8 +31,7 @@ def main(argv):
     cfg = _CONFIG.value
     progress = job.run(cfg)
     print(job.summarize(cfg.out))
-    print(f"results in {cfg.out} ({progress.tokens} tokens scored in "
-          f"{time.perf_counter() - progress.started:.1f}s)")
+    print(f"results in {cfg.out} ({progress.tokens} tokens scored in {time.perf_counter() - progress.started:.1f}s)")
 
 
 def run() -> None:

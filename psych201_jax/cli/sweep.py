@@ -33,8 +33,9 @@ def main(argv):
     print(f"sweep {cfg.name}: {len(jobs)} jobs ({sum(bool(j.skip_reason) for j in jobs)} skipped) → {cfg.out_root}")
     if _DRY_RUN.value:
         for job in jobs:
-            state = ("skip: " + job.skip_reason) if job.skip_reason else \
-                ("complete" if sweep.is_complete(job) else "todo")
+            state = (
+                ("skip: " + job.skip_reason) if job.skip_reason else ("complete" if sweep.is_complete(job) else "todo")
+            )
             print(f"  {job.name:<70} {state}")
         return
     os.makedirs(cfg.out_root, exist_ok=True)

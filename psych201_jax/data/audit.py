@@ -45,14 +45,22 @@ class StudyAudit:
         self.seconds += other.seconds
 
     def row(self) -> dict:
-        return {"study": self.study, "participants": self.participants, "rejected": self.rejected,
-                **{c: self.counts[c] for c in SPAN_COUNTERS}, "tokens": self.tokens,
-                "tokens_per_s": round(self.tokens_per_s)}
+        return {
+            "study": self.study,
+            "participants": self.participants,
+            "rejected": self.rejected,
+            **{c: self.counts[c] for c in SPAN_COUNTERS},
+            "tokens": self.tokens,
+            "tokens_per_s": round(self.tokens_per_s),
+        }
 
 
-def timed(items: Iterable[ParticipantSpans | Rejected], audits: dict[str, StudyAudit],
-          rejected: list[Rejected], on_item: Callable[[StudyAudit], None] | None = None
-          ) -> Iterator[ParticipantSpans | Rejected]:
+def timed(
+    items: Iterable[ParticipantSpans | Rejected],
+    audits: dict[str, StudyAudit],
+    rejected: list[Rejected],
+    on_item: Callable[[StudyAudit], None] | None = None,
+) -> Iterator[ParticipantSpans | Rejected]:
     """Passes ``items`` through while adding each to its study's audit (wall time included)."""
     last = time.perf_counter()
     for item in items:
@@ -79,8 +87,9 @@ def format_table(audits: list[StudyAudit]) -> str:
     """Fixed-width table, one row per study plus a total."""
     rows = [a.row() for a in audits] + [total(audits).row()]
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in COLUMNS}
-    line = lambda r: "  ".join(str(r[c]).ljust(widths[c]) if c == "study" else str(r[c]).rjust(widths[c])
-                               for c in COLUMNS)
+    line = lambda r: "  ".join(
+        str(r[c]).ljust(widths[c]) if c == "study" else str(r[c]).rjust(widths[c]) for c in COLUMNS
+    )
     header = line({c: c for c in COLUMNS})
     return "\n".join([header, "-" * len(header)] + [line(r) for r in rows])
 

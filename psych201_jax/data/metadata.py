@@ -24,38 +24,103 @@ META_FIELDS: tuple[tuple[str, str], ...] = (
     ("nationality", "What is your nationality?"),
     ("education", "What is your highest level of education?"),
     ("clinical diagnosis", "Do you have any clinical diagnoses?"),
-) + tuple((name, f"What is your {name} score?") for name in (
-    "STICSA-T somatic", "STICSA-T cognitive", "STAI-S", "STAI-T", "IUS", "RRQ", "AUDIT", "DAST", "PSWQ",
-    "GAD-7", "SDS", "OCI", "PHQ-9", "PHQ-8", "BAS Drive", "BAS Fun Seeking", "BAS Reward Responsiveness",
-    "BDI-II", "BIS-11", "BIS-10"))
+) + tuple(
+    (name, f"What is your {name} score?")
+    for name in (
+        "STICSA-T somatic",
+        "STICSA-T cognitive",
+        "STAI-S",
+        "STAI-T",
+        "IUS",
+        "RRQ",
+        "AUDIT",
+        "DAST",
+        "PSWQ",
+        "GAD-7",
+        "SDS",
+        "OCI",
+        "PHQ-9",
+        "PHQ-8",
+        "BAS Drive",
+        "BAS Fun Seeking",
+        "BAS Reward Responsiveness",
+        "BDI-II",
+        "BIS-11",
+        "BIS-10",
+    )
+)
 
 META_COLUMNS: tuple[str, ...] = tuple(name for name, _ in META_FIELDS)
 
 # Build-time renames, applied in order: raw study keys first, then source keys → canonical columns.
-_RENAMES_1 = {"STICSAsoma": "STICSA-T somatic", "STICSAcog": "STICSA-T cognitive", "STAI": "STAI-S",
-              "stai": "STAI-T", "stai_total": "STAI-T", "BIS": "bis", "audit_total": "AUDIT",
-              "bis_total": "BIS-10", "sex": "gender", "location": "nationality"}
-_RENAMES_2 = {"diagnosis": "clinical diagnosis", "pswq": "PSWQ", "gad7": "GAD-7", "sds_total": "SDS",
-              "oci_total": "OCI", "PHQ": "PHQ-9", "phq8": "PHQ-8", "bas_drive": "BAS Drive",
-              "bas_fun_seeking": "BAS Fun Seeking", "bas_reward_response": "BAS Reward Responsiveness",
-              "BDI-II score": "BDI-II", "bis": "BIS-11"}
+_RENAMES_1 = {
+    "STICSAsoma": "STICSA-T somatic",
+    "STICSAcog": "STICSA-T cognitive",
+    "STAI": "STAI-S",
+    "stai": "STAI-T",
+    "stai_total": "STAI-T",
+    "BIS": "bis",
+    "audit_total": "AUDIT",
+    "bis_total": "BIS-10",
+    "sex": "gender",
+    "location": "nationality",
+}
+_RENAMES_2 = {
+    "diagnosis": "clinical diagnosis",
+    "pswq": "PSWQ",
+    "gad7": "GAD-7",
+    "sds_total": "SDS",
+    "oci_total": "OCI",
+    "PHQ": "PHQ-9",
+    "phq8": "PHQ-8",
+    "bas_drive": "BAS Drive",
+    "bas_fun_seeking": "BAS Fun Seeking",
+    "bas_reward_response": "BAS Reward Responsiveness",
+    "BDI-II score": "BDI-II",
+    "bis": "BIS-11",
+}
 
 # Every raw key that feeds a canonical column (its value must be a scalar).
 SOURCE_KEYS = frozenset(META_COLUMNS) | frozenset(_RENAMES_1) | frozenset(_RENAMES_2)
 
-_GENDER = {"female": "female", "f": "female", "woman": "female", "male": "male", "m": "male", "man": "male",
-           "nb": "other", "other": "other"}
+_GENDER = {
+    "female": "female",
+    "f": "female",
+    "woman": "female",
+    "male": "male",
+    "m": "male",
+    "man": "male",
+    "nb": "other",
+    "other": "other",
+}
 _GENDER_NA = {"nan", "no-specify", "no-spe", "prefer not to answer", "prefer not to say", "rather not say", ""}
-_DIAGNOSIS = {"healthy": NA, "no-lesion-control": NA, "depression": "depression", "bipolar": "bipolar",
-              "non-pfc-lesion": "brain-lesion"}
-_INT_COLUMNS = {"STAI-T", "SDS", "OCI", "PHQ-9", "PHQ-8", "BAS Drive", "BAS Fun Seeking",
-                "BAS Reward Responsiveness", "BDI-II"}
+_DIAGNOSIS = {
+    "healthy": NA,
+    "no-lesion-control": NA,
+    "depression": "depression",
+    "bipolar": "bipolar",
+    "non-pfc-lesion": "brain-lesion",
+}
+_INT_COLUMNS = {
+    "STAI-T",
+    "SDS",
+    "OCI",
+    "PHQ-9",
+    "PHQ-8",
+    "BAS Drive",
+    "BAS Fun Seeking",
+    "BAS Reward Responsiveness",
+    "BDI-II",
+}
 _INT_OR_NA_COLUMNS = {"AUDIT", "BIS-10", "BIS-11"}
 
 
 def _is_missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value)) or \
-        (isinstance(value, str) and value.strip().lower() in ("", "nan", NA.lower()))
+    return (
+        value is None
+        or (isinstance(value, float) and math.isnan(value))
+        or (isinstance(value, str) and value.strip().lower() in ("", "nan", NA.lower()))
+    )
 
 
 def _as_float(value: Any) -> float | None:

@@ -38,6 +38,7 @@ RAW_NAMES = ("prompts.jsonl", "prompts.jsonl.zip")
 @dataclasses.dataclass(frozen=True)
 class Source:
     """One input: ``kind`` is raw | hf_jsonl | hf_parquet | hf_dataset."""
+
     kind: str
     path: str
     study: str | None = None  # raw files only
@@ -115,9 +116,11 @@ def _open_raw_lines(path: str) -> Iterator[tuple[str, Iterator[bytes]]]:
             yield path, fh
         return
     with zipfile.ZipFile(path) as zf:
-        members = [n for n in zf.namelist()
-                   if not n.startswith("__MACOSX/") and not os.path.basename(n).startswith("._")
-                   and not n.endswith("/")]
+        members = [
+            n
+            for n in zf.namelist()
+            if not n.startswith("__MACOSX/") and not os.path.basename(n).startswith("._") and not n.endswith("/")
+        ]
         jsonl = [n for n in members if n.endswith(".jsonl")] or members
         if len(jsonl) != 1:
             raise DataError(f"{path}: expected one jsonl member, found {jsonl or 'none'}")
@@ -147,8 +150,10 @@ def _parquet_rows(path: str) -> Iterator[tuple[int, Any, str | None]]:
 
 
 def _dataset_rows(name: str) -> Iterator[tuple[int, Any, str | None]]:
-    hint = (f"Offline, download the dataset's parquet files (e.g. `huggingface-cli download {name} "
-            f"--repo-type dataset --local-dir DIR`) and pass --data=DIR instead of hf:{name}.")
+    hint = (
+        f"Offline, download the dataset's parquet files (e.g. `huggingface-cli download {name} "
+        f"--repo-type dataset --local-dir DIR`) and pass --data=DIR instead of hf:{name}."
+    )
     try:
         import datasets  # optional dependency
     except ImportError as err:
@@ -161,8 +166,9 @@ def _dataset_rows(name: str) -> Iterator[tuple[int, Any, str | None]]:
         yield number, row, None
 
 
-def iter_records(spec: str | Sequence[str] | Sequence[Source], *, strict_markers: bool = True
-                 ) -> Iterator[Record | Rejected]:
+def iter_records(
+    spec: str | Sequence[str] | Sequence[Source], *, strict_markers: bool = True
+) -> Iterator[Record | Rejected]:
     """Streams every participant of every source as a ``Record`` or a ``Rejected``.
 
     ``strict_markers=False`` keeps the records the reference scripts score despite imperfect markup
@@ -186,9 +192,15 @@ def iter_records(spec: str | Sequence[str] | Sequence[Source], *, strict_markers
                 if "?" not in item.key:  # a rejected line counts too: a later repeat of its id is a duplicate
                     first = seen.get(item.key)
                     if first is not None and isinstance(item, Record):
-                        item = Rejected(study=item.study, experiment=item.experiment, participant=item.participant,
-                                        source=display, line=number, reason=f"duplicate participant id in experiment {item.experiment!r} "
-                                        f"(first seen at {first})")
+                        item = Rejected(
+                            study=item.study,
+                            experiment=item.experiment,
+                            participant=item.participant,
+                            source=display,
+                            line=number,
+                            reason=f"duplicate participant id in experiment {item.experiment!r} "
+                            f"(first seen at {first})",
+                        )
                     elif first is None:
                         seen[item.key] = f"{display} line {number}"
                 yield item
@@ -227,14 +239,21 @@ def _id_string(value: Any) -> str | None:
     return None
 
 
-def _to_record(source: Source, display: str, number: int, obj: Any, error: str | None,
-               strict_markers: bool = True) -> Record | Rejected:
+def _to_record(
+    source: Source, display: str, number: int, obj: Any, error: str | None, strict_markers: bool = True
+) -> Record | Rejected:
     study = source.study or "?"
     if error is not None:
         return Rejected(study=study, experiment="?", participant="?", source=display, line=number, reason=error)
     if not isinstance(obj, dict):
-        return Rejected(study=study, experiment="?", participant="?", source=display, line=number,
-                        reason=f"record is a JSON {type(obj).__name__}, expected an object")
+        return Rejected(
+            study=study,
+            experiment="?",
+            participant="?",
+            source=display,
+            line=number,
+            reason=f"record is a JSON {type(obj).__name__}, expected an object",
+        )
     hf_layout = source.kind != "raw"
     if hf_layout:
         study = obj.get("study") if isinstance(obj.get("study"), str) and obj.get("study") else "?"
@@ -245,8 +264,14 @@ def _to_record(source: Source, display: str, number: int, obj: Any, error: str |
     shown_experiment = experiment if isinstance(experiment, str) else "?"
 
     def reject(reason: str) -> Rejected:
-        return Rejected(study=study, experiment=shown_experiment, participant=shown_participant, source=display,
-                        line=number, reason=reason)
+        return Rejected(
+            study=study,
+            experiment=shown_experiment,
+            participant=shown_participant,
+            source=display,
+            line=number,
+            reason=reason,
+        )
 
     if hf_layout and study == "?":
         return reject("missing or empty field 'study' (required in the HF layout)")
@@ -256,8 +281,9 @@ def _to_record(source: Source, display: str, number: int, obj: Any, error: str |
     if not isinstance(obj["text"], str):
         return reject(f"field 'text' must be a string, got {type(obj['text']).__name__}")
     if participant is None:
-        return reject(f"field {participant_field!r} must be a string or an integer, "
-                      f"got {type(obj[participant_field]).__name__}")
+        return reject(
+            f"field {participant_field!r} must be a string or an integer, got {type(obj[participant_field]).__name__}"
+        )
     if not isinstance(experiment, str):
         return reject(f"field 'experiment' must be a string, got {type(experiment).__name__}")
     if not obj["text"].strip():
@@ -279,10 +305,18 @@ def _to_record(source: Source, display: str, number: int, obj: Any, error: str |
         metadata = meta.canonical_metadata(obj)
     reason = marker_error(text, strict=strict_markers) or _rts_error(obj.get("RTs"), text)
     if reason:
-        return Rejected(study=study, experiment=experiment, participant=participant, source=display, line=number,
-                        reason=reason)
-    return Record(study=study, experiment=experiment, participant=participant, text=text, metadata=metadata,
-                  source=display, line=number)
+        return Rejected(
+            study=study, experiment=experiment, participant=participant, source=display, line=number, reason=reason
+        )
+    return Record(
+        study=study,
+        experiment=experiment,
+        participant=participant,
+        text=text,
+        metadata=metadata,
+        source=display,
+        line=number,
+    )
 
 
 def _metadata_type_error(obj: Mapping[str, Any]) -> str | None:
@@ -332,7 +366,7 @@ def marker_error(text: str, *, strict: bool = True) -> str | None:
             if open_at >= 0:
                 return f"nested marker: '<<' at char {pos} inside the response opened at char {open_at}"
             if strict and (pos == 0 or text[pos - 1] != " "):
-                before = repr(text[max(0, pos - 12):pos])
+                before = repr(text[max(0, pos - 12) : pos])
                 return f"marker '<<' at char {pos} is not preceded by a space (preceded by {before})"
             open_at = pos
         else:
@@ -349,13 +383,23 @@ def marker_error(text: str, *, strict: bool = True) -> str | None:
 # ---------------------------------------------------------------------------------------------------
 # The dataset build's per-experiment fixes (reference doc §3a), for raw files only.
 
-_NEWLINE_FIX_EXPERIMENTS = ("vantiel2020", "vantiel2021", "vantiel2022", "olschewski2025optimal/1",
-                            "witte2024interventionStudy", "hu2023lm-pragmatics", "Ying2023NIPE")
+_NEWLINE_FIX_EXPERIMENTS = (
+    "vantiel2020",
+    "vantiel2021",
+    "vantiel2022",
+    "olschewski2025optimal/1",
+    "witte2024interventionStudy",
+    "hu2023lm-pragmatics",
+    "Ying2023NIPE",
+)
 
 # The four replacements every Psych-201 text gets at build time (and again in the reference scorer).
 GLOBAL_REPLACEMENTS: tuple[tuple[str, str], ...] = (
-    ("<<skip>>", "<<skip>>."), ("<<-", "<< -"), ("<<think>>", "<< think>>"),
-    ("More Details >>", "More Details ->"))
+    ("<<skip>>", "<<skip>>."),
+    ("<<-", "<< -"),
+    ("<<think>>", "<< think>>"),
+    ("More Details >>", "More Details ->"),
+)
 
 
 def canonical_experiment(experiment: str, text: str) -> str:

@@ -34,9 +34,18 @@ from psych201_jax.types import Excluded, ParticipantSpans, Record, Rejected
 PROTOCOLS = tuple(p.value for p in conditions.Protocol)
 TEMPLATES = tuple(t.value for t in conditions.Template)
 # Every tokenizer file the converter copies; the tokenizer fingerprint covers these plus config.json.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
-                   "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "generation_config.json",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +56,7 @@ class Protocol:
     max_chars: the reference's character cut (applied after the persona prefix, as it does).
     token_budget: robust only; tokens of experiment text kept (persona prefix excluded). None = no cut.
     """
+
     name: str = "reference"
     template: str = "none"
     max_chars: int = transcripts.REFERENCE_MAX_CHARS
@@ -90,8 +100,9 @@ class TokenizerInfo:
         self._trims: bool | None = None
 
     # -- encoding -----------------------------------------------------------------------------------
-    def encode_batch(self, texts: Sequence[str], add_special_tokens: Sequence[bool] | bool = True
-                     ) -> list[tuple[np.ndarray, np.ndarray]]:
+    def encode_batch(
+        self, texts: Sequence[str], add_special_tokens: Sequence[bool] | bool = True
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
         """[(ids int32 [T], char offsets int32 [T, 2])] per text."""
         flags = [add_special_tokens] * len(texts) if isinstance(add_special_tokens, bool) else list(add_special_tokens)
         out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(texts)
@@ -101,8 +112,7 @@ class TokenizerInfo:
                 continue
             encs = self.fast.encode_batch([texts[i] for i in idx], add_special_tokens=flag)
             for i, enc in zip(idx, encs):
-                out[i] = (np.asarray(enc.ids, dtype=np.int32),
-                          np.asarray(enc.offsets, dtype=np.int32).reshape(-1, 2))
+                out[i] = (np.asarray(enc.ids, dtype=np.int32), np.asarray(enc.offsets, dtype=np.int32).reshape(-1, 2))
         return out  # type: ignore[return-value]
 
     @property
@@ -125,14 +135,19 @@ class TokenizerInfo:
     def chat_markers(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The reference's ``build_assistant_markers``: ids opening and closing an assistant turn."""
         if self._chat_markers is None:
-            a_mark, t_mark = "\uE000ASSISTANT_CONTENT\uE001", "\uE002TRAILING_USER\uE003"
+            a_mark, t_mark = "\ue000ASSISTANT_CONTENT\ue001", "\ue002TRAILING_USER\ue003"
             user_only = self.render([{"role": "user", "content": "u"}])
-            with_asst = self.render([{"role": "user", "content": "u"}, {"role": "assistant", "content": a_mark},
-                                     {"role": "user", "content": t_mark}])
+            with_asst = self.render(
+                [
+                    {"role": "user", "content": "u"},
+                    {"role": "assistant", "content": a_mark},
+                    {"role": "user", "content": t_mark},
+                ]
+            )
             ids_user = self.hf(user_only, add_special_tokens=False).input_ids
             enc = self.hf(with_asst, add_special_tokens=False, return_offsets_mapping=True)
             ids_full, offsets = enc.input_ids, enc.offset_mapping
-            if ids_full[:len(ids_user)] != ids_user:
+            if ids_full[: len(ids_user)] != ids_user:
                 raise ValueError(f"{self.path}: chat template tokenises non-prefix; marker ids unreliable")
             mstart = with_asst.index(a_mark)
             mend = mstart + len(a_mark)
@@ -140,16 +155,20 @@ class TokenizerInfo:
             first = next(i for i, (a, _) in enumerate(offsets) if a >= mstart)
             after = next(i for i, (a, _) in enumerate(offsets) if a >= mend)
             trailing_first = next(i for i, (a, _) in enumerate(offsets) if a >= tstart)
-            self._chat_markers = (tuple(ids_full[len(ids_user):first]), tuple(ids_full[after:trailing_first]))
+            self._chat_markers = (tuple(ids_full[len(ids_user) : first]), tuple(ids_full[after:trailing_first]))
         return self._chat_markers
 
     def template_trims(self) -> bool:
         """Whether the chat template strips message content (Llama 3's ``| trim``)."""
         if self._trims is None:
-            rendered = self.render([{"role": "user", "content": " \uE000u\uE001 "},
-                                    {"role": "assistant", "content": " \uE000a\uE001 "},
-                                    {"role": "user", "content": " \uE000v\uE001 "}])
-            self._trims = " \uE000a\uE001 " not in rendered
+            rendered = self.render(
+                [
+                    {"role": "user", "content": " \ue000u\ue001 "},
+                    {"role": "assistant", "content": " \ue000a\ue001 "},
+                    {"role": "user", "content": " \ue000v\ue001 "},
+                ]
+            )
+            self._trims = " \ue000a\ue001 " not in rendered
         return self._trims
 
     def render_with_spans(self, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
@@ -159,7 +178,7 @@ class TokenizerInfo:
         placeholder rendering with contents substituted, else a ValueError (the template does
         something content-dependent we cannot locate reliably).
         """
-        holders = [f"\uE000{i}\uE001" for i in range(len(messages))]
+        holders = [f"\ue000{i}\ue001" for i in range(len(messages))]
         layout = self.render([{"role": m["role"], "content": h} for m, h in zip(messages, holders)])
         trims = self.template_trims()
         pieces, spans, cursor, length = [], [], 0, 0
@@ -190,7 +209,7 @@ def _match_starts(ids: np.ndarray, pattern: Sequence[int]) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     hits = ids[: len(ids) - m + 1] == pattern[0]
     for j in range(1, m):
-        hits &= ids[j: len(ids) - m + 1 + j] == pattern[j]
+        hits &= ids[j : len(ids) - m + 1 + j] == pattern[j]
     return np.flatnonzero(hits)
 
 
@@ -228,8 +247,9 @@ def runs_to_response_index(labels: np.ndarray) -> tuple[np.ndarray, list[tuple[i
     return index, list(zip(starts.tolist(), ends.tolist()))
 
 
-def _diagnose_runs(runs: list[tuple[int, int]], offsets: np.ndarray,
-                   responses: list[tuple[int, int]]) -> tuple[int, int, int]:
+def _diagnose_runs(
+    runs: list[tuple[int, int]], offsets: np.ndarray, responses: list[tuple[int, int]]
+) -> tuple[int, int, int]:
     """(missed, runaway, merged) of labelled token runs against response character ranges."""
     if not responses:
         return 0, len(runs), 0
@@ -244,7 +264,7 @@ def _diagnose_runs(runs: list[tuple[int, int]], offsets: np.ndarray,
         if first > last:
             runaway += 1
             continue
-        covered[first:last + 1] = True
+        covered[first : last + 1] = True
         merged += last - first
         if last > first or start < cs[first] or end > ce[last]:
             runaway += 1
@@ -255,8 +275,7 @@ def _diagnose_runs(runs: list[tuple[int, int]], offsets: np.ndarray,
 # Robust labelling
 
 
-def offsets_to_response_index(offsets: np.ndarray, responses: list[tuple[int, int]]
-                              ) -> tuple[np.ndarray, np.ndarray]:
+def offsets_to_response_index(offsets: np.ndarray, responses: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
     """Per-token response index from character offsets, and which tokens straddle (bool [T]).
 
     A token belongs to response j when it overlaps j's content characters; zero-width (special)
@@ -283,8 +302,9 @@ def _tokens_ending_by(offsets: np.ndarray, char: int) -> int:
     return int(np.argmax(beyond)) if beyond.any() else len(offsets)
 
 
-def _budget_cut(index: np.ndarray, offsets: np.ndarray, text_start_char: int, budget: int | None,
-                marker_starts: np.ndarray) -> int:
+def _budget_cut(
+    index: np.ndarray, offsets: np.ndarray, text_start_char: int, budget: int | None, marker_starts: np.ndarray
+) -> int:
     """Token count to keep: prefix tokens + at most ``budget`` text tokens, never cutting a response."""
     n = len(index)
     if budget is None:
@@ -314,8 +334,7 @@ class _Prepared:
     marker_starts: list[int]  # char index of each response's opening marker in ``text``
 
 
-def _prepare(record: Record, persona: Mapping[str, str] | None, protocol: Protocol,
-             tok: TokenizerInfo) -> _Prepared:
+def _prepare(record: Record, persona: Mapping[str, str] | None, protocol: Protocol, tok: TokenizerInfo) -> _Prepared:
     n_text = record.text.count("<<")
     full, prefix_len = transcripts.with_persona(record.text, persona)
     if protocol.name == "reference":
@@ -342,18 +361,30 @@ def _prepare(record: Record, persona: Mapping[str, str] | None, protocol: Protoc
     return _Prepared(rendered, add, spans, n_text, 0, text_start, [s for s, _ in spans])
 
 
-def _label(record: Record, prep: _Prepared, ids: np.ndarray, offsets: np.ndarray, protocol: Protocol,
-           tok: TokenizerInfo) -> ParticipantSpans:
+def _label(
+    record: Record, prep: _Prepared, ids: np.ndarray, offsets: np.ndarray, protocol: Protocol, tok: TokenizerInfo
+) -> ParticipantSpans:
     if protocol.name == "reference":
         l_id, r_id = tok.chat_markers() if protocol.template == "chat" else (tok.base_l_id, tok.base_r_id)
         labels = reference_labels(ids, l_id, r_id)
         index, runs = runs_to_response_index(labels)
         missed, runaway, merged = _diagnose_runs(runs, offsets, prep.responses)
-        return ParticipantSpans(study=record.study, experiment=record.experiment, participant=record.participant,
-                                token_ids=ids, response_index=index, n_responses=len(runs),
-                                responses_text=prep.responses_text, responses_scored=len(runs),
-                                lost_truncation=prep.lost_chars, missed=missed, runaway=runaway, merged=merged,
-                                source=record.source, line=record.line)
+        return ParticipantSpans(
+            study=record.study,
+            experiment=record.experiment,
+            participant=record.participant,
+            token_ids=ids,
+            response_index=index,
+            n_responses=len(runs),
+            responses_text=prep.responses_text,
+            responses_scored=len(runs),
+            lost_truncation=prep.lost_chars,
+            missed=missed,
+            runaway=runaway,
+            merged=merged,
+            source=record.source,
+            line=record.line,
+        )
     index, straddling = offsets_to_response_index(offsets, prep.responses)
     cut = _budget_cut(index, offsets, prep.text_start, protocol.token_budget, np.asarray(prep.marker_starts))
     straddle = int(straddling[:cut].sum())  # only tokens that are kept
@@ -365,15 +396,31 @@ def _label(record: Record, prep: _Prepared, ids: np.ndarray, offsets: np.ndarray
     index = index.copy()
     if len(index):
         index[0] = -1
-    return ParticipantSpans(study=record.study, experiment=record.experiment, participant=record.participant,
-                            token_ids=ids, response_index=index, n_responses=n_kept,
-                            responses_text=prep.responses_text, responses_scored=scored,
-                            lost_truncation=prep.responses_text - n_kept, missed=missed, straddle=straddle,
-                            source=record.source, line=record.line)
+    return ParticipantSpans(
+        study=record.study,
+        experiment=record.experiment,
+        participant=record.participant,
+        token_ids=ids,
+        response_index=index,
+        n_responses=n_kept,
+        responses_text=prep.responses_text,
+        responses_scored=scored,
+        lost_truncation=prep.responses_text - n_kept,
+        missed=missed,
+        straddle=straddle,
+        source=record.source,
+        line=record.line,
+    )
 
 
-def tokenize_records(records: Iterable[Record | Rejected], tok: TokenizerInfo, protocol: Protocol, *,
-                     persona_of=None, batch_size: int = 64) -> Iterator[ParticipantSpans | Rejected]:
+def tokenize_records(
+    records: Iterable[Record | Rejected],
+    tok: TokenizerInfo,
+    protocol: Protocol,
+    *,
+    persona_of=None,
+    batch_size: int = 64,
+) -> Iterator[ParticipantSpans | Rejected]:
     """Streams records → ``ParticipantSpans`` or ``Rejected`` (passed through or made here), in input order.
 
     persona_of: None for no persona, else a function record → the metadata to interview on, None for no

@@ -71,4 +71,4 @@ def ends_with_response(text: str) -> bool:
     """True when nothing but whitespace follows the last ``>>`` (the chat split then ends on the
     assistant, and templates like Qwen3's treat that turn differently)."""
     end = text.rfind(">>")
-    return end != -1 and not text[end + 2:].strip()
+    return end != -1 and not text[end + 2 :].strip()

@@ -28,8 +28,8 @@ from flax import nnx
 
 from psych201_jax import hashing
 from psych201_jax.data.spans import TOKENIZER_FILES
-from psych201_jax.model import spec as modelspec
 from psych201_jax.model import hf_weights as weights
+from psych201_jax.model import spec as modelspec
 from psych201_jax.model.decoder import Decoder, logical_to_spec
 from psych201_jax.model.spec import ModelSpec
 
@@ -43,8 +43,9 @@ PARAMS, SPEC, TOKENIZER, PROVENANCE = "params", "model_spec.json", "tokenizer", 
 CHUNK_BYTES = 64 << 20
 
 
-def save_params(params_dir: str, items: Iterable[tuple[tuple[str, ...], np.ndarray]],
-                chunk_bytes: int = CHUNK_BYTES) -> None:
+def save_params(
+    params_dir: str, items: Iterable[tuple[tuple[str, ...], np.ndarray]], chunk_bytes: int = CHUNK_BYTES
+) -> None:
     """Writes (path, array) items into one orbax PyTree checkpoint, one partial save per item.
 
     Host arrays are not defensively copied (the items are not modified afterwards) and are stored in chunks
@@ -95,37 +96,54 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "bfloat16", *, allow_pickle:
         "dtype": dtype,
         "converter_version": CONVERTER_VERSION,
         "model_type": spec.model_type,
-        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     with open(os.path.join(out_dir, PROVENANCE), "w") as fh:
         json.dump(provenance, fh, indent=2)
     return spec
 
 
-def abstract_model(spec: ModelSpec, *, dtype, param_dtype, mesh: jax.sharding.Mesh | None = None,
-                   rules: Sequence[tuple[str, str | tuple[str, ...] | None]] | None = None,
-                   attention_backend: str = "xla") -> tuple[nnx.GraphDef, nnx.State]:
+def abstract_model(
+    spec: ModelSpec,
+    *,
+    dtype,
+    param_dtype,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: Sequence[tuple[str, str | tuple[str, ...] | None]] | None = None,
+    attention_backend: str = "xla",
+) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, state of ShapeDtypeStruct-with-sharding variables) of a Decoder, without allocating it.
 
     With a mesh, each parameter's logical axes are mapped through ``rules``; without one, every parameter
     goes to the first local device.
     """
-    model = nnx.eval_shape(lambda: Decoder(spec, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0),
-                                           attention_backend=attention_backend))
+    model = nnx.eval_shape(
+        lambda: Decoder(
+            spec, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0), attention_backend=attention_backend
+        )
+    )
     graphdef, state = nnx.split(model)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
     def leaf(var):
-        sharding = (device if mesh is None
-                    else jax.NamedSharding(mesh, logical_to_spec(var.get_metadata()["out_sharding"], rules or ())))
+        sharding = (
+            device
+            if mesh is None
+            else jax.NamedSharding(mesh, logical_to_spec(var.get_metadata()["out_sharding"], rules or ()))
+        )
         return var.replace(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding))
 
     return graphdef, jax.tree.map(leaf, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def load_model(converted_dir: str, *, dtype=None, mesh: jax.sharding.Mesh | None = None,
-               rules: Sequence[tuple[str, str | tuple[str, ...] | None]] | None = None,
-               attention_backend: str = "xla") -> tuple[Decoder, ModelSpec]:
+def load_model(
+    converted_dir: str,
+    *,
+    dtype=None,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: Sequence[tuple[str, str | tuple[str, ...] | None]] | None = None,
+    attention_backend: str = "xla",
+) -> tuple[Decoder, ModelSpec]:
     """Restores a converted checkpoint as (Decoder, spec).
 
     ``dtype``: parameter and activation dtype (default: the dtype it was converted to); parameters are cast
@@ -136,7 +154,8 @@ def load_model(converted_dir: str, *, dtype=None, mesh: jax.sharding.Mesh | None
         with open(os.path.join(converted_dir, PROVENANCE)) as fh:
             dtype = json.load(fh)["dtype"]
     dtype = jnp.dtype(dtype)
-    graphdef, state = abstract_model(spec, dtype=dtype, param_dtype=dtype, mesh=mesh, rules=rules,
-                                     attention_backend=attention_backend)
+    graphdef, state = abstract_model(
+        spec, dtype=dtype, param_dtype=dtype, mesh=mesh, rules=rules, attention_backend=attention_backend
+    )
     nnx.replace_by_pure_dict(state, restore_params(os.path.join(converted_dir, PARAMS), nnx.to_pure_dict(state)))
     return nnx.merge(graphdef, state), spec

@@ -75,9 +75,16 @@ def layer_param_axes(spec: ModelSpec) -> dict[str, tuple[str, ...]]:
 
 def param_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     """Shape of every parameter, keyed like ``layer_param_axes`` plus embed/lm_head/final_norm."""
-    sizes = {LAYERS: spec.num_layers, EMBED: spec.hidden_size, Q_HEADS: spec.num_heads,
-             KV_HEADS: spec.num_kv_heads, HEAD_DIM: spec.head_dim, MLP: spec.intermediate_size,
-             NORM: spec.hidden_size, VOCAB: spec.vocab_size}
+    sizes = {
+        LAYERS: spec.num_layers,
+        EMBED: spec.hidden_size,
+        Q_HEADS: spec.num_heads,
+        KV_HEADS: spec.num_kv_heads,
+        HEAD_DIM: spec.head_dim,
+        MLP: spec.intermediate_size,
+        NORM: spec.hidden_size,
+        VOCAB: spec.vocab_size,
+    }
     shapes = {name: tuple(sizes[a] for a in axes) for name, axes in layer_param_axes(spec).items()}
     shapes["embed"] = (spec.vocab_size, spec.hidden_size)
     shapes["final_norm"] = (spec.hidden_size,)
@@ -86,8 +93,7 @@ def param_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def logical_to_spec(names: Sequence[str | None], rules: Sequence[tuple[str, str | tuple[str, ...] | None]]
-                    ) -> jax.P:
+def logical_to_spec(names: Sequence[str | None], rules: Sequence[tuple[str, str | tuple[str, ...] | None]]) -> jax.P:
     """PartitionSpec for logical ``names`` under ``rules`` [(logical, mesh axes or None)]; first match wins,
     a mesh axis is used at most once, unmatched names are replicated."""
     table: dict[str, list] = {}
@@ -114,8 +120,9 @@ def constrain(x: jnp.ndarray, names: Sequence[str | None]) -> jnp.ndarray:
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names, get_logical_axis_rules()))
 
 
-def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float, *, weight_fp32: bool,
-             axes: tuple[int, ...] = (-1,)) -> jnp.ndarray:
+def rms_norm(
+    x: jnp.ndarray, weight: jnp.ndarray, eps: float, *, weight_fp32: bool, axes: tuple[int, ...] = (-1,)
+) -> jnp.ndarray:
     """RMSNorm over ``axes`` in fp32. weight_fp32: weight * x in fp32 then cast (OLMo); else cast then
     multiply in x.dtype (Llama/Qwen). Returns x.dtype."""
     xf = x.astype(jnp.float32)
@@ -125,9 +132,17 @@ def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float, *, weight_fp32: bo
     return weight.astype(x.dtype) * normed.astype(x.dtype)
 
 
-def _attention_block(p: dict[str, jnp.ndarray], x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray,
-                     segment_ids: jnp.ndarray, *, spec: ModelSpec, window: int | None, backend: str
-                     ) -> jnp.ndarray:
+def _attention_block(
+    p: dict[str, jnp.ndarray],
+    x: jnp.ndarray,
+    cos: jnp.ndarray,
+    sin: jnp.ndarray,
+    segment_ids: jnp.ndarray,
+    *,
+    spec: ModelSpec,
+    window: int | None,
+    backend: str,
+) -> jnp.ndarray:
     """x [B, T, D] -> self-attention output [B, T, D] (before any post-norm / residual)."""
     dt = x.dtype
     q = jnp.einsum("btd,dhk->bthk", x, p["wq"].astype(dt))
@@ -165,15 +180,26 @@ def _mlp_block(p: dict[str, jnp.ndarray], x: jnp.ndarray, *, spec: ModelSpec) ->
     return out
 
 
-def decoder_layer(p: dict[str, jnp.ndarray], h: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray,
-                  segment_ids: jnp.ndarray, *, spec: ModelSpec, window: int | None, backend: str) -> jnp.ndarray:
+def decoder_layer(
+    p: dict[str, jnp.ndarray],
+    h: jnp.ndarray,
+    cos: jnp.ndarray,
+    sin: jnp.ndarray,
+    segment_ids: jnp.ndarray,
+    *,
+    spec: ModelSpec,
+    window: int | None,
+    backend: str,
+) -> jnp.ndarray:
     """One decoder layer on h [B, T, D] with this layer's (unstacked) parameters ``p``."""
+
     def norm(x, name):
         return rms_norm(x, p[name], spec.rms_norm_eps, weight_fp32=spec.norm_weight_fp32)
 
     pre = spec.norm_placement == "pre"
-    attn = _attention_block(p, norm(h, "attn_in_norm") if pre else h, cos, sin, segment_ids, spec=spec,
-                            window=window, backend=backend)
+    attn = _attention_block(
+        p, norm(h, "attn_in_norm") if pre else h, cos, sin, segment_ids, spec=spec, window=window, backend=backend
+    )
     h = h + (attn if pre else norm(attn, "attn_out_norm"))
     mlp = _mlp_block(p, norm(h, "mlp_in_norm") if pre else h, spec=spec)
     h = h + (mlp if pre else norm(mlp, "mlp_out_norm"))
@@ -192,7 +218,7 @@ def layer_groups(layer_types: Sequence[str]) -> tuple[tuple[int, int, tuple[str,
         repeats = n // period
         groups = [(0, repeats, tuple(layer_types[:period]))]
         if repeats * period < n:
-            groups.append((repeats * period, 1, tuple(layer_types[repeats * period:])))
+            groups.append((repeats * period, 1, tuple(layer_types[repeats * period :])))
         return tuple(groups)
     groups, start = [], 0
     for i in range(1, n + 1):
@@ -235,8 +261,11 @@ class Decoder(nnx.Module):
         self.attention_backend = attention_backend
         shapes = param_shapes(spec)
         self.embed = _new_param("embed", shapes["embed"], (VOCAB, EMBED), param_dtype, rngs)
-        self.lm_head = (None if spec.tie_word_embeddings
-                        else _new_param("lm_head", shapes["lm_head"], (VOCAB, EMBED), param_dtype, rngs))
+        self.lm_head = (
+            None
+            if spec.tie_word_embeddings
+            else _new_param("lm_head", shapes["lm_head"], (VOCAB, EMBED), param_dtype, rngs)
+        )
         self.final_norm = _new_param("final_norm", shapes["final_norm"], (NORM,), param_dtype, rngs)
         self.layers = LayerStack(spec, param_dtype=param_dtype, rngs=rngs)
 
@@ -252,20 +281,29 @@ class Decoder(nnx.Module):
         h = constrain(h, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
         tables = {}
         for layer_type in sorted(set(spec.layer_types)):
-            inv_freq, scaling = rope_lib.inv_freq_and_scaling(spec.rope_for(layer_type), spec.head_dim,
-                                                             spec.max_position_embeddings)
+            inv_freq, scaling = rope_lib.inv_freq_and_scaling(
+                spec.rope_for(layer_type), spec.head_dim, spec.max_position_embeddings
+            )
             tables[layer_type] = rope_lib.cos_sin(positions, inv_freq, scaling)
         params = self.layers.arrays()
         for start, repeats, pattern in layer_groups(spec.layer_types):
             count = repeats * len(pattern)
-            group = {name: x[start:start + count].reshape(repeats, len(pattern), *x.shape[1:])
-                     for name, x in params.items()}
+            group = {
+                name: x[start : start + count].reshape(repeats, len(pattern), *x.shape[1:])
+                for name, x in params.items()
+            }
 
             def body(h, p, pattern=pattern):
                 for j, layer_type in enumerate(pattern):
-                    h = decoder_layer({name: x[j] for name, x in p.items()}, h, *tables[layer_type], segment_ids,
-                                      spec=spec, window=spec.window_for(layer_type),
-                                      backend=self.attention_backend)
+                    h = decoder_layer(
+                        {name: x[j] for name, x in p.items()},
+                        h,
+                        *tables[layer_type],
+                        segment_ids,
+                        spec=spec,
+                        window=spec.window_for(layer_type),
+                        backend=self.attention_backend,
+                    )
                 return h, None
 
             h, _ = jax.lax.scan(body, h, group)

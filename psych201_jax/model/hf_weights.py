@@ -22,9 +22,16 @@ from psych201_jax.model.decoder import param_shapes
 from psych201_jax.model.spec import ModelSpec
 
 SAFETENSORS_DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
 }
 TARGET_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
 # Buffers some older checkpoints store that carry no weights.
@@ -113,8 +120,9 @@ class PickleReader:
     def __init__(self, hf_dir: str):
         import torch
 
-        self.files = sorted(os.path.join(hf_dir, f) for f in os.listdir(hf_dir)
-                            if f.startswith("pytorch_model") and f.endswith(".bin"))
+        self.files = sorted(
+            os.path.join(hf_dir, f) for f in os.listdir(hf_dir) if f.startswith("pytorch_model") and f.endswith(".bin")
+        )
         self._tensors = {}
         for path in self.files:
             self._tensors.update(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
@@ -141,8 +149,10 @@ def open_weights(hf_dir: str, *, allow_pickle: bool = False) -> SafetensorsReade
         return SafetensorsReader(hf_dir)
     if any(f.startswith("pytorch_model") and f.endswith(".bin") for f in files):
         if not allow_pickle:
-            raise WeightsError(f"{hf_dir} has only pickle (.bin) weights; unpickling can run arbitrary code. "
-                               "Pass allow_pickle (--allow_pickle) only for a source you trust.")
+            raise WeightsError(
+                f"{hf_dir} has only pickle (.bin) weights; unpickling can run arbitrary code. "
+                "Pass allow_pickle (--allow_pickle) only for a source you trust."
+            )
         return PickleReader(hf_dir)
     raise WeightsError(f"no weights (.safetensors or pytorch_model*.bin) in {hf_dir}")
 
@@ -154,18 +164,31 @@ def layer_sources(spec: ModelSpec) -> dict[str, tuple[str, int | None]]:
     [out, in] weight is transposed, then reshaped); None for vectors (norm weights, biases), only reshaped.
     """
     attn = "self_attn."
-    src = {"wq": (attn + "q_proj.weight", 1), "wk": (attn + "k_proj.weight", 1), "wv": (attn + "v_proj.weight", 1),
-           "wo": (attn + "o_proj.weight", 2), "w_gate": ("mlp.gate_proj.weight", 1),
-           "w_up": ("mlp.up_proj.weight", 1), "w_down": ("mlp.down_proj.weight", 1),
-           "bq": (attn + "q_proj.bias", None), "bk": (attn + "k_proj.bias", None), "bv": (attn + "v_proj.bias", None),
-           "bo": (attn + "o_proj.bias", None), "b_gate": ("mlp.gate_proj.bias", None),
-           "b_up": ("mlp.up_proj.bias", None), "b_down": ("mlp.down_proj.bias", None),
-           "q_norm": (attn + "q_norm.weight", None), "k_norm": (attn + "k_norm.weight", None)}
+    src = {
+        "wq": (attn + "q_proj.weight", 1),
+        "wk": (attn + "k_proj.weight", 1),
+        "wv": (attn + "v_proj.weight", 1),
+        "wo": (attn + "o_proj.weight", 2),
+        "w_gate": ("mlp.gate_proj.weight", 1),
+        "w_up": ("mlp.up_proj.weight", 1),
+        "w_down": ("mlp.down_proj.weight", 1),
+        "bq": (attn + "q_proj.bias", None),
+        "bk": (attn + "k_proj.bias", None),
+        "bv": (attn + "v_proj.bias", None),
+        "bo": (attn + "o_proj.bias", None),
+        "b_gate": ("mlp.gate_proj.bias", None),
+        "b_up": ("mlp.up_proj.bias", None),
+        "b_down": ("mlp.down_proj.bias", None),
+        "q_norm": (attn + "q_norm.weight", None),
+        "k_norm": (attn + "k_norm.weight", None),
+    }
     if spec.norm_placement == "pre":
         src.update(attn_in_norm=("input_layernorm.weight", None), mlp_in_norm=("post_attention_layernorm.weight", None))
     else:
-        src.update(attn_out_norm=("post_attention_layernorm.weight", None),
-                   mlp_out_norm=("post_feedforward_layernorm.weight", None))
+        src.update(
+            attn_out_norm=("post_attention_layernorm.weight", None),
+            mlp_out_norm=("post_feedforward_layernorm.weight", None),
+        )
     shapes = param_shapes(spec)
     return {name: src[name] for name in shapes if name in src}
 
@@ -218,5 +241,7 @@ def converted_params(reader, spec: ModelSpec, dtype: str) -> Iterator[tuple[tupl
         yield ("layers", name), out
     unexpected = sorted(k for k in available - used if not k.endswith(IGNORED_SUFFIXES))
     if unexpected:
-        raise WeightsError(f"checkpoint has tensors the {spec.model_type} config does not describe: "
-                           f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        raise WeightsError(
+            f"checkpoint has tensors the {spec.model_type} config does not describe: "
+            f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
+        )

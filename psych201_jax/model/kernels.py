@@ -51,8 +51,10 @@ def _platform() -> str:
 
 def _require_platform(backend: str, wanted: str) -> None:
     if _platform() != wanted:
-        raise ValueError(f"attention backend {backend!r} runs only on {wanted.upper()} (this process runs on "
-                         f"{_platform()!r}); use 'xla' here, or the interpret=True factory for tests")
+        raise ValueError(
+            f"attention backend {backend!r} runs only on {wanted.upper()} (this process runs on "
+            f"{_platform()!r}); use 'xla' here, or the interpret=True factory for tests"
+        )
 
 
 def _round_up(x: int, m: int) -> int:
@@ -74,9 +76,17 @@ def _zero_padding(out: jnp.ndarray, segment_ids: jnp.ndarray) -> jnp.ndarray:
 
 # ----------------------------------------------------------------------------------------------- splash (TPU)
 
+
 @functools.lru_cache(maxsize=64)
-def _splash_kernel(t: int, num_q_heads: int, sliding_window: int | None, block_q: int, block_kv: int,
-                   block_kv_compute: int, interpret: bool):
+def _splash_kernel(
+    t: int,
+    num_q_heads: int,
+    sliding_window: int | None,
+    block_q: int,
+    block_kv: int,
+    block_kv_compute: int,
+    interpret: bool,
+):
     """Builds (once per shape) a single-device splash MHA kernel; its mask metadata is concrete, so the
     cached kernel can be closed over by any later trace."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
@@ -87,8 +97,13 @@ def _splash_kernel(t: int, num_q_heads: int, sliding_window: int | None, block_q
         head_mask = sa.LocalMask(shape=(t, t), window_size=(sliding_window - 1, 0), offset=0)
     blocks = sa.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv_compute)
     with jax.ensure_compile_time_eval():
-        return sa.make_splash_mha(sa.MultiHeadMask([head_mask] * num_q_heads), block_sizes=blocks,
-                                  head_shards=1, q_seq_shards=1, interpret=interpret)
+        return sa.make_splash_mha(
+            sa.MultiHeadMask([head_mask] * num_q_heads),
+            block_sizes=blocks,
+            head_shards=1,
+            q_seq_shards=1,
+            interpret=interpret,
+        )
 
 
 def _splash_blocks(t: int, block_q: int, block_kv: int, block_kv_compute: int | None):
@@ -99,13 +114,25 @@ def _splash_blocks(t: int, block_q: int, block_kv: int, block_kv_compute: int | 
     bq, bkv = min(block_q, t_min), min(block_kv, t_min)
     bkv_c = bkv if block_kv_compute is None else min(block_kv_compute, bkv)
     if bkv % bkv_c or bkv_c % LANES:
-        raise ValueError(f"attention backend 'splash': block_kv_compute={bkv_c} must be a multiple of {LANES} "
-                         f"dividing block_kv={bkv}")
+        raise ValueError(
+            f"attention backend 'splash': block_kv_compute={bkv_c} must be a multiple of {LANES} "
+            f"dividing block_kv={bkv}"
+        )
     return bq, bkv, bkv_c, _round_up(t, math.lcm(bq, bkv))
 
 
-def splash_attention(q, k, v, segment_ids, *, sliding_window=None, block_q: int = 512, block_kv: int = 512,
-                     block_kv_compute: int | None = None, interpret: bool = False):
+def splash_attention(
+    q,
+    k,
+    v,
+    segment_ids,
+    *,
+    sliding_window=None,
+    block_q: int = 512,
+    block_kv: int = 512,
+    block_kv_compute: int | None = None,
+    interpret: bool = False,
+):
     """TPU splash attention with segment ids; shapes and semantics of ``attention.attention``."""
     if not interpret:
         _require_platform("splash", "tpu")
@@ -117,7 +144,7 @@ def splash_attention(q, k, v, segment_ids, *, sliding_window=None, block_q: int 
     bq, bkv, bkv_c, tp = _splash_blocks(t, block_q, block_kv, block_kv_compute)
     kernel = _splash_kernel(tp, hq, sliding_window, bq, bkv, bkv_c, interpret)
     # splash applies no softmax scale: scale q (in float32, then back to its dtype) as MaxText does.
-    qs = (q.astype(jnp.float32) * (hd ** -0.5)).astype(q.dtype)
+    qs = (q.astype(jnp.float32) * (hd**-0.5)).astype(q.dtype)
     heads_first = lambda x: jnp.swapaxes(_pad_time(x, tp), 1, 2)  # noqa: E731  [B, H, Tp, hd]
     seg = _pad_time(segment_ids.astype(jnp.int32), tp)
 
@@ -129,23 +156,49 @@ def splash_attention(q, k, v, segment_ids, *, sliding_window=None, block_q: int 
     return _zero_padding(out, segment_ids)
 
 
-def make_splash_backend(*, block_q: int = 512, block_kv: int = 512, block_kv_compute: int | None = None,
-                        interpret: bool = False):
+def make_splash_backend(
+    *, block_q: int = 512, block_kv: int = 512, block_kv_compute: int | None = None, interpret: bool = False
+):
     """``attention`` backend: splash with the given blocks (multiples of 128; clipped to the row)."""
+
     def backend(q, k, v, segment_ids, *, sliding_window):
-        return splash_attention(q, k, v, segment_ids, sliding_window=sliding_window, block_q=block_q,
-                                block_kv=block_kv, block_kv_compute=block_kv_compute, interpret=interpret)
+        return splash_attention(
+            q,
+            k,
+            v,
+            segment_ids,
+            sliding_window=sliding_window,
+            block_q=block_q,
+            block_kv=block_kv,
+            block_kv_compute=block_kv_compute,
+            interpret=interpret,
+        )
+
     return _as_backend(backend)
 
 
 # ------------------------------------------------------------------------------------ Pallas Triton (GPU)
 
-def pallas_gpu_attention(q, k, v, segment_ids, *, sliding_window=None, block_q: int = 128, block_k: int = 128,
-                         num_warps: int | None = None, num_stages: int = 2, interpret: bool = False):
+
+def pallas_gpu_attention(
+    q,
+    k,
+    v,
+    segment_ids,
+    *,
+    sliding_window=None,
+    block_q: int = 128,
+    block_k: int = 128,
+    num_warps: int | None = None,
+    num_stages: int = 2,
+    interpret: bool = False,
+):
     """GPU Pallas (Triton) flash attention with segment ids; no sliding window."""
     if sliding_window is not None:
-        raise ValueError(f"attention backend 'pallas_gpu' has no sliding window (sliding_window="
-                         f"{sliding_window} requested, e.g. an OLMo 3 sliding layer); use 'cudnn' or 'xla'")
+        raise ValueError(
+            f"attention backend 'pallas_gpu' has no sliding window (sliding_window="
+            f"{sliding_window} requested, e.g. an OLMo 3 sliding layer); use 'cudnn' or 'xla'"
+        )
     if not interpret:
         _require_platform("pallas_gpu", "gpu")
     from jax.experimental.pallas.ops.gpu import attention as gpu_attention
@@ -157,23 +210,48 @@ def pallas_gpu_attention(q, k, v, segment_ids, *, sliding_window=None, block_q: 
     tp = _round_up(t, math.lcm(block_q, block_k))
     bq, bk = min(block_q, tp), min(block_k, tp)
     seg = _pad_time(segment_ids.astype(jnp.int32), tp)
-    out = gpu_attention.mha(_pad_time(q, tp), _pad_time(k, tp), _pad_time(v, tp), seg,
-                            sm_scale=hd ** -0.5, causal=True,
-                            block_sizes=gpu_attention.BlockSizes(block_q=bq, block_k=bk),
-                            num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+    out = gpu_attention.mha(
+        _pad_time(q, tp),
+        _pad_time(k, tp),
+        _pad_time(v, tp),
+        seg,
+        sm_scale=hd**-0.5,
+        causal=True,
+        block_sizes=gpu_attention.BlockSizes(block_q=bq, block_k=bk),
+        num_warps=num_warps,
+        num_stages=num_stages,
+        interpret=interpret,
+    )
     return _zero_padding(out[:, :t].astype(q.dtype), segment_ids)
 
 
-def make_pallas_gpu_backend(*, block_q: int = 128, block_k: int = 128, num_warps: int | None = None,
-                            num_stages: int = 2, interpret: bool = False):
+def make_pallas_gpu_backend(
+    *,
+    block_q: int = 128,
+    block_k: int = 128,
+    num_warps: int | None = None,
+    num_stages: int = 2,
+    interpret: bool = False,
+):
     def backend(q, k, v, segment_ids, *, sliding_window):
-        return pallas_gpu_attention(q, k, v, segment_ids, sliding_window=sliding_window, block_q=block_q,
-                                    block_k=block_k, num_warps=num_warps, num_stages=num_stages,
-                                    interpret=interpret)
+        return pallas_gpu_attention(
+            q,
+            k,
+            v,
+            segment_ids,
+            sliding_window=sliding_window,
+            block_q=block_q,
+            block_k=block_k,
+            num_warps=num_warps,
+            num_stages=num_stages,
+            interpret=interpret,
+        )
+
     return _as_backend(backend)
 
 
 # ------------------------------------------------------------------------------------------ cuDNN (GPU)
+
 
 def _segment_edges(seg):
     """First and last token of every maximal run of one nonzero id: bool[B, T] each."""
@@ -214,8 +292,16 @@ def _cudnn_api():
     if fn is None or mask_type is None:
         return None
     params = inspect.signature(fn).parameters
-    needed = ("q_seqlen", "kv_seqlen", "q_offsets", "kv_offsets", "scale", "mask_type", "qkv_layout",
-              "sliding_window_length")
+    needed = (
+        "q_seqlen",
+        "kv_seqlen",
+        "q_offsets",
+        "kv_offsets",
+        "scale",
+        "mask_type",
+        "qkv_layout",
+        "sliding_window_length",
+    )
     if not all(p in params for p in needed):
         return None
     return fn, mask_type
@@ -226,20 +312,25 @@ def cudnn_available() -> bool:
     return _cudnn_api() is not None
 
 
-def cudnn_attention(q, k, v, segment_ids, *, sliding_window=None, max_segments: int = 64,
-                    repeat_kv: bool = False, _api=None):
+def cudnn_attention(
+    q, k, v, segment_ids, *, sliding_window=None, max_segments: int = 64, repeat_kv: bool = False, _api=None
+):
     """cuDNN flash attention with sequence packing (offsets + lengths derived from segment ids).
 
     GQA is passed to cuDNN as is (it takes fewer kv heads); ``repeat_kv=True`` repeats them instead."""
     api = _api or _cudnn_api()
     if api is None:
-        raise ValueError("attention backend 'cudnn': this jax has no packed cuDNN attention "
-                         "(jax._src.cudnn.fused_attention_stablehlo.dot_product_attention with q_offsets)")
+        raise ValueError(
+            "attention backend 'cudnn': this jax has no packed cuDNN attention "
+            "(jax._src.cudnn.fused_attention_stablehlo.dot_product_attention with q_offsets)"
+        )
     if _api is None:
         _require_platform("cudnn", "gpu")
     if q.dtype not in (jnp.bfloat16, jnp.float16):
-        raise ValueError(f"attention backend 'cudnn' takes bfloat16/float16 only, got {q.dtype}; "
-                         "use 'xla' or 'pallas_gpu' for float32")
+        raise ValueError(
+            f"attention backend 'cudnn' takes bfloat16/float16 only, got {q.dtype}; "
+            "use 'xla' or 'pallas_gpu' for float32"
+        )
     if max_segments < 2:
         raise ValueError("attention backend 'cudnn': max_segments must be >= 2 (packed layout)")
     if sliding_window is not None and sliding_window < 1:
@@ -252,33 +343,57 @@ def cudnn_attention(q, k, v, segment_ids, *, sliding_window=None, max_segments: 
         concrete_overflow = None
     if concrete_overflow is not None and concrete_overflow.any():
         n = int(jnp.max(jnp.sum(_segment_edges(jnp.asarray(segment_ids, jnp.int32))[0], axis=1)))
-        raise ValueError(f"attention backend 'cudnn': a row has {n} segments > max_segments={max_segments}; "
-                         "register make_cudnn_backend(max_segments=...) with a larger bound")
+        raise ValueError(
+            f"attention backend 'cudnn': a row has {n} segments > max_segments={max_segments}; "
+            "register make_cudnn_backend(max_segments=...) with a larger bound"
+        )
     hq, hd = q.shape[2], q.shape[3]
     if repeat_kv and hq != k.shape[2]:
         k, v = jnp.repeat(k, hq // k.shape[2], axis=2), jnp.repeat(v, hq // k.shape[2], axis=2)
-    out = fn(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets, kv_offsets=offsets,
-             scale=hd ** -0.5, mask_type=padding_causal, qkv_layout="BTNH",
-             sliding_window_length=sliding_window)
+    out = fn(
+        q,
+        k,
+        v,
+        q_seqlen=lengths,
+        kv_seqlen=lengths,
+        q_offsets=offsets,
+        kv_offsets=offsets,
+        scale=hd**-0.5,
+        mask_type=padding_causal,
+        qkv_layout="BTNH",
+        sliding_window_length=sliding_window,
+    )
     out = _zero_padding(out.astype(q.dtype), segment_ids)
     return jnp.where(overflow[:, None, None, None], jnp.array(jnp.nan, out.dtype), out)
 
 
 def make_cudnn_backend(*, max_segments: int = 64, repeat_kv: bool = False, _api=None):
     def backend(q, k, v, segment_ids, *, sliding_window):
-        return cudnn_attention(q, k, v, segment_ids, sliding_window=sliding_window, max_segments=max_segments,
-                               repeat_kv=repeat_kv, _api=_api)
+        return cudnn_attention(
+            q,
+            k,
+            v,
+            segment_ids,
+            sliding_window=sliding_window,
+            max_segments=max_segments,
+            repeat_kv=repeat_kv,
+            _api=_api,
+        )
+
     return _as_backend(backend)
 
 
 # ------------------------------------------------------------------------------------------ registration
 
+
 def _as_backend(fn):
     """Adapts to ``fn(q, k, v, segment_ids, *, sliding_window, block_q, block_k)``."""
+
     @functools.wraps(fn)
     def backend(q, k, v, segment_ids, *, sliding_window=None, block_q=None, block_k=None):
         del block_q, block_k  # the xla tile sizes; kernel blocks come from the factory
         return fn(q, k, v, segment_ids, sliding_window=sliding_window)
+
     return backend
 
 

@@ -81,7 +81,8 @@ class ModelSpec:
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
             raise UnsupportedModelError(
-                f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}")
+                f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}"
+            )
         if len(self.layer_types) != self.num_layers:
             raise UnsupportedModelError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
         unknown = set(self.layer_types) - {FULL_ATTENTION, SLIDING_ATTENTION}
@@ -105,7 +106,7 @@ class ModelSpec:
         return json.dumps(d, indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelSpec":
+    def from_json(cls, text: str) -> ModelSpec:
         d = json.loads(text)
         d["rope"] = tuple((name, RopeSpec(**r)) for name, r in sorted(d["rope"].items()))
         d["layer_types"] = tuple(d["layer_types"])
@@ -116,14 +117,15 @@ class ModelSpec:
             fh.write(self.to_json())
 
     @classmethod
-    def load(cls, path: str) -> "ModelSpec":
+    def load(cls, path: str) -> ModelSpec:
         with open(path) as fh:
             return cls.from_json(fh.read())
 
 
 def _unsupported_type_error(model_type: Any) -> UnsupportedModelError:
     return UnsupportedModelError(
-        f"unsupported model_type {model_type!r}; supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        f"unsupported model_type {model_type!r}; supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+    )
 
 
 def read_raw_config(hf_dir: str) -> dict:
@@ -183,22 +185,53 @@ def from_hf_config(config: Any) -> ModelSpec:
 
     rope_parameters = dict(config.rope_parameters)
     if set(rope_parameters) <= {FULL_ATTENTION, SLIDING_ATTENTION}:  # nested per layer type
-        rope = tuple((t, _rope_spec(rope_parameters[t], rope_parameters))
-                     for t in sorted(rope_parameters) if rope_parameters[t] is not None)
+        rope = tuple(
+            (t, _rope_spec(rope_parameters[t], rope_parameters))
+            for t in sorted(rope_parameters)
+            if rope_parameters[t] is not None
+        )
     else:
         shared = _rope_spec(rope_parameters, rope_parameters)
         rope = tuple((t, shared) for t in sorted(set(layer_types)))
 
     attention_bias = bool(getattr(config, "attention_bias", False))
     family = dict(
-        llama=dict(qkv_bias=attention_bias, o_bias=attention_bias, mlp_bias=bool(getattr(config, "mlp_bias", False)),
-                   qk_norm="none", norm_placement="pre", norm_weight_fp32=False, rope_fp32=False),
-        qwen2=dict(qkv_bias=True, o_bias=False, mlp_bias=False,
-                   qk_norm="none", norm_placement="pre", norm_weight_fp32=False, rope_fp32=False),
-        qwen3=dict(qkv_bias=attention_bias, o_bias=attention_bias, mlp_bias=False,
-                   qk_norm="head", norm_placement="pre", norm_weight_fp32=False, rope_fp32=False),
-        olmo3=dict(qkv_bias=attention_bias, o_bias=attention_bias, mlp_bias=False,
-                   qk_norm="full", norm_placement="post", norm_weight_fp32=True, rope_fp32=True),
+        llama=dict(
+            qkv_bias=attention_bias,
+            o_bias=attention_bias,
+            mlp_bias=bool(getattr(config, "mlp_bias", False)),
+            qk_norm="none",
+            norm_placement="pre",
+            norm_weight_fp32=False,
+            rope_fp32=False,
+        ),
+        qwen2=dict(
+            qkv_bias=True,
+            o_bias=False,
+            mlp_bias=False,
+            qk_norm="none",
+            norm_placement="pre",
+            norm_weight_fp32=False,
+            rope_fp32=False,
+        ),
+        qwen3=dict(
+            qkv_bias=attention_bias,
+            o_bias=attention_bias,
+            mlp_bias=False,
+            qk_norm="head",
+            norm_placement="pre",
+            norm_weight_fp32=False,
+            rope_fp32=False,
+        ),
+        olmo3=dict(
+            qkv_bias=attention_bias,
+            o_bias=attention_bias,
+            mlp_bias=False,
+            qk_norm="full",
+            norm_placement="post",
+            norm_weight_fp32=True,
+            rope_fp32=True,
+        ),
     )[model_type]
     return ModelSpec(
         model_type=model_type,

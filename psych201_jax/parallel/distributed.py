@@ -47,9 +47,16 @@ def cluster_detected() -> bool:
     return "," in env.get("TPU_WORKER_HOSTNAMES", "")
 
 
-def initialize(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1, *,
-               mode: str = "auto", local_device_ids: Sequence[int] | None = None,
-               cpu_collectives: str = "gloo", initialization_timeout: int = 300) -> bool:
+def initialize(
+    coordinator_address: str = "",
+    num_processes: int = 0,
+    process_id: int = -1,
+    *,
+    mode: str = "auto",
+    local_device_ids: Sequence[int] | None = None,
+    cpu_collectives: str = "gloo",
+    initialization_timeout: int = 300,
+) -> bool:
     """Starts ``jax.distributed`` if this is a multi-process run; returns whether it is initialised.
 
     mode "off": never; "on": always (arguments not given are detected by jax: TPU pods, SLURM, Open MPI,
@@ -76,17 +83,26 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
         # CPU cross-process collectives (no effect on TPU/GPU).
         jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
     jax.distributed.initialize(**kwargs)
-    log.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
-             jax.process_count(), jax.local_device_count(), jax.device_count())
+    log.info(
+        "jax.distributed: process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
     return True
 
 
 def initialize_from_config(cfg) -> bool:
     """``initialize`` from a config section with mode, coordinator, num_processes, process_id, local_device_ids."""
     ids = str(cfg.get("local_device_ids", "") or "").strip()
-    return initialize(cfg.get("coordinator", ""), int(cfg.get("num_processes", 0)), int(cfg.get("process_id", -1)),
-                      mode=cfg.get("mode", "auto"),
-                      local_device_ids=[int(x) for x in ids.split(",")] if ids else None)
+    return initialize(
+        cfg.get("coordinator", ""),
+        int(cfg.get("num_processes", 0)),
+        int(cfg.get("process_id", -1)),
+        mode=cfg.get("mode", "auto"),
+        local_device_ids=[int(x) for x in ids.split(",")] if ids else None,
+    )
 
 
 def is_multiprocess() -> bool:
@@ -110,7 +126,7 @@ def allgather_rows(rows: np.ndarray) -> list[np.ndarray]:
         raise ValueError(f"allgather_rows needs a 2-D table, got shape {rows.shape}")
     counts = allgather(np.asarray([rows.shape[0]], np.int32))[:, 0]
     padded = np.zeros((int(counts.max(initial=0)), rows.shape[1]), np.int32)
-    padded[:rows.shape[0]] = rows
+    padded[: rows.shape[0]] = rows
     gathered = allgather(padded)
     return [gathered[p, :n] for p, n in enumerate(counts)]
 

@@ -57,8 +57,7 @@ RULES: Rules = (
 )
 
 
-def mesh_shape(data: int = -1, fsdp: int = 1, tensor: int = 1, *, n_devices: int | None = None
-               ) -> tuple[int, int, int]:
+def mesh_shape(data: int = -1, fsdp: int = 1, tensor: int = 1, *, n_devices: int | None = None) -> tuple[int, int, int]:
     """(data, fsdp, tensor) sizes over ``n_devices`` (default: all devices); one size may be -1 (= the rest)."""
     n = jax.device_count() if n_devices is None else n_devices
     sizes = [int(data), int(fsdp), int(tensor)]
@@ -74,8 +73,9 @@ def mesh_shape(data: int = -1, fsdp: int = 1, tensor: int = 1, *, n_devices: int
     return tuple(sizes)
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *,
-              devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+def make_mesh(
+    data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices: Sequence[jax.Device] | None = None
+) -> jax.sharding.Mesh:
     """A ``data x fsdp x tensor`` mesh (Auto axis types) over ``devices`` (default: every device of every process)."""
     shape = mesh_shape(data, fsdp, tensor, n_devices=None if devices is None else len(devices))
     return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES), devices=devices)
@@ -100,13 +100,26 @@ def mesh_from_config(cfg, *, n_processes: int | None = None) -> jax.sharding.Mes
 
 def logical_sizes(spec: ModelSpec) -> dict[str, int]:
     """Size of every logical dimension of one model (activation names included); batch/length are free."""
-    sizes = {model_lib.VOCAB: spec.vocab_size, model_lib.EMBED: spec.hidden_size, model_lib.NORM: spec.hidden_size,
-             model_lib.Q_HEADS: spec.num_heads, model_lib.KV_HEADS: spec.num_kv_heads,
-             model_lib.HEAD_DIM: spec.head_dim, model_lib.MLP: spec.intermediate_size,
-             model_lib.LAYERS: spec.num_layers}
-    sizes.update({model_lib.ACT_EMBED: spec.hidden_size, model_lib.ACT_Q_HEADS: spec.num_heads,
-                  model_lib.ACT_KV_HEADS: spec.num_kv_heads, model_lib.ACT_HEAD_DIM: spec.head_dim,
-                  model_lib.ACT_MLP: spec.intermediate_size, model_lib.ACT_VOCAB: spec.vocab_size})
+    sizes = {
+        model_lib.VOCAB: spec.vocab_size,
+        model_lib.EMBED: spec.hidden_size,
+        model_lib.NORM: spec.hidden_size,
+        model_lib.Q_HEADS: spec.num_heads,
+        model_lib.KV_HEADS: spec.num_kv_heads,
+        model_lib.HEAD_DIM: spec.head_dim,
+        model_lib.MLP: spec.intermediate_size,
+        model_lib.LAYERS: spec.num_layers,
+    }
+    sizes.update(
+        {
+            model_lib.ACT_EMBED: spec.hidden_size,
+            model_lib.ACT_Q_HEADS: spec.num_heads,
+            model_lib.ACT_KV_HEADS: spec.num_kv_heads,
+            model_lib.ACT_HEAD_DIM: spec.head_dim,
+            model_lib.ACT_MLP: spec.intermediate_size,
+            model_lib.ACT_VOCAB: spec.vocab_size,
+        }
+    )
     return sizes
 
 
@@ -128,8 +141,9 @@ def rules_for(spec: ModelSpec, mesh: jax.sharding.Mesh, rules: Rules = RULES) ->
         axes = _axes(mesh_axes)
         unknown = [a for a in axes if a not in mesh.shape]
         if unknown:
-            raise ValueError(f"rule {logical!r} -> {mesh_axes!r} names axes {unknown} not in the mesh "
-                             f"{mesh.axis_names}")
+            raise ValueError(
+                f"rule {logical!r} -> {mesh_axes!r} names axes {unknown} not in the mesh {mesh.axis_names}"
+            )
         if not axes or logical not in sizes:
             out.append((logical, mesh_axes))
             continue
@@ -163,6 +177,7 @@ def vocab_axes(rules: Rules) -> tuple[str, ...]:
 
 def state_shardings(state, mesh: jax.sharding.Mesh, rules: Rules):
     """NamedShardings of an ``nnx.State`` from each variable's logical axes (``out_sharding`` metadata)."""
+
     def leaf(var):
         return var.replace(jax.NamedSharding(mesh, spec_of(var.get_metadata()["out_sharding"], rules)))
 
@@ -205,7 +220,7 @@ class RowLayout:
     writer: bool  # this process is the first of its share (writes its results)
 
     @classmethod
-    def create(cls, mesh: jax.sharding.Mesh, axes: Sequence[str], process_index: int | None = None) -> "RowLayout":
+    def create(cls, mesh: jax.sharding.Mesh, axes: Sequence[str], process_index: int | None = None) -> RowLayout:
         axes = tuple(axes)
         shards = math.prod(mesh.shape[a] for a in axes)
         sharding = jax.NamedSharding(mesh, jax.P(axes if axes else None))
@@ -217,16 +232,25 @@ class RowLayout:
         for a in groups:
             for b in groups:
                 if a is not b and a & b:
-                    raise ValueError(f"mesh {dict(mesh.shape)}: processes hold overlapping but different row shards "
-                                     f"{sorted(a)} and {sorted(b)}; use a mesh whose row axes follow processes")
+                    raise ValueError(
+                        f"mesh {dict(mesh.shape)}: processes hold overlapping but different row shards "
+                        f"{sorted(a)} and {sorted(b)}; use a mesh whose row axes follow processes"
+                    )
         if len({len(g) for g in groups}) != 1:
             raise ValueError(f"mesh {dict(mesh.shape)}: processes hold unequal numbers of row shards")
         process_share = tuple(groups.index(frozenset(held[p])) for p in sorted(held))
         me = jax.process_index() if process_index is None else process_index
         share = process_share[me]
-        return cls(mesh=mesh, axes=axes, shards=shards, local_shards=tuple(sorted(groups[share])),
-                   share_index=share, share_count=len(groups), process_share=process_share,
-                   writer=process_share.index(share) == me)
+        return cls(
+            mesh=mesh,
+            axes=axes,
+            shards=shards,
+            local_shards=tuple(sorted(groups[share])),
+            share_index=share,
+            share_count=len(groups),
+            process_share=process_share,
+            writer=process_share.index(share) == me,
+        )
 
     @property
     def rows_sharding(self) -> jax.NamedSharding:
@@ -262,6 +286,8 @@ class RowLayout:
         return out
 
     def describe(self) -> str:
-        return (f"mesh {dict(self.mesh.shape)} over {self.mesh.devices.size} devices, rows split "
-                f"{self.shards} ways on {self.axes or '()'}, share {self.share_index}/{self.share_count}"
-                f"{'' if self.writer else ' (replica: not writing)'}")
+        return (
+            f"mesh {dict(self.mesh.shape)} over {self.mesh.devices.size} devices, rows split "
+            f"{self.shards} ways on {self.axes or '()'}, share {self.share_index}/{self.share_count}"
+            f"{'' if self.writer else ' (replica: not writing)'}"
+        )

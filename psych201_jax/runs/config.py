@@ -14,9 +14,16 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = defaults.DEFAULT_MODEL  # converted checkpoint, or an HF dir (converted once into cache_dir)
     # What the model is, for the analysis (set by sweep configs; never parsed from paths).
-    c.model_info = ml_collections.ConfigDict(dict(
-        hf_id="psych201_jax/tiny-qwen3", family="Qwen3", generation="tiny", size_b=0.0003, kind="base",
-        base_hf_id=""))  # kind: base | Instruction-tuned | Reasoning | Vision | Code | Math
+    c.model_info = ml_collections.ConfigDict(
+        dict(
+            hf_id="psych201_jax/tiny-qwen3",
+            family="Qwen3",
+            generation="tiny",
+            size_b=0.0003,
+            kind="base",
+            base_hf_id="",
+        )
+    )  # kind: base | Instruction-tuned | Reasoning | Vision | Code | Math
     c.data = defaults.SAMPLE_DATA  # study folder(s), files, comma list, or hf:<dataset>
     c.out = "out/score-default"
     c.protocol = "reference"  # reference | robust
@@ -48,6 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
     # coordinator/num_processes is given or SLURM/Open MPI/GKE-TPU is detected; on = always (TPU pods:
     # jax finds everything itself); off = never. coordinator "host:port", num_processes, process_id
     # (-1 = detect) and local_device_ids ("0,1"; "" = all) are for clusters jax cannot detect (CPU tests).
-    c.distributed = ml_collections.ConfigDict(dict(mode="auto", coordinator="", num_processes=0, process_id=-1,
-                                                   local_device_ids=""))
+    c.distributed = ml_collections.ConfigDict(
+        dict(mode="auto", coordinator="", num_processes=0, process_id=-1, local_device_ids="")
+    )
     return c

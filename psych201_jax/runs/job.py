@@ -31,18 +31,31 @@ def build_manifest(cfg, model_dir: str, spec, tok: spans.TokenizerInfo, protocol
     with open(os.path.join(model_dir, checkpoint.PROVENANCE)) as fh:
         provenance = json.load(fh)
     determinants = {
-        "model": os.path.abspath(model_dir), "model_sources": provenance.get("sha256"),
-        "tokenizer_sha256": tok.sha256, "data": cfg.data, "protocol": protocol.name,
-        "template": protocol.template, "persona": cfg.persona, "persona_subset": cfg.persona_subset,
-        "persona_seed": cfg.seed if cfg.persona == "shuffled" else None, "token_budget": protocol.token_budget,
-        "max_chars": protocol.max_chars, "dtype": cfg.dtype, "options": cfg.options,
+        "model": os.path.abspath(model_dir),
+        "model_sources": provenance.get("sha256"),
+        "tokenizer_sha256": tok.sha256,
+        "data": cfg.data,
+        "protocol": protocol.name,
+        "template": protocol.template,
+        "persona": cfg.persona,
+        "persona_subset": cfg.persona_subset,
+        "persona_seed": cfg.seed if cfg.persona == "shuffled" else None,
+        "token_budget": protocol.token_budget,
+        "max_chars": protocol.max_chars,
+        "dtype": cfg.dtype,
+        "options": cfg.options,
     }
-    return {"fingerprint": store.fingerprint(determinants), "determinants": determinants,
-            "model": {"dir": os.path.abspath(model_dir), "spec": dataclasses.asdict(spec),
-                      "provenance": provenance},
-            "tokenizer": {"dir": tok.path, "sha256": tok.sha256}, "config": cfg.to_dict(),
-            "code_version": store.code_version(), "jax": jax.__version__,
-            "devices": [str(d) for d in jax.devices()], "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return {
+        "fingerprint": store.fingerprint(determinants),
+        "determinants": determinants,
+        "model": {"dir": os.path.abspath(model_dir), "spec": dataclasses.asdict(spec), "provenance": provenance},
+        "tokenizer": {"dir": tok.path, "sha256": tok.sha256},
+        "config": cfg.to_dict(),
+        "code_version": store.code_version(),
+        "jax": jax.__version__,
+        "devices": [str(d) for d in jax.devices()],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 def summarize(out_dir: str) -> str:
@@ -62,8 +75,10 @@ def summarize(out_dir: str) -> str:
         means.append(mean)
         lines.append(f"{study:<32} {len(values):>9} {mean:>9.3f}")
     score = float(np.nanmean(means)) if means else math.nan
-    lines.append(f"participants: {counts['scored']} scored, {counts['rejected']} rejected; "
-                 f"model score (mean over studies of the mean response NLL): {score:.4f}")
+    lines.append(
+        f"participants: {counts['scored']} scored, {counts['rejected']} rejected; "
+        f"model score (mean over studies of the mean response NLL): {score:.4f}"
+    )
     return "\n".join(lines)
 
 
@@ -109,11 +124,14 @@ def run(cfg) -> stream.Progress:
     model_dir = model_cache.resolve_model(cfg.model, cfg.cache_dir, cfg.dtype)
     mesh, rules = _mesh_and_rules(cfg, model_dir)
     try:
-        model, spec = checkpoint.load_model(model_dir, dtype=cfg.dtype, attention_backend=cfg.attention,
-                                            mesh=mesh, rules=rules)
+        model, spec = checkpoint.load_model(
+            model_dir, dtype=cfg.dtype, attention_backend=cfg.attention, mesh=mesh, rules=rules
+        )
     except Exception as err:  # orbax/tensorstore errors on a damaged checkpoint are long and obscure
-        raise ModelError(f"could not load the converted checkpoint {model_dir} ({type(err).__name__}: "
-                         f"{str(err)[:300]}); if it is a conversion cache, delete it to reconvert") from err
+        raise ModelError(
+            f"could not load the converted checkpoint {model_dir} ({type(err).__name__}: "
+            f"{str(err)[:300]}); if it is a conversion cache, delete it to reconvert"
+        ) from err
     tok = spans.TokenizerInfo(os.path.join(model_dir, checkpoint.TOKENIZER))
     context = spec.max_position_embeddings
     if cfg.persona_reserve >= context:
@@ -123,21 +141,29 @@ def run(cfg) -> stream.Progress:
     robust = condition.protocol == Protocol.ROBUST
     budget = (cfg.max_tokens or context - cfg.persona_reserve) if robust else None
     protocol = spans.Protocol(condition.protocol.value, condition.template.value, token_budget=budget)
-    persona_of = metadata.persona_selector(condition.persona.value, subset_only=condition.persona_subset,
-                                           seed=cfg.seed, records=_records(cfg))
-    study_options = (_collect_options(cfg, tok, protocol, persona_of) if condition.options == OptionsMode.STUDY
-                     else None)
+    persona_of = metadata.persona_selector(
+        condition.persona.value, subset_only=condition.persona_subset, seed=cfg.seed, records=_records(cfg)
+    )
+    study_options = _collect_options(cfg, tok, protocol, persona_of) if condition.options == OptionsMode.STUDY else None
     score_model = scorer.Scorer(model, vocab_chunk=cfg.vocab_chunk, mesh=mesh, rules=rules, options=study_options)
     # Rows are containers of whole participants and may be longer than the context: long rows pack
     # homogeneous studies (e.g. all ~9K-token transcripts) far better than context-length rows.
-    row_lengths = packing.choose_row_lengths(cfg.max_row_length or max(context, cfg.tokens_per_batch),
-                                             cfg.min_row_length)
+    row_lengths = packing.choose_row_lengths(
+        cfg.max_row_length or max(context, cfg.tokens_per_batch), cfg.min_row_length
+    )
     manifest = build_manifest(cfg, model_dir, spec, tok, protocol)
     writer = _open_writer(cfg, manifest, score_model.layout)  # one per process; replicas commit nothing
     already = len(writer.done)
-    logging.info("model %s (%s), %s participants, protocol %s/%s, persona %s, %d already done",
-                 model_dir, spec.model_type, total, protocol.name, protocol.template, condition.persona.value,
-                 already)
+    logging.info(
+        "model %s (%s), %s participants, protocol %s/%s, persona %s, %d already done",
+        model_dir,
+        spec.model_type,
+        total,
+        protocol.name,
+        protocol.template,
+        condition.persona.value,
+        already,
+    )
 
     todo = (r for r in _records(cfg) if input_id(r) not in writer.done)
     todo = distributed.take_share(todo, score_model.layout.share_index, score_model.layout.share_count)
@@ -154,9 +180,16 @@ def run(cfg) -> stream.Progress:
 
     pending: list = []
     try:
-        for item in stream.score_spans(items, score_model, row_lengths=row_lengths,
-                                       tokens_per_batch=cfg.tokens_per_batch, chunk_tokens=cfg.chunk_tokens,
-                                       max_tokens=context, progress=progress, on_chunk=on_chunk):
+        for item in stream.score_spans(
+            items,
+            score_model,
+            row_lengths=row_lengths,
+            tokens_per_batch=cfg.tokens_per_batch,
+            chunk_tokens=cfg.chunk_tokens,
+            max_tokens=context,
+            progress=progress,
+            on_chunk=on_chunk,
+        ):
             pending.append(item)
         writer.commit(pending)
     finally:
@@ -178,8 +211,11 @@ def _collect_options(cfg, tok: spans.TokenizerInfo, protocol: spans.Protocol, pe
     start = time.perf_counter()
     items = spans.tokenize_records(_records(cfg), tok, protocol, persona_of=persona_of)
     study_options = options.collect_options(items)
-    logging.info("options pass (%.1fs): %s", time.perf_counter() - start,
-                 ", ".join(f"{study} {len(ids)}" for study, ids in study_options.items()))
+    logging.info(
+        "options pass (%.1fs): %s",
+        time.perf_counter() - start,
+        ", ".join(f"{study} {len(ids)}" for study, ids in study_options.items()),
+    )
     return study_options
 
 

@@ -13,8 +13,11 @@ from psych201_jax.model import checkpoint
 
 def _dir_key(hf_dir: str, dtype: str) -> str:
     """Cheap identity of an HF directory (file names, sizes, mtimes) for the conversion cache."""
-    listing = [dtype] + [f"{name}:{st.st_size}:{int(st.st_mtime)}"
-                         for name in sorted(os.listdir(hf_dir)) for st in [os.stat(os.path.join(hf_dir, name))]]
+    listing = [dtype] + [
+        f"{name}:{st.st_size}:{int(st.st_mtime)}"
+        for name in sorted(os.listdir(hf_dir))
+        for st in [os.stat(os.path.join(hf_dir, name))]
+    ]
     return hashing.hash_json(listing)[:16]
 
 
@@ -23,8 +26,9 @@ def resolve_model(path: str, cache_dir: str, dtype: str) -> str:
     if os.path.isfile(os.path.join(path, checkpoint.SPEC)):
         return path
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{path!r} is neither a converted checkpoint (model_spec.json) nor an HF "
-                                f"checkpoint directory (config.json)")
+        raise FileNotFoundError(
+            f"{path!r} is neither a converted checkpoint (model_spec.json) nor an HF checkpoint directory (config.json)"
+        )
     cache_dir = os.path.expanduser(cache_dir)
     target = os.path.join(cache_dir, f"{os.path.basename(os.path.normpath(path))}-{_dir_key(path, dtype)}")
     if os.path.isfile(os.path.join(target, checkpoint.PROVENANCE)):

@@ -32,7 +32,7 @@ import numpy as np
 import tensorstore as ts
 
 from psych201_jax import hashing
-from psych201_jax.types import SPAN_COUNTERS, ParticipantResult, Rejected, input_id
+from psych201_jax.types import ParticipantResult, Rejected, input_id
 
 MANIFEST = "manifest.json"
 CHUNKS = "chunks"
@@ -53,10 +53,15 @@ def code_version() -> str:
         ver = "unknown"
     here = os.path.dirname(os.path.abspath(__file__))
     try:
-        commit = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit, dirty = "", ""
     return f"{ver}+{commit}{'.dirty' if dirty else ''}" if commit else ver
@@ -76,8 +81,13 @@ def _atomic_write(path: str, text: str) -> None:
 
 
 def _write_array(path: str, values: np.ndarray, dtype) -> None:
-    store = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": path}}, create=True, dtype=dtype,
-                    shape=[len(values)], chunk_layout=ts.ChunkLayout(chunk_shape=[max(1, len(values))])).result()
+    store = ts.open(
+        {"driver": "zarr", "kvstore": {"driver": "file", "path": path}},
+        create=True,
+        dtype=dtype,
+        shape=[len(values)],
+        chunk_layout=ts.ChunkLayout(chunk_shape=[max(1, len(values))]),
+    ).result()
     if len(values):
         store.write(values).result()
 
@@ -88,21 +98,35 @@ def _read_array(path: str) -> np.ndarray:
 
 RESPONSE_FIELDS = ("nll", "n_tokens")  # one value per response
 TOKEN_FIELDS = ("argmax", "target", "option_argmax")  # one value per scored token (option_argmax optional)
-_DTYPES = {"nll": ts.float64, "n_tokens": ts.int32, "argmax": ts.int32, "target": ts.int32,
-           "option_argmax": ts.int32}
+_DTYPES = {"nll": ts.float64, "n_tokens": ts.int32, "argmax": ts.int32, "target": ts.int32, "option_argmax": ts.int32}
 
 
 def row_of(item: ParticipantResult | Rejected) -> dict:
     """The stored form of one participant: table fields plus per-response / per-token arrays."""
     if isinstance(item, Rejected):
-        return {"study": item.study, "experiment": item.experiment, "participant": item.participant,
-                "status": "rejected", "reason": item.reason, "source": item.source, "line": item.line}
+        return {
+            "study": item.study,
+            "experiment": item.experiment,
+            "participant": item.participant,
+            "status": "rejected",
+            "reason": item.reason,
+            "source": item.source,
+            "line": item.line,
+        }
     s = item.spans
-    row = {"study": s.study, "experiment": s.experiment, "participant": s.participant, "status": "scored",
-           "reason": "; ".join(s.warnings), "source": s.source, "line": s.line}
+    row = {
+        "study": s.study,
+        "experiment": s.experiment,
+        "participant": s.participant,
+        "status": "scored",
+        "reason": "; ".join(s.warnings),
+        "source": s.source,
+        "line": s.line,
+    }
     row.update(s.counters())
-    row.update(tokens=int(len(s.token_ids)), nll=item.nll, n_tokens=item.n_scored, argmax=item.argmax,
-               target=item.target)
+    row.update(
+        tokens=int(len(s.token_ids)), nll=item.nll, n_tokens=item.n_scored, argmax=item.argmax, target=item.target
+    )
     if item.option_argmax is not None:
         row["option_argmax"] = item.option_argmax
     return row
@@ -124,12 +148,15 @@ class ResultsWriter:
             elif old.get("fingerprint") != manifest["fingerprint"]:
                 before, now = old.get("determinants", {}), manifest["determinants"]
                 changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-                raise ResultsError(f"{out_dir} holds results of a different configuration (changed: "
-                                   f"{', '.join(changed) or 'unknown'}); pass a new --config.out or "
-                                   f"--config.fresh=True to overwrite")
+                raise ResultsError(
+                    f"{out_dir} holds results of a different configuration (changed: "
+                    f"{', '.join(changed) or 'unknown'}); pass a new --config.out or "
+                    f"--config.fresh=True to overwrite"
+                )
         elif os.path.isdir(out_dir) and os.listdir(out_dir) and not fresh:
-            raise ResultsError(f"{out_dir} exists, is not empty and is not a results directory; "
-                               f"choose another --config.out")
+            raise ResultsError(
+                f"{out_dir} exists, is not empty and is not a results directory; choose another --config.out"
+            )
         try:
             os.makedirs(chunks, exist_ok=True)
             if process_index == 0:
@@ -155,9 +182,11 @@ class ResultsWriter:
             os.rename(tmp, final)
         except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise ResultsError(f"could not commit results chunk {name} in {self.out_dir} ({err}); the "
-                               f"{len(self.done)} participants committed before are intact — free space "
-                               f"and rerun the same command to resume") from err
+            raise ResultsError(
+                f"could not commit results chunk {name} in {self.out_dir} ({err}); the "
+                f"{len(self.done)} participants committed before are intact — free space "
+                f"and rerun the same command to resume"
+            ) from err
         self.done.update(input_id(item) for item in items)
         self.next_chunk += 1
         return final
@@ -230,8 +259,11 @@ def iter_rows(out_dir: str) -> Iterator[dict]:
     (None for a response with no scored token), ``n_tokens``, ``argmax``, ``target`` (and
     ``option_argmax`` when stored) as lists."""
     for chunk in chunk_dirs(out_dir):
-        names = [n for n in RESPONSE_FIELDS + TOKEN_FIELDS + ("response_offsets", "token_offsets")
-                 if os.path.isdir(os.path.join(chunk, n))]
+        names = [
+            n
+            for n in RESPONSE_FIELDS + TOKEN_FIELDS + ("response_offsets", "token_offsets")
+            if os.path.isdir(os.path.join(chunk, n))
+        ]
         arrays = {name: _read_array(os.path.join(chunk, name)) for name in names}
         r_off, t_off = arrays["response_offsets"], arrays["token_offsets"]
         with open(os.path.join(chunk, "participants.jsonl")) as fh:
@@ -244,7 +276,7 @@ def iter_rows(out_dir: str) -> Iterator[dict]:
                 for field in RESPONSE_FIELDS + TOKEN_FIELDS:
                     if field in arrays:
                         off = r_off if field in RESPONSE_FIELDS else t_off
-                        row[field] = arrays[field][off[k]:off[k + 1]].tolist()
+                        row[field] = arrays[field][off[k] : off[k + 1]].tolist()
                 row["nll"] = [None if math.isnan(x) else x for x in row["nll"]]
                 yield row
 
@@ -268,8 +300,14 @@ def write_complete(out_dir: str, fingerprint_: str, seconds: float) -> dict:
     for row in iter_table(out_dir):
         counts[row["status"]] = counts.get(row["status"], 0) + 1
         tokens += row.get("tokens", 0)
-    summary = {"fingerprint": fingerprint_, "participants": sum(counts.values()), **counts, "tokens": tokens,
-               "seconds": seconds, "tokens_per_s": tokens / seconds if seconds > 0 else 0.0}
+    summary = {
+        "fingerprint": fingerprint_,
+        "participants": sum(counts.values()),
+        **counts,
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+    }
     _atomic_write(os.path.join(out_dir, COMPLETE), json.dumps(summary, indent=2, sort_keys=True))
     return summary
 

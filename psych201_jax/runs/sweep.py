@@ -39,8 +39,11 @@ class Job:
 
     def score_args(self, data: str, overrides: dict) -> list[str]:
         """``launch.score`` flags of this job."""
-        args = [f"--config.model={self.model_path}", f"--config.data={self.condition.get('data') or data}",
-                f"--config.out={self.out}"]
+        args = [
+            f"--config.model={self.model_path}",
+            f"--config.data={self.condition.get('data') or data}",
+            f"--config.out={self.out}",
+        ]
         for key in CONDITION_FIELDS:
             args.append(f"--config.{key}={self.condition[key]}")
         for key in MODEL_FIELDS:
@@ -114,8 +117,10 @@ class SweepProgress:
         ran = self.done + self.failed
         eta = elapsed / ran * remaining if ran else float("nan")
         rate = self.tokens / self.seconds if self.seconds else 0.0
-        return (f"jobs: {self.done} done, {self.failed} failed, {self.skipped} skipped, {remaining} remaining; "
-                f"{rate:.0f} tokens/s; ETA {eta:.0f}s")
+        return (
+            f"jobs: {self.done} done, {self.failed} failed, {self.skipped} skipped, {remaining} remaining; "
+            f"{rate:.0f} tokens/s; ETA {eta:.0f}s"
+        )
 
 
 def run_local(jobs: list[Job], data: str, overrides: dict, *, log_dir: str) -> tuple[SweepProgress, list[dict]]:
@@ -159,23 +164,30 @@ def _last_line(path: str) -> str:
 def emit_commands(jobs: list[Job], data: str, overrides: dict, target: str) -> str:
     """A shell script running every runnable job on a TPU pod slice (all workers) or as a SLURM array."""
     runnable = [j for j in jobs if not j.skip_reason]
-    lines = ["#!/usr/bin/env bash", f"# {len(runnable)} jobs ({len(jobs) - len(runnable)} skipped: unsupported)",
-             "set -u"]
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# {len(runnable)} jobs ({len(jobs) - len(runnable)} skipped: unsupported)",
+        "set -u",
+    ]
     if target == "tpu":
-        lines += ['TPU_NAME=${TPU_NAME:?set TPU_NAME}', 'ZONE=${ZONE:?set ZONE}',
-                  'REPO=${REPO:-~/psych201_jax}']
+        lines += ["TPU_NAME=${TPU_NAME:?set TPU_NAME}", "ZONE=${ZONE:?set ZONE}", "REPO=${REPO:-~/psych201_jax}"]
         for job in runnable:
-            cmd = " ".join(["cd $REPO && .venv/bin/psych201-score",
-                            *map(shlex.quote, job.score_args(data, overrides))])
-            lines.append(f'gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all '
-                         f'--command={shlex.quote(cmd)} || echo "FAILED {job.name}"')
+            cmd = " ".join(["cd $REPO && .venv/bin/psych201-score", *map(shlex.quote, job.score_args(data, overrides))])
+            lines.append(
+                f'gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all '
+                f'--command={shlex.quote(cmd)} || echo "FAILED {job.name}"'
+            )
     elif target == "slurm":
-        lines = ["#!/usr/bin/env bash", f"#SBATCH --array=0-{max(len(runnable) - 1, 0)}",
-                 "#SBATCH --job-name=psych201-sweep", "set -eu", "JOBS=("]
+        lines = [
+            "#!/usr/bin/env bash",
+            f"#SBATCH --array=0-{max(len(runnable) - 1, 0)}",
+            "#SBATCH --job-name=psych201-sweep",
+            "set -eu",
+            "JOBS=(",
+        ]
         for job in runnable:
             lines.append("  " + shlex.quote(" ".join(map(shlex.quote, job.score_args(data, overrides)))))
-        lines += [")", 'eval "set -- ${JOBS[$SLURM_ARRAY_TASK_ID]}"',
-                  'srun .venv/bin/psych201-score "$@"']
+        lines += [")", 'eval "set -- ${JOBS[$SLURM_ARRAY_TASK_ID]}"', 'srun .venv/bin/psych201-score "$@"']
     else:
         raise ValueError(f"unknown emit target {target!r}; expected local, tpu or slurm")
     return "\n".join(lines) + "\n"

@@ -16,8 +16,10 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
-def vocab_scan(h: Float[Array, "c d"], unembedding: Float[Array, "v d"], target: Int[Array, " c"], vocab_chunk: int
-               ) -> tuple[Float[Array, " c"], Float[Array, " c"], Int[Array, " c"], Float[Array, " c"]]:
+
+def vocab_scan(
+    h: Float[Array, "c d"], unembedding: Float[Array, "v d"], target: Int[Array, " c"], vocab_chunk: int
+) -> tuple[Float[Array, " c"], Float[Array, " c"], Int[Array, " c"], Float[Array, " c"]]:
     """Online softmax statistics of ``h @ unembedding.T`` over vocabulary chunks.
 
     h [C, D]; unembedding [V, D] (possibly one shard of the vocabulary); target int [C] indexed into this
@@ -37,8 +39,9 @@ def vocab_scan(h: Float[Array, "c d"], unembedding: Float[Array, "v d"], target:
         first = i * chunk
         start = jnp.minimum(first, v - chunk)
         w = lax.dynamic_slice_in_dim(unembedding, start, chunk, axis=0).astype(h.dtype)
-        logits = jnp.einsum("cd,vd->cv", h, w, preferred_element_type=jnp.float32,
-                            precision=lax.Precision.HIGHEST)  # [C, chunk]
+        logits = jnp.einsum(
+            "cd,vd->cv", h, w, preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST
+        )  # [C, chunk]
         logits = jnp.where(start + columns >= first, logits, -jnp.inf)
         chunk_max = logits.max(axis=1)
         new_max = jnp.maximum(run_max, chunk_max)
@@ -51,15 +54,23 @@ def vocab_scan(h: Float[Array, "c d"], unembedding: Float[Array, "v d"], target:
         return (new_max, run_sum, run_arg, target_logit), None
 
     c = h.shape[0]
-    init = (jnp.full(c, -jnp.inf, jnp.float32), jnp.zeros(c, jnp.float32), jnp.zeros(c, jnp.int32),
-            jnp.zeros(c, jnp.float32))
+    init = (
+        jnp.full(c, -jnp.inf, jnp.float32),
+        jnp.zeros(c, jnp.float32),
+        jnp.zeros(c, jnp.int32),
+        jnp.zeros(c, jnp.float32),
+    )
     out, _ = lax.scan(step, init, jnp.arange(n_chunks))
     return out
 
 
-def option_max(h: Float[Array, "c d"], unembedding: Float[Array, "v d"], option_ids: Int[Array, " k"],
-               option_mask: Bool[Array, "c k"], offset: Int[Array, ""] | int = 0
-               ) -> tuple[Float[Array, " c"], Int[Array, " c"]]:
+def option_max(
+    h: Float[Array, "c d"],
+    unembedding: Float[Array, "v d"],
+    option_ids: Int[Array, " k"],
+    option_mask: Bool[Array, "c k"],
+    offset: Int[Array, ""] | int = 0,
+) -> tuple[Float[Array, " c"], Int[Array, " c"]]:
     """Best logit of each entry among its options that this unembedding holds.
 
     h [C, D]; unembedding [V, D] holding vocabulary ids offset .. offset + V - 1 (a vocabulary shard, or
@@ -71,18 +82,27 @@ def option_max(h: Float[Array, "c d"], unembedding: Float[Array, "v d"], option_
     local = option_ids - offset
     mask = option_mask & ((local >= 0) & (local < v))[None, :]
     w = jnp.take(unembedding, jnp.clip(local, 0, v - 1), axis=0).astype(h.dtype)  # [K, D]
-    logits = jnp.einsum("cd,kd->ck", h, w, preferred_element_type=jnp.float32,
-                        precision=lax.Precision.HIGHEST)  # [C, K]
+    logits = jnp.einsum(
+        "cd,kd->ck", h, w, preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST
+    )  # [C, K]
     logits = jnp.where(mask, logits, -jnp.inf)
     k = jnp.argmax(logits, axis=1)  # first maximal column: the lowest id
     best_id = jnp.where(mask.any(axis=1), option_ids[k], -1).astype(jnp.int32)
     return logits.max(axis=1), best_id
 
 
-def score_head(hidden: Float[Array, "b l d"], unembedding: Float[Array, "v d"], score_index: Int[Array, " c"],
-               score_target: Int[Array, " c"], score_valid: Bool[Array, " c"], score_slot: Int[Array, " c"],
-               *options: Array, vocab_axes: tuple[str, ...], axis_sizes: dict[str, int], vocab_chunk: int
-               ) -> tuple[Array, ...]:
+def score_head(
+    hidden: Float[Array, "b l d"],
+    unembedding: Float[Array, "v d"],
+    score_index: Int[Array, " c"],
+    score_target: Int[Array, " c"],
+    score_valid: Bool[Array, " c"],
+    score_slot: Int[Array, " c"],
+    *options: Array,
+    vocab_axes: tuple[str, ...],
+    axis_sizes: dict[str, int],
+    vocab_chunk: int,
+) -> tuple[Array, ...]:
     """Per-device body of the head on one row shard's hidden states and plan.
 
     Returns float32 response sums [C] (per slot), argmax int32 [C] (-1 for padding entries) and, with

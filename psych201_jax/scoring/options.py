@@ -23,8 +23,7 @@ MAX_OPTIONS = 256  # option ids kept per study
 MIN_OPTION_CAPACITY = 32  # smallest K of a batch's option ids
 
 
-def collect_options(items: Iterable[ParticipantSpans | Rejected], max_options: int = MAX_OPTIONS
-                    ) -> StudyOptions:
+def collect_options(items: Iterable[ParticipantSpans | Rejected], max_options: int = MAX_OPTIONS) -> StudyOptions:
     """Response options per study: the distinct token ids of its single-token responses.
 
     A single-token response has exactly one scored token (position >= 1, as ``packing`` scores them).
@@ -46,8 +45,12 @@ def collect_options(items: Iterable[ParticipantSpans | Rejected], max_options: i
     for name, study in sorted(counts.items()):
         ids = sorted(study, key=lambda t: (-study[t], t))
         if len(ids) > max_options:
-            logging.warning("study %s has %d distinct single-token responses; its options are the %d most "
-                            "frequent", name, len(ids), max_options)
+            logging.warning(
+                "study %s has %d distinct single-token responses; its options are the %d most frequent",
+                name,
+                len(ids),
+                max_options,
+            )
             ids = ids[:max_options]
         out[name] = np.asarray(sorted(ids), np.int32)
     return out
@@ -66,8 +69,9 @@ def option_capacity(n: int) -> int:
     return max(MIN_OPTION_CAPACITY, 1 << max(0, n - 1).bit_length())
 
 
-def option_plan(batch: packing.PackedBatch, options: StudyOptions, k: int | None = None
-                ) -> tuple[np.ndarray, np.ndarray]:
+def option_plan(
+    batch: packing.PackedBatch, options: StudyOptions, k: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The batch's option ids int32 [K] (``batch_options``, padded with 0) and option_mask bool [C, K]: which
     of them are options of each entry's study (none for padding entries). K: ``k`` or the batch's own
     ``option_capacity``."""
@@ -76,11 +80,11 @@ def option_plan(batch: packing.PackedBatch, options: StudyOptions, k: int | None
     if len(union) > k:
         raise ValueError(f"{len(union)} option ids do not fit an option capacity of {k}")
     ids = np.zeros(k, np.int32)
-    ids[:len(union)] = union
+    ids[: len(union)] = union
     studies = sorted({key[0] for key, _ in batch.slot_keys})
     per_study = np.zeros((len(studies) + 1, k), bool)  # the last row: no options (padding entries)
     for i, study in enumerate(studies):
-        per_study[i, :len(union)] = np.isin(union, options.get(study, ()))
+        per_study[i, : len(union)] = np.isin(union, options.get(study, ()))
     slot_study = np.asarray([studies.index(key[0]) for key, _ in batch.slot_keys], np.int64)
     entry_study = np.full(batch.capacity, len(studies))
     valid = batch.score_valid

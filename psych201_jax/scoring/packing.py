@@ -129,8 +129,14 @@ def choose_row_lengths(max_len: int, min_len: int = 2048) -> tuple[int, ...]:
     return tuple(lengths) + (max_len,)
 
 
-def pack(participants: Iterable, row_lengths: Sequence[int], *, tokens_per_batch: int = 65536,
-         capacity: int | None = None, min_capacity: int = 256) -> list[PackedBatch]:
+def pack(
+    participants: Iterable,
+    row_lengths: Sequence[int],
+    *,
+    tokens_per_batch: int = 65536,
+    capacity: int | None = None,
+    min_capacity: int = 256,
+) -> list[PackedBatch]:
     """Pack participants into static-shape batches with their scoring plans.
 
     A batch of row length L has ``max(1, tokens_per_batch // L)`` rows, except the final leftover batch,
@@ -168,8 +174,9 @@ def packing_stats(batches: Sequence[PackedBatch]) -> dict:
     }
 
 
-def unpack(batches: Sequence[PackedBatch], response_nll: Sequence[np.ndarray],
-           argmax: Sequence[np.ndarray]) -> dict[Hashable, ParticipantScores]:
+def unpack(
+    batches: Sequence[PackedBatch], response_nll: Sequence[np.ndarray], argmax: Sequence[np.ndarray]
+) -> dict[Hashable, ParticipantScores]:
     """Per-participant results from per-batch outputs.
 
     ``response_nll[i]``: float [>= len(slot_keys)] slot sums of batch i (e.g. ``response_sums`` with
@@ -180,9 +187,11 @@ def unpack(batches: Sequence[PackedBatch], response_nll: Sequence[np.ndarray],
     for batch in batches:
         for seg in batch.segments:
             if seg.key not in results:
-                results[seg.key] = ParticipantScores(np.zeros(seg.n_responses, np.float64),
-                                                     np.zeros(seg.n_responses, np.int32),
-                                                     np.full(seg.length, -1, np.int32))
+                results[seg.key] = ParticipantScores(
+                    np.zeros(seg.n_responses, np.float64),
+                    np.zeros(seg.n_responses, np.int32),
+                    np.full(seg.length, -1, np.int32),
+                )
     for batch, sums, top in zip(batches, response_nll, argmax, strict=True):
         sums = np.asarray(sums, np.float64)
         top = np.asarray(top)
@@ -192,8 +201,7 @@ def unpack(batches: Sequence[PackedBatch], response_nll: Sequence[np.ndarray],
             results[key].nll[response] += sums[slot]
             results[key].n_scored[response] += counts[slot]
         owner_ids = {}
-        slot_owner = np.array([owner_ids.setdefault(key, len(owner_ids)) for key, _ in batch.slot_keys],
-                              np.int64)
+        slot_owner = np.array([owner_ids.setdefault(key, len(owner_ids)) for key, _ in batch.slot_keys], np.int64)
         entries = np.flatnonzero(valid)
         entry_owner = slot_owner[batch.score_slot[entries]]
         for key, owner in owner_ids.items():
@@ -215,11 +223,15 @@ def _validate(participants: Iterable, max_row: int) -> list[_Item]:
         responses = np.asarray(p.response_index, dtype=np.int32)
         n_responses = int(p.n_responses)
         if tokens.ndim != 1 or responses.shape != tokens.shape:
-            raise ValueError(f"participant {key!r}: token_ids {tokens.shape} and response_index "
-                             f"{responses.shape} must be 1-D of equal length")
+            raise ValueError(
+                f"participant {key!r}: token_ids {tokens.shape} and response_index "
+                f"{responses.shape} must be 1-D of equal length"
+            )
         if len(tokens) > max_row:
-            raise ValueError(f"participant {key!r} has {len(tokens)} tokens, more than the largest row "
-                             f"length {max_row}; truncate it before packing")
+            raise ValueError(
+                f"participant {key!r} has {len(tokens)} tokens, more than the largest row "
+                f"length {max_row}; truncate it before packing"
+            )
         if responses.size and (responses.min() < -1 or responses.max() >= n_responses):
             raise ValueError(f"participant {key!r}: response_index outside [-1, {n_responses})")
         items.append(_Item(key, tokens, responses, n_responses))
@@ -246,14 +258,15 @@ def _rows_per_batch(length: int, tokens_per_batch: int) -> int:
     return max(1, tokens_per_batch // length)
 
 
-def _layout(items: Sequence[_Item], row_lengths: Sequence[int],
-            tokens_per_batch: int) -> list[tuple[int, list[list[_Item]]]]:
+def _layout(
+    items: Sequence[_Item], row_lengths: Sequence[int], tokens_per_batch: int
+) -> list[tuple[int, list[list[_Item]]]]:
     """(row length, rows) per batch: full batches of the largest rows, then the cheapest tail shape."""
     longest = row_lengths[-1]
     per_batch = _rows_per_batch(longest, tokens_per_batch)
     rows = sorted(_best_fit_decreasing(items, longest), key=lambda r: -sum(it.length for it in r))
     n_full = (len(rows) - 1) // per_batch * per_batch  # the least-filled rows always go to the tail
-    layout = [(longest, rows[i:i + per_batch]) for i in range(0, n_full, per_batch)]
+    layout = [(longest, rows[i : i + per_batch]) for i in range(0, n_full, per_batch)]
     tail = sorted((it for row in rows[n_full:] for it in row), key=lambda it: (-it.length, it.key))
     if not tail:
         return layout
@@ -269,7 +282,7 @@ def _layout(items: Sequence[_Item], row_lengths: Sequence[int],
             best = (cost, length, per_batch, tail_rows)
     _, length, per_batch, tail_rows = best
     for i in range(0, len(tail_rows), per_batch):
-        chunk = tail_rows[i:i + per_batch]
+        chunk = tail_rows[i : i + per_batch]
         layout.append((length, chunk + [[] for _ in range(per_batch - len(chunk))]))
     return layout
 
@@ -286,8 +299,9 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def _materialize(rows: Sequence[Sequence[_Item]], length: int, capacity: int | None,
-                 min_capacity: int) -> list[PackedBatch]:
+def _materialize(
+    rows: Sequence[Sequence[_Item]], length: int, capacity: int | None, min_capacity: int
+) -> list[PackedBatch]:
     """Token arrays of one batch, plus one PackedBatch per capacity-sized slice of its plan."""
     shape = (len(rows), length)
     tokens = np.zeros(shape, np.int32)
@@ -314,31 +328,40 @@ def _materialize(rows: Sequence[Sequence[_Item]], length: int, capacity: int | N
             start = end
     index, target, position, owner, response = (
         np.concatenate(a).astype(np.int64) if a else np.zeros(0, np.int64)
-        for a in (index, target, position, owner, response))
+        for a in (index, target, position, owner, response)
+    )
     n = len(index)
     size = capacity if capacity is not None else max(min_capacity, _quarter_octave(n))
-    common = dict(tokens=tokens, segment_ids=segment_ids, positions=positions,
-                  row_keys=tuple(tuple(it.key for it in row) for row in rows), segments=tuple(segments))
+    common = dict(
+        tokens=tokens,
+        segment_ids=segment_ids,
+        positions=positions,
+        row_keys=tuple(tuple(it.key for it in row) for row in rows),
+        segments=tuple(segments),
+    )
     batches = []
     for p, lo in enumerate(range(0, max(n, 1), size)):
         part = slice(lo, lo + size)
         pairs, slot = np.unique(owner[part] * (1 << 32) + response[part], return_inverse=True)
-        batches.append(PackedBatch(
-            score_index=_pad(index[part], size, 0, np.int32),
-            score_target=_pad(target[part], size, 0, np.int32),
-            score_slot=_pad(slot, size, 0, np.int32),
-            score_valid=_pad(np.ones(len(slot), bool), size, False, bool),
-            score_position=_pad(position[part], size, -1, np.int32),
-            slot_keys=tuple((segments[k >> 32].key, int(k & 0xFFFFFFFF)) for k in pairs.tolist()),
-            unscorable=tuple(unscorable) if p == 0 else (),
-            real_tokens=sum(it.length for row in rows for it in row) if p == 0 else 0,
-            overflow_pass=p,
-            **common))
+        batches.append(
+            PackedBatch(
+                score_index=_pad(index[part], size, 0, np.int32),
+                score_target=_pad(target[part], size, 0, np.int32),
+                score_slot=_pad(slot, size, 0, np.int32),
+                score_valid=_pad(np.ones(len(slot), bool), size, False, bool),
+                score_position=_pad(position[part], size, -1, np.int32),
+                slot_keys=tuple((segments[k >> 32].key, int(k & 0xFFFFFFFF)) for k in pairs.tolist()),
+                unscorable=tuple(unscorable) if p == 0 else (),
+                real_tokens=sum(it.length for row in rows for it in row) if p == 0 else 0,
+                overflow_pass=p,
+                **common,
+            )
+        )
     return batches
 
 
 def _pad(values: np.ndarray, size: int, fill, dtype) -> np.ndarray:
     """``values`` followed by ``fill`` up to ``size`` entries."""
     out = np.full(size, fill, dtype)
-    out[:len(values)] = values
+    out[: len(values)] = values
     return out

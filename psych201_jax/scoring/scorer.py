@@ -24,14 +24,21 @@ from psych201_jax.scoring.options import StudyOptions, batch_options, option_cap
 class Scorer:
     """Runs packed batches through a model and the head on a mesh.
 
-    ``mesh``: default the 1 x 1 x 1 mesh on the first local device. The model's parameters are (re)placed on their shardings
-    under ``rules`` (default ``sharding.rules_for(model.spec, mesh)``; restoring with
+    ``mesh``: default the 1 x 1 x 1 mesh on the first local device. The model's parameters are (re)placed on
+    their shardings under ``rules`` (default ``sharding.rules_for(model.spec, mesh)``; restoring with
     ``checkpoint.load_model(mesh=, rules=)`` already puts them there). ``options`` (study -> option ids, see
     ``options.collect_options``): the head also returns the option argmax; None compiles it without.
     """
 
-    def __init__(self, model: nnx.Module, *, vocab_chunk: int = 8192, mesh: jax.sharding.Mesh | None = None,
-                 rules: sharding.Rules | None = None, options: StudyOptions | None = None):
+    def __init__(
+        self,
+        model: nnx.Module,
+        *,
+        vocab_chunk: int = 8192,
+        mesh: jax.sharding.Mesh | None = None,
+        rules: sharding.Rules | None = None,
+        options: StudyOptions | None = None,
+    ):
         graphdef, state = nnx.split(model)
         self.mesh = mesh = sharding.make_mesh(1, 1, 1, devices=jax.local_devices()[:1]) if mesh is None else mesh
         self.options = options
@@ -54,21 +61,29 @@ class Scorer:
 
         def head_step(state, hidden, *plan_arrays):
             unembedding = nnx.merge(graphdef, state).unembedding()
-            local = functools.partial(head.score_head, vocab_axes=vocab_axes, axis_sizes=dict(mesh.shape),
-                                      vocab_chunk=vocab_chunk)
+            local = functools.partial(
+                head.score_head, vocab_axes=vocab_axes, axis_sizes=dict(mesh.shape), vocab_chunk=vocab_chunk
+            )
             # Each row shard scores its own plan on its own rows; the vocabulary stays split over vocab_axes.
             # check_vma=False: the outputs are combined over vocab_axes by hand (psum / pmax / pmin).
             sharded = jax.shard_map(
-                local, mesh=mesh,
+                local,
+                mesh=mesh,
                 in_specs=(jax.P(layout.axes or None, None, None), jax.P(vocab_axes or None, None))
                 + (rows_spec,) * n_plan,
-                out_specs=(rows_spec,) * n_out, check_vma=False)
+                out_specs=(rows_spec,) * n_out,
+                check_vma=False,
+            )
             return sharded(hidden, unembedding, *plan_arrays)
 
-        self._forward = jax.jit(forward, in_shardings=(state_shardings, rows, rows, rows),
-                                out_shardings=layout.hidden_sharding)
-        self._head = jax.jit(head_step, in_shardings=(state_shardings, layout.hidden_sharding) + (plan,) * n_plan,
-                             out_shardings=(plan,) * n_out)
+        self._forward = jax.jit(
+            forward, in_shardings=(state_shardings, rows, rows, rows), out_shardings=layout.hidden_sharding
+        )
+        self._head = jax.jit(
+            head_step,
+            in_shardings=(state_shardings, layout.hidden_sharding) + (plan,) * n_plan,
+            out_shardings=(plan,) * n_out,
+        )
 
     def option_capacity(self, batch: packing.PackedBatch) -> int:
         """K of the batch's option ids (0 without options)."""
@@ -79,11 +94,17 @@ class Scorer:
         (response sums [C], argmax [C][, option argmax [C]])."""
         if self.layout.shards != 1 or distributed.is_multiprocess():
             raise ValueError("Scorer.dispatch runs one batch; use stream.score_spans on a mesh that splits rows")
-        return self.dispatch_step([batch], rows=batch.rows, length=batch.row_length, capacity=batch.capacity,
-                                  options=self.option_capacity(batch))
+        return self.dispatch_step(
+            [batch],
+            rows=batch.rows,
+            length=batch.row_length,
+            capacity=batch.capacity,
+            options=self.option_capacity(batch),
+        )
 
-    def dispatch_step(self, batches: Sequence[packing.PackedBatch | None], *, rows: int, length: int,
-                      capacity: int, options: int = 0) -> tuple[jax.Array, ...]:
+    def dispatch_step(
+        self, batches: Sequence[packing.PackedBatch | None], *, rows: int, length: int, capacity: int, options: int = 0
+    ) -> tuple[jax.Array, ...]:
         """Enqueues one SPMD step (every process calls it with the same rows/length/capacity/options).
 
         ``batches[k]``: this process's sub-batch ``layout.local_shards[k]`` ([rows, length], plan capacity
@@ -114,13 +135,14 @@ class Scorer:
             if b is None:
                 continue
             if (b.rows, b.row_length) != (rows, length) or b.capacity > capacity:
-                raise ValueError(f"sub-batch shape {(b.rows, b.row_length, b.capacity)} does not fit step "
-                                 f"{(rows, length, capacity)}")
+                raise ValueError(
+                    f"sub-batch shape {(b.rows, b.row_length, b.capacity)} does not fit step {(rows, length, capacity)}"
+                )
             r, c = slice(k * rows, (k + 1) * rows), slice(k * capacity, k * capacity + b.capacity)
             tokens[r], positions[r], segment_ids[r] = b.tokens, b.positions, b.segment_ids
             index[c], target[c], slot[c], valid[c] = b.score_index, b.score_target, b.score_slot, b.score_valid
             if self.options is not None:
-                option_ids[k * options:(k + 1) * options], option_mask[c] = option_plan(b, self.options, options)
+                option_ids[k * options : (k + 1) * options], option_mask[c] = option_plan(b, self.options, options)
         plan_host = [index, target, valid, slot] + ([option_ids, option_mask] if self.options is not None else [])
         return self._run([tokens, positions, segment_ids], plan_host)
 

@@ -34,10 +34,17 @@ class Progress:
         return self.tokens / elapsed if elapsed > 0 else 0.0
 
 
-def score_spans(items: Iterable[ParticipantSpans | Rejected], scorer: Scorer, *, row_lengths: tuple[int, ...],
-                tokens_per_batch: int = 131072, chunk_tokens: int = 1 << 22, max_tokens: int | None = None,
-                progress: Progress | None = None,
-                on_chunk: Callable[[Progress], None] | None = None) -> Iterator[ParticipantResult | Rejected]:
+def score_spans(
+    items: Iterable[ParticipantSpans | Rejected],
+    scorer: Scorer,
+    *,
+    row_lengths: tuple[int, ...],
+    tokens_per_batch: int = 131072,
+    chunk_tokens: int = 1 << 22,
+    max_tokens: int | None = None,
+    progress: Progress | None = None,
+    on_chunk: Callable[[Progress], None] | None = None,
+) -> Iterator[ParticipantResult | Rejected]:
     """Scores a stream of participants; rejections pass through, in input order within each chunk.
 
     A participant longer than ``max_tokens`` (the model context; default: the longest row) is rejected.
@@ -52,10 +59,13 @@ def score_spans(items: Iterable[ParticipantSpans | Rejected], scorer: Scorer, *,
     def checked(items):
         for item in items:
             if isinstance(item, ParticipantSpans) and len(item.token_ids) > limit:
-                item = Rejected.of(item, f"{len(item.token_ids)} tokens exceed the limit of {limit} tokens (the model "
-                                f"context or the longest row); the reference protocol cuts by characters only "
-                                f"(use --protocol=robust); a robust budget plus its free prefix (BOS, chat header, "
-                                f"persona) must fit (lower --config.max_tokens or raise --config.persona_reserve)")
+                item = Rejected.of(
+                    item,
+                    f"{len(item.token_ids)} tokens exceed the limit of {limit} tokens (the model "
+                    f"context or the longest row); the reference protocol cuts by characters only "
+                    f"(use --protocol=robust); a robust budget plus its free prefix (BOS, chat header, "
+                    f"persona) must fit (lower --config.max_tokens or raise --config.persona_reserve)",
+                )
             yield item
 
     def run_chunk(chunk, results):
@@ -69,6 +79,7 @@ def score_spans(items: Iterable[ParticipantSpans | Rejected], scorer: Scorer, *,
 
     yield from _rounds(checked(items), scorer, row_lengths, tokens_per_batch, chunk_tokens, progress, run_chunk)
 
+
 def _results(participants: list[ParticipantSpans], batches, sums, tops, option_tops=None) -> dict:
     """Per-participant results from per-batch host outputs (``option_tops``: per-batch option_argmax [C])."""
     unpacked = packing.unpack(batches, sums, tops)
@@ -79,9 +90,14 @@ def _results(participants: list[ParticipantSpans], batches, sums, tops, option_t
         scores = unpacked[p.key]
         positions = np.flatnonzero(scores.argmax >= 0)
         option = options[p.key].argmax[positions] if options is not None else None
-        out[p.key] = ParticipantResult(spans=p, nll=scores.nll, n_scored=scores.n_scored,
-                                       argmax=scores.argmax[positions], target=p.token_ids[positions],
-                                       option_argmax=option)
+        out[p.key] = ParticipantResult(
+            spans=p,
+            nll=scores.nll,
+            n_scored=scores.n_scored,
+            argmax=scores.argmax[positions],
+            target=p.token_ids[positions],
+            option_argmax=option,
+        )
     return out
 
 
@@ -112,7 +128,7 @@ def plan_steps(tables: Sequence[np.ndarray], process_share: Sequence[int], share
         firsts.setdefault(s, p)
     width = np.shape(tables[0])[-1]
     per_share = {s: np.asarray(tables[p]).reshape(-1, width) for s, p in firsts.items()}
-    shapes = sorted({(int(r), int(l)) for t in per_share.values() for r, l in t[:, :2]})
+    shapes = sorted({(int(r), int(n)) for t in per_share.values() for r, n in t[:, :2]})
     steps = []
     for rows, length in shapes:
         order = {}
@@ -121,16 +137,17 @@ def plan_steps(tables: Sequence[np.ndarray], process_share: Sequence[int], share
             order[s] = sorted(mine, key=lambda i: (-int(t[i, 2]), i))
         n_steps = max(-(-len(o) // slots) for o in order.values())
         for j in range(n_steps):
-            members = [per_share[s][i] for s, o in order.items() for i in o[j * slots:(j + 1) * slots]]
+            members = [per_share[s][i] for s, o in order.items() for i in o[j * slots : (j + 1) * slots]]
             capacity = max(int(t[2]) for t in members)
             options = max(int(t[3]) if width > 3 else 0 for t in members)
-            mine = order.get(share, [])[j * slots:(j + 1) * slots]
+            mine = order.get(share, [])[j * slots : (j + 1) * slots]
             steps.append(Step(rows, length, capacity, tuple(mine) + (None,) * (slots - len(mine)), options))
     return steps
 
 
-def _rounds(items: Iterator, scorer: Scorer, row_lengths, tokens_per_batch, chunk_tokens,
-                      progress: Progress, run_chunk) -> Iterator:
+def _rounds(
+    items: Iterator, scorer: Scorer, row_lengths, tokens_per_batch, chunk_tokens, progress: Progress, run_chunk
+) -> Iterator:
     """Lockstep rounds: each process packs its next chunk (possibly empty), all agree on the steps, run them."""
     layout = scorer.layout
     done = False
@@ -146,14 +163,22 @@ def _rounds(items: Iterator, scorer: Scorer, row_lengths, tokens_per_batch, chun
         scored = [p for p in chunk if isinstance(p, ParticipantSpans)]
         batches = packing.pack(scored, row_lengths, tokens_per_batch=tokens_per_batch) if scored else []
         width = 3 if scorer.options is None else 4  # + the option capacity
-        table = np.asarray([(b.rows, b.row_length, b.capacity, scorer.option_capacity(b))[:width] for b in batches],
-                           np.int32).reshape(-1, width)
+        table = np.asarray(
+            [(b.rows, b.row_length, b.capacity, scorer.option_capacity(b))[:width] for b in batches], np.int32
+        ).reshape(-1, width)
         header = distributed.allgather(np.asarray([len(batches), done], np.int32))
         tables = distributed.allgather_rows(table) if header[:, 0].max() > 0 else [table[:0]] * len(header)
         steps = plan_steps(tables, layout.process_share, layout.share_index, len(layout.local_shards))
-        outputs = [scorer.dispatch_step([None if i is None else batches[i] for i in st.slots], rows=st.rows,
-                                        length=st.length, capacity=st.capacity, options=st.options)
-                   for st in steps]
+        outputs = [
+            scorer.dispatch_step(
+                [None if i is None else batches[i] for i in st.slots],
+                rows=st.rows,
+                length=st.length,
+                capacity=st.capacity,
+                options=st.options,
+            )
+            for st in steps
+        ]
         host: list = [None] * len(batches)  # per batch: sums, tops[, option tops]
         for st, out in zip(steps, outputs):
             blocks = [layout.local_blocks(x) for x in out]

@@ -14,9 +14,15 @@ from psych201_jax.scoring.head import option_max, vocab_scan
 
 
 @functools.partial(jax.jit, static_argnames=("vocab_chunk",))
-def masked_logprobs(hidden: jax.Array, unembedding: jax.Array, score_index: jax.Array,
-                    score_target: jax.Array, score_valid: jax.Array, *,
-                    vocab_chunk: int = 8192) -> tuple[jax.Array, jax.Array]:
+def masked_logprobs(
+    hidden: jax.Array,
+    unembedding: jax.Array,
+    score_index: jax.Array,
+    score_target: jax.Array,
+    score_valid: jax.Array,
+    *,
+    vocab_chunk: int = 8192,
+) -> tuple[jax.Array, jax.Array]:
     """NLL and argmax of the next-token distribution at the scored entries.
 
     hidden [B, L, D] final hidden states; unembedding [V, D]; score_index int [C] flat index into
@@ -37,8 +43,14 @@ def masked_logprobs(hidden: jax.Array, unembedding: jax.Array, score_index: jax.
 
 
 @jax.jit
-def masked_option_argmax(hidden: jax.Array, unembedding: jax.Array, score_index: jax.Array,
-                         score_valid: jax.Array, option_ids: jax.Array, option_mask: jax.Array) -> jax.Array:
+def masked_option_argmax(
+    hidden: jax.Array,
+    unembedding: jax.Array,
+    score_index: jax.Array,
+    score_valid: jax.Array,
+    option_ids: jax.Array,
+    option_mask: jax.Array,
+) -> jax.Array:
     """int32 [C]: argmax of the logits restricted to each scored entry's options (lowest id on ties); -1 for
     invalid entries and entries without options.
 
@@ -52,8 +64,7 @@ def masked_option_argmax(hidden: jax.Array, unembedding: jax.Array, score_index:
 
 
 @functools.partial(jax.jit, static_argnames=("num_slots",))
-def response_sums(nll: jax.Array, score_slot: jax.Array, score_valid: jax.Array,
-                  num_slots: int) -> jax.Array:
+def response_sums(nll: jax.Array, score_slot: jax.Array, score_valid: jax.Array, num_slots: int) -> jax.Array:
     """float32 [num_slots]: sum of the valid entries' NLL per response slot (segment_sum in float32).
 
     Pass ``num_slots`` = the plan capacity C to keep one compiled shape per capacity.

@@ -13,21 +13,47 @@ import shutil
 
 FAMILIES = ("llama", "qwen2", "qwen3", "olmo3")
 
-_COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6, tie_word_embeddings=False,
-               rope_theta=10000.0, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+_COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    rope_theta=10000.0,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=None,
+)
 _FAMILY_DEFAULTS = {
-    "llama": dict(rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                    original_max_position_embeddings=128)),
+    "llama": dict(
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=128,
+        )
+    ),
     "qwen2": dict(),
     "qwen3": dict(head_dim=32),
     "olmo3": dict(num_hidden_layers=4, sliding_window=64),
 }
 
 
-def make_tiny_hf_checkpoint(family: str, out_dir: str, tokenizer_dir: str, *, seed: int = 0,
-                            dtype: str = "float32", max_shard_size: str | None = None, logit_scale: float = 3.0,
-                            **overrides) -> str:
+def make_tiny_hf_checkpoint(
+    family: str,
+    out_dir: str,
+    tokenizer_dir: str,
+    *,
+    seed: int = 0,
+    dtype: str = "float32",
+    max_shard_size: str | None = None,
+    logit_scale: float = 3.0,
+    **overrides,
+) -> str:
     """Writes config.json, safetensors weights and the tokenizer files of a tiny ``family`` model to
     ``out_dir`` and returns it. ``overrides`` are HF config fields (e.g. num_key_value_heads, rope_scaling,
     tie_word_embeddings); ``dtype`` is the stored weight dtype; ``max_shard_size`` (e.g. "100KB") writes

@@ -50,13 +50,13 @@ def _special_tokens(flavour: str) -> list[str]:
     if flavour == "qwen":
         return ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
     if flavour == "llama":
-        return ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                "<|eot_id|>"]
+        return ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
     raise ValueError(f"unknown tokenizer flavour {flavour!r}; expected one of {FLAVOURS}")
 
 
-def train_tokenizer_dir(texts: Iterable[str], out_dir: str, *, flavour: str = "qwen",
-                        vocab_size: int = 4096, isolate_close: bool = False) -> str:
+def train_tokenizer_dir(
+    texts: Iterable[str], out_dir: str, *, flavour: str = "qwen", vocab_size: int = 4096, isolate_close: bool = False
+) -> str:
     """Trains a byte-level BPE on ``texts`` and writes an HF tokenizer directory; returns ``out_dir``.
 
     Trained on Psych-201 text, BPE learns merges like ``>>.\n`` that make the reference protocol's
@@ -69,21 +69,31 @@ def train_tokenizer_dir(texts: Iterable[str], out_dir: str, *, flavour: str = "q
     specials = _special_tokens(flavour)
     tok = Tokenizer(models.BPE())
     splits = [pre_tokenizers.Split(Regex(">>"), behavior="isolated")] if isolate_close else []
-    tok.pre_tokenizer = pre_tokenizers.Sequence(splits + [
-        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        splits
+        + [
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     if flavour == "llama":
         bos = "<|begin_of_text|>"
-        tok.post_processor = processors.Sequence([
-            processors.ByteLevel(trim_offsets=False),
-            processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                          special_tokens=[(bos, tok.token_to_id(bos))]),
-        ])
+        tok.post_processor = processors.Sequence(
+            [
+                processors.ByteLevel(trim_offsets=False),
+                processors.TemplateProcessing(
+                    single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+                ),
+            ]
+        )
         kwargs = dict(bos_token=bos, eos_token="<|eot_id|>", chat_template=LLAMA_CHAT_TEMPLATE)
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
@@ -94,8 +104,7 @@ def train_tokenizer_dir(texts: Iterable[str], out_dir: str, *, flavour: str = "q
     return out_dir
 
 
-def sample_texts(data_root: str, studies: Sequence[str], per_study: int = 40,
-                 max_chars: int = 20000) -> list[str]:
+def sample_texts(data_root: str, studies: Sequence[str], per_study: int = 40, max_chars: int = 20000) -> list[str]:
     """First ``per_study`` transcripts (clipped to ``max_chars``) of each study, for tokenizer training."""
     import zipfile
 
@@ -103,8 +112,7 @@ def sample_texts(data_root: str, studies: Sequence[str], per_study: int = 40,
     for study in studies:
         path = os.path.join(data_root, study, "prompts.jsonl.zip")
         with zipfile.ZipFile(path) as zf:
-            member = next(n for n in zf.namelist()
-                          if not n.startswith("__MACOSX") and n.endswith(".jsonl"))
+            member = next(n for n in zf.namelist() if not n.startswith("__MACOSX") and n.endswith(".jsonl"))
             with zf.open(member) as fh:
                 for i, line in enumerate(fh):
                     if i >= per_study:

@@ -15,8 +15,9 @@ def load_hf_model(hf_dir: str, dtype: str = "float32"):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype), trust_remote_code=False,
-                                                 attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(
+        hf_dir, dtype=getattr(torch, dtype), trust_remote_code=False, attn_implementation="eager"
+    )
     return model.eval()
 
 
