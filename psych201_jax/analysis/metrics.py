@@ -28,6 +28,7 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, cast
 
 import numpy as np
 import scipy.stats
@@ -240,7 +241,8 @@ def study_scores(run: Run) -> list[dict]:
         tokens = sum(p.n_tokens for p in ps)
         recorded = all(p.n_option_correct is not None for p in ps)
         option_tokens = sum(p.n_option_tokens or 0 for p in ps) if recorded else 0
-        option = sum(p.n_option_correct for p in ps) / option_tokens if option_tokens else math.nan
+        # ``recorded``: every n_option_correct is an int when option_tokens > 0
+        option = sum(cast(int, p.n_option_correct) for p in ps) / option_tokens if option_tokens else math.nan
         rows.append(
             {
                 "study": study,
@@ -487,9 +489,9 @@ def pair_statistics(post: Run, base: Run, ddofs: Mapping[str, int], n_boot: int,
     domain = reference_pair_d(post_m, base_m, ddofs["domain"], min_studies=1)
     acc = reference_pair_d(accuracy_moments(post), accuracy_moments(base), ddofs["accuracy"])
     matched = match_runs(post, base)
-    studies = []
+    studies: list[dict[str, Any]] = []
     for study, m in matched.items():
-        row = {
+        row: dict[str, Any] = {
             "study": study,
             "n_post": post_m[study].n if study in post_m else 0,
             "n_base": base_m[study].n if study in base_m else 0,
@@ -570,7 +572,7 @@ def parse_categories(rows: Iterable[Mapping[str, str]]) -> Categories:
 
 
 def domain_matrix(
-    per_study_d: Mapping[str, Mapping[str, float]],
+    per_study_d: Mapping[Any, Mapping[str, float]],
     categories: Categories,
     *,
     drop: Sequence[str] = (),
@@ -641,7 +643,7 @@ def persona_statistics(
         min_studies=1,
     )
     matched = match_runs(control, persona, prefix=True, exclude=skip)
-    studies = []
+    studies: list[dict[str, Any]] = []
     groups = []
     for study, m in matched.items():
         benefit = np.array([x.mean() - y.mean() for x, y in zip(m.a, m.b)])

@@ -217,7 +217,9 @@ def load_categories(path: str = CATEGORIES_CSV) -> analysis.Categories:
 
 def dedupe(runs: Sequence[analysis.Run]) -> tuple[list[analysis.Run], list[str]]:
     """Keeps the first run of each (model, condition); returns the kept runs and notes on the others."""
-    kept, seen, notes = [], {}, []
+    kept: list[analysis.Run] = []
+    seen: dict[tuple[str, Condition], str] = {}
+    notes: list[str] = []
     for run in runs:
         key = (run.model, run.condition)
         if key in seen:

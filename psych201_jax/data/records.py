@@ -27,7 +27,7 @@ import os
 import re
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from psych201_jax.data import metadata as meta
 from psych201_jax.types import Record, Rejected
@@ -125,7 +125,8 @@ def _open_raw_lines(path: str) -> Iterator[tuple[str, Iterator[bytes]]]:
         if len(jsonl) != 1:
             raise DataError(f"{path}: expected one jsonl member, found {jsonl or 'none'}")
         with zf.open(jsonl[0]) as fh:
-            yield f"{path}!{jsonl[0]}", io.BufferedReader(fh)
+            # zf.open gives a ZipExtFile (typed IO[bytes]), which BufferedReader accepts at run time
+            yield f"{path}!{jsonl[0]}", io.BufferedReader(fh)  # type: ignore[type-var]
 
 
 def _parse_lines(lines: Iterable[bytes]) -> Iterator[tuple[int, Any, str | None]]:
@@ -174,7 +175,11 @@ def iter_records(
     ``strict_markers=False`` keeps the records the reference scripts score despite imperfect markup
     (see ``marker_error``), for parity of the participant set under the reference protocol.
     """
-    sources = spec if spec and isinstance(spec[0], Source) else resolve_sources(spec)  # type: ignore[index]
+    sources: Sequence[Source]
+    if spec and isinstance(spec[0], Source):
+        sources = cast("Sequence[Source]", spec)
+    else:
+        sources = resolve_sources(cast("str | Sequence[str]", spec))
     seen: dict[tuple[str, str, str], str] = {}
     for source in sources:
         with contextlib.ExitStack() as stack:
@@ -256,7 +261,7 @@ def _to_record(
         )
     hf_layout = source.kind != "raw"
     if hf_layout:
-        study = obj.get("study") if isinstance(obj.get("study"), str) and obj.get("study") else "?"
+        study = cast(str, obj.get("study")) if isinstance(obj.get("study"), str) and obj.get("study") else "?"
     participant_field = "participant_reindexed" if hf_layout and "participant_reindexed" in obj else "participant"
     participant = _id_string(obj.get(participant_field))
     experiment = obj.get("experiment")

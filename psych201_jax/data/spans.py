@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, cast
 
 import numpy as np
 
@@ -89,7 +90,7 @@ class TokenizerInfo:
             raise FileNotFoundError(f"tokenizer directory {path!r} does not exist")
         self.path = path
         self.hf = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-        self.fast = getattr(self.hf, "backend_tokenizer", None) or getattr(self.hf, "_tokenizer", None)
+        self.fast: Any = getattr(self.hf, "backend_tokenizer", None) or getattr(self.hf, "_tokenizer", None)
         if self.fast is None:
             raise ValueError(f"{path}: a fast (tokenizers-backed) tokenizer is required for offsets")
         self.sha256 = hashing.hash_files(path, TOKENIZER_FILES + ("config.json",))
@@ -130,7 +131,7 @@ class TokenizerInfo:
         return kwargs
 
     def render(self, messages: list[dict[str, str]]) -> str:
-        return self.hf.apply_chat_template(messages, **self.template_kwargs())
+        return cast(str, self.hf.apply_chat_template(messages, **self.template_kwargs()))  # tokenize=False: a str
 
     def chat_markers(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The reference's ``build_assistant_markers``: ids opening and closing an assistant turn."""

@@ -57,7 +57,7 @@ def save_params(
     ctx.array.saving.storage_options.chunk_byte_size = chunk_bytes
     with ctx:
         for path, array in items:
-            tree = array
+            tree: np.ndarray | dict = array
             for key in reversed(path):
                 tree = {key: tree}
             ocp.partial.save(params_dir, tree)

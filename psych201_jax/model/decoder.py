@@ -96,7 +96,7 @@ def param_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
 def logical_to_spec(names: Sequence[str | None], rules: Sequence[tuple[str, str | tuple[str, ...] | None]]) -> jax.P:
     """PartitionSpec for logical ``names`` under ``rules`` [(logical, mesh axes or None)]; first match wins,
     a mesh axis is used at most once, unmatched names are replicated."""
-    table: dict[str, list] = {}
+    table: dict[str | None, list] = {}  # a None name matches no rule
     for logical, mesh_axes in rules:
         table.setdefault(logical, []).append(mesh_axes)
     used: set[str] = set()

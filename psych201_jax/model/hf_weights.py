@@ -101,7 +101,8 @@ class SafetensorsReader:
         """One tensor as a fresh numpy array (read with pread, no mmap)."""
         path, dtype, shape, start, end = self._tensors[name]
         buf = np.empty(end - start, np.uint8)
-        view, done = memoryview(buf), 0
+        # ndarray supports the buffer protocol; numpy's stubs declare __buffer__ only for Python >= 3.12
+        view, done = memoryview(buf), 0  # type: ignore[arg-type]
         fd = os.open(path, os.O_RDONLY)
         try:
             while done < len(buf):
@@ -195,6 +196,7 @@ def layer_sources(spec: ModelSpec) -> dict[str, tuple[str, int | None]]:
 
 def _to_ours(x: np.ndarray, shape: tuple[int, ...], n_in: int | None, key: str) -> np.ndarray:
     """HF tensor -> our per-layer shape (a view when possible); checks the HF shape exactly."""
+    expected: tuple[int, ...]
     if n_in is None:
         expected = (math.prod(shape),)
     else:

@@ -92,7 +92,7 @@ def _splash_kernel(
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     if sliding_window is None:
-        head_mask = sa.CausalMask(shape=(t, t))
+        head_mask: sa.Mask = sa.CausalMask(shape=(t, t))
     else:
         head_mask = sa.LocalMask(shape=(t, t), window_size=(sliding_window - 1, 0), offset=0)
     blocks = sa.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv_compute)

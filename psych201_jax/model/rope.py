@@ -31,6 +31,8 @@ def _llama3_inv_freq(rope: RopeSpec, head_dim: int) -> np.ndarray:
     inv_freq = _base_inv_freq(rope.theta, head_dim)
     factor, low, high = np.float32(rope.factor), rope.low_freq_factor, rope.high_freq_factor
     old_context_len = rope.original_max_position_embeddings
+    # required llama3 fields (transformers reads them with [] too)
+    assert low is not None and high is not None and old_context_len is not None
     low_freq_wavelen = old_context_len / low
     high_freq_wavelen = old_context_len / high
     wavelen = np.float32(2 * math.pi) / inv_freq
@@ -45,6 +47,7 @@ def _yarn_inv_freq(rope: RopeSpec, head_dim: int, max_position_embeddings: int) 
     """YaRN: ramp between interpolated and extrapolated frequencies; cos/sin scaled by the attention factor."""
     base, dim = rope.theta, head_dim
     original = rope.original_max_position_embeddings
+    assert original is not None  # required for YaRN (transformers reads it with [] too)
     factor = rope.factor if rope.factor is not None else max_position_embeddings / original
 
     def get_mscale(scale, mscale=1.0):

@@ -195,7 +195,7 @@ def from_hf_config(config: Any) -> ModelSpec:
         rope = tuple((t, shared) for t in sorted(set(layer_types)))
 
     attention_bias = bool(getattr(config, "attention_bias", False))
-    family = dict(
+    family: dict[str, Any] = dict(
         llama=dict(
             qkv_bias=attention_bias,
             o_bias=attention_bias,

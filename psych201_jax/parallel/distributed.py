@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -70,7 +71,7 @@ def initialize(
     explicit = bool(coordinator_address) or num_processes > 1
     if mode == "off" or (mode == "auto" and not explicit and not cluster_detected()):
         return False
-    kwargs = dict(initialization_timeout=initialization_timeout)
+    kwargs: dict[str, Any] = dict(initialization_timeout=initialization_timeout)
     if coordinator_address:
         kwargs["coordinator_address"] = coordinator_address
     if num_processes > 0:

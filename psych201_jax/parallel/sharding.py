@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import jax
 import numpy as np
@@ -70,7 +71,7 @@ def mesh_shape(data: int = -1, fsdp: int = 1, tensor: int = 1, *, n_devices: int
         sizes[sizes.index(-1)] = n // known
     if math.prod(sizes) != n:
         raise ValueError(f"mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices, have {n}")
-    return tuple(sizes)
+    return cast("tuple[int, int, int]", tuple(sizes))
 
 
 def make_mesh(
@@ -227,7 +228,8 @@ class RowLayout:
         held: dict[int, set[int]] = {}
         for device, index in sharding.devices_indices_map((shards,)).items():
             start = index[0].start or 0
-            held.setdefault(device.process_index, set()).add(start)
+            # jax types these keys as `Device = xc.Device`, an alias mypy cannot resolve
+            held.setdefault(device.process_index, set()).add(start)  # type: ignore[attr-defined]
         groups = sorted({frozenset(s) for s in held.values()}, key=min)
         for a in groups:
             for b in groups:

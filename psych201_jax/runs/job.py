@@ -10,6 +10,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
 
 import jax
 import numpy as np
@@ -61,7 +62,7 @@ def build_manifest(cfg, model_dir: str, spec, tok: spans.TokenizerInfo, protocol
 def summarize(out_dir: str) -> str:
     """Short per-study summary of a results directory (response-pooled mean NLL)."""
     per_study = collections.defaultdict(list)
-    counts = collections.Counter()
+    counts: collections.Counter[str] = collections.Counter()
     for row in store.iter_rows(out_dir):
         counts[row["status"]] += 1
         if row["status"] == "scored":
@@ -165,7 +166,7 @@ def run(cfg) -> stream.Progress:
         already,
     )
 
-    todo = (r for r in _records(cfg) if input_id(r) not in writer.done)
+    todo: Iterator = (r for r in _records(cfg) if input_id(r) not in writer.done)
     todo = distributed.take_share(todo, score_model.layout.share_index, score_model.layout.share_count)
     items = spans.tokenize_records(todo, tok, protocol, persona_of=persona_of)
     progress = stream.Progress(participants=already)

@@ -112,7 +112,7 @@ def score_head(
     """
     d = hidden.shape[-1]
     v = unembedding.shape[0]
-    offset = 0
+    offset: Array | int = 0
     for axis in vocab_axes:
         offset = offset * axis_sizes[axis] + lax.axis_index(axis)
     offset = offset * v
@@ -133,7 +133,8 @@ def score_head(
     sums = jax.ops.segment_sum(jnp.where(score_valid, nll, 0.0), score_slot, num_segments=c)
     if not options:
         return sums, top
-    best, best_id = option_max(h, unembedding, *options, offset=offset)
+    # options is (option_ids, option_mask): mypy cannot see that the splat fills exactly those two
+    best, best_id = option_max(h, unembedding, *options, offset=offset)  # type: ignore[misc]
     if vocab_axes:
         none = jnp.iinfo(jnp.int32).max
         mine = jnp.where((best_id >= 0) & (best == lax.pmax(best, vocab_axes)), best_id, none)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Iterable
+from typing import cast
 
 import numpy as np
 from absl import logging
 
 from psych201_jax.scoring import packing
-from psych201_jax.types import ParticipantSpans, Rejected
+from psych201_jax.types import ParticipantKey, ParticipantSpans, Rejected
 
 StudyOptions = dict[str, np.ndarray]  # study -> int32 [n] ascending option ids
 
@@ -59,7 +60,7 @@ def collect_options(items: Iterable[ParticipantSpans | Rejected], max_options: i
 def batch_options(batch: packing.PackedBatch, options: StudyOptions) -> np.ndarray:
     """int32 [n]: ascending union of the options of the studies the batch scores (a participant key is
     (study, experiment, participant), see ``ParticipantSpans.key``)."""
-    studies = {key[0] for key, _ in batch.slot_keys}
+    studies = {cast(ParticipantKey, key)[0] for key, _ in batch.slot_keys}
     ids = [options[s] for s in studies if s in options]
     return np.unique(np.concatenate(ids)).astype(np.int32) if ids else np.zeros(0, np.int32)
 
@@ -81,11 +82,11 @@ def option_plan(
         raise ValueError(f"{len(union)} option ids do not fit an option capacity of {k}")
     ids = np.zeros(k, np.int32)
     ids[: len(union)] = union
-    studies = sorted({key[0] for key, _ in batch.slot_keys})
+    studies = sorted({cast(ParticipantKey, key)[0] for key, _ in batch.slot_keys})
     per_study = np.zeros((len(studies) + 1, k), bool)  # the last row: no options (padding entries)
     for i, study in enumerate(studies):
         per_study[i, : len(union)] = np.isin(union, options.get(study, ()))
-    slot_study = np.asarray([studies.index(key[0]) for key, _ in batch.slot_keys], np.int64)
+    slot_study = np.asarray([studies.index(cast(ParticipantKey, key)[0]) for key, _ in batch.slot_keys], np.int64)
     entry_study = np.full(batch.capacity, len(studies))
     valid = batch.score_valid
     entry_study[valid] = slot_study[batch.score_slot[valid]]

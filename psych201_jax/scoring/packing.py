@@ -200,7 +200,7 @@ def unpack(
         for slot, (key, response) in enumerate(batch.slot_keys):
             results[key].nll[response] += sums[slot]
             results[key].n_scored[response] += counts[slot]
-        owner_ids = {}
+        owner_ids: dict[Hashable, int] = {}
         slot_owner = np.array([owner_ids.setdefault(key, len(owner_ids)) for key, _ in batch.slot_keys], np.int64)
         entries = np.flatnonzero(valid)
         entry_owner = slot_owner[batch.score_slot[entries]]
@@ -280,6 +280,7 @@ def _layout(
         cost = (n_batches * per_batch * length, -length)
         if best is None or cost < best[0]:
             best = (cost, length, per_batch, tail_rows)
+    assert best is not None  # the longest row length always fits the tail
     _, length, per_batch, tail_rows = best
     for i in range(0, len(tail_rows), per_batch):
         chunk = tail_rows[i : i + per_batch]
@@ -307,8 +308,13 @@ def _materialize(
     tokens = np.zeros(shape, np.int32)
     segment_ids = np.zeros(shape, np.int32)
     positions = np.zeros(shape, np.int32)
-    segments, unscorable = [], []
-    index, target, position, owner, response = [], [], [], [], []
+    segments: list[Segment] = []
+    unscorable: list[tuple[Hashable, int]] = []
+    index_parts: list[np.ndarray] = []
+    target_parts: list[np.ndarray] = []
+    position_parts: list[np.ndarray] = []
+    owner_parts: list[np.ndarray] = []
+    response_parts: list[np.ndarray] = []
     for r, row in enumerate(rows):
         start = 0
         for s, item in enumerate(row, start=1):
@@ -319,16 +325,16 @@ def _materialize(
             if item.length and item.responses[0] >= 0:
                 unscorable.append((item.key, int(item.responses[0])))
             t = np.flatnonzero(item.responses[1:] >= 0) + 1
-            index.append(r * length + start + t - 1)
-            target.append(item.tokens[t])
-            position.append(t)
-            owner.append(np.full(len(t), len(segments)))
-            response.append(item.responses[t])
+            index_parts.append(r * length + start + t - 1)
+            target_parts.append(item.tokens[t])
+            position_parts.append(t)
+            owner_parts.append(np.full(len(t), len(segments)))
+            response_parts.append(item.responses[t])
             segments.append(Segment(item.key, r, start, item.length, item.n_responses))
             start = end
     index, target, position, owner, response = (
         np.concatenate(a).astype(np.int64) if a else np.zeros(0, np.int64)
-        for a in (index, target, position, owner, response)
+        for a in (index_parts, target_parts, position_parts, owner_parts, response_parts)
     )
     n = len(index)
     size = capacity if capacity is not None else max(min_capacity, _quarter_octave(n))
@@ -354,7 +360,7 @@ def _materialize(
                 unscorable=tuple(unscorable) if p == 0 else (),
                 real_tokens=sum(it.length for row in rows for it in row) if p == 0 else 0,
                 overflow_pass=p,
-                **common,
+                **common,  # type: ignore[arg-type]
             )
         )
     return batches

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from psych201_jax.model.decoder import Decoder
 from psych201_jax.parallel import distributed, sharding
 from psych201_jax.scoring import head, packing
 from psych201_jax.scoring.options import StudyOptions, batch_options, option_capacity, option_plan
@@ -32,7 +33,7 @@ class Scorer:
 
     def __init__(
         self,
-        model: nnx.Module,
+        model: Decoder,
         *,
         vocab_chunk: int = 8192,
         mesh: jax.sharding.Mesh | None = None,
@@ -157,4 +158,5 @@ class Scorer:
 
     def compilations(self) -> dict[str, int]:
         """Distinct compiled programs so far (forward per (B, L); head per (B, L, C))."""
-        return {"forward": self._forward._cache_size(), "head": self._head._cache_size()}
+        # _cache_size: a private method of jax's jitted functions, absent from their public type
+        return {"forward": self._forward._cache_size(), "head": self._head._cache_size()}  # type: ignore[attr-defined]

@@ -123,7 +123,7 @@ def plan_steps(tables: Sequence[np.ndarray], process_share: Sequence[int], share
     is the largest share's and a step's capacity (and option capacity) the largest among its sub-batches.
     Every process derives the same steps from the same tables.
     """
-    firsts = {}
+    firsts: dict[int, int] = {}  # share -> its first process
     for p, s in enumerate(process_share):
         firsts.setdefault(s, p)
     width = np.shape(tables[0])[-1]

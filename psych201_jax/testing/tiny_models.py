@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+from typing import Any
 
 FAMILIES = ("llama", "qwen2", "qwen3", "olmo3")
 
@@ -27,7 +28,7 @@ _COMMON = dict(
     eos_token_id=None,
     pad_token_id=None,
 )
-_FAMILY_DEFAULTS = {
+_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": dict(
         rope_scaling=dict(
             rope_type="llama3",

@@ -31,7 +31,9 @@ def reference_response_nll(model, token_ids: np.ndarray, response_index: np.ndar
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[0, :-1]
         shifted = labels[0, 1:]
         nll = torch.nn.functional.cross_entropy(logits, shifted, reduction="none")
-        total, item, count = [], 0.0, 0
+        total: list[float | torch.Tensor] = []
+        item: float | torch.Tensor = 0.0
+        count = 0
         for i in range(nll.shape[0]):
             if int(shifted[i].item()) != -100:
                 item = item + nll[i]
