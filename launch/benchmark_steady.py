@@ -15,7 +15,7 @@ import time
 
 from absl import app, flags
 
-from psych201_jax import defaults
+from psych201_jax import console, defaults
 from psych201_jax.data import records, spans
 from psych201_jax.model import checkpoint
 from psych201_jax.scoring import packing, scorer, stream
@@ -39,6 +39,7 @@ STUDIES = (
 
 def main(argv):
     del argv
+    console.quiet_libraries()
     tok = spans.TokenizerInfo(defaults.DEFAULT_TOKENIZER)
     recs = [r for s in STUDIES for r in itertools.islice(records.iter_records(os.path.join(_DATA.value, s)), 6)]
     items = list(spans.tokenize_records(recs, tok, spans.Protocol("robust", token_budget=8000)))

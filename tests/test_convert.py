@@ -157,7 +157,7 @@ def test_config_weight_mismatch_and_extra_tensors_fail(hf_dir, tmp_path):
 
 
 def test_existing_output_is_not_overwritten(hf_dir, converted):
-    with pytest.raises(FileExistsError):
+    with pytest.raises(checkpoint.ConvertError, match="already holds a converted checkpoint"):
         checkpoint.convert(hf_dir, converted, "bfloat16")
 
 

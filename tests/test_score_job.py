@@ -24,7 +24,7 @@ def test_default_job_scores_every_participant_and_resumes(tmp_path):
     out = tmp_path / "res"
     proc = _run("launch.score", f"--config.out={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "model score" in proc.stdout and "15 scored, 0 rejected" in proc.stdout
+    assert "model score" in proc.stdout and "15 scored, 0 unscored, 0 rejected" in proc.stdout
     rows = _export(out, tmp_path / "a.jsonl")
     assert len(rows) == 15 and all(r["status"] == "scored" for r in rows)
     assert all(len(r["nll"]) == r["n_markers"] for r in rows if r["study"] != "xu2023augmenting")

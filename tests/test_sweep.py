@@ -64,7 +64,7 @@ def test_tiny_sweep_end_to_end_with_a_failing_job_and_report(tmp_path):
         "    return c\n"
     )
     proc = _run("launch.sweep", f"--config={config}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stderr[-3000:]  # the broken job failed: the sweep says so
     outcomes = json.loads((tmp_path / "sweep" / "sweep_outcomes.json").read_text())
     status = {o["job"]: o["status"] for o in outcomes}
     assert status.pop("broken--model/plain") == "failed"
@@ -72,7 +72,7 @@ def test_tiny_sweep_end_to_end_with_a_failing_job_and_report(tmp_path):
     assert "1 failed" in proc.stdout
 
     again = _run("launch.sweep", f"--config={config}")
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.returncode == 1, again.stderr[-3000:]
     outcomes = json.loads((tmp_path / "sweep" / "sweep_outcomes.json").read_text())
     assert all(o["detail"] == "already complete" for o in outcomes if o["status"] == "done")
 

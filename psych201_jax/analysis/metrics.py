@@ -77,6 +77,8 @@ class Run:
 
     info: the manifest's ``config.model_info`` (hf_id, family, generation, size_b, kind, base_hf_id).
     participants: scored participants, in row order; n_rejected: rows with status "rejected".
+    complete: the job finished (complete.json); n_done / n_input: participants committed / the job's input
+    participants (None: unknown), so an incomplete run is reported with its counts.
     """
 
     path: str
@@ -84,6 +86,13 @@ class Run:
     condition: Condition
     participants: tuple[Participant, ...]
     n_rejected: int
+    complete: bool = True
+    n_done: int = 0
+    n_input: int | None = None
+
+    def status(self) -> str:
+        total = "?" if self.n_input is None else str(self.n_input)
+        return "complete" if self.complete else f"incomplete ({self.n_done} of {total} participants)"
 
     @property
     def model(self) -> str:

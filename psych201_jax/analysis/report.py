@@ -32,6 +32,7 @@ from absl import logging  # noqa: E402
 from psych201_jax import defaults  # noqa: E402
 from psych201_jax.analysis import metrics as analysis  # noqa: E402
 from psych201_jax.conditions import Condition, ModelInfo  # noqa: E402
+from psych201_jax.errors import UserError  # noqa: E402
 from psych201_jax.runs import store as results
 
 CATEGORIES_CSV = defaults.CATEGORIES_CSV
@@ -52,6 +53,9 @@ COLUMNS = {
         "score_participant",
         "accuracy",
         "option_accuracy",
+        "complete",
+        "n_done",
+        "n_input",
         "path",
     ),
     "study_scores": (
@@ -176,6 +180,14 @@ COLUMNS = {
 # ------------------------------------------------------------------------------------------ inputs
 
 
+class IncompleteRunError(UserError):
+    """A results directory of a job that has not finished."""
+
+
+class NoResultsError(UserError, ValueError):
+    """A path holds no results directory."""
+
+
 def find_results_dirs(paths: Sequence[str]) -> list[str]:
     """Results directories from paths that are results dirs, comma lists, or folders holding them
     (any subfolder with a manifest.json). Raises ValueError when a path yields none."""
@@ -194,7 +206,7 @@ def find_results_dirs(paths: Sequence[str]) -> list[str]:
                     inside.append(os.path.abspath(root))
                     dirs.clear()
             if not inside:
-                raise ValueError(f"{path}: no results directory (manifest.json) found")
+                raise NoResultsError(f"{path}: no results directory (manifest.json) found")
             found.extend(inside)
     return list(dict.fromkeys(found))
 
@@ -206,7 +218,9 @@ def load_run(path: str) -> analysis.Run:
         logging.warning(
             "%s: manifest has no config.model_info; the model is labelled by its path and left out of pairs", path
         )
-    return analysis.run_from_rows(manifest, results.iter_rows(path), path)
+    status = results.read_status(path)
+    run = analysis.run_from_rows(manifest, results.iter_rows(path), path)
+    return dataclasses.replace(run, complete=status.complete, n_done=status.n_done, n_input=status.n_input)
 
 
 def load_categories(path: str = CATEGORIES_CSV) -> analysis.Categories:
@@ -216,17 +230,19 @@ def load_categories(path: str = CATEGORIES_CSV) -> analysis.Categories:
 
 
 def dedupe(runs: Sequence[analysis.Run]) -> tuple[list[analysis.Run], list[str]]:
-    """Keeps the first run of each (model, condition); returns the kept runs and notes on the others."""
-    kept: list[analysis.Run] = []
-    seen: dict[tuple[str, Condition], str] = {}
-    notes: list[str] = []
+    """One run per (model, condition): a complete run wins over an incomplete one, else the first; returns
+    the kept runs (in input order) and notes on the others."""
+    best: dict[tuple[str, Condition], analysis.Run] = {}
     for run in runs:
         key = (run.model, run.condition)
-        if key in seen:
-            notes.append(f"{run.path}: same model and condition as {seen[key]}; ignored")
-            continue
-        seen[key] = run.path
-        kept.append(run)
+        if key not in best or (run.complete and not best[key].complete):
+            best[key] = run
+    kept = [r for r in runs if best[(r.model, r.condition)] is r]
+    notes = [
+        f"{r.path}: same model and condition as {best[(r.model, r.condition)].path} ({r.status()}); ignored"
+        for r in runs
+        if best[(r.model, r.condition)] is not r
+    ]
     return kept, notes
 
 
@@ -286,7 +302,8 @@ def build_tables(
         studies = analysis.study_scores(run)
         score = scores[(run.model, run.condition)] = analysis.model_score(studies)
         head = {"model": run.model, **_info_cols(run), **_condition_cols(run.condition)}
-        rows["model_scores"].append({**head, **score, "n_rejected": run.n_rejected, "path": run.path})
+        status = {"complete": run.complete, "n_done": run.n_done, "n_input": run.n_input}
+        rows["model_scores"].append({**head, **score, "n_rejected": run.n_rejected, **status, "path": run.path})
         rows["study_scores"] += [
             {"model": run.model, "kind": run.kind, **_condition_cols(run.condition), **s} for s in studies
         ]
@@ -693,6 +710,21 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _incomplete_note(model_scores: Sequence[dict]) -> list[str]:
+    """report.md's warning about incomplete runs (included with --allow_incomplete), with their counts."""
+    rows = [r for r in model_scores if not r["complete"]]
+    if not rows:
+        return []
+    lines = [
+        f"**Warning: {len(rows)} incomplete run(s)** (included with --allow_incomplete; their scores cover only the "
+        "participants committed so far):\n"
+    ]
+    for r in rows:
+        total = "?" if r["n_input"] is None else r["n_input"]
+        lines.append(f"- {r['model']} ({r['path']}): incomplete, {r['n_done']} of {total} participants")
+    return [*lines, ""]
+
+
 def render_report(
     t: Tables, figures: dict[str, str | None], ddof_mode: str, n_boot: int, seed: int, n_inputs: int
 ) -> str:
@@ -703,6 +735,7 @@ def render_report(
         "# Psych-201 analysis report\n",
         f"{n_inputs} results directories, {len(t.rows['model_scores'])} runs analysed. "
         f"Figures show the primary condition ({primary}); the CSV tables beside this file cover every condition.\n",
+        *_incomplete_note(t.rows["model_scores"]),
         "## Conventions\n",
         f"- ddof mode `{ddof_mode}`: pairs and generations ddof={ddofs['pair']}, domains ddof={ddofs['domain']}, "
         f"persona ddof={ddofs['persona']}, accuracy ddof={ddofs['accuracy']}.",
@@ -858,13 +891,26 @@ def generate(
     n_boot: int = 2000,
     seed: int = 0,
     categories_csv: str = CATEGORIES_CSV,
+    allow_incomplete: bool = False,
 ) -> dict[str, str | None]:
     """Loads the results dirs under ``paths``, writes every CSV, figure and report.md into
-    ``out_dir``; returns the figure notes (None = written)."""
+    ``out_dir``; returns the figure notes (None = written).
+
+    An incomplete run (killed, or still running) is refused unless ``allow_incomplete``, and then marked as
+    incomplete with its counts on the console, in report.md and in model_scores.csv; a complete run of the
+    same model and condition always wins over it.
+    """
     dirs = find_results_dirs(paths)
     runs = []
     for d in dirs:
         run = load_run(d)
+        if not run.complete:
+            if not allow_incomplete:
+                raise IncompleteRunError(
+                    f"{d}: {run.status()}; finish it by rerunning its job, or pass --allow_incomplete to include "
+                    f"it marked as incomplete"
+                )
+            logging.warning("%s: %s, included (--allow_incomplete)", d, run.status())
         logging.info(
             "%s: %s (%s), %d participants scored, %d rejected",
             d,

@@ -12,11 +12,11 @@ accuracy) and the PNG figures (see ``psych201_jax.analysis.report``).
 
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from psych201_jax import console
 from psych201_jax.analysis import metrics as analysis
 from psych201_jax.analysis import report
+from psych201_jax.cli import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("results", None, "Results dir(s), comma lists, or folders holding results dirs.")
@@ -31,14 +31,20 @@ flags.DEFINE_enum(
 flags.DEFINE_integer("bootstrap", 2000, "Bootstrap replicates for the confidence intervals.")
 flags.DEFINE_integer("seed", 0, "Seed of the bootstrap.")
 flags.DEFINE_string("categories", report.CATEGORIES_CSV, "Study category CSV (experiment + 0/1 columns).")
+flags.DEFINE_bool("allow_incomplete", False, "Include incomplete (killed or running) results, marked as such.")
 flags.mark_flags_as_required(["results", "out"])
 
 
 def main(argv):
-    console.quiet_libraries()
     paths = list(FLAGS.results) + list(argv[1:])
     figures = report.generate(
-        paths, FLAGS.out, ddof_mode=FLAGS.ddof, n_boot=FLAGS.bootstrap, seed=FLAGS.seed, categories_csv=FLAGS.categories
+        paths,
+        FLAGS.out,
+        ddof_mode=FLAGS.ddof,
+        n_boot=FLAGS.bootstrap,
+        seed=FLAGS.seed,
+        categories_csv=FLAGS.categories,
+        allow_incomplete=FLAGS.allow_incomplete,
     )
     for name, note in figures.items():
         if note is None:
@@ -50,7 +56,7 @@ def main(argv):
 
 def run() -> None:
     """Console-script entry point."""
-    app.run(main)
+    common.run(main)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@ rejected participant with its reason in a second CSV.
 import os
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from psych201_jax import console, defaults
+from psych201_jax import defaults
+from psych201_jax.cli import common
 from psych201_jax.data import audit, metadata, records, spans
 
 FLAGS = flags.FLAGS
@@ -41,7 +42,6 @@ def resolve_tokenizer_dir(path: str) -> str:
 
 
 def main(argv):
-    console.quiet_libraries()
     del argv
     tok_dir = resolve_tokenizer_dir(FLAGS.tokenizer)
     tok = spans.TokenizerInfo(tok_dir)
@@ -89,7 +89,7 @@ def main(argv):
 
 def run() -> None:
     """Console-script entry point."""
-    app.run(main)
+    common.run(main)
 
 
 if __name__ == "__main__":

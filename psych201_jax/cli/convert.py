@@ -7,9 +7,9 @@ and configs that need remote code. Writes <out>/params (orbax), model_spec.json,
 provenance.json.
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from psych201_jax import console
+from psych201_jax.cli import common
 from psych201_jax.model import checkpoint
 from psych201_jax.model import hf_weights as weights
 
@@ -20,7 +20,6 @@ ALLOW_PICKLE = flags.DEFINE_bool("allow_pickle", False, "Allow pickle .bin weigh
 
 
 def main(argv):
-    console.quiet_libraries()
     del argv
     spec = checkpoint.convert(HF.value, OUT.value, DTYPE.value, allow_pickle=ALLOW_PICKLE.value)
     logging.info("converted %s (%s, %d layers) to %s", HF.value, spec.model_type, spec.num_layers, OUT.value)
@@ -28,7 +27,7 @@ def main(argv):
 
 def run() -> None:
     """Console-script entry point."""
-    app.run(main)
+    common.run(main)
 
 
 if __name__ == "__main__":

@@ -2,50 +2,67 @@ r"""Export a results directory as one JSON line per input participant.
 
   psych201-export --results=DIR --out=FILE.jsonl
 
-Each line: {"study", "experiment", "participant", "nll": [...], "n_markers", "status": "scored"|"rejected",
-"reason"}. ``nll`` holds the summed NLL of each scored response in text order (null for a response with
-no scorable token); ``n_markers`` is the number of ``<<`` responses in the participant's text.
+Each line: {"study", "experiment", "participant", "nll": [...], "n_markers", "status", "reason", and the
+span counters responses_text, responses_scored, lost_truncation, missed, runaway, merged, straddle}.
+``nll`` holds the summed NLL of each scored response in text order (null for a response with no scorable
+token); ``n_markers`` is the number of ``<<`` responses in the text. ``status``: ``scored``, ``unscored``
+(nothing of it could be scored, e.g. every response beyond the character cut) or ``rejected``; ``reason``
+counts every lost response and labelling problem. An incomplete run is refused unless --allow_incomplete.
 """
 
 import json
 
-from absl import app, flags
+from absl import flags, logging
 
-from psych201_jax import console
+from psych201_jax.cli import common
 from psych201_jax.runs import store as results
+from psych201_jax.types import SPAN_COUNTERS
 
 _RESULTS = flags.DEFINE_string("results", None, "Results directory written by launch.score.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Output .jsonl file.", required=True)
+_ALLOW_INCOMPLETE = flags.DEFINE_bool("allow_incomplete", False, "Export an incomplete (killed or running) run.")
 
 
 def export_rows(results_dir: str):
+    """One dict per committed participant (see the module docstring)."""
+    protocol = results.read_manifest(results_dir).get("determinants", {}).get("protocol", "reference")
     for row in results.iter_rows(results_dir):
-        yield {
+        status, reason = results.outcome(row, protocol)
+        out = {
             "study": row["study"],
             "experiment": row["experiment"],
             "participant": row["participant"],
             "nll": row.get("nll", []),
             "n_markers": row.get("responses_text"),
-            "status": row["status"],
-            "reason": row.get("reason", ""),
+            "status": status,
+            "reason": reason,
         }
+        out.update({name: row[name] for name in SPAN_COUNTERS if name in row})
+        yield out
 
 
 def main(argv):
-    console.quiet_libraries()
     del argv
-    results.read_manifest(_RESULTS.value)  # fails clearly on a directory that is not a results dir
+    status = results.read_status(_RESULTS.value)  # fails clearly on a directory that is not a results dir
+    if not status.complete:
+        message = f"{_RESULTS.value}: {status.describe()}"
+        if not _ALLOW_INCOMPLETE.value:
+            raise results.ResultsError(
+                f"{message}; finish it by rerunning its job, or pass --allow_incomplete to export what is there"
+            )
+        logging.warning("%s; exporting it (--allow_incomplete)", message)
     n = 0
     with open(_OUT.value, "w") as fh:
         for row in export_rows(_RESULTS.value):
             fh.write(json.dumps(row) + "\n")
             n += 1
-    print(f"wrote {n} participants to {_OUT.value}")
+    note = "" if status.complete else f" (incomplete run: {status.n_done} of {status.n_input or '?'} participants)"
+    print(f"wrote {n} participants to {_OUT.value}{note}")
 
 
 def run() -> None:
     """Console-script entry point."""
-    app.run(main)
+    common.run(main)
 
 
 if __name__ == "__main__":

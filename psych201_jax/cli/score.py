@@ -11,23 +11,16 @@ restart with the same configuration resumes where it stopped.
 """
 
 import time
+from typing import Any
 
-from absl import app
-from ml_collections import config_flags
-
-from psych201_jax import console
+from psych201_jax.cli import common
 from psych201_jax.runs import config, job
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config",
-    config.__file__,
-    "Scoring configuration (default: the embedded default; configs/score.py is the same file for a checkout).",
-)
+_CONFIG: Any = None  # defined in run(): its overrides are parsed when it is defined
 
 
 def main(argv):
     del argv
-    console.quiet_libraries()
     cfg = _CONFIG.value
     progress = job.run(cfg)
     print(job.summarize(cfg.out))
@@ -36,7 +29,13 @@ def main(argv):
 
 def run() -> None:
     """Console-script entry point."""
-    app.run(main)
+    global _CONFIG
+    _CONFIG = common.define_config(
+        "config",
+        config.__file__,
+        "Scoring configuration (default: the embedded default; configs/score.py is the same file for a checkout).",
+    )
+    common.run(main)
 
 
 if __name__ == "__main__":

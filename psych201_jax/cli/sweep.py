@@ -10,20 +10,20 @@ tpu / slurm: writes ``<out_root>/sweep_<emit>.sh`` with one command per job (all
 """
 
 import os
+import sys
+from typing import Any
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from psych201_jax import console
+from psych201_jax.cli import common
 from psych201_jax.runs import sweep
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep configuration (configs/sweeps/*.py).")
+_CONFIG: Any = None  # defined in run(): its overrides are parsed when it is defined
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "List the jobs only.")
 _EMIT = flags.DEFINE_enum("emit", "local", ["local", "tpu", "slurm"], "Run locally or write job commands.")
 
 
 def main(argv):
-    console.quiet_libraries()
     del argv
     cfg = _CONFIG.value
     if cfg is None:
@@ -37,6 +37,11 @@ def main(argv):
                 ("skip: " + job.skip_reason) if job.skip_reason else ("complete" if sweep.is_complete(job) else "todo")
             )
             print(f"  {job.name:<70} {state}")
+        wrong = sweep.problems(jobs, cfg.data)
+        for line in wrong:
+            print(f"  problem: {line}")
+        if wrong:
+            raise sweep.SweepError(f"{len(wrong)} problem(s) in sweep {cfg.name} (listed above)")
         return
     os.makedirs(cfg.out_root, exist_ok=True)
     if _EMIT.value != "local":
@@ -52,11 +57,15 @@ def main(argv):
         if outcome["status"] != "done":
             print(f"  {outcome['status']}: {outcome['job']}: {outcome['detail']}")
     logging.info("outcomes in %s", os.path.join(cfg.out_root, "sweep_outcomes.json"))
+    if progress.failed:
+        sys.exit(1)
 
 
 def run() -> None:
     """Console-script entry point."""
-    app.run(main)
+    global _CONFIG
+    _CONFIG = common.define_config("config", None, "Sweep configuration (configs/sweeps/*.py).")
+    common.run(main)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ participant); a repeat of that triple is rejected as a duplicate. In the HF layo
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import dataclasses
 import io
@@ -26,10 +27,13 @@ import json
 import os
 import re
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, cast
 
+from psych201_jax import hashing
 from psych201_jax.data import metadata as meta
+from psych201_jax.errors import UserError
 from psych201_jax.types import Record, Rejected
 
 RAW_NAMES = ("prompts.jsonl", "prompts.jsonl.zip")
@@ -44,7 +48,7 @@ class Source:
     study: str | None = None  # raw files only
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The data argument names nothing readable."""
 
 
@@ -95,7 +99,10 @@ def _sources_in_dir(root: str) -> list[Source]:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "__MACOSX")))
         raw = [n for n in RAW_NAMES if n in filenames]
-        if raw:  # prefer the unzipped file when both exist
+        if len(raw) > 1:
+            both = " and ".join(os.path.join(dirpath, n) for n in raw)
+            raise DataError(f"study folder {dirpath} holds both {both}; keep one of them")
+        if raw:
             out.append(Source("raw", os.path.join(dirpath, raw[0]), os.path.basename(dirpath)))
             continue
         for name in sorted(filenames):
@@ -113,7 +120,7 @@ def _open_raw_lines(path: str) -> Iterator[tuple[str, Iterator[bytes]]]:
     """(display name, line iterator) of a jsonl file, closed on exit; zips may name their member anything."""
     if not path.endswith(".zip"):
         with open(path, "rb") as fh:
-            yield path, fh
+            yield path, _decoded_lines(fh)
         return
     with zipfile.ZipFile(path) as zf:
         members = [
@@ -126,17 +133,38 @@ def _open_raw_lines(path: str) -> Iterator[tuple[str, Iterator[bytes]]]:
             raise DataError(f"{path}: expected one jsonl member, found {jsonl or 'none'}")
         with zf.open(jsonl[0]) as fh:
             # zf.open gives a ZipExtFile (typed IO[bytes]), which BufferedReader accepts at run time
-            yield f"{path}!{jsonl[0]}", io.BufferedReader(fh)  # type: ignore[type-var]
+            yield f"{path}!{jsonl[0]}", _decoded_lines(io.BufferedReader(fh))  # type: ignore[arg-type]
 
 
-def _parse_lines(lines: Iterable[bytes]) -> Iterator[tuple[int, Any, str | None]]:
-    """(line, parsed object or None, parse error) for each non-blank line."""
+def _decoded_lines(fh: io.BufferedReader) -> Iterator[bytes]:
+    """UTF-8 lines of a jsonl file: a UTF-16 file (with its BOM) is decoded, a UTF-8 BOM dropped."""
+    head = fh.peek(4)[:4]
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        for text in io.TextIOWrapper(fh, encoding="utf-16", newline=""):
+            yield text.encode("utf-8", "surrogatepass")
+        return
+    first = True
+    for line in fh:
+        if first and line.startswith(codecs.BOM_UTF8):
+            line = line[len(codecs.BOM_UTF8) :]
+        first = False
+        yield line
+
+
+def _parse_lines(lines: Iterable[bytes], max_line_bytes: int | None = None) -> Iterator[tuple[int, Any, str | None]]:
+    """(line, parsed object or None, parse error) for each non-blank line; a line longer than
+    ``max_line_bytes`` is an error without being parsed."""
     for number, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
+        if max_line_bytes is not None and len(raw) > max_line_bytes:
+            yield number, None, f"line of {len(raw):,} bytes exceeds the line limit of {max_line_bytes:,} bytes"
+            continue
         try:
             yield number, json.loads(raw), None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        except RecursionError:
+            yield number, None, "malformed JSON: nested too deeply"
+        except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError, or an integer of > 4,300 digits
             yield number, None, f"malformed JSON: {err}"
 
 
@@ -168,12 +196,14 @@ def _dataset_rows(name: str) -> Iterator[tuple[int, Any, str | None]]:
 
 
 def iter_records(
-    spec: str | Sequence[str] | Sequence[Source], *, strict_markers: bool = True
+    spec: str | Sequence[str] | Sequence[Source], *, strict_markers: bool = True, max_line_bytes: int | None = None
 ) -> Iterator[Record | Rejected]:
     """Streams every participant of every source as a ``Record`` or a ``Rejected``.
 
     ``strict_markers=False`` keeps the records the reference scripts score despite imperfect markup
-    (see ``marker_error``), for parity of the participant set under the reference protocol.
+    (see ``marker_error``), for parity of the participant set under the reference protocol. A jsonl line
+    longer than ``max_line_bytes`` is rejected unparsed. A file that holds no record is reported as one
+    rejection (line 0). A read error of a file (a damaged zip stream) is a ``DataError`` naming it.
     """
     sources: Sequence[Source]
     if spec and isinstance(spec[0], Source):
@@ -185,30 +215,58 @@ def iter_records(
         with contextlib.ExitStack() as stack:
             if source.kind in ("raw", "hf_jsonl"):
                 display, lines = stack.enter_context(_open_raw_lines(source.path))
-                rows: Iterable = _parse_lines(lines)
+                rows: Iterable = _parse_lines(lines, max_line_bytes)
             elif source.kind == "hf_parquet":
                 display, rows = source.path, _parquet_rows(source.path)
             elif source.kind == "hf_dataset":
                 display, rows = f"hf:{source.path}", _dataset_rows(source.path)
             else:
                 raise DataError(f"unknown source kind {source.kind!r}")
-            for number, obj, error in rows:
-                item = _to_record(source, display, number, obj, error, strict_markers)
-                if "?" not in item.key:  # a rejected line counts too: a later repeat of its id is a duplicate
-                    first = seen.get(item.key)
-                    if first is not None and isinstance(item, Record):
-                        item = Rejected(
-                            study=item.study,
-                            experiment=item.experiment,
-                            participant=item.participant,
-                            source=display,
-                            line=number,
-                            reason=f"duplicate participant id in experiment {item.experiment!r} "
-                            f"(first seen at {first})",
-                        )
-                    elif first is None:
-                        seen[item.key] = f"{display} line {number}"
-                yield item
+            number = 0
+            try:
+                for number, obj, error in rows:
+                    item = _to_record(source, display, number, obj, error, strict_markers)
+                    yield _check_duplicate(item, seen, display, number)
+            except (OSError, EOFError, zlib.error, zipfile.BadZipFile) as err:
+                raise DataError(f"{display}: unreadable after line {number} ({type(err).__name__}: {err})") from None
+            if number == 0:
+                yield Rejected(
+                    study=source.study or "?",
+                    experiment="?",
+                    participant="?",
+                    source=display,
+                    line=0,
+                    reason="the file holds no records",
+                )
+
+
+def _check_duplicate(item: Record | Rejected, seen: dict, display: str, number: int) -> Record | Rejected:
+    """A repeat of a (study, experiment, participant) already seen becomes a rejection. A rejected line
+    counts too (a later repeat of its id is a duplicate), unless its id could not be read at all."""
+    if isinstance(item, Rejected) and "?" in item.key:
+        return item
+    first = seen.get(item.key)
+    if first is None:
+        seen[item.key] = f"{display} line {number}"
+        return item
+    if isinstance(item, Record):
+        return Rejected.of(item, f"duplicate participant id in experiment {item.experiment!r} (first seen at {first})")
+    return item
+
+
+def source_fingerprints(spec: str | Sequence[str]) -> dict[str, str]:
+    """Source path -> ``size:sha256`` of what a job reads (an ``hf:`` dataset: its name), so that a changed
+    input at the same path never resumes stale results."""
+    out = {}
+    for source in resolve_sources(spec):
+        if source.kind == "hf_dataset":
+            out[f"hf:{source.path}"] = "streamed dataset (not hashed)"
+            continue
+        try:
+            out[source.path] = f"{os.path.getsize(source.path)}:{hashing.hash_file(source.path)}"
+        except OSError as err:
+            raise DataError(f"{source.path}: unreadable ({err})") from None
+    return out
 
 
 def count_participants(spec: str | Sequence[str]) -> int | None:
@@ -224,8 +282,8 @@ def count_participants(spec: str | Sequence[str]) -> int | None:
                 total += pq.ParquetFile(source.path).metadata.num_rows
                 continue
             with _open_raw_lines(source.path) as (_, lines):
-                total += sum(1 for line in lines if line.strip())
-        except (OSError, zipfile.BadZipFile, ValueError) as err:
+                total += max(1, sum(1 for line in lines if line.strip()))  # an empty file is one reported row
+        except (OSError, EOFError, zlib.error, zipfile.BadZipFile, ValueError) as err:
             raise DataError(f"{source.path}: unreadable ({type(err).__name__}: {err})") from err
     return total
 

@@ -16,10 +16,14 @@ materialises a model that does not fit it.
 from __future__ import annotations
 
 import datetime
+import fcntl
+import glob
 import json
 import os
 import shutil
+import threading
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +32,7 @@ from flax import nnx
 
 from psych201_jax import hashing
 from psych201_jax.data.spans import TOKENIZER_FILES
+from psych201_jax.errors import UserError
 from psych201_jax.model import hf_weights as weights
 from psych201_jax.model import spec as modelspec
 from psych201_jax.model.decoder import Decoder, logical_to_spec
@@ -70,16 +75,92 @@ def restore_params(params_dir: str, abstract: dict) -> dict:
     return ocp.load(params_dir, abstract)
 
 
+class ConvertError(UserError, RuntimeError):
+    """A conversion cannot run: its output folder is taken, locked or left half-written."""
+
+
+_HELD: set[tuple[str, int]] = set()  # (lock file, thread) pairs this process holds: the lock is re-entrant
+
+
+class ConversionLock:
+    """An exclusive OS lock (flock) on ``<out_dir>.lock`` while converting into ``out_dir``.
+
+    ``wait``: block until a running conversion ends (the conversion cache); otherwise refuse at once. The
+    OS drops the lock with its process, so a crashed conversion never blocks the next. Re-entrant within
+    one thread (the cache holds it around ``convert``, which takes it too).
+    """
+
+    def __init__(self, out_dir: str, *, wait: bool = False):
+        self.path = os.path.abspath(out_dir).rstrip(os.sep) + ".lock"
+        self.out_dir = out_dir
+        self.wait = wait
+        self._key = (self.path, threading.get_ident())
+        self._fh: Any = None
+
+    def __enter__(self) -> ConversionLock:
+        if self._key in _HELD:
+            return self
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fh = open(self.path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown pid"
+            fh.close()
+            raise ConvertError(f"another conversion into {self.out_dir} is running ({holder}); wait for it") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}\n")
+        fh.flush()
+        self._fh = fh
+        _HELD.add(self._key)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fh is not None:
+            _HELD.discard(self._key)
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+
 def convert(hf_dir: str, out_dir: str, dtype: str = "bfloat16", *, allow_pickle: bool = False) -> ModelSpec:
-    """Converts a local HF checkpoint directory into ``out_dir`` (see module docstring); returns its spec."""
+    """Converts a local HF checkpoint directory into ``out_dir`` (see module docstring); returns its spec.
+
+    Under a ``ConversionLock``, into ``<out_dir>.tmp-<pid>`` renamed into place at the end, so ``out_dir``
+    is either absent or complete; a failed conversion removes its temporary copy, and the temporary copies
+    of killed conversions are removed by the next one.
+    """
     if dtype not in weights.TARGET_DTYPES:
-        raise ValueError(f"dtype must be one of {tuple(weights.TARGET_DTYPES)}, got {dtype!r}")
+        raise ConvertError(f"dtype must be one of {tuple(weights.TARGET_DTYPES)}, got {dtype!r}")
+    out_dir = os.path.abspath(out_dir).rstrip(os.sep)
+    with ConversionLock(out_dir):
+        if os.path.isdir(out_dir) and os.listdir(out_dir):
+            if os.path.isfile(os.path.join(out_dir, PROVENANCE)):
+                raise ConvertError(f"{out_dir} already holds a converted checkpoint; convert into a fresh directory")
+            raise ConvertError(
+                f"{out_dir} holds an incomplete conversion (no {PROVENANCE}); delete it and convert again"
+            )
+        for stale in glob.glob(glob.escape(out_dir) + ".tmp-*"):  # left by killed conversions (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = f"{out_dir}.tmp-{os.getpid()}"
+        try:
+            spec = _convert_into(hf_dir, tmp, dtype, allow_pickle)
+            if os.path.isdir(out_dir):
+                os.rmdir(out_dir)  # empty
+            os.replace(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return spec
+
+
+def _convert_into(hf_dir: str, out_dir: str, dtype: str, allow_pickle: bool) -> ModelSpec:
     spec = modelspec.from_hf_dir(hf_dir)
     reader = weights.open_weights(hf_dir, allow_pickle=allow_pickle)
     params_dir = os.path.join(out_dir, PARAMS)
-    if os.path.exists(params_dir):
-        raise FileExistsError(f"{params_dir} already exists; convert into a fresh directory")
-    os.makedirs(out_dir, exist_ok=True)
+    os.makedirs(out_dir)
     save_params(params_dir, weights.converted_params(reader, spec, dtype))
     spec.save(os.path.join(out_dir, SPEC))
 
@@ -90,6 +171,8 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "bfloat16", *, allow_pickle:
             shutil.copy2(os.path.join(hf_dir, name), tok_dir)
 
     source_files = sorted(f for f in os.listdir(hf_dir) if os.path.isfile(os.path.join(hf_dir, f)))
+    # Every file read is inside hf_dir (the readers refuse index entries pointing elsewhere), so hashing the
+    # folder's files covers the weights actually used.
     provenance = {
         "source": os.path.abspath(hf_dir),
         "sha256": {f: hashing.hash_file(os.path.join(hf_dir, f)) for f in source_files},

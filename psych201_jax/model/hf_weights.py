@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
+from psych201_jax.errors import UserError
 from psych201_jax.model.decoder import param_shapes
 from psych201_jax.model.spec import ModelSpec
 
@@ -36,17 +37,30 @@ SAFETENSORS_DTYPES = {
 TARGET_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
 # Buffers some older checkpoints store that carry no weights.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+INDEX = "model.safetensors.index.json"
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on the JSON header
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """The checkpoint's tensors do not match what its config describes, or cannot be read safely."""
 
 
 def read_safetensors_header(path: str) -> dict[str, tuple[np.dtype, tuple[int, ...], int, int]]:
     """name -> (dtype, shape, absolute start offset, absolute end offset) of every tensor in one file."""
+    size = os.path.getsize(path)
     with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
+        head = fh.read(8)
+        if len(head) < 8:
+            raise WeightsError(f"{path}: not a safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, MAX_HEADER_BYTES):
+            raise WeightsError(f"{path}: safetensors header claims {n:,} bytes in a {size:,}-byte file; refusing it")
+        try:
+            header = json.loads(fh.read(n))
+        except (ValueError, RecursionError) as err:
+            raise WeightsError(f"{path}: unreadable safetensors header ({err})") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: safetensors header is not a JSON object")
     out = {}
     for name, meta in header.items():
         if name == "__metadata__":
@@ -54,6 +68,8 @@ def read_safetensors_header(path: str) -> dict[str, tuple[np.dtype, tuple[int, .
         if meta["dtype"] not in SAFETENSORS_DTYPES:
             raise WeightsError(f"{path}: tensor {name} has unsupported dtype {meta['dtype']}")
         start, end = meta["data_offsets"]
+        if not 0 <= start <= end <= size - 8 - n:
+            raise WeightsError(f"{path}: tensor {name} lies outside the file (offsets {start}..{end})")
         out[name] = (SAFETENSORS_DTYPES[meta["dtype"]], tuple(meta["shape"]), 8 + n + start, 8 + n + end)
     return out
 
@@ -77,10 +93,17 @@ class SafetensorsReader:
     """All tensors of a checkpoint directory (single file, index + shards, or a set of shards)."""
 
     def __init__(self, hf_dir: str):
-        index = os.path.join(hf_dir, "model.safetensors.index.json")
+        index = os.path.join(hf_dir, INDEX)
         if os.path.isfile(index):
-            with open(index) as fh:
-                files = sorted(set(json.load(fh)["weight_map"].values()))
+            try:
+                with open(index) as fh:
+                    files = sorted(set(json.load(fh)["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+                raise WeightsError(f"{index}: unreadable index ({type(err).__name__}: {err})") from None
+            root = os.path.realpath(hf_dir)
+            for f in files:
+                if not isinstance(f, str) or os.path.dirname(os.path.realpath(os.path.join(root, f))) != root:
+                    raise WeightsError(f"{index} points outside the model folder ({f!r}); refusing it")
         else:
             files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
         if not files:
@@ -126,7 +149,11 @@ class PickleReader:
         )
         self._tensors = {}
         for path in self.files:
-            self._tensors.update(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+            try:
+                tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (non-zip) torch.save format: no mmap possible
+                tensors = torch.load(path, map_location="cpu", weights_only=True)
+            self._tensors.update(tensors)
 
     def names(self) -> set[str]:
         return set(self._tensors)
@@ -146,7 +173,7 @@ class PickleReader:
 def open_weights(hf_dir: str, *, allow_pickle: bool = False) -> SafetensorsReader | PickleReader:
     """Reader over the checkpoint's weights; pickle ``.bin`` weights only with ``allow_pickle``."""
     files = os.listdir(hf_dir)
-    if any(f.endswith(".safetensors") for f in files):
+    if INDEX in files or any(f.endswith(".safetensors") for f in files):
         return SafetensorsReader(hf_dir)
     if any(f.startswith("pytorch_model") and f.endswith(".bin") for f in files):
         if not allow_pickle:

@@ -14,13 +14,15 @@ import json
 import os
 from typing import Any
 
+from psych201_jax.errors import UserError
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "olmo3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError, ValueError):
     """The checkpoint's architecture is outside what this package implements."""
 
 
@@ -132,9 +134,14 @@ def read_raw_config(hf_dir: str) -> dict:
     """The checkpoint's config.json as a dict; refuses configs that would need remote code."""
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no config.json in {hf_dir}")
-    with open(path) as fh:
-        raw = json.load(fh)
+        raise UnsupportedModelError(f"no config.json in {hf_dir} (not an HF checkpoint directory)")
+    try:
+        with open(path) as fh:
+            raw = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UnsupportedModelError(f"{path}: unreadable config ({type(err).__name__}: {err})") from None
+    if not isinstance(raw, dict):
+        raise UnsupportedModelError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     if "auto_map" in raw:
         raise UnsupportedModelError(f"{path} has an auto_map (custom remote code); refusing to load it")
     if raw.get("model_type") not in SUPPORTED_MODEL_TYPES:

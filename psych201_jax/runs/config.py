@@ -37,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.dtype = "float32"  # float32 | bfloat16 (parameters and activations; log-probs always float32)
     c.attention = "xla"  # attention backend (see psych201_jax.model.attention.available_backends())
     c.max_tokens = 0  # robust token budget of experiment text; 0 = context - persona_reserve
+    c.max_line_bytes = 1 << 24  # robust: an input line longer than this (16 MiB) is rejected unparsed
     c.persona_reserve = 512  # robust: tokens left free for BOS, chat header and persona prefix
     c.max_row_length = 0  # longest packed row; 0 = max(context, tokens_per_batch) (participants ≤ context)
     c.min_row_length = 2048

@@ -5,6 +5,7 @@ directory, streams records → token spans → packed scoring, and commits resul
 """
 
 import collections
+import contextlib
 import dataclasses
 import json
 import math
@@ -19,6 +20,7 @@ from absl import logging
 from psych201_jax import console
 from psych201_jax.conditions import Condition, ConditionError, OptionsMode, Protocol
 from psych201_jax.data import metadata, records, spans
+from psych201_jax.errors import UserError
 from psych201_jax.model import checkpoint
 from psych201_jax.model import spec as modelspec
 from psych201_jax.parallel import distributed, sharding
@@ -28,7 +30,11 @@ from psych201_jax.scoring.options import StudyOptions
 from psych201_jax.types import input_id
 
 
-def build_manifest(cfg, model_dir: str, spec, tok: spans.TokenizerInfo, protocol: spans.Protocol) -> dict:
+def build_manifest(
+    cfg, model_dir: str, spec, tok: spans.TokenizerInfo, protocol: spans.Protocol, n_input: int | None
+) -> dict:
+    """The results manifest: the determinants (what fixes the numbers, fingerprinted: a changed input file,
+    model or tokenizer never resumes stale results) and provenance; ``n_input`` input participants."""
     with open(os.path.join(model_dir, checkpoint.PROVENANCE)) as fh:
         provenance = json.load(fh)
     determinants = {
@@ -36,6 +42,7 @@ def build_manifest(cfg, model_dir: str, spec, tok: spans.TokenizerInfo, protocol
         "model_sources": provenance.get("sha256"),
         "tokenizer_sha256": tok.sha256,
         "data": cfg.data,
+        "data_sources": records.source_fingerprints(cfg.data),
         "protocol": protocol.name,
         "template": protocol.template,
         "persona": cfg.persona,
@@ -48,6 +55,7 @@ def build_manifest(cfg, model_dir: str, spec, tok: spans.TokenizerInfo, protocol
     }
     return {
         "fingerprint": store.fingerprint(determinants),
+        "n_input": n_input,
         "determinants": determinants,
         "model": {"dir": os.path.abspath(model_dir), "spec": dataclasses.asdict(spec), "provenance": provenance},
         "tokenizer": {"dir": tok.path, "sha256": tok.sha256},
@@ -60,34 +68,40 @@ def build_manifest(cfg, model_dir: str, spec, tok: spans.TokenizerInfo, protocol
 
 
 def summarize(out_dir: str) -> str:
-    """Short per-study summary of a results directory (response-pooled mean NLL)."""
-    per_study = collections.defaultdict(list)
+    """Short per-study summary of a results directory (response-pooled mean NLL); every study read is
+    listed, also one with nothing scored (an empty file, all participants rejected or unscored)."""
+    protocol = store.read_manifest(out_dir).get("determinants", {}).get("protocol", "reference")
+    per_study: dict[str, list[float]] = collections.defaultdict(list)
     counts: collections.Counter[str] = collections.Counter()
     for row in store.iter_rows(out_dir):
-        counts[row["status"]] += 1
-        if row["status"] == "scored":
+        status, _ = store.outcome(row, protocol)
+        counts[status] += 1
+        values = per_study[row["study"]]
+        if status == "scored":
             nll = store.nll_array(row)
-            per_study[row["study"]].extend(nll[~np.isnan(nll)].tolist())
+            values.extend(nll[~np.isnan(nll)].tolist())
     lines = [f"{'study':<32} {'responses':>9} {'mean NLL':>9}"]
     means = []
     for study in sorted(per_study):
         values = per_study[study]
-        mean = float(np.mean(values)) if values else math.nan
-        means.append(mean)
-        lines.append(f"{study:<32} {len(values):>9} {mean:>9.3f}")
-    score = float(np.nanmean(means)) if means else math.nan
+        if not values:
+            lines.append(f"{study:<32} {0:>9} {'-':>9}")
+            continue
+        means.append(float(np.mean(values)))
+        lines.append(f"{study:<32} {len(values):>9} {means[-1]:>9.3f}")
+    score = float(np.mean(means)) if means else math.nan
     lines.append(
-        f"participants: {counts['scored']} scored, {counts['rejected']} rejected; "
+        f"participants: {counts['scored']} scored, {counts['unscored']} unscored, {counts['rejected']} rejected; "
         f"model score (mean over studies of the mean response NLL): {score:.4f}"
     )
     return "\n".join(lines)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value is invalid."""
 
 
-class ModelError(RuntimeError):
+class ModelError(UserError, RuntimeError):
     """The model directory cannot be loaded."""
 
 
@@ -135,11 +149,13 @@ def run(cfg) -> stream.Progress:
         ) from err
     tok = spans.TokenizerInfo(os.path.join(model_dir, checkpoint.TOKENIZER))
     context = spec.max_position_embeddings
-    if cfg.persona_reserve >= context:
-        raise ConfigError(f"config.persona_reserve={cfg.persona_reserve} leaves no budget in a {context}-token context")
+    robust = condition.protocol == Protocol.ROBUST
+    if robust and not cfg.max_tokens and cfg.persona_reserve >= context:
+        raise ConfigError(
+            f"config.persona_reserve={cfg.persona_reserve} leaves no robust token budget in a {context}-token context"
+        )
     # One budget for every condition (so persona and no-persona runs score the same responses); the
     # reserve keeps BOS, chat header and persona prefix, which are outside the budget, inside the context.
-    robust = condition.protocol == Protocol.ROBUST
     budget = (cfg.max_tokens or context - cfg.persona_reserve) if robust else None
     protocol = spans.Protocol(condition.protocol.value, condition.template.value, token_budget=budget)
     persona_of = metadata.persona_selector(
@@ -152,13 +168,21 @@ def run(cfg) -> stream.Progress:
     row_lengths = packing.choose_row_lengths(
         cfg.max_row_length or max(context, cfg.tokens_per_batch), cfg.min_row_length
     )
-    manifest = build_manifest(cfg, model_dir, spec, tok, protocol)
+    manifest = build_manifest(cfg, model_dir, spec, tok, protocol, total)
+    with contextlib.ExitStack() as stack:
+        if jax.process_index() == 0:  # one writer job per results directory, refused up front
+            stack.enter_context(store.ResultsLock(cfg.out, fresh=cfg.fresh))
+        return _score(cfg, manifest, score_model, tok, protocol, persona_of, condition, row_lengths, context, total)
+
+
+def _score(cfg, manifest, score_model, tok, protocol, persona_of, condition, row_lengths, context, total):
+    """Opens (or resumes) the results and scores what is left, committing chunk by chunk."""
     writer = _open_writer(cfg, manifest, score_model.layout)  # one per process; replicas commit nothing
     already = len(writer.done)
     logging.info(
         "model %s (%s), %s participants, protocol %s/%s, persona %s, %d already done",
-        model_dir,
-        spec.model_type,
+        manifest["model"]["dir"],
+        manifest["model"]["spec"]["model_type"],
         total,
         protocol.name,
         protocol.template,
@@ -203,7 +227,8 @@ def run(cfg) -> stream.Progress:
 
 def _records(cfg):
     """The job's input records; the reference protocol keeps imperfect markup, as its scripts score it."""
-    return records.iter_records(cfg.data, strict_markers=cfg.protocol == Protocol.ROBUST)
+    robust = cfg.protocol == Protocol.ROBUST
+    return records.iter_records(cfg.data, strict_markers=robust, max_line_bytes=cfg.max_line_bytes if robust else None)
 
 
 def _collect_options(cfg, tok: spans.TokenizerInfo, protocol: spans.Protocol, persona_of) -> StudyOptions:
@@ -222,7 +247,10 @@ def _collect_options(cfg, tok: spans.TokenizerInfo, protocol: spans.Protocol, pe
 
 def _mesh_and_rules(cfg, model_dir: str) -> tuple[jax.sharding.Mesh, sharding.Rules]:
     """The device mesh of ``cfg.mesh`` and the logical-axis rules specialised to the model."""
-    mesh = sharding.mesh_from_config(cfg.get("mesh", {}))
+    try:
+        mesh = sharding.mesh_from_config(cfg.get("mesh", {}))
+    except ValueError as err:
+        raise ConfigError(f"config.mesh: {err}") from None
     spec = modelspec.ModelSpec.load(os.path.join(model_dir, checkpoint.SPEC))
     rules = sharding.rules_for(spec, mesh)
     logging.info("mesh %s, rules %s", dict(mesh.shape), rules)

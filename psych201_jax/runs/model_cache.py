@@ -8,6 +8,7 @@ import shutil
 from absl import logging
 
 from psych201_jax import hashing
+from psych201_jax.errors import UserError
 from psych201_jax.model import checkpoint
 
 
@@ -21,22 +22,33 @@ def _dir_key(hf_dir: str, dtype: str) -> str:
     return hashing.hash_json(listing)[:16]
 
 
+class ModelNotFoundError(UserError, FileNotFoundError):
+    """The model path is neither a converted nor an HF checkpoint directory."""
+
+
 def resolve_model(path: str, cache_dir: str, dtype: str) -> str:
-    """A converted checkpoint directory for ``path`` (converting an HF directory once, atomically)."""
+    """A converted checkpoint directory for ``path``: itself, or its conversion in ``cache_dir``.
+
+    Jobs converting the same HF directory share one conversion: the second waits on the conversion lock,
+    then uses the result. A failed conversion leaves nothing behind but the lock file.
+    """
     if os.path.isfile(os.path.join(path, checkpoint.SPEC)):
         return path
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(
+        raise ModelNotFoundError(
             f"{path!r} is neither a converted checkpoint (model_spec.json) nor an HF checkpoint directory (config.json)"
         )
     cache_dir = os.path.expanduser(cache_dir)
     target = os.path.join(cache_dir, f"{os.path.basename(os.path.normpath(path))}-{_dir_key(path, dtype)}")
-    if os.path.isfile(os.path.join(target, checkpoint.PROVENANCE)):
-        logging.info("using converted cache %s", target)
-        return target
-    tmp = f"{target}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    logging.info("converting %s → %s (%s)", path, target, dtype)
-    checkpoint.convert(path, tmp, dtype)
-    os.replace(tmp, target)
+    with checkpoint.ConversionLock(target, wait=True):
+        if os.path.isfile(os.path.join(target, checkpoint.PROVENANCE)):
+            logging.info("using converted cache %s", target)
+            return target
+        shutil.rmtree(target, ignore_errors=True)  # half-written by an older version: ours to redo
+        logging.info("converting %s → %s (%s)", path, target, dtype)
+        try:
+            checkpoint.convert(path, target, dtype)
+        except BaseException:
+            shutil.rmtree(target, ignore_errors=True)
+            raise
     return target

@@ -11,6 +11,7 @@ Layout:
       argmax/ target/           zarr arrays [scored tokens]: the model's top token, the human token;
       response_offsets/ token_offsets/   zarr int64 [participants + 1].
   complete.json                 written when the job finished (totals, timing).
+  .lock                         an OS file lock (flock) held by the job writing here, with its pid.
 
 A chunk is written into a hidden temporary directory and renamed into place, so a job killed at any
 moment (kill -9 included) leaves only whole chunks; a restart with the same fingerprint skips the
@@ -20,18 +21,25 @@ run. A failed write (full disk) removes its temporary directory and leaves earli
 
 from __future__ import annotations
 
+import dataclasses
+import errno
+import fcntl
 import glob
 import json
 import math
 import os
 import shutil
+import socket
 import subprocess
+import time
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import tensorstore as ts
 
 from psych201_jax import hashing
+from psych201_jax.errors import UserError
 from psych201_jax.types import ParticipantResult, Rejected, input_id
 
 MANIFEST = "manifest.json"
@@ -39,8 +47,76 @@ CHUNKS = "chunks"
 COMPLETE = "complete.json"
 
 
-class ResultsError(RuntimeError):
+class ResultsError(UserError, RuntimeError):
     """The results directory cannot be used for this job."""
+
+
+LOCK = ".lock"
+
+
+class ResultsLock:
+    """An exclusive OS lock (flock) on a results directory, held for a job's life.
+
+    A second job on the same directory is refused up front. The OS releases the lock when its process
+    dies, so a lock file left by a crashed job never blocks (its pid line is only informative). Locks need
+    a filesystem with working flock (local disks, most cluster filesystems).
+    """
+
+    def __init__(self, out_dir: str, *, fresh: bool = False):
+        self.out_dir = out_dir
+        self.fresh = fresh
+        self._fh: Any = None
+
+    def __enter__(self) -> ResultsLock:
+        _refuse_foreign(self.out_dir, self.fresh)
+        os.makedirs(self.out_dir, exist_ok=True)
+        path = os.path.join(self.out_dir, LOCK)
+        fh = open(path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown pid"
+            fh.close()
+            raise ResultsError(
+                f"{self.out_dir} is in use by another job ({holder}); wait for it to finish or choose another "
+                f"--config.out"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fh is not None:
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+
+def _refuse_foreign(out_dir: str, fresh: bool) -> None:
+    """A non-empty directory that is not a results directory is never written into (unless fresh)."""
+    foreign = os.path.isdir(out_dir) and not os.path.exists(os.path.join(out_dir, MANIFEST))
+    if foreign and set(os.listdir(out_dir)) - {LOCK} and not fresh:
+        raise ResultsError(
+            f"{out_dir} exists, is not empty and is not a results directory; choose another --config.out"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class RunStatus:
+    """How far a results directory got: complete (complete.json written), participants committed, and
+    the input participants the job set out to score (None when unknown: a streamed dataset)."""
+
+    complete: bool
+    n_done: int
+    n_input: int | None
+
+    def describe(self) -> str:
+        total = "?" if self.n_input is None else str(self.n_input)
+        return "complete" if self.complete else f"incomplete: {self.n_done} of {total} participants committed"
 
 
 def code_version() -> str:
@@ -98,6 +174,8 @@ def _read_array(path: str) -> np.ndarray:
 
 RESPONSE_FIELDS = ("nll", "n_tokens")  # one value per response
 TOKEN_FIELDS = ("argmax", "target", "option_argmax")  # one value per scored token (option_argmax optional)
+ALL_ARRAYS = RESPONSE_FIELDS + TOKEN_FIELDS + ("response_offsets", "token_offsets")
+REQUIRED_ARRAYS = ("nll", "n_tokens", "response_offsets", "token_offsets")  # written for every chunk
 _DTYPES = {"nll": ts.float64, "n_tokens": ts.int32, "argmax": ts.int32, "target": ts.int32, "option_argmax": ts.int32}
 
 
@@ -148,15 +226,17 @@ class ResultsWriter:
             elif old.get("fingerprint") != manifest["fingerprint"]:
                 before, now = old.get("determinants", {}), manifest["determinants"]
                 changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+                if "data_sources" in changed:
+                    a, b = before.get("data_sources") or {}, now["data_sources"]
+                    files = sorted(f for f in set(a) | set(b) if a.get(f) != b.get(f))
+                    changed[changed.index("data_sources")] = f"data_sources ({', '.join(files)})"
                 raise ResultsError(
                     f"{out_dir} holds results of a different configuration (changed: "
                     f"{', '.join(changed) or 'unknown'}); pass a new --config.out or "
-                    f"--config.fresh=True to overwrite"
+                    f"--config.fresh=True to rescore"
                 )
-        elif os.path.isdir(out_dir) and os.listdir(out_dir) and not fresh:
-            raise ResultsError(
-                f"{out_dir} exists, is not empty and is not a results directory; choose another --config.out"
-            )
+        else:
+            _refuse_foreign(out_dir, fresh)
         try:
             os.makedirs(chunks, exist_ok=True)
             if process_index == 0:
@@ -180,12 +260,16 @@ class ResultsWriter:
         try:
             _write_chunk(tmp, [row_of(item) for item in items])
             os.rename(tmp, final)
-        except OSError as err:
+        except (OSError, ValueError, RuntimeError) as err:  # tensorstore reports I/O errors as ValueError
             shutil.rmtree(tmp, ignore_errors=True)
+            first = " ".join(str(err).split())[:160]
+            full = getattr(err, "errno", None) == errno.ENOSPC or any(
+                s in str(err) for s in ("No space left", "RESOURCE_EXHAUSTED", "Disk quota")
+            )
+            what = "the disk is full" if full else f"the write failed ({type(err).__name__}: {first})"
             raise ResultsError(
-                f"could not commit results chunk {name} in {self.out_dir} ({err}); the "
-                f"{len(self.done)} participants committed before are intact — free space "
-                f"and rerun the same command to resume"
+                f"could not commit results chunk {name} in {self.out_dir}: {what}; the {len(self.done)} "
+                f"participants committed before are kept; free space and rerun the same command to resume"
             ) from err
         self.done.update(input_id(item) for item in items)
         self.next_chunk += 1
@@ -257,36 +341,55 @@ def chunk_dirs(out_dir: str) -> list[str]:
 def iter_rows(out_dir: str) -> Iterator[dict]:
     """Every committed participant as a dict: the table row plus, for scored participants, ``nll``
     (None for a response with no scored token), ``n_tokens``, ``argmax``, ``target`` (and
-    ``option_argmax`` when stored) as lists."""
+    ``option_argmax`` when stored) as lists. A damaged chunk is a ResultsError naming it."""
     for chunk in chunk_dirs(out_dir):
-        names = [
-            n
-            for n in RESPONSE_FIELDS + TOKEN_FIELDS + ("response_offsets", "token_offsets")
-            if os.path.isdir(os.path.join(chunk, n))
-        ]
-        arrays = {name: _read_array(os.path.join(chunk, name)) for name in names}
-        r_off, t_off = arrays["response_offsets"], arrays["token_offsets"]
-        with open(os.path.join(chunk, "participants.jsonl")) as fh:
-            for line in fh:
-                row = json.loads(line)
-                k = row.pop("index", None)
-                if k is None:
-                    yield row
-                    continue
-                for field in RESPONSE_FIELDS + TOKEN_FIELDS:
-                    if field in arrays:
-                        off = r_off if field in RESPONSE_FIELDS else t_off
-                        row[field] = arrays[field][off[k] : off[k + 1]].tolist()
-                row["nll"] = [None if math.isnan(x) else x for x in row["nll"]]
-                yield row
+        try:
+            rows = list(_chunk_rows(chunk))
+        except (OSError, ValueError, KeyError, IndexError) as err:
+            raise _corrupt(chunk, err) from None
+        yield from rows
+
+
+def _corrupt(chunk: str, err: Exception) -> ResultsError:
+    return ResultsError(
+        f"{chunk}: corrupt results chunk ({type(err).__name__}: {' '.join(str(err).split())[:200]}); delete this "
+        f"chunk directory and rerun the same command to rescore its participants"
+    )
+
+
+def _chunk_rows(chunk: str) -> Iterator[dict]:
+    """The rows of one chunk; raises on a truncated table or a missing array."""
+    names = [n for n in ALL_ARRAYS if n in REQUIRED_ARRAYS or os.path.isdir(os.path.join(chunk, n))]
+    arrays = {name: _read_array(os.path.join(chunk, name)) for name in names}
+    r_off, t_off = arrays["response_offsets"], arrays["token_offsets"]
+    table = _read_table(chunk)
+    n_scored = sum("index" in row for row in table)
+    if n_scored != len(r_off) - 1:
+        raise ValueError(f"the participant table has {n_scored} scored rows, the arrays {len(r_off) - 1}")
+    for row in table:
+        k = row.pop("index", None)
+        if k is not None:
+            for field in RESPONSE_FIELDS + TOKEN_FIELDS:
+                if field in arrays:
+                    off = r_off if field in RESPONSE_FIELDS else t_off
+                    row[field] = arrays[field][off[k] : off[k + 1]].tolist()
+            row["nll"] = [None if math.isnan(x) else x for x in row["nll"]]
+        yield row
+
+
+def _read_table(chunk: str) -> list[dict]:
+    with open(os.path.join(chunk, "participants.jsonl")) as fh:
+        return [json.loads(line) for line in fh]
 
 
 def iter_table(out_dir: str) -> Iterator[dict]:
     """The participant/audit table rows of every committed chunk (no arrays read)."""
     for chunk in chunk_dirs(out_dir):
-        with open(os.path.join(chunk, "participants.jsonl")) as fh:
-            for line in fh:
-                yield json.loads(line)
+        try:
+            table = _read_table(chunk)
+        except (OSError, ValueError) as err:
+            raise _corrupt(chunk, err) from None
+        yield from table
 
 
 def completed_inputs(out_dir: str) -> set[tuple[str, int]]:
@@ -312,6 +415,16 @@ def write_complete(out_dir: str, fingerprint_: str, seconds: float) -> dict:
     return summary
 
 
+def read_status(out_dir: str) -> RunStatus:
+    """Complete or not, participants committed, and the job's input count (from the manifest)."""
+    n_input = read_manifest(out_dir).get("n_input")
+    return RunStatus(
+        complete=read_complete(out_dir) is not None,
+        n_done=sum(1 for _ in iter_table(out_dir)),
+        n_input=n_input if isinstance(n_input, int) else None,
+    )
+
+
 def read_complete(out_dir: str) -> dict | None:
     """The completion record of a finished job, or None."""
     try:
@@ -319,6 +432,21 @@ def read_complete(out_dir: str) -> dict | None:
             return json.load(fh)
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def outcome(row: dict, protocol: str) -> tuple[str, str]:
+    """(status, reason) of one stored participant: ``rejected`` (with its reason), ``unscored`` (read and
+    tokenized, but not one response has a scored token) or ``scored``; the reason counts every response
+    lost (to the reference's character cut or the robust token budget) and every labelling problem."""
+    if row["status"] != "scored":
+        return row["status"], row.get("reason", "")
+    lost = row.get("lost_truncation", 0)
+    cut = "the 32,768-character cut" if protocol == "reference" else "the token budget"
+    reasons = [f"{lost} response(s) lost to {cut}"] if lost else []
+    reasons += [r for r in row.get("reason", "").split("; ") if r]
+    if not any(x is not None for x in row.get("nll", [])):
+        return "unscored", "; ".join(reasons or ["no response has a scorable token"])
+    return "scored", "; ".join(reasons)
 
 
 def nll_array(row: dict) -> np.ndarray:

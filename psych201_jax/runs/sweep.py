@@ -20,6 +20,7 @@ import time
 from absl import logging
 
 from psych201_jax.conditions import Condition, ConditionError, ModelInfo
+from psych201_jax.errors import UserError
 from psych201_jax.model.spec import SUPPORTED_MODEL_TYPES
 from psych201_jax.runs import store
 
@@ -87,6 +88,37 @@ def expand(cfg) -> list[Job]:
             name = f"{slug(model['hf_id'])}/{condition['name']}"
             jobs.append(Job(name, os.path.join(cfg.out_root, name), path, info, condition, skip))
     return jobs
+
+
+class SweepError(UserError):
+    """A sweep config names conditions or models that cannot run."""
+
+
+def problems(jobs: list[Job], data: str) -> list[str]:
+    """What would make runnable jobs fail before scoring: a bad condition value, a model path that is
+    neither a converted nor an HF checkpoint, data that does not exist (one line each)."""
+    out: list[str] = []
+    seen: set[str] = set()
+
+    def once(line: str) -> None:
+        if line not in seen:
+            seen.add(line)
+            out.append(line)
+
+    for job in jobs:
+        if job.skip_reason:
+            continue
+        try:
+            Condition.from_mapping(job.condition)
+        except ConditionError as err:
+            once(f"condition {job.condition['name']!r}: {err}")
+        path = job.model_path
+        if not any(os.path.isfile(os.path.join(path, f)) for f in ("model_spec.json", "config.json")):
+            once(f"model {job.model_info['hf_id']!r}: {path} is neither a converted nor an HF checkpoint directory")
+        for entry in (job.condition.get("data") or data).split(","):
+            if entry and not entry.startswith("hf:") and not os.path.exists(entry):
+                once(f"condition {job.condition['name']!r}: data {entry} does not exist")
+    return out
 
 
 def is_complete(job: Job) -> bool:

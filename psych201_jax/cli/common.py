@@ -1,0 +1,82 @@
+"""What every command shares: user errors as one ``error: …`` line and exit status 2.
+
+A ``UserError`` (bad data, config value, checkpoint or results directory), an unreadable or unknown
+``--config`` override, or a flag error prints one line and exits 2; ``--verbosity=1`` shows the traceback.
+Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from absl import app, flags, logging
+
+from psych201_jax import console
+from psych201_jax.errors import UserError
+
+
+def _error(message: str) -> None:
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _config_key_error(err: Exception) -> str | None:
+    """A readable line for an unknown ``--config.<key>`` override, with ml_collections' close name."""
+    text = str(err).replace("\\n", "\n").replace("\\'", "'")
+    match = re.search(r"'([\w.]+)'", text)
+    if match is None:
+        return None
+    close = re.findall(r'Did you mean "([\w.]+)"', text)
+    hint = f"; close names: {', '.join(close)}" if close else ""
+    return f"unknown config key {match.group(1)!r}{hint}"
+
+
+def define_config(name: str, default: str | None, help_text: str) -> Any:
+    """``config_flags.DEFINE_config_file``, whose ``--<name>.<key>`` overrides are read from ``sys.argv``
+    right away: an unknown key becomes one error line instead of an import-time traceback."""
+    from ml_collections import config_flags
+
+    try:
+        return config_flags.DEFINE_config_file(name, default, help_text)
+    except (AttributeError, KeyError) as err:
+        _error(_config_key_error(err) or str(err))
+    except (OSError, SyntaxError, ValueError, TypeError) as err:
+        _error(f"cannot load --{name}: {err}")
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as err:
+        _error(str(err))
+    except (AttributeError, KeyError) as err:  # ml_collections: an override of a key the config lacks
+        _error(_config_key_error(err) or str(err))
+    except (OSError, SyntaxError, ValueError) as err:  # an unreadable or broken --config file
+        _error(f"cannot load the configuration: {err}")
+    raise AssertionError("unreachable")
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+    """``app.run(main)`` with quiet library logs and user errors as one line (exit 2)."""
+
+    def wrapped(argv: list[str]) -> None:
+        console.quiet_libraries()
+        for name in list(flags.FLAGS):  # config files load and apply their overrides on first access
+            try:
+                _ = flags.FLAGS[name].value
+            except (AttributeError, KeyError) as err:
+                _error(_config_key_error(err) or str(err))
+            except (OSError, SyntaxError, ValueError, TypeError) as err:
+                _error(f"cannot load --{name}: {err}")
+        try:
+            main(argv)
+        except UserError as err:
+            if logging.get_verbosity() >= 1:
+                traceback.print_exc()
+            _error(str(err))
+
+    app.run(wrapped, flags_parser=_parse_flags)
