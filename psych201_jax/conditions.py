@@ -55,6 +55,31 @@ class ModelKind(enum.StrEnum):
     UNKNOWN = "unknown"
 
 
+# 17 log-spaced temperatures from 0.25 to 4 (2 ** (k / 4), k = -8 .. 8): 0.5, 1 and 2 are on the grid.
+DEFAULT_TEMPERATURES = tuple(2.0 ** (k / 4) for k in range(-8, 9))
+
+
+def temperature_grid(value: Any) -> tuple[float, ...]:
+    """The temperature grid of a config value: "default" (``DEFAULT_TEMPERATURES``), "none" / "" (no
+    grid), a comma list or a sequence of positive numbers."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "default":
+            return DEFAULT_TEMPERATURES
+        if text in ("none", ""):
+            return ()
+        items: Any = text.split(",")
+    else:
+        items = value
+    try:
+        grid = tuple(float(t) for t in items)
+    except (TypeError, ValueError):
+        raise ConditionError(f"temperatures={value!r}: expected default, none or a comma list of numbers") from None
+    if any(not t > 0 for t in grid):
+        raise ConditionError(f"temperatures={value!r}: temperatures must be positive")
+    return grid
+
+
 class ConditionError(ValueError):
     """A condition or model-info value is not one of the allowed ones."""
 
@@ -79,8 +104,8 @@ def _as_bool(value: Any, field: str) -> bool:
 class Condition:
     """How a run was scored.
 
-    ``options`` changes only the head (extra option-argmax outputs), never the NLLs; ``nll_condition``
-    drops it, and the analysis compares runs by that.
+    ``options`` and ``temperatures`` change only the head (extra outputs), never the NLLs;
+    ``nll_condition`` drops them, and the analysis compares runs by that.
     """
 
     protocol: Protocol = Protocol.REFERENCE
@@ -90,9 +115,17 @@ class Condition:
     options: OptionsMode = OptionsMode.NONE
     dtype: DType = DType.FLOAT32
     data: str = ""
+    temperatures: tuple[float, ...] = ()  # the head's temperature grid (calibration statistics)
 
     # The fields a sweep sets per condition (data and dtype come from the sweep and its overrides).
-    SWEEP_FIELDS: ClassVar[tuple[str, ...]] = ("protocol", "template", "persona", "persona_subset", "options")
+    SWEEP_FIELDS: ClassVar[tuple[str, ...]] = (
+        "protocol",
+        "template",
+        "persona",
+        "persona_subset",
+        "options",
+        "temperatures",
+    )
     # The fields the analysis tables report (options: see nll_condition).
     ANALYSIS_FIELDS: ClassVar[tuple[str, ...]] = ("protocol", "template", "persona", "dtype", "data", "persona_subset")
 
@@ -111,11 +144,12 @@ class Condition:
             options=parse_enum(OptionsMode, m.get("options", "none"), "options"),
             dtype=parse_enum(DType, m.get("dtype", "float32") or "float32", "dtype"),
             data=str(m.get("data", "")),
+            temperatures=temperature_grid(m.get("temperatures", "none")),
         )
 
     def nll_condition(self) -> Condition:
         """The condition without head-only fields: runs equal here have equal NLLs."""
-        return dataclasses.replace(self, options=OptionsMode.NONE)
+        return dataclasses.replace(self, options=OptionsMode.NONE, temperatures=())
 
     def with_persona(self, persona: Persona | str) -> Condition:
         return dataclasses.replace(self, persona=Persona(persona))

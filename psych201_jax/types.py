@@ -136,6 +136,11 @@ class ParticipantResult:
     target   int32 [S]    the human token at those positions.
     option_argmax int32 [S] or None   the top token among the study's options at those positions (-1: the
                           study has none); None when the scorer has no options.
+    nll_t    float64 [R, nT] or None   summed NLL per response under softmax(logits / T) for each temperature
+                          of the scorer's grid; None without a grid.
+    entropy  float64 [R] or None       summed entropy (nats) of the T = 1 distribution at the response's tokens.
+    option_mass float64 [R] or None    summed probability (T = 1) of the study's options at its tokens
+                          (with options and a grid).
     """
 
     spans: ParticipantSpans
@@ -144,6 +149,9 @@ class ParticipantResult:
     argmax: np.ndarray
     target: np.ndarray
     option_argmax: np.ndarray | None = None
+    nll_t: np.ndarray | None = None
+    entropy: np.ndarray | None = None
+    option_mass: np.ndarray | None = None
 
     @property
     def key(self) -> ParticipantKey:

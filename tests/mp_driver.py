@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from psych201_jax import defaults
+from psych201_jax.conditions import DEFAULT_TEMPERATURES
 from psych201_jax.data import records, spans
 from psych201_jax.model import checkpoint
 from psych201_jax.model import decoder as model
@@ -71,7 +72,7 @@ LLAMA31_70B = ModelSpec(
 
 
 def _score(items, model_, mesh=None, rules=None, steady=False):
-    sc = scorer.Scorer(model_, vocab_chunk=1000, mesh=mesh, rules=rules)
+    sc = scorer.Scorer(model_, vocab_chunk=1000, mesh=mesh, rules=rules, temperatures=DEFAULT_TEMPERATURES)
     kw = dict(row_lengths=ROW_LENGTHS, tokens_per_batch=TOKENS_PER_BATCH)
     start = time.perf_counter()
     first = {r.key: r for r in stream.score_spans(items, sc, **kw)}
@@ -88,6 +89,7 @@ def _compare(got, ref):
     assert got.keys() == ref.keys()
     worst = per_token = relative = 0.0
     argmax_equal = True
+    calib: dict[str, float] = {}
     for k, r in ref.items():
         g = got[k]
         assert isinstance(g, ParticipantResult) and len(g.nll) == len(r.nll)
@@ -97,7 +99,18 @@ def _compare(got, ref):
         per_token = max(per_token, float((d / np.maximum(r.n_scored, 1)).max(initial=0.0)))
         relative = max(relative, float((d / np.maximum(np.nan_to_num(np.abs(r.nll)), 1.0)).max(initial=0.0)))
         argmax_equal &= bool(np.array_equal(g.argmax, r.argmax) and np.array_equal(g.target, r.target))
-    return {"max_abs": worst, "max_per_token": per_token, "max_rel": relative, "argmax_equal": argmax_equal}
+        for name in ("nll_t", "entropy", "option_mass"):  # calibration statistics: relative to each response
+            a, b = getattr(g, name), getattr(r, name)
+            if b is not None:
+                scale = np.maximum(np.nan_to_num(np.abs(b)), 1.0)
+                calib[name] = max(calib.get(name, 0.0), float(np.nan_to_num(np.abs(a - b) / scale).max(initial=0.0)))
+    return {
+        "max_abs": worst,
+        "max_per_token": per_token,
+        "max_rel": relative,
+        "argmax_equal": argmax_equal,
+        "calibration_max_rel": calib,
+    }
 
 
 def meshes(steady: bool = False) -> dict:
@@ -147,7 +160,9 @@ def options() -> dict:
     )
 
     def score(model_, mesh=None, rules=None):
-        sc = scorer.Scorer(model_, vocab_chunk=1000, mesh=mesh, rules=rules, options=opts)
+        sc = scorer.Scorer(
+            model_, vocab_chunk=1000, mesh=mesh, rules=rules, options=opts, temperatures=DEFAULT_TEMPERATURES
+        )
         out = stream.score_spans(items, sc, row_lengths=(2048,), tokens_per_batch=4096)
         return {r.key: r for r in out}, sc.compilations()
 

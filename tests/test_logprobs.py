@@ -172,3 +172,65 @@ def test_score_head_on_one_device_equals_the_plain_oracle(vocab, chunk):
     np.testing.assert_array_equal(
         option_top, masked_option_argmax(hidden, unembedding, index, valid, option_ids, option_mask)
     )
+
+
+def _brute_force_calibration(hidden, unembedding, index, target, temperatures, option_ids, option_mask):
+    """Per entry, from the full float32 logits: NLL at each T, entropy at T = 1 and option mass."""
+    flat = np.asarray(hidden, np.float64).reshape(-1, hidden.shape[-1])[np.asarray(index)]
+    logits = flat @ np.asarray(unembedding, np.float64).T  # [C, V]
+    nll_t = []
+    for t in temperatures:
+        z = logits / t
+        lse = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
+        nll_t.append(lse - z[np.arange(len(z)), np.asarray(target)])
+    logp = logits - (np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1))[:, None]
+    entropy = -(np.exp(logp) * logp).sum(1)
+    p = np.exp(logp)[:, np.asarray(option_ids)]
+    mass = np.where(np.asarray(option_mask), p, 0.0).sum(1)
+    return np.stack(nll_t, 1), entropy, mass
+
+
+@pytest.mark.parametrize("vocab,chunk", [(1000, 256), (777, 100)])
+def test_temperature_grid_entropy_and_option_mass_equal_brute_force(vocab, chunk):
+    """The head's calibration statistics in its one vocabulary pass against full float64 logits."""
+    from psych201_jax.conditions import DEFAULT_TEMPERATURES
+    from psych201_jax.scoring.head import score_head
+
+    hidden, unembedding, index, target, valid = random_case(vocab + 11, vocab=vocab)
+    capacity = len(index)
+    slot = jnp.arange(capacity, dtype=jnp.int32)  # one entry per slot: the sums are the per-entry values
+    option_ids = jnp.asarray(np.sort(np.random.default_rng(6).choice(vocab, 32, replace=False)), jnp.int32)
+    option_mask = jnp.asarray(np.random.default_rng(7).random((capacity, 32)) < 0.5)
+    out = score_head(
+        hidden,
+        unembedding,
+        index,
+        target,
+        valid,
+        slot,
+        option_ids,
+        option_mask,
+        vocab_axes=(),
+        axis_sizes={},
+        vocab_chunk=chunk,
+        temperatures=DEFAULT_TEMPERATURES,
+    )
+    sums, _, _, nll_t, entropy, mass = (np.asarray(x) for x in out)
+    ref_t, ref_entropy, ref_mass = _brute_force_calibration(
+        hidden, unembedding, index, target, DEFAULT_TEMPERATURES, option_ids, option_mask
+    )
+    v = np.asarray(valid)
+    np.testing.assert_allclose(nll_t[v], ref_t[v], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(entropy[v], ref_entropy[v], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(mass[v], ref_mass[v], rtol=1e-4, atol=1e-6)
+    assert np.all(nll_t[~v] == 0) and np.all(entropy[~v] == 0)
+    np.testing.assert_array_equal(nll_t[:, DEFAULT_TEMPERATURES.index(1.0)], sums)  # T = 1 is the NLL itself
+
+
+def test_the_default_grid_has_17_log_spaced_values_with_half_one_and_two():
+    from psych201_jax.conditions import DEFAULT_TEMPERATURES, temperature_grid
+
+    grid = np.asarray(DEFAULT_TEMPERATURES)
+    assert len(grid) == 17 and grid[0] == 0.25 and grid[-1] == 4.0 and {0.5, 1.0, 2.0} <= set(grid.tolist())
+    np.testing.assert_allclose(np.diff(np.log(grid)), np.log(2) / 4)
+    assert temperature_grid("none") == () and temperature_grid("0.5,1") == (0.5, 1.0)

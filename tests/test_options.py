@@ -21,7 +21,7 @@ from psych201_jax.runs import job
 from psych201_jax.runs import store as results
 from psych201_jax.scoring import options as options_lib
 from psych201_jax.scoring import packing, scorer, stream
-from psych201_jax.scoring.head import option_max
+from psych201_jax.scoring.head import option_logits, option_max
 from psych201_jax.testing import tiny_models
 from psych201_jax.types import ParticipantSpans
 
@@ -73,13 +73,13 @@ def test_option_max_ties_vocabulary_shards_and_no_options():
     h = jnp.asarray(np.random.default_rng(1).normal(size=(3, 4)), jnp.float32)
     ids = jnp.asarray([1, 3, 5, 0], jnp.int32)  # the last one is padding
     mask = jnp.asarray([[False, True, True, False], [True, True, True, False], [False] * 4])
-    best, best_id = option_max(h, unembedding, ids, mask)
+    best, best_id = option_max(option_logits(h, unembedding, ids, mask), ids)
     logits = np.asarray(h @ unembedding.T)
     assert int(best_id[0]) == 3 and float(best[0]) == pytest.approx(logits[0, 3])
     assert int(best_id[1]) == [1, 3][int(np.argmax(logits[1, [1, 3]]))]
     assert int(best_id[2]) == -1 and float(best[2]) == -np.inf
     # A vocabulary shard holding ids 4..7 sees only id 5.
-    _, shard_id = option_max(h, unembedding[4:], ids, mask, offset=4)
+    _, shard_id = option_max(option_logits(h, unembedding[4:], ids, mask, offset=4), ids)
     np.testing.assert_array_equal(np.asarray(shard_id), [5, 5, -1])
 
 
@@ -165,6 +165,8 @@ def test_mesh_paths_give_the_single_device_option_argmax():
     assert report["with_option"] > 0.5 * report["tokens"] and report["made_up_chosen"] > 0, report
     for mesh, r in report["meshes"].items():
         assert r["option_equal"] and r["argmax_equal"], (mesh, r)
+        assert set(r["calibration_max_rel"]) == {"nll_t", "entropy", "option_mass"}, (mesh, r)
+        assert max(r["calibration_max_rel"].values()) <= 1e-5, (mesh, r)
     assert report["meshes"]["1x1x1"]["max_abs"] == 0.0
 
 

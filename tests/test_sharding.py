@@ -46,10 +46,14 @@ def test_meshes_give_single_device_nlls(report, mesh):
     assert r["max_abs"] <= 5e-5, r  # response sums of up to ~60 nats: float32 rounding of the sum
     assert r["argmax_equal"], r
     assert r["compilations"]["forward"] <= 2  # one forward per sub-batch shape, as on one device
+    # The temperature grid and the entropy: vocabulary split over tensor (1x2x4) or not, as on one device.
+    assert set(r["calibration_max_rel"]) == {"nll_t", "entropy"}, r
+    assert max(r["calibration_max_rel"].values()) <= 1e-5, r
 
 
 @pytest.mark.slow
-def test_one_device_mesh_path_is_the_single_device_path(report):
+def test_default_scorer_is_the_explicit_one_device_mesh(report):
+    """Scorer(model) runs on the 1x1x1 mesh of the first device: the same numbers as that mesh given."""
     r = report["meshes"]["1x1x1"]
     assert r["max_abs"] == 0.0 and r["argmax_equal"]
 

@@ -39,7 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
         ),
     ]
     c.conditions = [
-        dict(name="plain", protocol="reference", template="none", persona="none", kinds="all"),
+        dict(name="plain", protocol="reference", template="none", persona="none", kinds="all", temperatures="default"),
         dict(name="robust", protocol="robust", template="none", persona="none", kinds="all"),
         dict(name="chat", protocol="reference", template="chat", persona="none", kinds="chat"),
         dict(name="persona", protocol="reference", template="none", persona="matched", kinds="persona"),

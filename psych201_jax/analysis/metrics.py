@@ -55,6 +55,8 @@ class Participant:
     n_tokens: scored tokens with an argmax (accuracy denominator); n_correct: argmax == human token.
     n_option_tokens / n_option_correct: tokens of single-token responses whose study has options, and how
     many of them the argmax restricted to the study's options gets right; None if not recorded.
+    nll_t: float64 [R, nT], the NLL per response at each temperature of the run's grid; entropy: float64 [R],
+    the summed T = 1 entropy per response; None when the run has no grid.
     """
 
     study: str
@@ -65,6 +67,8 @@ class Participant:
     n_correct: int
     n_option_correct: int | None
     n_option_tokens: int | None = None
+    nll_t: np.ndarray | None = None
+    entropy: np.ndarray | None = None
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -89,6 +93,7 @@ class Run:
     complete: bool = True
     n_done: int = 0
     n_input: int | None = None
+    temperatures: tuple[float, ...] = ()  # the head's grid (results without one: empty)
 
     def status(self) -> str:
         total = "?" if self.n_input is None else str(self.n_input)
@@ -118,6 +123,7 @@ def condition_of(manifest: dict) -> Condition:
 def run_from_rows(manifest: dict, rows: Iterable[dict], path: str = "") -> Run:
     """Builds a ``Run`` from a manifest and its result rows (``results.iter_rows`` dicts)."""
     participants, rejected = [], 0
+    temperatures = tuple(float(t) for t in manifest.get("determinants", {}).get("temperatures") or ())
     for row in rows:
         if row.get("status") != "scored":
             rejected += 1
@@ -134,6 +140,11 @@ def run_from_rows(manifest: dict, rows: Iterable[dict], path: str = "") -> Run:
             option = np.asarray(option, dtype=np.int64)
             chosen = single & (option >= 0)
             n_option, n_option_tokens = int(np.sum(option[chosen] == target[chosen])), int(chosen.sum())
+        nll_t = entropy = None
+        if temperatures and row.get("nll_t") is not None:
+            nll_t = np.asarray([[np.nan if x is None else x for x in r] for r in row["nll_t"]], np.float64)
+            nll_t = nll_t.reshape(len(nll), len(temperatures))
+            entropy = np.asarray([np.nan if x is None else x for x in row.get("entropy") or []], np.float64)
         participants.append(
             Participant(
                 row["study"],
@@ -144,9 +155,18 @@ def run_from_rows(manifest: dict, rows: Iterable[dict], path: str = "") -> Run:
                 int(np.sum(argmax == target)),
                 n_option,
                 n_option_tokens,
+                nll_t,
+                entropy,
             )
         )
-    return Run(path, model_info(manifest), condition_of(manifest), tuple(participants), rejected)
+    return Run(
+        path,
+        model_info(manifest),
+        condition_of(manifest),
+        tuple(participants),
+        rejected,
+        temperatures=temperatures,
+    )
 
 
 def resolve_ddof(mode: str) -> dict[str, int]:

@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 
 from psych201_jax import defaults  # noqa: E402
+from psych201_jax.analysis import calibration  # noqa: E402
 from psych201_jax.analysis import metrics as analysis  # noqa: E402
 from psych201_jax.conditions import Condition, ModelInfo  # noqa: E402
 from psych201_jax.errors import UserError  # noqa: E402
@@ -416,6 +417,8 @@ def build_tables(
             "domains": [n for n in categories.names if n not in analysis.REFERENCE_DROPPED_DOMAINS],
             "domains_extended": [*categories.names, analysis.OTHER_DOMAIN],
         }
+    rows["calibration"] = calibration.model_rows(runs, seed)
+    rows["calibration_pairs"] = calibration.pair_rows(pairs, ddofs, n_boot, seed)
     return Tables(rows, (columns["domains"], columns["domains_extended"]), primary_condition(runs), notes)
 
 
@@ -662,6 +665,52 @@ def plot_pair_ci(t: Tables, path: str) -> str | None:
     return None
 
 
+def plot_calibration_curves(t: Tables, path: str) -> str | None:
+    rows = [r for r in t.rows["calibration"] if r["study"] == "ALL"]
+    if not rows:
+        return "no results with a temperature grid (config temperatures)"
+    families = sorted({r["family"] or r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families), 3.4), squeeze=False)
+    for ax, family in zip(axes[0], families):
+        for r in (r for r in rows if (r["family"] or r["model"]) == family):
+            ts = [float(k[len("score_T") :]) for k in r if k.startswith("score_T")]
+            ys = [r[k] for k in r if k.startswith("score_T")]
+            style = "-" if r["kind"] == "base" else "--"
+            ax.plot(ts, ys, style, color=TYPE_COLORS.get(r["kind"], "C7"), label=_short(r["model"]))
+            for key in ("t_fit_half0", "t_fit_half1"):
+                if _finite(r[key]):
+                    ax.axvline(r[key], color=TYPE_COLORS.get(r["kind"], "C7"), linewidth=0.5, alpha=0.6)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("Temperature T (vertical lines: cross-fitted T of each half)")
+        ax.set_ylabel("Score at T (mean NLL)")
+        ax.set_title(family, fontsize=9)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return None
+
+
+def plot_calibrated_misalignment(t: Tables, path: str) -> str | None:
+    rows = [r for r in t.rows["calibration_pairs"] if _finite(r["d_pair_raw"]) or _finite(r["d_pair_calibrated"])]
+    if not rows:
+        return "no pair with a temperature grid on both models"
+    y = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(6.5, 0.3 * len(rows) + 1.4))
+    for i, r in enumerate(rows):
+        ax.plot([r["d_pair_raw"], r["d_pair_calibrated"]], [i, i], color="0.6", linewidth=1)
+    ax.scatter([r["d_pair_raw"] for r in rows], y, color="C3", label="raw", zorder=3)
+    ax.scatter([r["d_pair_calibrated"] for r in rows], y, color="C0", label="cross-fitted temperature", zorder=3)
+    ax.axvline(0, color="black", linewidth=0.5)
+    ax.set_yticks(y, [_short(r["post"]) for r in rows], fontsize=7)
+    ax.set_xlabel("d_pair (> 0: post-training moved the model away from humans)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return None
+
+
 FIGURES = (
     ("fig_nll_by_size.png", "NLL by model size, base vs post-trained per family (fig2)", plot_nll_by_size),
     (
@@ -673,6 +722,12 @@ FIGURES = (
     ("fig_persona.png", "Persona benefit (fig5)", plot_persona),
     ("fig_accuracy.png", "Accuracy, base vs post-trained (fig_accuracy)", plot_accuracy),
     ("fig_pair_ci.png", "Paired post − base NLL difference with bootstrap CIs", plot_pair_ci),
+    (
+        "fig_calibration_curves.png",
+        "Score against temperature, base vs post-trained per family",
+        plot_calibration_curves,
+    ),
+    ("fig_calibrated_misalignment.png", "Raw vs calibrated d_pair per pair", plot_calibrated_misalignment),
 )
 
 
@@ -725,6 +780,37 @@ def _incomplete_note(model_scores: Sequence[dict]) -> list[str]:
     return [*lines, ""]
 
 
+def _calibration_section(t: Tables) -> list[str]:
+    """report.md's calibration control: method, one sentence per family, the pair table."""
+    rows = t.rows["calibration_pairs"]
+    out = [
+        "## Calibration control\n",
+        "Is post-training's misalignment over-confidence a single temperature undoes? Each model's best "
+        "temperature is cross-fitted: fitted on one half of the participants (seeded hash), evaluated on the other, "
+        "and swapped; d_pair and the paired statistics are recomputed at those temperatures "
+        "(calibration.csv, calibration_pairs.csv).\n",
+    ]
+    if not rows:
+        return [*out, "_No pair with a temperature grid on both models (config temperatures)._\n"]
+    out += calibration.conclusions(rows) + [""]
+    columns = (
+        "post",
+        "base",
+        "d_pair_raw",
+        "d_pair_calibrated",
+        "share_removed",
+        "share_removed_ci_lo",
+        "share_removed_ci_hi",
+        "entropy_post",
+        "entropy_base",
+    )
+    return [*out, markdown_table(rows, columns), ""]
+
+
+def _short(hf_id: str) -> str:
+    return hf_id.split("/")[-1]
+
+
 def render_report(
     t: Tables, figures: dict[str, str | None], ddof_mode: str, n_boot: int, seed: int, n_inputs: int
 ) -> str:
@@ -762,6 +848,7 @@ def render_report(
     ]
     if t.notes:
         out += ["## Input notes\n"] + [f"- {n}" for n in t.notes] + [""]
+    out += _calibration_section(t)
     out += ["## Figures\n"]
     for name, title, _ in FIGURES:
         note = figures.get(name)
@@ -926,6 +1013,15 @@ def generate(
         write_csv(os.path.join(out_dir, f"{name}.csv"), tables.rows[name], columns)
     for name, cols in (("domains", tables.domain_columns[0]), ("domains_extended", tables.domain_columns[1])):
         write_csv(os.path.join(out_dir, f"{name}.csv"), tables.rows[name], ("post", "base", *CONDITION, *cols))
+    curve_columns = list(dict.fromkeys(k for r in tables.rows["calibration"] for k in r if k.startswith("score_T")))
+    write_csv(
+        os.path.join(out_dir, "calibration.csv"),
+        tables.rows["calibration"],
+        (*calibration.MODEL_COLUMNS, *curve_columns),
+    )
+    write_csv(
+        os.path.join(out_dir, "calibration_pairs.csv"), tables.rows["calibration_pairs"], calibration.PAIR_COLUMNS
+    )
     figures = draw_figures(tables, out_dir)
     with open(os.path.join(out_dir, "report.md"), "w") as fh:
         fh.write(render_report(tables, figures, ddof_mode, n_boot, seed, len(dirs)))

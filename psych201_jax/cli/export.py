@@ -7,7 +7,10 @@ span counters responses_text, responses_scored, lost_truncation, missed, runaway
 ``nll`` holds the summed NLL of each scored response in text order (null for a response with no scorable
 token); ``n_markers`` is the number of ``<<`` responses in the text. ``status``: ``scored``, ``unscored``
 (nothing of it could be scored, e.g. every response beyond the character cut) or ``rejected``; ``reason``
-counts every lost response and labelling problem. An incomplete run is refused unless --allow_incomplete.
+counts every lost response and labelling problem. With the head's temperature grid: ``temperatures``,
+``nll_t`` (one list per temperature, responses in the order of ``nll``), ``entropy`` (per response, summed
+over its tokens, nats) and with options ``option_mass``. An incomplete run is refused unless
+--allow_incomplete.
 """
 
 import json
@@ -25,7 +28,9 @@ _ALLOW_INCOMPLETE = flags.DEFINE_bool("allow_incomplete", False, "Export an inco
 
 def export_rows(results_dir: str):
     """One dict per committed participant (see the module docstring)."""
-    protocol = results.read_manifest(results_dir).get("determinants", {}).get("protocol", "reference")
+    determinants = results.read_manifest(results_dir).get("determinants", {})
+    protocol = determinants.get("protocol", "reference")
+    temperatures = determinants.get("temperatures") or []
     for row in results.iter_rows(results_dir):
         status, reason = results.outcome(row, protocol)
         out = {
@@ -38,6 +43,12 @@ def export_rows(results_dir: str):
             "reason": reason,
         }
         out.update({name: row[name] for name in SPAN_COUNTERS if name in row})
+        if temperatures and "nll_t" in row:  # per temperature, the responses in the order of nll
+            out["temperatures"] = temperatures
+            out["nll_t"] = [list(per_t) for per_t in zip(*row["nll_t"])] if row["nll_t"] else [[] for _ in temperatures]
+        for name in ("entropy", "option_mass"):
+            if name in row:
+                out[name] = row[name]
         yield out
 
 

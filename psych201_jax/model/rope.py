@@ -11,6 +11,7 @@ import math
 
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, Float, Int
 
 from psych201_jax.model.spec import RopeSpec, UnsupportedModelError
 
@@ -94,7 +95,9 @@ def inv_freq_and_scaling(rope: RopeSpec, head_dim: int, max_position_embeddings:
     raise UnsupportedModelError(f"unsupported rope_type {rope.rope_type!r}")
 
 
-def cos_sin(positions: jnp.ndarray, inv_freq: np.ndarray, attention_scaling: float) -> tuple[jnp.ndarray, jnp.ndarray]:
+def cos_sin(
+    positions: Int[Array, "b t"], inv_freq: Float[np.ndarray, " half"], attention_scaling: float
+) -> tuple[Float[Array, "b t d"], Float[Array, "b t d"]]:
     """positions int32[B, T] -> (cos, sin) float32[B, T, head_dim], both halves repeated (HF layout)."""
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
     emb = jnp.concatenate([freqs, freqs], axis=-1)
@@ -107,7 +110,9 @@ def rotate_half(x: jnp.ndarray) -> jnp.ndarray:
     return jnp.concatenate([-x2, x1], axis=-1)
 
 
-def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, *, in_fp32: bool) -> jnp.ndarray:
+def apply_rope(
+    x: Float[Array, "b t h d"], cos: Float[Array, "b t d"], sin: Float[Array, "b t d"], *, in_fp32: bool
+) -> Float[Array, "b t h d"]:
     """x [B, T, H, hd], cos/sin float32[B, T, hd] -> rotated x in x.dtype.
 
     ``in_fp32=False`` casts cos/sin to x.dtype first (Llama/Qwen); ``True`` rotates in float32 and casts the

@@ -34,6 +34,10 @@ def get_config() -> ml_collections.ConfigDict:
     # none | study: also store option_argmax, the top token among the study's options (the distinct
     # single-token responses of the study, from an extra tokenization pass over the data before scoring).
     c.options = "none"
+    # The head's temperature grid: NLL under softmax(logits / T) per response for each T, and the T = 1
+    # entropy (and option mass with options=study), in the same vocabulary pass. default = 17 log-spaced
+    # values from 0.25 to 4 (0.5, 1, 2 included); none = off; or a comma list, e.g. "0.5,1,2".
+    c.temperatures = "default"
     c.dtype = "float32"  # float32 | bfloat16 (parameters and activations; log-probs always float32)
     c.attention = "xla"  # attention backend (see psych201_jax.model.attention.available_backends())
     c.max_tokens = 0  # robust token budget of experiment text; 0 = context - persona_reserve

@@ -52,6 +52,7 @@ def build_manifest(
         "max_chars": protocol.max_chars,
         "dtype": cfg.dtype,
         "options": cfg.options,
+        "temperatures": list(condition_of(cfg).temperatures),
     }
     return {
         "fingerprint": store.fingerprint(determinants),
@@ -162,7 +163,14 @@ def run(cfg) -> stream.Progress:
         condition.persona.value, subset_only=condition.persona_subset, seed=cfg.seed, records=_records(cfg)
     )
     study_options = _collect_options(cfg, tok, protocol, persona_of) if condition.options == OptionsMode.STUDY else None
-    score_model = scorer.Scorer(model, vocab_chunk=cfg.vocab_chunk, mesh=mesh, rules=rules, options=study_options)
+    score_model = scorer.Scorer(
+        model,
+        vocab_chunk=cfg.vocab_chunk,
+        mesh=mesh,
+        rules=rules,
+        options=study_options,
+        temperatures=condition.temperatures,
+    )
     # Rows are containers of whole participants and may be longer than the context: long rows pack
     # homogeneous studies (e.g. all ~9K-token transcripts) far better than context-length rows.
     row_lengths = packing.choose_row_lengths(
@@ -253,7 +261,7 @@ def _mesh_and_rules(cfg, model_dir: str) -> tuple[jax.sharding.Mesh, sharding.Ru
         raise ConfigError(f"config.mesh: {err}") from None
     spec = modelspec.ModelSpec.load(os.path.join(model_dir, checkpoint.SPEC))
     rules = sharding.rules_for(spec, mesh)
-    logging.info("mesh %s, rules %s", dict(mesh.shape), rules)
+    logging.vlog(1, "mesh %s, rules %s", dict(mesh.shape), rules)
     return mesh, rules
 
 

@@ -161,10 +161,10 @@ def _write_array(path: str, values: np.ndarray, dtype) -> None:
         {"driver": "zarr", "kvstore": {"driver": "file", "path": path}},
         create=True,
         dtype=dtype,
-        shape=[len(values)],
-        chunk_layout=ts.ChunkLayout(chunk_shape=[max(1, len(values))]),
+        shape=list(values.shape),
+        chunk_layout=ts.ChunkLayout(chunk_shape=[max(1, n) for n in values.shape]),
     ).result()
-    if len(values):
+    if values.size:
         store.write(values).result()
 
 
@@ -173,10 +173,15 @@ def _read_array(path: str) -> np.ndarray:
 
 
 RESPONSE_FIELDS = ("nll", "n_tokens")  # one value per response
+# Per response too, stored when every scored row of a chunk has them: NLL per temperature [R, nT] (2-D
+# array), summed entropy and option mass (calibration statistics of the head).
+CALIBRATION_FIELDS = ("nll_t", "entropy", "option_mass")
 TOKEN_FIELDS = ("argmax", "target", "option_argmax")  # one value per scored token (option_argmax optional)
-ALL_ARRAYS = RESPONSE_FIELDS + TOKEN_FIELDS + ("response_offsets", "token_offsets")
+PER_RESPONSE = RESPONSE_FIELDS + CALIBRATION_FIELDS
+ALL_ARRAYS = PER_RESPONSE + TOKEN_FIELDS + ("response_offsets", "token_offsets")
 REQUIRED_ARRAYS = ("nll", "n_tokens", "response_offsets", "token_offsets")  # written for every chunk
 _DTYPES = {"nll": ts.float64, "n_tokens": ts.int32, "argmax": ts.int32, "target": ts.int32, "option_argmax": ts.int32}
+_DTYPES.update({name: ts.float64 for name in CALIBRATION_FIELDS})
 
 
 def row_of(item: ParticipantResult | Rejected) -> dict:
@@ -207,6 +212,9 @@ def row_of(item: ParticipantResult | Rejected) -> dict:
     )
     if item.option_argmax is not None:
         row["option_argmax"] = item.option_argmax
+    for name in CALIBRATION_FIELDS:
+        if getattr(item, name) is not None:
+            row[name] = getattr(item, name)
     return row
 
 
@@ -284,18 +292,18 @@ def _write_chunk(path: str, rows: list[dict]) -> None:
     """
     os.makedirs(path)
     scored = [r for r in rows if "nll" in r]
-    token_fields = [f for f in TOKEN_FIELDS if scored and all(f in r for r in scored)]
+    optional = [f for f in CALIBRATION_FIELDS + TOKEN_FIELDS if scored and all(f in r for r in scored)]
     arrays = {}
-    for field in RESPONSE_FIELDS + tuple(token_fields):
-        parts = [np.asarray(r[field], dtype=np.float64 if field == "nll" else np.int64) for r in scored]
-        arrays[field] = (np.concatenate(parts) if parts else np.zeros(0)).astype(_DTYPES[field].numpy_dtype)
+    for field in RESPONSE_FIELDS + tuple(optional):
+        parts = [np.asarray(r[field], dtype=_DTYPES[field].numpy_dtype) for r in scored]
+        arrays[field] = np.concatenate(parts) if parts else np.zeros(0, _DTYPES[field].numpy_dtype)
     arrays["response_offsets"] = np.cumsum([0] + [len(r["nll"]) for r in scored], dtype=np.int64)
     arrays["token_offsets"] = np.cumsum([0] + [len(r.get("argmax", ())) for r in scored], dtype=np.int64)
     for name, values in arrays.items():
         _write_array(os.path.join(path, name), values, ts.dtype(values.dtype.name))
     lines, k = [], 0
     for row in rows:
-        table = {key: value for key, value in row.items() if key not in RESPONSE_FIELDS + TOKEN_FIELDS}
+        table = {key: value for key, value in row.items() if key not in PER_RESPONSE + TOKEN_FIELDS}
         if "nll" in row:
             table["index"] = k  # position in the offsets arrays
             k += 1
@@ -307,13 +315,15 @@ def _write_chunk(path: str, rows: list[dict]) -> None:
 
 
 def write_rows(out_dir: str, manifest: dict, rows: Iterable[dict], *, chunk: str = "p00000-c000000") -> str:
-    """Writes ``manifest`` and one chunk of plain row dicts (as ``row_of`` makes them); for tools and tests."""
+    """Writes ``manifest`` and one chunk of plain row dicts (as ``row_of`` makes them) as a finished results
+    directory (complete.json included); for tools and tests."""
     os.makedirs(os.path.join(out_dir, CHUNKS), exist_ok=True)
     _atomic_write(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True))
     final = os.path.join(out_dir, CHUNKS, chunk)
     tmp = os.path.join(out_dir, CHUNKS, f".tmp-{chunk}-{os.getpid()}")
     _write_chunk(tmp, list(rows))
     os.rename(tmp, final)
+    write_complete(out_dir, manifest.get("fingerprint", ""), 0.0)
     return out_dir
 
 
@@ -369,11 +379,15 @@ def _chunk_rows(chunk: str) -> Iterator[dict]:
     for row in table:
         k = row.pop("index", None)
         if k is not None:
-            for field in RESPONSE_FIELDS + TOKEN_FIELDS:
+            for field in PER_RESPONSE + TOKEN_FIELDS:
                 if field in arrays:
-                    off = r_off if field in RESPONSE_FIELDS else t_off
+                    off = r_off if field in PER_RESPONSE else t_off
                     row[field] = arrays[field][off[k] : off[k + 1]].tolist()
-            row["nll"] = [None if math.isnan(x) else x for x in row["nll"]]
+            for field in ("nll", "entropy", "option_mass"):
+                if field in row:
+                    row[field] = [None if math.isnan(x) else x for x in row[field]]
+            if "nll_t" in row:
+                row["nll_t"] = [[None if math.isnan(x) else x for x in per_t] for per_t in row["nll_t"]]
         yield row
 
 

@@ -74,7 +74,7 @@ def expand(cfg) -> list[Job]:
     """All (model, condition) jobs of a sweep config, in config order (conditions outer)."""
     jobs = []
     for condition in cfg.conditions:
-        condition = {"persona_subset": False, "options": "none", "data": "", **dict(condition)}
+        condition = {"persona_subset": False, "options": "none", "temperatures": "none", "data": "", **dict(condition)}
         for model in cfg.models:
             model = dict(model)
             if not _applies(condition, model):

@@ -19,6 +19,7 @@ import dataclasses
 from collections.abc import Hashable, Iterable, Sequence
 
 import numpy as np
+from jaxtyping import Bool, Int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,14 +56,14 @@ class PackedBatch:
                      did not fit the capacity of the previous k passes.
     """
 
-    tokens: np.ndarray
-    segment_ids: np.ndarray
-    positions: np.ndarray
-    score_index: np.ndarray
-    score_target: np.ndarray
-    score_slot: np.ndarray
-    score_valid: np.ndarray
-    score_position: np.ndarray
+    tokens: Int[np.ndarray, "b l"]
+    segment_ids: Int[np.ndarray, "b l"]
+    positions: Int[np.ndarray, "b l"]
+    score_index: Int[np.ndarray, " c"]
+    score_target: Int[np.ndarray, " c"]
+    score_slot: Int[np.ndarray, " c"]
+    score_valid: Bool[np.ndarray, " c"]
+    score_position: Int[np.ndarray, " c"]
     slot_keys: tuple[tuple[Hashable, int], ...]
     row_keys: tuple[tuple[Hashable, ...], ...]
     segments: tuple[Segment, ...]
@@ -179,16 +180,17 @@ def unpack(
 ) -> dict[Hashable, ParticipantScores]:
     """Per-participant results from per-batch outputs.
 
-    ``response_nll[i]``: float [>= len(slot_keys)] slot sums of batch i (e.g. ``response_sums`` with
-    ``num_slots=capacity``); ``argmax[i]``: int [C] per-entry argmax of batch i. Overflow passes of the
-    same rows are summed.
+    ``response_nll[i]``: float [>= len(slot_keys), ...] slot sums of batch i (e.g. ``response_sums`` with
+    ``num_slots=capacity``; trailing axes, such as one per temperature, are kept); ``argmax[i]``: int [C]
+    per-entry argmax of batch i. Overflow passes of the same rows are summed.
     """
     results = {}
+    trailing = np.shape(response_nll[0])[1:] if len(response_nll) else ()
     for batch in batches:
         for seg in batch.segments:
             if seg.key not in results:
                 results[seg.key] = ParticipantScores(
-                    np.zeros(seg.n_responses, np.float64),
+                    np.zeros((seg.n_responses, *trailing), np.float64),
                     np.zeros(seg.n_responses, np.int32),
                     np.full(seg.length, -1, np.int32),
                 )

@@ -39,10 +39,16 @@ class Scorer:
         mesh: jax.sharding.Mesh | None = None,
         rules: sharding.Rules | None = None,
         options: StudyOptions | None = None,
+        temperatures: tuple[float, ...] = (),
     ):
         graphdef, state = nnx.split(model)
         self.mesh = mesh = sharding.make_mesh(1, 1, 1, devices=jax.local_devices()[:1]) if mesh is None else mesh
         self.options = options
+        self.temperatures = tuple(float(t) for t in temperatures)
+        # The head's outputs, in order (see head.score_head).
+        self.outputs: tuple[str, ...] = ("sums", "argmax") + (("option_argmax",) if options is not None else ())
+        if self.temperatures:
+            self.outputs += ("nll_t", "entropy") + (("option_mass",) if options is not None else ())
         self.vocab_chunk = vocab_chunk
         self.rules = tuple(rules) if rules is not None else sharding.rules_for(model.spec, mesh)
         self.layout = layout = sharding.RowLayout.create(mesh, sharding.row_axes(self.rules))
@@ -58,12 +64,16 @@ class Scorer:
                 return nnx.merge(graphdef, state)(tokens, positions, segment_ids)
 
         n_plan = 4 if options is None else 6  # + option_ids [shards * K], option_mask [shards * C, K]
-        n_out = 2 if options is None else 3
+        n_out = len(self.outputs)
 
         def head_step(state, hidden, *plan_arrays):
             unembedding = nnx.merge(graphdef, state).unembedding()
             local = functools.partial(
-                head.score_head, vocab_axes=vocab_axes, axis_sizes=dict(mesh.shape), vocab_chunk=vocab_chunk
+                head.score_head,
+                vocab_axes=vocab_axes,
+                axis_sizes=dict(mesh.shape),
+                vocab_chunk=vocab_chunk,
+                temperatures=self.temperatures,
             )
             # Each row shard scores its own plan on its own rows; the vocabulary stays split over vocab_axes.
             # check_vma=False: the outputs are combined over vocab_axes by hand (psum / pmax / pmin).

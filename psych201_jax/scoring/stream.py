@@ -80,23 +80,32 @@ def score_spans(
     yield from _rounds(checked(items), scorer, row_lengths, tokens_per_batch, chunk_tokens, progress, run_chunk)
 
 
-def _results(participants: list[ParticipantSpans], batches, sums, tops, option_tops=None) -> dict:
-    """Per-participant results from per-batch host outputs (``option_tops``: per-batch option_argmax [C])."""
-    unpacked = packing.unpack(batches, sums, tops)
+def _results(participants: list[ParticipantSpans], batches, columns: dict[str, list[np.ndarray]]) -> dict:
+    """Per-participant results from per-batch host outputs, by the scorer's output names."""
+    unpacked = packing.unpack(batches, columns["sums"], columns["argmax"])
+
+    def per_response(name):  # slot sums of another head output, unpacked like the NLL
+        if name not in columns:
+            return None
+        return packing.unpack(batches, columns[name], columns["argmax"])
+
     # unpack places any per-entry values at their positions: reused for option_argmax ([T], -1 unscored).
-    options = packing.unpack(batches, sums, option_tops) if option_tops is not None else None
+    options = packing.unpack(batches, columns["sums"], columns["option_argmax"]) if "option_argmax" in columns else None
+    nll_t, entropy, mass = per_response("nll_t"), per_response("entropy"), per_response("option_mass")
     out = {}
     for p in participants:
         scores = unpacked[p.key]
         positions = np.flatnonzero(scores.argmax >= 0)
-        option = options[p.key].argmax[positions] if options is not None else None
         out[p.key] = ParticipantResult(
             spans=p,
             nll=scores.nll,
             n_scored=scores.n_scored,
             argmax=scores.argmax[positions],
             target=p.token_ids[positions],
-            option_argmax=option,
+            option_argmax=options[p.key].argmax[positions] if options is not None else None,
+            nll_t=nll_t[p.key].nll if nll_t is not None else None,
+            entropy=entropy[p.key].nll if entropy is not None else None,
+            option_mass=mass[p.key].nll if mass is not None else None,
         )
     return out
 
@@ -179,14 +188,15 @@ def _rounds(
             )
             for st in steps
         ]
-        host: list = [None] * len(batches)  # per batch: sums, tops[, option tops]
+        host: list = [None] * len(batches)  # per batch: the scorer's outputs
         for st, out in zip(steps, outputs):
             blocks = [layout.local_blocks(x) for x in out]
             for k, i in enumerate(st.slots):
                 if i is not None:
                     host[i] = [b[layout.local_shards[k]] for b in blocks]
         progress.computed_tokens += sum(b.computed_tokens for b in batches)
-        results = _results(scored, batches, *zip(*host)) if scored else {}
+        columns = {name: [h[j] for h in host] for j, name in enumerate(scorer.outputs)}
+        results = _results(scored, batches, columns) if scored else {}
         if chunk:
             yield from run_chunk(chunk, results)
         if header[:, 1].all():

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from psych201_jax.scoring.head import option_max, vocab_scan
+from psych201_jax.scoring.head import option_logits, option_max, vocab_scan
 
 
 @functools.partial(jax.jit, static_argnames=("vocab_chunk",))
@@ -37,7 +37,7 @@ def masked_logprobs(
     mesh = jax.typeof(flat).sharding.mesh
     replicated = None if mesh.empty else NamedSharding(mesh, P())
     h = flat.at[score_index].get(mode="clip", out_sharding=replicated)  # [C, D]
-    run_max, run_sum, run_arg, target_logit = vocab_scan(h, unembedding, score_target, vocab_chunk)
+    run_max, run_sum, run_arg, target_logit = vocab_scan(h, unembedding, score_target, vocab_chunk)[:4]
     nll = jnp.where(score_valid, jnp.log(run_sum) + run_max - target_logit, 0.0)
     return nll, jnp.where(score_valid, run_arg, -1).astype(jnp.int32)
 
@@ -59,7 +59,7 @@ def masked_option_argmax(
     """
     d = hidden.shape[-1]
     h = hidden.reshape(-1, d).at[score_index].get(mode="clip")  # [C, D]
-    _, best_id = option_max(h, unembedding, option_ids, option_mask)
+    _, best_id = option_max(option_logits(h, unembedding, option_ids, option_mask), option_ids)
     return jnp.where(score_valid, best_id, -1)
 
 
