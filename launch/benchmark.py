@@ -165,6 +165,39 @@ def logprob_memory(tokens: int = 16384, d: int = 256, vocab: int = 151936, score
     }
 
 
+def head_cost(vocab: int = 151936, d: int = 1024, capacity: int = 1024, repeats: int = 5) -> dict:
+    """Steady time of the head (one device, float32) without and with the default temperature grid (17
+    temperatures, entropy): the ratio is the cost of the calibration statistics."""
+    import functools
+
+    from psych201_jax.conditions import DEFAULT_TEMPERATURES
+    from psych201_jax.scoring import head
+
+    rng = np.random.default_rng(0)
+    hidden = jnp.asarray(rng.normal(size=(1, capacity, d)), jnp.float32)
+    unembedding = jnp.asarray(rng.normal(size=(vocab, d)) / np.sqrt(d), jnp.float32)
+    index = jnp.arange(capacity, dtype=jnp.int32)
+    target = jnp.asarray(rng.integers(0, vocab, capacity), jnp.int32)
+    valid = jnp.ones(capacity, bool)
+    slot = index // 4
+    out = {"vocab": vocab, "d": d, "capacity": capacity}
+    for name, temps in (("no_grid_s", ()), ("grid_s", DEFAULT_TEMPERATURES)):
+        f = jax.jit(
+            functools.partial(
+                head.score_head, vocab_axes=(), axis_sizes={}, vocab_chunk=8192, temperatures=tuple(temps)
+            )
+        )
+        jax.block_until_ready(f(hidden, unembedding, index, target, valid, slot))
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(f(hidden, unembedding, index, target, valid, slot))
+            times.append(time.perf_counter() - start)
+        out[name] = min(times)
+    out["grid_over_no_grid"] = out["grid_s"] / out["no_grid_s"]
+    return out
+
+
 def main(argv):
     del argv
     out = {"device": str(jax.devices()[0]), "jax": jax.__version__}
@@ -177,6 +210,8 @@ def main(argv):
     print("end to end:", json.dumps(out["end_to_end"], indent=1))
     out["logprob_memory"] = logprob_memory()
     print("log-prob memory:", json.dumps(out["logprob_memory"], indent=1))
+    out["head_cost"] = head_cost()
+    print("head cost of the temperature grid:", json.dumps(out["head_cost"], indent=1))
     out["packing"] = packing_efficiency(FLAGS.data)
     print("packing:", json.dumps(out["packing"], indent=1))
     if FLAGS.out:
