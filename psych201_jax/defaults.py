@@ -21,7 +21,8 @@ def context_length(model_or_tokenizer_dir: str) -> int | None:
             if os.path.isfile(path):
                 with open(path) as fh:
                     spec = json.load(fh)
-                for key in ("max_position_embeddings", "context_length"):
-                    if isinstance(spec.get(key), int):
-                        return spec[key]
+                for fields in (spec, spec.get("text_config") or {}):  # a vision-language wrapper: its text model
+                    for key in ("max_position_embeddings", "context_length"):
+                        if isinstance(fields.get(key), int):
+                            return fields[key]
     return None

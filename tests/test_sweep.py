@@ -23,7 +23,10 @@ def test_paper_sweep_lists_the_study_models_and_pairs():
     plain = [j for j in jobs if j.condition["name"] == "plain"]
     assert len(plain) == 101
     skipped = {j.model_info["hf_id"] for j in plain if j.skip_reason}
-    assert "Qwen/Qwen3-VL-8B-Instruct" in skipped and "allenai/Olmo-3-7B-Think" not in skipped
+    assert "Qwen/Qwen3.5-9B" in skipped and "allenai/Olmo-3-7B-Think" not in skipped
+    vl = {m["hf_id"] for m in models if m["arch"] in ("qwen2_5_vl", "qwen3_vl", "mllama")}
+    assert len(vl) == 14 and not vl & skipped  # the VL models are scored as their language model
+    assert skipped == {m["hf_id"] for m in models if m["arch"] == "qwen3_5"}
     assert all("not supported" in j.skip_reason for j in plain if j.skip_reason)
     qwen3 = next(j for j in plain if j.model_info["hf_id"] == "Qwen/Qwen3-8B")
     args = qwen3.score_args(cfg.data, {"dtype": "bfloat16"})

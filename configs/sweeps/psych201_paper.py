@@ -1,9 +1,10 @@
 """The study's model set (101 models, 65 base/post-trained pairs; psych201-reference.md §11) × conditions.
 
 Models are listed by HF id with family, generation, size (billions), post-training kind, paired base and
-architecture (``model_type``). Local snapshots are read from ``<model_root>/<hf_id>``. Architectures the
-converter does not support (the VL models' vision-language wrappers, Qwen3.5) are listed as the paper has
-them and skipped by the sweep with their reason. Centaur (a 4-bit adapter) is not listed.
+architecture (``model_type``). Local snapshots are read from ``<model_root>/<hf_id>``. The vision-language
+models (arch qwen2_5_vl, qwen3_vl, mllama) are scored as their language model on text, as the paper scores
+them. Architectures the converter does not support (Qwen3.5) are listed as the paper has them and skipped by
+the sweep with their reason. Centaur (a 4-bit adapter) is not listed.
 
 Conditions:
   plain                reference protocol, no template, no persona: the paper's main analysis (all models)
@@ -192,7 +193,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.out_root = "out/sweeps/psych201_paper"
     c.models = models()
     c.conditions = [
-        dict(name="plain", protocol="reference", template="none", persona="none", kinds="all"),
+        # The plain condition of every model also computes the head's temperature grid (calibration control).
+        dict(name="plain", protocol="reference", template="none", persona="none", kinds="all", temperatures="default"),
         dict(name="chat", protocol="reference", template="chat", persona="none", kinds="chat"),
         dict(name="persona", protocol="reference", template="none", persona="matched", kinds="persona"),
         dict(name="persona_shuffled", protocol="reference", template="none", persona="shuffled", kinds="persona"),

@@ -232,19 +232,45 @@ def load_categories(path: str = CATEGORIES_CSV) -> analysis.Categories:
 
 def dedupe(runs: Sequence[analysis.Run]) -> tuple[list[analysis.Run], list[str]]:
     """One run per (model, condition): a complete run wins over an incomplete one, else the first; returns
-    the kept runs (in input order) and notes on the others."""
+    the kept runs (in input order) and notes on the others. Runs of one condition that differ only in the
+    head (options, temperatures: the same NLLs) lend the kept run the head outputs it lacks."""
     best: dict[tuple[str, Condition], analysis.Run] = {}
     for run in runs:
         key = (run.model, run.condition)
         if key not in best or (run.complete and not best[key].complete):
             best[key] = run
-    kept = [r for r in runs if best[(r.model, r.condition)] is r]
-    notes = [
-        f"{r.path}: same model and condition as {best[(r.model, r.condition)].path} ({r.status()}); ignored"
-        for r in runs
-        if best[(r.model, r.condition)] is not r
-    ]
-    return kept, notes
+    merged = dict(best)
+    notes = []
+    for r in runs:
+        kept = best[(r.model, r.condition)]
+        if kept is r:
+            continue
+        if r.complete and kept.complete:
+            merged[(r.model, r.condition)] = _lend_head_outputs(merged[(r.model, r.condition)], r)
+            notes.append(
+                f"{r.path}: same model and condition as {kept.path}; only its head outputs (options, temperatures) "
+                f"are used"
+            )
+        else:
+            notes.append(f"{r.path}: same model and condition as {kept.path} ({r.status()}); ignored")
+    kept_runs = [merged[(r.model, r.condition)] for r in runs if best[(r.model, r.condition)] is r]
+    return kept_runs, notes
+
+
+def _lend_head_outputs(kept: analysis.Run, other: analysis.Run) -> analysis.Run:
+    """``kept`` with the temperature grid and option choices ``other`` has and it lacks, per participant."""
+    by_key = {p.key: p for p in other.participants}
+    parts = []
+    for p in kept.participants:
+        q = by_key.get(p.key)
+        fill: dict = {}
+        if q is not None and p.nll_t is None and q.nll_t is not None and other.temperatures:
+            fill.update(nll_t=q.nll_t, entropy=q.entropy)
+        if q is not None and p.n_option_correct is None and q.n_option_correct is not None:
+            fill.update(n_option_correct=q.n_option_correct, n_option_tokens=q.n_option_tokens)
+        parts.append(dataclasses.replace(p, **fill) if fill else p)
+    temperatures = kept.temperatures or (other.temperatures if any(p.nll_t is not None for p in parts) else ())
+    return dataclasses.replace(kept, participants=tuple(parts), temperatures=temperatures)
 
 
 def primary_condition(runs: Sequence[analysis.Run]) -> Condition | None:
@@ -681,7 +707,7 @@ def plot_calibration_curves(t: Tables, path: str) -> str | None:
                 if _finite(r[key]):
                     ax.axvline(r[key], color=TYPE_COLORS.get(r["kind"], "C7"), linewidth=0.5, alpha=0.6)
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("Temperature T (vertical lines: cross-fitted T of each half)")
+        ax.set_xlabel("T (lines: cross-fitted T per half)")
         ax.set_ylabel("Score at T (mean NLL)")
         ax.set_title(family, fontsize=9)
         ax.legend(fontsize=6)

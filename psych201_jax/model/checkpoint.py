@@ -5,7 +5,9 @@ Layout of a converted directory::
     <out>/params/           orbax (v1 layout) PyTree checkpoint, the model's pure state dict
     <out>/model_spec.json   ModelSpec
     <out>/tokenizer/        the HF tokenizer files
-    <out>/provenance.json   source path, sha256 of every source file, dtype, converter version, time
+    <out>/provenance.json   source path, sha256 of every source file, dtype, converter version, time, and
+                            what was converted: the text family (model_type), the source config's own
+                            model_type and architectures (a vision-language wrapper: its language model)
 
 Conversion writes one parameter per orbax partial save, so the host holds at most one stacked parameter
 (plus orbax's write buffer for it) instead of the whole model. Restoring reads straight into target
@@ -157,6 +159,7 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "bfloat16", *, allow_pickle:
 
 
 def _convert_into(hf_dir: str, out_dir: str, dtype: str, allow_pickle: bool) -> ModelSpec:
+    raw_config = modelspec.read_raw_config(hf_dir)
     spec = modelspec.from_hf_dir(hf_dir)
     reader = weights.open_weights(hf_dir, allow_pickle=allow_pickle)
     params_dir = os.path.join(out_dir, PARAMS)
@@ -179,6 +182,9 @@ def _convert_into(hf_dir: str, out_dir: str, dtype: str, allow_pickle: bool) -> 
         "dtype": dtype,
         "converter_version": CONVERTER_VERSION,
         "model_type": spec.model_type,
+        "source_model_type": raw_config.get("model_type"),
+        "architectures": raw_config.get("architectures"),
+        "wrapper": spec.wrapper or None,  # a vision-language checkpoint: only its language model was converted
         "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     with open(os.path.join(out_dir, PROVENANCE), "w") as fh:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.core.spmd import get_logical_axis_rules
+from jaxtyping import Array, Float, Int
 
 from psych201_jax.model import rope as rope_lib
 from psych201_jax.model.attention import attention
@@ -23,6 +24,9 @@ from psych201_jax.model.spec import ModelSpec
 
 # Logical axis names of parameters.
 VOCAB = "vocab"
+# Rows of an input embedding longer than the output vocabulary (Llama-3.2-Vision's image tokens): a name of
+# its own, so a vocabulary sharding that divides vocab_size is never applied to a table it need not divide.
+EMBED_VOCAB = "embed_vocab"
 EMBED = "embed"
 LAYERS = "layers"
 Q_HEADS = "q_heads"
@@ -86,11 +90,16 @@ def param_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         VOCAB: spec.vocab_size,
     }
     shapes = {name: tuple(sizes[a] for a in axes) for name, axes in layer_param_axes(spec).items()}
-    shapes["embed"] = (spec.vocab_size, spec.hidden_size)
+    shapes["embed"] = (spec.embed_rows, spec.hidden_size)
     shapes["final_norm"] = (spec.hidden_size,)
     if not spec.tie_word_embeddings:
         shapes["lm_head"] = (spec.vocab_size, spec.hidden_size)
     return shapes
+
+
+def embed_row_axis(spec: ModelSpec) -> str:
+    """Logical name of the input embedding's row axis: VOCAB, or EMBED_VOCAB when it has extra rows."""
+    return VOCAB if spec.embed_rows == spec.vocab_size else EMBED_VOCAB
 
 
 def logical_to_spec(names: Sequence[str | None], rules: Sequence[tuple[str, str | tuple[str, ...] | None]]) -> jax.P:
@@ -260,7 +269,7 @@ class Decoder(nnx.Module):
         self.dtype = jnp.dtype(dtype)
         self.attention_backend = attention_backend
         shapes = param_shapes(spec)
-        self.embed = _new_param("embed", shapes["embed"], (VOCAB, EMBED), param_dtype, rngs)
+        self.embed = _new_param("embed", shapes["embed"], (embed_row_axis(spec), EMBED), param_dtype, rngs)
         self.lm_head = (
             None
             if spec.tie_word_embeddings
@@ -269,7 +278,9 @@ class Decoder(nnx.Module):
         self.final_norm = _new_param("final_norm", shapes["final_norm"], (NORM,), param_dtype, rngs)
         self.layers = LayerStack(spec, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, tokens: jnp.ndarray, positions: jnp.ndarray, segment_ids: jnp.ndarray) -> jnp.ndarray:
+    def __call__(
+        self, tokens: Int[Array, "b t"], positions: Int[Array, "b t"], segment_ids: Int[Array, "b t"]
+    ) -> Float[Array, "b t d"]:
         """tokens/positions/segment_ids int32[B, T] -> hidden [B, T, D] after the final norm.
 
         ``positions`` restart at 0 in each packed segment and drive RoPE; tokens attend only within their
@@ -277,7 +288,7 @@ class Decoder(nnx.Module):
         """
         spec = self.spec
         # Gather from a table sharded only over the vocabulary, so the lookup output needs no re-split.
-        h = jnp.take(constrain(self.embed[...], (VOCAB, None)), tokens, axis=0).astype(self.dtype)
+        h = jnp.take(constrain(self.embed[...], (embed_row_axis(spec), None)), tokens, axis=0).astype(self.dtype)
         h = constrain(h, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
         tables = {}
         for layer_type in sorted(set(spec.layer_types)):

@@ -5,6 +5,10 @@ raw little-endian data) and reads each tensor with a positioned file read into a
 bf16 works through ``ml_dtypes`` without torch and the page cache, not the process, holds file data.
 ``converted_params`` yields our parameters one at a time (per-layer HF tensors copied into one stacked
 array), so at most one stacked parameter plus one source tensor is resident at once.
+
+Vision-language checkpoints keep their language model under a prefix that depends on the transformers
+version that saved them (``checkpoint_layout``); their vision tower and projector, and Llama-3.2-Vision's
+cross-attention layers, are never requested from the reader, so none of their bytes is read.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import math
 import os
 import struct
 from collections.abc import Iterator, Mapping
+from typing import NamedTuple
 
 import ml_dtypes
 import numpy as np
@@ -38,6 +43,20 @@ TARGET_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(n
 # Buffers some older checkpoints store that carry no weights.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 INDEX = "model.safetensors.index.json"
+# Where a vision-language wrapper keeps its language model: the transformers-5 module layout first, then
+# the older hub layouts (Qwen2.5-VL: model.*; Llama-3.2-Vision: language_model.model.*). transformers 5
+# still saves Qwen2.5-VL and Mllama in the older layouts (it reverts its key renaming on save).
+VL_TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
+VL_LM_HEADS = ("lm_head.weight", "language_model.lm_head.weight")
+# Vision towers and projectors of the wrappers, in both layouts: known, never read.
+VISION_PREFIXES = (
+    "visual.",
+    "model.visual.",
+    "vision_model.",
+    "model.vision_model.",
+    "multi_modal_projector.",
+    "model.multi_modal_projector.",
+)
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on the JSON header
 
 
@@ -233,15 +252,41 @@ def _to_ours(x: np.ndarray, shape: tuple[int, ...], n_in: int | None, key: str) 
     return (x if n_in is None else x.T).reshape(shape)
 
 
+class Layout(NamedTuple):
+    """Tensor names of the language model in one checkpoint."""
+
+    prefix: str  # before embed_tokens / norm / layers.{i}
+    lm_head: tuple[str, ...]  # candidate output-projection names (the first present one is used)
+    ignored: tuple[str, ...]  # name prefixes of tensors that are known and never read
+
+
+def checkpoint_layout(names: set[str], spec: ModelSpec) -> Layout:
+    """Where ``spec``'s tensors live among the checkpoint's tensor ``names``."""
+    if not spec.wrapper:
+        return Layout("model.", ("lm_head.weight",), ())
+    found = [p for p in VL_TEXT_PREFIXES if p + "embed_tokens.weight" in names]
+    if not found:
+        raise WeightsError(
+            f"{spec.wrapper} checkpoint has no language-model embedding (looked for "
+            f"{', '.join(p + 'embed_tokens.weight' for p in VL_TEXT_PREFIXES)})"
+        )
+    if len(found) > 1:
+        raise WeightsError(f"{spec.wrapper} checkpoint has a language model under several prefixes: {found}")
+    prefix = found[0]
+    skipped = tuple(f"{prefix}layers.{i}." for i in spec.skipped_layers)
+    return Layout(prefix, VL_LM_HEADS, VISION_PREFIXES + skipped)
+
+
 def converted_params(reader, spec: ModelSpec, dtype: str) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
     """Yields (path in the model's state dict, array in ``dtype``) for every parameter, one at a time.
 
     Raises WeightsError for missing tensors, shape mismatches and unexpected tensors (a sign that the
-    config does not describe the weights).
+    config does not describe the weights). Only the language model's tensors are read.
     """
     target = TARGET_DTYPES[dtype]
     shapes = param_shapes(spec)
     available = reader.names()
+    layout = checkpoint_layout(available, spec)
     used = set()
 
     def read(key):
@@ -256,21 +301,26 @@ def converted_params(reader, spec: ModelSpec, dtype: str) -> Iterator[tuple[tupl
             raise WeightsError(f"{key}: shape {x.shape}, expected {shapes[name]} from the config")
         return (name,), x.astype(target, copy=False)
 
-    yield whole("model.embed_tokens.weight", "embed")
-    yield whole("model.norm.weight", "final_norm")
+    prefix = layout.prefix
+    yield whole(prefix + "embed_tokens.weight", "embed")
+    yield whole(prefix + "norm.weight", "final_norm")
+    heads = [k for k in layout.lm_head if k in available]
     if not spec.tie_word_embeddings:
-        yield whole("lm_head.weight", "lm_head")
-    elif "lm_head.weight" in available:
-        used.add("lm_head.weight")  # tied: HF ignores a stored copy as well
+        yield whole(heads[0] if heads else layout.lm_head[0], "lm_head")
+    else:
+        used.update(heads)  # tied: HF ignores a stored copy as well
+    hf_layers = spec.hf_layer_indices()
     for name, (suffix, n_in) in layer_sources(spec).items():
         out = np.empty(shapes[name], target)
-        for i in range(spec.num_layers):
-            key = f"model.layers.{i}.{suffix}"
+        for i, hf_i in enumerate(hf_layers):
+            key = f"{prefix}layers.{hf_i}.{suffix}"
             out[i] = _to_ours(read(key), shapes[name][1:], n_in, key)
         yield ("layers", name), out
-    unexpected = sorted(k for k in available - used if not k.endswith(IGNORED_SUFFIXES))
+    unexpected = sorted(
+        k for k in available - used if not k.endswith(IGNORED_SUFFIXES) and not k.startswith(layout.ignored)
+    )
     if unexpected:
         raise WeightsError(
-            f"checkpoint has tensors the {spec.model_type} config does not describe: "
+            f"checkpoint has tensors the {spec.wrapper or spec.model_type} config does not describe: "
             f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
         )

@@ -5,6 +5,13 @@ built from transformers' ``AutoConfig`` (never with remote code), so the RoPE pa
 transformers itself standardised (``rope_parameters``, possibly nested per ``layer_types`` entry; legacy
 ``rope_scaling``/``rope_theta`` keys are folded in by transformers on load). It is frozen and hashable,
 so it can live as a static attribute of an NNX module, and round-trips through JSON.
+
+Vision-language checkpoints (``VL_WRAPPERS``: Qwen2.5-VL, Qwen3-VL, Llama-3.2-Vision) are read as their
+language model on text-only input: the decoder fields come from the nested ``text_config`` and the spec
+records the wrapper. Their M-RoPE reduces to 1-D RoPE when all position streams are equal (text only;
+tests/test_vl_models.py checks it against HF), Qwen3-VL's deepstack adds nothing without images, and
+Llama-3.2-Vision's cross-attention layers are skipped by HF without images, so the spec lists them in
+``skipped_layers`` and our layer stack holds only the self-attention layers.
 """
 
 from __future__ import annotations
@@ -16,7 +23,9 @@ from typing import Any
 
 from psych201_jax.errors import UserError
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "olmo3")
+# Vision-language wrappers whose language model we score on text: model_type -> the text family it runs.
+VL_WRAPPERS = {"qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3", "mllama": "llama"}
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "olmo3", *VL_WRAPPERS)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
@@ -56,6 +65,11 @@ class ModelSpec:
     cos/sin in fp32; Llama/Qwen cast cos/sin to the activation dtype first).
     ``rope`` maps each layer type to its RoPE parameters; ``sliding_window`` applies to
     "sliding_attention" layers only (None: those layers attend fully).
+    ``model_type`` is the text family whose decoder this is. Vision-language checkpoints: ``wrapper`` is the
+    checkpoint's own model_type (e.g. "qwen2_5_vl"; "" for a plain decoder), ``skipped_layers`` the HF
+    decoder-layer indices HF skips without images (Llama-3.2-Vision's cross-attention layers), which are
+    not in our stack (our layer i is the i-th HF layer not skipped), and ``embed_vocab_size`` the rows of
+    the input embedding when they differ from the output vocabulary (Llama-3.2-Vision: vocab_size + 8).
     """
 
     model_type: str
@@ -79,6 +93,9 @@ class ModelSpec:
     sliding_window: int | None
     rope: tuple[tuple[str, RopeSpec], ...]
     max_position_embeddings: int
+    wrapper: str = ""
+    skipped_layers: tuple[int, ...] = ()
+    embed_vocab_size: int | None = None
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -93,6 +110,30 @@ class ModelSpec:
         missing = set(self.layer_types) - set(dict(self.rope))
         if missing:
             raise UnsupportedModelError(f"no RoPE parameters for layer types {sorted(missing)}")
+        skipped = self.skipped_layers
+        if list(skipped) != sorted(set(skipped)) or any(not 0 <= i < self.num_layers + len(skipped) for i in skipped):
+            raise UnsupportedModelError(
+                f"skipped_layers {list(skipped)} must be distinct, sorted and within the "
+                f"{self.num_layers + len(skipped)} decoder layers"
+            )
+        if self.embed_vocab_size is not None:
+            if self.embed_vocab_size < self.vocab_size:
+                raise UnsupportedModelError(
+                    f"embedding rows {self.embed_vocab_size} < vocab_size {self.vocab_size}: the output "
+                    "vocabulary would have tokens that cannot be input"
+                )
+            if self.tie_word_embeddings and self.embed_vocab_size != self.vocab_size:
+                raise UnsupportedModelError("tied embeddings need as many embedding rows as vocabulary entries")
+
+    @property
+    def embed_rows(self) -> int:
+        """Rows of the input embedding table (vocab_size unless the checkpoint has extra input-only rows)."""
+        return self.vocab_size if self.embed_vocab_size is None else self.embed_vocab_size
+
+    def hf_layer_indices(self) -> tuple[int, ...]:
+        """The HF decoder-layer index of each of our layers (skipped layers left out)."""
+        skipped = set(self.skipped_layers)
+        return tuple(i for i in range(self.num_layers + len(skipped)) if i not in skipped)
 
     def rope_for(self, layer_type: str) -> RopeSpec:
         """RoPE parameters used by layers of ``layer_type``."""
@@ -112,6 +153,8 @@ class ModelSpec:
         d = json.loads(text)
         d["rope"] = tuple((name, RopeSpec(**r)) for name, r in sorted(d["rope"].items()))
         d["layer_types"] = tuple(d["layer_types"])
+        if "skipped_layers" in d:
+            d["skipped_layers"] = tuple(d["skipped_layers"])
         return cls(**d)
 
     def save(self, path: str) -> None:
@@ -179,16 +222,89 @@ def _rope_spec(params: dict, top_level: dict) -> RopeSpec:
 
 
 def from_hf_config(config: Any) -> ModelSpec:
-    """ModelSpec from a transformers config object (as returned by ``AutoConfig.from_pretrained``)."""
+    """ModelSpec from a transformers config object (as returned by ``AutoConfig.from_pretrained``).
+
+    A vision-language wrapper (``VL_WRAPPERS``) gives the spec of its language model on text-only input.
+    """
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise _unsupported_type_error(model_type)
+    if model_type in VL_WRAPPERS:
+        return _vl_spec(config, model_type)
+    return _decoder_spec(config, model_type, tie_word_embeddings=bool(config.tie_word_embeddings))
+
+
+def _vl_spec(config: Any, wrapper: str) -> ModelSpec:
+    """The language model of a vision-language wrapper, exactly as HF runs it without images."""
+    text = getattr(config, "text_config", None)
+    if text is None:
+        raise UnsupportedModelError(f"{wrapper} config has no text_config")
+    family = VL_WRAPPERS[wrapper]
+    # HF ties lm_head to the embedding by the wrapper's (top-level) tie_word_embeddings; Mllama's
+    # conditional-generation model declares no tied weights at all (its lm_head has 8 rows fewer).
+    tie = wrapper != "mllama" and bool(getattr(config, "tie_word_embeddings", False))
+    num_heads = text.num_attention_heads
+    rope_parameters = dict(text.rope_parameters)
+    if wrapper == "qwen2_5_vl":
+        # Qwen2.5-VL's attention takes head_dim = hidden_size // num_heads whatever the config says, and
+        # splits the rotary half into mrope_section chunks (which must cover it exactly).
+        head_dim = text.hidden_size // num_heads
+        section = rope_parameters.get("mrope_section")
+        if section is not None and sum(section) != head_dim // 2:
+            raise UnsupportedModelError(f"mrope_section {list(section)} does not sum to head_dim / 2 = {head_dim // 2}")
+        return _decoder_spec(text, family, tie_word_embeddings=tie, head_dim=head_dim, wrapper=wrapper)
+    if wrapper == "qwen3_vl":
+        # No sliding window and no layer types in Qwen3-VL's text model: every layer attends fully.
+        return _decoder_spec(
+            text, family, tie_word_embeddings=tie, wrapper=wrapper, layer_types=None, sliding_window=None
+        )
+    # mllama: cross-attention layers are skipped without images (MllamaTextModel.forward: a layer in
+    # cross_attention_layers with no cross_attention_states and no cached ones is `continue`d).
+    total = text.num_hidden_layers
+    cross = tuple(sorted({int(i) for i in text.cross_attention_layers or ()}))
+    if any(not 0 <= i < total for i in cross):
+        raise UnsupportedModelError(f"cross_attention_layers {list(cross)} outside the {total} decoder layers")
+    return _decoder_spec(
+        text,
+        family,
+        tie_word_embeddings=False,
+        head_dim=text.hidden_size // num_heads,
+        wrapper=wrapper,
+        num_layers=total - len(cross),
+        layer_types=None,
+        sliding_window=None,
+        skipped_layers=cross,
+        embed_vocab_size=text.vocab_size + 8,  # MllamaTextModel: nn.Embedding(vocab_size + 8, hidden_size)
+    )
+
+
+_FROM_CONFIG: Any = object()  # "read this field from the config"
+
+
+def _decoder_spec(
+    config: Any,
+    family: str,
+    *,
+    tie_word_embeddings: bool,
+    head_dim: int | None = None,
+    wrapper: str = "",
+    num_layers: int | None = None,
+    layer_types: Any = _FROM_CONFIG,
+    sliding_window: Any = _FROM_CONFIG,
+    skipped_layers: tuple[int, ...] = (),
+    embed_vocab_size: int | None = None,
+) -> ModelSpec:
+    """ModelSpec of one decoder of ``family`` from its (text) config; keyword fields override the config."""
     if getattr(config, "hidden_act", "silu") != "silu":
         raise UnsupportedModelError(f"hidden_act {config.hidden_act!r} is not supported (only silu)")
     num_heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-    num_layers = config.num_hidden_layers
-    layer_types = tuple(getattr(config, "layer_types", None) or (FULL_ATTENTION,) * num_layers)
+    head_dim = head_dim or getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    num_layers = config.num_hidden_layers if num_layers is None else num_layers
+    if layer_types is _FROM_CONFIG:
+        layer_types = getattr(config, "layer_types", None)
+    layer_types = tuple(layer_types or (FULL_ATTENTION,) * num_layers)
+    if sliding_window is _FROM_CONFIG:
+        sliding_window = getattr(config, "sliding_window", None)
 
     rope_parameters = dict(config.rope_parameters)
     if set(rope_parameters) <= {FULL_ATTENTION, SLIDING_ATTENTION}:  # nested per layer type
@@ -202,7 +318,7 @@ def from_hf_config(config: Any) -> ModelSpec:
         rope = tuple((t, shared) for t in sorted(set(layer_types)))
 
     attention_bias = bool(getattr(config, "attention_bias", False))
-    family: dict[str, Any] = dict(
+    flags: dict[str, Any] = dict(
         llama=dict(
             qkv_bias=attention_bias,
             o_bias=attention_bias,
@@ -239,9 +355,9 @@ def from_hf_config(config: Any) -> ModelSpec:
             norm_weight_fp32=True,
             rope_fp32=True,
         ),
-    )[model_type]
+    )[family]
     return ModelSpec(
-        model_type=model_type,
+        model_type=family,
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
@@ -250,12 +366,15 @@ def from_hf_config(config: Any) -> ModelSpec:
         num_kv_heads=config.num_key_value_heads or num_heads,
         head_dim=head_dim,
         rms_norm_eps=float(config.rms_norm_eps),
-        tie_word_embeddings=bool(config.tie_word_embeddings),
+        tie_word_embeddings=tie_word_embeddings,
         layer_types=layer_types,
-        sliding_window=getattr(config, "sliding_window", None),
+        sliding_window=sliding_window,
         rope=rope,
         max_position_embeddings=config.max_position_embeddings,
-        **family,
+        wrapper=wrapper,
+        skipped_layers=skipped_layers,
+        embed_vocab_size=embed_vocab_size,
+        **flags,
     )
 
 

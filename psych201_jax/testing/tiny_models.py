@@ -1,5 +1,8 @@
 """Tiny random-initialised HF checkpoints (transformers + torch, no hub) for parity tests.
 
+Vision-language families (``VL_FAMILIES``) are saved as the whole wrapper with a tiny vision tower, as
+hub checkpoints are; the rescaling applies to their language model (the vision tower keeps its init).
+
 The weights get a non-trivial scale (unit-variance activations through each projection, random norm
 weights and biases, peaked output distributions), so that any mismatch between our model and the
 PyTorch reference shows up in per-token log-probs instead of vanishing in near-uniform predictions.
@@ -12,7 +15,13 @@ import os
 import shutil
 from typing import Any
 
-FAMILIES = ("llama", "qwen2", "qwen3", "olmo3")
+DECODER_FAMILIES = ("llama", "qwen2", "qwen3", "olmo3")
+VL_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "mllama")
+FAMILIES = DECODER_FAMILIES + VL_FAMILIES
+# Weight layouts of a saved VL wrapper: "saved" = as transformers saves it (5.x still writes Qwen2.5-VL
+# and Mllama in their pre-5 hub layouts), "module" = the transformers-5 module names (model.language_model.*,
+# model.visual.* / model.vision_model.* / model.multi_modal_projector.*, lm_head.weight).
+LAYOUTS = ("saved", "module")
 
 _COMMON = dict(
     hidden_size=64,
@@ -41,7 +50,52 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen2": dict(),
     "qwen3": dict(head_dim=32),
     "olmo3": dict(num_hidden_layers=4, sliding_window=64),
+    # Text configs of the VL wrappers (nested under text_config).
+    "qwen2_5_vl": dict(rope_scaling=dict(type="mrope", mrope_section=[2, 3, 3])),
+    "qwen3_vl": dict(
+        head_dim=32,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[6, 5, 5], mrope_interleaved=True),
+    ),
+    "mllama": dict(
+        num_hidden_layers=5,
+        cross_attention_layers=[1, 3],
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=128,
+        ),
+    ),
 }
+# Tiny vision towers (never run: the scorer reads text only; they make the checkpoint a real wrapper).
+_VISION: dict[str, dict[str, Any]] = {
+    "qwen2_5_vl": dict(
+        depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, fullatt_block_indexes=[0]
+    ),
+    "qwen3_vl": dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=64,
+        deepstack_visual_indexes=[0],
+        num_position_embeddings=64,
+    ),
+    "mllama": dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_global_layers=1,
+        attention_heads=2,
+        intermediate_size=64,
+        vision_output_dim=64,
+        image_size=28,
+        patch_size=14,
+        intermediate_layers_indices=[0],
+    ),
+}
+# HF config keys that belong to the wrapper (top level), not to its text_config.
+_WRAPPER_KEYS = ("tie_word_embeddings",)
 
 
 def make_tiny_hf_checkpoint(
@@ -53,47 +107,105 @@ def make_tiny_hf_checkpoint(
     dtype: str = "float32",
     max_shard_size: str | None = None,
     logit_scale: float = 3.0,
+    layout: str = "saved",
     **overrides,
 ) -> str:
     """Writes config.json, safetensors weights and the tokenizer files of a tiny ``family`` model to
     ``out_dir`` and returns it. ``overrides`` are HF config fields (e.g. num_key_value_heads, rope_scaling,
-    tie_word_embeddings); ``dtype`` is the stored weight dtype; ``max_shard_size`` (e.g. "100KB") writes
-    sharded weights with a model.safetensors.index.json.
+    tie_word_embeddings; for a VL family they go to its text_config, tie_word_embeddings to the wrapper);
+    ``dtype`` is the stored weight dtype; ``max_shard_size`` (e.g. "100KB") writes sharded weights with a
+    model.safetensors.index.json; ``layout`` (VL families) is one of ``LAYOUTS``.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, PreTrainedTokenizerFast
 
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
-    vocab_size = len(PreTrainedTokenizerFast.from_pretrained(tokenizer_dir))
-    kwargs = {**_COMMON, "vocab_size": vocab_size, **_FAMILY_DEFAULTS[family], **overrides}
-    config = AutoConfig.for_model(family, **kwargs)
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    kwargs = {**_COMMON, "vocab_size": len(tokenizer), **_FAMILY_DEFAULTS[family], **overrides}
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    _rescale(model, config, logit_scale)
+    if family in VL_FAMILIES:
+        wrapper = {k: kwargs.pop(k) for k in _WRAPPER_KEYS if k in kwargs}
+        if family == "mllama":  # its text config wants integer token ids
+            kwargs.update(bos_token_id=tokenizer.bos_token_id or 0, eos_token_id=None, pad_token_id=None)
+            wrapper.pop("tie_word_embeddings", None)  # Mllama never ties
+        config = AutoConfig.for_model(family, text_config=kwargs, vision_config=_VISION[family], **wrapper)
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+        tied = bool(getattr(config, "tie_word_embeddings", False)) and family != "mllama"
+        _rescale(model, config.text_config.hidden_size, tied, logit_scale, only="model.language_model.")
+    else:
+        config = AutoConfig.for_model(family, **kwargs)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        _rescale(model, config.hidden_size, config.tie_word_embeddings, logit_scale)
     model.to(getattr(torch, dtype))
     os.makedirs(out_dir, exist_ok=True)
     save_kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(out_dir, **save_kwargs)
+    if layout == "module" and family in VL_FAMILIES:
+        _rename_tensors(out_dir, _module_name)
     for name in os.listdir(tokenizer_dir):
         shutil.copy2(os.path.join(tokenizer_dir, name), out_dir)
     return out_dir
 
 
-def _rescale(model, config, logit_scale: float) -> None:
+def _module_name(key: str) -> str:
+    """A pre-transformers-5 VL tensor name -> its transformers-5 module name (others unchanged)."""
+    renames = (
+        ("language_model.lm_head.", "lm_head."),
+        ("language_model.model.", "model.language_model."),
+        ("vision_model.", "model.vision_model."),
+        ("multi_modal_projector.", "model.multi_modal_projector."),
+        ("visual.", "model.visual."),
+    )
+    for old, new in renames:
+        if key.startswith(old):
+            return new + key[len(old) :]
+    if key.startswith("model.") and not key.startswith(("model.language_model.", "model.visual.", "model.vision_")):
+        return "model.language_model." + key[len("model.") :]
+    return key
+
+
+def _rename_tensors(out_dir: str, rename) -> None:
+    """Renames every tensor of the safetensors files in ``out_dir`` (and the index) with ``rename``."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    for name in sorted(os.listdir(out_dir)):
+        if name.endswith(".safetensors"):
+            path = os.path.join(out_dir, name)
+            tensors = load_file(path)
+            save_file({rename(k): v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    index = os.path.join(out_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as fh:
+            data = json.load(fh)
+        data["weight_map"] = {rename(k): v for k, v in data["weight_map"].items()}
+        with open(index, "w") as fh:
+            json.dump(data, fh, indent=2)
+
+
+def _rescale(model, hidden_size: int, tied: bool, logit_scale: float, only: str = "") -> None:
     """Unit-gain projections, norms ~ U(0.5, 1.5), biases ~ N(0, 0.5), N(0, 1) input embeddings, and an
-    output head (the embedding, when tied) giving logits of standard deviation ``logit_scale``."""
+    output head (the embedding, when tied) giving logits of standard deviation ``logit_scale``.
+
+    ``only``: rescale just the parameters under this prefix (and lm_head); 1-element parameters (Mllama's
+    cross-attention gates) keep their init."""
     import torch
 
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if only and not name.startswith((only, "lm_head")):
+                continue
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
             elif name.endswith("bias"):
                 p.normal_(0.0, 0.5)
-            elif name.startswith("lm_head") or ("embed_tokens" in name and config.tie_word_embeddings):
-                p.normal_(0.0, logit_scale / math.sqrt(config.hidden_size))
+            elif name.startswith("lm_head") or ("embed_tokens" in name and tied):
+                p.normal_(0.0, logit_scale / math.sqrt(hidden_size))
             elif "embed_tokens" in name:
                 p.normal_(0.0, 1.0)
-            else:
+            elif p.ndim >= 2:
                 p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]))
