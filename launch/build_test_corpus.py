@@ -31,22 +31,14 @@ import zipfile
 
 from absl import app, flags
 
+from psych201_jax.testing import tiny_tokenizer
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("src", os.path.join("..", "shared", "data", "psych201"), "The full Psych-201 corpus.")
 flags.DEFINE_string("out", os.path.join("tests", "data", "psych201"), "Where to write the trimmed corpus.")
 
 LONG_CHARS = 32768  # the reference scripts' character cut
-# Studies whose first 30 transcripts train the test tokenizers (tests/conftest.py TOKENIZER_STUDIES).
-TOKENIZER_STUDIES = (
-    "thoma2025riskychoice",
-    "franke2024bayesian",
-    "guenther2024substitutions",
-    "busch2024_stroop",
-    "shahar2019twosteptask",
-    "xu2023augmenting",
-    "guenther2023ViSpa",
-    "spektor2024lossaversion",
-)
+TOKENIZER_STUDIES = tiny_tokenizer.TOKENIZER_STUDIES  # their first 30 transcripts train the test tokenizers
 HEAD = {"thoma2025riskychoice": 40, **{s: 30 for s in TOKENIZER_STUDIES if s != "thoma2025riskychoice"}}
 DEFAULT_HEAD = 24
 MAX_PARTICIPANTS = 40

@@ -14,17 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENDORED_DATA = os.path.join(REPO, "tests", "data", "psych201")
 DATA_ROOT = os.environ.get("PSYCH201_DATA") or VENDORED_DATA
 
-# A spread of studies: short and long transcripts, numeric responses, >32,768-character texts.
-TOKENIZER_STUDIES = (
-    "thoma2025riskychoice",
-    "franke2024bayesian",
-    "guenther2024substitutions",
-    "busch2024_stroop",
-    "shahar2019twosteptask",
-    "xu2023augmenting",
-    "guenther2023ViSpa",
-    "spektor2024lossaversion",
-)
+TOKENIZER_STUDIES = tiny_tokenizer.TOKENIZER_STUDIES
 
 
 @pytest.fixture(scope="session")

@@ -43,6 +43,19 @@ LLAMA_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif -%}"
 )
 
+# Studies whose first transcripts train the test tokenizers: short and long transcripts, numeric responses,
+# >32,768-character texts (tests/conftest.py; launch/build_test_corpus.py keeps their first lines).
+TOKENIZER_STUDIES = (
+    "thoma2025riskychoice",
+    "franke2024bayesian",
+    "guenther2024substitutions",
+    "busch2024_stroop",
+    "shahar2019twosteptask",
+    "xu2023augmenting",
+    "guenther2023ViSpa",
+    "spektor2024lossaversion",
+)
+
 FLAVOURS = ("qwen", "llama")
 
 
