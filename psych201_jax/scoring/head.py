@@ -23,6 +23,8 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
+GRID_VOCAB_CHUNK = 2048  # largest vocabulary chunk of a scan with a temperature grid
+
 
 class VocabStats(typing.NamedTuple):
     """Online softmax statistics of one entry set over (a shard of) the vocabulary, all float32 [C] unless
@@ -51,10 +53,12 @@ def vocab_scan(
     entropy sum (empty: they stay zero and cost nothing). At most [C, vocab_chunk] logits exist at a time.
     """
     v = unembedding.shape[0]
-    chunk = min(vocab_chunk, v)
+    calibrate = bool(temperatures)
+    # With a grid, smaller chunks keep the per-temperature passes over the [C, chunk] logits in cache
+    # (measured on CPU at V = 151,936, D = 1,024: 1.28x the head without a grid, against 1.40x at 8,192).
+    chunk = min(vocab_chunk, GRID_VOCAB_CHUNK if calibrate else vocab_chunk, v)
     n_chunks = -(-v // chunk)
     columns = jnp.arange(chunk)
-    calibrate = bool(temperatures)
 
     def step(carry: VocabStats, i):
         # The last chunk is shifted left to stay in bounds (no padded copy of the unembedding);
