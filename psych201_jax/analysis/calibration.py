@@ -200,8 +200,8 @@ def pair_rows(
                 "family": post.info.get("family", ""),
                 "d_pair_raw": raw.d,
                 "d_pair_calibrated": cal.d,
-                "mean_diff_raw": raw_stats.get("mean_diff", math.nan),
-                "mean_diff_calibrated": cal_stats.get("mean_diff", math.nan),
+                **{f"{k}_raw": raw_stats.get(k, math.nan) for k in PAIRED_STATS},
+                **{f"{k}_calibrated": cal_stats.get(k, math.nan) for k in PAIRED_STATS},
                 "share_removed": share,
                 "share_removed_ci_lo": lo,
                 "share_removed_ci_hi": hi,
@@ -216,6 +216,8 @@ def pair_rows(
     return rows
 
 
+# The paired statistics (metrics.pair_statistics) reported raw and at the cross-fitted temperatures.
+PAIRED_STATS = ("mean_diff", "ci_studies_lo", "ci_studies_hi", "wilcoxon_p", "mean_paired_d")
 MODEL_COLUMNS = (
     "model",
     "kind",
@@ -235,8 +237,8 @@ PAIR_COLUMNS = (
     "family",
     "d_pair_raw",
     "d_pair_calibrated",
-    "mean_diff_raw",
-    "mean_diff_calibrated",
+    *(f"{k}_raw" for k in PAIRED_STATS),
+    *(f"{k}_calibrated" for k in PAIRED_STATS),
     "share_removed",
     "share_removed_ci_lo",
     "share_removed_ci_hi",
