@@ -180,10 +180,31 @@ def run(cfg) -> stream.Progress:
     with contextlib.ExitStack() as stack:
         if jax.process_index() == 0:  # one writer job per results directory, refused up front
             stack.enter_context(store.ResultsLock(cfg.out, fresh=cfg.fresh))
-        return _score(cfg, manifest, score_model, tok, protocol, persona_of, condition, row_lengths, context, total)
+        return _score(
+            cfg,
+            manifest=manifest,
+            score_model=score_model,
+            tok=tok,
+            protocol=protocol,
+            persona_of=persona_of,
+            row_lengths=row_lengths,
+            context=context,
+            total=total,
+        )
 
 
-def _score(cfg, manifest, score_model, tok, protocol, persona_of, condition, row_lengths, context, total):
+def _score(
+    cfg,
+    *,
+    manifest: dict,
+    score_model: scorer.Scorer,
+    tok: spans.TokenizerInfo,
+    protocol: spans.Protocol,
+    persona_of,
+    row_lengths: tuple[int, ...],
+    context: int,
+    total: int | None,
+) -> stream.Progress:
     """Opens (or resumes) the results and scores what is left, committing chunk by chunk."""
     writer = _open_writer(cfg, manifest, score_model.layout)  # one per process; replicas commit nothing
     already = len(writer.done)
@@ -194,7 +215,7 @@ def _score(cfg, manifest, score_model, tok, protocol, persona_of, condition, row
         total,
         protocol.name,
         protocol.template,
-        condition.persona.value,
+        cfg.persona,
         already,
     )
 
