@@ -9,7 +9,15 @@ import sys
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "psych201_jax"
-BASE = ("types", "conditions", "errors", "hashing", "defaults", "console")  # shared vocabulary, imported by every stage
+BASE = (
+    "types",
+    "conditions",
+    "errors",
+    "hashing",
+    "locks",
+    "defaults",
+    "console",
+)  # shared vocabulary, imported by every stage
 # Stage order: a module may import its own stage, BASE and earlier stages only.
 STAGES = ("data", "model", "parallel", "scoring", "runs", "cli")
 # Legacy pickle ``.bin`` checkpoints are read with torch.load, only behind --allow_pickle (a known gap).

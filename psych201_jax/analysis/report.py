@@ -219,9 +219,14 @@ def load_run(path: str) -> analysis.Run:
         logging.warning(
             "%s: manifest has no config.model_info; the model is labelled by its path and left out of pairs", path
         )
-    status = results.read_status(path)
     run = analysis.run_from_rows(manifest, results.iter_rows(path), path)
-    return dataclasses.replace(run, complete=status.complete, n_done=status.n_done, n_input=status.n_input)
+    n_input = manifest.get("n_input")
+    return dataclasses.replace(
+        run,
+        complete=results.read_complete(path) is not None,
+        n_done=len(run.participants) + run.n_rejected,  # every committed row, read once
+        n_input=n_input if isinstance(n_input, int) else None,
+    )
 
 
 def load_categories(path: str = CATEGORIES_CSV) -> analysis.Categories:

@@ -18,21 +18,18 @@ materialises a model that does not fit it.
 from __future__ import annotations
 
 import datetime
-import fcntl
 import glob
 import json
 import os
 import shutil
-import threading
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from psych201_jax import hashing
+from psych201_jax import hashing, locks
 from psych201_jax.data.spans import TOKENIZER_FILES
 from psych201_jax.errors import UserError
 from psych201_jax.model import hf_weights as weights
@@ -81,50 +78,29 @@ class ConvertError(UserError, RuntimeError):
     """A conversion cannot run: its output folder is taken, locked or left half-written."""
 
 
-_HELD: set[tuple[str, int]] = set()  # (lock file, thread) pairs this process holds: the lock is re-entrant
-
-
 class ConversionLock:
-    """An exclusive OS lock (flock) on ``<out_dir>.lock`` while converting into ``out_dir``.
+    """An exclusive OS lock (``locks.FileLock`` on ``<out_dir>.lock``) while converting into ``out_dir``.
 
-    ``wait``: block until a running conversion ends (the conversion cache); otherwise refuse at once. The
-    OS drops the lock with its process, so a crashed conversion never blocks the next. Re-entrant within
-    one thread (the cache holds it around ``convert``, which takes it too).
+    ``wait``: block until a running conversion ends (the conversion cache); otherwise refuse at once. A
+    crashed conversion never blocks the next. Re-entrant within one thread (the cache holds it around
+    ``convert``, which takes it too).
     """
 
     def __init__(self, out_dir: str, *, wait: bool = False):
-        self.path = os.path.abspath(out_dir).rstrip(os.sep) + ".lock"
         self.out_dir = out_dir
-        self.wait = wait
-        self._key = (self.path, threading.get_ident())
-        self._fh: Any = None
+        self._lock = locks.FileLock(os.path.abspath(out_dir).rstrip(os.sep) + ".lock", wait=wait, reentrant=True)
 
     def __enter__(self) -> ConversionLock:
-        if self._key in _HELD:
-            return self
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        fh = open(self.path, "a+")
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "unknown pid"
-            fh.close()
-            raise ConvertError(f"another conversion into {self.out_dir} is running ({holder}); wait for it") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()}\n")
-        fh.flush()
-        self._fh = fh
-        _HELD.add(self._key)
+            self._lock.__enter__()
+        except locks.LockHeld as held:
+            raise ConvertError(
+                f"another conversion into {self.out_dir} is running ({held.holder}); wait for it"
+            ) from None
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._fh is not None:
-            _HELD.discard(self._key)
-            fcntl.flock(self._fh, fcntl.LOCK_UN)
-            self._fh.close()
-            self._fh = None
+        self._lock.__exit__(*exc)
 
 
 def convert(hf_dir: str, out_dir: str, dtype: str = "bfloat16", *, allow_pickle: bool = False) -> ModelSpec:

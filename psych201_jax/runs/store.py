@@ -23,22 +23,18 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import fcntl
 import glob
 import json
 import math
 import os
 import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 import numpy as np
 import tensorstore as ts
 
-from psych201_jax import hashing
+from psych201_jax import hashing, locks
 from psych201_jax.errors import UserError
 from psych201_jax.types import ParticipantResult, Rejected, input_id
 
@@ -55,45 +51,27 @@ LOCK = ".lock"
 
 
 class ResultsLock:
-    """An exclusive OS lock (flock) on a results directory, held for a job's life.
-
-    A second job on the same directory is refused up front. The OS releases the lock when its process
-    dies, so a lock file left by a crashed job never blocks (its pid line is only informative). Locks need
-    a filesystem with working flock (local disks, most cluster filesystems).
-    """
+    """An exclusive OS lock (``locks.FileLock`` on ``<out_dir>/.lock``) held for a job's life: a second job
+    on the same directory is refused up front; a crashed job's lock file never blocks."""
 
     def __init__(self, out_dir: str, *, fresh: bool = False):
         self.out_dir = out_dir
         self.fresh = fresh
-        self._fh: Any = None
+        self._lock = locks.FileLock(os.path.join(out_dir, LOCK))
 
     def __enter__(self) -> ResultsLock:
         _refuse_foreign(self.out_dir, self.fresh)
-        os.makedirs(self.out_dir, exist_ok=True)
-        path = os.path.join(self.out_dir, LOCK)
-        fh = open(path, "a+")
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "unknown pid"
-            fh.close()
+            self._lock.__enter__()
+        except locks.LockHeld as held:
             raise ResultsError(
-                f"{self.out_dir} is in use by another job ({holder}); wait for it to finish or choose another "
-                f"--config.out"
+                f"{self.out_dir} is in use by another job ({held.holder}); wait for it to finish or choose "
+                f"another --config.out"
             ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
-        fh.flush()
-        self._fh = fh
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._fh is not None:
-            fcntl.flock(self._fh, fcntl.LOCK_UN)
-            self._fh.close()
-            self._fh = None
+        self._lock.__exit__(*exc)
 
 
 def _refuse_foreign(out_dir: str, fresh: bool) -> None:
