@@ -272,7 +272,7 @@ def test_spec_json_without_vl_fields_still_loads(layout_dirs):
     assert modelspec.ModelSpec.from_json(json.dumps(d)) == dataclasses.replace(spec, wrapper="")
 
 
-def test_bad_mrope_section_and_qwen3_5_are_refused(tmp_path):
+def test_bad_mrope_section_and_qwen3_5_moe_are_refused(tmp_path):
     config = AutoConfig.for_model(
         "qwen2_5_vl",
         text_config=dict(
@@ -287,8 +287,8 @@ def test_bad_mrope_section_and_qwen3_5_are_refused(tmp_path):
     )
     with pytest.raises(modelspec.UnsupportedModelError, match="mrope_section"):
         modelspec.from_hf_config(config)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_5", "architectures": ["X"]}))
-    with pytest.raises(modelspec.UnsupportedModelError, match="qwen3_5"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_5_moe", "architectures": ["X"]}))
+    with pytest.raises(modelspec.UnsupportedModelError, match="qwen3_5_moe"):
         modelspec.from_hf_dir(str(tmp_path))
 
 
@@ -315,7 +315,12 @@ def test_score_job_reference_and_robust_agree_with_hf(tmp_path, llama_tokenizer_
     hf_dir = make_tiny_hf_checkpoint(
         "mllama", str(tmp_path / "hf"), llama_tokenizer_dir, max_position_embeddings=CONTEXT
     )
-    hf_model = _hf(hf_dir, torch.float32)
+    check_score_job_against_hf(hf_dir, _hf(hf_dir, torch.float32), tmp_path, "mllama", rtol=1e-5, atol=1e-4)
+
+
+def check_score_job_against_hf(hf_dir, hf_model, tmp_path, wrapper: str, *, rtol: float, atol: float) -> None:
+    """launch.score on ``hf_dir`` (SCORE_STUDIES, 11 participants) under both protocols: every response NLL
+    equals ``hf_model``'s reference computation, and the manifest records the ``wrapper``."""
     tok = spans.TokenizerInfo(hf_dir)
     data = ",".join(os.path.join(defaults.SAMPLE_DATA, study) for study in SCORE_STUDIES)
     for protocol in ("reference", "robust"):
@@ -332,8 +337,11 @@ def test_score_job_reference_and_robust_agree_with_hf(tmp_path, llama_tokenizer_
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "11 scored, 0 unscored, 0 rejected" in proc.stdout, proc.stdout[-2000:]
         manifest = json.loads((out / "manifest.json").read_text())
-        assert manifest["model"]["spec"]["wrapper"] == "mllama"
-        assert manifest["model"]["provenance"]["architectures"] == ["MllamaForConditionalGeneration"]
+        assert manifest["model"]["spec"]["wrapper"] == wrapper
+        assert (
+            manifest["model"]["provenance"]["architectures"]
+            == json.loads(open(os.path.join(hf_dir, "config.json")).read())["architectures"]
+        )
         exported = _run("launch.export", f"--results={out}", f"--out={tmp_path / f'{protocol}.jsonl'}")
         assert exported.returncode == 0, exported.stderr[-3000:]
         rows = {
@@ -352,7 +360,7 @@ def test_score_job_reference_and_robust_agree_with_hf(tmp_path, llama_tokenizer_
             assert isinstance(ps, ParticipantSpans), ps
             expected = torch_reference.reference_response_nll(hf_model, ps.token_ids, ps.response_index)
             ours = np.asarray([x for x in rows[ps.key]["nll"] if x is not None], np.float64)
-            np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-4, err_msg=str(ps.key))
+            np.testing.assert_allclose(ours, expected, rtol=rtol, atol=atol, err_msg=str(ps.key))
             compared += 1
         assert compared == 11, compared
 
@@ -516,3 +524,48 @@ def test_report_parity(request):
     """Prints the measured parity numbers of this module (run with -s to see them)."""
     for name in sorted(PARITY):
         print(name, {k: f"{v:.2e}" for k, v in PARITY[name].items()})
+
+
+# --- chat templates of vision-language processors ------------------------------------------------------
+
+# A template in the style of VL processors that takes only lists of content parts.
+PARTS_ONLY_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for part in m['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+)
+
+
+def _with_template(src_dir, out_dir, template):
+    import shutil
+
+    shutil.copytree(src_dir, out_dir)
+    tok_dir = os.path.join(out_dir, checkpoint.TOKENIZER) if os.path.isdir(os.path.join(out_dir, "params")) else out_dir
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if os.path.exists(os.path.join(tok_dir, name)):
+            os.remove(os.path.join(tok_dir, name))
+    cfg_path = os.path.join(tok_dir, "tokenizer_config.json")
+    cfg = json.loads(open(cfg_path).read())
+    cfg["chat_template"] = template
+    with open(cfg_path, "w") as fh:
+        json.dump(cfg, fh)
+    return out_dir
+
+
+def test_parts_only_chat_template_is_a_clear_error(tmp_path):
+    """template=chat on a tokenizer whose template takes only content-part lists: one clear line, exit 2;
+    the bundled model's string-content template passes the same check."""
+    spans.TokenizerInfo(os.path.join(defaults.DEFAULT_MODEL, checkpoint.TOKENIZER)).check_chat_template()
+    model = _with_template(defaults.DEFAULT_MODEL, str(tmp_path / "model"), PARTS_ONLY_TEMPLATE)
+    tok = spans.TokenizerInfo(os.path.join(model, checkpoint.TOKENIZER))
+    with pytest.raises(spans.ChatTemplateError, match="template=none"):
+        tok.check_chat_template()
+    proc = _run(
+        "launch.score",
+        f"--config.model={model}",
+        f"--config.data={os.path.join(defaults.SAMPLE_DATA, SCORE_STUDIES[1])}",
+        f"--config.out={tmp_path / 'res'}",
+        "--config.template=chat",
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "plain-string message content" in errors[0] and "Traceback" not in proc.stderr

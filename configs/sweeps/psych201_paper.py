@@ -2,9 +2,10 @@
 
 Models are listed by HF id with family, generation, size (billions), post-training kind, paired base and
 architecture (``model_type``). Local snapshots are read from ``<model_root>/<hf_id>``. The vision-language
-models (arch qwen2_5_vl, qwen3_vl, mllama) are scored as their language model on text, as the paper scores
-them. Architectures the converter does not support (Qwen3.5) are listed as the paper has them and skipped by
-the sweep with their reason. Centaur (a 4-bit adapter) is not listed.
+models (arch qwen2_5_vl, qwen3_vl, mllama) and Qwen3.5 (arch qwen3_5, a vision-language wrapper around a
+Gated DeltaNet hybrid) are scored as their language model on text, as the paper scores them. Every listed
+architecture is supported; an unsupported one would be skipped by the sweep with its reason. Centaur (a 4-bit
+adapter) is not listed.
 
 Conditions:
   plain                reference protocol, no template, no persona: the paper's main analysis (all models)

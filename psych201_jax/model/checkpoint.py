@@ -42,7 +42,7 @@ try:  # orbax >= 0.12.9 exposes the v1 API at the top level; 0.12.8 under experi
 except ImportError:
     from orbax.checkpoint.experimental import v1 as ocp
 
-CONVERTER_VERSION = "1.0"
+CONVERTER_VERSION = "1.1"  # 1.1: the tokenizer folder keeps config.json (tokenizer class)
 PARAMS, SPEC, TOKENIZER, PROVENANCE = "params", "model_spec.json", "tokenizer", "provenance.json"
 CHUNK_BYTES = 64 << 20
 
@@ -145,7 +145,10 @@ def _convert_into(hf_dir: str, out_dir: str, dtype: str, allow_pickle: bool) -> 
 
     tok_dir = os.path.join(out_dir, TOKENIZER)
     os.makedirs(tok_dir, exist_ok=True)
-    for name in TOKENIZER_FILES:
+    # config.json too: transformers 5 picks the tokenizer class by the config's model_type, and some classes
+    # rebuild the pipeline in code (Qwen3_5Tokenizer: NFC and its own pre-tokenizer regex, not tokenizer.json's),
+    # so without it the converted tokenizer would split text differently from the checkpoint's own.
+    for name in (*TOKENIZER_FILES, "config.json"):
         if os.path.isfile(os.path.join(hf_dir, name)):
             shutil.copy2(os.path.join(hf_dir, name), tok_dir)
 

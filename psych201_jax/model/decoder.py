@@ -1,4 +1,4 @@
-"""Flax NNX decoder for the Llama, Qwen2, Qwen3 and OLMo 3 families, with stacked, scanned layers.
+"""Flax NNX decoder for the Llama, Qwen2, Qwen3, OLMo 3 and Qwen3.5 families, with stacked, scanned layers.
 
 Every layer parameter is stored stacked over layers ([L, ...]) and the forward scans over them, so compile
 time does not grow with depth. Layers whose attention differs (OLMo 3: three sliding-window layers, then a
@@ -6,6 +6,9 @@ full one) are scanned in groups of the repeating ``layer_types`` pattern, so eac
 Parameters carry logical axis names (``out_sharding`` metadata, never applied eagerly) and activations
 pass through ``constrain``, a no-op without a mesh; a sharding layer maps the names below to mesh axes.
 Parameter layouts (ours, not HF's): projections are [in, out] with heads split out, e.g. wq [L, D, Hq, hd].
+Qwen3.5 mixes Gated DeltaNet layers ("linear_attention") with gated softmax-attention layers: a parameter
+that only one kind of layer has is stacked over the layers that have it (``param_layers``), so its L is
+the number of such layers; the scan groups slice each stack accordingly.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from flax import nnx
 from flax.core.spmd import get_logical_axis_rules
 from jaxtyping import Array, Float, Int
 
+from psych201_jax.model import delta_rule
 from psych201_jax.model import rope as rope_lib
 from psych201_jax.model.attention import attention
-from psych201_jax.model.spec import ModelSpec
+from psych201_jax.model.spec import LINEAR_ATTENTION, ModelSpec
 
 # Logical axis names of parameters.
 VOCAB = "vocab"
@@ -34,6 +38,12 @@ KV_HEADS = "kv_heads"
 HEAD_DIM = "head_dim"
 MLP = "mlp"
 NORM = "norm"
+QUERY_GATE = "query_gate"  # query and its output gate side by side per head (Qwen3.5: 2 * head_dim)
+LIN_K_HEADS = "linear_k_heads"
+LIN_V_HEADS = "linear_v_heads"
+LIN_K_DIM = "linear_k_dim"
+LIN_V_DIM = "linear_v_dim"
+CONV = "conv"
 
 # Logical axis names of activations.
 ACT_BATCH = "activation_batch"
@@ -44,15 +54,48 @@ ACT_KV_HEADS = "activation_kv_heads"
 ACT_HEAD_DIM = "activation_head_dim"
 ACT_MLP = "activation_mlp"
 ACT_VOCAB = "activation_vocab"
+ACT_LIN_K_HEADS = "activation_linear_k_heads"
+ACT_LIN_V_HEADS = "activation_linear_v_heads"
 
 
-BIASES = ("bq", "bk", "bv", "bo", "b_gate", "b_up", "b_down")
+BIASES = ("bq", "bk", "bv", "bo", "b_gate", "b_up", "b_down", "lin_dt_bias")
+# Parameters only softmax-attention layers have, and only Gated DeltaNet layers have (the rest: every layer).
+ATTENTION_PARAMS = ("wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo", "q_norm", "k_norm")
+LINEAR_PARAMS = (
+    "lin_wq",
+    "lin_wk",
+    "lin_wv",
+    "lin_conv_q",
+    "lin_conv_k",
+    "lin_conv_v",
+    "lin_wz",
+    "lin_wb",
+    "lin_wa",
+    "lin_dt_bias",
+    "lin_a_log",
+    "lin_norm",
+    "lin_wo",
+)
+
+
+def param_in_layer(name: str, layer_type: str) -> bool:
+    """Whether a layer of ``layer_type`` has the stacked parameter ``name``."""
+    if name in LINEAR_PARAMS:
+        return layer_type == LINEAR_ATTENTION
+    if name in ATTENTION_PARAMS:
+        return layer_type != LINEAR_ATTENTION
+    return True
+
+
+def param_layers(spec: ModelSpec, name: str) -> tuple[int, ...]:
+    """Indices (into spec.layer_types) of the layers whose ``name`` the stack holds, in stack order."""
+    return tuple(i for i, t in enumerate(spec.layer_types) if param_in_layer(name, t))
 
 
 def layer_param_axes(spec: ModelSpec) -> dict[str, tuple[str, ...]]:
     """Logical axes of every stacked layer parameter this family has (name -> axes, first axis LAYERS)."""
     axes = {
-        "wq": (LAYERS, EMBED, Q_HEADS, HEAD_DIM),
+        "wq": (LAYERS, EMBED, Q_HEADS, QUERY_GATE if spec.attn_output_gate else HEAD_DIM),
         "wk": (LAYERS, EMBED, KV_HEADS, HEAD_DIM),
         "wv": (LAYERS, EMBED, KV_HEADS, HEAD_DIM),
         "wo": (LAYERS, Q_HEADS, HEAD_DIM, EMBED),
@@ -74,13 +117,30 @@ def layer_param_axes(spec: ModelSpec) -> dict[str, tuple[str, ...]]:
         axes.update(q_norm=(LAYERS, HEAD_DIM), k_norm=(LAYERS, HEAD_DIM))
     elif spec.qk_norm == "full":
         axes.update(q_norm=(LAYERS, Q_HEADS, HEAD_DIM), k_norm=(LAYERS, KV_HEADS, HEAD_DIM))
+    if LINEAR_ATTENTION in spec.layer_types:
+        axes.update(
+            lin_wq=(LAYERS, EMBED, LIN_K_HEADS, LIN_K_DIM),
+            lin_wk=(LAYERS, EMBED, LIN_K_HEADS, LIN_K_DIM),
+            lin_wv=(LAYERS, EMBED, LIN_V_HEADS, LIN_V_DIM),
+            lin_conv_q=(LAYERS, CONV, LIN_K_HEADS, LIN_K_DIM),
+            lin_conv_k=(LAYERS, CONV, LIN_K_HEADS, LIN_K_DIM),
+            lin_conv_v=(LAYERS, CONV, LIN_V_HEADS, LIN_V_DIM),
+            lin_wz=(LAYERS, EMBED, LIN_V_HEADS, LIN_V_DIM),
+            lin_wb=(LAYERS, EMBED, LIN_V_HEADS),
+            lin_wa=(LAYERS, EMBED, LIN_V_HEADS),
+            lin_dt_bias=(LAYERS, LIN_V_HEADS),
+            lin_a_log=(LAYERS, LIN_V_HEADS),
+            lin_norm=(LAYERS, LIN_V_DIM),
+            lin_wo=(LAYERS, LIN_V_HEADS, LIN_V_DIM, EMBED),
+        )
+    if not any(t != LINEAR_ATTENTION for t in spec.layer_types):
+        axes = {name: a for name, a in axes.items() if name not in ATTENTION_PARAMS}
     return axes
 
 
 def param_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     """Shape of every parameter, keyed like ``layer_param_axes`` plus embed/lm_head/final_norm."""
     sizes = {
-        LAYERS: spec.num_layers,
         EMBED: spec.hidden_size,
         Q_HEADS: spec.num_heads,
         KV_HEADS: spec.num_kv_heads,
@@ -88,8 +148,17 @@ def param_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         MLP: spec.intermediate_size,
         NORM: spec.hidden_size,
         VOCAB: spec.vocab_size,
+        QUERY_GATE: 2 * spec.head_dim,
+        LIN_K_HEADS: spec.linear_num_key_heads,
+        LIN_V_HEADS: spec.linear_num_value_heads,
+        LIN_K_DIM: spec.linear_key_head_dim,
+        LIN_V_DIM: spec.linear_value_head_dim,
+        CONV: spec.linear_conv_kernel,
     }
-    shapes = {name: tuple(sizes[a] for a in axes) for name, axes in layer_param_axes(spec).items()}
+    shapes = {
+        name: (len(param_layers(spec, name)), *(sizes[a] for a in axes[1:]))
+        for name, axes in layer_param_axes(spec).items()
+    }
     shapes["embed"] = (spec.embed_rows, spec.hidden_size)
     shapes["final_norm"] = (spec.hidden_size,)
     if not spec.tie_word_embeddings:
@@ -130,12 +199,21 @@ def constrain(x: jnp.ndarray, names: Sequence[str | None]) -> jnp.ndarray:
 
 
 def rms_norm(
-    x: jnp.ndarray, weight: jnp.ndarray, eps: float, *, weight_fp32: bool, axes: tuple[int, ...] = (-1,)
+    x: jnp.ndarray,
+    weight: jnp.ndarray,
+    eps: float,
+    *,
+    weight_fp32: bool,
+    axes: tuple[int, ...] = (-1,),
+    zero_centred: bool = False,
 ) -> jnp.ndarray:
-    """RMSNorm over ``axes`` in fp32. weight_fp32: weight * x in fp32 then cast (OLMo); else cast then
-    multiply in x.dtype (Llama/Qwen). Returns x.dtype."""
+    """RMSNorm over ``axes`` in fp32. weight_fp32: weight * x in fp32 then cast (OLMo, Qwen3.5); else cast
+    then multiply in x.dtype (Llama/Qwen). zero_centred: the scale is 1 + weight, in fp32 (Qwen3.5).
+    Returns x.dtype."""
     xf = x.astype(jnp.float32)
     normed = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=axes, keepdims=True) + eps)
+    if zero_centred:
+        return (normed * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
     if weight_fp32:
         return (weight.astype(jnp.float32) * normed).astype(x.dtype)
     return weight.astype(x.dtype) * normed.astype(x.dtype)
@@ -155,24 +233,52 @@ def _attention_block(
     """x [B, T, D] -> self-attention output [B, T, D] (before any post-norm / residual)."""
     dt = x.dtype
     q = jnp.einsum("btd,dhk->bthk", x, p["wq"].astype(dt))
+    if spec.attn_output_gate:  # [.., 2 * hd] per head: query, then its output gate (HF torch.chunk order)
+        q, gate = jnp.split(q, 2, axis=-1)
     k = jnp.einsum("btd,dhk->bthk", x, p["wk"].astype(dt))
     v = jnp.einsum("btd,dhk->bthk", x, p["wv"].astype(dt))
     if spec.qkv_bias:
         q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
     if spec.qk_norm != "none":
         axes = (-1,) if spec.qk_norm == "head" else (-2, -1)
-        q = rms_norm(q, p["q_norm"], spec.rms_norm_eps, weight_fp32=spec.norm_weight_fp32, axes=axes)
-        k = rms_norm(k, p["k_norm"], spec.rms_norm_eps, weight_fp32=spec.norm_weight_fp32, axes=axes)
+        fp32, centred = spec.norm_weight_fp32, spec.norm_zero_centred
+        q = rms_norm(q, p["q_norm"], spec.rms_norm_eps, weight_fp32=fp32, axes=axes, zero_centred=centred)
+        k = rms_norm(k, p["k_norm"], spec.rms_norm_eps, weight_fp32=fp32, axes=axes, zero_centred=centred)
     q = rope_lib.apply_rope(q, cos, sin, in_fp32=spec.rope_fp32)
     k = rope_lib.apply_rope(k, cos, sin, in_fp32=spec.rope_fp32)
     q = constrain(q, (ACT_BATCH, ACT_LENGTH, ACT_Q_HEADS, ACT_HEAD_DIM))
     k = constrain(k, (ACT_BATCH, ACT_LENGTH, ACT_KV_HEADS, ACT_HEAD_DIM))
     v = constrain(v, (ACT_BATCH, ACT_LENGTH, ACT_KV_HEADS, ACT_HEAD_DIM))
     o = attention(q, k, v, segment_ids, sliding_window=window, backend=backend)
+    if spec.attn_output_gate:
+        o = o * jax.nn.sigmoid(gate)
     out = jnp.einsum("bthk,hkd->btd", o, p["wo"].astype(dt))
     if spec.o_bias:
         out = out + p["bo"].astype(dt)
     return out
+
+
+def _linear_attention_block(
+    p: dict[str, jnp.ndarray], x: jnp.ndarray, segment_ids: jnp.ndarray, *, spec: ModelSpec
+) -> jnp.ndarray:
+    """Gated DeltaNet (HF ``Qwen3_5GatedDeltaNet``), x [B, T, D] -> [B, T, D]; no state crosses segments."""
+    dt = x.dtype
+    k_axes = (ACT_BATCH, ACT_LENGTH, ACT_LIN_K_HEADS, None)
+    v_axes = (ACT_BATCH, ACT_LENGTH, ACT_LIN_V_HEADS, None)
+
+    def conv_silu(name, axes):
+        y = constrain(jnp.einsum("btd,dhk->bthk", x, p["lin_w" + name].astype(dt)), axes)
+        # HF: conv in the weight dtype (rounded to it), SiLU, back to the activation dtype.
+        return jax.nn.silu(delta_rule.causal_conv(y, p["lin_conv_" + name], segment_ids).astype(dt)).astype(dt)
+
+    q, k, v = conv_silu("q", k_axes), conv_silu("k", k_axes), conv_silu("v", v_axes)
+    z = jnp.einsum("btd,dhk->bthk", x, p["lin_wz"].astype(dt))
+    beta = jax.nn.sigmoid(jnp.einsum("btd,dh->bth", x, p["lin_wb"].astype(dt)))
+    a = jnp.einsum("btd,dh->bth", x, p["lin_wa"].astype(dt)).astype(jnp.float32)
+    g = -jnp.exp(p["lin_a_log"].astype(jnp.float32)) * jax.nn.softplus(a + p["lin_dt_bias"].astype(jnp.float32))
+    o = delta_rule.chunk_gated_delta_rule(q, k, v, g, beta, segment_ids).astype(dt)
+    o = constrain(delta_rule.gated_rms_norm(o, p["lin_norm"], z, spec.rms_norm_eps), v_axes)
+    return jnp.einsum("bthk,hkd->btd", o, p["lin_wo"].astype(dt))
 
 
 def _mlp_block(p: dict[str, jnp.ndarray], x: jnp.ndarray, *, spec: ModelSpec) -> jnp.ndarray:
@@ -199,16 +305,25 @@ def decoder_layer(
     spec: ModelSpec,
     window: int | None,
     backend: str,
+    layer_type: str = "",
 ) -> jnp.ndarray:
-    """One decoder layer on h [B, T, D] with this layer's (unstacked) parameters ``p``."""
+    """One decoder layer on h [B, T, D] with this layer's (unstacked) parameters ``p``.
+
+    ``layer_type`` LINEAR_ATTENTION mixes tokens with Gated DeltaNet (``cos``/``sin`` unused), any other
+    with softmax attention.
+    """
 
     def norm(x, name):
-        return rms_norm(x, p[name], spec.rms_norm_eps, weight_fp32=spec.norm_weight_fp32)
+        return rms_norm(
+            x, p[name], spec.rms_norm_eps, weight_fp32=spec.norm_weight_fp32, zero_centred=spec.norm_zero_centred
+        )
 
     pre = spec.norm_placement == "pre"
-    attn = _attention_block(
-        p, norm(h, "attn_in_norm") if pre else h, cos, sin, segment_ids, spec=spec, window=window, backend=backend
-    )
+    x = norm(h, "attn_in_norm") if pre else h
+    if layer_type == LINEAR_ATTENTION:
+        attn = _linear_attention_block(p, x, segment_ids, spec=spec)
+    else:
+        attn = _attention_block(p, x, cos, sin, segment_ids, spec=spec, window=window, backend=backend)
     h = h + (attn if pre else norm(attn, "attn_out_norm"))
     mlp = _mlp_block(p, norm(h, "mlp_in_norm") if pre else h, spec=spec)
     h = h + (mlp if pre else norm(mlp, "mlp_out_norm"))
@@ -235,6 +350,24 @@ def layer_groups(layer_types: Sequence[str]) -> tuple[tuple[int, int, tuple[str,
             groups.append((start, i - start, (layer_types[start],)))
             start = i
     return tuple(groups)
+
+
+def _group_params(
+    spec: ModelSpec, params: dict[str, jnp.ndarray], start: int, repeats: int, pattern: tuple[str, ...]
+) -> tuple[dict[str, jnp.ndarray], dict[str, tuple[int | None, ...]]]:
+    """One scan group's slice of every stack, as [repeats, per-repeat layers, ...], and for each name the
+    index into that second axis of each pattern position (None: that layer type lacks the parameter)."""
+    group, slots = {}, {}
+    for name, x in params.items():
+        members = [param_in_layer(name, t) for t in spec.layer_types]
+        per = sum(param_in_layer(name, t) for t in pattern)
+        if not per:
+            continue
+        offset = sum(members[:start])
+        group[name] = x[offset : offset + repeats * per].reshape(repeats, per, *x.shape[1:])
+        index = iter(range(per))
+        slots[name] = tuple(next(index) if param_in_layer(name, t) else None for t in pattern)
+    return group, slots
 
 
 class LayerStack(nnx.Module):
@@ -290,35 +423,38 @@ class Decoder(nnx.Module):
         # Gather from a table sharded only over the vocabulary, so the lookup output needs no re-split.
         h = jnp.take(constrain(self.embed[...], (embed_row_axis(spec), None)), tokens, axis=0).astype(self.dtype)
         h = constrain(h, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
-        tables = {}
-        for layer_type in sorted(set(spec.layer_types)):
+        tables: dict[str, tuple] = {LINEAR_ATTENTION: (None, None)}
+        for layer_type in spec.attention_layer_types():
             inv_freq, scaling = rope_lib.inv_freq_and_scaling(
-                spec.rope_for(layer_type), spec.head_dim, spec.max_position_embeddings
+                spec.rope_for(layer_type), spec.rope_dim, spec.max_position_embeddings
             )
             tables[layer_type] = rope_lib.cos_sin(positions, inv_freq, scaling)
         params = self.layers.arrays()
         for start, repeats, pattern in layer_groups(spec.layer_types):
-            count = repeats * len(pattern)
-            group = {
-                name: x[start : start + count].reshape(repeats, len(pattern), *x.shape[1:])
-                for name, x in params.items()
-            }
+            group, slots = _group_params(spec, params, start, repeats, pattern)
 
-            def body(h, p, pattern=pattern):
+            def body(h, p, pattern=pattern, slots=slots):
                 for j, layer_type in enumerate(pattern):
                     h = decoder_layer(
-                        {name: x[j] for name, x in p.items()},
+                        {name: x[slots[name][j]] for name, x in p.items() if slots[name][j] is not None},
                         h,
                         *tables[layer_type],
                         segment_ids,
                         spec=spec,
                         window=spec.window_for(layer_type),
                         backend=self.attention_backend,
+                        layer_type=layer_type,
                     )
                 return h, None
 
             h, _ = jax.lax.scan(body, h, group)
-        return rms_norm(h, self.final_norm[...], spec.rms_norm_eps, weight_fp32=spec.norm_weight_fp32)
+        return rms_norm(
+            h,
+            self.final_norm[...],
+            spec.rms_norm_eps,
+            weight_fp32=spec.norm_weight_fp32,
+            zero_centred=spec.norm_zero_centred,
+        )
 
     def unembedding(self) -> jnp.ndarray:
         """Output projection [V, D] (HF orientation): lm_head, or the input embedding when tied."""

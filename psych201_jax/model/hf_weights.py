@@ -4,7 +4,8 @@
 raw little-endian data) and reads each tensor with a positioned file read into a fresh numpy buffer, so
 bf16 works through ``ml_dtypes`` without torch and the page cache, not the process, holds file data.
 ``converted_params`` yields our parameters one at a time (per-layer HF tensors copied into one stacked
-array), so at most one stacked parameter plus one source tensor is resident at once.
+array), so at most one stacked parameter plus one source tensor is resident at once. (Qwen3.5's fused
+q/k/v projection is read once for each of the three parameters cut from it.)
 
 Vision-language checkpoints keep their language model under a prefix that depends on the transformers
 version that saved them (``checkpoint_layout``); their vision tower and projector, and Llama-3.2-Vision's
@@ -24,7 +25,7 @@ import ml_dtypes
 import numpy as np
 
 from psych201_jax.errors import UserError
-from psych201_jax.model.decoder import param_shapes
+from psych201_jax.model.decoder import param_layers, param_shapes
 from psych201_jax.model.spec import ModelSpec
 
 SAFETENSORS_DTYPES = {
@@ -204,44 +205,87 @@ def open_weights(hf_dir: str, *, allow_pickle: bool = False) -> SafetensorsReade
     raise WeightsError(f"no weights (.safetensors or pytorch_model*.bin) in {hf_dir}")
 
 
-def layer_sources(spec: ModelSpec) -> dict[str, tuple[str, int | None]]:
-    """Our stacked layer param -> (HF key under ``model.layers.{i}.``, n_in).
+class Source(NamedTuple):
+    """Where one stacked parameter comes from in each HF layer.
 
-    n_in: for linear weights, how many leading axes of our per-layer shape are the HF input side (the HF
-    [out, in] weight is transposed, then reshaped); None for vectors (norm weights, biases), only reshaped.
+    ``suffix``: the HF key under ``<prefix>layers.{i}.``. ``n_in``: for linear weights, how many leading
+    axes of our per-layer shape are the HF input side (the HF [out, in] weight is transposed, then
+    reshaped); None for vectors (norm weights, biases), only reshaped. ``rows``: a [start, stop) slice of
+    the HF output rows (Qwen3.5's fused q/k/v projection and conv). ``conv``: an HF Conv1d weight
+    [channels, 1, kernel], read as a [channels, kernel] linear weight.
     """
+
+    suffix: str
+    n_in: int | None
+    rows: tuple[int, int] | None = None
+    conv: bool = False
+
+
+def layer_sources(spec: ModelSpec) -> dict[str, Source]:
+    """Our stacked layer param -> its ``Source`` in each HF layer that has it."""
     attn = "self_attn."
     src = {
-        "wq": (attn + "q_proj.weight", 1),
-        "wk": (attn + "k_proj.weight", 1),
-        "wv": (attn + "v_proj.weight", 1),
-        "wo": (attn + "o_proj.weight", 2),
-        "w_gate": ("mlp.gate_proj.weight", 1),
-        "w_up": ("mlp.up_proj.weight", 1),
-        "w_down": ("mlp.down_proj.weight", 1),
-        "bq": (attn + "q_proj.bias", None),
-        "bk": (attn + "k_proj.bias", None),
-        "bv": (attn + "v_proj.bias", None),
-        "bo": (attn + "o_proj.bias", None),
-        "b_gate": ("mlp.gate_proj.bias", None),
-        "b_up": ("mlp.up_proj.bias", None),
-        "b_down": ("mlp.down_proj.bias", None),
-        "q_norm": (attn + "q_norm.weight", None),
-        "k_norm": (attn + "k_norm.weight", None),
+        "wq": Source(attn + "q_proj.weight", 1),
+        "wk": Source(attn + "k_proj.weight", 1),
+        "wv": Source(attn + "v_proj.weight", 1),
+        "wo": Source(attn + "o_proj.weight", 2),
+        "w_gate": Source("mlp.gate_proj.weight", 1),
+        "w_up": Source("mlp.up_proj.weight", 1),
+        "w_down": Source("mlp.down_proj.weight", 1),
+        "bq": Source(attn + "q_proj.bias", None),
+        "bk": Source(attn + "k_proj.bias", None),
+        "bv": Source(attn + "v_proj.bias", None),
+        "bo": Source(attn + "o_proj.bias", None),
+        "b_gate": Source("mlp.gate_proj.bias", None),
+        "b_up": Source("mlp.up_proj.bias", None),
+        "b_down": Source("mlp.down_proj.bias", None),
+        "q_norm": Source(attn + "q_norm.weight", None),
+        "k_norm": Source(attn + "k_norm.weight", None),
     }
     if spec.norm_placement == "pre":
-        src.update(attn_in_norm=("input_layernorm.weight", None), mlp_in_norm=("post_attention_layernorm.weight", None))
+        src.update(
+            attn_in_norm=Source("input_layernorm.weight", None),
+            mlp_in_norm=Source("post_attention_layernorm.weight", None),
+        )
     else:
         src.update(
-            attn_out_norm=("post_attention_layernorm.weight", None),
-            mlp_out_norm=("post_feedforward_layernorm.weight", None),
+            attn_out_norm=Source("post_attention_layernorm.weight", None),
+            mlp_out_norm=Source("post_feedforward_layernorm.weight", None),
+        )
+    if spec.linear_num_value_heads:
+        lin = "linear_attn."
+        kd = spec.linear_num_key_heads * spec.linear_key_head_dim
+        vd = spec.linear_num_value_heads * spec.linear_value_head_dim
+        # HF's in_proj_qkv (and the depthwise conv over its output) stacks q, k, v channels in that order.
+        parts = {"q": (0, kd), "k": (kd, 2 * kd), "v": (2 * kd, 2 * kd + vd)}
+        for part, rows in parts.items():
+            src[f"lin_w{part}"] = Source(lin + "in_proj_qkv.weight", 1, rows)
+            src[f"lin_conv_{part}"] = Source(lin + "conv1d.weight", 1, rows, conv=True)
+        src.update(
+            lin_wz=Source(lin + "in_proj_z.weight", 1),
+            lin_wb=Source(lin + "in_proj_b.weight", 1),
+            lin_wa=Source(lin + "in_proj_a.weight", 1),
+            lin_dt_bias=Source(lin + "dt_bias", None),
+            lin_a_log=Source(lin + "A_log", None),
+            lin_norm=Source(lin + "norm.weight", None),
+            lin_wo=Source(lin + "out_proj.weight", 2),
         )
     shapes = param_shapes(spec)
     return {name: src[name] for name in shapes if name in src}
 
 
-def _to_ours(x: np.ndarray, shape: tuple[int, ...], n_in: int | None, key: str) -> np.ndarray:
+def _to_ours(x: np.ndarray, shape: tuple[int, ...], source: Source, key: str) -> np.ndarray:
     """HF tensor -> our per-layer shape (a view when possible); checks the HF shape exactly."""
+    n_in = source.n_in
+    if source.conv:
+        if x.ndim != 3 or x.shape[1] != 1:
+            raise WeightsError(f"{key}: shape {x.shape}, expected a depthwise conv weight [channels, 1, kernel]")
+        x = x.reshape(x.shape[0], x.shape[2])
+    if source.rows is not None:
+        lo, hi = source.rows
+        if x.ndim < 1 or x.shape[0] < hi:
+            raise WeightsError(f"{key}: shape {x.shape}, expected at least {hi} rows from the config")
+        x = x[lo:hi]
     expected: tuple[int, ...]
     if n_in is None:
         expected = (math.prod(shape),)
@@ -262,8 +306,10 @@ class Layout(NamedTuple):
 
 def checkpoint_layout(names: set[str], spec: ModelSpec) -> Layout:
     """Where ``spec``'s tensors live among the checkpoint's tensor ``names``."""
+    # Qwen3.5 checkpoints carry a multi-token-prediction head (mtp.*) that HF skips on load, as do we.
+    extra = ("mtp.",) if spec.model_type == "qwen3_5_text" else ()
     if not spec.wrapper:
-        return Layout("model.", ("lm_head.weight",), ())
+        return Layout("model.", ("lm_head.weight",), extra + (("model.visual.",) if extra else ()))
     found = [p for p in VL_TEXT_PREFIXES if p + "embed_tokens.weight" in names]
     if not found:
         raise WeightsError(
@@ -274,7 +320,7 @@ def checkpoint_layout(names: set[str], spec: ModelSpec) -> Layout:
         raise WeightsError(f"{spec.wrapper} checkpoint has a language model under several prefixes: {found}")
     prefix = found[0]
     skipped = tuple(f"{prefix}layers.{i}." for i in spec.skipped_layers)
-    return Layout(prefix, VL_LM_HEADS, VISION_PREFIXES + skipped)
+    return Layout(prefix, VL_LM_HEADS, VISION_PREFIXES + skipped + extra)
 
 
 def converted_params(reader, spec: ModelSpec, dtype: str) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
@@ -310,11 +356,11 @@ def converted_params(reader, spec: ModelSpec, dtype: str) -> Iterator[tuple[tupl
     else:
         used.update(heads)  # tied: HF ignores a stored copy as well
     hf_layers = spec.hf_layer_indices()
-    for name, (suffix, n_in) in layer_sources(spec).items():
+    for name, source in layer_sources(spec).items():
         out = np.empty(shapes[name], target)
-        for i, hf_i in enumerate(hf_layers):
-            key = f"{prefix}layers.{hf_i}.{suffix}"
-            out[i] = _to_ours(read(key), shapes[name][1:], n_in, key)
+        for i, layer in enumerate(param_layers(spec, name)):
+            key = f"{prefix}layers.{hf_layers[layer]}.{source.suffix}"
+            out[i] = _to_ours(read(key), shapes[name][1:], source, key)
         yield ("layers", name), out
     unexpected = sorted(
         k for k in available - used if not k.endswith(IGNORED_SUFFIXES) and not k.startswith(layout.ignored)

@@ -113,11 +113,14 @@ def rotate_half(x: jnp.ndarray) -> jnp.ndarray:
 def apply_rope(
     x: Float[Array, "b t h d"], cos: Float[Array, "b t d"], sin: Float[Array, "b t d"], *, in_fp32: bool
 ) -> Float[Array, "b t h d"]:
-    """x [B, T, H, hd], cos/sin float32[B, T, hd] -> rotated x in x.dtype.
+    """x [B, T, H, hd], cos/sin float32[B, T, rd] (rd <= hd) -> x with its first rd dims rotated, in x.dtype.
 
     ``in_fp32=False`` casts cos/sin to x.dtype first (Llama/Qwen); ``True`` rotates in float32 and casts the
     result (OLMo 3), matching each family's HF code bit for bit in bfloat16.
     """
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:  # partial rotary (Qwen3.5): the first dims rotate, the rest pass through
+        return jnp.concatenate([apply_rope(x[..., :rotary], cos, sin, in_fp32=in_fp32), x[..., rotary:]], axis=-1)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     if in_fp32:
         xf = x.astype(jnp.float32)

@@ -24,11 +24,14 @@ from typing import Any
 from psych201_jax.errors import UserError
 
 # Vision-language wrappers whose language model we score on text: model_type -> the text family it runs.
-VL_WRAPPERS = {"qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3", "mllama": "llama"}
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "olmo3", *VL_WRAPPERS)
+# Qwen3.5 ("qwen3_5") is a wrapper too: its hub checkpoints are Qwen3_5ForConditionalGeneration.
+VL_WRAPPERS = {"qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3", "mllama": "llama", "qwen3_5": "qwen3_5_text"}
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "olmo3", "qwen3_5_text", *VL_WRAPPERS)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
+LINEAR_ATTENTION = "linear_attention"  # Qwen3.5's Gated DeltaNet layers (model/delta_rule.py)
+ATTENTION_TYPES = (FULL_ATTENTION, SLIDING_ATTENTION)
 
 
 class UnsupportedModelError(UserError, ValueError):
@@ -70,6 +73,11 @@ class ModelSpec:
     decoder-layer indices HF skips without images (Llama-3.2-Vision's cross-attention layers), which are
     not in our stack (our layer i is the i-th HF layer not skipped), and ``embed_vocab_size`` the rows of
     the input embedding when they differ from the output vocabulary (Llama-3.2-Vision: vocab_size + 8).
+
+    Qwen3.5 (``qwen3_5_text``): ``rotary_dim`` rotates only the first dims of each head (None: all of
+    head_dim); ``norm_zero_centred`` norms scale by 1 + weight; ``attn_output_gate`` makes q_proj emit a
+    sigmoid gate per head next to the query; ``linear_*`` describe the Gated DeltaNet layers
+    ("linear_attention" in ``layer_types``): key/value heads and widths and the causal conv kernel size.
     """
 
     model_type: str
@@ -96,6 +104,14 @@ class ModelSpec:
     wrapper: str = ""
     skipped_layers: tuple[int, ...] = ()
     embed_vocab_size: int | None = None
+    rotary_dim: int | None = None
+    norm_zero_centred: bool = False
+    attn_output_gate: bool = False
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel: int = 0
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -104,10 +120,22 @@ class ModelSpec:
             )
         if len(self.layer_types) != self.num_layers:
             raise UnsupportedModelError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
-        unknown = set(self.layer_types) - {FULL_ATTENTION, SLIDING_ATTENTION}
+        known = {*ATTENTION_TYPES, LINEAR_ATTENTION} if self.linear_num_value_heads else set(ATTENTION_TYPES)
+        unknown = set(self.layer_types) - known
         if unknown:
             raise UnsupportedModelError(f"unsupported layer_types {sorted(unknown)}")
-        missing = set(self.layer_types) - set(dict(self.rope))
+        if self.linear_num_value_heads:
+            hk, hv = self.linear_num_key_heads, self.linear_num_value_heads
+            if hk <= 0 or hv % hk or min(self.linear_key_head_dim, self.linear_value_head_dim) <= 0:
+                raise UnsupportedModelError(
+                    f"linear attention needs value heads ({hv}) a multiple of key heads ({hk}) and positive widths"
+                )
+            if self.linear_conv_kernel < 1:
+                raise UnsupportedModelError(f"linear_conv_kernel_dim must be >= 1, got {self.linear_conv_kernel}")
+        rotary = self.rotary_dim
+        if rotary is not None and (rotary <= 0 or rotary % 2 or rotary > self.head_dim):
+            raise UnsupportedModelError(f"rotary dim {rotary} must be even and within head_dim {self.head_dim}")
+        missing = set(self.layer_types) - {LINEAR_ATTENTION} - set(dict(self.rope))
         if missing:
             raise UnsupportedModelError(f"no RoPE parameters for layer types {sorted(missing)}")
         skipped = self.skipped_layers
@@ -134,6 +162,15 @@ class ModelSpec:
         """The HF decoder-layer index of each of our layers (skipped layers left out)."""
         skipped = set(self.skipped_layers)
         return tuple(i for i in range(self.num_layers + len(skipped)) if i not in skipped)
+
+    @property
+    def rope_dim(self) -> int:
+        """Dims of each head that RoPE rotates (the first ones; the rest pass through)."""
+        return self.head_dim if self.rotary_dim is None else self.rotary_dim
+
+    def attention_layer_types(self) -> tuple[str, ...]:
+        """The distinct softmax-attention layer types (those with RoPE tables), sorted."""
+        return tuple(sorted(set(self.layer_types) - {LINEAR_ATTENTION}))
 
     def rope_for(self, layer_type: str) -> RopeSpec:
         """RoPE parameters used by layers of ``layer_type``."""
@@ -192,12 +229,15 @@ def read_raw_config(hf_dir: str) -> dict:
     return raw
 
 
-def _rope_spec(params: dict, top_level: dict) -> RopeSpec:
-    """One layer type's ``rope_parameters`` dict -> RopeSpec, rejecting RoPE variants we do not implement."""
+def _rope_spec(params: dict, top_level: dict, *, partial_ok: bool = False) -> RopeSpec:
+    """One layer type's ``rope_parameters`` dict -> RopeSpec, rejecting RoPE variants we do not implement.
+
+    ``partial_ok``: the family rotates part of each head (Qwen3.5), read separately as the spec's rotary_dim.
+    """
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedModelError(f"unsupported rope_type {rope_type!r}; supported: {SUPPORTED_ROPE_TYPES}")
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
+    if params.get("partial_rotary_factor", 1.0) != 1.0 and not partial_ok:
         raise UnsupportedModelError("partial_rotary_factor != 1 is not supported")
 
     def opt(key, cast):
@@ -253,6 +293,8 @@ def _vl_spec(config: Any, wrapper: str) -> ModelSpec:
         if section is not None and sum(section) != head_dim // 2:
             raise UnsupportedModelError(f"mrope_section {list(section)} does not sum to head_dim / 2 = {head_dim // 2}")
         return _decoder_spec(text, family, tie_word_embeddings=tie, head_dim=head_dim, wrapper=wrapper)
+    if wrapper == "qwen3_5":
+        return _decoder_spec(text, family, tie_word_embeddings=tie, wrapper=wrapper)
     if wrapper == "qwen3_vl":
         # No sliding window and no layer types in Qwen3-VL's text model: every layer attends fully.
         return _decoder_spec(
@@ -306,6 +348,7 @@ def _decoder_spec(
     if sliding_window is _FROM_CONFIG:
         sliding_window = getattr(config, "sliding_window", None)
 
+    hybrid = family == "qwen3_5_text"
     rope_parameters = dict(config.rope_parameters)
     if set(rope_parameters) <= {FULL_ATTENTION, SLIDING_ATTENTION}:  # nested per layer type
         rope = tuple(
@@ -314,10 +357,25 @@ def _decoder_spec(
             if rope_parameters[t] is not None
         )
     else:
-        shared = _rope_spec(rope_parameters, rope_parameters)
-        rope = tuple((t, shared) for t in sorted(set(layer_types)))
+        shared = _rope_spec(rope_parameters, rope_parameters, partial_ok=hybrid)
+        rope = tuple((t, shared) for t in sorted(set(layer_types) - {LINEAR_ATTENTION}))
 
     attention_bias = bool(getattr(config, "attention_bias", False))
+    extra: dict[str, Any] = {}
+    if hybrid:
+        # Qwen3.5: gated attention with partial rotary and zero-centred norms, plus Gated DeltaNet layers.
+        if attention_bias:
+            raise UnsupportedModelError("qwen3_5 with attention_bias=True is not supported")
+        extra = dict(
+            rotary_dim=int(head_dim * float(rope_parameters.get("partial_rotary_factor", 1.0))),
+            norm_zero_centred=True,
+            attn_output_gate=True,
+            linear_num_key_heads=int(config.linear_num_key_heads),
+            linear_num_value_heads=int(config.linear_num_value_heads),
+            linear_key_head_dim=int(config.linear_key_head_dim),
+            linear_value_head_dim=int(config.linear_value_head_dim),
+            linear_conv_kernel=int(config.linear_conv_kernel_dim),
+        )
     flags: dict[str, Any] = dict(
         llama=dict(
             qkv_bias=attention_bias,
@@ -355,6 +413,15 @@ def _decoder_spec(
             norm_weight_fp32=True,
             rope_fp32=True,
         ),
+        qwen3_5_text=dict(
+            qkv_bias=False,
+            o_bias=False,
+            mlp_bias=False,
+            qk_norm="head",
+            norm_placement="pre",
+            norm_weight_fp32=True,  # (x_fp32 * (1 + w_fp32)).to(dtype)
+            rope_fp32=False,
+        ),
     )[family]
     return ModelSpec(
         model_type=family,
@@ -375,6 +442,7 @@ def _decoder_spec(
         skipped_layers=skipped_layers,
         embed_vocab_size=embed_vocab_size,
         **flags,
+        **extra,
     )
 
 

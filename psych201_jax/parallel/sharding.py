@@ -43,6 +43,8 @@ RULES: Rules = (
     (model_lib.Q_HEADS, "tensor"),
     (model_lib.KV_HEADS, "tensor"),
     (model_lib.MLP, "tensor"),
+    (model_lib.LIN_K_HEADS, "tensor"),
+    (model_lib.LIN_V_HEADS, "tensor"),
     (model_lib.HEAD_DIM, None),
     (model_lib.LAYERS, None),
     (model_lib.NORM, None),
@@ -55,6 +57,8 @@ RULES: Rules = (
     (model_lib.ACT_HEAD_DIM, None),
     (model_lib.ACT_MLP, "tensor"),
     (model_lib.ACT_VOCAB, "tensor"),
+    (model_lib.ACT_LIN_K_HEADS, "tensor"),
+    (model_lib.ACT_LIN_V_HEADS, "tensor"),
 )
 
 
@@ -110,6 +114,8 @@ def logical_sizes(spec: ModelSpec) -> dict[str, int]:
         model_lib.HEAD_DIM: spec.head_dim,
         model_lib.MLP: spec.intermediate_size,
         model_lib.LAYERS: spec.num_layers,
+        model_lib.LIN_K_HEADS: spec.linear_num_key_heads,
+        model_lib.LIN_V_HEADS: spec.linear_num_value_heads,
     }
     sizes.update(
         {
@@ -119,6 +125,8 @@ def logical_sizes(spec: ModelSpec) -> dict[str, int]:
             model_lib.ACT_HEAD_DIM: spec.head_dim,
             model_lib.ACT_MLP: spec.intermediate_size,
             model_lib.ACT_VOCAB: spec.vocab_size,
+            model_lib.ACT_LIN_K_HEADS: spec.linear_num_key_heads,
+            model_lib.ACT_LIN_V_HEADS: spec.linear_num_value_heads,
         }
     )
     return sizes

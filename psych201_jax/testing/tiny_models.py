@@ -15,8 +15,8 @@ import os
 import shutil
 from typing import Any
 
-DECODER_FAMILIES = ("llama", "qwen2", "qwen3", "olmo3")
-VL_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "mllama")
+DECODER_FAMILIES = ("llama", "qwen2", "qwen3", "olmo3", "qwen3_5_text")
+VL_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "mllama", "qwen3_5")
 FAMILIES = DECODER_FAMILIES + VL_FAMILIES
 # Weight layouts of a saved VL wrapper: "saved" = as transformers saves it (5.x still writes Qwen2.5-VL
 # and Mllama in their pre-5 hub layouts), "module" = the transformers-5 module names (model.language_model.*,
@@ -50,6 +50,24 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen2": dict(),
     "qwen3": dict(head_dim=32),
     "olmo3": dict(num_hidden_layers=4, sliding_window=64),
+    # Qwen3.5: 8 layers = two repeats of (3 Gated DeltaNet, 1 gated attention); value heads 2x key heads;
+    # a quarter of each 32-wide head rotates.
+    "qwen3_5_text": dict(
+        num_hidden_layers=8,
+        head_dim=32,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        linear_conv_kernel_dim=4,
+        rope_parameters=dict(
+            rope_type="default",
+            rope_theta=10000.0,
+            partial_rotary_factor=0.25,
+            mrope_section=[2, 1, 1],
+            mrope_interleaved=True,
+        ),
+    ),
     # Text configs of the VL wrappers (nested under text_config).
     "qwen2_5_vl": dict(rope_scaling=dict(type="mrope", mrope_section=[2, 3, 3])),
     "qwen3_vl": dict(
@@ -68,6 +86,7 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         ),
     ),
 }
+_FAMILY_DEFAULTS["qwen3_5"] = _FAMILY_DEFAULTS["qwen3_5_text"]
 # Tiny vision towers (never run: the scorer reads text only; they make the checkpoint a real wrapper).
 _VISION: dict[str, dict[str, Any]] = {
     "qwen2_5_vl": dict(
@@ -81,6 +100,9 @@ _VISION: dict[str, dict[str, Any]] = {
         out_hidden_size=64,
         deepstack_visual_indexes=[0],
         num_position_embeddings=64,
+    ),
+    "qwen3_5": dict(
+        depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, num_position_embeddings=64
     ),
     "mllama": dict(
         hidden_size=32,
@@ -134,11 +156,20 @@ def make_tiny_hf_checkpoint(
         config = AutoConfig.for_model(family, text_config=kwargs, vision_config=_VISION[family], **wrapper)
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
         tied = bool(getattr(config, "tie_word_embeddings", False)) and family != "mllama"
-        _rescale(model, config.text_config.hidden_size, tied, logit_scale, only="model.language_model.")
+        _rescale(
+            model,
+            config.text_config.hidden_size,
+            tied,
+            logit_scale,
+            only="model.language_model.",
+            zero_centred=family == "qwen3_5",
+        )
     else:
         config = AutoConfig.for_model(family, **kwargs)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        _rescale(model, config.hidden_size, config.tie_word_embeddings, logit_scale)
+        _rescale(
+            model, config.hidden_size, config.tie_word_embeddings, logit_scale, zero_centred=family == "qwen3_5_text"
+        )
     model.to(getattr(torch, dtype))
     os.makedirs(out_dir, exist_ok=True)
     save_kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
@@ -187,19 +218,29 @@ def _rename_tensors(out_dir: str, rename) -> None:
             json.dump(data, fh, indent=2)
 
 
-def _rescale(model, hidden_size: int, tied: bool, logit_scale: float, only: str = "") -> None:
-    """Unit-gain projections, norms ~ U(0.5, 1.5), biases ~ N(0, 0.5), N(0, 1) input embeddings, and an
-    output head (the embedding, when tied) giving logits of standard deviation ``logit_scale``.
+def _rescale(
+    model, hidden_size: int, tied: bool, logit_scale: float, only: str = "", zero_centred: bool = False
+) -> None:
+    """Unit-gain projections and convs, norms ~ U(0.5, 1.5), biases ~ N(0, 0.5), N(0, 1) input embeddings,
+    and an output head (the embedding, when tied) giving logits of standard deviation ``logit_scale``.
 
-    ``only``: rescale just the parameters under this prefix (and lm_head); 1-element parameters (Mllama's
-    cross-attention gates) keep their init."""
+    ``only``: rescale just the parameters under this prefix (and lm_head); 1-D parameters other than norms
+    and biases (Mllama's cross-attention gates) keep their init. ``zero_centred``: norms
+    that scale by 1 + weight (Qwen3.5's, all but the gated DeltaNet norm) get weights ~ U(-0.5, 0.5)."""
     import torch
 
     with torch.no_grad():
         for name, p in model.named_parameters():
             if only and not name.startswith((only, "lm_head")):
                 continue
-            if "norm" in name:
+            if name.endswith("A_log"):
+                # Qwen3.5 decay rates A = exp(A_log) in [0.01, 0.5] (HF's init draws up to 16): weak decays keep
+                # the recurrent state alive across chunks, so a wrong carry between chunks or segments shows,
+                # and keep the layer well conditioned enough for a 1e-4 float32 comparison.
+                p.copy_(torch.log(torch.linspace(0.01, 0.5, p.numel(), dtype=torch.float64)).to(p.dtype))
+            elif "norm" in name and zero_centred and "linear_attn.norm" not in name:
+                p.uniform_(-0.5, 0.5)
+            elif "norm" in name:
                 p.uniform_(0.5, 1.5)
             elif name.endswith("bias"):
                 p.normal_(0.0, 0.5)
@@ -207,5 +248,9 @@ def _rescale(model, hidden_size: int, tied: bool, logit_scale: float, only: str 
                 p.normal_(0.0, logit_scale / math.sqrt(hidden_size))
             elif "embed_tokens" in name:
                 p.normal_(0.0, 1.0)
-            elif p.ndim >= 2:
-                p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]))
+            elif p.ndim >= 2:  # fan-in: [out, in] linear, [channels, 1, kernel] depthwise conv
+                # Qwen3.5's DeltaNet output is RMS-normalised per head before out_proj, so at unit gain its
+                # float rounding is amplified ~100x per layer and the random model turns chaotic (HF's own
+                # float32 vs float64 error ~1e-2); gain 0.3 brings that to ~3e-5, below the 1e-4 bound.
+                gain = 0.3 if name.endswith("linear_attn.out_proj.weight") else 1.0
+                p.normal_(0.0, gain / math.sqrt(math.prod(p.shape[1:])))
