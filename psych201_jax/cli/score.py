@@ -14,13 +14,15 @@ import time
 from typing import Any
 
 from psych201_jax.cli import common
-from psych201_jax.runs import config, job
+from psych201_jax.runs import config
 
 _CONFIG: Any = None  # defined in run(): its overrides are parsed when it is defined
 
 
 def main(argv):
     del argv
+    from psych201_jax.runs import job  # lazily: jax, flax and transformers load here, not for --help
+
     cfg = _CONFIG.value
     progress = job.run(cfg)
     print(job.summarize(cfg.out))

@@ -30,6 +30,7 @@ import numpy as np
 
 from psych201_jax import conditions, hashing
 from psych201_jax.data import transcripts
+from psych201_jax.errors import UserError
 from psych201_jax.types import Excluded, ParticipantSpans, Record, Rejected
 
 PROTOCOLS = tuple(p.value for p in conditions.Protocol)
@@ -47,6 +48,10 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "generation_config.json",
 )
+
+
+class ChatTemplateError(UserError, ValueError):
+    """template=chat with a tokenizer whose chat template cannot render the reference's string messages."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +134,24 @@ class TokenizerInfo:
         if "enable_thinking" in (self.hf.chat_template or ""):
             kwargs["enable_thinking"] = False
         return kwargs
+
+    def check_chat_template(self) -> None:
+        """Raises ChatTemplateError unless the template renders plain-string message content (the reference
+        passes strings; vision-language processors' templates may take only lists of content parts)."""
+        probe = "\ue010probe\ue011"
+        advice = "score this model with template=none, as the study scores its vision-language models"
+        try:
+            rendered = self.render([{"role": "user", "content": probe}])
+        except Exception as err:  # jinja raises many types; any failure means the same thing here
+            raise ChatTemplateError(
+                f"{self.path}: the chat template fails on plain-string message content ({type(err).__name__}: "
+                f"{err}); it may take only lists of content parts; {advice}"
+            ) from None
+        if probe not in rendered:
+            raise ChatTemplateError(
+                f"{self.path}: the chat template drops plain-string message content (it may take only lists of "
+                f"content parts); {advice}"
+            )
 
     def render(self, messages: list[dict[str, str]]) -> str:
         return cast(str, self.hf.apply_chat_template(messages, **self.template_kwargs()))  # tokenize=False: a str

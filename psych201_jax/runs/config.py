@@ -49,6 +49,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.chunk_tokens = 1 << 22  # participant tokens packed together (and committed) at a time
     c.vocab_chunk = 8192
     c.cache_dir = "~/.cache/psych201_jax/converted"
+    # JAX's persistent compilation cache (shared by every job and sweep worker of this user); "" = off.
+    c.compile_cache = "~/.cache/psych201_jax/jax"
     c.fresh = False  # overwrite results of a different configuration in ``out``
     c.log_every_s = 10.0
     # Device mesh (psych201_jax/sharding.py): axis sizes, one may be -1 (= the remaining devices).

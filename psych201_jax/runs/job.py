@@ -132,9 +132,19 @@ def validate_config(cfg) -> Condition:
     return condition
 
 
+def enable_compile_cache(path: str) -> None:
+    """Turns on JAX's persistent compilation cache in ``path`` ("" leaves it off): a rerun, a resumed job or
+    another condition of the same model loads its compiled programs instead of compiling them again."""
+    if not path:
+        return
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def run(cfg) -> stream.Progress:
     """Runs one scoring job described by ``cfg`` (see psych201_jax/runs/config.py); returns its progress."""
     distributed.initialize_from_config(cfg.get("distributed", {}))  # mesh/distributed wiring: before JAX use
+    enable_compile_cache(cfg.get("compile_cache", ""))
     condition = validate_config(cfg)
     total = records.count_participants(cfg.data)  # fails early on missing or unreadable data
     model_dir = model_cache.resolve_model(cfg.model, cfg.cache_dir, cfg.dtype)
@@ -149,6 +159,8 @@ def run(cfg) -> stream.Progress:
             f"{str(err)[:300]}); if it is a conversion cache, delete it to reconvert"
         ) from err
     tok = spans.TokenizerInfo(os.path.join(model_dir, checkpoint.TOKENIZER))
+    if condition.template.value == "chat":
+        tok.check_chat_template()  # a clear error before any work, not a silently different prompt
     context = spec.max_position_embeddings
     robust = condition.protocol == Protocol.ROBUST
     if robust and not cfg.max_tokens and cfg.persona_reserve >= context:
