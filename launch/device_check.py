@@ -1,0 +1,248 @@
+r"""Accelerator check: attention backends, scorer throughput and the HF PyTorch reference, in one JSON.
+
+  OUT=DIR bash launch/device_check.sh [--dry_run]      (the script calls this module)
+
+Writes ``--out`` (JSON) with:
+- ``backends``: every attention backend runnable here against ``xla`` on packed rows (three segments and
+  padding, GQA, with and without a sliding window): max |difference| and the leakage check (changing one
+  segment's keys/values moves no other segment's output);
+- ``peak_matmul_tflops``: this device's measured dense matmul peak (bf16 on accelerators, f32 on CPU);
+- ``models``: for a Qwen3-0.6B-shaped and a Llama-3.1-8B-shaped random model (real widths; depths as listed
+  in ``layers``, reduced for the 8B shape to fit the time limit), bf16: our scorer's tokens/s on packed
+  real transcripts, model FLOP/s as a fraction of the measured peak (MFU), peak device memory, the batch-1
+  HF PyTorch reference (bf16, on the GPU when torch sees one) on the same weights and data, the speed-up,
+  the largest relative |dNLL| between the two, and tokens/s with the mesh on and off.
+``--dry_run`` runs the same code paths on tiny shapes (CPU is fine) and writes the same keys.
+"""
+
+import json
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from psych201_jax import defaults
+from psych201_jax.data import records, spans
+from psych201_jax.model import attention, checkpoint
+from psych201_jax.parallel import sharding
+from psych201_jax.scoring import packing, scorer, stream
+from psych201_jax.testing import tiny_models
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out", "device_check.json", "JSON output path.")
+flags.DEFINE_bool("dry_run", False, "Tiny shapes: exercise every code path quickly (CPU is fine).")
+flags.DEFINE_string("data", os.path.join("tests", "data", "psych201"), "Psych-201 studies (vendored corpus).")
+flags.DEFINE_integer("participants", 48, "Participants scored per model (dry run: 4).")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# family, HF config overrides (real widths), layers used, full depth. Vocabulary: the bundled Qwen3
+# tokenizer's 151,936 for both (its ids must fit; Llama 3.1's own is 128,256).
+MODELS = {
+    "qwen3_0.6b": (
+        "qwen3",
+        dict(hidden_size=1024, intermediate_size=3072, num_attention_heads=16, num_key_value_heads=8, head_dim=128),
+        28,
+        28,
+    ),
+    "llama3.1_8b": (
+        "llama",
+        dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8),
+        8,
+        32,
+    ),
+}
+DRY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+
+
+def peak_matmul_flops(dtype, n: int, repeats: int = 10) -> float:
+    """FLOP/s of a jitted n x n matmul chain (the best of a few timed calls after compiling)."""
+    x = jnp.ones((n, n), dtype) / n
+
+    @jax.jit
+    def chain(a):
+        for _ in range(repeats):
+            a = a @ x
+        return a
+
+    chain(x).block_until_ready()
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        chain(x).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 * repeats / best
+
+
+def backend_checks(t: int, dtype) -> dict:
+    """Each runnable backend vs xla: parity (with/without window) and leakage on one packed batch."""
+    rng = np.random.default_rng(0)
+    b, hq, hk, d = 2, 8, 2, 64
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, h, d)), dtype) for h in (hq, hk, hk))
+    seg = np.zeros((b, t), np.int32)
+    cuts = [0, t // 3, t // 2, (7 * t) // 8]
+    for i in range(3):
+        seg[:, cuts[i] : cuts[i + 1]] = i + 1
+    seg = jnp.asarray(seg)
+    other = seg != 1
+    k2 = jnp.where((seg == 1)[..., None, None], k[::-1], k)  # change segment 1's keys/values only
+    v2 = jnp.where((seg == 1)[..., None, None], v[::-1], v)
+    out = {}
+    for name in attention.runnable_backends():
+        entry: dict = {}
+        try:
+            for window in (None, t // 4):
+                ref = attention.attention(q, k, v, seg, sliding_window=window, backend="xla").astype(jnp.float32)
+                got = attention.attention(q, k, v, seg, sliding_window=window, backend=name).astype(jnp.float32)
+                entry["max_abs_vs_xla" + ("_window" if window else "")] = float(jnp.abs(got - ref).max())
+            moved = attention.attention(q, k2, v2, seg, backend=name).astype(jnp.float32)
+            base = attention.attention(q, k, v, seg, backend=name).astype(jnp.float32)
+            entry["leak_max_abs"] = float(jnp.where(other[..., None, None], jnp.abs(moved - base), 0).max())
+            tol = 2e-2 if dtype == jnp.bfloat16 else 1e-4
+            entry["ok"] = (
+                entry["leak_max_abs"] == 0.0 and max(entry["max_abs_vs_xla"], entry["max_abs_vs_xla_window"]) <= tol
+            )
+        except Exception as err:  # a backend that cannot run here is reported, not fatal
+            entry = {"ok": False, "error": f"{type(err).__name__}: {str(err)[:300]}"}
+        out[name] = entry
+    return out
+
+
+def _participants(tokenizer_dir: str, data: str, n: int) -> list:
+    studies = sorted(s for s in os.listdir(data) if os.path.isdir(os.path.join(data, s)))
+    recs = []
+    for i in range(n):  # round-robin over studies: a realistic mix of lengths
+        study = studies[i % len(studies)]
+        got = list(records.iter_records(os.path.join(data, study)))
+        if i // len(studies) < len(got):
+            recs.append(got[i // len(studies)])
+    items = spans.tokenize_records(recs, spans.TokenizerInfo(tokenizer_dir), spans.Protocol("reference"))
+    return [p for p in items if isinstance(p, spans.ParticipantSpans)]
+
+
+def _hf_reference(hf_dir: str, items: list) -> tuple[dict, float, str]:
+    """The reference algorithm (batch 1, full logits) in bf16 on the GPU when torch has one."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model = model.to(device).eval()
+    out = {}
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for p in items:
+            ids = torch.as_tensor(np.asarray(p.token_ids, np.int64), device=device)[None]
+            logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none").double().cpu().numpy()
+            labelled = np.asarray(p.response_index)[1:] >= 0
+            runs, current = [], None
+            for i, flag in enumerate(labelled):  # sums over maximal labelled runs, as eval.py
+                if flag:
+                    current = nll[i] if current is None else current + nll[i]
+                elif current is not None:
+                    runs.append(current)
+                    current = None
+            if current is not None:
+                runs.append(current)
+            out[p.key] = np.asarray(runs)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start, device
+
+
+def model_flops(spec, items) -> float:
+    """Forward FLOPs of a Llama/Qwen-shaped decoder (others: an estimate): 2 x non-embedding parameters
+    per token, plus causal attention (QK^T and PV); the head is not counted."""
+    d, hq, hd = spec.hidden_size, spec.num_heads, spec.head_dim
+    per_layer = 2 * d * hd * (2 * hq + 2 * spec.num_kv_heads) + 3 * 2 * d * spec.intermediate_size
+    tokens = sum(len(p.token_ids) for p in items)
+    attn = sum(2 * 2 * hq * hd * len(p.token_ids) ** 2 / 2 for p in items) * spec.num_layers
+    return per_layer * spec.num_layers * tokens + attn
+
+
+def model_check(name: str, family: str, widths: dict, layers: int, full: int, items: list, peak: float) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_dir = tiny_models.make_tiny_hf_checkpoint(
+            family,
+            os.path.join(tmp, "hf"),
+            defaults.DEFAULT_TOKENIZER,
+            dtype="bfloat16",
+            vocab_size=151936,
+            num_hidden_layers=layers,
+            max_position_embeddings=32768,
+            **widths,
+        )
+        conv = os.path.join(tmp, "conv")
+        checkpoint.convert(hf_dir, conv, "bfloat16")
+        reference, ref_s, torch_device = _hf_reference(hf_dir, items)
+        runs = {}
+        for mode in ("on", "off"):
+            model, spec = checkpoint.load_model(conv, mesh=None)
+            mesh = sharding.mesh_from_config({"mode": mode})
+            ours = scorer.Scorer(model, mesh=mesh)
+            kwargs = dict(row_lengths=packing.choose_row_lengths(32768), tokens_per_batch=65536, max_tokens=32768)
+            list(stream.score_spans(items, ours, **kwargs))  # compile
+            start = time.perf_counter()
+            results = {r.key: r for r in stream.score_spans(items, ours, **kwargs)}
+            runs[mode] = (time.perf_counter() - start, results)
+            del ours, model
+    tokens = sum(len(p.token_ids) for p in items)
+    ours_s, results = runs["on"]
+    rel = max(
+        float(np.max(np.abs(results[k].nll - reference[k]) / np.maximum(np.abs(reference[k]), 1.0), initial=0.0))
+        for k in reference
+    )
+    stats = jax.devices()[0].memory_stats() or {}
+    return {
+        "family": family,
+        "layers": layers,
+        "full_depth_layers": full,
+        "participants": len(items),
+        "tokens": tokens,
+        "ours_tokens_per_s": tokens / ours_s,
+        "mfu": model_flops(spec, items) / ours_s / peak,
+        "peak_memory_bytes": stats.get("peak_bytes_in_use"),
+        "hf_reference_tokens_per_s": tokens / ref_s,
+        "hf_reference_device": torch_device,
+        "speedup_vs_hf_batch1": ref_s / ours_s,
+        "max_rel_delta_nll_vs_hf_bf16": rel,
+        "mesh_on_tokens_per_s": tokens / runs["on"][0],
+        "mesh_off_tokens_per_s": tokens / runs["off"][0],
+        "mesh_on_equals_off": all(np.array_equal(runs["on"][1][k].nll, runs["off"][1][k].nll) for k in reference),
+    }
+
+
+def main(argv):
+    del argv
+    start = time.perf_counter()
+    accel = jax.default_backend() != "cpu"
+    dtype = jnp.bfloat16 if accel else jnp.float32
+    out: dict = {
+        "dry_run": FLAGS.dry_run,
+        "device": str(jax.devices()[0]),
+        "backend": jax.default_backend(),
+        "jax": jax.__version__,
+    }
+    out["peak_matmul_tflops"] = peak_matmul_flops(dtype, 512 if FLAGS.dry_run else 8192) / 1e12
+    out["backends"] = backend_checks(256 if FLAGS.dry_run else 4096, dtype)
+    n = 4 if FLAGS.dry_run else FLAGS.participants
+    items = _participants(defaults.DEFAULT_TOKENIZER, os.path.join(REPO, FLAGS.data), n)
+    out["models"] = {}
+    for name, (family, widths, layers, full) in MODELS.items():
+        if FLAGS.dry_run:
+            widths, layers = DRY, 2
+        out["models"][name] = model_check(name, family, widths, layers, full, items, out["peak_matmul_tflops"] * 1e12)
+        print(name, json.dumps(out["models"][name]), flush=True)
+    out["wall_s"] = time.perf_counter() - start
+    out["ok"] = all(b.get("ok") for b in out["backends"].values())
+    with open(FLAGS.out, "w") as fh:
+        json.dump(out, fh, indent=2)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,49 @@
+"""launch/device_check.sh --dry_run: the accelerator check's code paths on CPU, so the script never rots."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL_KEYS = {
+    "family",
+    "layers",
+    "full_depth_layers",
+    "participants",
+    "tokens",
+    "ours_tokens_per_s",
+    "mfu",
+    "peak_memory_bytes",
+    "hf_reference_tokens_per_s",
+    "hf_reference_device",
+    "speedup_vs_hf_batch1",
+    "max_rel_delta_nll_vs_hf_bf16",
+    "mesh_on_tokens_per_s",
+    "mesh_off_tokens_per_s",
+    "mesh_on_equals_off",
+}
+
+
+def test_dry_run_writes_every_key(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    proc = subprocess.run(
+        ["bash", "launch/device_check.sh", "--dry_run"], cwd=REPO, env=env, capture_output=True, text=True, timeout=420
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    out = json.loads((tmp_path / "device_check.json").read_text())
+    assert out["dry_run"] is True and out["ok"] is True
+    assert {"dense", "xla"} <= set(out["backends"])
+    for name, entry in out["backends"].items():
+        assert entry["leak_max_abs"] == 0.0, name
+    assert out["peak_matmul_tflops"] > 0
+    assert set(out["models"]) == {"qwen3_0.6b", "llama3.1_8b"}
+    for name, entry in out["models"].items():
+        assert set(entry) == MODEL_KEYS, name
+        assert entry["mesh_on_equals_off"] is True
+        assert all(
+            math.isfinite(entry[k]) and entry[k] > 0 for k in ("ours_tokens_per_s", "mfu", "speedup_vs_hf_batch1")
+        )
+        assert entry["max_rel_delta_nll_vs_hf_bf16"] < 0.05, entry  # bf16 vs bf16 on the same weights
+    assert (tmp_path / "device_check.log").read_text().strip()
