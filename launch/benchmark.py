@@ -1,15 +1,23 @@
 r"""Scoring benchmark: one run, same weights and data, ratios against baselines measured in-process.
 
-  python -m launch.benchmark --data=../shared/data/psych201 [--participants=24] [--out=bench.json]
+  python -m launch.benchmark --data=../shared/data/psych201 [--shapes=head,body,qwen3_0.6b,qwen3_5] [--out=b.json]
 
-Reports
-1. tokens/s of our packed scorer vs a faithful HF PyTorch implementation of the reference algorithm
-   (batch 1, full logits, per-token Python loop) on a tiny Qwen3-shaped model with the real 151,936-token
-   vocabulary, float32, and the largest |ΔNLL| per response between the two;
-2. packing efficiency (real / computed tokens) over all studies under ``--data`` as the job packs them;
-3. the number of compiled programs of the run;
-4. compiled temp memory of the log-prob step vs full logits + log_softmax at 16K tokens.
-CPU numbers are ratios for regression tracking, not GPU predictions. No timed assertions anywhere.
+Shapes (each: our job path -- packed rows, masked head -- against HF PyTorch on the same weights and data):
+- ``head``: the head-dominated toy (Qwen3-shaped, 2 layers, width 256, the real 151,936 vocabulary; the first
+  participant of every study);
+- ``body``: body-dominated (Qwen3-shaped, width 512, 8 layers, 8/4 heads, a 4,096-token tokenizer trained
+  on the corpus; 10 real ~7K-token transcripts of sandbrink2024metacontrol);
+- ``qwen3_0.6b``: Qwen3-0.6B's widths at 4 layers (1024 wide, 16/8 heads of 128, 151,936 vocabulary), the
+  same 10 transcripts;
+- ``qwen3_5``: a Qwen3.5-shaped Gated DeltaNet hybrid (8 layers, tiny widths, long transcripts; HF runs its
+  torch fallback of the chunked delta rule), plus our forward's compile time against depth (scanned pattern
+  blocks: it should stay flat).
+Per shape: tokens/s of ours (steady, and including compilation), of the batch-1 reference algorithm (full
+logits, eval.py's loop) and of an lm-eval-style padded, batched HF scorer; our achieved model FLOP/s as a
+fraction of the float32 matmul peak measured in the same run; compile seconds; the largest |dNLL|.
+Also: packing efficiency, compiled memory of the head, the temperature grid's head cost, and the attention
+kernel alone against torch's CPU SDPA on the same causal work (GFLOP/s). CPU numbers are ratios for
+regression tracking, not GPU predictions. No timed assertions anywhere.
 """
 
 import itertools
@@ -23,11 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from launch import measure
 from psych201_jax import defaults
 from psych201_jax.data import records, spans
 from psych201_jax.model import checkpoint
 from psych201_jax.scoring import packing, scorer, stream
-from psych201_jax.testing import oracle, tiny_models, torch_reference
+from psych201_jax.testing import oracle, tiny_models, tiny_tokenizer, torch_reference
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data", os.path.join("..", "shared", "data", "psych201"), "Psych-201 studies.")
@@ -35,6 +44,9 @@ flags.DEFINE_integer("per_study", 1, "Participants per study in the end-to-end c
 flags.DEFINE_string("studies", "", "Comma list of studies for the end-to-end comparison (default: all).")
 flags.DEFINE_integer("vocab", 151936, "Model vocabulary (the tokenizer's ids are a prefix of it).")
 flags.DEFINE_string("out", "", "Optional JSON file for the numbers.")
+flags.DEFINE_list("shapes", ["head", "body", "qwen3_0.6b", "qwen3_5"], "Which shapes to run.")
+flags.DEFINE_string("long_study", "sandbrink2024metacontrol", "Study of long transcripts (body-dominated shapes).")
+flags.DEFINE_integer("long_participants", 10, "Participants of --long_study in the long-transcript shapes.")
 
 TOKENS_PER_BATCH, CHUNK_TOKENS = 131072, 1 << 22  # the job's defaults (configs/score.py)
 QWEN3_TINY = dict(
@@ -49,9 +61,124 @@ QWEN3_TINY = dict(
 )
 
 
-def end_to_end(data_root: str, studies: list[str], per_study: int, vocab: int) -> dict:
-    """The first ``per_study`` participants of every study (a scored fraction close to the corpus's)."""
-    tok = spans.TokenizerInfo(defaults.DEFAULT_TOKENIZER)
+QWEN3_BODY = dict(
+    hidden_size=512,
+    intermediate_size=1536,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=64,
+    tie_word_embeddings=True,
+    max_position_embeddings=32768,
+)
+QWEN3_0_6B_4_LAYERS = dict(
+    hidden_size=1024,
+    intermediate_size=3072,
+    num_hidden_layers=4,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    tie_word_embeddings=True,
+    max_position_embeddings=32768,
+)
+QWEN3_5_TINY = dict(
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=8,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    linear_num_key_heads=4,
+    linear_num_value_heads=8,
+    linear_key_head_dim=32,
+    linear_value_head_dim=32,
+    tie_word_embeddings=True,
+    max_position_embeddings=32768,
+)
+
+
+PEAK = [float("nan")]  # float32 matmul FLOP/s of this run (measured first in main)
+
+
+def hf_batched_nll(model, items, batch: int = 4, logits_bytes: float = 4e9) -> dict:
+    """lm-eval-style scorer: participants sorted by length, right-padded batches of ``batch`` (fewer when the
+    float32 logits of a batch would pass ``logits_bytes``), one forward each, log-softmax gathered at the
+    labelled positions; per-response sums like the reference."""
+    import torch
+
+    out = {}
+    order = sorted(items, key=lambda p: len(p.token_ids))
+    longest = max(len(p.token_ids) for p in items)
+    batch = max(1, min(batch, int(logits_bytes // (longest * model.config.get_text_config().vocab_size * 4))))
+    with torch.inference_mode():
+        for i in range(0, len(order), batch):
+            group = order[i : i + batch]
+            t = max(len(p.token_ids) for p in group)
+            ids = torch.zeros((len(group), t), dtype=torch.long)
+            mask = torch.zeros((len(group), t), dtype=torch.long)
+            for r, p in enumerate(group):
+                ids[r, : len(p.token_ids)] = torch.as_tensor(np.asarray(p.token_ids, np.int64))
+                mask[r, : len(p.token_ids)] = 1
+            logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float(), -1)
+            for r, p in enumerate(group):
+                n = len(p.token_ids)
+                token_lp = logp[r, : n - 1].gather(-1, ids[r, 1:n, None])[:, 0].double().numpy()
+                labelled = np.asarray(p.response_index)[1:] >= 0
+                starts = np.flatnonzero(labelled & ~np.r_[False, labelled[:-1]])
+                ends = np.flatnonzero(labelled & ~np.r_[labelled[1:], False]) + 1
+                out[p.key] = np.asarray([-token_lp[a:b].sum() for a, b in zip(starts, ends)])
+    return out
+
+
+def attention_vs_sdpa(t: int = 6656, hq: int = 8, hk: int = 4, d: int = 64) -> dict:
+    """GFLOP/s of our ``xla`` attention and of torch's CPU SDPA on one causal [t, t] segment (same work)."""
+    import torch
+
+    from psych201_jax.model import attention
+
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.normal(size=(1, t, h, d)).astype(np.float32) for h in (hq, hk, hk))
+    seg = jnp.ones((1, t), jnp.int32)
+    fn = jax.jit(lambda q, k, v: attention.attention(q, k, v, seg, backend="xla"))
+    args = tuple(jnp.asarray(x) for x in (q, k, v))
+    fn(*args).block_until_ready()
+    ours = min(_timed(lambda: fn(*args).block_until_ready()) for _ in range(3))
+    tq, tk, tv = (torch.as_tensor(x).transpose(1, 2) for x in (q, k, v))
+    tk, tv = (x.repeat_interleave(hq // hk, dim=1) for x in (tk, tv))
+    with torch.inference_mode():
+        sdpa = min(
+            _timed(lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True))
+            for _ in range(3)
+        )
+    flops = 2 * 2 * hq * d * t * t / 2  # QK^T and PV over the causal half
+    return {
+        "t": t,
+        "ours_gflops_per_s": flops / ours / 1e9,
+        "sdpa_gflops_per_s": flops / sdpa / 1e9,
+        "ratio": sdpa / ours,
+    }
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def end_to_end(
+    data_root: str,
+    studies: list[str],
+    per_study: int,
+    vocab: int | None,
+    *,
+    family: str = "qwen3",
+    model_kwargs: dict = QWEN3_TINY,
+    tokenizer_dir: str = defaults.DEFAULT_TOKENIZER,
+) -> dict:
+    """The first ``per_study`` participants of every study (a scored fraction close to the corpus's).
+
+    ``vocab``: the model's vocabulary (None: the tokenizer's own size)."""
+    tok = spans.TokenizerInfo(tokenizer_dir)
     recs = []
     for study in studies:
         recs.extend(itertools.islice(records.iter_records(os.path.join(data_root, study)), per_study))
@@ -59,8 +186,9 @@ def end_to_end(data_root: str, studies: list[str], per_study: int, vocab: int) -
     tokens = sum(len(p.token_ids) for p in items)
     scored = sum(int((p.response_index[1:] >= 0).sum()) for p in items)
     with tempfile.TemporaryDirectory() as tmp:
+        extra = {} if vocab is None else {"vocab_size": vocab}
         hf_dir = tiny_models.make_tiny_hf_checkpoint(
-            "qwen3", os.path.join(tmp, "hf"), defaults.DEFAULT_TOKENIZER, vocab_size=vocab, **QWEN3_TINY
+            family, os.path.join(tmp, "hf"), tokenizer_dir, **extra, **model_kwargs
         )
         conv = os.path.join(tmp, "conv")
         checkpoint.convert(hf_dir, conv, "float32")
@@ -82,13 +210,21 @@ def end_to_end(data_root: str, studies: list[str], per_study: int, vocab: int) -
         p.key: torch_reference.reference_response_nll(torch_model, p.token_ids, p.response_index) for p in items
     }
     ref_s = time.perf_counter() - start
+    start = time.perf_counter()
+    batched = hf_batched_nll(torch_model, items)
+    batched_s = time.perf_counter() - start
+    batched_diff = max(float(np.max(np.abs(batched[k] - reference[k]), initial=0.0)) for k in reference)
     diff = max(float(np.max(np.abs(steady[k].nll - reference[k]), initial=0.0)) for k in reference)
     rel = max(
         float(np.max(np.abs(steady[k].nll - reference[k]) / np.maximum(np.abs(reference[k]), 1.0), initial=0.0))
         for k in reference
     )
     assert all(np.array_equal(first[k].nll, steady[k].nll) for k in first)
+    flops = measure.model_flops(spec, items)
     return {
+        "family": family,
+        "model": {k: v for k, v in model_kwargs.items() if k != "max_position_embeddings"},
+        "vocab": spec.vocab_size,
         "participants": len(items),
         "studies": len(studies),
         "tokens": tokens,
@@ -99,6 +235,13 @@ def end_to_end(data_root: str, studies: list[str], per_study: int, vocab: int) -
         "reference_tokens_per_s": tokens / ref_s,
         "speedup": ref_s / ours_s,
         "speedup_incl_compile": ref_s / with_compile,
+        "compile_s": with_compile - ours_s,
+        "hf_batched_tokens_per_s": tokens / batched_s,
+        "hf_batched_batch": max(1, min(4, int(4e9 // (max(len(p.token_ids) for p in items) * spec.vocab_size * 4)))),
+        "speedup_vs_hf_batched": batched_s / ours_s,
+        "hf_batched_max_abs_delta_nll_vs_reference": batched_diff,
+        "model_gflops_per_s": flops / ours_s / 1e9,
+        "mfu_vs_f32_matmul_peak": flops / ours_s / PEAK[0],
         "max_abs_delta_nll": diff,
         "compilations": ours.compilations(),
     }
@@ -198,16 +341,65 @@ def head_cost(vocab: int = 151936, d: int = 1024, capacity: int = 1024, repeats:
     return out
 
 
+def long_transcripts(data_root: str, study: str, n: int, family: str, model_kwargs: dict, small_vocab: bool) -> dict:
+    """End to end on ``n`` transcripts of ``study``; ``small_vocab``: a 4,096-token tokenizer trained on the
+    corpus (the body dominates), else the bundled Qwen3 tokenizer with 151,936 entries."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if small_vocab:
+            studies = sorted(d for d in os.listdir(data_root) if os.path.isdir(os.path.join(data_root, d)))
+            texts = tiny_tokenizer.sample_texts(data_root, studies, per_study=10, max_chars=60000)
+            tok_dir = tiny_tokenizer.train_tokenizer_dir(texts, os.path.join(tmp, "tok"))
+        else:
+            tok_dir = defaults.DEFAULT_TOKENIZER
+        vocab = None if small_vocab else 151936
+        return end_to_end(data_root, [study], n, vocab, family=family, model_kwargs=model_kwargs, tokenizer_dir=tok_dir)
+
+
+def qwen3_5_compile_seconds(num_layers: int, seq_len: int = 4096) -> float:
+    """Wall time to lower and compile the Qwen3.5-shaped forward (abstract parameters, float32)."""
+    from flax import nnx
+    from transformers import AutoConfig
+
+    from psych201_jax.model import spec as modelspec
+
+    kwargs = {**QWEN3_5_TINY, "num_hidden_layers": num_layers, "vocab_size": 4096}
+    kwargs["rope_parameters"] = dict(rope_type="default", rope_theta=1e7, partial_rotary_factor=0.25)
+    config = AutoConfig.for_model("qwen3_5_text", **kwargs)
+    spec = modelspec.from_hf_config(config)
+    graphdef, state = checkpoint.abstract_model(spec, dtype=jnp.float32, param_dtype=jnp.float32)
+    ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+    fn = jax.jit(lambda state, a, b, c: nnx.merge(graphdef, state)(a, b, c))
+    start = time.perf_counter()
+    fn.lower(state, ids, ids, ids).compile()
+    return time.perf_counter() - start
+
+
 def main(argv):
     del argv
     out = {"device": str(jax.devices()[0]), "jax": jax.__version__}
+    PEAK[0] = measure.peak_matmul_flops(jnp.float32, 1024)
+    out["f32_matmul_peak_gflops_per_s"] = PEAK[0] / 1e9
     studies = (
         FLAGS.studies.split(",")
         if FLAGS.studies
         else sorted(d for d in os.listdir(FLAGS.data) if os.path.isdir(os.path.join(FLAGS.data, d)))
     )
-    out["end_to_end"] = end_to_end(FLAGS.data, studies, FLAGS.per_study, FLAGS.vocab)
-    print("end to end:", json.dumps(out["end_to_end"], indent=1))
+    long = (FLAGS.data, FLAGS.long_study, FLAGS.long_participants)
+    runs = {
+        "head": lambda: end_to_end(FLAGS.data, studies, FLAGS.per_study, FLAGS.vocab),
+        "body": lambda: long_transcripts(*long, "qwen3", QWEN3_BODY, small_vocab=True),
+        "qwen3_0.6b": lambda: long_transcripts(*long, "qwen3", QWEN3_0_6B_4_LAYERS, small_vocab=False),
+        "qwen3_5": lambda: {
+            **long_transcripts(*long, "qwen3_5_text", QWEN3_5_TINY, small_vocab=True),
+            "compile_s_by_layers": {n: qwen3_5_compile_seconds(n) for n in (4, 8, 16, 32)},
+        },
+    }
+    out["shapes"] = {}
+    for name in FLAGS.shapes:
+        out["shapes"][name] = runs[name]()
+        print(f"shape {name}:", json.dumps(out["shapes"][name], indent=1), flush=True)
+    out["attention_vs_sdpa"] = attention_vs_sdpa()
+    print("attention vs torch SDPA:", json.dumps(out["attention_vs_sdpa"], indent=1))
     out["logprob_memory"] = logprob_memory()
     print("log-prob memory:", json.dumps(out["logprob_memory"], indent=1))
     out["head_cost"] = head_cost()

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from launch import measure
 from psych201_jax import defaults
 from psych201_jax.data import records, spans
 from psych201_jax.model import attention, checkpoint
@@ -56,25 +57,6 @@ MODELS = {
     ),
 }
 DRY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-
-
-def peak_matmul_flops(dtype, n: int, repeats: int = 10) -> float:
-    """FLOP/s of a jitted n x n matmul chain (the best of a few timed calls after compiling)."""
-    x = jnp.ones((n, n), dtype) / n
-
-    @jax.jit
-    def chain(a):
-        for _ in range(repeats):
-            a = a @ x
-        return a
-
-    chain(x).block_until_ready()
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        chain(x).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 * repeats / best
 
 
 def backend_checks(t: int, dtype) -> dict:
@@ -154,16 +136,6 @@ def _hf_reference(hf_dir: str, items: list) -> tuple[dict, float, str]:
     return out, time.perf_counter() - start, device
 
 
-def model_flops(spec, items) -> float:
-    """Forward FLOPs of a Llama/Qwen-shaped decoder (others: an estimate): 2 x non-embedding parameters
-    per token, plus causal attention (QK^T and PV); the head is not counted."""
-    d, hq, hd = spec.hidden_size, spec.num_heads, spec.head_dim
-    per_layer = 2 * d * hd * (2 * hq + 2 * spec.num_kv_heads) + 3 * 2 * d * spec.intermediate_size
-    tokens = sum(len(p.token_ids) for p in items)
-    attn = sum(2 * 2 * hq * hd * len(p.token_ids) ** 2 / 2 for p in items) * spec.num_layers
-    return per_layer * spec.num_layers * tokens + attn
-
-
 def model_check(name: str, family: str, widths: dict, layers: int, full: int, items: list, peak: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = tiny_models.make_tiny_hf_checkpoint(
@@ -204,7 +176,7 @@ def model_check(name: str, family: str, widths: dict, layers: int, full: int, it
         "participants": len(items),
         "tokens": tokens,
         "ours_tokens_per_s": tokens / ours_s,
-        "mfu": model_flops(spec, items) / ours_s / peak,
+        "mfu": measure.model_flops(spec, items) / ours_s / peak,
         "peak_memory_bytes": stats.get("peak_bytes_in_use"),
         "hf_reference_tokens_per_s": tokens / ref_s,
         "hf_reference_device": torch_device,
@@ -227,7 +199,7 @@ def main(argv):
         "backend": jax.default_backend(),
         "jax": jax.__version__,
     }
-    out["peak_matmul_tflops"] = peak_matmul_flops(dtype, 512 if FLAGS.dry_run else 8192) / 1e12
+    out["peak_matmul_tflops"] = measure.peak_matmul_flops(dtype, 512 if FLAGS.dry_run else 8192) / 1e12
     out["backends"] = backend_checks(256 if FLAGS.dry_run else 4096, dtype)
     n = 4 if FLAGS.dry_run else FLAGS.participants
     items = _participants(defaults.DEFAULT_TOKENIZER, os.path.join(REPO, FLAGS.data), n)

@@ -184,3 +184,17 @@ def test_safetensors_reader_round_trip_and_bf16(tmp_path, qwen_tokenizer_dir):
     for name, t in ref.items():
         assert t.dtype == torch.bfloat16
         np.testing.assert_array_equal(reader.read(name).astype(np.float32), t.float().numpy())
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_converted_tokenizer_resolves_to_the_checkpoints_tokenizer_class(family, tmp_path, qwen_tokenizer_dir):
+    """transformers 5 chooses the tokenizer class by the config's model_type (qwen2: Qwen2Tokenizer, which
+    builds its own pre-tokenizer in code); the converted folder keeps config.json, so it tokenizes exactly as
+    AutoTokenizer on the HF folder does (multi-digit numbers split differently otherwise)."""
+    hf = make_tiny_hf_checkpoint(family, str(tmp_path / "hf"), qwen_tokenizer_dir)
+    checkpoint.convert(hf, str(tmp_path / "out"), "float32")
+    ours = AutoTokenizer.from_pretrained(str(tmp_path / "out" / checkpoint.TOKENIZER))
+    theirs = AutoTokenizer.from_pretrained(hf)
+    assert type(ours).__name__ == type(theirs).__name__
+    text = "Round 12: I pick 345 of 6789 points, café. <<42>>\n\n"
+    assert ours(text).input_ids == theirs(text).input_ids

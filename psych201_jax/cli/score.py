@@ -26,7 +26,11 @@ def main(argv):
     cfg = _CONFIG.value
     progress = job.run(cfg)
     print(job.summarize(cfg.out))
-    print(f"results in {cfg.out} ({progress.tokens} tokens scored in {time.perf_counter() - progress.started:.1f}s)")
+    seconds = time.perf_counter() - progress.started
+    print(
+        f"results in {cfg.out} ({progress.tokens} tokens scored in {seconds:.1f}s, "
+        f"{job.compile_seconds():.1f}s of it compiling)"
+    )
 
 
 def run() -> None:

@@ -132,6 +132,22 @@ def validate_config(cfg) -> Condition:
     return condition
 
 
+_COMPILE_SECONDS = [0.0]
+
+
+def _count_compile_time(event: str, duration_secs: float, **_) -> None:
+    if event.startswith("/jax/core/compile/") or event == "/jax/compilation_cache/cache_retrieval_time_sec":
+        _COMPILE_SECONDS[0] += duration_secs
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile_time)
+
+
+def compile_seconds() -> float:
+    """Seconds this process spent tracing, lowering and compiling (or loading cached) programs."""
+    return _COMPILE_SECONDS[0]
+
+
 def enable_compile_cache(path: str) -> None:
     """Turns on JAX's persistent compilation cache in ``path`` ("" leaves it off): a rerun, a resumed job or
     another condition of the same model loads its compiled programs instead of compiling them again."""

@@ -1,0 +1,35 @@
+"""Measurements shared by the maintainer scripts (benchmark, device check): matmul peak and model FLOPs."""
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def peak_matmul_flops(dtype, n: int, repeats: int = 10) -> float:
+    """FLOP/s of a jitted n x n matmul chain (the best of a few timed calls after compiling)."""
+    x = jnp.ones((n, n), dtype) / n
+
+    @jax.jit
+    def chain(a):
+        for _ in range(repeats):
+            a = a @ x
+        return a
+
+    chain(x).block_until_ready()
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        chain(x).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 * repeats / best
+
+
+def model_flops(spec, items) -> float:
+    """Forward FLOPs of a Llama/Qwen-shaped decoder (others: an estimate): 2 x non-embedding parameters
+    per token, plus causal attention (QK^T and PV); the head is not counted."""
+    d, hq, hd = spec.hidden_size, spec.num_heads, spec.head_dim
+    per_layer = 2 * d * hd * (2 * hq + 2 * spec.num_kv_heads) + 3 * 2 * d * spec.intermediate_size
+    tokens = sum(len(p.token_ids) for p in items)
+    attn = sum(2 * 2 * hq * hd * len(p.token_ids) ** 2 / 2 for p in items) * spec.num_layers
+    return per_layer * spec.num_layers * tokens + attn
