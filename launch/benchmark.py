@@ -13,8 +13,9 @@ Shapes (each: our job path -- packed rows, masked head -- against HF PyTorch on 
   torch fallback of the chunked delta rule), plus our forward's compile time against depth (scanned pattern
   blocks: it should stay flat).
 Per shape: tokens/s of ours (steady, and including compilation), of the batch-1 reference algorithm (full
-logits, eval.py's loop) and of an lm-eval-style padded, batched HF scorer; our achieved model FLOP/s as a
-fraction of the float32 matmul peak measured in the same run; compile seconds; the largest |dNLL|.
+logits, eval.py's loop; HF's default sdpa attention) and of an lm-eval-style padded, batched HF scorer;
+our achieved model FLOP/s as a fraction of the float32 matmul peak measured in the same run; compile
+seconds; the largest |dNLL|.
 Also: packing efficiency, compiled memory of the head, the temperature grid's head cost, and the attention
 kernel alone against torch's CPU SDPA on the same causal work (GFLOP/s). CPU numbers are ratios for
 regression tracking, not GPU predictions. No timed assertions anywhere.
@@ -193,7 +194,8 @@ def end_to_end(
         conv = os.path.join(tmp, "conv")
         checkpoint.convert(hf_dir, conv, "float32")
         model, spec = checkpoint.load_model(conv, dtype="float32")
-        torch_model = torch_reference.load_hf_model(hf_dir)
+        # sdpa: what the reference scripts and lm-eval get by default (eager is for parity tests only).
+        torch_model = torch_reference.load_hf_model(hf_dir, attn_implementation="sdpa")
 
     ours = scorer.Scorer(model)
     row_lengths = packing.choose_row_lengths(max(spec.max_position_embeddings, TOKENS_PER_BATCH))

@@ -11,12 +11,13 @@ from __future__ import annotations
 import numpy as np
 
 
-def load_hf_model(hf_dir: str, dtype: str = "float32"):
+def load_hf_model(hf_dir: str, dtype: str = "float32", attn_implementation: str = "eager"):
+    """The HF model; ``eager`` attention for parity tests, ``sdpa`` (transformers' default) for speed baselines."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        hf_dir, dtype=getattr(torch, dtype), trust_remote_code=False, attn_implementation="eager"
+        hf_dir, dtype=getattr(torch, dtype), trust_remote_code=False, attn_implementation=attn_implementation
     )
     return model.eval()
 
