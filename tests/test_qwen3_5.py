@@ -242,6 +242,23 @@ def test_delta_rule_reset_and_conv_mask_are_each_needed():
     assert float(jnp.abs(delta_rule.causal_conv(v, w, jnp.ones_like(seg))[:, 90:93] - conv_alone[:, :3]).max()) > 1e-2
 
 
+def test_strong_decays_across_segments_stay_finite_and_isolated():
+    """Decays of -40 per token (HF's init reaches that): a segment's log-decay sums fall to -1e3 within a
+    chunk, so nothing may exponentiate one segment's sum against another's."""
+    rng = np.random.default_rng(2)
+    q, k = (jnp.asarray(rng.normal(size=(1, 192, 2, 16)), jnp.float32) for _ in range(2))
+    v = jnp.asarray(rng.normal(size=(1, 192, 2, 16)), jnp.float32)
+    g = jnp.asarray(-40.0 * rng.uniform(0.5, 1.0, size=(1, 192, 2)), jnp.float32)
+    beta = jnp.asarray(rng.uniform(size=(1, 192, 2)), jnp.float32)
+    seg = jnp.asarray(np.r_[np.ones(40), 2 * np.ones(100), 3 * np.ones(52)][None], jnp.int32)
+    out = delta_rule.chunk_gated_delta_rule(q, k, v, g, beta, seg, chunk=64)
+    assert bool(jnp.isfinite(out).all())
+    alone = delta_rule.chunk_gated_delta_rule(
+        q[:, 40:140], k[:, 40:140], v[:, 40:140], g[:, 40:140], beta[:, 40:140], jnp.ones((1, 100), jnp.int32)
+    )
+    np.testing.assert_allclose(np.asarray(out[:, 40:140]), np.asarray(alone), atol=1e-5)
+
+
 def test_chunk_size_does_not_change_the_result():
     rng = np.random.default_rng(1)
     q, k = (jnp.asarray(rng.normal(size=(2, 300, 2, 16)), jnp.float32) for _ in range(2))

@@ -100,13 +100,14 @@ def chunk_gated_delta_rule(
     # Which positions continue the segment of the previous chunk's last token (a prefix of the chunk).
     prev_last = jnp.concatenate([jnp.full_like(seg[..., :1, -1:], -2), seg[..., :-1, -1:]], axis=-2)
     carried = (seg == prev_last).astype(f32)  # [B, 1, N, C]
-    in_last = (seg == seg[..., -1:]).astype(f32)  # positions in the chunk's last segment
+    in_last = seg == seg[..., -1:]  # positions in the chunk's last segment
     read = jnp.exp(cum) * carried  # decay of the carried-in state at each position (0 after a reset)
 
     solved = _unit_lower_solve(ut, jnp.concatenate([v_beta, k_beta * read[..., None]], axis=-1))
     new_values, k_cumdecay = solved[..., :dv], solved[..., dv:]
     q_read = q * read[..., None]
-    k_write = k * (jnp.exp(cum[..., -1:] - cum) * in_last)[..., None]
+    # Masked before exp: another segment's sum can be far more negative than the last one's (exp overflow).
+    k_write = k * jnp.exp(jnp.where(in_last, cum[..., -1:] - cum, -jnp.inf))[..., None]
     state_decay = jnp.exp(cum[..., -1]) * carried[..., -1]  # [B, H, N]
 
     def step(state, xs):
