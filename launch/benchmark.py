@@ -101,10 +101,10 @@ QWEN3_5_TINY = dict(
 PEAK = [float("nan")]  # float32 matmul FLOP/s of this run (measured first in main)
 
 
-def hf_batched_nll(model, items, batch: int = 4, logits_bytes: float = 4e9) -> dict:
+def hf_batched_nll(model, items, batch: int = 4, logits_bytes: float = 4e9) -> tuple[dict, int]:
     """lm-eval-style scorer: participants sorted by length, right-padded batches of ``batch`` (fewer when the
     float32 logits of a batch would pass ``logits_bytes``), one forward each, log-softmax gathered at the
-    labelled positions; per-response sums like the reference."""
+    labelled positions; per-response sums like the reference. Returns (key -> NLLs, the batch size used)."""
     import torch
 
     out = {}
@@ -128,7 +128,7 @@ def hf_batched_nll(model, items, batch: int = 4, logits_bytes: float = 4e9) -> d
                 starts = np.flatnonzero(labelled & ~np.r_[False, labelled[:-1]])
                 ends = np.flatnonzero(labelled & ~np.r_[labelled[1:], False]) + 1
                 out[p.key] = np.asarray([-token_lp[a:b].sum() for a, b in zip(starts, ends)])
-    return out
+    return out, batch
 
 
 def attention_vs_sdpa(t: int = 6656, hq: int = 8, hk: int = 4, d: int = 64) -> dict:
@@ -213,7 +213,7 @@ def end_to_end(
     }
     ref_s = time.perf_counter() - start
     start = time.perf_counter()
-    batched = hf_batched_nll(torch_model, items)
+    batched, batch = hf_batched_nll(torch_model, items)
     batched_s = time.perf_counter() - start
     batched_diff = max(float(np.max(np.abs(batched[k] - reference[k]), initial=0.0)) for k in reference)
     diff = max(float(np.max(np.abs(steady[k].nll - reference[k]), initial=0.0)) for k in reference)
@@ -239,7 +239,7 @@ def end_to_end(
         "speedup_incl_compile": ref_s / with_compile,
         "compile_s": with_compile - ours_s,
         "hf_batched_tokens_per_s": tokens / batched_s,
-        "hf_batched_batch": max(1, min(4, int(4e9 // (max(len(p.token_ids) for p in items) * spec.vocab_size * 4)))),
+        "hf_batched_batch": batch,
         "speedup_vs_hf_batched": batched_s / ours_s,
         "hf_batched_max_abs_delta_nll_vs_reference": batched_diff,
         "model_gflops_per_s": flops / ours_s / 1e9,

@@ -136,7 +136,7 @@ def _hf_reference(hf_dir: str, items: list) -> tuple[dict, float, str]:
     return out, time.perf_counter() - start, device
 
 
-def model_check(name: str, family: str, widths: dict, layers: int, full: int, items: list, peak: float) -> dict:
+def model_check(family: str, widths: dict, layers: int, full: int, items: list, peak: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = tiny_models.make_tiny_hf_checkpoint(
             family,
@@ -207,7 +207,7 @@ def main(argv):
     for name, (family, widths, layers, full) in MODELS.items():
         if FLAGS.dry_run:
             widths, layers = DRY, 2
-        out["models"][name] = model_check(name, family, widths, layers, full, items, out["peak_matmul_tflops"] * 1e12)
+        out["models"][name] = model_check(family, widths, layers, full, items, out["peak_matmul_tflops"] * 1e12)
         print(name, json.dumps(out["models"][name]), flush=True)
     out["wall_s"] = time.perf_counter() - start
     out["ok"] = all(b.get("ok") for b in out["backends"].values())
