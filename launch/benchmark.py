@@ -47,6 +47,7 @@ flags.DEFINE_integer("vocab", 151936, "Model vocabulary (the tokenizer's ids are
 flags.DEFINE_string("out", "", "Optional JSON file for the numbers.")
 flags.DEFINE_list("shapes", ["head", "body", "qwen3_0.6b", "qwen3_5"], "Which shapes to run.")
 flags.DEFINE_string("long_study", "sandbrink2024metacontrol", "Study of long transcripts (body-dominated shapes).")
+flags.DEFINE_bool("extras", True, "Also the attention, head-memory, temperature-grid and packing rows.")
 flags.DEFINE_integer("long_participants", 10, "Participants of --long_study in the long-transcript shapes.")
 
 TOKENS_PER_BATCH, CHUNK_TOKENS = 131072, 1 << 22  # the job's defaults (configs/score.py)
@@ -131,33 +132,92 @@ def hf_batched_nll(model, items, batch: int = 4, logits_bytes: float = 4e9) -> t
     return out, batch
 
 
-def attention_vs_sdpa(t: int = 6656, hq: int = 8, hk: int = 4, d: int = 64) -> dict:
-    """GFLOP/s of our ``xla`` attention and of torch's CPU SDPA on one causal [t, t] segment (same work)."""
+def attention_vs_sdpa(lengths: tuple[int, ...], hq: int = 8, hk: int = 4, d: int = 64) -> dict:
+    """GFLOP/s of our ``xla`` attention on one packed row of causal segments of ``lengths`` and of torch's
+    CPU SDPA run per segment (``is_causal``, the way the batch-1 reference sees them): the same work."""
     import torch
 
     from psych201_jax.model import attention
 
+    t = sum(lengths)
     rng = np.random.default_rng(0)
     q, k, v = (rng.normal(size=(1, t, h, d)).astype(np.float32) for h in (hq, hk, hk))
-    seg = jnp.ones((1, t), jnp.int32)
+    seg = jnp.asarray(np.repeat(np.arange(1, len(lengths) + 1), lengths)[None], jnp.int32)
     fn = jax.jit(lambda q, k, v: attention.attention(q, k, v, seg, backend="xla"))
     args = tuple(jnp.asarray(x) for x in (q, k, v))
     fn(*args).block_until_ready()
-    ours = min(_timed(lambda: fn(*args).block_until_ready()) for _ in range(3))
-    tq, tk, tv = (torch.as_tensor(x).transpose(1, 2) for x in (q, k, v))
+    tq, tk, tv = (torch.from_numpy(x).transpose(1, 2) for x in (q, k, v))
     tk, tv = (x.repeat_interleave(hq // hk, dim=1) for x in (tk, tv))
+    bounds = np.cumsum((0,) + tuple(lengths))
+    sdpa_fn = torch.nn.functional.scaled_dot_product_attention
+
+    def sdpa_run():
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            sdpa_fn(tq[:, :, a:b], tk[:, :, a:b], tv[:, :, a:b], is_causal=True)
+
+    ours = sdpa = float("inf")
     with torch.inference_mode():
-        sdpa = min(
-            _timed(lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True))
-            for _ in range(3)
-        )
-    flops = 2 * 2 * hq * d * t * t / 2  # QK^T and PV over the causal half
+        for _ in range(5):  # interleaved, best of each: a noisy shared CPU slows both alike
+            ours = min(ours, _timed(lambda: fn(*args).block_until_ready()))
+            sdpa = min(sdpa, _timed(sdpa_run))
+    flops = sum(2 * 2 * hq * d * n * n / 2 for n in lengths)  # QK^T and PV over each causal half
     return {
-        "t": t,
+        "lengths": list(lengths),
         "ours_gflops_per_s": flops / ours / 1e9,
         "sdpa_gflops_per_s": flops / sdpa / 1e9,
-        "ratio": sdpa / ours,
+        "ours_over_sdpa": sdpa / ours,
     }
+
+
+def time_split(ours: scorer.Scorer, model, items, job_s: float, *, row_lengths, tokens_per_batch) -> dict:
+    """Seconds of one steady job pass split into attention, the rest of the body, the head and the host.
+
+    Each packed batch of the job runs its forward and its head alone (compiled already, blocking), and
+    the forward again with attention replaced by a no-op (the ``skip`` backend returns q): attention =
+    forward - that, host = the job's wall time - forward - head (packing, transfers, unpacking).
+    """
+    from psych201_jax.model import attention
+
+    attention.register_backend("skip", lambda q, k, v, segment_ids, **_: q)
+    model.attention_backend = "skip"
+    try:
+        skipped = scorer.Scorer(model)
+    finally:
+        model.attention_backend = "xla"
+    forward_s = no_attention_s = head_s = 0.0
+    layout = ours.layout
+    for b in packing.pack(items, row_lengths, tokens_per_batch=tokens_per_batch):
+        with jax.set_mesh(ours.mesh):  # placed as Scorer._run places them: the job's compiled programs
+            rows = [layout.global_array(x, layout.rows_sharding) for x in (b.tokens, b.positions, b.segment_ids)]
+            plan = [
+                layout.global_array(x, layout.plan_sharding)
+                for x in (b.score_index, b.score_target, b.score_valid, b.score_slot)
+            ]
+        no_attention = skipped._forward.lower(skipped.state, *rows).compile()
+        hidden = ours._forward(ours.state, *rows).block_until_ready()
+        times = {"forward": [], "no_attention": [], "head": []}
+        for _ in range(2):  # interleaved, best of each: this shared CPU's speed drifts by 20% within minutes
+            times["forward"].append(_timed_call(ours._forward, ours.state, *rows))
+            times["no_attention"].append(_timed_call(no_attention, skipped.state, *rows))
+            times["head"].append(_timed_call(ours._head, ours.state, hidden, *plan))
+        forward_s += min(times["forward"])
+        no_attention_s += min(times["no_attention"])
+        head_s += min(times["head"])
+    split = {
+        "attention_s": forward_s - no_attention_s,
+        "body_without_attention_s": no_attention_s,
+        "head_s": head_s,
+        "host_s": max(job_s - forward_s - head_s, 0.0),  # the job's pass was timed once: noise can make it < 0
+    }
+    total = sum(split.values())
+    return {**split, "fractions": {k[:-2]: v / total for k, v in split.items()}}
+
+
+def _timed_call(fn, *args) -> float:
+    """Seconds of ``fn(*args)`` until its outputs are ready."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - start
 
 
 def _timed(fn) -> float:
@@ -223,6 +283,8 @@ def end_to_end(
     )
     assert all(np.array_equal(first[k].nll, steady[k].nll) for k in first)
     flops = measure.model_flops(spec, items)
+    compilations = ours.compilations()
+    split = time_split(ours, model, items, ours_s, row_lengths=row_lengths, tokens_per_batch=TOKENS_PER_BATCH)
     return {
         "family": family,
         "model": {k: v for k, v in model_kwargs.items() if k != "max_position_embeddings"},
@@ -245,7 +307,8 @@ def end_to_end(
         "model_gflops_per_s": flops / ours_s / 1e9,
         "mfu_vs_f32_matmul_peak": flops / ours_s / PEAK[0],
         "max_abs_delta_nll": diff,
-        "compilations": ours.compilations(),
+        "compilations": compilations,
+        "time_split": split,
     }
 
 
@@ -400,7 +463,12 @@ def main(argv):
     for name in FLAGS.shapes:
         out["shapes"][name] = runs[name]()
         print(f"shape {name}:", json.dumps(out["shapes"][name], indent=1), flush=True)
-    out["attention_vs_sdpa"] = attention_vs_sdpa()
+    if not FLAGS.extras:
+        return _write(out)
+    out["attention_vs_sdpa"] = {
+        "one_segment": attention_vs_sdpa((6656,)),
+        "packed_row": attention_vs_sdpa((7000, 6500, 6000, 5500, 5000, 2000)),
+    }
     print("attention vs torch SDPA:", json.dumps(out["attention_vs_sdpa"], indent=1))
     out["logprob_memory"] = logprob_memory()
     print("log-prob memory:", json.dumps(out["logprob_memory"], indent=1))
@@ -408,6 +476,10 @@ def main(argv):
     print("head cost of the temperature grid:", json.dumps(out["head_cost"], indent=1))
     out["packing"] = packing_efficiency(FLAGS.data)
     print("packing:", json.dumps(out["packing"], indent=1))
+    _write(out)
+
+
+def _write(out: dict) -> None:
     if FLAGS.out:
         with open(FLAGS.out, "w") as fh:
             json.dump(out, fh, indent=2)

@@ -196,6 +196,16 @@ def test_small_leftover_uses_a_small_shape():
     assert [(b.rows, b.row_length, b.capacity) for b in batches] == [(1, 2048, 256)]
 
 
+def test_a_small_job_is_not_half_padding():
+    # 4 real-sized transcripts (sandbrink2024metacontrol: ~8.6K tokens each) under the job's defaults:
+    # with power-of-two rows they filled a 65,536-token row to 53%.
+    participants = [make_participant(f"p{i}", 8600 + 20 * i, i) for i in range(4)]
+    row_lengths = packing.choose_row_lengths(131072)
+    batches = packing.pack(participants, row_lengths, tokens_per_batch=131072)
+    check_layout_and_plan(participants, batches, row_lengths)
+    assert packing.packing_stats(batches)["efficiency"] >= 0.8
+
+
 def test_efficiency_on_realistic_lengths():
     rng = np.random.default_rng(0)
     lengths = np.clip(rng.lognormal(np.log(3500), 0.8, 1000), 1000, 30000).astype(int)
@@ -226,7 +236,7 @@ def test_invalid_inputs_are_errors():
 
 
 def test_choose_row_lengths():
-    assert packing.choose_row_lengths(32768) == (2048, 4096, 8192, 16384, 32768)
-    assert packing.choose_row_lengths(40960) == (2048, 4096, 8192, 16384, 32768, 40960)
-    assert packing.choose_row_lengths(4096, min_len=1000) == (1024, 2048, 4096)
+    assert packing.choose_row_lengths(8192) == (2048, 2560, 3072, 3584, 4096, 5120, 6144, 7168, 8192)
+    assert packing.choose_row_lengths(36000)[-6:] == (16384, 20480, 24576, 28672, 32768, 36000)
+    assert packing.choose_row_lengths(2048, min_len=1000) == (1024, 1280, 1536, 1792, 2048)
     assert packing.choose_row_lengths(1000) == (1000,)
