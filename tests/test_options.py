@@ -209,3 +209,31 @@ def test_unknown_options_value_is_refused(tmp_path):
     with pytest.raises(job.ConfigError, match="config.options='all' is not one of"):
         job.run(cfg)
     assert not os.path.exists(cfg.out)
+
+
+def test_heads_sharing_one_forward_equal_each_scorer_alone(scored):
+    """A sweep worker's shared pass: one forward per batch, a plain, an options and a temperature-grid head
+    on it; each head's results are bit-identical to its own scorer's."""
+    model, items, options, _, batches = scored
+    kwargs = dict(row_lengths=ROW_LENGTHS, tokens_per_batch=TOKENS_PER_BATCH)
+    base = scorer.Scorer(model, vocab_chunk=1000)
+    heads = [base, base.with_head(options=options), base.with_head(temperatures=(0.5, 1.0, 2.0))]
+    shared = list(stream.score_spans_heads(items, heads, **kwargs))
+    alone = [
+        scorer.Scorer(model, vocab_chunk=1000),
+        scorer.Scorer(model, vocab_chunk=1000, options=options),
+        scorer.Scorer(model, vocab_chunk=1000, temperatures=(0.5, 1.0, 2.0)),
+    ]
+    fields = ("nll", "n_scored", "argmax", "target", "option_argmax", "nll_t", "entropy", "option_mass")
+    for h, sc in enumerate(alone):
+        single = {r.key: r for r in stream.score_spans(items, sc, **kwargs)}
+        for per_head in shared:
+            mine, theirs = per_head[h], single[per_head[h].key]
+            for f in fields:
+                a, b = getattr(mine, f), getattr(theirs, f)
+                assert (a is None) == (b is None), (h, f)
+                assert a is None or np.array_equal(a, b, equal_nan=True), (h, f)
+    assert shared[0][1].option_argmax is not None and shared[0][0].option_argmax is None
+    assert shared[0][2].nll_t is not None and shared[0][1].nll_t is None
+    # One forward program per batch shape for all three heads.
+    assert base.compilations()["forward"] == len({(b.rows, b.row_length) for b in batches})

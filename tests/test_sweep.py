@@ -1,12 +1,18 @@
-"""Sweeps: the paper's model set, command emission, and the tiny sweep end to end (+ its report)."""
+"""Sweeps: the paper's model set, emitted SLURM / TPU scripts, and the tiny sweep end to end: one restore
+per model, shared forward passes equal to each job alone, kill -9 and rerun, concurrent shards."""
 
 import json
 import os
+import pathlib
+import signal
 import subprocess
 import sys
+import time
 
-from configs.sweeps import psych201_paper
-from psych201_jax.runs import sweep
+import numpy as np
+
+from configs.sweeps import psych201_paper, tiny
+from psych201_jax.runs import store, sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,44 +52,114 @@ def test_paper_sweep_lists_the_study_models_and_pairs():
     )
 
 
-def test_emitted_commands():
+GOLDEN = pathlib.Path(__file__).parent / "data" / "golden"
+
+
+def test_emitted_scripts_are_golden():
+    cfg = tiny.get_config()
+    jobs = sweep.expand(cfg)
+    for target in ("slurm", "tpu"):
+        text = sweep.emit_script(
+            jobs, target, shards=2, config_path="configs/sweeps/tiny.py", flags=[], name=cfg.name, out_root=cfg.out_root
+        )
+        assert text == (GOLDEN / f"sweep_tiny_{target}.sh").read_text(), target
+        assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
+
+
+def test_shards_partition_the_paper_models():
     cfg = psych201_paper.get_config()
-    jobs = [j for j in sweep.expand(cfg) if j.condition["name"] == "plain"][:3]
-    tpu = sweep.emit_commands(jobs, cfg.data, {}, "tpu")
-    assert tpu.count("gcloud compute tpus tpu-vm ssh") == 3 and "--worker=all" in tpu
-    slurm = sweep.emit_commands(jobs, cfg.data, {}, "slurm")
-    assert "#SBATCH --array=0-2" in slurm and "srun .venv/bin/psych201-score" in slurm
+    units = sweep.models_of(sweep.expand(cfg))
+    assert len(units) == 101
+    shards = [sweep.shard_models(units, i, 8) for i in range(8)]
+    names = [m for s in shards for m, _ in s]
+    assert sorted(names) == sorted(m for m, _ in units) and len(set(names)) == 101
+    assert all(12 <= len(s) <= 13 for s in shards)
+    assert sweep.parse_shard("3/8") == (3, 8)
+    for bad in ("8/8", "x", "1/0", "-1/2"):
+        try:
+            sweep.parse_shard(bad)
+        except sweep.SweepError:
+            continue
+        raise AssertionError(bad)
 
 
 def _run(*args):
     return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=1800)
 
 
-def test_tiny_sweep_end_to_end_with_a_failing_job_and_report(tmp_path):
-    config = tmp_path / "tiny_with_broken.py"
+def _tiny_config(tmp_path, conditions, extra_models: str = "") -> pathlib.Path:
+    config = tmp_path / "sweep_config.py"
     config.write_text(
         "from configs.sweeps import tiny\n"
         "def get_config():\n"
         "    c = tiny.get_config()\n"
         f"    c.out_root = {str(tmp_path / 'sweep')!r}\n"
-        "    c.models = list(c.models) + [dict(hf_id='broken/model', path='/nonexistent/model', family='X',\n"
-        "        generation='x', size_b=1.0, kind='base', base_hf_id='', arch='qwen3', chat=False, persona=False)]\n"
-        "    c.conditions = [c for c in c.conditions if c['name'] in ('plain', 'chat', 'persona',\n"
-        "                    'persona_shuffled', 'persona_subset_none')]\n"
+        f"    c.models = list(c.models){extra_models}\n"
+        f"    c.conditions = [c for c in c.conditions if c['name'] in {tuple(conditions)!r}]\n"
         "    return c\n"
     )
+    return config
+
+
+def _rows(out_dir) -> dict:
+    """Every stored participant of a results directory by its input id, arrays as plain lists."""
+    rows = {}
+    for row in store.iter_rows(str(out_dir)):
+        key = (row["source"], row["line"])
+        assert key not in rows, f"{out_dir}: {key} stored twice"
+        rows[key] = {k: (np.asarray(v).tolist() if isinstance(v, np.ndarray) else v) for k, v in row.items()}
+    return rows
+
+
+def _status(tmp_path) -> dict:
+    return json.loads((tmp_path / "sweep" / sweep.STATUS).read_text())
+
+
+def test_tiny_sweep_end_to_end_with_a_failing_job_and_report(tmp_path):
+    broken = (
+        " + [dict(hf_id='broken/model', path='/nonexistent/model', family='X', generation='x', size_b=1.0,"
+        " kind='base', base_hf_id='', arch='qwen3', chat=False, persona=False)]"
+    )
+    names = ("plain", "accuracy", "chat", "persona", "persona_shuffled", "persona_subset_none")
+    config = _tiny_config(tmp_path, names, broken)
     proc = _run("launch.sweep", f"--config={config}")
     assert proc.returncode == 1, proc.stderr[-3000:]  # the broken job failed: the sweep says so
     outcomes = json.loads((tmp_path / "sweep" / "sweep_outcomes.json").read_text())
     status = {o["job"]: o["status"] for o in outcomes}
-    assert status.pop("broken--model/plain") == "failed"
-    assert len(status) == 2 + 1 + 2 + 2 + 2 and set(status.values()) == {"done"}
-    assert "1 failed" in proc.stdout
+    assert status.pop("broken--model/plain") == "failed" and status.pop("broken--model/accuracy") == "failed"
+    assert len(status) == 2 + 2 + 1 + 2 + 2 + 2 and set(status.values()) == {"done"}
+    assert "2 failed" in proc.stdout
+    models = _status(tmp_path)["models"]
+    # One restore per model (counted by the worker around checkpoint restores); the broken one never loads.
+    assert {m: e["restores"] for m, e in models.items()} == {
+        "psych201_jax--tiny-qwen3": 1,
+        "psych201_jax--tiny-qwen3-post": 1,
+        "broken--model": 0,
+    }
+    assert models["broken--model"]["state"] == "failed" and models["psych201_jax--tiny-qwen3"]["state"] == "done"
+    assert models["psych201_jax--tiny-qwen3-post"]["conditions"] == {"done": 6, "failed": 0, "total": 6}
+
+    # Each job equals the same job run alone with launch.score: plain and accuracy shared one forward
+    # pass and one head (options and the temperature grid), chat ran a stream of its own.
+    cfg = tiny.get_config()
+    jobs = {j.name: j for j in sweep.expand(cfg)}
+    for name in ("plain", "accuracy", "chat"):
+        job = jobs[f"psych201_jax--tiny-qwen3-post/{name}"]
+        alone = tmp_path / "alone" / name
+        args = [a for a in job.score_args(cfg.data, dict(cfg.score)) if not a.startswith("--config.out=")]
+        single = _run("launch.score", *args, f"--config.out={alone}")
+        assert single.returncode == 0, single.stderr[-3000:]
+        swept = _rows(tmp_path / "sweep" / job.name)
+        assert swept == _rows(alone), name
+        assert ("option_argmax" in next(iter(swept.values()))) == (name == "accuracy")
+        assert ("nll_t" in next(iter(swept.values()))) == (name == "plain")
 
     again = _run("launch.sweep", f"--config={config}")
     assert again.returncode == 1, again.stderr[-3000:]
     outcomes = json.loads((tmp_path / "sweep" / "sweep_outcomes.json").read_text())
     assert all(o["detail"] == "already complete" for o in outcomes if o["status"] == "done")
+    status_cmd = _run("launch.sweep", f"--config={config}", "--status")
+    assert status_cmd.returncode == 0 and "models: 2 done, 0 running, 1 failed, 0 remaining" in status_cmd.stdout
 
     report = tmp_path / "report"
     analyzed = _run("launch.analyze", f"--results={tmp_path / 'sweep'}", f"--out={report}", "--bootstrap=200")
@@ -92,3 +168,71 @@ def test_tiny_sweep_end_to_end_with_a_failing_job_and_report(tmp_path):
     assert {"fig_nll_by_size.png", "fig_persona.png"} <= set(pngs)
     text = (report / "report.md").read_text()
     assert "psych201_jax/tiny-qwen3-post" in text
+
+
+def _all_complete_once(tmp_path, config_names) -> None:
+    """Every job of the tiny sweep is complete with each input participant stored exactly once."""
+    for job in sweep.expand(tiny.get_config()):
+        if job.condition["name"] not in config_names:
+            continue
+        out = tmp_path / "sweep" / job.name
+        assert store.read_complete(str(out)) is not None, job.name
+        rows = _rows(out)  # asserts no duplicate
+        assert len(rows) == store.read_manifest(str(out))["n_input"], job.name
+
+
+def test_kill_9_mid_model_then_rerun_completes_every_condition_once(tmp_path):
+    names = ("plain", "accuracy", "robust", "persona")
+    config = _tiny_config(tmp_path, names)
+    first_model = tmp_path / "sweep" / "psych201_jax--tiny-qwen3"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launch.sweep", f"--config={config}"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        done = [n for n in names if (first_model / n / "complete.json").exists()]
+        if done:
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert done and len(done) < len(names), done  # killed in the middle of the first model
+    assert _status(tmp_path)["models"]["psych201_jax--tiny-qwen3"]["state"] == "running"
+
+    again = _run("launch.sweep", f"--config={config}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    _all_complete_once(tmp_path, names)
+    outcomes = json.loads((tmp_path / "sweep" / "sweep_outcomes.json").read_text())
+    assert {o["job"] for o in outcomes if o["detail"] == "already complete"} >= {
+        f"psych201_jax--tiny-qwen3/{n}" for n in done
+    }
+    assert {e["state"] for e in _status(tmp_path)["models"].values()} == {"done"}
+
+
+def test_two_concurrent_shards_drain_the_sweep_without_overlap(tmp_path):
+    names = ("plain", "robust")
+    config = _tiny_config(tmp_path, names)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "launch.sweep", f"--config={config}", f"--shard={i}/2"],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    results = [p.communicate(timeout=900) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [r[1][-2000:] for r in results]
+    _all_complete_once(tmp_path, names)
+    models = _status(tmp_path)["models"]
+    assert {m: (e["state"], e["shard"], e["restores"]) for m, e in models.items()} == {
+        "psych201_jax--tiny-qwen3": ("done", "0/2", 1),
+        "psych201_jax--tiny-qwen3-post": ("done", "1/2", 1),
+    }
+    for i in range(2):
+        outcomes = json.loads((tmp_path / "sweep" / f"sweep_outcomes_shard{i}of2.json").read_text())
+        assert {o["job"].split("/")[0] for o in outcomes} == {list(models)[i]}

@@ -1,14 +1,23 @@
-r"""Expand a sweep (model pairs × conditions) into scoring jobs and run them.
+r"""Expand a sweep (model pairs × conditions) into scoring jobs and run them, one model at a time.
 
-  psych201-sweep --config=configs/sweeps/<name>.py [--dry_run] [--emit=local|tpu|slurm]
+  psych201-sweep --config=configs/sweeps/<name>.py [--shard=I/N] [--dry_run] [--status]
+  psych201-sweep --config=configs/sweeps/<name>.py --emit=slurm|tpu --shards=N
 
-local: runs the jobs one after another (``launch.score`` subprocesses), skipping completed ones and
-recording failed ones without stopping; writes ``<out_root>/sweep_outcomes.json``.
-tpu / slurm: writes ``<out_root>/sweep_<emit>.sh`` with one command per job (all TPU workers via
-``gcloud compute tpus tpu-vm ssh --worker=all``, or a SLURM array with ``srun``).
+The unit of work is one model with all its conditions: a worker restores and compiles the model once and
+runs every condition; conditions that feed the model the same tokens (they differ only in the head:
+options, the temperature grid) share one forward pass. Results stay one directory per (model, condition)
+with its own manifest, fingerprint and resume state. Complete conditions are skipped, partial ones
+resumed, a failed one is recorded and the worker goes on; the exit status is 1 if any job failed.
+
+local (default): runs shard I of N (default 0/1: every model) in this process and writes
+``<out_root>/sweep_outcomes.json`` (this shard's jobs). Every shard updates ``<out_root>/sweep_status.json``
+(models done / running / failed / remaining, conditions per model, tokens/s, ETA); --status prints it.
+slurm / tpu: writes ``<out_root>/sweep_<emit>.sh`` running N shards as a SLURM array (one whole node per
+shard) or on N TPU slices (one shard per slice, all workers of a slice running the same command).
 --dry_run lists the jobs (and why any is skipped) without running anything.
 """
 
+import json
 import os
 import sys
 from typing import Any
@@ -20,7 +29,13 @@ from psych201_jax.runs import sweep
 
 _CONFIG: Any = None  # defined in run(): its overrides are parsed when it is defined
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "List the jobs only.")
-_EMIT = flags.DEFINE_enum("emit", "local", ["local", "tpu", "slurm"], "Run locally or write job commands.")
+_STATUS = flags.DEFINE_bool("status", False, "Print <out_root>/sweep_status.json as written by every shard.")
+_EMIT = flags.DEFINE_enum("emit", "local", ["local", "tpu", "slurm"], "Run here, or write a SLURM / TPU script.")
+_SHARD = flags.DEFINE_string("shard", "0/1", "Run shard I of N: every N-th model from the I-th.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"], "Every job's config.distributed.mode (on: all TPU slice workers)."
+)
+_SHARDS = flags.DEFINE_integer("shards", 1, "Shards of an emitted SLURM / TPU script.", lower_bound=1)
 
 
 def main(argv):
@@ -30,7 +45,19 @@ def main(argv):
         raise app.UsageError("--config=configs/sweeps/<name>.py is required")
     jobs = sweep.expand(cfg)
     overrides = dict(cfg.score) if "score" in cfg else {}
-    print(f"sweep {cfg.name}: {len(jobs)} jobs ({sum(bool(j.skip_reason) for j in jobs)} skipped) → {cfg.out_root}")
+    if _DISTRIBUTED.value != "auto":
+        overrides["distributed.mode"] = _DISTRIBUTED.value
+    status = sweep.SweepStatus(cfg.out_root, cfg.name)
+    if _STATUS.value:
+        current = status.read()
+        print(json.dumps(current, indent=2, sort_keys=True))
+        print(sweep.status_line(current))
+        return
+    units = sweep.models_of(jobs)
+    print(
+        f"sweep {cfg.name}: {len(jobs)} jobs ({sum(bool(j.skip_reason) for j in jobs)} skipped), "
+        f"{len(units)} models → {cfg.out_root}"
+    )
     if _DRY_RUN.value:
         for job in jobs:
             state = (
@@ -46,18 +73,35 @@ def main(argv):
     os.makedirs(cfg.out_root, exist_ok=True)
     if _EMIT.value != "local":
         path = os.path.join(cfg.out_root, f"sweep_{_EMIT.value}.sh")
+        config_path = flags.FLAGS["config"].config_filename
+        text = sweep.emit_script(
+            jobs,
+            _EMIT.value,
+            shards=_SHARDS.value,
+            config_path=config_path,
+            flags=[a for a in sys.argv[1:] if a.startswith(("--config.", "--distributed"))],
+            name=cfg.name,
+            out_root=cfg.out_root,
+        )
+        os.makedirs(os.path.join(cfg.out_root, "logs"), exist_ok=True)  # SLURM does not create --output's folder
         with open(path, "w") as fh:
-            fh.write(sweep.emit_commands(jobs, cfg.data, overrides, _EMIT.value))
+            fh.write(text)
         print(f"wrote {path}")
         return
-    progress, outcomes = sweep.run_local(jobs, cfg.data, overrides, log_dir=os.path.join(cfg.out_root, "logs"))
-    sweep.write_outcomes(os.path.join(cfg.out_root, "sweep_outcomes.json"), outcomes)
-    print(progress.line())
+    shard = sweep.parse_shard(_SHARD.value)
+    outcomes = sweep.run_shard(jobs, cfg.data, overrides, out_root=cfg.out_root, name=cfg.name, shard=shard)
+    suffix = "" if shard == (0, 1) else f"_shard{shard[0]}of{shard[1]}"
+    outcomes_path = os.path.join(cfg.out_root, f"sweep_outcomes{suffix}.json")
+    if sweep.is_writer():
+        sweep.write_outcomes(outcomes_path, outcomes)
+    counts = {s: sum(o["status"] == s for o in outcomes) for s in ("done", "failed", "skipped")}
+    print(f"jobs: {counts['done']} done, {counts['failed']} failed, {counts['skipped']} skipped")
+    print(sweep.status_line(status.read()))
     for outcome in outcomes:
         if outcome["status"] != "done":
             print(f"  {outcome['status']}: {outcome['job']}: {outcome['detail']}")
-    logging.info("outcomes in %s", os.path.join(cfg.out_root, "sweep_outcomes.json"))
-    if progress.failed:
+    logging.info("outcomes in %s", outcomes_path)
+    if counts["failed"]:
         sys.exit(1)
 
 

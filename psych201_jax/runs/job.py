@@ -157,12 +157,26 @@ def enable_compile_cache(path: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def run(cfg) -> stream.Progress:
-    """Runs one scoring job described by ``cfg`` (see psych201_jax/runs/config.py); returns its progress."""
-    distributed.initialize_from_config(cfg.get("distributed", {}))  # mesh/distributed wiring: before JAX use
-    enable_compile_cache(cfg.get("compile_cache", ""))
-    condition = validate_config(cfg)
-    total = records.count_participants(cfg.data)  # fails early on missing or unreadable data
+@dataclasses.dataclass
+class LoadedModel:
+    """A restored model on its mesh, its tokenizer and a scorer whose forward every condition shares."""
+
+    model_dir: str
+    spec: modelspec.ModelSpec
+    tok: spans.TokenizerInfo
+    scorer: scorer.Scorer
+
+
+_RESTORES = [0]
+
+
+def restores() -> int:
+    """Model restores in this process (a sweep worker restores each model once)."""
+    return _RESTORES[0]
+
+
+def load(cfg) -> LoadedModel:
+    """Resolves (converting once), restores and places the model of ``cfg`` on its mesh."""
     model_dir = model_cache.resolve_model(cfg.model, cfg.cache_dir, cfg.dtype)
     mesh, rules = _mesh_and_rules(cfg, model_dir)
     try:
@@ -174,7 +188,50 @@ def run(cfg) -> stream.Progress:
             f"could not load the converted checkpoint {model_dir} ({type(err).__name__}: "
             f"{str(err)[:300]}); if it is a conversion cache, delete it to reconvert"
         ) from err
+    _RESTORES[0] += 1
     tok = spans.TokenizerInfo(os.path.join(model_dir, checkpoint.TOKENIZER))
+    return LoadedModel(model_dir, spec, tok, scorer.Scorer(model, vocab_chunk=cfg.vocab_chunk, mesh=mesh, rules=rules))
+
+
+# Config fields that change only a job's head (options, temperatures) or where and how it reports: jobs
+# equal in everything else feed the model the same tokens and share one forward pass.
+_NOT_STREAM = ("options", "temperatures", "out", "fresh", "model_info", "log_every_s")
+
+
+def stream_key(cfg) -> str:
+    """Jobs with equal keys score the same token stream with the same model (see ``run_conditions``)."""
+    return json.dumps({k: v for k, v in cfg.to_dict().items() if k not in _NOT_STREAM}, sort_keys=True, default=str)
+
+
+def share_groups(cfgs: list) -> list[list]:
+    """``cfgs`` grouped by stream key for ``run_conditions``, in first-appearance order."""
+    groups: dict[str, list] = {}
+    for cfg in cfgs:
+        groups.setdefault(stream_key(cfg), []).append(cfg)
+    return list(groups.values())
+
+
+def run(cfg) -> stream.Progress:
+    """Runs one scoring job described by ``cfg`` (see psych201_jax/runs/config.py); returns its progress."""
+    distributed.initialize_from_config(cfg.get("distributed", {}))  # mesh/distributed wiring: before JAX use
+    enable_compile_cache(cfg.get("compile_cache", ""))
+    validate_config(cfg)
+    total = records.count_participants(cfg.data)  # fails early on missing or unreadable data
+    return run_conditions(load(cfg), [cfg], total=total)
+
+
+def run_conditions(loaded: LoadedModel, cfgs: list, *, total: int | None = None) -> stream.Progress:
+    """Scores the jobs ``cfgs`` (one share group, see ``share_groups``) in one pass over the data: one
+    tokenization and one forward pass per batch, then each job's own head (options, temperature grid) on
+    it, each job's results written to its own results directory with its own manifest, fingerprint and
+    resume state, exactly as if it ran alone (the same compiled forward and head programs).
+    """
+    if len({stream_key(c) for c in cfgs}) != 1:
+        raise ValueError("run_conditions: the jobs do not share one token stream")
+    conditions = [validate_config(c) for c in cfgs]
+    cfg, condition = cfgs[0], conditions[0]
+    total = records.count_participants(cfg.data) if total is None else total
+    tok, spec = loaded.tok, loaded.spec
     if condition.template.value == "chat":
         tok.check_chat_template()  # a clear error before any work, not a silently different prompt
     context = spec.max_position_embeddings
@@ -190,28 +247,29 @@ def run(cfg) -> stream.Progress:
     persona_of = metadata.persona_selector(
         condition.persona.value, subset_only=condition.persona_subset, seed=cfg.seed, records=_records(cfg)
     )
-    study_options = _collect_options(cfg, tok, protocol, persona_of) if condition.options == OptionsMode.STUDY else None
-    score_model = scorer.Scorer(
-        model,
-        vocab_chunk=cfg.vocab_chunk,
-        mesh=mesh,
-        rules=rules,
-        options=study_options,
-        temperatures=condition.temperatures,
-    )
+    with_options = any(c.options == OptionsMode.STUDY for c in conditions)
+    study_options = _collect_options(cfg, tok, protocol, persona_of) if with_options else None
+    heads = [
+        loaded.scorer.with_head(
+            options=study_options if c.options == OptionsMode.STUDY else None, temperatures=c.temperatures
+        )
+        for c in conditions
+    ]
     # Rows are containers of whole participants and may be longer than the context: long rows pack
     # homogeneous studies (e.g. all ~9K-token transcripts) far better than context-length rows.
     row_lengths = packing.choose_row_lengths(
         cfg.max_row_length or max(context, cfg.tokens_per_batch), cfg.min_row_length
     )
-    manifest = build_manifest(cfg, model_dir, spec, tok, protocol, total)
+    manifests = [build_manifest(c, loaded.model_dir, spec, tok, protocol, total) for c in cfgs]
     with contextlib.ExitStack() as stack:
         if jax.process_index() == 0:  # one writer job per results directory, refused up front
-            stack.enter_context(store.ResultsLock(cfg.out, fresh=cfg.fresh))
+            for c in cfgs:
+                stack.enter_context(store.ResultsLock(c.out, fresh=c.fresh))
         return _score(
-            cfg,
-            manifest=manifest,
-            score_model=score_model,
+            cfgs,
+            conditions,
+            manifests=manifests,
+            heads=heads,
             tok=tok,
             protocol=protocol,
             persona_of=persona_of,
@@ -222,10 +280,11 @@ def run(cfg) -> stream.Progress:
 
 
 def _score(
-    cfg,
+    cfgs: list,
+    conditions: list[Condition],
     *,
-    manifest: dict,
-    score_model: scorer.Scorer,
+    manifests: list[dict],
+    heads: list[scorer.Scorer],
     tok: spans.TokenizerInfo,
     protocol: spans.Protocol,
     persona_of,
@@ -233,38 +292,44 @@ def _score(
     context: int,
     total: int | None,
 ) -> stream.Progress:
-    """Opens (or resumes) the results and scores what is left, committing chunk by chunk."""
-    writer = _open_writer(cfg, manifest, score_model.layout)  # one per process; replicas commit nothing
-    already = len(writer.done)
+    """Opens (or resumes) each job's results and scores what any of them lacks, committing chunk by chunk."""
+    cfg, layout = cfgs[0], heads[0].layout
+    writers = [_open_writer(c, m, layout) for c, m in zip(cfgs, manifests)]  # replicas commit nothing
+    already = min(len(w.done) for w in writers)
     logging.info(
-        "model %s (%s), %s participants, protocol %s/%s, persona %s, %d already done",
-        manifest["model"]["dir"],
-        manifest["model"]["spec"]["model_type"],
+        "model %s (%s), %s participants, protocol %s/%s, persona %s, %d already done; %s",
+        manifests[0]["model"]["dir"],
+        manifests[0]["model"]["spec"]["model_type"],
         total,
         protocol.name,
         protocol.template,
         cfg.persona,
         already,
+        ", ".join(c.out for c in cfgs),
     )
 
-    todo: Iterator = (r for r in _records(cfg) if input_id(r) not in writer.done)
-    todo = distributed.take_share(todo, score_model.layout.share_index, score_model.layout.share_count)
+    todo: Iterator = (r for r in _records(cfg) if any(input_id(r) not in w.done for w in writers))
+    todo = distributed.take_share(todo, layout.share_index, layout.share_count)
     items = spans.tokenize_records(todo, tok, protocol, persona_of=persona_of)
     progress = stream.Progress(participants=already)
     line = console.ProgressLine(total, every_s=cfg.log_every_s)
 
-    def on_chunk(p: stream.Progress):
-        writer.commit(pending)
+    def commit():
+        for j, w in enumerate(writers):
+            w.commit([results[j] for results in pending if input_id(results[j]) not in w.done])
         pending.clear()
+
+    def on_chunk(p: stream.Progress):
+        commit()
         rate = (p.participants - already) / max(time.perf_counter() - p.started, 1e-9)
         eta = (total - p.participants) / rate if total and rate > 0 else math.nan
         line.update(p.participants, p.tokens_per_s, eta)
 
     pending: list = []
     try:
-        for item in stream.score_spans(
+        for results in stream.score_spans_heads(
             items,
-            score_model,
+            heads,
             row_lengths=row_lengths,
             tokens_per_batch=cfg.tokens_per_batch,
             chunk_tokens=cfg.chunk_tokens,
@@ -272,13 +337,14 @@ def _score(
             progress=progress,
             on_chunk=on_chunk,
         ):
-            pending.append(item)
-        writer.commit(pending)
+            pending.append(results)
+        commit()
     finally:
         line.close()
     distributed.sync("results-committed")  # every process's parts are committed before anyone goes on
     if jax.process_index() == 0:
-        store.write_complete(cfg.out, manifest["fingerprint"], time.perf_counter() - progress.started)
+        for c, m in zip(cfgs, manifests):
+            store.write_complete(c.out, m["fingerprint"], time.perf_counter() - progress.started)
     return progress
 
 

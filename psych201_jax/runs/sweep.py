@@ -1,24 +1,27 @@
-"""Sweeps: model pairs × conditions → scoring jobs, run locally or written out for TPU pods / SLURM.
+"""Sweeps: model pairs × conditions → scoring jobs, run one model at a time by shard workers, or written out
+as SLURM array / TPU multi-slice scripts.
 
 A sweep config (``configs/sweeps/*.py``) lists models (HF id, family, generation, size, post-training
 kind, paired base, architecture) and conditions (protocol, template, persona, subset restriction, which
-models they apply to). ``expand`` turns them into ``Job``s with one results directory each; the local
-runner runs them one after another in subprocesses, skips completed ones, and records failures without
-stopping the sweep.
+models they apply to). ``expand`` turns them into ``Job``s with one results directory each. A worker
+(``run_shard``) takes its share of the models (``--shard=I/N``) and, per model, restores it once and runs
+all its incomplete jobs, those sharing a token stream in one pass (``job.run_conditions``); failures are
+recorded without stopping the sweep, and ``sweep_status.json`` tracks every model across shards.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shlex
-import subprocess
-import sys
+import socket
 import time
 
 from absl import logging
 
+from psych201_jax import locks
 from psych201_jax.conditions import Condition, ConditionError, ModelInfo
 from psych201_jax.errors import UserError
 from psych201_jax.model.spec import SUPPORTED_MODEL_TYPES
@@ -26,7 +29,6 @@ from psych201_jax.runs import store
 
 MODEL_FIELDS = ModelInfo.FIELDS
 CONDITION_FIELDS = Condition.SWEEP_FIELDS
-SCORE_COMMAND = (sys.executable, "-m", "psych201_jax.cli.score")  # the package's own entry point, any cwd
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,97 +134,288 @@ def is_complete(job: Job) -> bool:
     return done.values(CONDITION_FIELDS) == Condition.from_mapping(job.condition).values(CONDITION_FIELDS)
 
 
-@dataclasses.dataclass
-class SweepProgress:
-    total: int
-    done: int = 0
-    failed: int = 0
-    skipped: int = 0
-    tokens: int = 0
-    seconds: float = 0.0
-    started: float = dataclasses.field(default_factory=time.perf_counter)
+def job_config(job: Job | None, data: str, overrides: dict):
+    """The ``psych201-score`` config of ``job`` (what its command line, ``score_args``, would give); None:
+    the sweep's overrides on the default config (what every job shares, e.g. ``distributed``)."""
+    from psych201_jax.runs import config
 
-    def line(self) -> str:
-        finished = self.done + self.failed + self.skipped
-        remaining = self.total - finished
-        elapsed = time.perf_counter() - self.started
-        ran = self.done + self.failed
-        eta = elapsed / ran * remaining if ran else float("nan")
-        rate = self.tokens / self.seconds if self.seconds else 0.0
-        return (
-            f"jobs: {self.done} done, {self.failed} failed, {self.skipped} skipped, {remaining} remaining; "
-            f"{rate:.0f} tokens/s; ETA {eta:.0f}s"
-        )
+    cfg = config.get_config()
+    if job is not None:
+        cfg.model, cfg.data, cfg.out = job.model_path, job.condition.get("data") or data, job.out
+        for key in CONDITION_FIELDS:
+            cfg[key] = job.condition[key]
+        for key in MODEL_FIELDS:
+            value = job.model_info[key]
+            if key == "size_b":  # unknown sizes are NaN, as ModelInfo reads them
+                value = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+            cfg.model_info[key] = value
+    try:
+        cfg.update_from_flattened_dict(dict(overrides))
+    except (KeyError, TypeError, ValueError) as err:
+        raise SweepError(f"the sweep's score overrides {dict(overrides)} do not fit the job config: {err}") from None
+    return cfg
 
 
-def run_local(jobs: list[Job], data: str, overrides: dict, *, log_dir: str) -> tuple[SweepProgress, list[dict]]:
-    """Runs jobs in sequence; completed ones are skipped, failures recorded and the sweep goes on."""
-    progress = SweepProgress(len(jobs))
-    outcomes = []
-    os.makedirs(log_dir, exist_ok=True)
+def models_of(jobs: list[Job]) -> list[tuple[str, list[Job]]]:
+    """Runnable jobs grouped by model, in config order: the unit of work of a worker (and of a shard)."""
+    by_model: dict[str, list[Job]] = {}
     for job in jobs:
-        status, detail = "done", ""
-        if job.skip_reason:
-            status, detail = "skipped", job.skip_reason
-            progress.skipped += 1
-        elif is_complete(job):
-            status, detail = "done", "already complete"
-            progress.done += 1
-        else:
-            log_path = os.path.join(log_dir, job.name.replace("/", "__") + ".log")
-            cmd = [*SCORE_COMMAND, *job.score_args(data, overrides)]
-            logging.info("running %s", job.name)
-            with open(log_path, "w") as log:
-                proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
-            complete = store.read_complete(job.out)
-            if proc.returncode == 0 and complete is not None:
-                progress.done += 1
-                progress.tokens += complete.get("tokens", 0)
-                progress.seconds += complete.get("seconds", 0.0)
-            else:
-                status, detail = "failed", f"exit code {proc.returncode}; see {log_path}: {_last_line(log_path)}"
-                progress.failed += 1
-        outcomes.append({"job": job.name, "status": status, "detail": detail, "out": job.out})
-        logging.info("%s: %s %s | %s", job.name, status, detail, progress.line())
-    return progress, outcomes
+        if not job.skip_reason:
+            by_model.setdefault(job.name.split("/")[0], []).append(job)
+    return list(by_model.items())
 
 
-def _last_line(path: str) -> str:
-    with open(path) as fh:
-        lines = [line.strip() for line in fh if line.strip()]
-    return lines[-1][:300] if lines else ""
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> (I, N) with 0 <= I < N."""
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise SweepError(f"--shard={text!r}: expected I/N, e.g. 0/8") from None
+    if not 0 <= index < count:
+        raise SweepError(f"--shard={text!r}: need 0 <= I < N")
+    return index, count
 
 
-def emit_commands(jobs: list[Job], data: str, overrides: dict, target: str) -> str:
-    """A shell script running every runnable job on a TPU pod slice (all workers) or as a SLURM array."""
-    runnable = [j for j in jobs if not j.skip_reason]
-    lines = [
-        "#!/usr/bin/env bash",
-        f"# {len(runnable)} jobs ({len(jobs) - len(runnable)} skipped: unsupported)",
-        "set -u",
-    ]
-    if target == "tpu":
-        lines += ["TPU_NAME=${TPU_NAME:?set TPU_NAME}", "ZONE=${ZONE:?set ZONE}", "REPO=${REPO:-~/psych201_jax}"]
-        for job in runnable:
-            cmd = " ".join(["cd $REPO && .venv/bin/psych201-score", *map(shlex.quote, job.score_args(data, overrides))])
-            lines.append(
-                f'gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all '
-                f'--command={shlex.quote(cmd)} || echo "FAILED {job.name}"'
+def shard_models(units: list[tuple[str, list[Job]]], index: int, count: int) -> list[tuple[str, list[Job]]]:
+    """Shard ``index`` of ``count``: every count-th model from the index-th (deterministic, disjoint)."""
+    return units[index::count]
+
+
+STATUS = "sweep_status.json"
+STATES = ("done", "running", "failed", "remaining")
+
+
+class SweepStatus:
+    """``<out_root>/sweep_status.json``: per model its state, conditions done / failed / total, restores,
+    tokens and seconds, updated atomically under a file lock by any shard (read by ``--status``)."""
+
+    def __init__(self, out_root: str, name: str):
+        self.path = os.path.join(out_root, STATUS)
+        self.name = name
+
+    def read(self) -> dict:
+        try:
+            with open(self.path) as fh:
+                return json.load(fh)
+        except (OSError, json.JSONDecodeError):
+            return {"sweep": self.name, "models": {}}
+
+    def update(self, model: str, **fields) -> dict:
+        with locks.FileLock(self.path + ".lock", wait=True):
+            status = self.read()
+            entry = status["models"].setdefault(
+                model, {"state": "remaining", "restores": 0, "tokens": 0, "seconds": 0.0}
             )
-    elif target == "slurm":
-        lines = [
-            "#!/usr/bin/env bash",
-            f"#SBATCH --array=0-{max(len(runnable) - 1, 0)}",
-            "#SBATCH --job-name=psych201-sweep",
-            "set -eu",
-            "JOBS=(",
-        ]
-        for job in runnable:
-            lines.append("  " + shlex.quote(" ".join(map(shlex.quote, job.score_args(data, overrides)))))
-        lines += [")", 'eval "set -- ${JOBS[$SLURM_ARRAY_TASK_ID]}"', 'srun .venv/bin/psych201-score "$@"']
-    else:
-        raise ValueError(f"unknown emit target {target!r}; expected local, tpu or slurm")
-    return "\n".join(lines) + "\n"
+            entry.update(fields)
+            status["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            tmp = f"{self.path}.tmp-{os.getpid()}"
+            with open(tmp, "w") as fh:
+                json.dump(status, fh, indent=2, sort_keys=True)
+            os.replace(tmp, self.path)
+        return status
+
+
+def status_line(status: dict) -> str:
+    """Models per state, conditions of the running ones, aggregate tokens/s and ETA (from finished models)."""
+    models = status.get("models", {})
+    counts = {s: sum(m["state"] == s for m in models.values()) for s in STATES}
+    tokens = sum(m.get("tokens", 0) for m in models.values())
+    seconds = sum(m.get("seconds", 0.0) for m in models.values())
+    finished = [m["seconds"] for m in models.values() if m["state"] in ("done", "failed") and m.get("seconds")]
+    left = counts["remaining"] + counts["running"]
+    shards = max(1, len({m.get("shard") for m in models.values() if m["state"] == "running"}))
+    eta = f"{sum(finished) / len(finished) * left / shards:.0f}s" if finished else "?"
+    running = "; ".join(
+        f"{name}: {m['conditions']['done']}/{m['conditions']['total']} conditions"
+        for name, m in models.items()
+        if m["state"] == "running" and "conditions" in m
+    )
+    return (
+        f"models: {counts['done']} done, {counts['running']} running, {counts['failed']} failed, "
+        f"{counts['remaining']} remaining"
+        + (f" ({running})" if running else "")
+        + f"; {tokens / seconds if seconds else 0.0:.0f} tokens/s; ETA {eta}"
+    )
+
+
+def is_writer() -> bool:
+    """Process 0 of a multi-process shard writes the sweep's status and outcomes (every process scores)."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+def run_shard(
+    jobs: list[Job], data: str, overrides: dict, *, out_root: str, name: str, shard: tuple[int, int] = (0, 1)
+) -> list[dict]:
+    """Runs this shard's models one after another in this process, each restored and compiled once, with
+    all its conditions (jobs sharing a token stream share the forward pass, see ``job.run_conditions``).
+    Complete jobs are skipped, partial ones resumed, a failed condition is recorded and the worker goes on.
+    Returns one outcome per job of the shard (skipped jobs included)."""
+    from psych201_jax.parallel import distributed
+    from psych201_jax.runs import job as job_lib
+
+    units = shard_models(models_of(jobs), *shard)
+    shared = job_config(None, data, overrides)
+    distributed.initialize_from_config(shared.get("distributed", {}))  # before any JAX use
+    job_lib.enable_compile_cache(shared.get("compile_cache", ""))
+    writer = is_writer()
+    status = SweepStatus(out_root, name)
+    if writer:
+        for model, model_jobs in units:
+            entry = status.read()["models"].get(model, {})
+            if entry.get("state") in (None, "remaining"):
+                status.update(model, state="remaining", conditions={"done": 0, "failed": 0, "total": len(model_jobs)})
+    outcomes = [
+        {"job": j.name, "status": "skipped", "detail": j.skip_reason, "out": j.out}
+        for j in jobs
+        if j.skip_reason and shard[0] == 0
+    ]
+    for model, model_jobs in units:
+        outcomes += _run_model(model, model_jobs, data, overrides, status if writer else None, shard, job_lib)
+    return outcomes
+
+
+def _run_model(model: str, jobs: list[Job], data: str, overrides: dict, status, shard, job_lib) -> list[dict]:
+    """One model's jobs: one restore, then each share group of its incomplete jobs."""
+    started = time.perf_counter()
+    outcomes: dict[str, dict] = {}
+    todo = []
+    for j in jobs:
+        if is_complete(j):
+            outcomes[j.name] = {"job": j.name, "status": "done", "detail": "already complete", "out": j.out}
+        else:
+            todo.append(j)
+    tokens = 0
+    restores_before = job_lib.restores()
+
+    def report(state: str) -> None:
+        if status is None:
+            return
+        done = sum(o["status"] == "done" for o in outcomes.values())
+        failed = sum(o["status"] == "failed" for o in outcomes.values())
+        entry = status.read()["models"].get(model, {})
+        status.update(
+            model,
+            state=state,
+            shard=f"{shard[0]}/{shard[1]}",
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            conditions={"done": done, "failed": failed, "total": len(jobs)},
+            restores=entry.get("restores", 0) + (job_lib.restores() - restores_before if state != "running" else 0),
+            tokens=entry.get("tokens", 0) + (tokens if state != "running" else 0),
+            seconds=entry.get("seconds", 0.0) + (time.perf_counter() - started if state != "running" else 0.0),
+        )
+        print(f"{model}: {state} | {status_line(status.read())}", flush=True)
+
+    cfgs = {}
+    for j in todo:
+        try:
+            cfgs[j.name] = job_config(j, data, overrides)
+        except Exception as err:  # noqa: BLE001 -- a job whose config cannot be built fails alone
+            outcomes[j.name] = _failed(j, err)
+    todo = [j for j in todo if j.name in cfgs]
+    if todo:
+        names = {id(c): n for n, c in cfgs.items()}
+        report("running")
+        try:
+            loaded = job_lib.load(next(iter(cfgs.values())))
+        except Exception as err:  # noqa: BLE001 -- a model that cannot load fails its jobs, not the sweep
+            loaded = None
+            for j in todo:
+                outcomes[j.name] = _failed(j, err)
+        for group in job_lib.share_groups(list(cfgs.values())) if loaded is not None else []:
+            logging.info("%s: %s", model, ", ".join(names[id(c)] for c in group))
+            try:
+                tokens += job_lib.run_conditions(loaded, group).tokens
+                for c in group:
+                    j = next(j for j in todo if j.name == names[id(c)])
+                    ok = store.read_complete(j.out) is not None
+                    outcomes[j.name] = {"job": j.name, "status": "done" if ok else "failed", "detail": "", "out": j.out}
+            except Exception as err:  # noqa: BLE001 -- recorded; the worker goes on with the next condition
+                logging.exception("%s failed", ", ".join(names[id(c)] for c in group))
+                for c in group:
+                    j = next(j for j in todo if j.name == names[id(c)])
+                    outcomes[j.name] = _failed(j, err)
+        del loaded  # the next model's parameters replace this one's
+    state = "failed" if any(o["status"] == "failed" for o in outcomes.values()) else "done"
+    report(state)
+    return [outcomes[j.name] for j in jobs]
+
+
+def _failed(job: Job, err: Exception) -> dict:
+    detail = " ".join(str(err).split())[:300]
+    return {"job": job.name, "status": "failed", "detail": f"{type(err).__name__}: {detail}", "out": job.out}
+
+
+def emit_script(
+    jobs: list[Job], target: str, *, shards: int, config_path: str, flags: list[str], name: str, out_root: str
+) -> str:
+    """A script running the sweep as ``shards`` shards (``--shard=I/N``, one model's conditions at a time):
+    ``slurm``: one ``sbatch --array`` task per shard, each on a whole node (all its GPUs, one SPMD job);
+    ``tpu``: one TPU slice per shard, every worker of a slice running the same command (as tpu_pod.sh)."""
+    units = models_of(jobs)
+    args = " ".join(shlex.quote(a) for a in [f"--config={config_path}", *flags])
+    head = [
+        "#!/usr/bin/env bash",
+        f"# sweep {name}: {len(units)} models, {sum(len(u[1]) for u in units)} jobs "
+        f"({sum(bool(j.skip_reason) for j in jobs)} skipped: unsupported), {shards} shards.",
+        "# Each shard runs its models one after another, each restored and compiled once for all its",
+        "# conditions; complete conditions are skipped and partial ones resumed, so rerunning is safe.",
+        f"# Progress of every shard: psych201-sweep {args} --status",
+    ]
+    if target == "slurm":
+        return "\n".join(
+            [
+                head[0],
+                f"#SBATCH --job-name=psych201-{name}",
+                f"#SBATCH --array=0-{shards - 1}",
+                "#SBATCH --nodes=1",
+                "#SBATCH --ntasks-per-node=1",
+                "#SBATCH --exclusive",
+                "#SBATCH --gpus-per-node=8",
+                "#SBATCH --requeue",
+                f"#SBATCH --output={out_root}/logs/slurm-%A_%a.log",
+                *head[1:],
+                "# --exclusive and --gpus-per-node (set it to your nodes' GPU count): the shard's one task gets",
+                "# every GPU of its node, and its mesh spans them. --requeue: SLURM reruns a shard whose node",
+                "# failed or was preempted. Submit: sbatch <this file>; rerun it to retry failed conditions.",
+                "set -euo pipefail",
+                'cd "${REPO:-${SLURM_SUBMIT_DIR:-.}}"',
+                f"srun --kill-on-bad-exit=1 .venv/bin/psych201-sweep {args} "
+                f'--shard="${{SLURM_ARRAY_TASK_ID}}/{shards}"',
+                "",
+            ]
+        )
+    if target == "tpu":
+        return "\n".join(
+            [
+                *head,
+                "# One TPU slice per shard, named ${TPU_PREFIX}-0 .. -"
+                + f"{shards - 1}"
+                + "; all workers of a slice run",
+                "# the same SPMD command (jax.distributed reads the slice from the TPU metadata).",
+                "set -uo pipefail",
+                "TPU_PREFIX=${TPU_PREFIX:?set TPU_PREFIX}",
+                "ZONE=${ZONE:?set ZONE}",
+                "DIR=${DIR:-psych201_jax}",
+                f"mkdir -p {shlex.quote(out_root)}/logs",
+                "pids=()",
+                f"for i in $(seq 0 {shards - 1}); do",
+                '  gcloud compute tpus tpu-vm ssh "${TPU_PREFIX}-${i}" --zone="$ZONE" --worker=all \\',
+                f'    --command="cd ~/$DIR && .venv/bin/psych201-sweep {args} '
+                f'--distributed=on --shard=${{i}}/{shards}" \\',
+                f"    > {shlex.quote(out_root)}/logs/shard-${{i}}.log 2>&1 &",
+                '  pids+=("$!")',
+                "done",
+                "failed=0",
+                'for p in "${pids[@]}"; do wait "$p" || failed=$((failed + 1)); done',
+                'echo "$failed of ' + f"{shards}" + ' shards failed"',
+                '[ "$failed" -eq 0 ]',
+                "",
+            ]
+        )
+    raise ValueError(f"unknown emit target {target!r}; expected local, tpu or slurm")
 
 
 def write_outcomes(path: str, outcomes: list[dict]) -> None:

@@ -9,6 +9,7 @@ vocabulary split over ``tensor``. The forward compiles once per (rows, row lengt
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Sequence
 
@@ -43,28 +44,45 @@ class Scorer:
     ):
         graphdef, state = nnx.split(model)
         self.mesh = mesh = sharding.make_mesh(1, 1, 1, devices=jax.local_devices()[:1]) if mesh is None else mesh
-        self.options = options
-        self.temperatures = tuple(float(t) for t in temperatures)
-        # The head's outputs, in order (see head.score_head).
-        self.outputs: tuple[str, ...] = ("sums", "argmax") + (("option_argmax",) if options is not None else ())
-        if self.temperatures:
-            self.outputs += ("nll_t", "entropy") + (("option_mass",) if options is not None else ())
         self.vocab_chunk = vocab_chunk
         self.rules = tuple(rules) if rules is not None else sharding.rules_for(model.spec, mesh)
         self.layout = layout = sharding.RowLayout.create(mesh, sharding.row_axes(self.rules))
-        state_shardings = sharding.state_shardings(state, mesh, self.rules)
+        self._graphdef = graphdef
+        self._state_shardings = state_shardings = sharding.state_shardings(state, mesh, self.rules)
         self.state = jax.device_put(state, state_shardings)
-        rows, plan = layout.rows_sharding, layout.plan_sharding
-        vocab_axes = sharding.vocab_axes(self.rules)
-        rows_spec = jax.P(layout.axes or None)
         rules_ = self.rules
 
         def forward(state, tokens, positions, segment_ids):
             with nnx.logical_axis_rules(rules_):
                 return nnx.merge(graphdef, state)(tokens, positions, segment_ids)
 
+        rows = layout.rows_sharding
+        self._forward = jax.jit(
+            forward, in_shardings=(state_shardings, rows, rows, rows), out_shardings=layout.hidden_sharding
+        )
+        self._set_head(options, temperatures)
+
+    def with_head(self, *, options: StudyOptions | None = None, temperatures: tuple[float, ...] = ()) -> Scorer:
+        """This scorer with another head, on the same placed parameters and the same compiled forward: a
+        sweep worker's next condition restores and recompiles nothing but the head."""
+        other = copy.copy(self)
+        other._set_head(options, temperatures)
+        return other
+
+    def _set_head(self, options: StudyOptions | None, temperatures: tuple[float, ...]) -> None:
+        mesh, layout, graphdef = self.mesh, self.layout, self._graphdef
+        self.options = options
+        self.temperatures = tuple(float(t) for t in temperatures)
+        # The head's outputs, in order (see head.score_head).
+        self.outputs: tuple[str, ...] = ("sums", "argmax") + (("option_argmax",) if options is not None else ())
+        if self.temperatures:
+            self.outputs += ("nll_t", "entropy") + (("option_mass",) if options is not None else ())
+        plan = layout.plan_sharding
+        vocab_axes = sharding.vocab_axes(self.rules)
+        rows_spec = jax.P(layout.axes or None)
         n_plan = 4 if options is None else 6  # + option_ids [shards * K], option_mask [shards * C, K]
         n_out = len(self.outputs)
+        vocab_chunk, temps = self.vocab_chunk, self.temperatures
 
         def head_step(state, hidden, *plan_arrays):
             unembedding = nnx.merge(graphdef, state).unembedding()
@@ -73,7 +91,7 @@ class Scorer:
                 vocab_axes=vocab_axes,
                 axis_sizes=dict(mesh.shape),
                 vocab_chunk=vocab_chunk,
-                temperatures=self.temperatures,
+                temperatures=temps,
             )
             # Each row shard scores its own plan on its own rows; the vocabulary stays split over vocab_axes.
             # check_vma=False: the outputs are combined over vocab_axes by hand (psum / pmax / pmin).
@@ -87,12 +105,9 @@ class Scorer:
             )
             return sharded(hidden, unembedding, *plan_arrays)
 
-        self._forward = jax.jit(
-            forward, in_shardings=(state_shardings, rows, rows, rows), out_shardings=layout.hidden_sharding
-        )
         self._head = jax.jit(
             head_step,
-            in_shardings=(state_shardings, layout.hidden_sharding) + (plan,) * n_plan,
+            in_shardings=(self._state_shardings, layout.hidden_sharding) + (plan,) * n_plan,
             out_shardings=(plan,) * n_out,
         )
 
@@ -111,32 +126,44 @@ class Scorer:
             length=batch.row_length,
             capacity=batch.capacity,
             options=self.option_capacity(batch),
-        )
+        )[0]
 
     def dispatch_step(
-        self, batches: Sequence[packing.PackedBatch | None], *, rows: int, length: int, capacity: int, options: int = 0
-    ) -> tuple[jax.Array, ...]:
+        self,
+        batches: Sequence[packing.PackedBatch | None],
+        *,
+        rows: int,
+        length: int,
+        capacity: int,
+        options: int = 0,
+        heads: Sequence[Scorer] = (),
+    ) -> list[tuple[jax.Array, ...]]:
         """Enqueues one SPMD step (every process calls it with the same rows/length/capacity/options).
 
         ``batches[k]``: this process's sub-batch ``layout.local_shards[k]`` ([rows, length], plan capacity
         <= ``capacity``, option capacity <= ``options``), or None for an empty one. ``options``: the step's
-        option capacity K (> 0 exactly when the scorer has options). Returns global (sums, argmax[,
-        option_argmax]) [shards * capacity]; ``layout.local_blocks`` gives this process's blocks.
+        option capacity K (> 0 exactly when a head has options). ``heads``: scorers made by ``with_head``
+        from this one (default: this one); the step runs the forward once and each head on its output,
+        each head's program exactly the one it compiles alone. Returns per head its global (sums, argmax[,
+        option_argmax, ...]) [shards * capacity]; ``layout.local_blocks`` gives this process's blocks.
         """
+        heads = list(heads) or [self]
         layout = self.layout
+        study_options = next((h.options for h in heads if h.options is not None), None)
         if len(batches) != len(layout.local_shards):
             raise ValueError(f"{len(batches)} sub-batches for {len(layout.local_shards)} local row shards")
-        if (options > 0) != (self.options is not None):
-            raise ValueError(f"option capacity {options}: must be > 0 exactly when the scorer has options")
+        if (options > 0) != (study_options is not None):
+            raise ValueError(f"option capacity {options}: must be > 0 exactly when a head has options")
+        if any(h._forward is not self._forward for h in heads):
+            raise ValueError("heads must share this scorer's forward (make them with Scorer.with_head)")
         n = len(batches)
         only = batches[0] if n == 1 else None
         if only is not None and (only.rows, only.row_length, only.capacity) == (rows, length, capacity):
             # One full sub-batch (every single-device step): its arrays are the step's, no host copies.
             host = [only.tokens, only.positions, only.segment_ids]
             plan_host = [only.score_index, only.score_target, only.score_valid, only.score_slot]
-            if self.options is not None:
-                plan_host += list(option_plan(only, self.options, options))
-            return self._run(host, plan_host)
+            option_host = list(option_plan(only, study_options, options)) if study_options is not None else []
+            return self._run(heads, host, plan_host, option_host)
         tokens, positions, segment_ids = (np.zeros((n * rows, length), np.int32) for _ in range(3))
         index, target, slot = (np.zeros(n * capacity, np.int32) for _ in range(3))
         valid = np.zeros(n * capacity, bool)
@@ -152,19 +179,22 @@ class Scorer:
             r, c = slice(k * rows, (k + 1) * rows), slice(k * capacity, k * capacity + b.capacity)
             tokens[r], positions[r], segment_ids[r] = b.tokens, b.positions, b.segment_ids
             index[c], target[c], slot[c], valid[c] = b.score_index, b.score_target, b.score_slot, b.score_valid
-            if self.options is not None:
-                option_ids[k * options : (k + 1) * options], option_mask[c] = option_plan(b, self.options, options)
-        plan_host = [index, target, valid, slot] + ([option_ids, option_mask] if self.options is not None else [])
-        return self._run([tokens, positions, segment_ids], plan_host)
+            if study_options is not None:
+                option_ids[k * options : (k + 1) * options], option_mask[c] = option_plan(b, study_options, options)
+        option_host = [option_ids, option_mask] if study_options is not None else []
+        return self._run(heads, [tokens, positions, segment_ids], [index, target, valid, slot], option_host)
 
-    def _run(self, host: list[np.ndarray], plan_host: list[np.ndarray]) -> tuple[jax.Array, ...]:
-        """Places this process's rows and plan as global arrays and enqueues forward + head."""
+    def _run(
+        self, heads: list[Scorer], host: list[np.ndarray], plan_host: list[np.ndarray], option_host: list[np.ndarray]
+    ) -> list[tuple[jax.Array, ...]]:
+        """Places this process's rows and plan as global arrays and enqueues the forward, then every head."""
         layout = self.layout
         with jax.set_mesh(self.mesh):
             arrays = [layout.global_array(x, layout.rows_sharding) for x in host]
             plan = [layout.global_array(x, layout.plan_sharding) for x in plan_host]
+            option_plan_ = [layout.global_array(x, layout.plan_sharding) for x in option_host]
             hidden = self._forward(self.state, *arrays)
-            return self._head(self.state, hidden, *plan)
+            return [h._head(self.state, hidden, *plan, *(option_plan_ if h.options is not None else [])) for h in heads]
 
     def compilations(self) -> dict[str, int]:
         """Distinct compiled programs so far (forward per (B, L); head per (B, L, C))."""

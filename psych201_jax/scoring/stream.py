@@ -35,8 +35,16 @@ class Progress:
 
 
 def score_spans(
+    items: Iterable[ParticipantSpans | Rejected], scorer: Scorer, **kwargs
+) -> Iterator[ParticipantResult | Rejected]:
+    """Scores a stream of participants with one scorer (``score_spans_heads`` with one head)."""
+    for results in score_spans_heads(items, [scorer], **kwargs):
+        yield results[0]
+
+
+def score_spans_heads(
     items: Iterable[ParticipantSpans | Rejected],
-    scorer: Scorer,
+    heads: Sequence[Scorer],
     *,
     row_lengths: tuple[int, ...],
     tokens_per_batch: int = 131072,
@@ -44,9 +52,11 @@ def score_spans(
     max_tokens: int | None = None,
     progress: Progress | None = None,
     on_chunk: Callable[[Progress], None] | None = None,
-) -> Iterator[ParticipantResult | Rejected]:
+) -> Iterator[tuple[ParticipantResult | Rejected, ...]]:
     """Scores a stream of participants; rejections pass through, in input order within each chunk.
 
+    ``heads``: scorers made by ``Scorer.with_head`` from one scorer; each batch runs the forward once and
+    every head on it, and each participant yields one result per head, equal to that head's scorer alone.
     A participant longer than ``max_tokens`` (the model context; default: the longest row) is rejected.
     Rows may be longer than the context: they are only containers of whole participants.
     ``items`` are this process's participants, ``tokens_per_batch`` is per row shard (one
@@ -71,13 +81,13 @@ def score_spans(
     def run_chunk(chunk, results):
         scored = [p for p in chunk if isinstance(p, ParticipantSpans)]
         for item in chunk:
-            yield results[item.key] if isinstance(item, ParticipantSpans) else item
+            yield tuple(r[item.key] for r in results) if isinstance(item, ParticipantSpans) else (item,) * len(heads)
         progress.participants += len(chunk)
         progress.tokens += sum(len(p.token_ids) for p in scored)
         if on_chunk is not None:
             on_chunk(progress)
 
-    yield from _rounds(checked(items), scorer, row_lengths, tokens_per_batch, chunk_tokens, progress, run_chunk)
+    yield from _rounds(checked(items), list(heads), row_lengths, tokens_per_batch, chunk_tokens, progress, run_chunk)
 
 
 def _results(participants: list[ParticipantSpans], batches, columns: dict[str, list[np.ndarray]]) -> dict:
@@ -155,10 +165,12 @@ def plan_steps(tables: Sequence[np.ndarray], process_share: Sequence[int], share
 
 
 def _rounds(
-    items: Iterator, scorer: Scorer, row_lengths, tokens_per_batch, chunk_tokens, progress: Progress, run_chunk
+    items: Iterator, heads: list[Scorer], row_lengths, tokens_per_batch, chunk_tokens, progress: Progress, run_chunk
 ) -> Iterator:
     """Lockstep rounds: each process packs its next chunk (possibly empty), all agree on the steps, run them."""
+    scorer = heads[0]
     layout = scorer.layout
+    with_options = next((h for h in heads if h.options is not None), None)
     done = False
     while True:
         chunk, chunk_len = [], 0
@@ -171,9 +183,13 @@ def _rounds(
             chunk_len += len(item.token_ids) if isinstance(item, ParticipantSpans) else 0
         scored = [p for p in chunk if isinstance(p, ParticipantSpans)]
         batches = packing.pack(scored, row_lengths, tokens_per_batch=tokens_per_batch) if scored else []
-        width = 3 if scorer.options is None else 4  # + the option capacity
+        width = 3 if with_options is None else 4  # + the option capacity
         table = np.asarray(
-            [(b.rows, b.row_length, b.capacity, scorer.option_capacity(b))[:width] for b in batches], np.int32
+            [
+                (b.rows, b.row_length, b.capacity, with_options.option_capacity(b) if with_options else 0)[:width]
+                for b in batches
+            ],
+            np.int32,
         ).reshape(-1, width)
         header = distributed.allgather(np.asarray([len(batches), done], np.int32))
         tables = distributed.allgather_rows(table) if header[:, 0].max() > 0 else [table[:0]] * len(header)
@@ -185,18 +201,21 @@ def _rounds(
                 length=st.length,
                 capacity=st.capacity,
                 options=st.options,
+                heads=heads,
             )
             for st in steps
         ]
-        host: list = [None] * len(batches)  # per batch: the scorer's outputs
-        for st, out in zip(steps, outputs):
-            blocks = [layout.local_blocks(x) for x in out]
-            for k, i in enumerate(st.slots):
-                if i is not None:
-                    host[i] = [b[layout.local_shards[k]] for b in blocks]
+        results = []
+        for h, head in enumerate(heads):
+            host: list = [None] * len(batches)  # per batch: this head's outputs
+            for st, out in zip(steps, outputs):
+                blocks = [layout.local_blocks(x) for x in out[h]]
+                for k, i in enumerate(st.slots):
+                    if i is not None:
+                        host[i] = [b[layout.local_shards[k]] for b in blocks]
+            columns = {name: [x[j] for x in host] for j, name in enumerate(head.outputs)}
+            results.append(_results(scored, batches, columns) if scored else {})
         progress.computed_tokens += sum(b.computed_tokens for b in batches)
-        columns = {name: [h[j] for h in host] for j, name in enumerate(scorer.outputs)}
-        results = _results(scored, batches, columns) if scored else {}
         if chunk:
             yield from run_chunk(chunk, results)
         if header[:, 1].all():
