@@ -236,3 +236,17 @@ def test_two_concurrent_shards_drain_the_sweep_without_overlap(tmp_path):
     for i in range(2):
         outcomes = json.loads((tmp_path / "sweep" / f"sweep_outcomes_shard{i}of2.json").read_text())
         assert {o["job"].split("/")[0] for o in outcomes} == {list(models)[i]}
+
+
+def test_a_failing_condition_does_not_fail_the_conditions_sharing_its_forward(tmp_path):
+    names = ("plain", "accuracy")
+    config = _tiny_config(tmp_path, names)
+    foreign = tmp_path / "sweep" / "psych201_jax--tiny-qwen3" / "accuracy"
+    foreign.mkdir(parents=True)
+    (foreign / "manifest.json").write_text(json.dumps({"fingerprint": "another run", "determinants": {}}))
+    proc = _run("launch.sweep", f"--config={config}")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    outcomes = {o["job"]: o for o in json.loads((tmp_path / "sweep" / "sweep_outcomes.json").read_text())}
+    assert outcomes["psych201_jax--tiny-qwen3/accuracy"]["status"] == "failed"
+    assert "different configuration" in outcomes["psych201_jax--tiny-qwen3/accuracy"]["detail"]
+    assert {o["status"] for name, o in outcomes.items() if not name.endswith("tiny-qwen3/accuracy")} == {"done"}

@@ -167,12 +167,10 @@ class LoadedModel:
     scorer: scorer.Scorer
 
 
-_RESTORES = [0]
-
-
-def restores() -> int:
-    """Model restores in this process (a sweep worker restores each model once)."""
-    return _RESTORES[0]
+def load_key(cfg) -> str:
+    """Jobs with equal keys can use one ``load``: same model, dtype, attention backend, mesh and cache."""
+    fields = ("model", "dtype", "attention", "cache_dir", "mesh")
+    return json.dumps({k: cfg.to_dict()[k] for k in fields}, sort_keys=True, default=str)
 
 
 def load(cfg) -> LoadedModel:
@@ -188,7 +186,6 @@ def load(cfg) -> LoadedModel:
             f"could not load the converted checkpoint {model_dir} ({type(err).__name__}: "
             f"{str(err)[:300]}); if it is a conversion cache, delete it to reconvert"
         ) from err
-    _RESTORES[0] += 1
     tok = spans.TokenizerInfo(os.path.join(model_dir, checkpoint.TOKENIZER))
     return LoadedModel(model_dir, spec, tok, scorer.Scorer(model, vocab_chunk=cfg.vocab_chunk, mesh=mesh, rules=rules))
 
@@ -295,7 +292,7 @@ def _score(
     """Opens (or resumes) each job's results and scores what any of them lacks, committing chunk by chunk."""
     cfg, layout = cfgs[0], heads[0].layout
     writers = [_open_writer(c, m, layout) for c, m in zip(cfgs, manifests)]  # replicas commit nothing
-    already = min(len(w.done) for w in writers)
+    already = len(set.intersection(*(w.done for w in writers)))  # done in every job: not scored again
     logging.info(
         "model %s (%s), %s participants, protocol %s/%s, persona %s, %d already done; %s",
         manifests[0]["model"]["dir"],

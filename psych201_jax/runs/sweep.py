@@ -197,16 +197,19 @@ class SweepStatus:
         try:
             with open(self.path) as fh:
                 return json.load(fh)
-        except (OSError, json.JSONDecodeError):
+        except FileNotFoundError:  # written by atomic replace: never half a file
             return {"sweep": self.name, "models": {}}
 
-    def update(self, model: str, **fields) -> dict:
+    def update(self, model: str, add: dict | None = None, **fields) -> dict:
+        """Sets ``fields`` of ``model``'s entry and adds ``add``'s counts to it, under the lock."""
         with locks.FileLock(self.path + ".lock", wait=True):
             status = self.read()
             entry = status["models"].setdefault(
                 model, {"state": "remaining", "restores": 0, "tokens": 0, "seconds": 0.0}
             )
             entry.update(fields)
+            for key, value in (add or {}).items():
+                entry[key] = entry.get(key, 0) + value
             status["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             tmp = f"{self.path}.tmp-{os.getpid()}"
             with open(tmp, "w") as fh:
@@ -277,7 +280,10 @@ def run_shard(
 
 
 def _run_model(model: str, jobs: list[Job], data: str, overrides: dict, status, shard, job_lib) -> list[dict]:
-    """One model's jobs: one restore, then each share group of its incomplete jobs."""
+    """One model's jobs: one restore, then each share group of its incomplete jobs (a failed group is
+    retried job by job, so only the failing condition fails)."""
+    from psych201_jax.parallel import distributed
+
     started = time.perf_counter()
     outcomes: dict[str, dict] = {}
     todo = []
@@ -287,24 +293,25 @@ def _run_model(model: str, jobs: list[Job], data: str, overrides: dict, status, 
         else:
             todo.append(j)
     tokens = 0
-    restores_before = job_lib.restores()
 
-    def report(state: str) -> None:
+    def report(state: str, restored: int = 0) -> None:
         if status is None:
             return
         done = sum(o["status"] == "done" for o in outcomes.values())
         failed = sum(o["status"] == "failed" for o in outcomes.values())
-        entry = status.read()["models"].get(model, {})
+        final = state != "running"  # tokens and seconds are added once, when the model ends
         status.update(
             model,
+            add={  # restores are counted when they happen (a killed worker's too)
+                "restores": restored,
+                "tokens": tokens if final else 0,
+                "seconds": time.perf_counter() - started if final else 0.0,
+            },
             state=state,
             shard=f"{shard[0]}/{shard[1]}",
             pid=os.getpid(),
             host=socket.gethostname(),
             conditions={"done": done, "failed": failed, "total": len(jobs)},
-            restores=entry.get("restores", 0) + (job_lib.restores() - restores_before if state != "running" else 0),
-            tokens=entry.get("tokens", 0) + (tokens if state != "running" else 0),
-            seconds=entry.get("seconds", 0.0) + (time.perf_counter() - started if state != "running" else 0.0),
         )
         print(f"{model}: {state} | {status_line(status.read())}", flush=True)
 
@@ -314,30 +321,34 @@ def _run_model(model: str, jobs: list[Job], data: str, overrides: dict, status, 
             cfgs[j.name] = job_config(j, data, overrides)
         except Exception as err:  # noqa: BLE001 -- a job whose config cannot be built fails alone
             outcomes[j.name] = _failed(j, err)
-    todo = [j for j in todo if j.name in cfgs]
-    if todo:
-        names = {id(c): n for n, c in cfgs.items()}
+    by_cfg = {id(c): j for j in todo if (c := cfgs.get(j.name)) is not None}
+    if by_cfg:
         report("running")
+    loaded, loaded_key = None, None
+    groups = job_lib.share_groups(list(cfgs.values()))
+    while groups:
+        group = groups.pop(0)
+        group_jobs = [by_cfg[id(c)] for c in group]
+        logging.info("%s: %s", model, ", ".join(j.name for j in group_jobs))
         try:
-            loaded = job_lib.load(next(iter(cfgs.values())))
-        except Exception as err:  # noqa: BLE001 -- a model that cannot load fails its jobs, not the sweep
-            loaded = None
-            for j in todo:
+            if job_lib.load_key(group[0]) != loaded_key:  # one restore, unless a job asks for another dtype
+                loaded = None  # the previous parameters go before the next restore
+                loaded = job_lib.load(group[0])
+                loaded_key = job_lib.load_key(group[0])
+                report("running", restored=1)
+            tokens += job_lib.run_conditions(loaded, group).tokens
+            for j in group_jobs:  # returned normally: complete (process 0 wrote complete.json)
+                outcomes[j.name] = {"job": j.name, "status": "done", "detail": "", "out": j.out}
+        except Exception as err:  # noqa: BLE001 -- recorded; the worker goes on with the next condition
+            if distributed.is_multiprocess():
+                raise  # every process must take the same path: the shard stops, a rerun resumes
+            logging.exception("%s failed", ", ".join(j.name for j in group_jobs))
+            if len(group) > 1 and loaded is not None:
+                groups = [[c] for c in group] + groups  # one bad condition must not fail its siblings
+                continue
+            for j in group_jobs:
                 outcomes[j.name] = _failed(j, err)
-        for group in job_lib.share_groups(list(cfgs.values())) if loaded is not None else []:
-            logging.info("%s: %s", model, ", ".join(names[id(c)] for c in group))
-            try:
-                tokens += job_lib.run_conditions(loaded, group).tokens
-                for c in group:
-                    j = next(j for j in todo if j.name == names[id(c)])
-                    ok = store.read_complete(j.out) is not None
-                    outcomes[j.name] = {"job": j.name, "status": "done" if ok else "failed", "detail": "", "out": j.out}
-            except Exception as err:  # noqa: BLE001 -- recorded; the worker goes on with the next condition
-                logging.exception("%s failed", ", ".join(names[id(c)] for c in group))
-                for c in group:
-                    j = next(j for j in todo if j.name == names[id(c)])
-                    outcomes[j.name] = _failed(j, err)
-        del loaded  # the next model's parameters replace this one's
+    del loaded  # the next model's parameters replace this one's
     state = "failed" if any(o["status"] == "failed" for o in outcomes.values()) else "done"
     report(state)
     return [outcomes[j.name] for j in jobs]
@@ -403,7 +414,7 @@ def emit_script(
                 "pids=()",
                 f"for i in $(seq 0 {shards - 1}); do",
                 '  gcloud compute tpus tpu-vm ssh "${TPU_PREFIX}-${i}" --zone="$ZONE" --worker=all \\',
-                f'    --command="cd ~/$DIR && .venv/bin/psych201-sweep {args} '
+                f'    --command="cd ~/$DIR && .venv/bin/psych201-sweep {_double_quoted(args)} '
                 f'--distributed=on --shard=${{i}}/{shards}" \\',
                 f"    > {shlex.quote(out_root)}/logs/shard-${{i}}.log 2>&1 &",
                 '  pids+=("$!")',
@@ -416,6 +427,13 @@ def emit_script(
             ]
         )
     raise ValueError(f"unknown emit target {target!r}; expected local, tpu or slurm")
+
+
+def _double_quoted(text: str) -> str:
+    """``text`` safe inside a double-quoted shell string (the remote command keeps its own quoting)."""
+    for char in ("\\", '"', "$", "`"):
+        text = text.replace(char, "\\" + char)
+    return text
 
 
 def write_outcomes(path: str, outcomes: list[dict]) -> None:
