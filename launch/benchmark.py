@@ -173,12 +173,14 @@ def time_split(ours: scorer.Scorer, model, items, job_s: float, *, row_lengths, 
     """Seconds of one steady job pass split into attention, the rest of the body, the head and the host.
 
     Each packed batch of the job runs its forward and its head alone (compiled already, blocking), and
-    the forward again with attention replaced by a no-op (the ``skip`` backend returns q): attention =
-    forward - that, host = the job's wall time - forward - head (packing, transfers, unpacking).
+    the forward again with the attention kernel replaced by a no-op (the ``skip`` backend returns q, with
+    k and v still computed): attention = forward - that, host = the job's wall time - forward - head
+    (packing, transfers, unpacking).
     """
     from psych201_jax.model import attention
 
-    attention.register_backend("skip", lambda q, k, v, segment_ids, **_: q)
+    # k and v stay live (their projections, norms and rotary are body, not attention): only the kernel goes.
+    attention.register_backend("skip", lambda q, k, v, segment_ids, **_: q + 0.0 * (jnp.sum(k) + jnp.sum(v)))
     model.attention_backend = "skip"
     try:
         skipped = scorer.Scorer(model)
