@@ -143,7 +143,8 @@ class Scorer:
         ``batches[k]``: this process's sub-batch ``layout.local_shards[k]`` ([rows, length], plan capacity
         <= ``capacity``, option capacity <= ``options``), or None for an empty one. ``options``: the step's
         option capacity K (> 0 exactly when a head has options). ``heads``: scorers made by ``with_head``
-        from this one (default: this one); the step runs the forward once and each head on its output,
+        from this one (default: this one), those with options all with the same ``StudyOptions`` (the
+        step builds one option plan); the step runs the forward once and each head on its output,
         each head's program exactly the one it compiles alone. Returns per head its global (sums, argmax[,
         option_argmax, ...]) [shards * capacity]; ``layout.local_blocks`` gives this process's blocks.
         """
