@@ -282,6 +282,7 @@ def run_shard(
 def _run_model(model: str, jobs: list[Job], data: str, overrides: dict, status, shard, job_lib) -> list[dict]:
     """One model's jobs: one restore, then each share group of its incomplete jobs (a failed group is
     retried job by job, so only the failing condition fails)."""
+    from psych201_jax.data import records
     from psych201_jax.parallel import distributed
 
     started = time.perf_counter()
@@ -300,7 +301,7 @@ def _run_model(model: str, jobs: list[Job], data: str, overrides: dict, status, 
         done = sum(o["status"] == "done" for o in outcomes.values())
         failed = sum(o["status"] == "failed" for o in outcomes.values())
         final = state != "running"  # tokens and seconds are added once, when the model ends
-        status.update(
+        current = status.update(
             model,
             add={  # restores are counted when they happen (a killed worker's too)
                 "restores": restored,
@@ -313,7 +314,7 @@ def _run_model(model: str, jobs: list[Job], data: str, overrides: dict, status, 
             host=socket.gethostname(),
             conditions={"done": done, "failed": failed, "total": len(jobs)},
         )
-        print(f"{model}: {state} | {status_line(status.read())}", flush=True)
+        print(f"{model}: {state} | {status_line(current)}", flush=True)
 
     cfgs = {}
     for j in todo:
@@ -325,6 +326,7 @@ def _run_model(model: str, jobs: list[Job], data: str, overrides: dict, status, 
     if by_cfg:
         report("running")
     loaded, loaded_key = None, None
+    totals: dict[str, int | None] = {}
     groups = job_lib.share_groups(list(cfgs.values()))
     while groups:
         group = groups.pop(0)
@@ -336,7 +338,10 @@ def _run_model(model: str, jobs: list[Job], data: str, overrides: dict, status, 
                 loaded = job_lib.load(group[0])
                 loaded_key = job_lib.load_key(group[0])
                 report("running", restored=1)
-            tokens += job_lib.run_conditions(loaded, group).tokens
+            data_of = group[0].data  # counted once per model and data, not once per share group
+            if data_of not in totals:
+                totals[data_of] = records.count_participants(data_of)
+            tokens += job_lib.run_conditions(loaded, group, total=totals[data_of]).tokens
             for j in group_jobs:  # returned normally: complete (process 0 wrote complete.json)
                 outcomes[j.name] = {"job": j.name, "status": "done", "detail": "", "out": j.out}
         except Exception as err:  # noqa: BLE001 -- recorded; the worker goes on with the next condition
