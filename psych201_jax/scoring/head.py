@@ -77,8 +77,12 @@ def vocab_scan(
         decay = jnp.exp(carry.max - new_max)
         p = jnp.exp(shifted)
         run_sum = carry.sum * decay + p.sum(axis=1)
-        run_arg = jnp.where(chunk_max > carry.max, start + jnp.argmax(logits, axis=1), carry.arg)
-        # A masked sum rather than a gather, so a vocabulary-sharded chunk needs no resharding.
+        # The lowest column reaching the chunk's max (jnp.argmax's ties), as a min-reduce: XLA's CPU argmax
+        # is a scalar loop that cost as much as the chunk's matmul (launch.benchmark, head shape).
+        chunk_arg = jnp.min(jnp.where(logits == chunk_max[:, None], columns, chunk), axis=1)
+        run_arg = jnp.where(chunk_max > carry.max, start + chunk_arg, carry.arg)
+        # A masked sum rather than a gather: the target logit is the very value the max and sum saw (no
+        # rounding apart from them), and a vocabulary-sharded chunk needs no resharding.
         picked = jnp.where(start + columns == target[:, None], logits, 0.0).sum(axis=1)
         in_chunk = (target >= first) & (target < first + chunk)
         target_logit = jnp.where(in_chunk, picked, carry.target_logit)
