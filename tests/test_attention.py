@@ -40,6 +40,30 @@ def test_blockwise_matches_dense(hq, hk, window):
         np.testing.assert_allclose(np.asarray(xla), np.asarray(dense), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("window", [None, 100, 300])
+def test_interior_key_blocks_are_wholly_visible(window):
+    """The key blocks the xla backend runs without a mask are visible to every query of their query block,
+    in every row; long segments do have such blocks; and the output still equals dense."""
+    t, bq, bk = 203, 32, 16
+    seg = _packed_segments(3, t, [(150, 53), (203,), (7, 196)])
+    nq = -(-t // bq)
+    first, last = attn_lib._key_block_ranges(seg, t, bq, bk, nq, window)
+    lo, hi = (np.asarray(x) for x in attn_lib._interior_ranges(seg, t, bq, bk, nq, window, first, last))
+    idx = jnp.arange(t)
+    mask = np.asarray(attn_lib._visible(idx, idx, seg, seg, window))  # [B, T, T]
+    n_interior = 0
+    for i in range(nq):
+        for j in range(lo[i], hi[i] + 1):
+            assert first[i] <= j <= last[i]
+            assert mask[:, i * bq : (i + 1) * bq, j * bk : (j + 1) * bk].all(), (i, j)
+            n_interior += 1
+    assert n_interior >= 5
+    q, k, v = _qkv(3, t, 4, 2, 16)
+    xla = attention(q, k, v, seg, sliding_window=window, backend="xla", block_q=bq, block_k=bk)
+    dense = attention(q, k, v, seg, sliding_window=window, backend="dense")
+    np.testing.assert_allclose(np.asarray(xla), np.asarray(dense), atol=1e-5, rtol=0)
+
+
 def _naive(q, k, v, window):
     """Single segment, plain numpy loops: the definition of causal (windowed) attention with GQA."""
     q, k, v = (np.asarray(x, np.float64)[0] for x in (q, k, v))
