@@ -190,20 +190,22 @@ def test_small_leftover_uses_a_small_shape():
     participants = [make_participant("big", 30000, 0), make_participant("small", 700, 1)]
     batches = packing.pack(participants, row_lengths, tokens_per_batch=65536)
     check_layout_and_plan(participants, batches, row_lengths)
-    # The two fit one 32K row; a batch of a single row beats two rows of 32K.
-    assert [(b.rows, b.row_length) for b in batches] == [(1, 32768)]
+    # The two (30,700 tokens) fit one 30,720-token row; a batch of a single row beats two rows.
+    assert [(b.rows, b.row_length) for b in batches] == [(1, 30720)]
     batches = packing.pack([participants[1]], row_lengths, tokens_per_batch=65536)
     assert [(b.rows, b.row_length, b.capacity) for b in batches] == [(1, 2048, 256)]
 
 
 def test_a_small_job_is_not_half_padding():
     # 4 real-sized transcripts (sandbrink2024metacontrol: ~8.6K tokens each) under the job's defaults:
-    # with power-of-two rows they filled a 65,536-token row to 53%.
+    # with power-of-two rows they filled a 65,536-token row to 53%, with quarter-octave rows a 40,960-token
+    # row to 84%; eighth-octave rows: a 36,864-token row, 94%.
     participants = [make_participant(f"p{i}", 8600 + 20 * i, i) for i in range(4)]
     row_lengths = packing.choose_row_lengths(131072)
     batches = packing.pack(participants, row_lengths, tokens_per_batch=131072)
     check_layout_and_plan(participants, batches, row_lengths)
-    assert packing.packing_stats(batches)["efficiency"] >= 0.8
+    assert [b.row_length for b in batches] == [36864]
+    assert packing.packing_stats(batches)["efficiency"] >= 0.9
 
 
 def test_efficiency_on_realistic_lengths():
@@ -236,7 +238,8 @@ def test_invalid_inputs_are_errors():
 
 
 def test_choose_row_lengths():
-    assert packing.choose_row_lengths(8192) == (2048, 2560, 3072, 3584, 4096, 5120, 6144, 7168, 8192)
-    assert packing.choose_row_lengths(36000)[-6:] == (16384, 20480, 24576, 28672, 32768, 36000)
-    assert packing.choose_row_lengths(2048, min_len=1000) == (1024, 1280, 1536, 1792, 2048)
+    assert packing.choose_row_lengths(4096) == (2048, 2304, 2560, 2816, 3072, 3328, 3584, 3840, 4096)
+    assert packing.choose_row_lengths(36000)[-4:] == (28672, 30720, 32768, 36000)
+    assert packing.choose_row_lengths(2048, min_len=1000)[:3] == (1024, 1152, 1280)
+    assert packing.choose_row_lengths(2048, min_len=1000)[-1] == 2048
     assert packing.choose_row_lengths(1000) == (1000,)

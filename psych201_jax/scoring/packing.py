@@ -119,19 +119,20 @@ class _Item:
 
 
 def choose_row_lengths(max_len: int, min_len: int = 2048) -> tuple[int, ...]:
-    """Quarter-octave lengths (1, 1.25, 1.5, 1.75 times a power of two) from ``min_len`` below ``max_len``,
+    """Eighth-octave lengths ((8 + j) / 8 times a power of two, j = 0..7) from ``min_len`` below ``max_len``,
     plus ``max_len`` (the model context or the longest row).
 
     Full batches use the longest rows; the tail of each chunk takes the cheapest of these. Powers of two
     alone left a small job's or a chunk's tail up to half padding (4 transcripts of 8.6K tokens: 34.5K
-    tokens in a 65,536-token row); quarter-octave steps bound a single row's padding to 20%.
+    tokens in a 65,536-token row); eighth-octave steps bound a single row's padding to 11% (the 34.5K
+    tokens fill a 36,864-token row; quarter-octave steps gave a 40,960-token row, 16% more body work).
     """
     if max_len < 1 or min_len < 1:
         raise ValueError(f"row lengths must be positive, got max_len={max_len}, min_len={min_len}")
     lengths: list[int] = []
     power = 1 << (min_len - 1).bit_length()
     while power < max_len:
-        lengths.extend(n for n in (power, power * 5 // 4, power * 3 // 2, power * 7 // 4) if n < max_len)
+        lengths.extend(n for n in (power * (8 + j) // 8 for j in range(8)) if n < max_len)
         power *= 2
     return tuple(lengths) + (max_len,)
 
