@@ -31,5 +31,10 @@ def model_flops(spec, items) -> float:
     d, hq, hd = spec.hidden_size, spec.num_heads, spec.head_dim
     per_layer = 2 * d * hd * (2 * hq + 2 * spec.num_kv_heads) + 3 * 2 * d * spec.intermediate_size
     tokens = sum(len(p.token_ids) for p in items)
-    attn = sum(2 * 2 * hq * hd * len(p.token_ids) ** 2 / 2 for p in items) * spec.num_layers
-    return per_layer * spec.num_layers * tokens + attn
+    return per_layer * spec.num_layers * tokens + attention_flops(spec, items)
+
+
+def attention_flops(spec, items) -> float:
+    """Causal attention FLOPs (QK^T and PV over each participant's causal half) of every layer."""
+    per_layer = sum(2 * 2 * spec.num_heads * spec.head_dim * len(p.token_ids) ** 2 / 2 for p in items)
+    return per_layer * spec.num_layers
