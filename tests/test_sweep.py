@@ -4,6 +4,7 @@ per model, shared forward passes equal to each job alone, kill -9 and rerun, con
 import json
 import os
 import pathlib
+import shlex
 import signal
 import subprocess
 import sys
@@ -64,6 +65,36 @@ def test_emitted_scripts_are_golden():
         )
         assert text == (GOLDEN / f"sweep_tiny_{target}.sh").read_text(), target
         assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
+
+
+def test_emitted_scripts_repeat_the_command_lines_config_flags_with_their_values(tmp_path):
+    argv = ["--config=c.py", "--config.max_tokens", "4096", "--emit=tpu", "--config.mesh.mode=on"]
+    argv += ["--distributed", "on", "--shards=2", "--config.persona", 'a "b\'s" $x']
+    flags = sweep.forwarded_flags(argv)
+    assert flags == ["--config.max_tokens", "4096", "--config.mesh.mode=on", "--distributed", "on"] + [
+        "--config.persona",
+        'a "b\'s" $x',
+    ]
+    cfg = tiny.get_config()
+    script = tmp_path / "sweep_tpu.sh"
+    script.write_text(
+        sweep.emit_script(
+            sweep.expand(cfg), "tpu", shards=2, config_path="c.py", flags=flags, name=cfg.name, out_root="out"
+        )
+    )
+    # A stand-in gcloud records the remote command each slice's workers would run.
+    fake = 'gcloud() { for a in "$@"; do case $a in --command=*) printf "%s" "${a#--command=}" > "cmd_$BASHPID";;'
+    fake += " esac; done; }"
+    env = dict(os.environ, TPU_PREFIX="t", ZONE="z", DIR="d")
+    proc = subprocess.run(["bash", "-c", f"{fake}; export -f gcloud; bash {script}"], cwd=tmp_path, env=env)
+    assert proc.returncode == 0
+    commands = [p.read_text() for p in tmp_path.glob("cmd_*")]
+    assert len(commands) == 2
+    for command in commands:
+        prefix = "cd ~/d && .venv/bin/psych201-sweep "
+        assert command.startswith(prefix)
+        args = shlex.split(command[len(prefix) :])  # what the remote shell passes to psych201-sweep
+        assert args[: len(flags) + 1] == ["--config=c.py", *flags] and args[-2] == "--distributed=on"
 
 
 def test_shards_partition_the_paper_models():

@@ -79,7 +79,7 @@ def main(argv):
             _EMIT.value,
             shards=_SHARDS.value,
             config_path=config_path,
-            flags=[a for a in sys.argv[1:] if a.startswith(("--config.", "--distributed"))],
+            flags=sweep.forwarded_flags(sys.argv[1:]),
             name=cfg.name,
             out_root=cfg.out_root,
         )

@@ -364,6 +364,19 @@ def _failed(job: Job, err: Exception) -> dict:
     return {"job": job.name, "status": "failed", "detail": f"{type(err).__name__}: {detail}", "out": job.out}
 
 
+def forwarded_flags(argv: list[str]) -> list[str]:
+    """The ``--config.*`` and ``--distributed`` flags of ``argv`` an emitted script must repeat, each
+    ``--flag value`` pair kept whole (absl takes the value as the next argument when there is no ``=``)."""
+    out = []
+    for i, arg in enumerate(argv):
+        if arg.startswith(("--config.", "--distributed")):
+            out.append(arg)
+            takes_next = "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("-")
+            if takes_next:
+                out.append(argv[i + 1])
+    return out
+
+
 def emit_script(
     jobs: list[Job], target: str, *, shards: int, config_path: str, flags: list[str], name: str, out_root: str
 ) -> str:
