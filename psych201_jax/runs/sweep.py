@@ -326,17 +326,23 @@ def _run_model(model: str, jobs: list[Job], data: str, overrides: dict, status, 
     if by_cfg:
         report("running")
     loaded, loaded_key = None, None
+    load_errors: dict[str, Exception] = {}  # a restore that failed is not tried again for the next group
     totals: dict[str, int | None] = {}
     groups = job_lib.share_groups(list(cfgs.values()))
     while groups:
         group = groups.pop(0)
         group_jobs = [by_cfg[id(c)] for c in group]
+        key = job_lib.load_key(group[0])
+        if key in load_errors:
+            for j in group_jobs:
+                outcomes[j.name] = _failed(j, load_errors[key])
+            continue
         logging.info("%s: %s", model, ", ".join(j.name for j in group_jobs))
         try:
-            if job_lib.load_key(group[0]) != loaded_key:  # one restore, unless a job asks for another dtype
-                loaded = None  # the previous parameters go before the next restore
+            if key != loaded_key:  # one restore, unless a job asks for another dtype
+                loaded = loaded_key = None  # the previous parameters go before the next restore
                 loaded = job_lib.load(group[0])
-                loaded_key = job_lib.load_key(group[0])
+                loaded_key = key
                 report("running", restored=1)
             data_of = group[0].data  # counted once per model and data, not once per share group
             if data_of not in totals:
@@ -348,7 +354,9 @@ def _run_model(model: str, jobs: list[Job], data: str, overrides: dict, status, 
             if distributed.is_multiprocess():
                 raise  # every process must take the same path: the shard stops, a rerun resumes
             logging.exception("%s failed", ", ".join(j.name for j in group_jobs))
-            if len(group) > 1 and loaded is not None:
+            if loaded is None:
+                load_errors[key] = err
+            elif len(group) > 1:
                 groups = [[c] for c in group] + groups  # one bad condition must not fail its siblings
                 continue
             for j in group_jobs:

@@ -78,7 +78,8 @@ def vocab_scan(
         p = jnp.exp(shifted)
         run_sum = carry.sum * decay + p.sum(axis=1)
         # The lowest column reaching the chunk's max (jnp.argmax's ties), as a min-reduce: XLA's CPU argmax
-        # is a scalar loop that cost as much as the chunk's matmul (launch.benchmark, head shape).
+        # is a scalar loop that cost as much as the chunk's matmul (a scan at C = 4,480, D = 256,
+        # V = 151,936: 2.2 s with max and exp-sum, 3.7 s with argmax added).
         chunk_arg = jnp.min(jnp.where(logits == chunk_max[:, None], columns, chunk), axis=1)
         run_arg = jnp.where(chunk_max > carry.max, start + chunk_arg, carry.arg)
         # A masked sum rather than a gather: the target logit is the very value the max and sum saw (no
