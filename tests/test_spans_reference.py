@@ -179,13 +179,17 @@ def _example(record):
     return {"text": record.text, **record.metadata}
 
 
-def _compare(tok_dir, sample, template, persona):
-    tok = spans.TokenizerInfo(tok_dir)
+def _compare(tok_dir, sample, template, persona, snapshot_dir=""):
+    if snapshot_dir:
+        spans.TokenizerInfo(tok_dir, snapshot_dir=snapshot_dir)  # builds it through transformers, saves it
+    tok = spans.TokenizerInfo(tok_dir, snapshot_dir=snapshot_dir)
     protocol = spans.Protocol("reference", template)
     recs = [r for r in sample if not persona or metadata.has_persona(r.metadata)]
     assert recs, "sample has no participant for this condition"
     selector = metadata.persona_selector("matched" if persona else "none")
     got = list(spans.tokenize_records(recs, tok, protocol, persona_of=selector))
+    if snapshot_dir and template == "none":
+        assert tok._hf is None, "the snapshot should tokenise without transformers"
     n_runs_total = 0
     for record, ps in zip(recs, got, strict=True):
         assert isinstance(ps, spans.ParticipantSpans), ps
@@ -202,6 +206,12 @@ def _compare(tok_dir, sample, template, persona):
 @pytest.mark.parametrize("flavour", ["qwen", "llama"])
 def test_reference_matches_literal_implementation(request, sample, flavour, template):
     _compare(request.getfixturevalue(f"{flavour}_tokenizer_dir"), sample, template, persona=False)
+
+
+@pytest.mark.parametrize("template", ["none", "chat"])
+@pytest.mark.parametrize("flavour", ["qwen", "llama"])
+def test_reference_from_a_tokenizer_snapshot_matches_literal(request, tmp_path, sample, flavour, template):
+    _compare(request.getfixturevalue(f"{flavour}_tokenizer_dir"), sample, template, False, str(tmp_path))
 
 
 @pytest.mark.parametrize("flavour", ["qwen", "llama"])

@@ -1,12 +1,16 @@
 """Robust protocol: offset-based spans hold exactly the response characters; budget truncation."""
 
 import itertools
+import json
+import os
+import shutil
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from psych201_jax import defaults
 from psych201_jax.data import metadata, records, spans
 
 CONTEXT = st.text(alphabet="abcdefghij XYZ.,:;!?-0123456789é\n", max_size=25)
@@ -139,3 +143,39 @@ def test_persona_and_no_persona_keep_the_same_responses_at_any_budget(tok, data_
         plain = _one(tok, rec, protocol)
         with_persona = _one(tok, rec, protocol, persona=True)
         assert plain.n_responses == with_persona.n_responses, budget
+
+
+@pytest.mark.parametrize("flavour", ["qwen", "llama", "default"])
+def test_tokenizer_snapshot_gives_the_ids_and_offsets_of_transformers(request, tmp_path, data_root, flavour):
+    path = defaults.DEFAULT_TOKENIZER if flavour == "default" else request.getfixturevalue(f"{flavour}_tokenizer_dir")
+    live = spans.TokenizerInfo(path, snapshot_dir=str(tmp_path))
+    assert live._hf is not None and len(os.listdir(tmp_path)) == 1
+    snap = spans.TokenizerInfo(path, snapshot_dir=str(tmp_path))
+    assert snap._hf is None
+    for name in ("base_l_id", "base_r_id", "bos_token", "has_template", "sha256"):
+        assert getattr(snap, name) == getattr(live, name), name
+    recs = [r for r in itertools.islice(records.iter_records(f"{data_root}/busch2024_stroop"), 4)]
+    texts = [r.text for r in recs if isinstance(r, records.Record)] + ["", " <<", "a>> <<b>>\n\n<<c", "é %$ 12"]
+    for flag in (True, False):
+        hf_ids = live.hf(texts, add_special_tokens=flag).input_ids
+        pairs = zip(live.encode_batch(texts, flag), snap.encode_batch(texts, flag), strict=True)
+        for ((ids, offs), (s_ids, s_offs)), hf in zip(pairs, hf_ids, strict=True):
+            np.testing.assert_array_equal(s_ids, ids)
+            np.testing.assert_array_equal(s_offs, offs)
+            assert ids.tolist() == hf
+
+
+def test_tokenizer_snapshot_is_keyed_by_the_files_and_rebuilt_when_damaged(tmp_path, qwen_tokenizer_dir):
+    snaps = str(tmp_path / "snaps")
+    spans.TokenizerInfo(qwen_tokenizer_dir, snapshot_dir=snaps)
+    (saved,) = os.listdir(snaps)
+    changed = shutil.copytree(qwen_tokenizer_dir, tmp_path / "changed")
+    cfg_path = changed / "tokenizer_config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "model_max_length": 77}))
+    assert spans.TokenizerInfo(str(changed), snapshot_dir=snaps)._hf is not None  # other files: a new snapshot
+    assert len(os.listdir(snaps)) == 2
+    with open(os.path.join(snaps, saved), "w") as f:
+        f.write('{"backend": "trunc')
+    again = spans.TokenizerInfo(qwen_tokenizer_dir, snapshot_dir=snaps)
+    assert again._hf is not None  # unreadable: built through transformers and saved again
+    assert spans.TokenizerInfo(qwen_tokenizer_dir, snapshot_dir=snaps)._hf is None

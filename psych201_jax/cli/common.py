@@ -7,6 +7,9 @@ Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
+import logging as std_logging
+import os
 import re
 import sys
 import traceback
@@ -61,7 +64,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def run(main: Callable[[list[str]], None]) -> None:
-    """``app.run(main)`` with quiet library logs and user errors as one line (exit 2)."""
+    """``app.run(main)`` with quiet library logs and user errors as one line (exit 2); exits without
+    interpreter teardown once ``main`` returns (see ``_exit_without_teardown``)."""
 
     def wrapped(argv: list[str]) -> None:
         console.quiet_libraries()
@@ -78,5 +82,21 @@ def run(main: Callable[[list[str]], None]) -> None:
             if logging.get_verbosity() >= 1:
                 traceback.print_exc()
             _error(str(err))
+        _exit_without_teardown()
 
     app.run(wrapped, flags_parser=_parse_flags)
+
+
+def _exit_without_teardown() -> None:
+    """Exits 0 once ``main`` has returned, skipping the interpreter's teardown: in a process that ran jax
+    it spends 0.5-0.8 s freeing modules and XLA's thread pools, a sixth of a short job's wall time.
+    Everything is written by then (results committed, files closed); logs and streams are flushed here.
+    A multi-process job exits normally, so ``jax.distributed`` shuts down at exit."""
+    jax: Any = sys.modules.get("jax")
+    if jax is not None and jax.process_count() > 1:
+        return
+    std_logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError):  # a reader that closed the pipe early
+            stream.flush()
+    os._exit(0)

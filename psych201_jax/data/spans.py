@@ -21,7 +21,9 @@ counts the audit reports. A position-0 token can never be scored (nothing predic
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, cast
@@ -86,24 +88,65 @@ class TokenizerInfo:
 
     Encoding goes through the Rust ``tokenizers`` backend in batches (identical ids to
     ``tok([text]).input_ids``, checked in the tests) so the host keeps up with the accelerator.
+
+    With ``snapshot_dir``, the backend exactly as transformers built it, and the few facts the
+    protocols read from the HF tokenizer, are saved there under the tokenizer's fingerprint and the
+    transformers and tokenizers versions; a later job loads that snapshot with ``tokenizers`` alone
+    and skips importing transformers (1.3 s of a short job's start-up). The HF tokenizer itself is
+    built only when something needs it (chat templates).
     """
 
-    def __init__(self, path: str):
-        from transformers import AutoTokenizer
-
+    def __init__(self, path: str, snapshot_dir: str = ""):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"tokenizer directory {path!r} does not exist")
         self.path = path
-        self.hf = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-        self.fast: Any = getattr(self.hf, "backend_tokenizer", None) or getattr(self.hf, "_tokenizer", None)
-        if self.fast is None:
-            raise ValueError(f"{path}: a fast (tokenizers-backed) tokenizer is required for offsets")
         self.sha256 = hashing.hash_files(path, TOKENIZER_FILES + ("config.json",))
-        self.base_l_id = tuple(self.hf(" <<", add_special_tokens=False).input_ids)
-        self.base_r_id = tuple(self.hf(">>", add_special_tokens=False).input_ids)
-        self.has_template = bool(getattr(self.hf, "chat_template", None))
+        self._hf: Any = None
         self._chat_markers: tuple[tuple[int, ...], tuple[int, ...]] | None = None
         self._trims: bool | None = None
+        snapshot = ""
+        if snapshot_dir:
+            snapshot = os.path.join(os.path.expanduser(snapshot_dir), f"{self._snapshot_key()}.json")
+        facts = _read_snapshot(snapshot) if snapshot else None
+        if facts is not None:
+            self.fast: Any = _backend_from_str(facts["backend"])
+        else:
+            facts = self._facts_from_hf()
+            self.fast = facts["backend"]
+            if snapshot:
+                _write_snapshot(snapshot, facts)
+        self.base_l_id: tuple[int, ...] = tuple(facts["base_l_id"])
+        self.base_r_id: tuple[int, ...] = tuple(facts["base_r_id"])
+        self.bos_token: str | None = facts["bos_token"]
+        self.has_template: bool = facts["has_template"]
+
+    @property
+    def hf(self) -> Any:
+        """The transformers tokenizer (loaded on first use when the snapshot was used)."""
+        if self._hf is None:
+            from transformers import AutoTokenizer
+
+            self._hf = AutoTokenizer.from_pretrained(self.path, trust_remote_code=False)
+        return self._hf
+
+    def _facts_from_hf(self) -> dict:
+        hf = self.hf
+        fast = getattr(hf, "backend_tokenizer", None) or getattr(hf, "_tokenizer", None)
+        if fast is None:
+            raise ValueError(f"{self.path}: a fast (tokenizers-backed) tokenizer is required for offsets")
+        return dict(
+            base_l_id=list(hf(" <<", add_special_tokens=False).input_ids),
+            base_r_id=list(hf(">>", add_special_tokens=False).input_ids),
+            bos_token=getattr(hf, "bos_token", None),
+            has_template=bool(getattr(hf, "chat_template", None)),
+            backend=fast,  # the live object here; its JSON in a snapshot
+        )
+
+    def _snapshot_key(self) -> str:
+        from importlib import metadata
+
+        versions = [metadata.version(name) for name in ("transformers", "tokenizers")]
+        return hashing.hash_json([_SNAPSHOT_FORMAT, self.sha256, *versions])[:32]
 
     # -- encoding -----------------------------------------------------------------------------------
     def encode_batch(
@@ -120,10 +163,6 @@ class TokenizerInfo:
             for i, enc in zip(idx, encs):
                 out[i] = (np.asarray(enc.ids, dtype=np.int32), np.asarray(enc.offsets, dtype=np.int32).reshape(-1, 2))
         return out  # type: ignore[return-value]
-
-    @property
-    def bos_token(self) -> str | None:
-        return getattr(self.hf, "bos_token", None)
 
     # -- chat ---------------------------------------------------------------------------------------
     def template_kwargs(self) -> dict:
@@ -220,6 +259,44 @@ class TokenizerInfo:
         if rendered != self.render(messages):
             raise ValueError("chat template output depends on message content; cannot locate responses")
         return rendered, spans
+
+
+_SNAPSHOT_FORMAT = 1
+
+
+def _backend_from_str(text: str) -> Any:
+    import tokenizers
+
+    return tokenizers.Tokenizer.from_str(text)
+
+
+def _read_snapshot(path: str) -> dict | None:
+    """A tokenizer snapshot's facts, or None when it is absent or unreadable (then it is rebuilt)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            facts = json.load(f)
+        if not isinstance(facts, dict) or not {"backend", "base_l_id", "base_r_id", "bos_token", "has_template"} <= set(
+            facts
+        ):
+            return None
+        return facts
+    except (OSError, ValueError):
+        return None
+
+
+def _write_snapshot(path: str, facts: dict) -> None:
+    """Writes a snapshot atomically (a concurrent reader sees the old file or the whole new one); a cache
+    that cannot be written only costs the next job its start-up time."""
+    data = dict(facts, backend=facts["backend"].to_str())
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
 
 
 # ---------------------------------------------------------------------------------------------------

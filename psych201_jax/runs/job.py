@@ -186,7 +186,8 @@ def load(cfg) -> LoadedModel:
             f"could not load the converted checkpoint {model_dir} ({type(err).__name__}: "
             f"{str(err)[:300]}); if it is a conversion cache, delete it to reconvert"
         ) from err
-    tok = spans.TokenizerInfo(os.path.join(model_dir, checkpoint.TOKENIZER))
+    snapshots = os.path.join(cfg.cache_dir, "tokenizers") if cfg.cache_dir else ""
+    tok = spans.TokenizerInfo(os.path.join(model_dir, checkpoint.TOKENIZER), snapshot_dir=snapshots)
     return LoadedModel(model_dir, spec, tok, scorer.Scorer(model, vocab_chunk=cfg.vocab_chunk, mesh=mesh, rules=rules))
 
 
