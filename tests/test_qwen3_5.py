@@ -278,7 +278,8 @@ def test_converted_tokenizer_splits_text_as_the_checkpoints_own(case, texts):
     theirs = AutoTokenizer.from_pretrained(case.hf_dir)
     assert type(ours).__name__ == type(theirs).__name__
     if case.family == "qwen3_5":  # (a qwen3_5_text config maps to no tokenizer class of its own)
-        assert type(theirs).__name__ == "Qwen3_5Tokenizer"
+        # transformers 5.24 picks Qwen3_5Tokenizer; 5.17 (the accelerator box's) the generic backend.
+        assert type(theirs).__name__ in ("Qwen3_5Tokenizer", "TokenizersBackend")
     text = texts[0][:20000] + " 12345 caf\u0065\u0301"  # multi-digit numbers and a non-NFC character
     assert ours(text).input_ids == theirs(text).input_ids
 
