@@ -14,6 +14,8 @@ MODEL_KEYS = {
     "participants",
     "tokens",
     "ours_tokens_per_s",
+    "first_pass_s",
+    "batch_shapes",
     "mfu",
     "peak_memory_bytes",
     "hf_reference_tokens_per_s",
@@ -33,7 +35,7 @@ def test_dry_run_writes_every_key(tmp_path):
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     out = json.loads((tmp_path / "device_check.json").read_text())
-    assert out["dry_run"] is True and out["ok"] is True
+    assert out["dry_run"] is True and out["ok"] is True and out["complete"] is True
     assert {"dense", "xla"} <= set(out["backends"])
     for name, entry in out["backends"].items():
         assert entry["leak_max_abs"] == 0.0, name
