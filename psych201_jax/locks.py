@@ -2,7 +2,8 @@
 
 The OS releases a lock when its process dies, so a lock file left by a crashed job never blocks; the
 holder line written into it (pid, host, time) only makes the refusal message useful. Needs a filesystem
-with working flock (local disks, most cluster filesystems).
+with working flock (local disks, most cluster filesystems); on one without (some FUSE or network mounts)
+the job stops with one error line (``LocksUnsupported``) rather than writing unguarded.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import threading
 import time
 from typing import Any
 
+from psych201_jax.errors import UserError
+
 _HELD: set[tuple[str, int]] = set()  # (lock file, thread) pairs this process holds
 
 
@@ -23,6 +26,10 @@ class LockHeld(Exception):
     def __init__(self, holder: str):
         super().__init__(holder)
         self.holder = holder
+
+
+class LocksUnsupported(UserError, OSError):
+    """The filesystem refuses flock: two jobs could write the same directory, so nothing proceeds."""
 
 
 class FileLock:
@@ -51,6 +58,12 @@ class FileLock:
             holder = fh.read().strip() or "unknown pid"
             fh.close()
             raise LockHeld(holder) from None
+        except OSError as err:  # e.g. ENOLCK / EOPNOTSUPP on some FUSE or network mounts
+            fh.close()
+            raise LocksUnsupported(
+                f"cannot lock {self.path}: its filesystem does not support file locks ({err.strerror or err}); "
+                "put results and caches on a local or cluster filesystem with flock"
+            ) from None
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")

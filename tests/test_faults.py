@@ -5,6 +5,7 @@ bad lines, files, concurrency, untrusted checkpoints, disk faults, one-line user
 """
 
 import dataclasses
+import errno
 import fcntl
 import json
 import os
@@ -17,7 +18,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from psych201_jax import defaults, errors
+from psych201_jax import defaults, errors, locks
 from psych201_jax.data import records
 from psych201_jax.model import checkpoint, hf_weights
 from psych201_jax.runs import config as score_config
@@ -265,6 +266,18 @@ def test_a_stale_lock_file_of_a_dead_job_does_not_block(tmp_path):
         fh.write("pid 999999999\n")  # left by a crashed job: the OS lock died with it
     job.run(cfg)
     assert store.read_status(cfg.out).complete
+
+
+def test_a_filesystem_without_file_locks_is_one_user_error(tmp_path, monkeypatch):
+    data = _study(tmp_path, _lines(1))
+    cfg = _cfg(tmp_path, data)
+
+    def no_locks(fh, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(locks.fcntl, "flock", no_locks)
+    with pytest.raises(errors.UserError, match="does not support file locks .No locks available"):
+        job.run(cfg)
 
 
 def test_convert_into_a_locked_or_leftover_folder(tmp_path, tiny_hf_dir):
