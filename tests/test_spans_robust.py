@@ -179,3 +179,8 @@ def test_tokenizer_snapshot_is_keyed_by_the_files_and_rebuilt_when_damaged(tmp_p
     again = spans.TokenizerInfo(qwen_tokenizer_dir, snapshot_dir=snaps)
     assert again._hf is not None  # unreadable: built through transformers and saved again
     assert spans.TokenizerInfo(qwen_tokenizer_dir, snapshot_dir=snaps)._hf is None
+    with open(os.path.join(snaps, saved), "w") as f:  # well-formed JSON whose backend does not parse
+        json.dump(dict(backend="{}", base_l_id=[1], base_r_id=[2], bos_token=None, has_template=False), f)
+    rebuilt = spans.TokenizerInfo(qwen_tokenizer_dir, snapshot_dir=snaps)
+    assert rebuilt._hf is not None and rebuilt.base_l_id == again.base_l_id
+    assert [p for p in os.listdir(snaps) if p.endswith(".tmp")] == []

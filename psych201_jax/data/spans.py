@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, cast
 
@@ -108,13 +109,13 @@ class TokenizerInfo:
         if snapshot_dir:
             snapshot = os.path.join(os.path.expanduser(snapshot_dir), f"{self._snapshot_key()}.json")
         facts = _read_snapshot(snapshot) if snapshot else None
-        if facts is not None:
-            self.fast: Any = _backend_from_str(facts["backend"])
-        else:
+        fast = _backend_from_str(facts["backend"]) if facts is not None else None
+        if facts is None or fast is None:
             facts = self._facts_from_hf()
-            self.fast = facts["backend"]
+            fast = facts["backend"]
             if snapshot:
                 _write_snapshot(snapshot, facts)
+        self.fast: Any = fast
         self.base_l_id: tuple[int, ...] = tuple(facts["base_l_id"])
         self.base_r_id: tuple[int, ...] = tuple(facts["base_r_id"])
         self.bos_token: str | None = facts["bos_token"]
@@ -145,7 +146,10 @@ class TokenizerInfo:
     def _snapshot_key(self) -> str:
         from importlib import metadata
 
-        versions = [metadata.version(name) for name in ("transformers", "tokenizers")]
+        try:
+            versions = [metadata.version(name) for name in ("transformers", "tokenizers")]
+        except metadata.PackageNotFoundError:  # not installed as distributions: versions unknown, no reuse
+            versions = [f"unknown-{os.getpid()}-{id(self)}"]
         return hashing.hash_json([_SNAPSHOT_FORMAT, self.sha256, *versions])[:32]
 
     # -- encoding -----------------------------------------------------------------------------------
@@ -264,10 +268,14 @@ class TokenizerInfo:
 _SNAPSHOT_FORMAT = 1
 
 
-def _backend_from_str(text: str) -> Any:
+def _backend_from_str(text: Any) -> Any:
+    """The backend of a snapshot, or None if it does not parse (then it is rebuilt through transformers)."""
     import tokenizers
 
-    return tokenizers.Tokenizer.from_str(text)
+    try:
+        return tokenizers.Tokenizer.from_str(text)
+    except Exception:  # the Rust parser raises its own exception types
+        return None
 
 
 def _read_snapshot(path: str) -> dict | None:
@@ -288,15 +296,17 @@ def _write_snapshot(path: str, facts: dict) -> None:
     """Writes a snapshot atomically (a concurrent reader sees the old file or the whole new one); a cache
     that cannot be written only costs the next job its start-up time."""
     data = dict(facts, backend=facts["backend"].to_str())
-    tmp = f"{path}.{os.getpid()}.tmp"
+    tmp = ""
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")  # unique across hosts too
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f)
         os.replace(tmp, path)
     except OSError:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
+        if tmp:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
 
 
 # ---------------------------------------------------------------------------------------------------
