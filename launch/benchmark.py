@@ -433,13 +433,18 @@ def long_transcripts(data_root: str, study: str, n: int, family: str, model_kwar
     corpus (the body dominates), else the bundled Qwen3 tokenizer with 151,936 entries."""
     with tempfile.TemporaryDirectory() as tmp:
         if small_vocab:
-            studies = sorted(d for d in os.listdir(data_root) if os.path.isdir(os.path.join(data_root, d)))
-            texts = tiny_tokenizer.sample_texts(data_root, studies, per_study=10, max_chars=60000)
-            tok_dir = tiny_tokenizer.train_tokenizer_dir(texts, os.path.join(tmp, "tok"))
+            tok_dir = _corpus_tokenizer(data_root, os.path.join(tmp, "tok"))
         else:
             tok_dir = defaults.DEFAULT_TOKENIZER
         vocab = None if small_vocab else 151936
         return end_to_end(data_root, [study], n, vocab, family=family, model_kwargs=model_kwargs, tokenizer_dir=tok_dir)
+
+
+def _corpus_tokenizer(data_root: str, out_dir: str) -> str:
+    """A 4,096-token BPE trained on 10 transcripts of every study (the body-dominated shapes' vocabulary)."""
+    studies = sorted(d for d in os.listdir(data_root) if os.path.isdir(os.path.join(data_root, d)))
+    texts = tiny_tokenizer.sample_texts(data_root, studies, per_study=10, max_chars=60000)
+    return tiny_tokenizer.train_tokenizer_dir(texts, out_dir)
 
 
 def job_end_to_end(data_root: str, study: str, n: int, model_kwargs: dict) -> dict:
@@ -448,27 +453,19 @@ def job_end_to_end(data_root: str, study: str, n: int, model_kwargs: dict) -> di
     batch-1 reference loop in this process on the same weights and participants; interleaved, best of each."""
     import subprocess
     import sys
-    import zipfile
+
+    from launch import build_test_corpus
 
     with tempfile.TemporaryDirectory() as tmp:
-        studies = sorted(d for d in os.listdir(data_root) if os.path.isdir(os.path.join(data_root, d)))
-        texts = tiny_tokenizer.sample_texts(data_root, studies, per_study=10, max_chars=60000)
-        tok_dir = tiny_tokenizer.train_tokenizer_dir(texts, os.path.join(tmp, "tok"))
+        tok_dir = _corpus_tokenizer(data_root, os.path.join(tmp, "tok"))
         hf_dir = tiny_models.make_tiny_hf_checkpoint("qwen3", os.path.join(tmp, "hf"), tok_dir, **model_kwargs)
         conv = os.path.join(tmp, "conv")
         checkpoint.convert(hf_dir, conv, "float32")
-        source = os.path.join(data_root, study)
-        if os.path.exists(os.path.join(source, "prompts.jsonl")):
-            with open(os.path.join(source, "prompts.jsonl"), encoding="utf-8") as fh:
-                lines = list(itertools.islice(fh, n))
-        else:
-            with zipfile.ZipFile(os.path.join(source, "prompts.jsonl.zip")) as z:
-                name = next(x for x in z.namelist() if x.endswith(".jsonl"))
-                lines = [line + "\n" for line in z.read(name).decode("utf-8").splitlines()[:n]]
+        lines = build_test_corpus.read_lines(os.path.join(data_root, study, "prompts.jsonl.zip"))[:n]
         data = os.path.join(tmp, "data")
         os.makedirs(os.path.join(data, study))
-        with open(os.path.join(data, study, "prompts.jsonl"), "w", encoding="utf-8") as fh:
-            fh.writelines(lines)
+        with open(os.path.join(data, study, "prompts.jsonl"), "wb") as fh:
+            fh.write(b"\n".join(lines) + b"\n")
         tok = spans.TokenizerInfo(tok_dir)
         items = spans.tokenize_records(records.iter_records(data), tok, spans.Protocol("reference"))
         items = [p for p in items if isinstance(p, spans.ParticipantSpans)]

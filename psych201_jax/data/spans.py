@@ -105,9 +105,8 @@ class TokenizerInfo:
         self._hf: Any = None
         self._chat_markers: tuple[tuple[int, ...], tuple[int, ...]] | None = None
         self._trims: bool | None = None
-        snapshot = ""
-        if snapshot_dir:
-            snapshot = os.path.join(os.path.expanduser(snapshot_dir), f"{self._snapshot_key()}.json")
+        key = self._snapshot_key() if snapshot_dir else None
+        snapshot = os.path.join(os.path.expanduser(snapshot_dir), f"{key}.json") if key else ""
         facts = _read_snapshot(snapshot) if snapshot else None
         fast = _backend_from_str(facts["backend"]) if facts is not None else None
         if facts is None or fast is None:
@@ -143,13 +142,14 @@ class TokenizerInfo:
             backend=fast,  # the live object here; its JSON in a snapshot
         )
 
-    def _snapshot_key(self) -> str:
+    def _snapshot_key(self) -> str | None:
+        """The snapshot's file name: None (no snapshot) when the library versions are unknown."""
         from importlib import metadata
 
         try:
             versions = [metadata.version(name) for name in ("transformers", "tokenizers")]
-        except metadata.PackageNotFoundError:  # not installed as distributions: versions unknown, no reuse
-            versions = [f"unknown-{os.getpid()}-{id(self)}"]
+        except metadata.PackageNotFoundError:  # not installed as distributions
+            return None
         return hashing.hash_json([_SNAPSHOT_FORMAT, self.sha256, *versions])[:32]
 
     # -- encoding -----------------------------------------------------------------------------------
