@@ -178,12 +178,13 @@ def attention_vs_sdpa(lengths: tuple[int, ...], hq: int = 8, hk: int = 4, d: int
 
 
 def time_split(ours: scorer.Scorer, model, items, job_s: float, *, row_lengths, tokens_per_batch) -> dict:
-    """Seconds of one steady job pass split into attention, the rest of the body, the head and the host.
+    """Seconds of one steady job pass split into attention, the rest of the body, the last layer (at the
+    scored positions only), the head and the host.
 
-    Each packed batch of the job runs its forward and its head alone (compiled already, blocking), and
-    the forward again with the attention kernel replaced by a no-op (the ``skip`` backend returns q, with
-    k and v still computed): attention = forward - that, host = the job's wall time - forward - head
-    (packing, transfers, unpacking).
+    Each packed batch of the job runs its forward (every layer but the last), its last layer and its head
+    alone (compiled already, blocking), and the forward again with the attention kernel replaced by a no-op
+    (the ``skip`` backend returns q, with k and v still computed): attention = forward - that, host = the
+    job's wall time - forward - last layer - head (packing, transfers, unpacking).
     """
     from psych201_jax.model import attention
 
@@ -194,30 +195,37 @@ def time_split(ours: scorer.Scorer, model, items, job_s: float, *, row_lengths, 
         skipped = scorer.Scorer(model)
     finally:
         model.attention_backend = "xla"
-    forward_s = no_attention_s = head_s = 0.0
+    totals = {"forward": 0.0, "no_attention": 0.0, "last_layer": 0.0, "head": 0.0}
     layout = ours.layout
     for b in packing.pack(items, row_lengths, tokens_per_batch=tokens_per_batch):
         with jax.set_mesh(ours.mesh):  # placed as Scorer._run places them: the job's compiled programs
             rows = [layout.global_array(x, layout.rows_sharding) for x in (b.tokens, b.positions, b.segment_ids)]
-            plan = [
+            index, target, valid, slot = (
                 layout.global_array(x, layout.plan_sharding)
                 for x in (b.score_index, b.score_target, b.score_valid, b.score_slot)
-            ]
+            )
         no_attention = skipped._forward.lower(skipped.state, *rows).compile()
         hidden = ours._forward(ours.state, *rows).block_until_ready()
-        times = {"forward": [], "no_attention": [], "head": []}
+        scored = ours._last_layer(ours.state, hidden, *rows[1:], index, valid).block_until_ready()
+        steps = {
+            "forward": (ours._forward, ours.state, *rows),
+            "no_attention": (no_attention, skipped.state, *rows),
+            "last_layer": (ours._last_layer, ours.state, hidden, *rows[1:], index, valid),
+            "head": (ours._head, ours.state, scored, target, valid, slot),
+        }
+        times: dict[str, list[float]] = {name: [] for name in steps}
         for _ in range(2):  # interleaved, best of each: this shared CPU's speed drifts by 20% within minutes
-            times["forward"].append(_timed_call(ours._forward, ours.state, *rows))
-            times["no_attention"].append(_timed_call(no_attention, skipped.state, *rows))
-            times["head"].append(_timed_call(ours._head, ours.state, hidden, *plan))
-        forward_s += min(times["forward"])
-        no_attention_s += min(times["no_attention"])
-        head_s += min(times["head"])
+            for name, (fn, *args) in steps.items():
+                times[name].append(_timed_call(fn, *args))
+        for name in totals:
+            totals[name] += min(times[name])
     split = {
-        "attention_s": forward_s - no_attention_s,
-        "body_without_attention_s": no_attention_s,
-        "head_s": head_s,
-        "host_s": max(job_s - forward_s - head_s, 0.0),  # the job's pass was timed once: noise can make it < 0
+        "attention_s": totals["forward"] - totals["no_attention"],
+        "body_without_attention_s": totals["no_attention"],
+        "last_layer_s": totals["last_layer"],
+        "head_s": totals["head"],
+        # the job's pass was timed once: noise can make it < 0
+        "host_s": max(job_s - totals["forward"] - totals["last_layer"] - totals["head"], 0.0),
     }
     total = sum(split.values())
     return {**split, "fractions": {k[:-2]: v / total for k, v in split.items()}}
@@ -327,6 +335,7 @@ def end_to_end(
         "speedup_vs_hf_batched": batched_s / ours_s,
         "hf_batched_max_abs_delta_nll_vs_reference": batched_diff,
         "model_gflops_per_s": flops / ours_s / 1e9,
+        "executed_gflops_per_s": measure.executed_flops(spec, items) / ours_s / 1e9,
         "attention_gflop": measure.attention_flops(spec, items) / 1e9,
         "mfu_vs_f32_matmul_peak": flops / ours_s / PEAK[0],
         "max_abs_delta_nll": diff,
@@ -404,7 +413,7 @@ def head_cost(vocab: int = 151936, d: int = 1024, capacity: int = 1024, repeats:
     from psych201_jax.scoring import head
 
     rng = np.random.default_rng(0)
-    hidden = jnp.asarray(rng.normal(size=(1, capacity, d)), jnp.float32)
+    hidden = jnp.asarray(rng.normal(size=(capacity, d)), jnp.float32)
     unembedding = jnp.asarray(rng.normal(size=(vocab, d)) / np.sqrt(d), jnp.float32)
     index = jnp.arange(capacity, dtype=jnp.int32)
     target = jnp.asarray(rng.integers(0, vocab, capacity), jnp.int32)
@@ -417,11 +426,11 @@ def head_cost(vocab: int = 151936, d: int = 1024, capacity: int = 1024, repeats:
                 head.score_head, vocab_axes=(), axis_sizes={}, vocab_chunk=8192, temperatures=tuple(temps)
             )
         )
-        jax.block_until_ready(f(hidden, unembedding, index, target, valid, slot))
+        jax.block_until_ready(f(hidden, unembedding, target, valid, slot))
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            jax.block_until_ready(f(hidden, unembedding, index, target, valid, slot))
+            jax.block_until_ready(f(hidden, unembedding, target, valid, slot))
             times.append(time.perf_counter() - start)
         out[name] = min(times)
     out["grid_over_no_grid"] = out["grid_s"] / out["no_grid_s"]

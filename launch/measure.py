@@ -27,11 +27,27 @@ def peak_matmul_flops(dtype, n: int, repeats: int = 10) -> float:
 
 def model_flops(spec, items) -> float:
     """Forward FLOPs of a Llama/Qwen-shaped decoder (others: an estimate): 2 x non-embedding parameters
-    per token, plus causal attention (QK^T and PV); the head is not counted."""
+    per token, plus causal attention (QK^T and PV); the head is not counted. This is the model's work as a
+    full forward does it (the reference's), so it compares implementations; ``executed_flops`` is ours."""
     d, hq, hd = spec.hidden_size, spec.num_heads, spec.head_dim
     per_layer = 2 * d * hd * (2 * hq + 2 * spec.num_kv_heads) + 3 * 2 * d * spec.intermediate_size
     tokens = sum(len(p.token_ids) for p in items)
     return per_layer * spec.num_layers * tokens + attention_flops(spec, items)
+
+
+def executed_flops(spec, items) -> float:
+    """``model_flops`` less what our scoring forward skips: its last layer runs queries, the output
+    projection and the MLP only at scored positions (keys and values everywhere), and each such query
+    attends to the keys before it."""
+    d, hq, hd = spec.hidden_size, spec.num_heads, spec.head_dim
+    per_query = 2 * d * hd * 2 * hq + 3 * 2 * d * spec.intermediate_size  # q and o projections, MLP
+    skipped = 0.0
+    for p in items:
+        n = len(p.token_ids)
+        scored = (p.response_index[1:] >= 0).nonzero()[0]  # position t predicts t + 1
+        kept = per_query * len(scored) + 2 * 2 * hq * hd * float((scored + 1).sum())
+        skipped += per_query * n + 2 * 2 * hq * hd * n * n / 2 - kept
+    return model_flops(spec, items) - skipped
 
 
 def attention_flops(spec, items) -> float:

@@ -168,3 +168,41 @@ def test_unknown_backend_and_registry():
         np.asarray(attention(q, k, v, seg, backend="dense")),
     )
     del attn_lib._BACKENDS["test_dense_alias"]
+
+
+@pytest.mark.parametrize("hq,hk,window", [(4, 2, None), (4, 1, 7), (4, 4, 64)])
+@pytest.mark.parametrize("order", ["sorted", "shuffled"])
+def test_attention_at_equals_dense_at_the_queries(hq, hk, window, order):
+    """Queries at chosen positions of two groups of rows (flattened) give the dense attention's rows there,
+    for sorted (the scoring plan's order) and shuffled positions; padding queries give 0 and, however far
+    they point, change nothing."""
+    b, t, groups = 4, 203, 2
+    rows = b // groups
+    q, k, v = _qkv(b, t, hq, hk, 16, seed=3)
+    seg = _packed_segments(b, t, SEGMENTS + [(120, 83)])
+    dense = np.asarray(attention(q, k, v, seg, sliding_window=window, backend="dense"))
+    rng = np.random.default_rng(4)
+    flat_seg = np.where(np.asarray(seg) > 0, np.asarray(seg) + (np.arange(b) % rows)[:, None] * t, 0)
+    flat_seg = flat_seg.reshape(groups, rows * t)
+    index = np.stack([np.sort(rng.choice(rows * t, 90, replace=False)) for _ in range(groups)])
+    if order == "shuffled":
+        index = rng.permuted(index, axis=1)
+    valid = rng.random(index.shape) < 0.9
+    q_seg = np.where(valid, np.take_along_axis(flat_seg, index, axis=1), 0)
+    flat = lambda x: jnp.asarray(x).reshape(groups, rows * t, *x.shape[2:])  # noqa: E731
+    q_at = jnp.take_along_axis(flat(q), jnp.asarray(index)[..., None, None], axis=1)
+    got = attn_lib.attention_at(
+        q_at,
+        jnp.asarray(index),
+        jnp.asarray(q_seg),
+        flat(k),
+        flat(v),
+        jnp.asarray(flat_seg),
+        sliding_window=window,
+        block_q=32,
+        block_k=16,
+    )
+    want = np.take_along_axis(np.asarray(flat(dense)), index[..., None, None], axis=1)
+    want = np.where(valid[..., None, None], want, 0.0)  # padding queries (and padding positions) are 0
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)
+    assert np.abs(want).sum() > 0

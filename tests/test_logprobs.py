@@ -154,9 +154,8 @@ def test_score_head_on_one_device_equals_the_plain_oracle(vocab, chunk):
     option_ids = jnp.asarray(np.sort(np.random.default_rng(4).choice(vocab, 32, replace=False)), jnp.int32)
     option_mask = jnp.asarray(np.random.default_rng(5).random((len(index), 32)) < 0.5)
     sums, top, option_top = score_head(
-        hidden,
+        hidden.reshape(-1, hidden.shape[-1])[index],
         unembedding,
-        index,
         target,
         valid,
         slot,
@@ -202,9 +201,8 @@ def test_temperature_grid_entropy_and_option_mass_equal_brute_force(vocab, chunk
     option_ids = jnp.asarray(np.sort(np.random.default_rng(6).choice(vocab, 32, replace=False)), jnp.int32)
     option_mask = jnp.asarray(np.random.default_rng(7).random((capacity, 32)) < 0.5)
     out = score_head(
-        hidden,
+        hidden.reshape(-1, hidden.shape[-1])[index],
         unembedding,
-        index,
         target,
         valid,
         slot,

@@ -127,6 +127,23 @@ def test_layer_groups(layer_types, expected):
     assert model_lib.layer_groups(layer_types) == expected
 
 
+@pytest.mark.parametrize(
+    "layer_types,expected",
+    [
+        (("f",) * 6, ((0, 5, ("f",)),)),
+        (("s", "s", "s", "f") * 3, ((0, 2, ("s", "s", "s", "f")), (8, 1, ("s", "s", "s")))),
+        (("s", "s", "s", "f") * 2 + ("s", "s"), ((0, 2, ("s", "s", "s", "f")), (8, 1, ("s",)))),
+        (("f",) * 5 + ("s",) * 3, ((0, 5, ("f",)), (5, 2, ("s",)))),
+        (("f",), ()),
+    ],
+)
+def test_trunk_groups_are_every_layer_but_the_last(layer_types, expected):
+    groups = model_lib.trunk_groups(layer_types)
+    assert groups == expected
+    layers = [layer for start, repeats, pattern in groups for layer in range(start, start + repeats * len(pattern))]
+    assert layers == list(range(len(layer_types) - 1))
+
+
 def _spec(model_type="olmo3", **kw):
     return modelspec.from_hf_config(AutoConfig.for_model(model_type, **{**SMALL, **kw}))
 
@@ -157,7 +174,8 @@ def _count_equations(jaxpr) -> int:
 
 
 def test_depth_does_not_grow_the_program():
-    """Scanned layers: the traced program has the same size for 8 and 32 layers."""
+    """Scanned layers: the traced programs (the full forward and the scoring one) have the same size for 8
+    and 32 layers."""
 
     def program_size(num_layers):
         spec = _spec("olmo3", num_hidden_layers=num_layers, sliding_window=8)
@@ -166,8 +184,16 @@ def test_depth_does_not_grow_the_program():
         )
         graphdef, state = nnx.split(model)
         ids = jax.ShapeDtypeStruct((1, 32), jnp.int32)
-        fn = lambda state, a, b, c: nnx.merge(graphdef, state)(a, b, c)  # noqa: E731
-        return _count_equations(jax.make_jaxpr(fn)(state, ids, ids, ids).jaxpr)
+        plan = jax.ShapeDtypeStruct((1, 8), jnp.int32), jax.ShapeDtypeStruct((1, 8), jnp.bool_)
+
+        def scoring(state, a, b, c, index, valid):  # the scoring forward: trunk, then the last layer at the plan
+            m = nnx.merge(graphdef, state)
+            return m.last_layer_at(m.trunk(a, b, c), b, c, index, valid)
+
+        full = jax.make_jaxpr(lambda state, a, b, c: nnx.merge(graphdef, state)(a, b, c))(state, ids, ids, ids)
+        return _count_equations(full.jaxpr), _count_equations(
+            jax.make_jaxpr(scoring)(state, ids, ids, ids, *plan).jaxpr
+        )
 
     assert program_size(8) == program_size(32)
 
@@ -181,3 +207,56 @@ def test_logical_to_spec():
     rules = [("activation_batch", "data"), ("mlp", "model"), ("embed", "model"), ("heads", ("data", "model"))]
     assert model_lib.logical_to_spec(("activation_batch", "mlp", "embed"), rules) == jax.P("data", "model", None)
     assert model_lib.logical_to_spec(("heads", "unknown"), rules) == jax.P(("data", "model"), None)
+
+
+QWEN3_5_SMALL = dict(
+    head_dim=16,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=16,
+    linear_conv_kernel_dim=4,
+    rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25),
+)
+
+
+@pytest.mark.parametrize(
+    "model_type,extra",
+    [
+        ("llama", dict(num_hidden_layers=2)),
+        ("qwen2", dict(num_hidden_layers=1)),  # no trunk: the embeddings go straight to the last layer
+        ("qwen3", dict(num_hidden_layers=3, head_dim=32, tie_word_embeddings=True)),
+        ("olmo3", dict(num_hidden_layers=4, sliding_window=8)),  # post-norm; the last layer is a full one
+        ("olmo3", dict(num_hidden_layers=3, sliding_window=8)),  # the last layer has a sliding window
+        ("qwen3_5_text", dict(num_hidden_layers=4, **QWEN3_5_SMALL)),  # gated attention last
+        (
+            "qwen3_5_text",
+            dict(num_hidden_layers=2, layer_types=["full_attention", "linear_attention"], **QWEN3_5_SMALL),
+        ),  # Gated DeltaNet last
+    ],
+)
+def test_the_last_layer_at_scored_positions_equals_the_full_forward(model_type, extra):
+    """``trunk`` + ``last_layer_at`` (the scoring forward) give ``__call__``'s hidden states at the chosen
+    positions of two row groups, on packed rows with several segments and padding."""
+    spec = _spec(model_type, **extra)
+    model = model_lib.Decoder(spec, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    b, t, groups = 4, 48, 2
+    rng = np.random.default_rng(0)
+    seg = np.zeros((b, t), np.int32)
+    pos = np.zeros((b, t), np.int32)
+    for row, lengths in enumerate([(20, 28), (48,), (5, 30), (10, 11, 12)]):
+        start = 0
+        for s, n in enumerate(lengths, start=1):
+            seg[row, start : start + n], pos[row, start : start + n] = s, np.arange(n)
+            start += n
+    tokens = jnp.asarray(rng.integers(0, spec.vocab_size, (b, t)), jnp.int32)
+    pos, seg = jnp.asarray(pos), jnp.asarray(seg)
+    full = np.asarray(model(tokens, pos, seg)).reshape(groups, b // groups * t, -1)
+    index = np.stack([np.sort(rng.choice(b // groups * t, 40, replace=False)) for _ in range(groups)])
+    valid = rng.random(index.shape) < 0.9
+    got = np.asarray(
+        model.last_layer_at(model.trunk(tokens, pos, seg), pos, seg, jnp.asarray(index), jnp.asarray(valid))
+    )
+    want = np.take_along_axis(full, index[..., None], axis=1)
+    np.testing.assert_allclose(got[valid], want[valid], rtol=1e-5, atol=1e-5)
+    assert np.abs(want).max() > 0.1  # normalised hidden states, not zeros

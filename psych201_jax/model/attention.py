@@ -9,8 +9,11 @@ queries (segment 0) produce zeros.
 Backends: "dense" builds the full [T, T] mask (reference for tests); "xla" is a blockwise online-softmax
 that keeps memory at O(T * block) and iterates, per query block, only over key blocks that can be
 visible (causality, window and the start of the earliest segment in the block bound the range).
-Accelerator kernels ("splash" on TPU, "pallas_gpu" and "cudnn" on GPU) live in ``attention_kernels.py`` and
-are registered at the end of this module; more can be added with ``register_backend``.
+Accelerator kernels ("splash" on TPU, "pallas_gpu" and "cudnn" on GPU) live in ``kernels.py`` and are
+registered at the end of this module; more can be added with ``register_backend``.
+
+``attention_at`` is the same attention for queries at chosen positions only (the last layer of a scoring
+forward, where only scored positions need an output); it is plain XLA on every platform.
 """
 
 from __future__ import annotations
@@ -67,11 +70,12 @@ def attention(
 
 
 def _visible(q_idx, k_idx, q_seg, k_seg, sliding_window):
-    """Mask [B, Tq, Tk] from query/key indices [Tq]/[Tk] and segment ids [B, Tq]/[B, Tk]."""
+    """Mask [B, Tq, Tk] from query indices [Tq] or [B, Tq], key indices [Tk] and segment ids [B, Tq]/[B, Tk]."""
+    qi = (q_idx if q_idx.ndim == 2 else q_idx[None])[:, :, None]
     mask = (q_seg[:, :, None] == k_seg[:, None, :]) & (q_seg[:, :, None] != 0)
-    mask &= (k_idx[None, :] <= q_idx[:, None])[None]
+    mask &= k_idx[None, None, :] <= qi
     if sliding_window is not None:
-        mask &= (k_idx[None, :] > q_idx[:, None] - sliding_window)[None]
+        mask &= k_idx[None, None, :] > qi - sliding_window
     return mask
 
 
@@ -143,6 +147,42 @@ def _interior_ranges(segment_ids, t, bq, bk, nq, sliding_window, first, last):
     return jnp.where(empty, last + 1, lo).astype(jnp.int32), jnp.where(empty, last, hi).astype(jnp.int32)
 
 
+def _online_softmax_init(b, hk, rows, hd):
+    """Running (max, denominator, accumulator) of ``rows`` (query, group) pairs per kv head."""
+    return (
+        jnp.full((b, hk, rows), -jnp.inf, jnp.float32),
+        jnp.zeros((b, hk, rows), jnp.float32),
+        jnp.zeros((b, hk, rows, hd), jnp.float32),
+    )
+
+
+def _online_softmax_step(carry, q_blk, kp, vp, start, bk, mask, scale):
+    """One key block of the online softmax: q_blk [B, Hk, R, hd] (R = query rows x G, query-major) against
+    keys/values ``start:start + bk`` of kp/vp [B, Hk, N, hd]; ``mask`` [B, R / G, bk] or None (all visible).
+    The scale is applied inside the exp, not as a pass over the scores."""
+    m, denom, acc = carry
+    k_blk = jax.lax.dynamic_slice_in_dim(kp, start, bk, axis=2)
+    v_blk = jax.lax.dynamic_slice_in_dim(vp, start, bk, axis=2)
+    s = jnp.einsum("bhqd,bhkd->bhqk", q_blk, k_blk, preferred_element_type=jnp.float32)
+    if mask is not None:  # each query's row repeats for its G heads
+        s = jnp.where(jnp.repeat(mask, q_blk.shape[2] // mask.shape[1], axis=1)[:, None], s, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    p = jnp.exp((s - m_safe[..., None]) * scale)  # softmax(scale * s): the max of s is the max of scale*s
+    correction = jnp.exp((m - m_safe) * scale)
+    denom = denom * correction + jnp.sum(p, axis=-1)
+    pv = jnp.einsum("bhqk,bhkd->bhqd", p.astype(vp.dtype), v_blk, preferred_element_type=jnp.float32)
+    return m_new, denom, acc * correction[..., None] + pv
+
+
+def _online_softmax_out(carry, bq, hq):
+    """Normalised output [B, bq, Hq, hd] (float32) of a finished online softmax; rows that saw no key are 0."""
+    _, denom, acc = carry
+    b, hk, rows, hd = acc.shape
+    out = (acc / jnp.where(denom == 0, 1.0, denom)[..., None]).reshape(b, hk, bq, rows // bq, hd)
+    return jnp.transpose(out, (0, 2, 1, 3, 4)).reshape(b, bq, hq, hd)
+
+
 def _blockwise(q, k, v, segment_ids, *, sliding_window, block_q, block_k):
     """Online-softmax attention over [block_q x block_k] tiles, skipping key blocks no query can see.
 
@@ -175,37 +215,76 @@ def _blockwise(q, k, v, segment_ids, *, sliding_window, block_q, block_k):
         q_idx = i * bq + jnp.arange(bq)
 
         def key_block(j, carry, masked=True):
-            m, denom, acc = carry  # rows are (query, group) pairs: [B, Hk, bq * G]
-            k_blk = jax.lax.dynamic_slice_in_dim(kp, j * bk, bk, axis=2)
-            v_blk = jax.lax.dynamic_slice_in_dim(vp, j * bk, bk, axis=2)
-            s = jnp.einsum("bhqd,bhkd->bhqk", q_blk, k_blk, preferred_element_type=jnp.float32)
+            mask = None
             if masked:
                 ks_blk = jax.lax.dynamic_slice_in_dim(k_seg, j * bk, bk, axis=1)
                 mask = _visible(q_idx, j * bk + jnp.arange(bk), qs_blk, ks_blk, sliding_window)  # [B, bq, bk]
-                s = jnp.where(jnp.repeat(mask, g, axis=1)[:, None], s, -jnp.inf)
-            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-            p = jnp.exp((s - m_safe[..., None]) * scale)  # softmax(scale * s): the max of s is the max of scale*s
-            correction = jnp.exp((m - m_safe) * scale)
-            denom = denom * correction + jnp.sum(p, axis=-1)
-            pv = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v_blk, preferred_element_type=jnp.float32)
-            return m_new, denom, acc * correction[..., None] + pv
+            return _online_softmax_step(carry, q_blk, kp, vp, j * bk, bk, mask, scale)
 
-        init = (
-            jnp.full((b, hk, bq * g), -jnp.inf, jnp.float32),
-            jnp.zeros((b, hk, bq * g), jnp.float32),
-            jnp.zeros((b, hk, bq * g, hd), jnp.float32),
-        )
+        init = _online_softmax_init(b, hk, bq * g, hd)
         # Edge blocks masked, the interior (wholly visible: same values as masked) without the mask.
         carry = jax.lax.fori_loop(j0, a0, key_block, init)
         carry = jax.lax.fori_loop(a0, a1 + 1, lambda j, c: key_block(j, c, masked=False), carry)
-        _, denom, acc = jax.lax.fori_loop(a1 + 1, j1 + 1, key_block, carry)
-        out = (acc / jnp.where(denom == 0, 1.0, denom)[..., None]).reshape(b, hk, bq, g, hd)
-        return jnp.transpose(out, (0, 2, 1, 3, 4)).reshape(b, bq, hq, hd).astype(q.dtype)
+        carry = jax.lax.fori_loop(a1 + 1, j1 + 1, key_block, carry)
+        return _online_softmax_out(carry, bq, hq).astype(q.dtype)
 
     ranges = (jnp.arange(nq, dtype=jnp.int32), first, last, inner_first, inner_last)
     blocks = jax.lax.map(query_block, ranges)  # [nq, B, bq, Hq, hd]
     return jnp.transpose(blocks, (1, 0, 2, 3, 4)).reshape(b, nq * bq, hq, hd)[:, :t]
+
+
+def attention_at(
+    q: Float[Array, "b c hq d"],
+    q_index: Int[Array, "b c"],
+    q_segment: Int[Array, "b c"],
+    k: Float[Array, "b n hk d"],
+    v: Float[Array, "b n hk d"],
+    k_segment: Int[Array, "b n"],
+    *,
+    sliding_window: int | None = None,
+    block_q: int = 256,
+    block_k: int = 256,
+) -> Float[Array, "b c hq d"]:
+    """Attention of C queries at key positions ``q_index`` (the shared semantics, q_segment 0 = padding) over
+    all N keys: the last layer of a scoring forward needs its queries only where a response is scored.
+
+    Online softmax over [block_q x block_k] tiles, every tile masked; each block of queries visits the key
+    blocks from the start of its earliest query's segment (or window) to its latest query, so queries sorted
+    by position (the scoring plan's order) touch few keys. Any order is correct.
+    """
+    b, c, hq, hd = q.shape
+    n, hk = k.shape[1], k.shape[2]
+    g = hq // hk
+    bq, bk = min(block_q, c), min(block_k, n)
+    nq, nk = -(-c // bq), -(-n // bk)
+    scale = hd**-0.5
+    pad_q, pad_k = ((0, 0), (0, nq * bq - c)), ((0, 0), (0, nk * bk - n))
+    qp = jnp.transpose(_grouped(jnp.pad(q, pad_q + ((0, 0), (0, 0))), hk), (0, 2, 1, 3, 4))  # [B, Hk, C', G, hd]
+    kp, vp = (jnp.transpose(jnp.pad(x, pad_k + ((0, 0), (0, 0))), (0, 2, 1, 3)) for x in (k, v))  # [B, Hk, N', hd]
+    q_idx, q_seg, k_seg = jnp.pad(q_index, pad_q), jnp.pad(q_segment, pad_q), jnp.pad(k_segment, pad_k)
+    start = jnp.take_along_axis(_segment_starts(k_segment), jnp.clip(q_idx, 0, n - 1), axis=1)
+    if sliding_window is not None:
+        start = jnp.maximum(start, q_idx - sliding_window + 1)
+    real = q_seg != 0
+    lo = jnp.where(real, start, n).reshape(b, nq, bq).min(axis=(0, 2))
+    hi = jnp.where(real, q_idx, -1).reshape(b, nq, bq).max(axis=(0, 2))
+    first, last = (lo // bk).astype(jnp.int32), jnp.where(hi < 0, -1, hi // bk).astype(jnp.int32)
+
+    def query_block(args):
+        i, j0, j1 = args
+        q_blk = jax.lax.dynamic_slice_in_dim(qp, i * bq, bq, axis=2).reshape(b, hk, bq * g, hd)
+        qi_blk, qs_blk = (jax.lax.dynamic_slice_in_dim(x, i * bq, bq, axis=1) for x in (q_idx, q_seg))
+
+        def key_block(j, carry):
+            ks_blk = jax.lax.dynamic_slice_in_dim(k_seg, j * bk, bk, axis=1)
+            mask = _visible(qi_blk, j * bk + jnp.arange(bk), qs_blk, ks_blk, sliding_window)  # [B, bq, bk]
+            return _online_softmax_step(carry, q_blk, kp, vp, j * bk, bk, mask, scale)
+
+        carry = jax.lax.fori_loop(j0, j1 + 1, key_block, _online_softmax_init(b, hk, bq * g, hd))
+        return _online_softmax_out(carry, bq, hq).astype(q.dtype)
+
+    blocks = jax.lax.map(query_block, (jnp.arange(nq, dtype=jnp.int32), first, last))  # [nq, B, bq, Hq, hd]
+    return jnp.transpose(blocks, (1, 0, 2, 3, 4)).reshape(b, nq * bq, hq, hd)[:, :c]
 
 
 register_backend("dense", _dense)

@@ -13,17 +13,18 @@ the number of such layers; the scan groups slice each stack accordingly.
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.core.spmd import get_logical_axis_rules
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from psych201_jax.model import delta_rule
 from psych201_jax.model import rope as rope_lib
-from psych201_jax.model.attention import attention
+from psych201_jax.model.attention import attention, attention_at
 from psych201_jax.model.spec import LINEAR_ATTENTION, ModelSpec
 
 # Logical axis names of parameters.
@@ -219,6 +220,33 @@ def rms_norm(
     return weight.astype(x.dtype) * normed.astype(x.dtype)
 
 
+class Gather(typing.NamedTuple):
+    """Positions to compute a layer's output at: ``indices`` int32 [G, C], flat (row * T + t) into the rows of
+    each of G equal row groups of the [B, T] batch (a group: one row shard's sub-batch); ``valid`` bool
+    [G, C] marks real entries (padding entries attend to nothing, so they widen no query block's keys)."""
+
+    indices: jnp.ndarray
+    valid: jnp.ndarray
+
+    def flat(self, x: jnp.ndarray) -> jnp.ndarray:
+        """[B, T, ...] -> [G, B / G * T, ...]."""
+        g = self.indices.shape[0]
+        return x.reshape(g, x.shape[0] // g * x.shape[1], *x.shape[2:])
+
+    def take(self, x: jnp.ndarray) -> jnp.ndarray:
+        """[B, T, ...] -> [G, C, ...] at the positions."""
+        flat = self.flat(x)
+        index = self.indices.reshape(self.indices.shape + (1,) * (flat.ndim - 2))
+        return jnp.take_along_axis(flat, index, axis=1, mode="clip")
+
+    def row_segments(self, segment_ids: jnp.ndarray) -> jnp.ndarray:
+        """Segment ids [B, T] made distinct across the rows of a group (0 stays padding), so that flattened
+        rows never see each other's segments."""
+        b, t = segment_ids.shape
+        row = jnp.arange(b, dtype=segment_ids.dtype)[:, None] % (b // self.indices.shape[0])
+        return jnp.where(segment_ids > 0, segment_ids + row * t, 0)
+
+
 def _attention_block(
     p: dict[str, jnp.ndarray],
     x: jnp.ndarray,
@@ -229,10 +257,13 @@ def _attention_block(
     spec: ModelSpec,
     window: int | None,
     backend: str,
+    at: Gather | None = None,
 ) -> jnp.ndarray:
-    """x [B, T, D] -> self-attention output [B, T, D] (before any post-norm / residual)."""
+    """x [B, T, D] -> self-attention output [B, T, D] (before any post-norm / residual); with ``at``, only
+    the queries at its positions: [G, C, D]."""
     dt = x.dtype
-    q = jnp.einsum("btd,dhk->bthk", x, p["wq"].astype(dt))
+    xq, cos_q, sin_q = (x, cos, sin) if at is None else (at.take(x), at.take(cos), at.take(sin))
+    q = jnp.einsum("btd,dhk->bthk", xq, p["wq"].astype(dt))
     if spec.attn_output_gate:  # [.., 2 * hd] per head: query, then its output gate (HF torch.chunk order)
         q, gate = jnp.split(q, 2, axis=-1)
     k = jnp.einsum("btd,dhk->bthk", x, p["wk"].astype(dt))
@@ -244,12 +275,17 @@ def _attention_block(
         fp32, centred = spec.norm_weight_fp32, spec.norm_zero_centred
         q = rms_norm(q, p["q_norm"], spec.rms_norm_eps, weight_fp32=fp32, axes=axes, zero_centred=centred)
         k = rms_norm(k, p["k_norm"], spec.rms_norm_eps, weight_fp32=fp32, axes=axes, zero_centred=centred)
-    q = rope_lib.apply_rope(q, cos, sin, in_fp32=spec.rope_fp32)
+    q = rope_lib.apply_rope(q, cos_q, sin_q, in_fp32=spec.rope_fp32)
     k = rope_lib.apply_rope(k, cos, sin, in_fp32=spec.rope_fp32)
     q = constrain(q, (ACT_BATCH, ACT_LENGTH, ACT_Q_HEADS, ACT_HEAD_DIM))
     k = constrain(k, (ACT_BATCH, ACT_LENGTH, ACT_KV_HEADS, ACT_HEAD_DIM))
     v = constrain(v, (ACT_BATCH, ACT_LENGTH, ACT_KV_HEADS, ACT_HEAD_DIM))
-    o = attention(q, k, v, segment_ids, sliding_window=window, backend=backend)
+    if at is None:
+        o = attention(q, k, v, segment_ids, sliding_window=window, backend=backend)
+    else:  # the gathered queries against every key of their group's rows, flattened
+        k_seg = at.flat(at.row_segments(segment_ids))
+        q_seg = jnp.where(at.valid, at.take(k_seg), 0)
+        o = attention_at(q, at.indices, q_seg, at.flat(k), at.flat(v), k_seg, sliding_window=window)
     if spec.attn_output_gate:
         o = o * jax.nn.sigmoid(gate)
     out = jnp.einsum("bthk,hkd->btd", o, p["wo"].astype(dt))
@@ -306,12 +342,15 @@ def decoder_layer(
     window: int | None,
     backend: str,
     layer_type: str = "",
+    at: Gather | None = None,
 ) -> jnp.ndarray:
     """One decoder layer on h [B, T, D] with this layer's (unstacked) parameters ``p``.
 
     ``layer_type`` LINEAR_ATTENTION mixes tokens with Gated DeltaNet (``cos``/``sin`` unused), any other
-    with softmax attention.
+    with softmax attention. ``at``: the layer's output only at those positions, [G, C, D] (keys, values and
+    Gated DeltaNet still see every position; queries, the residual and the MLP only those).
     """
+    take = (lambda x: x) if at is None else at.take
 
     def norm(x, name):
         return rms_norm(
@@ -321,10 +360,10 @@ def decoder_layer(
     pre = spec.norm_placement == "pre"
     x = norm(h, "attn_in_norm") if pre else h
     if layer_type == LINEAR_ATTENTION:
-        attn = _linear_attention_block(p, x, segment_ids, spec=spec)
+        attn = take(_linear_attention_block(p, x, segment_ids, spec=spec))
     else:
-        attn = _attention_block(p, x, cos, sin, segment_ids, spec=spec, window=window, backend=backend)
-    h = h + (attn if pre else norm(attn, "attn_out_norm"))
+        attn = _attention_block(p, x, cos, sin, segment_ids, spec=spec, window=window, backend=backend, at=at)
+    h = take(h) + (attn if pre else norm(attn, "attn_out_norm"))
     mlp = _mlp_block(p, norm(h, "mlp_in_norm") if pre else h, spec=spec)
     h = h + (mlp if pre else norm(mlp, "mlp_out_norm"))
     return constrain(h, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
@@ -349,6 +388,17 @@ def layer_groups(layer_types: Sequence[str]) -> tuple[tuple[int, int, tuple[str,
         if i == n or layer_types[i] != layer_types[start]:
             groups.append((start, i - start, (layer_types[start],)))
             start = i
+    return tuple(groups)
+
+
+def trunk_groups(layer_types: Sequence[str]) -> tuple[tuple[int, int, tuple[str, ...]], ...]:
+    """``layer_groups`` without the last layer: the last group scans one repeat fewer and its final repeat
+    runs once without its last layer, so the program stays the same size at any depth."""
+    *groups, (start, repeats, pattern) = layer_groups(layer_types)
+    if repeats > 1:
+        groups.append((start, repeats - 1, pattern))
+    if len(pattern) > 1:
+        groups.append((start + (repeats - 1) * len(pattern), 1, pattern[:-1]))
     return tuple(groups)
 
 
@@ -419,18 +469,71 @@ class Decoder(nnx.Module):
         ``positions`` restart at 0 in each packed segment and drive RoPE; tokens attend only within their
         nonzero segment (0 = padding).
         """
+        groups = layer_groups(self.spec.layer_types)
+        return self._final_norm(self._layers(self._embed(tokens), self._rope_tables(positions), segment_ids, groups))
+
+    def trunk(
+        self, tokens: Int[Array, "b t"], positions: Int[Array, "b t"], segment_ids: Int[Array, "b t"]
+    ) -> Float[Array, "b t d"]:
+        """The residual stream [B, T, D] after every layer but the last (inputs as ``__call__``): scoring needs
+        the last layer only where a response is scored (``last_layer_at``)."""
+        groups = trunk_groups(self.spec.layer_types)
+        return self._layers(self._embed(tokens), self._rope_tables(positions), segment_ids, groups)
+
+    def last_layer_at(
+        self,
+        h: Float[Array, "b t d"],
+        positions: Int[Array, "b t"],
+        segment_ids: Int[Array, "b t"],
+        index: Int[Array, "g c"],
+        valid: Bool[Array, "g c"],
+    ) -> Float[Array, "g c d"]:
+        """The last layer and the final norm on ``trunk``'s output, only at ``index`` (flat row * T + t into
+        each of G equal row groups; see ``Gather``): ``__call__``'s hidden states there where ``valid``, for
+        about 1 / L of the body's work."""
+        spec = self.spec
+        layer_type = spec.layer_types[-1]
+        params = {
+            name: x[-1] for name, x in self.layers.arrays().items() if param_in_layer(name, layer_type)
+        }  # the last layer is the last of every stack it has a parameter in
+        cos, sin = self._rope_tables(positions)[layer_type]
+        out = decoder_layer(
+            params,
+            h,
+            cos,
+            sin,
+            segment_ids,
+            spec=spec,
+            window=spec.window_for(layer_type),
+            backend=self.attention_backend,
+            layer_type=layer_type,
+            at=Gather(index, valid),
+        )
+        return self._final_norm(out)
+
+    def _embed(self, tokens: jnp.ndarray) -> jnp.ndarray:
         spec = self.spec
         # Gather from a table sharded only over the vocabulary, so the lookup output needs no re-split.
         h = jnp.take(constrain(self.embed[...], (embed_row_axis(spec), None)), tokens, axis=0).astype(self.dtype)
-        h = constrain(h, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
+        return constrain(h, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
+
+    def _rope_tables(self, positions: jnp.ndarray) -> dict[str, tuple]:
+        """Layer type -> (cos, sin) [B, T, rope_dim] (None for Gated DeltaNet layers)."""
+        spec = self.spec
         tables: dict[str, tuple] = {LINEAR_ATTENTION: (None, None)}
         for layer_type in spec.attention_layer_types():
             inv_freq, scaling = rope_lib.inv_freq_and_scaling(
                 spec.rope_for(layer_type), spec.rope_dim, spec.max_position_embeddings
             )
             tables[layer_type] = rope_lib.cos_sin(positions, inv_freq, scaling)
+        return tables
+
+    def _layers(self, h: jnp.ndarray, tables: dict[str, tuple], segment_ids: jnp.ndarray, groups) -> jnp.ndarray:
+        """The layers of ``groups`` ((start, repeats, pattern), see ``layer_groups``) on h [B, T, D], each
+        group scanned over its repeats."""
+        spec = self.spec
         params = self.layers.arrays()
-        for start, repeats, pattern in layer_groups(spec.layer_types):
+        for start, repeats, pattern in groups:
             group, slots = _group_params(spec, params, start, repeats, pattern)
 
             def body(h, p, pattern=pattern, slots=slots):
@@ -448,6 +551,10 @@ class Decoder(nnx.Module):
                 return h, None
 
             h, _ = jax.lax.scan(body, h, group)
+        return h
+
+    def _final_norm(self, h: jnp.ndarray) -> jnp.ndarray:
+        spec = self.spec
         return rms_norm(
             h,
             self.final_norm[...],

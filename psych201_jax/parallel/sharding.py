@@ -273,6 +273,11 @@ class RowLayout:
         return jax.NamedSharding(self.mesh, jax.P(self.axes or None, None, None))
 
     @property
+    def scored_sharding(self) -> jax.NamedSharding:
+        """[shards * C, D] hidden states at the scoring plan's entries."""
+        return jax.NamedSharding(self.mesh, jax.P(self.axes or None, None))
+
+    @property
     def plan_sharding(self) -> jax.NamedSharding:
         """[shards * C] scoring-plan arrays (each sub-batch's plan on its own rows' devices)."""
         return jax.NamedSharding(self.mesh, jax.P(self.axes or None))

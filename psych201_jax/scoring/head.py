@@ -1,9 +1,9 @@
 """The masked log-prob head: per-response NLL sums, per-token argmax and option argmax at scored positions,
 and the calibration statistics (NLL under a temperature grid, entropy, option mass) in the same pass.
 
-Only the C scored hidden states are gathered, and the vocabulary is visited in chunks with an online
-float32 logsumexp, so at most [C, vocab_chunk] logits exist at a time; the full [B * L, V] (or [C, V])
-logits are never built. Response options need only [K, D] rows of the unembedding.
+It sees only the C scored hidden states (the last layer ran only there, see ``scorer``), and visits the
+vocabulary in chunks with an online float32 logsumexp, so at most [C, vocab_chunk] logits exist at a
+time; the full [B * L, V] (or [C, V]) logits are never built. Response options need only [K, D] rows of the unembedding.
 
 ``score_head`` is the one head of every layout: it runs per row shard under ``shard_map`` (a single
 device is a 1 x 1 x 1 mesh) on that shard's hidden states and plan, over the device's slice of the
@@ -142,9 +142,8 @@ def option_max(
 
 
 def score_head(
-    hidden: Float[Array, "b l d"],
+    h: Float[Array, "c d"],
     unembedding: Float[Array, "v d"],
-    score_index: Int[Array, " c"],
     score_target: Int[Array, " c"],
     score_valid: Bool[Array, " c"],
     score_slot: Int[Array, " c"],
@@ -154,7 +153,7 @@ def score_head(
     vocab_chunk: int,
     temperatures: tuple[float, ...] = (),
 ) -> tuple[Array, ...]:
-    """Per-device body of the head on one row shard's hidden states and plan.
+    """Per-device body of the head on one row shard's hidden states at its plan entries (h [C, D]) and plan.
 
     Returns, per plan entry or summed per response slot (``segment_sum`` over ``score_slot``):
       sums float32 [C] (slot sums of the NLL), argmax int32 [C] (-1 for padding entries);
@@ -165,17 +164,15 @@ def score_head(
     ``vocab_axes`` (max, rescaled sums, target logit, lowest maximal index; the option argmax by pmax of
     the logit, pmin of the id; option mass by psum).
     """
-    d = hidden.shape[-1]
     v = unembedding.shape[0]
     offset: Array | int = 0
     for axis in vocab_axes:
         offset = offset * axis_sizes[axis] + lax.axis_index(axis)
     offset = offset * v
-    h = hidden.reshape(-1, d).at[score_index].get(mode="clip")  # [C, D]
     target = score_target - offset
     stats = vocab_scan(h, unembedding, target, vocab_chunk, temperatures)
     run_max, run_sum, run_arg, target_logit, sum_t, weighted = stats
-    c = score_index.shape[0]
+    c = h.shape[0]
     if vocab_axes:
         global_max = lax.pmax(run_max, vocab_axes)
         run_sum = lax.psum(run_sum * jnp.exp(run_max - global_max), vocab_axes)

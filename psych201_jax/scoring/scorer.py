@@ -1,10 +1,16 @@
 """The jitted steps of scoring: model forward and the masked log-prob head, as SPMD programs on a mesh.
 
 There is one path for every layout: a single device is a 1 x 1 x 1 mesh. A step stacks one packed batch
-per row shard (data x fsdp) along rows; the forward is GSPMD-partitioned by the logical-axis rules, and
-the head (``head.score_head``) runs under ``shard_map`` with each row shard scoring its own plan and the
-vocabulary split over ``tensor``. The forward compiles once per (rows, row length) and the head once per
-(rows, row length, plan capacity[, option capacity]), so a new capacity never recompiles the forward.
+per row shard (data x fsdp) along rows. Three programs:
+- the forward: every layer but the last, over all positions (``Decoder.trunk``);
+- the last layer and the final norm only at the plan's scored positions (``Decoder.last_layer_at``; keys
+  and values still cover every position): a response is a small share of a transcript, so this saves
+  most of 1 / L of the body;
+- the head (``head.score_head``) under ``shard_map``, each row shard scoring its own plan with the
+  vocabulary split over ``tensor``.
+The first two are GSPMD-partitioned by the logical-axis rules. The forward compiles once per (rows, row
+length), the last layer once per (rows, row length, plan capacity) and the head once per (plan
+capacity[, option capacity]), so a new capacity never recompiles the forward.
 """
 
 from __future__ import annotations
@@ -54,11 +60,21 @@ class Scorer:
 
         def forward(state, tokens, positions, segment_ids):
             with nnx.logical_axis_rules(rules_):
-                return nnx.merge(graphdef, state)(tokens, positions, segment_ids)
+                return nnx.merge(graphdef, state).trunk(tokens, positions, segment_ids)
 
-        rows = layout.rows_sharding
-        self._forward = jax.jit(
-            forward, in_shardings=(state_shardings, rows, rows, rows), out_shardings=layout.hidden_sharding
+        def last_layer(state, hidden, positions, segment_ids, score_index, score_valid):
+            # Each row shard's plan indexes its own sub-batch's rows: one gather group per shard.
+            groups = (score_index.reshape(layout.shards, -1), score_valid.reshape(layout.shards, -1))
+            with nnx.logical_axis_rules(rules_):
+                out = nnx.merge(graphdef, state).last_layer_at(hidden, positions, segment_ids, *groups)
+            return out.reshape(-1, out.shape[-1])
+
+        rows, plan, hidden = layout.rows_sharding, layout.plan_sharding, layout.hidden_sharding
+        self._forward = jax.jit(forward, in_shardings=(state_shardings, rows, rows, rows), out_shardings=hidden)
+        self._last_layer = jax.jit(
+            last_layer,
+            in_shardings=(state_shardings, hidden, rows, rows, plan, plan),
+            out_shardings=layout.scored_sharding,
         )
         self._set_head(options, temperatures)
 
@@ -80,7 +96,7 @@ class Scorer:
         plan = layout.plan_sharding
         vocab_axes = sharding.vocab_axes(self.rules)
         rows_spec = jax.P(layout.axes or None)
-        n_plan = 4 if options is None else 6  # + option_ids [shards * K], option_mask [shards * C, K]
+        n_plan = 3 if options is None else 5  # target, valid, slot + option_ids [shards * K], option_mask
         n_out = len(self.outputs)
         vocab_chunk, temps = self.vocab_chunk, self.temperatures
 
@@ -98,8 +114,7 @@ class Scorer:
             sharded = jax.shard_map(
                 local,
                 mesh=mesh,
-                in_specs=(jax.P(layout.axes or None, None, None), jax.P(vocab_axes or None, None))
-                + (rows_spec,) * n_plan,
+                in_specs=(jax.P(layout.axes or None, None), jax.P(vocab_axes or None, None)) + (rows_spec,) * n_plan,
                 out_specs=(rows_spec,) * n_out,
                 check_vma=False,
             )
@@ -107,7 +122,7 @@ class Scorer:
 
         self._head = jax.jit(
             head_step,
-            in_shardings=(self._state_shardings, layout.hidden_sharding) + (plan,) * n_plan,
+            in_shardings=(self._state_shardings, layout.scored_sharding) + (plan,) * n_plan,
             out_shardings=(plan,) * n_out,
         )
 
@@ -195,9 +210,15 @@ class Scorer:
             plan = [layout.global_array(x, layout.plan_sharding) for x in plan_host]
             option_plan_ = [layout.global_array(x, layout.plan_sharding) for x in option_host]
             hidden = self._forward(self.state, *arrays)
-            return [h._head(self.state, hidden, *plan, *(option_plan_ if h.options is not None else [])) for h in heads]
+            index, target, valid, slot = plan
+            scored = self._last_layer(self.state, hidden, *arrays[1:], index, valid)
+            return [
+                h._head(self.state, scored, target, valid, slot, *(option_plan_ if h.options is not None else []))
+                for h in heads
+            ]
 
     def compilations(self) -> dict[str, int]:
-        """Distinct compiled programs so far (forward per (B, L); head per (B, L, C))."""
+        """Distinct compiled programs so far (forward per (B, L); last layer per (B, L, C); head per C)."""
         # _cache_size: a private method of jax's jitted functions, absent from their public type
-        return {"forward": self._forward._cache_size(), "head": self._head._cache_size()}  # type: ignore[attr-defined]
+        programs = {"forward": self._forward, "last_layer": self._last_layer, "head": self._head}
+        return {name: fn._cache_size() for name, fn in programs.items()}  # type: ignore[attr-defined]
