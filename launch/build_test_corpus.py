@@ -34,8 +34,6 @@ from absl import app, flags
 from psych201_jax.testing import tiny_tokenizer
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("src", os.path.join("..", "shared", "data", "psych201"), "The full Psych-201 corpus.")
-flags.DEFINE_string("out", os.path.join("tests", "data", "psych201"), "Where to write the trimmed corpus.")
 
 LONG_CHARS = 32768  # the reference scripts' character cut
 TOKENIZER_STUDIES = tiny_tokenizer.TOKENIZER_STUDIES  # their first 30 transcripts train the test tokenizers
@@ -218,5 +216,7 @@ def main(argv):
     )
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags only for the script: importing read_lines (the benchmark) defines none
+    flags.DEFINE_string("src", os.path.join("..", "shared", "data", "psych201"), "The full Psych-201 corpus.")
+    flags.DEFINE_string("out", os.path.join("tests", "data", "psych201"), "Where to write the trimmed corpus.")
     app.run(main)
