@@ -9,6 +9,8 @@ Parameter layouts (ours, not HF's): projections are [in, out] with heads split o
 Qwen3.5 mixes Gated DeltaNet layers ("linear_attention") with gated softmax-attention layers: a parameter
 that only one kind of layer has is stacked over the layers that have it (``param_layers``), so its L is
 the number of such layers; the scan groups slice each stack accordingly.
+``__call__`` is the plain full forward (what the tests compare with HF); scoring runs ``trunk`` (every layer
+but the last) and ``last_layer_at`` (the last layer only at the scored positions), which equal it there.
 """
 
 from __future__ import annotations
