@@ -4,6 +4,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def peak_matmul_flops(dtype, n: int, repeats: int = 10) -> float:
@@ -38,13 +39,14 @@ def model_flops(spec, items) -> float:
 def executed_flops(spec, items) -> float:
     """``model_flops`` less what our scoring forward skips: its last layer runs queries, the output
     projection and the MLP only at scored positions (keys and values everywhere), and each such query
-    attends to the keys before it."""
+    attends to the keys before it. An estimate, like ``model_flops``: it takes the last layer to be a plain
+    full-attention one (no window, no Gated DeltaNet, no output gate) and each batch to run once."""
     d, hq, hd = spec.hidden_size, spec.num_heads, spec.head_dim
     per_query = 2 * d * hd * 2 * hq + 3 * 2 * d * spec.intermediate_size  # q and o projections, MLP
     skipped = 0.0
     for p in items:
         n = len(p.token_ids)
-        scored = (p.response_index[1:] >= 0).nonzero()[0]  # position t predicts t + 1
+        scored = np.flatnonzero(np.asarray(p.response_index)[1:] >= 0)  # position t predicts t + 1
         kept = per_query * len(scored) + 2 * 2 * hq * hd * float((scored + 1).sum())
         skipped += per_query * n + 2 * 2 * hq * hd * n * n / 2 - kept
     return model_flops(spec, items) - skipped

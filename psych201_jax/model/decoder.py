@@ -286,7 +286,7 @@ def _attention_block(
         o = attention(q, k, v, segment_ids, sliding_window=window, backend=backend)
     else:  # the gathered queries against every key of their group's rows, flattened
         k_seg = at.flat(at.row_segments(segment_ids))
-        q_seg = jnp.where(at.valid, at.take(k_seg), 0)
+        q_seg = jnp.where(at.valid, jnp.take_along_axis(k_seg, at.indices, axis=1, mode="clip"), 0)
         o = attention_at(q, at.indices, q_seg, at.flat(k), at.flat(v), k_seg, sliding_window=window)
     if spec.attn_output_gate:
         o = o * jax.nn.sigmoid(gate)

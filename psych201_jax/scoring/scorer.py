@@ -159,8 +159,8 @@ class Scorer:
         <= ``capacity``, option capacity <= ``options``), or None for an empty one. ``options``: the step's
         option capacity K (> 0 exactly when a head has options). ``heads``: scorers made by ``with_head``
         from this one (default: this one), those with options all with the same ``StudyOptions`` (the
-        step builds one option plan); the step runs the forward once and each head on its output,
-        each head's program exactly the one it compiles alone. Returns per head its global (sums, argmax[,
+        step builds one option plan); the step runs the forward and the last layer once and each head on
+        their output, each head's program exactly the one it compiles alone. Returns per head its global (sums, argmax[,
         option_argmax, ...]) [shards * capacity]; ``layout.local_blocks`` gives this process's blocks.
         """
         heads = list(heads) or [self]
@@ -170,7 +170,7 @@ class Scorer:
             raise ValueError(f"{len(batches)} sub-batches for {len(layout.local_shards)} local row shards")
         if (options > 0) != (study_options is not None):
             raise ValueError(f"option capacity {options}: must be > 0 exactly when a head has options")
-        if any(h._forward is not self._forward for h in heads):
+        if any(h._forward is not self._forward or h._last_layer is not self._last_layer for h in heads):
             raise ValueError("heads must share this scorer's forward (make them with Scorer.with_head)")
         n = len(batches)
         only = batches[0] if n == 1 else None
@@ -203,7 +203,8 @@ class Scorer:
     def _run(
         self, heads: list[Scorer], host: list[np.ndarray], plan_host: list[np.ndarray], option_host: list[np.ndarray]
     ) -> list[tuple[jax.Array, ...]]:
-        """Places this process's rows and plan as global arrays and enqueues the forward, then every head."""
+        """Places this process's rows and plan as global arrays and enqueues the forward and the last layer,
+        then every head."""
         layout = self.layout
         with jax.set_mesh(self.mesh):
             arrays = [layout.global_array(x, layout.rows_sharding) for x in host]
