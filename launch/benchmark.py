@@ -423,7 +423,11 @@ def head_cost(vocab: int = 151936, d: int = 1024, capacity: int = 1024, repeats:
     for name, temps in (("no_grid_s", ()), ("grid_s", DEFAULT_TEMPERATURES)):
         f = jax.jit(
             functools.partial(
-                head.score_head, vocab_axes=(), axis_sizes={}, vocab_chunk=8192, temperatures=tuple(temps)
+                head.score_head,
+                vocab_axes=(),
+                axis_sizes={},
+                vocab_chunk=head.default_vocab_chunk(jax.default_backend()),
+                temperatures=tuple(temps),
             )
         )
         jax.block_until_ready(f(hidden, unembedding, target, valid, slot))

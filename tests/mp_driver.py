@@ -33,6 +33,9 @@ MESHES = ((1, 1, 1), (8, 1, 1), (2, 2, 2), (1, 2, 4))  # data x fsdp x tensor
 OPTION_MESHES = ((1, 1, 1), (2, 2, 2), (1, 2, 4))
 ROW_LENGTHS = (2048, 4096)
 TOKENS_PER_BATCH = 8192
+# 3 argmax blocks of 128: the bundled vocabulary (4,096) and its tensor shards (2,048, 1,024) end with a
+# shorter chunk, so the head's chunk steps, its last step and its two-level argmax all run on every mesh.
+VOCAB_CHUNK = 384
 
 LLAMA31_70B = ModelSpec(
     model_type="llama",
@@ -72,7 +75,7 @@ LLAMA31_70B = ModelSpec(
 
 
 def _score(items, model_, mesh=None, rules=None, steady=False):
-    sc = scorer.Scorer(model_, vocab_chunk=1000, mesh=mesh, rules=rules, temperatures=DEFAULT_TEMPERATURES)
+    sc = scorer.Scorer(model_, vocab_chunk=VOCAB_CHUNK, mesh=mesh, rules=rules, temperatures=DEFAULT_TEMPERATURES)
     kw = dict(row_lengths=ROW_LENGTHS, tokens_per_batch=TOKENS_PER_BATCH)
     start = time.perf_counter()
     first = {r.key: r for r in stream.score_spans(items, sc, **kw)}
@@ -161,7 +164,7 @@ def options() -> dict:
 
     def score(model_, mesh=None, rules=None):
         sc = scorer.Scorer(
-            model_, vocab_chunk=1000, mesh=mesh, rules=rules, options=opts, temperatures=DEFAULT_TEMPERATURES
+            model_, vocab_chunk=VOCAB_CHUNK, mesh=mesh, rules=rules, options=opts, temperatures=DEFAULT_TEMPERATURES
         )
         out = stream.score_spans(items, sc, row_lengths=(2048,), tokens_per_batch=4096)
         return {r.key: r for r in out}, sc.compilations()

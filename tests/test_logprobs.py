@@ -62,12 +62,21 @@ def test_bf16_hidden_with_float32_unembedding_computes_in_bf16():
     np.testing.assert_array_equal(argmax[valid], ref_argmax[valid])
 
 
-def test_argmax_ties_go_to_the_lowest_index_across_chunks():
-    vocab, chunk = 100, 32  # chunks start at 0, 32, 64 and (shifted left) 68
+@pytest.mark.parametrize(
+    "vocab,chunk,ties",
+    [
+        # chunks of 32 (no argmax blocks) at 0, 32, 64 and a last one of 4 at 96
+        (100, 32, [(5, 40), (40, 70), (66, 70, 99), (97, 98)]),
+        # chunks of 512 in blocks of 128 (head.ARGMAX_BLOCK), then 488 columns without blocks: ties in one
+        # block, across blocks, across chunks and into the last chunk
+        (1000, 512, [(5, 100), (100, 130), (127, 128, 300), (200, 511, 600), (600, 990), (998, 999)]),
+    ],
+)
+def test_argmax_ties_go_to_the_lowest_index_across_chunks(vocab, chunk, ties):
     hidden, unembedding, index, target, _ = random_case(2, vocab=vocab, capacity=8)
     valid = jnp.ones(8, bool)
     best = hidden.reshape(-1, hidden.shape[-1])[index] * 10
-    for tied in [(5, 40), (40, 70), (66, 70, 99), (97, 98)]:
+    for tied in ties:
         w = unembedding
         for v in tied:
             w = w.at[v].set(best[0])

@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from psych201_jax import defaults
+from psych201_jax.conditions import DEFAULT_TEMPERATURES
 from psych201_jax.data import records, spans
 from psych201_jax.model import checkpoint
 from psych201_jax.runs import config as score_config
@@ -166,7 +167,9 @@ def test_mesh_paths_give_the_single_device_option_argmax():
     for mesh, r in report["meshes"].items():
         assert r["option_equal"] and r["argmax_equal"], (mesh, r)
         assert set(r["calibration_max_rel"]) == {"nll_t", "entropy", "option_mass"}, (mesh, r)
-        assert max(r["calibration_max_rel"].values()) <= 1e-5, (mesh, r)
+        # NLL_T moves by a logit's rounding over T: at the grid's T = 0.25, four times the 1e-5 of the others.
+        limits = {"nll_t": 1e-5 / min(DEFAULT_TEMPERATURES), "entropy": 1e-5, "option_mass": 1e-5}
+        assert all(r["calibration_max_rel"][k] <= limits[k] for k in limits), (mesh, r)
     assert report["meshes"]["1x1x1"]["max_abs"] == 0.0
 
 

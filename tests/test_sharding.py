@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from psych201_jax.conditions import DEFAULT_TEMPERATURES
 from psych201_jax.model.decoder import logical_to_spec
 from psych201_jax.parallel import distributed, sharding
 from psych201_jax.scoring import stream
@@ -47,8 +48,10 @@ def test_meshes_give_single_device_nlls(report, mesh):
     assert r["argmax_equal"], r
     assert r["compilations"]["forward"] <= 2  # one forward per sub-batch shape, as on one device
     # The temperature grid and the entropy: vocabulary split over tensor (1x2x4) or not, as on one device.
+    # NLL_T moves by a logit's rounding over T, so at the grid's T = 0.25 four times the NLL's 1e-5.
     assert set(r["calibration_max_rel"]) == {"nll_t", "entropy"}, r
-    assert max(r["calibration_max_rel"].values()) <= 1e-5, r
+    assert r["calibration_max_rel"]["entropy"] <= 1e-5, r
+    assert r["calibration_max_rel"]["nll_t"] <= 1e-5 / min(DEFAULT_TEMPERATURES), r
 
 
 @pytest.mark.slow

@@ -47,7 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.min_row_length = 2048
     c.tokens_per_batch = 131072  # rows per batch = tokens_per_batch // row length
     c.chunk_tokens = 1 << 22  # participant tokens packed together (and committed) at a time
-    c.vocab_chunk = 8192
+    c.vocab_chunk = 0  # vocabulary columns per step of the head; 0 = 1,024 on CPU, 8,192 on GPU/TPU
     c.cache_dir = "~/.cache/psych201_jax/converted"  # HF dirs converted once, and tokenizer snapshots
     # JAX's persistent compilation cache (shared by every job and sweep worker of this user); "" = off.
     c.compile_cache = "~/.cache/psych201_jax/jax"

@@ -121,10 +121,10 @@ def validate_config(cfg) -> Condition:
     condition = condition_of(cfg)
     if cfg.attention not in attention.available_backends():
         raise ConfigError(f"config.attention={cfg.attention!r} is not one of {attention.available_backends()}")
-    for field in ("tokens_per_batch", "chunk_tokens", "vocab_chunk", "min_row_length"):
+    for field in ("tokens_per_batch", "chunk_tokens", "min_row_length"):
         if not isinstance(cfg[field], int) or cfg[field] < 1:
             raise ConfigError(f"config.{field} must be a positive integer, got {cfg[field]!r}")
-    for field in ("max_tokens", "max_row_length", "persona_reserve"):
+    for field in ("max_tokens", "max_row_length", "persona_reserve", "vocab_chunk"):
         if not isinstance(cfg[field], int) or cfg[field] < 0:
             raise ConfigError(f"config.{field} must be 0 (automatic) or a positive integer, got {cfg[field]!r}")
     if not cfg.out:

@@ -34,7 +34,8 @@ class Scorer:
 
     ``mesh``: default the 1 x 1 x 1 mesh on the first local device. The model's parameters are (re)placed on
     their shardings under ``rules`` (default ``sharding.rules_for(model.spec, mesh)``; restoring with
-    ``checkpoint.load_model(mesh=, rules=)`` already puts them there). ``options`` (study -> option ids, see
+    ``checkpoint.load_model(mesh=, rules=)`` already puts them there). ``vocab_chunk``: vocabulary columns per
+    step of the head (0: ``head.default_vocab_chunk`` of the mesh's platform). ``options`` (study -> option ids, see
     ``options.collect_options``): the head also returns the option argmax; None compiles it without.
     """
 
@@ -42,7 +43,7 @@ class Scorer:
         self,
         model: Decoder,
         *,
-        vocab_chunk: int = 8192,
+        vocab_chunk: int = 0,
         mesh: jax.sharding.Mesh | None = None,
         rules: sharding.Rules | None = None,
         options: StudyOptions | None = None,
@@ -50,7 +51,7 @@ class Scorer:
     ):
         graphdef, state = nnx.split(model)
         self.mesh = mesh = sharding.make_mesh(1, 1, 1, devices=jax.local_devices()[:1]) if mesh is None else mesh
-        self.vocab_chunk = vocab_chunk
+        self.vocab_chunk = vocab_chunk or head.default_vocab_chunk(mesh.devices.flat[0].platform)
         self.rules = tuple(rules) if rules is not None else sharding.rules_for(model.spec, mesh)
         self.layout = layout = sharding.RowLayout.create(mesh, sharding.row_axes(self.rules))
         self._graphdef = graphdef

@@ -37,6 +37,8 @@ def masked_logprobs(
     mesh = jax.typeof(flat).sharding.mesh
     replicated = None if mesh.empty else NamedSharding(mesh, P())
     h = flat.at[score_index].get(mode="clip", out_sharding=replicated)  # [C, D]
+    if replicated is not None:  # the scan gathers along the vocabulary: one whole copy (the head runs per shard)
+        unembedding = jax.sharding.reshard(unembedding, P())
     run_max, run_sum, run_arg, target_logit = vocab_scan(h, unembedding, score_target, vocab_chunk)[:4]
     nll = jnp.where(score_valid, jnp.log(run_sum) + run_max - target_logit, 0.0)
     return nll, jnp.where(score_valid, run_arg, -1).astype(jnp.int32)
