@@ -1,6 +1,7 @@
 r"""Scoring benchmark: one run, same weights and data, ratios against baselines measured in-process.
 
   python -m launch.benchmark --data=../shared/data/psych201 [--shapes=head,body,qwen3_0.6b,qwen3_5] [--out=b.json]
+  python -m launch.benchmark --smoke --data=tests/data/psych201 --shapes=...   # tiny: code paths only (CI)
 
 Shapes (each: our job path -- packed rows, masked head -- against HF PyTorch on the same weights and data):
 - ``head``: the head-dominated toy (Qwen3-shaped, 2 layers, width 256, the real 151,936 vocabulary; the first
@@ -57,6 +58,12 @@ flags.DEFINE_integer("long_participants", 10, "Participants of --long_study in t
 flags.DEFINE_integer(
     "repeats", 2, "Steady passes of ours and of the batch-1 reference, interleaved; the best of each is kept."
 )
+flags.DEFINE_bool(
+    "smoke",
+    False,
+    "Every shape and row on tiny models and lengths (seconds, CPU): the code paths only, as CI runs them; "
+    "its numbers measure nothing.",
+)
 
 TOKENS_PER_BATCH, CHUNK_TOKENS = 131072, 1 << 22  # the job's defaults (configs/score.py)
 QWEN3_TINY = dict(
@@ -105,6 +112,25 @@ QWEN3_5_TINY = dict(
     tie_word_embeddings=True,
     max_position_embeddings=32768,
 )
+
+
+SMOKE_QWEN3 = {**QWEN3_TINY, "hidden_size": 64, "intermediate_size": 128, "head_dim": 16}
+SMOKE_QWEN3_5 = {
+    **QWEN3_5_TINY,
+    **SMOKE_QWEN3,
+    "num_hidden_layers": 4,  # one pattern: three Gated DeltaNet layers, then full attention
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+}
+# Model shapes by benchmark shape: (the measured ones, the --smoke ones).
+MODELS = {
+    "head": (QWEN3_TINY, SMOKE_QWEN3),
+    "body": (QWEN3_BODY, SMOKE_QWEN3),
+    "qwen3_0.6b": (QWEN3_0_6B_4_LAYERS, SMOKE_QWEN3),
+    "qwen3_5": (QWEN3_5_TINY, SMOKE_QWEN3_5),
+}
 
 
 PEAK = [float("nan")]  # float32 matmul FLOP/s of this run (measured first in main)
@@ -441,15 +467,17 @@ def head_cost(vocab: int = 151936, d: int = 1024, capacity: int = 1024, repeats:
     return out
 
 
-def long_transcripts(data_root: str, study: str, n: int, family: str, model_kwargs: dict, small_vocab: bool) -> dict:
+def long_transcripts(
+    data_root: str, study: str, n: int, family: str, model_kwargs: dict, small_vocab: bool, vocab: int | None = 151936
+) -> dict:
     """End to end on ``n`` transcripts of ``study``; ``small_vocab``: a 4,096-token tokenizer trained on the
-    corpus (the body dominates), else the bundled Qwen3 tokenizer with 151,936 entries."""
+    corpus (the body dominates), else the bundled Qwen3 tokenizer with a ``vocab``-entry model (None: the
+    tokenizer's own size)."""
     with tempfile.TemporaryDirectory() as tmp:
         if small_vocab:
-            tok_dir = _corpus_tokenizer(data_root, os.path.join(tmp, "tok"))
+            tok_dir, vocab = _corpus_tokenizer(data_root, os.path.join(tmp, "tok")), None
         else:
             tok_dir = defaults.DEFAULT_TOKENIZER
-        vocab = None if small_vocab else 151936
         return end_to_end(data_root, [study], n, vocab, family=family, model_kwargs=model_kwargs, tokenizer_dir=tok_dir)
 
 
@@ -517,14 +545,14 @@ def job_end_to_end(data_root: str, study: str, n: int, model_kwargs: dict) -> di
     }
 
 
-def qwen3_5_compile_seconds(num_layers: int, seq_len: int = 4096) -> float:
+def qwen3_5_compile_seconds(num_layers: int, seq_len: int = 4096, model_kwargs: dict = QWEN3_5_TINY) -> float:
     """Wall time to lower and compile the Qwen3.5-shaped forward (abstract parameters, float32)."""
     from flax import nnx
     from transformers import AutoConfig
 
     from psych201_jax.model import spec as modelspec
 
-    kwargs = {**QWEN3_5_TINY, "num_hidden_layers": num_layers, "vocab_size": 4096}
+    kwargs = {**model_kwargs, "num_hidden_layers": num_layers, "vocab_size": 4096}
     kwargs["rope_parameters"] = dict(rope_type="default", rope_theta=1e7, partial_rotary_factor=0.25)
     config = AutoConfig.for_model("qwen3_5_text", **kwargs)
     spec = modelspec.from_hf_config(config)
@@ -547,14 +575,18 @@ def main(argv):
         else sorted(d for d in os.listdir(FLAGS.data) if os.path.isdir(os.path.join(FLAGS.data, d)))
     )
     long = (FLAGS.data, FLAGS.long_study, FLAGS.long_participants)
+    smoke = FLAGS.smoke
+    model = {name: shapes[smoke] for name, shapes in MODELS.items()}
+    vocab = None if smoke else FLAGS.vocab  # smoke: the bundled tokenizer's own size
+    depths, seq = ((4, 8), 256) if smoke else ((4, 8, 16, 32), 4096)
     runs = {
-        "head": lambda: end_to_end(FLAGS.data, studies, FLAGS.per_study, FLAGS.vocab),
-        "body": lambda: long_transcripts(*long, "qwen3", QWEN3_BODY, small_vocab=True),
-        "qwen3_0.6b": lambda: long_transcripts(*long, "qwen3", QWEN3_0_6B_4_LAYERS, small_vocab=False),
-        "body_job": lambda: job_end_to_end(FLAGS.data, FLAGS.long_study, FLAGS.long_participants, QWEN3_BODY),
+        "head": lambda: end_to_end(FLAGS.data, studies, FLAGS.per_study, vocab, model_kwargs=model["head"]),
+        "body": lambda: long_transcripts(*long, "qwen3", model["body"], small_vocab=True),
+        "qwen3_0.6b": lambda: long_transcripts(*long, "qwen3", model["qwen3_0.6b"], small_vocab=False, vocab=vocab),
+        "body_job": lambda: job_end_to_end(FLAGS.data, FLAGS.long_study, FLAGS.long_participants, model["body"]),
         "qwen3_5": lambda: {
-            **long_transcripts(*long, "qwen3_5_text", QWEN3_5_TINY, small_vocab=True),
-            "compile_s_by_layers": {n: qwen3_5_compile_seconds(n) for n in (4, 8, 16, 32)},
+            **long_transcripts(*long, "qwen3_5_text", model["qwen3_5"], small_vocab=True),
+            "compile_s_by_layers": {n: qwen3_5_compile_seconds(n, seq, model["qwen3_5"]) for n in depths},
         },
     }
     out["shapes"] = {}
@@ -564,13 +596,13 @@ def main(argv):
     if not FLAGS.extras:
         return _write(out)
     out["attention_vs_sdpa"] = {
-        "one_segment": attention_vs_sdpa((6656,)),
-        "packed_row": attention_vs_sdpa((7000, 6500, 6000, 5500, 5000, 2000)),
+        "one_segment": attention_vs_sdpa((300,) if smoke else (6656,)),
+        "packed_row": attention_vs_sdpa((200, 150, 100) if smoke else (7000, 6500, 6000, 5500, 5000, 2000)),
     }
     print("attention vs torch SDPA:", json.dumps(out["attention_vs_sdpa"], indent=1))
-    out["logprob_memory"] = logprob_memory()
+    out["logprob_memory"] = logprob_memory(tokens=2048, d=64, vocab=4096) if smoke else logprob_memory()
     print("log-prob memory:", json.dumps(out["logprob_memory"], indent=1))
-    out["head_cost"] = head_cost()
+    out["head_cost"] = head_cost(vocab=4096, d=64, capacity=128, repeats=1) if smoke else head_cost()
     print("head cost of the temperature grid:", json.dumps(out["head_cost"], indent=1))
     out["packing"] = packing_efficiency(FLAGS.data)
     print("packing:", json.dumps(out["packing"], indent=1))
