@@ -576,7 +576,7 @@ def main(argv):
     )
     long = (FLAGS.data, FLAGS.long_study, FLAGS.long_participants)
     smoke = FLAGS.smoke
-    model = {name: shapes[smoke] for name, shapes in MODELS.items()}
+    model = {name: smoke_shape if smoke else shape for name, (shape, smoke_shape) in MODELS.items()}
     vocab = None if smoke else FLAGS.vocab  # smoke: the bundled tokenizer's own size
     depths, seq = ((4, 8), 256) if smoke else ((4, 8, 16, 32), 4096)
     runs = {
