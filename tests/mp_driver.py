@@ -34,7 +34,8 @@ OPTION_MESHES = ((1, 1, 1), (2, 2, 2), (1, 2, 4))
 ROW_LENGTHS = (2048, 4096)
 TOKENS_PER_BATCH = 8192
 # 3 argmax blocks of 128: the bundled vocabulary (4,096) and its tensor shards (2,048, 1,024) end with a
-# shorter chunk, so the head's chunk steps, its last step and its two-level argmax all run on every mesh.
+# shorter chunk (256 or 128 columns), so the head's chunk steps, its last step and its two-level argmax all
+# run on every mesh (a last chunk that is no multiple of the block: tests/test_logprobs.py).
 VOCAB_CHUNK = 384
 
 LLAMA31_70B = ModelSpec(

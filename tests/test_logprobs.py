@@ -67,9 +67,11 @@ def test_bf16_hidden_with_float32_unembedding_computes_in_bf16():
     [
         # chunks of 32 (no argmax blocks) at 0, 32, 64 and a last one of 4 at 96
         (100, 32, [(5, 40), (40, 70), (66, 70, 99), (97, 98)]),
-        # chunks of 512 in blocks of 128 (head.ARGMAX_BLOCK), then 488 columns without blocks: ties in one
+        # chunks of 512 in blocks of 128 (head.ARGMAX_BLOCK), then 488 columns in blocks of 8: ties in one
         # block, across blocks, across chunks and into the last chunk
         (1000, 512, [(5, 100), (100, 130), (127, 128, 300), (200, 511, 600), (600, 990), (998, 999)]),
+        # chunks of 100 in blocks of 4, then 77 columns without blocks
+        (777, 100, [(5, 50), (99, 100), (650, 776), (700, 701)]),
     ],
 )
 def test_argmax_ties_go_to_the_lowest_index_across_chunks(vocab, chunk, ties):
