@@ -57,10 +57,11 @@ def attention(
 ) -> Float[Array, "b t hq d"]:
     """q [B, T, Hq, hd], k/v [B, T, Hk, hd] (Hq % Hk == 0), segment_ids int32[B, T] -> [B, T, Hq, hd].
 
-    Tiles default to 512 x 512. On a 2-core AVX-512 CPU (``launch.benchmark``'s attention rows, 8/4 heads
-    of 64) 512 ran one 6.7K-token segment at 153 GFLOP/s against 126 at 256 and 138 at 768, a packed row
-    of six 2K-7K segments at 125 against 109, and 2K segments alike (79); only 600-token segments ran
-    faster at 256 (37 against 33 GFLOP/s), where attention is a small share of the work.
+    Tiles default to 512 x 512. On a 2-core AVX-512 CPU (the workloads of ``launch.benchmark``'s attention
+    rows and two more, 8/4 heads of 64, timed at each tile size) 512 ran one 6.7K-token segment at 153
+    GFLOP/s against 126 at 256 and 138 at 768, a packed row of six 2K-7K segments at 125 against 109, and
+    2K segments alike (79); only 600-token segments ran faster at 256 (37 against 33 GFLOP/s), where
+    attention is a small share of the work.
     """
     block_q, block_k = block_q or 512, block_k or 512
     if backend not in _BACKENDS:

@@ -133,8 +133,6 @@ def _max_argmax(logits: Float[Array, "c n"]) -> tuple[Float[Array, " c"], Int[Ar
         return jnp.min(jnp.where(x == m[:, None], jnp.arange(x.shape[1]), x.shape[1]), axis=1)
 
     block = first(block_max, row_max)
-    if g == 1:
-        return row_max, block.astype(jnp.int32)
     within = jnp.take_along_axis(blocks, jnp.clip(block, 0, n // g - 1)[:, None, None], axis=1)[:, 0]  # [C, g]
     return row_max, (block * g + first(within, row_max)).astype(jnp.int32)
 
