@@ -167,8 +167,9 @@ def hf_batched_nll(model, items, batch: int = 4, logits_bytes: float = 4e9) -> t
 
 
 def attention_vs_sdpa(lengths: tuple[int, ...], hq: int = 8, hk: int = 4, d: int = 64) -> dict:
-    """GFLOP/s of our ``xla`` attention on one packed row of causal segments of ``lengths`` and of torch's
-    CPU SDPA run per segment (``is_causal``, the way the batch-1 reference sees them): the same work."""
+    """GFLOP/s of our attention backends ("xla", and "cpu" where the native kernel builds) on one packed row of
+    causal segments of ``lengths`` and of torch's CPU SDPA run per segment (``is_causal``, the way the batch-1
+    reference sees them): the same work."""
     import torch
 
     from psych201_jax.model import attention
@@ -177,9 +178,11 @@ def attention_vs_sdpa(lengths: tuple[int, ...], hq: int = 8, hk: int = 4, d: int
     rng = np.random.default_rng(0)
     q, k, v = (rng.normal(size=(1, t, h, d)).astype(np.float32) for h in (hq, hk, hk))
     seg = jnp.asarray(np.repeat(np.arange(1, len(lengths) + 1), lengths)[None], jnp.int32)
-    fn = jax.jit(lambda q, k, v: attention.attention(q, k, v, seg, backend="xla"))
     args = tuple(jnp.asarray(x) for x in (q, k, v))
-    fn(*args).block_until_ready()
+    backends = [b for b in ("xla", "cpu") if b in attention.runnable_backends()]
+    fns = {b: jax.jit(lambda q, k, v, b=b: attention.attention(q, k, v, seg, backend=b)) for b in backends}
+    for fn in fns.values():
+        fn(*args).block_until_ready()
     tq, tk, tv = (torch.from_numpy(x).transpose(1, 2) for x in (q, k, v))
     tk, tv = (x.repeat_interleave(hq // hk, dim=1) for x in (tk, tv))
     bounds = np.cumsum((0,) + tuple(lengths))
@@ -189,18 +192,18 @@ def attention_vs_sdpa(lengths: tuple[int, ...], hq: int = 8, hk: int = 4, d: int
         for a, b in zip(bounds[:-1], bounds[1:]):
             sdpa_fn(tq[:, :, a:b], tk[:, :, a:b], tv[:, :, a:b], is_causal=True)
 
-    ours = sdpa = float("inf")
+    best = dict.fromkeys([*backends, "sdpa"], float("inf"))
     with torch.inference_mode():
-        for _ in range(5):  # interleaved, best of each: a noisy shared CPU slows both alike
-            ours = min(ours, _timed(lambda: fn(*args).block_until_ready()))
-            sdpa = min(sdpa, _timed(sdpa_run))
+        for _ in range(5):  # interleaved, best of each: a noisy shared CPU slows all alike
+            for b, fn in fns.items():
+                best[b] = min(best[b], _timed(lambda fn=fn: fn(*args).block_until_ready()))
+            best["sdpa"] = min(best["sdpa"], _timed(sdpa_run))
     flops = sum(2 * 2 * hq * d * n * n / 2 for n in lengths)  # QK^T and PV over each causal half
-    return {
-        "lengths": list(lengths),
-        "ours_gflops_per_s": flops / ours / 1e9,
-        "sdpa_gflops_per_s": flops / sdpa / 1e9,
-        "ours_over_sdpa": sdpa / ours,
-    }
+    out = {"lengths": list(lengths), "sdpa_gflops_per_s": flops / best["sdpa"] / 1e9}
+    for b in backends:
+        out[f"{b}_gflops_per_s"] = flops / best[b] / 1e9
+        out[f"{b}_over_sdpa"] = best["sdpa"] / best[b]
+    return out
 
 
 def time_split(ours: scorer.Scorer, model, items, job_s: float, *, row_lengths, tokens_per_batch) -> dict:
@@ -216,11 +219,11 @@ def time_split(ours: scorer.Scorer, model, items, job_s: float, *, row_lengths, 
 
     # k and v stay live (their projections, norms and rotary are body, not attention): only the kernel goes.
     attention.register_backend("skip", lambda q, k, v, segment_ids, **_: q + 0.0 * (jnp.sum(k) + jnp.sum(v)))
-    model.attention_backend = "skip"
+    backend, model.attention_backend = model.attention_backend, "skip"
     try:
         skipped = scorer.Scorer(model)
     finally:
-        model.attention_backend = "xla"
+        model.attention_backend = backend
     totals = {"forward": 0.0, "no_attention": 0.0, "last_layer": 0.0, "head": 0.0}
     layout = ours.layout
     for b in packing.pack(items, row_lengths, tokens_per_batch=tokens_per_batch):

@@ -126,13 +126,17 @@ def meshes(steady: bool = False) -> dict:
         )
     )
     report = {"participants": len(items), "tokens": int(sum(len(p.token_ids) for p in items)), "meshes": {}}
-    base, spec = checkpoint.load_model(defaults.DEFAULT_MODEL, dtype="float32")
+    # "auto" attention runs "xla" on a multi-device mesh and the native kernel on one device: the baseline
+    # runs "xla" too, so that the comparison isolates sharding (the kernel has its own tests).
+    base, spec = checkpoint.load_model(defaults.DEFAULT_MODEL, dtype="float32", attention_backend="xla")
     ref, timing, comps = _score(items, base, steady=steady)
     report["single_device"] = dict(timing, compilations=comps)
     for shape in MESHES:
         mesh = sharding.make_mesh(*shape, devices=jax.devices()[: int(np.prod(shape))])
         rules = sharding.rules_for(spec, mesh)
-        m, _ = checkpoint.load_model(defaults.DEFAULT_MODEL, dtype="float32", mesh=mesh, rules=rules)
+        m, _ = checkpoint.load_model(
+            defaults.DEFAULT_MODEL, dtype="float32", mesh=mesh, rules=rules, attention_backend="xla"
+        )
         shardings = {name: str(getattr(m.layers, name).sharding.spec) for name in ("wq", "wk", "w_up")}
         shardings["embed"] = str(m.embed.sharding.spec)
         got, timing, comps = _score(items, m, mesh, rules, steady=steady)
@@ -170,7 +174,7 @@ def options() -> dict:
         out = stream.score_spans(items, sc, row_lengths=(2048,), tokens_per_batch=4096)
         return {r.key: r for r in out}, sc.compilations()
 
-    base, spec = checkpoint.load_model(defaults.DEFAULT_MODEL, dtype="float32")
+    base, spec = checkpoint.load_model(defaults.DEFAULT_MODEL, dtype="float32", attention_backend="xla")  # see meshes()
     ref, comps = score(base)
     chosen = np.concatenate([r.option_argmax for r in ref.values()])
     report = {
@@ -183,7 +187,9 @@ def options() -> dict:
     for shape in OPTION_MESHES:
         mesh = sharding.make_mesh(*shape, devices=jax.devices()[: int(np.prod(shape))])
         rules = sharding.rules_for(spec, mesh)
-        m, _ = checkpoint.load_model(defaults.DEFAULT_MODEL, dtype="float32", mesh=mesh, rules=rules)
+        m, _ = checkpoint.load_model(
+            defaults.DEFAULT_MODEL, dtype="float32", mesh=mesh, rules=rules, attention_backend="xla"
+        )
         got, comps = score(m, mesh, rules)
         report["meshes"]["x".join(map(str, shape))] = dict(
             _compare(got, ref),

@@ -33,6 +33,7 @@ def test_smoke_runs_every_shape_and_row(tmp_path):
     job = report["shapes"]["body_job"]
     assert job["speedup_no_grid"] > 0 and job["speedup_default"] > 0
     for row in ("one_segment", "packed_row"):
-        assert report["attention_vs_sdpa"][row]["ours_over_sdpa"] > 0
+        assert report["attention_vs_sdpa"][row]["xla_over_sdpa"] > 0
+        assert report["attention_vs_sdpa"][row]["cpu_over_sdpa"] > 0  # CI builds the native kernel
     assert report["head_cost"]["grid_over_no_grid"] > 0
     assert 0.5 < report["packing"]["efficiency"] <= 1.0

@@ -113,6 +113,18 @@ def test_float32_per_token_log_probs_match_hf(case):
     assert np.abs(ours - ref).max() <= 1e-4
 
 
+def test_float32_xla_attention_matches_hf_too(case):
+    """Models load with attention "auto", the native kernel on a CPU; the plain "xla" path matches HF as well."""
+    model = case.model32
+    assert model.attention_backend == "auto"
+    model.attention_backend = "xla"
+    try:
+        ours = _token_log_probs(_single_row(model, case.tokens), case.tokens)
+    finally:
+        model.attention_backend = "auto"
+    assert np.abs(ours - _token_log_probs(case.ref32, case.tokens)).max() <= 1e-4
+
+
 def test_bfloat16_mean_kl_to_hf(case):
     ours = _single_row(case.model16, case.tokens)
     kl = np.sum(np.exp(case.ref16) * (case.ref16 - ours), axis=-1)

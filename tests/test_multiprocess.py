@@ -17,7 +17,13 @@ import pytest
 from psych201_jax.runs import store as results
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-JOB_FLAGS = ("--config.max_row_length=16384", "--config.tokens_per_batch=16384", "--config.chunk_tokens=6000")
+# attention=xla: "auto" would run the native kernel in the one-device job and "xla" on the two-process mesh.
+JOB_FLAGS = (
+    "--config.max_row_length=16384",
+    "--config.tokens_per_batch=16384",
+    "--config.chunk_tokens=6000",
+    "--config.attention=xla",
+)
 TIMEOUT_S = 300
 
 

@@ -9,8 +9,10 @@ queries (segment 0) produce zeros.
 Backends: "dense" builds the full [T, T] mask (reference for tests); "xla" is a blockwise online-softmax
 that keeps memory at O(T * block) and iterates, per query block, only over key blocks that can be
 visible (causality, window and the start of the earliest segment in the block bound the range).
-Accelerator kernels ("splash" on TPU, "pallas_gpu" and "cudnn" on GPU) live in ``kernels.py`` and are
-registered at the end of this module; more can be added with ``register_backend``.
+Accelerator kernels ("splash" on TPU, "pallas_gpu" and "cudnn" on GPU) live in ``kernels.py``; "cpu" is a
+native C++ kernel for XLA:CPU (``cpu_kernel.py``, built on first use). "auto" (the job's default) is "cpu"
+where that kernel runs (a CPU process, at most one device in the current mesh, a working C++ compiler) and
+"xla" elsewhere. All are registered at the end of this module; more can be added with ``register_backend``.
 
 ``attention_at`` is the same attention for queries at chosen positions only (the last layer of a scoring
 forward, where only scored positions need an output); it is plain XLA on every platform.
@@ -39,9 +41,33 @@ def available_backends() -> tuple[str, ...]:
 
 def runnable_backends() -> tuple[str, ...]:
     """The registered backends that can run on this process's platform (kernels are platform-bound)."""
+    from psych201_jax.model import cpu_kernel
     from psych201_jax.model import kernels as attention_kernels
 
-    return attention_kernels.runnable_backends(available_backends())
+    names = attention_kernels.runnable_backends(available_backends())
+    return tuple(n for n in names if n != "cpu" or cpu_kernel.available())
+
+
+def resolve_backend(name: str, n_devices: int | None = None) -> str:
+    """The backend ``name`` runs as: "auto" is "cpu" on a CPU process whose mesh (``n_devices``, default: the
+    current abstract mesh's) has at most one device, where the native kernel builds; else "xla"."""
+    if name != "auto":
+        return name
+    from psych201_jax.model import cpu_kernel
+
+    if n_devices is None:
+        mesh = jax.sharding.get_abstract_mesh()
+        n_devices = 1 if mesh.empty else mesh.size
+    return "cpu" if jax.default_backend() == "cpu" and n_devices <= 1 and cpu_kernel.available() else "xla"
+
+
+def auto_fallback_reason(n_devices: int) -> str:
+    """Why "auto" runs "xla" on a one-device CPU process (the native kernel did not build), or ""."""
+    from psych201_jax.model import cpu_kernel
+
+    if jax.default_backend() != "cpu" or n_devices > 1:
+        return ""
+    return cpu_kernel.unavailable_reason()
 
 
 def attention(
@@ -64,6 +90,7 @@ def attention(
     attention is a small share of the work.
     """
     block_q, block_k = block_q or 512, block_k or 512
+    backend = resolve_backend(backend)
     if backend not in _BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; available: {available_backends()}")
     if q.shape[2] % k.shape[2]:
@@ -296,9 +323,12 @@ register_backend("xla", _blockwise)
 
 
 def _register_kernel_backends() -> None:
+    from psych201_jax.model import cpu_kernel
     from psych201_jax.model import kernels as attention_kernels
 
     attention_kernels.register_all(register_backend)
+    register_backend("cpu", cpu_kernel.cpu_attention)
+    register_backend("auto", _BACKENDS["xla"])  # a name only: ``attention`` resolves it before dispatch
 
 
 _register_kernel_backends()

@@ -178,7 +178,7 @@ def abstract_model(
     param_dtype,
     mesh: jax.sharding.Mesh | None = None,
     rules: Sequence[tuple[str, str | tuple[str, ...] | None]] | None = None,
-    attention_backend: str = "xla",
+    attention_backend: str = "auto",
 ) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, state of ShapeDtypeStruct-with-sharding variables) of a Decoder, without allocating it.
 
@@ -210,7 +210,7 @@ def load_model(
     dtype=None,
     mesh: jax.sharding.Mesh | None = None,
     rules: Sequence[tuple[str, str | tuple[str, ...] | None]] | None = None,
-    attention_backend: str = "xla",
+    attention_backend: str = "auto",
 ) -> tuple[Decoder, ModelSpec]:
     """Restores a converted checkpoint as (Decoder, spec).
 

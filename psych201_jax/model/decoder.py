@@ -449,7 +449,7 @@ def _new_param(name: str, shape: tuple[int, ...], axes: tuple[str, ...], param_d
 class Decoder(nnx.Module):
     """Decoder-only transformer of one supported family; returns final (normed) hidden states."""
 
-    def __init__(self, spec: ModelSpec, *, dtype, param_dtype, rngs: nnx.Rngs, attention_backend: str = "xla"):
+    def __init__(self, spec: ModelSpec, *, dtype, param_dtype, rngs: nnx.Rngs, attention_backend: str = "auto"):
         self.spec = spec
         self.dtype = jnp.dtype(dtype)
         self.attention_backend = attention_backend

@@ -397,7 +397,7 @@ def _as_backend(fn):
     return backend
 
 
-PLATFORM_OF = {"splash": "tpu", "pallas_gpu": "gpu", "cudnn": "gpu"}
+PLATFORM_OF = {"splash": "tpu", "pallas_gpu": "gpu", "cudnn": "gpu", "cpu": "cpu"}
 
 
 def register_all(register) -> None:

@@ -39,7 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
     # values from 0.25 to 4 (0.5, 1, 2 included); none = off; or a comma list, e.g. "0.5,1,2".
     c.temperatures = "default"
     c.dtype = "float32"  # float32 | bfloat16 (parameters and activations; log-probs always float32)
-    c.attention = "xla"  # attention backend (see psych201_jax.model.attention.available_backends())
+    # attention backend (psych201_jax.model.attention.available_backends()); "auto": the native kernel on a
+    # one-device CPU job, else "xla"
+    c.attention = "auto"
     c.max_tokens = 0  # robust token budget of experiment text; 0 = context - persona_reserve
     c.max_line_bytes = 1 << 24  # robust: an input line longer than this (16 MiB) is rejected unparsed
     c.persona_reserve = 512  # robust: tokens left free for BOS, chat header and persona prefix

@@ -175,6 +175,8 @@ def load_key(cfg) -> str:
 
 def load(cfg) -> LoadedModel:
     """Resolves (converting once), restores and places the model of ``cfg`` on its mesh."""
+    from psych201_jax.model import attention
+
     model_dir = model_cache.resolve_model(cfg.model, cfg.cache_dir, cfg.dtype)
     mesh, rules = _mesh_and_rules(cfg, model_dir)
     try:
@@ -186,6 +188,9 @@ def load(cfg) -> LoadedModel:
             f"could not load the converted checkpoint {model_dir} ({type(err).__name__}: "
             f"{str(err)[:300]}); if it is a conversion cache, delete it to reconvert"
         ) from err
+    logging.info("attention backend: %s", attention.resolve_backend(cfg.attention, mesh.size))
+    if cfg.attention == "auto" and (why := attention.auto_fallback_reason(mesh.size)):
+        logging.warning("the native CPU attention kernel is unavailable (%s); attention runs as 'xla', slower", why)
     snapshots = os.path.join(cfg.cache_dir, "tokenizers") if cfg.cache_dir else ""
     tok = spans.TokenizerInfo(os.path.join(model_dir, checkpoint.TOKENIZER), snapshot_dir=snapshots)
     return LoadedModel(model_dir, spec, tok, scorer.Scorer(model, vocab_chunk=cfg.vocab_chunk, mesh=mesh, rules=rules))

@@ -1,0 +1,125 @@
+"""The native CPU attention kernel (``cpu_attention.cc``): built on first use, registered with the XLA FFI.
+
+XLA:CPU runs each elementwise step of the blockwise backend's online softmax as a pass over memory; the kernel
+keeps each score tile in cache instead (see the source's header). It is compiled once per source, jaxlib and
+machine with the host's C++ compiler (``$CXX`` or ``c++``, ``-O3 -march=native``) into
+``$XDG_CACHE_HOME/psych201_jax/kernels`` (default ``~/.cache``) and loaded from there afterwards. Where no
+compiler works, ``available()`` is False with the reason in ``unavailable_reason()``, and the ``auto``
+attention backend uses ``xla``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = Path(__file__).with_name("cpu_attention.cc")
+TARGET = "psych201_cpu_attention"
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+_LANES = 64  # the kernel's head-dim granularity; other head dims are zero-padded to it
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "psych201_jax" / "kernels"
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
+
+
+def _build() -> Path:
+    """The compiled library, building it if this source, jaxlib, compiler and machine have none yet."""
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set $CXX)")
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256(
+        b"\0".join(
+            x.encode() if isinstance(x, str) else x
+            for x in (SOURCE.read_bytes(), jax.ffi.include_dir(), jax.__version__, version, " ".join(FLAGS))
+        )
+        + platform.machine().encode()
+        + platform.node().encode()  # -march=native: a shared home directory may span CPU generations
+    ).hexdigest()[:16]
+    lib = cache_dir() / f"cpu_attention-{key}.so"
+    if lib.exists():
+        return lib
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+    os.close(fd)
+    try:
+        cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}")
+        os.replace(tmp, lib)  # atomic: concurrent builders leave one complete library
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+@functools.cache
+def _registration() -> str:
+    """The empty string once the kernel is registered with XLA:CPU, else why it is not."""
+    try:
+        handler = ctypes.cdll.LoadLibrary(str(_build())).Psych201CpuAttention
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
+    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as err:
+        return f"{type(err).__name__}: {err}"
+    return ""
+
+
+def available() -> bool:
+    """Whether the kernel is built and registered (builds it on the first call)."""
+    return not _registration()
+
+
+def unavailable_reason() -> str:
+    return _registration()
+
+
+def cpu_attention(q, k, v, segment_ids, *, sliding_window=None, block_q=None, block_k=None):
+    """The shared attention semantics (``attention.py``) on XLA:CPU via the native kernel; float32 inside,
+    the output in q's dtype. Raises ValueError where the kernel cannot run."""
+    del block_q, block_k  # the kernel's tiles are fixed in its source
+    if reason := _registration():
+        raise ValueError(f"attention backend 'cpu' is unavailable: {reason}")
+    if jax.default_backend() != "cpu":
+        raise ValueError(f"attention backend 'cpu' runs only on CPU (this process runs on {jax.default_backend()})")
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:  # the kernel sees whole arrays; XLA would gather them to each device
+        raise ValueError(
+            f"attention backend 'cpu' runs on one device, not a {mesh.size}-device mesh; use 'xla' or 'auto'"
+        )
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"attention backend 'cpu': sliding_window must be >= 1, got {sliding_window}")
+    d = q.shape[-1]
+    pad = -d % _LANES
+
+    def prep(x):
+        return jnp.pad(x.astype(jnp.float32), ((0, 0), (0, 0), (0, 0), (0, pad)))
+
+    call = jax.ffi.ffi_call(
+        TARGET, jax.ShapeDtypeStruct(q.shape[:-1] + (d + pad,), jnp.float32), vmap_method="sequential"
+    )
+    out = call(
+        prep(q),
+        prep(k),
+        prep(v),
+        segment_ids.astype(jnp.int32),
+        window=np.int64(sliding_window or 0),
+        scale=np.float32(d**-0.5),
+    )
+    return out[..., :d].astype(q.dtype)

@@ -1,0 +1,114 @@
+"""The native CPU attention kernel (psych201_jax/model/cpu_kernel.py, cpu_attention.cc) against the dense
+reference, its isolation of segments, the "auto" backend's choice and the build's failure report."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_attention_backends import _leakage_check, _qkv, _rows
+
+from psych201_jax.model import attention as attn_lib
+from psych201_jax.model import cpu_kernel
+from psych201_jax.model.attention import attention
+
+pytestmark = pytest.mark.skipif(cpu_kernel._compiler() is None, reason="no C++ compiler on this machine")
+
+
+def test_kernel_builds_here():
+    """CI has a compiler, so the kernel must build: a silent fallback to "xla" would hide a broken source."""
+    assert cpu_kernel.available(), cpu_kernel.unavailable_reason()
+
+
+@pytest.mark.parametrize(
+    "t,hq,hk,d,window",
+    [
+        (300, 4, 2, 64, None),  # less than one key tile (256) past the first: partial tiles, padding
+        (300, 4, 2, 64, 1),  # each query sees only itself
+        (300, 2, 2, 32, 16),  # no GQA; head dim padded to 64 inside
+        (700, 8, 2, 128, None),  # several key tiles and query blocks; interior tiles run unmasked
+        (700, 8, 1, 80, 300),  # the window cuts inside tiles; head dim padded to 128
+        (700, 6, 6, 16, 257),
+    ],
+)
+def test_matches_dense(t, hq, hk, d, window):
+    q, k, v = _qkv(3, t, hq, hk, d, seed=t + hq + d)
+    third = t // 3
+    seg = _rows(
+        t,
+        [
+            [(1, third), (2, 1), (3, t - third - 40)],  # then 39 padding tokens
+            [(0, 7), (1, t - 7)],  # padding first
+            [(5, t)],
+        ],
+    )
+    dense = attention(q, k, v, seg, sliding_window=window, backend="dense")
+    out = jax.jit(functools.partial(cpu_kernel.cpu_attention, sliding_window=window))(q, k, v, seg)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    np.testing.assert_allclose(np.asarray(out), np.asarray(dense), atol=2e-6, rtol=0)
+    assert (np.asarray(out)[np.asarray(seg) == 0] == 0).all()
+
+
+def test_bfloat16_in_bfloat16_out():
+    q, k, v = _qkv(2, 200, 4, 2, 64, seed=5, dtype=jnp.bfloat16)
+    seg = _rows(200, [[(1, 80), (2, 120)], [(1, 150)]])
+    out = cpu_kernel.cpu_attention(q, k, v, seg, sliding_window=40)
+    dense = attention(q, k, v, seg, sliding_window=40, backend="dense")
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(dense, np.float32), atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("hd,window", [(64, None), (64, 64), (128, None)])
+def test_no_leakage_between_segments(hd, window):
+    _leakage_check(cpu_kernel.cpu_attention, window, jnp.float32, hd=hd)
+
+
+def test_auto_picks_the_kernel_on_one_cpu_device_only(monkeypatch):
+    assert attn_lib.resolve_backend("auto", 1) == "cpu"
+    assert attn_lib.resolve_backend("auto", 8) == "xla"  # the kernel sees whole arrays, not shards
+    assert attn_lib.resolve_backend("xla", 1) == "xla"
+    assert attn_lib.auto_fallback_reason(1) == ""
+    assert "cpu" in attn_lib.runnable_backends()
+    monkeypatch.setattr(cpu_kernel, "_registration", lambda: "RuntimeError: no C++ compiler found (set $CXX)")
+    assert attn_lib.resolve_backend("auto", 1) == "xla"
+    assert "no C++ compiler" in attn_lib.auto_fallback_reason(1)
+    assert "cpu" not in attn_lib.runnable_backends()
+    q, k, v = _qkv(1, 64, 2, 1, 64)
+    with pytest.raises(ValueError, match="attention backend 'cpu' is unavailable: RuntimeError: no C"):
+        attention(q, k, v, jnp.ones((1, 64), jnp.int32), backend="cpu")
+
+
+def test_a_multi_device_mesh_gets_xla_from_auto_and_an_error_from_cpu():
+    """Traced under a 2-device mesh (abstract: this process may have one device), "auto" is "xla" and an
+    explicit "cpu" raises instead of letting XLA gather every shard to every device."""
+    q, k, v = _qkv(2, 64, 2, 1, 64)
+    seg = jnp.ones((2, 64), jnp.int32)
+    mesh = jax.sharding.AbstractMesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    with jax.sharding.use_abstract_mesh(mesh):
+        assert attn_lib.resolve_backend("auto") == "xla"
+        with pytest.raises(ValueError, match="runs on one device, not a 2-device mesh"):
+            jax.eval_shape(lambda *a: attention(*a, backend="cpu"), q, k, v, seg)
+    assert attn_lib.resolve_backend("auto") == "cpu"
+
+
+def test_a_build_failure_names_the_compiler_error(monkeypatch, tmp_path):
+    broken = tmp_path / "broken.cc"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(cpu_kernel, "SOURCE", broken)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with pytest.raises(RuntimeError, match="failed: .*broken.cc"):
+        cpu_kernel._build()
+    assert not list((tmp_path / "cache").rglob("*.so"))  # no half-written library left to load
+
+
+def test_the_library_is_cached_per_source(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = cpu_kernel._build()
+    assert first.parent == tmp_path / "psych201_jax" / "kernels" and first.exists()
+    mtime = first.stat().st_mtime_ns
+    assert cpu_kernel._build() == first and first.stat().st_mtime_ns == mtime  # loaded, not rebuilt
+    edited = tmp_path / "cpu_attention.cc"
+    edited.write_text(cpu_kernel.SOURCE.read_text() + "\n// edited\n")
+    monkeypatch.setattr(cpu_kernel, "SOURCE", edited)
+    assert cpu_kernel._build() != first
