@@ -111,7 +111,7 @@ struct Problem {
   float scale;
   std::vector<int64_t> lo;  // [b * t]: the first key each query sees (t for padding queries)
   int64_t tiles;            // key tiles of kBlockK per row, the last zero-padded
-  std::vector<float> kt;    // [b, hk, tiles, d, kBlockK]: keys transposed per tile
+  std::vector<float> kt;    // [b, hk, tiles, kBlockK / 32, d, 32]: keys transposed in panels of 32 (qk_tile)
   std::vector<float> vp;    // [b, hk, tiles * kBlockK, d]: values, one head's rows contiguous
 };
 
@@ -124,8 +124,9 @@ void pack_tile(Problem& pb, int64_t bi, int64_t h, int64_t tile) {
   const float* k = pb.k + (bi * pb.t * pb.hk + h) * d;
   const float* v = pb.v + (bi * pb.t * pb.hk + h) * d;
   for (int64_t jb = 0; jb < kBlockK; jb += 16) {  // 16 key rows at a time stay in L1 while they are transposed
+    float* panel = kt + jb / 32 * 32 * d + jb % 32;
     for (int64_t e = 0; e < d; ++e)
-      for (int64_t jj = jb; jj < jb + 16; ++jj) kt[e * kBlockK + jj] = j0 + jj < pb.t ? k[(j0 + jj) * stride + e] : 0.f;
+      for (int64_t jj = 0; jj < 16; ++jj) panel[e * 32 + jj] = j0 + jb + jj < pb.t ? k[(j0 + jb + jj) * stride + e] : 0.f;
   }
   for (int64_t jj = 0; jj < kBlockK; ++jj) {
     if (j0 + jj < pb.t)
@@ -135,14 +136,16 @@ void pack_tile(Problem& pb, int64_t bi, int64_t h, int64_t tile) {
   }
 }
 
-// S[R, nk_pad] = Qs[R, d] x Kt[d, nk_pad] (Kt rows ``ldk`` floats apart); R a multiple of kRows, nk_pad of 32.
-void qk_tile(const float* qs, const float* kt, int64_t ldk, float* s, int64_t rows, int64_t nk_pad, int64_t d) {
+// S[R, nk_pad] = Qs[R, d] x K^T, K^T in panels of 32 keys ([nk_pad / 32][d][32], so a panel is contiguous and
+// stays in L1 without set conflicts while every row block passes over it); R a multiple of kRows, nk_pad of 32.
+void qk_tile(const float* qs, const float* kt, float* s, int64_t rows, int64_t nk_pad, int64_t d) {
   for (int64_t c = 0; c < nk_pad; c += 32) {
+    const float* panel = kt + c * d;
     for (int64_t r = 0; r < rows; r += kRows) {
       v16 acc[kRows][2] = {};
       const float* qr = qs + r * d;
       for (int64_t x = 0; x < d; ++x) {
-        v16 b0 = load(kt + x * ldk + c), b1 = load(kt + x * ldk + c + 16);
+        v16 b0 = load(panel + x * 32), b1 = load(panel + x * 32 + 16);
         for (int i = 0; i < kRows; ++i) {
           v16 a = bcast(qr + i * d + x);
           acc[i][0] += a * b0;
@@ -244,7 +247,7 @@ void work_item(const Problem& pb, int64_t bi, int64_t h, int64_t i0, Scratch& w)
     const bool whole = nk == kBlockK && max_lo <= j0 && min_real >= j0 + nk - 1;
     const float* kt = pb.kt.data() + (bh * pb.tiles + tile) * d * kBlockK;
     const float* vp = pb.vp.data() + (bh * pb.tiles * kBlockK + j0) * d;
-    qk_tile(w.qs.data(), kt, kBlockK, w.s.data(), rows, nk_pad, d);
+    qk_tile(w.qs.data(), kt, w.s.data(), rows, nk_pad, d);
     for (int64_t r = 0; r < rows; ++r) {
       float* srow = w.s.data() + r * nk_pad;
       if (!whole) {  // -inf outside [row_lo, row_hi] and past nk
