@@ -49,6 +49,19 @@ def test_default_job_scores_every_participant_and_resumes(tmp_path):
     assert len(robust) == 15 and all(len(r["nll"]) == r["n_markers"] for r in robust)
 
 
+def test_relative_model_and_data_paths(tmp_path):
+    """Paths relative to the working directory work (orbax itself takes only absolute ones)."""
+    proc = _run(
+        "launch.score",
+        f"--config.out={tmp_path / 'r'}",
+        "--config.model=psych201_jax/assets/tiny-qwen3",
+        "--config.data=psych201_jax/assets/sample",
+        "--config.temperatures=none",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "15 scored, 0 unscored, 0 rejected" in proc.stdout
+
+
 def test_bad_model_dir_is_a_clear_error(tmp_path):
     proc = _run("launch.score", f"--config.out={tmp_path / 'r'}", f"--config.model={tmp_path}")
     assert proc.returncode != 0

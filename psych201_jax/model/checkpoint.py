@@ -71,7 +71,7 @@ def save_params(
 
 def restore_params(params_dir: str, abstract: dict) -> dict:
     """Restores the pure state dict into the shardings/dtypes of ``abstract`` (ShapeDtypeStruct leaves)."""
-    return ocp.load(params_dir, abstract)
+    return ocp.load(os.path.abspath(params_dir), abstract)  # orbax refuses a relative path
 
 
 class ConvertError(UserError, RuntimeError):
