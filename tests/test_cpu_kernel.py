@@ -64,12 +64,16 @@ def test_no_leakage_between_segments(hd, window):
     _leakage_check(cpu_kernel.cpu_attention, window, jnp.float32, hd=hd)
 
 
-def test_auto_picks_the_kernel_on_one_cpu_device_only(monkeypatch):
-    assert attn_lib.resolve_backend("auto", 1) == "cpu"
+def test_auto_picks_the_kernel_on_one_cpu_device_with_avx512_only(monkeypatch):
+    assert cpu_kernel.simd_width() in (4, 8, 16)
+    wide = cpu_kernel.simd_width() >= cpu_kernel.AUTO_SIMD_WIDTH  # AVX-512 on this machine
+    assert attn_lib.resolve_backend("auto", 1) == ("cpu" if wide else "xla")
     assert attn_lib.resolve_backend("auto", 8) == "xla"  # the kernel sees whole arrays, not shards
     assert attn_lib.resolve_backend("xla", 1) == "xla"
     assert attn_lib.auto_fallback_reason(1) == ""
     assert "cpu" in attn_lib.runnable_backends()
+    monkeypatch.setattr(cpu_kernel, "_SIMD_WIDTH", [8])  # an AVX2 build: correct, but "auto" keeps "xla"
+    assert attn_lib.resolve_backend("auto", 1) == "xla" and attn_lib.auto_fallback_reason(1) == ""
     monkeypatch.setattr(cpu_kernel, "_registration", lambda: "RuntimeError: no C++ compiler found (set $CXX)")
     assert attn_lib.resolve_backend("auto", 1) == "xla"
     assert "no C++ compiler" in attn_lib.auto_fallback_reason(1)
@@ -89,7 +93,7 @@ def test_a_multi_device_mesh_gets_xla_from_auto_and_an_error_from_cpu():
         assert attn_lib.resolve_backend("auto") == "xla"
         with pytest.raises(ValueError, match="runs on one device, not a 2-device mesh"):
             jax.eval_shape(lambda *a: attention(*a, backend="cpu"), q, k, v, seg)
-    assert attn_lib.resolve_backend("auto") == "cpu"
+    assert attn_lib.resolve_backend("auto") == ("cpu" if cpu_kernel.preferred() else "xla")
 
 
 def test_a_build_failure_names_the_compiler_error(monkeypatch, tmp_path):

@@ -11,8 +11,9 @@ that keeps memory at O(T * block) and iterates, per query block, only over key b
 visible (causality, window and the start of the earliest segment in the block bound the range).
 Accelerator kernels ("splash" on TPU, "pallas_gpu" and "cudnn" on GPU) live in ``kernels.py``; "cpu" is a
 native C++ kernel for XLA:CPU (``cpu_kernel.py``, built on first use). "auto" (the job's default) is "cpu"
-where that kernel runs (a CPU process, at most one device in the current mesh, a working C++ compiler) and
-"xla" elsewhere. All are registered at the end of this module; more can be added with ``register_backend``.
+where that kernel runs and wins (a CPU process with AVX-512, at most one device in the current mesh, a working
+C++ compiler) and "xla" elsewhere. All are registered at the end of this module; more can be added with
+``register_backend``.
 
 ``attention_at`` is the same attention for queries at chosen positions only (the last layer of a scoring
 forward, where only scored positions need an output); it is plain XLA on every platform.
@@ -50,7 +51,7 @@ def runnable_backends() -> tuple[str, ...]:
 
 def resolve_backend(name: str, n_devices: int | None = None) -> str:
     """The backend ``name`` runs as: "auto" is "cpu" on a CPU process whose mesh (``n_devices``, default: the
-    current abstract mesh's) has at most one device, where the native kernel builds; else "xla"."""
+    current abstract mesh's) has at most one device, where the native kernel builds for AVX-512; else "xla"."""
     if name != "auto":
         return name
     from psych201_jax.model import cpu_kernel
@@ -58,7 +59,7 @@ def resolve_backend(name: str, n_devices: int | None = None) -> str:
     if n_devices is None:
         mesh = jax.sharding.get_abstract_mesh()
         n_devices = 1 if mesh.empty else mesh.size
-    return "cpu" if jax.default_backend() == "cpu" and n_devices <= 1 and cpu_kernel.available() else "xla"
+    return "cpu" if jax.default_backend() == "cpu" and n_devices <= 1 and cpu_kernel.preferred() else "xla"
 
 
 def auto_fallback_reason(n_devices: int) -> str:

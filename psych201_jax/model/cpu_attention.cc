@@ -29,46 +29,63 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));  // 16 floats, unaligned loads and stores
-typedef int32_t i16 __attribute__((vector_size(64), aligned(4)));
-
-constexpr int kBlockQ = 64;    // queries per work item (times G query heads = score rows)
-constexpr int kBlockK = 256;   // keys per score tile
-constexpr int kRows = 8;       // rows of the QK^T micro-kernel (x 32 columns)
-constexpr int kRowsPV = 6;     // rows of the PV micro-kernel (x 64 columns)
-constexpr int kChunkPV = 64;   // keys per PV pass, so that the value rows stay in L1 across row blocks
-
-inline v16 splat(float x) { return v16{} + x; }
-// A broadcast straight from memory: with AVX-512 it folds into the FMA ({1to16}) instead of taking a shuffle port.
-#ifdef __AVX512F__
-inline v16 bcast(const float* p) { return (v16)_mm512_set1_ps(*p); }
+// One SIMD register of floats: 16 with AVX-512, 8 with AVX2, else 4 (SSE, NEON). The micro-kernels' shapes follow
+// from it so that their accumulators fit the register file (32 zmm, 16 ymm, 16-32 xmm).
+#if defined(__AVX512F__)
+constexpr int W = 16;
+constexpr int kRows = 8, kColVecs = 2;    // QK^T micro-kernel: 8 rows x 32 keys (16 accumulators)
+constexpr int kRowsPV = 6, kVecsPV = 4;   // PV micro-kernel: 6 rows x 64 head dims (24 accumulators)
+#elif defined(__AVX2__)
+constexpr int W = 8;
+constexpr int kRows = 6, kColVecs = 2;    // 6 x 16 (12)
+constexpr int kRowsPV = 6, kVecsPV = 2;   // 6 x 16 (12)
 #else
-inline v16 bcast(const float* p) { return splat(*p); }
+constexpr int W = 4;
+constexpr int kRows = 6, kColVecs = 2;    // 6 x 8 (12)
+constexpr int kRowsPV = 6, kVecsPV = 2;   // 6 x 8 (12)
 #endif
-inline v16 load(const float* p) { return *reinterpret_cast<const v16*>(p); }
-inline void store(float* p, v16 x) { *reinterpret_cast<v16*>(p) = x; }
+typedef float vf __attribute__((vector_size(W * 4), aligned(4)));  // unaligned loads and stores
+typedef int32_t vi __attribute__((vector_size(W * 4), aligned(4)));
+
+constexpr int kBlockQ = 64;              // queries per work item (times G query heads = score rows)
+constexpr int kBlockK = 256;             // keys per score tile
+constexpr int kPanel = kColVecs * W;     // keys per K^T panel (the QK^T micro-kernel's columns)
+constexpr int kColsPV = kVecsPV * W;     // head dims per PV micro-kernel pass (64 divides by it)
+constexpr int kChunkPV = 64;             // keys per PV pass, so that the value rows stay in L1 across row blocks
+static_assert(kBlockK % kPanel == 0 && kPanel % (2 * W) == 0 && 64 % kColsPV == 0, "tile shapes");
+
+inline vf splat(float x) { return vf{} + x; }
+// A broadcast straight from memory: with AVX-512 one load-port uop, where a scalar load plus a register
+// broadcast takes the shuffle port the FMAs need.
+#ifdef __AVX512F__
+inline vf bcast(const float* p) { return (vf)_mm512_set1_ps(*p); }
+#else
+inline vf bcast(const float* p) { return splat(*p); }
+#endif
+inline vf load(const float* p) { return *reinterpret_cast<const vf*>(p); }
+inline void store(float* p, vf x) { *reinterpret_cast<vf*>(p) = x; }
 
 #ifdef __AVX512F__
-inline float hmax(v16 x) { return _mm512_reduce_max_ps((__m512)x); }
-inline float hsum(v16 x) { return _mm512_reduce_add_ps((__m512)x); }
+inline float hmax(vf x) { return _mm512_reduce_max_ps((__m512)x); }
+inline float hsum(vf x) { return _mm512_reduce_add_ps((__m512)x); }
 #else
-inline float hmax(v16 x) {
+inline float hmax(vf x) {
   float m = x[0];
-  for (int i = 1; i < 16; ++i) m = std::max(m, x[i]);
+  for (int i = 1; i < W; ++i) m = std::max(m, x[i]);
   return m;
 }
 
-inline float hsum(v16 x) {
+inline float hsum(vf x) {
   float s = 0.f;
-  for (int i = 0; i < 16; ++i) s += x[i];
+  for (int i = 0; i < W; ++i) s += x[i];
   return s;
 }
 #endif
 
 // exp(x) for x <= 0: Cephes expf's polynomial on x - n ln2, |x - n ln2| <= ln2 / 2, about 1 ulp; x < -87.3 (masked
 // scores are -inf) gives exactly 0.
-inline v16 exp_poly(v16 r) {
-  v16 y = splat(1.9875691500e-4f);
+inline vf exp_poly(vf r) {
+  vf y = splat(1.9875691500e-4f);
   y = y * r + 1.3981999507e-3f;
   y = y * r + 8.3334519073e-3f;
   y = y * r + 4.1665795894e-2f;
@@ -78,27 +95,27 @@ inline v16 exp_poly(v16 r) {
 }
 
 #ifdef __AVX512F__
-inline v16 exp_nonpositive(v16 x) {
+inline vf exp_nonpositive(vf x) {
   const __m512 xc = _mm512_max_ps((__m512)x, _mm512_set1_ps(-87.3f));  // max(-inf, c) = c
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  const __m512 y = _mm512_scalef_ps((__m512)exp_poly((v16)r), n);
-  return (v16)_mm512_maskz_mov_ps(_mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ), y);
+  const __m512 y = _mm512_scalef_ps((__m512)exp_poly((vf)r), n);
+  return (vf)_mm512_maskz_mov_ps(_mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ), y);
 }
 #else
-inline v16 exp_nonpositive(v16 x) {
-  const v16 lo = splat(-87.3f);
-  v16 xc = x < lo ? lo : x;
-  v16 fx = xc * 1.44269504088896341f + 0.5f;
-  v16 n = __builtin_convertvector(__builtin_convertvector(fx, i16), v16);
-  n = n > fx ? n - 1.f : n;  // floor
-  v16 r = xc - n * 0.693359375f + n * 2.12194440e-4f;
-  i16 bits = (__builtin_convertvector(n, i16) + 127) << 23;
-  v16 scale;
+inline vf exp_nonpositive(vf x) {
+  const vf lo = splat(-87.3f);
+  const vf xc = x < lo ? lo : x;
+  const vf fx = xc * 1.44269504088896341f + 0.5f;
+  vf n = __builtin_convertvector(__builtin_convertvector(fx, vi), vf);  // truncation: fx >= -125.5
+  n = n > fx ? n - 1.f : n;                                               // floor
+  const vf r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  v16 out = exp_poly(r) * scale;
+  const vf out = exp_poly(r) * scale;
   return x < lo ? splat(0.f) : out;
 }
 #endif
@@ -111,7 +128,7 @@ struct Problem {
   float scale;
   std::vector<int64_t> lo;  // [b * t]: the first key each query sees (t for padding queries)
   int64_t tiles;            // key tiles of kBlockK per row, the last zero-padded
-  std::vector<float> kt;    // [b, hk, tiles, kBlockK / 32, d, 32]: keys transposed in panels of 32 (qk_tile)
+  std::vector<float> kt;    // [b, hk, tiles, kBlockK / kPanel, d, kPanel]: keys transposed in panels (qk_tile)
   std::vector<float> vp;    // [b, hk, tiles * kBlockK, d]: values, one head's rows contiguous
 };
 
@@ -123,10 +140,13 @@ void pack_tile(Problem& pb, int64_t bi, int64_t h, int64_t tile) {
   float* vp = pb.vp.data() + (bh * pb.tiles * kBlockK + j0) * d;
   const float* k = pb.k + (bi * pb.t * pb.hk + h) * d;
   const float* v = pb.v + (bi * pb.t * pb.hk + h) * d;
-  for (int64_t jb = 0; jb < kBlockK; jb += 16) {  // 16 key rows at a time stay in L1 while they are transposed
-    float* panel = kt + jb / 32 * 32 * d + jb % 32;
+  for (int64_t jb = 0; jb < kBlockK; jb += W) {  // W key rows at a time stay in L1 while they are transposed
+    float* panel = kt + jb / kPanel * kPanel * d + jb % kPanel;
     for (int64_t e = 0; e < d; ++e)
-      for (int64_t jj = 0; jj < 16; ++jj) panel[e * 32 + jj] = j0 + jb + jj < pb.t ? k[(j0 + jb + jj) * stride + e] : 0.f;
+      for (int64_t jj = 0; jj < W; ++jj) {
+        const int64_t j = j0 + jb + jj;
+        panel[e * kPanel + jj] = j < pb.t ? k[j * stride + e] : 0.f;
+      }
   }
   for (int64_t jj = 0; jj < kBlockK; ++jj) {
     if (j0 + jj < pb.t)
@@ -136,65 +156,59 @@ void pack_tile(Problem& pb, int64_t bi, int64_t h, int64_t tile) {
   }
 }
 
-// S[R, nk_pad] = Qs[R, d] x K^T, K^T in panels of 32 keys ([nk_pad / 32][d][32], so a panel is contiguous and
-// stays in L1 without set conflicts while every row block passes over it); R a multiple of kRows, nk_pad of 32.
+// S[R, nk_pad] = Qs[R, d] x K^T, K^T in panels of kPanel keys ([nk_pad / kPanel][d][kPanel], so a panel is
+// contiguous and stays in L1 without set conflicts while every row block passes over it); R a multiple of kRows,
+// nk_pad of kPanel.
 void qk_tile(const float* qs, const float* kt, float* s, int64_t rows, int64_t nk_pad, int64_t d) {
-  for (int64_t c = 0; c < nk_pad; c += 32) {
+  for (int64_t c = 0; c < nk_pad; c += kPanel) {
     const float* panel = kt + c * d;
     for (int64_t r = 0; r < rows; r += kRows) {
-      v16 acc[kRows][2] = {};
+      vf acc[kRows][kColVecs] = {};
       const float* qr = qs + r * d;
       for (int64_t x = 0; x < d; ++x) {
-        v16 b0 = load(panel + x * 32), b1 = load(panel + x * 32 + 16);
+        vf b[kColVecs];
+        for (int u = 0; u < kColVecs; ++u) b[u] = load(panel + x * kPanel + u * W);
         for (int i = 0; i < kRows; ++i) {
-          v16 a = bcast(qr + i * d + x);
-          acc[i][0] += a * b0;
-          acc[i][1] += a * b1;
+          const vf a = bcast(qr + i * d + x);
+          for (int u = 0; u < kColVecs; ++u) acc[i][u] += a * b[u];
         }
       }
-      for (int i = 0; i < kRows; ++i) {
-        store(s + (r + i) * nk_pad + c, acc[i][0]);
-        store(s + (r + i) * nk_pad + c + 16, acc[i][1]);
-      }
+      for (int i = 0; i < kRows; ++i)
+        for (int u = 0; u < kColVecs; ++u) store(s + (r + i) * nk_pad + c + u * W, acc[i][u]);
     }
   }
 }
 
 // acc[R, d] += P[R, nk] x V[nk, d] (V packed: rows of d floats, so a chunk's rows share no L1 sets); d a multiple
-// of 64.
+// of kColsPV.
 void pv_tile(const float* p, int64_t p_stride, const float* v, float* acc, int64_t rows, int64_t nk, int64_t d) {
-  const int64_t v_stride = d;
   for (int64_t j0 = 0; j0 < nk; j0 += kChunkPV) {
     const int64_t j1 = std::min(nk, j0 + kChunkPV);
-    for (int64_t c = 0; c < d; c += 64) {
+    for (int64_t c = 0; c < d; c += kColsPV) {
       int64_t r = 0;
       for (; r + kRowsPV <= rows; r += kRowsPV) {
-        v16 a[kRowsPV][4];
+        vf a[kRowsPV][kVecsPV];
         for (int i = 0; i < kRowsPV; ++i)
-          for (int u = 0; u < 4; ++u) a[i][u] = load(acc + (r + i) * d + c + 16 * u);
+          for (int u = 0; u < kVecsPV; ++u) a[i][u] = load(acc + (r + i) * d + c + u * W);
         for (int64_t j = j0; j < j1; ++j) {
-          const float* vr = v + j * v_stride + c;
-          v16 b0 = load(vr), b1 = load(vr + 16), b2 = load(vr + 32), b3 = load(vr + 48);
+          vf b[kVecsPV];
+          for (int u = 0; u < kVecsPV; ++u) b[u] = load(v + j * d + c + u * W);
           for (int i = 0; i < kRowsPV; ++i) {
-            v16 w = bcast(p + (r + i) * p_stride + j);
-            a[i][0] += w * b0;
-            a[i][1] += w * b1;
-            a[i][2] += w * b2;
-            a[i][3] += w * b3;
+            const vf w = bcast(p + (r + i) * p_stride + j);
+            for (int u = 0; u < kVecsPV; ++u) a[i][u] += w * b[u];
           }
         }
         for (int i = 0; i < kRowsPV; ++i)
-          for (int u = 0; u < 4; ++u) store(acc + (r + i) * d + c + 16 * u, a[i][u]);
+          for (int u = 0; u < kVecsPV; ++u) store(acc + (r + i) * d + c + u * W, a[i][u]);
       }
       for (; r < rows; ++r) {
-        v16 a[4];
-        for (int u = 0; u < 4; ++u) a[u] = load(acc + r * d + c + 16 * u);
+        vf a[kVecsPV];
+        for (int u = 0; u < kVecsPV; ++u) a[u] = load(acc + r * d + c + u * W);
         for (int64_t j = j0; j < j1; ++j) {
-          const float* vr = v + j * v_stride + c;
-          v16 w = bcast(p + r * p_stride + j);
-          for (int u = 0; u < 4; ++u) a[u] += w * load(vr + 16 * u);
+          const vf w = bcast(p + r * p_stride + j);
+          for (int u = 0; u < kVecsPV; ++u) a[u] += w * load(v + j * d + c + u * W);
         }
-        for (int u = 0; u < 4; ++u) store(acc + r * d + c + 16 * u, a[u]);
+        for (int u = 0; u < kVecsPV; ++u) store(acc + r * d + c + u * W, a[u]);
       }
     }
   }
@@ -243,7 +257,8 @@ void work_item(const Problem& pb, int64_t bi, int64_t h, int64_t i0, Scratch& w)
 
   const int64_t bh = bi * pb.hk + h;
   for (int64_t tile = first / kBlockK; tile <= last / kBlockK; ++tile) {
-    const int64_t j0 = tile * kBlockK, nk = std::min<int64_t>(kBlockK, last + 1 - j0), nk_pad = (nk + 31) / 32 * 32;
+    const int64_t j0 = tile * kBlockK, nk = std::min<int64_t>(kBlockK, last + 1 - j0);
+    const int64_t nk_pad = (nk + kPanel - 1) / kPanel * kPanel;
     const bool whole = nk == kBlockK && max_lo <= j0 && min_real >= j0 + nk - 1;
     const float* kt = pb.kt.data() + (bh * pb.tiles + tile) * d * kBlockK;
     const float* vp = pb.vp.data() + (bh * pb.tiles * kBlockK + j0) * d;
@@ -256,9 +271,9 @@ void work_item(const Problem& pb, int64_t bi, int64_t h, int64_t i0, Scratch& w)
         for (int64_t jj = 0; jj < a; ++jj) srow[jj] = -INFINITY;
         for (int64_t jj = b; jj < nk_pad; ++jj) srow[jj] = -INFINITY;
       }
-      v16 mx = splat(-INFINITY);
-      for (int64_t c = 0; c < nk_pad; c += 16) {
-        v16 x = load(srow + c);
+      vf mx = splat(-INFINITY);
+      for (int64_t c = 0; c < nk_pad; c += W) {
+        const vf x = load(srow + c);
         mx = x > mx ? x : mx;
       }
       const float m_new = std::max(w.m[r], hmax(mx));
@@ -266,16 +281,16 @@ void work_item(const Problem& pb, int64_t bi, int64_t h, int64_t i0, Scratch& w)
         std::memset(srow, 0, nk_pad * sizeof(float));
         continue;
       }
-      v16 sum0 = splat(0.f), sum1 = splat(0.f);
-      const v16 mv = splat(m_new);
-      for (int64_t c = 0; c < nk_pad; c += 32) {  // nk_pad is a multiple of 32: two independent chains
-        v16 p0 = exp_nonpositive(load(srow + c) - mv), p1 = exp_nonpositive(load(srow + c + 16) - mv);
+      vf sum0 = splat(0.f), sum1 = splat(0.f);
+      const vf mv = splat(m_new);
+      for (int64_t c = 0; c < nk_pad; c += 2 * W) {  // nk_pad is a multiple of 2 W: two independent chains
+        const vf p0 = exp_nonpositive(load(srow + c) - mv), p1 = exp_nonpositive(load(srow + c + W) - mv);
         store(srow + c, p0);
-        store(srow + c + 16, p1);
+        store(srow + c + W, p1);
         sum0 += p0;
         sum1 += p1;
       }
-      const v16 sum = sum0 + sum1;
+      const vf sum = sum0 + sum1;
       const float corr = w.m[r] == -INFINITY ? 0.f : std::exp(w.m[r] - m_new);
       w.l[r] = w.l[r] * corr + hsum(sum);
       w.m[r] = m_new;
@@ -355,6 +370,9 @@ ffi::Error attention_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
 }
 
 }  // namespace
+
+// Floats per SIMD register this build uses (16: AVX-512): "auto" picks the kernel only where it beats XLA.
+extern "C" int Psych201CpuAttentionSimdWidth() { return W; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Psych201CpuAttention, attention_impl,
                               ffi::Ffi::Bind()
