@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from psych201_jax.model import cpu_kernel
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = ("head", "body", "qwen3_0.6b", "body_job", "qwen3_5")
 SPLIT = {"attention", "body_without_attention", "last_layer", "head", "host"}
@@ -34,6 +36,7 @@ def test_smoke_runs_every_shape_and_row(tmp_path):
     assert job["speedup_no_grid"] > 0 and job["speedup_default"] > 0
     for row in ("one_segment", "packed_row"):
         assert report["attention_vs_sdpa"][row]["xla_over_sdpa"] > 0
-        assert report["attention_vs_sdpa"][row]["cpu_over_sdpa"] > 0  # CI builds the native kernel
+        if cpu_kernel.available():  # the native kernel is timed where it builds (CI's machines)
+            assert report["attention_vs_sdpa"][row]["cpu_over_sdpa"] > 0
     assert report["head_cost"]["grid_over_no_grid"] > 0
     assert 0.5 < report["packing"]["efficiency"] <= 1.0

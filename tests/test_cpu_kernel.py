@@ -50,6 +50,35 @@ def test_matches_dense(t, hq, hk, d, window):
     assert (np.asarray(out)[np.asarray(seg) == 0] == 0).all()
 
 
+def test_edge_shapes_match_dense():
+    """T = 1, T at exact block and tile multiples, head dims 192/256, a group of 8, an all-padding row."""
+    for b, t, hq, hk, d in [(1, 1, 8, 1, 64), (2, 64, 4, 2, 192), (2, 256, 8, 1, 256), (1, 512, 2, 1, 64)]:
+        q, k, v = _qkv(b, t, hq, hk, d, seed=t + d)
+        seg = _rows(t, [[(1, t // 2 + 1), (2, t - t // 2 - 1)], []][:b])  # row 1, if any: all padding
+        out = np.asarray(cpu_kernel.cpu_attention(q, k, v, seg))
+        np.testing.assert_allclose(out, np.asarray(attention(q, k, v, seg, backend="dense")), atol=2e-6, rtol=0)
+
+
+def test_nan_inputs_give_nan_rows_not_finite_ones():
+    """A NaN in q or k poisons exactly the rows that see it (as in the dense reference); none turns into 0."""
+    q, k, v = _qkv(1, 80, 2, 1, 64, seed=9)
+    seg = jnp.ones((1, 80), jnp.int32)
+    for name, bad in (("q", (q.at[0, 30, 0, 5].set(jnp.nan), k)), ("k", (q, k.at[0, 10, 0, 3].set(jnp.nan)))):
+        got = np.isnan(np.asarray(cpu_kernel.cpu_attention(bad[0], bad[1], v, seg)))
+        want = np.isnan(np.asarray(attention(bad[0], bad[1], v, seg, backend="dense")))
+        assert want.any() and (got == want).all(), name
+
+
+def test_mismatched_shapes_are_refused():
+    q, k, v = _qkv(1, 80, 2, 1, 64)
+    seg = jnp.ones((1, 80), jnp.int32)
+    call = jax.ffi.ffi_call(cpu_kernel.TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    kwargs = dict(window=np.int64(0), scale=np.float32(0.125))
+    for args in ((q, k[:, :8], v[:, :8], seg), (q, k, v, seg[:, :10]), (q, k, v[:, :, :, :32], seg)):
+        with pytest.raises(Exception, match="segment ids \\[B, T\\]"):
+            jax.block_until_ready(call(*args, **kwargs))
+
+
 def test_bfloat16_in_bfloat16_out():
     q, k, v = _qkv(2, 200, 4, 2, 64, seed=5, dtype=jnp.bfloat16)
     seg = _rows(200, [[(1, 80), (2, 120)], [(1, 150)]])

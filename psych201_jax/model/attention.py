@@ -56,9 +56,9 @@ def resolve_backend(name: str, n_devices: int | None = None) -> str:
         return name
     from psych201_jax.model import cpu_kernel
 
-    if n_devices is None:
+    if n_devices is None:  # no mesh set: the arrays may still be sharded over every device of the process
         mesh = jax.sharding.get_abstract_mesh()
-        n_devices = 1 if mesh.empty else mesh.size
+        n_devices = jax.device_count() if mesh.empty else mesh.size
     return "cpu" if jax.default_backend() == "cpu" and n_devices <= 1 and cpu_kernel.preferred() else "xla"
 
 

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <thread>
 #include <vector>
 
@@ -217,6 +218,7 @@ void pv_tile(const float* p, int64_t p_stride, const float* v, float* acc, int64
 struct Scratch {
   std::vector<float> qs, s, acc, m, l;
   std::vector<int64_t> row_lo, row_hi;
+  std::vector<char> nan;  // a row that met a NaN score: its output is NaN, as in the dense reference
 };
 
 // One work item: batch row ``bi``, kv head ``h``, queries [i0, i0 + nq).
@@ -246,6 +248,7 @@ void work_item(const Problem& pb, int64_t bi, int64_t h, int64_t i0, Scratch& w)
   w.l.assign(rows, 0.f);
   w.row_lo.assign(rows, pb.t);
   w.row_hi.assign(rows, -1);
+  w.nan.assign(rows, 0);
   for (int64_t i = 0; i < nq; ++i) {
     const float* qrow = pb.q + ((bi * pb.t + i0 + i) * pb.hq + h * g) * d;
     for (int64_t x = 0; x < g; ++x) {
@@ -272,10 +275,13 @@ void work_item(const Problem& pb, int64_t bi, int64_t h, int64_t i0, Scratch& w)
         for (int64_t jj = b; jj < nk_pad; ++jj) srow[jj] = -INFINITY;
       }
       vf mx = splat(-INFINITY);
+      vi nan = vi{};
       for (int64_t c = 0; c < nk_pad; c += W) {
         const vf x = load(srow + c);
         mx = x > mx ? x : mx;
+        nan |= x != x;
       }
+      for (int e = 0; e < W; ++e) w.nan[r] |= nan[e] != 0;  // max and exp skip NaN; the row must not
       const float m_new = std::max(w.m[r], hmax(mx));
       if (m_new == -INFINITY) {  // nothing visible yet: P = 0
         std::memset(srow, 0, nk_pad * sizeof(float));
@@ -305,7 +311,7 @@ void work_item(const Problem& pb, int64_t bi, int64_t h, int64_t i0, Scratch& w)
     if (lo[i0 + i] >= pb.t) continue;
     for (int64_t x = 0; x < g; ++x) {
       const int64_t r = i * g + x;
-      const float inv = w.l[r] > 0.f ? 1.f / w.l[r] : 0.f;
+      const float inv = w.nan[r] ? NAN : w.l[r] > 0.f ? 1.f / w.l[r] : 0.f;
       float* orow = out + (i * pb.hq + h * g + x) * d;
       for (int64_t e = 0; e < d; ++e) orow[e] = w.acc[r * d + e] * inv;
     }
@@ -335,12 +341,32 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, F fn) {
   while (state->active.load() != 0) std::this_thread::yield();
 }
 
+void run(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::F32>& v,
+         ffi::Buffer<ffi::S32>& seg, ffi::ResultBuffer<ffi::F32>& out, int64_t window, float scale);
+
+// Checks the shapes (a mismatch would read out of bounds) and runs; memory for the packed keys and values is the
+// one allocation that can fail, and an exception must not cross into XLA.
 ffi::Error attention_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg, ffi::ResultBuffer<ffi::F32> out,
                           int64_t window, float scale) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), sd = seg.dimensions();
+  const bool shapes = qd.size() == 4 && kd.size() == 4 && vd.size() == 4 && sd.size() == 2 &&
+                      std::equal(kd.begin(), kd.end(), vd.begin()) && kd[0] == qd[0] && kd[1] == qd[1] &&
+                      kd[3] == qd[3] && sd[0] == qd[0] && sd[1] == qd[1] && kd[2] > 0;
+  if (!shapes || qd[3] % 64 != 0 || qd[2] % kd[2] != 0)
+    return ffi::Error::InvalidArgument(
+        "cpu attention: q [B, T, Hq, D], k/v [B, T, Hk, D], segment ids [B, T], D % 64 == 0, Hq % Hk == 0");
+  try {
+    run(pool, q, k, v, seg, out, window, scale);
+  } catch (const std::bad_alloc&) {
+    return ffi::Error::Internal("cpu attention: out of memory for the packed keys and values");
+  }
+  return ffi::Error::Success();
+}
+
+void run(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::F32>& v,
+         ffi::Buffer<ffi::S32>& seg, ffi::ResultBuffer<ffi::F32>& out, int64_t window, float scale) {
   auto qd = q.dimensions(), kd = k.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || qd[3] % 64 != 0 || qd[2] % kd[2] != 0)
-    return ffi::Error::InvalidArgument("cpu attention: q [B, T, Hq, D], k/v [B, T, Hk, D], D % 64 == 0, Hq % Hk == 0");
   Problem pb{q.typed_data(), k.typed_data(), v.typed_data(), seg.typed_data(), out->typed_data(),
              qd[0],          qd[1],          qd[2],          kd[2],            qd[3],
              window,         scale,          {}};
@@ -366,7 +392,6 @@ ffi::Error attention_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
     const int64_t qb = nqb - 1 - item % nqb, rest = item / nqb;
     work_item(pb, rest / pb.hk, rest % pb.hk, qb * kBlockQ, scratch);
   });
-  return ffi::Error::Success();
 }
 
 }  // namespace

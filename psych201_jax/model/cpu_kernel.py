@@ -22,6 +22,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 
 SOURCE = Path(__file__).with_name("cpu_attention.cc")
@@ -43,6 +44,17 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
 
 
+def _host_isa() -> str:
+    """What ``-march=native`` compiles for: the machine and, on Linux, the CPU's model and feature flags."""
+    lines = []
+    try:
+        with open("/proc/cpuinfo") as fh:
+            lines = [ln for ln in fh if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+    except OSError:
+        pass
+    return platform.machine() + "".join(sorted(set(lines))) if lines else platform.machine() + platform.node()
+
+
 def _build() -> Path:
     """The compiled library, building it if this source, jaxlib, compiler and machine have none yet."""
     cxx = _compiler()
@@ -52,10 +64,9 @@ def _build() -> Path:
     key = hashlib.sha256(
         b"\0".join(
             x.encode() if isinstance(x, str) else x
-            for x in (SOURCE.read_bytes(), jax.ffi.include_dir(), jax.__version__, version, " ".join(FLAGS))
+            for x in (SOURCE.read_bytes(), jax.ffi.include_dir(), jaxlib.__version__, version, " ".join(FLAGS))
         )
-        + platform.machine().encode()
-        + platform.node().encode()  # -march=native: a shared home directory may span CPU generations
+        + _host_isa().encode()  # -march=native: a shared home directory may span CPU generations
     ).hexdigest()[:16]
     lib = cache_dir() / f"cpu_attention-{key}.so"
     if lib.exists():
