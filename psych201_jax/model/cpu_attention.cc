@@ -342,29 +342,6 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, F fn) {
 }
 
 void run(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::F32>& v,
-         ffi::Buffer<ffi::S32>& seg, ffi::ResultBuffer<ffi::F32>& out, int64_t window, float scale);
-
-// Checks the shapes (a mismatch would read out of bounds) and runs; memory for the packed keys and values is the
-// one allocation that can fail, and an exception must not cross into XLA.
-ffi::Error attention_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                          ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg, ffi::ResultBuffer<ffi::F32> out,
-                          int64_t window, float scale) {
-  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), sd = seg.dimensions();
-  const bool shapes = qd.size() == 4 && kd.size() == 4 && vd.size() == 4 && sd.size() == 2 &&
-                      std::equal(kd.begin(), kd.end(), vd.begin()) && kd[0] == qd[0] && kd[1] == qd[1] &&
-                      kd[3] == qd[3] && sd[0] == qd[0] && sd[1] == qd[1] && kd[2] > 0;
-  if (!shapes || qd[3] % 64 != 0 || qd[2] % kd[2] != 0)
-    return ffi::Error::InvalidArgument(
-        "cpu attention: q [B, T, Hq, D], k/v [B, T, Hk, D], segment ids [B, T], D % 64 == 0, Hq % Hk == 0");
-  try {
-    run(pool, q, k, v, seg, out, window, scale);
-  } catch (const std::bad_alloc&) {
-    return ffi::Error::Internal("cpu attention: out of memory for the packed keys and values");
-  }
-  return ffi::Error::Success();
-}
-
-void run(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::F32>& v,
          ffi::Buffer<ffi::S32>& seg, ffi::ResultBuffer<ffi::F32>& out, int64_t window, float scale) {
   auto qd = q.dimensions(), kd = k.dimensions();
   Problem pb{q.typed_data(), k.typed_data(), v.typed_data(), seg.typed_data(), out->typed_data(),
@@ -392,6 +369,26 @@ void run(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>&
     const int64_t qb = nqb - 1 - item % nqb, rest = item / nqb;
     work_item(pb, rest / pb.hk, rest % pb.hk, qb * kBlockQ, scratch);
   });
+}
+
+// Checks the shapes (a mismatch would read out of bounds) and runs; memory for the packed keys and values is the
+// one allocation that can fail, and an exception must not cross into XLA.
+ffi::Error attention_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                          ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg, ffi::ResultBuffer<ffi::F32> out,
+                          int64_t window, float scale) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), sd = seg.dimensions();
+  const bool shapes = qd.size() == 4 && kd.size() == 4 && vd.size() == 4 && sd.size() == 2 &&
+                      std::equal(kd.begin(), kd.end(), vd.begin()) && kd[0] == qd[0] && kd[1] == qd[1] &&
+                      kd[3] == qd[3] && sd[0] == qd[0] && sd[1] == qd[1] && kd[2] > 0;
+  if (!shapes || qd[3] % 64 != 0 || qd[2] % kd[2] != 0)
+    return ffi::Error::InvalidArgument(
+        "cpu attention: q [B, T, Hq, D], k/v [B, T, Hk, D], segment ids [B, T], D % 64 == 0, Hq % Hk == 0");
+  try {
+    run(pool, q, k, v, seg, out, window, scale);
+  } catch (const std::bad_alloc&) {
+    return ffi::Error::Internal("cpu attention: out of memory for the packed keys and values");
+  }
+  return ffi::Error::Success();
 }
 
 }  // namespace
