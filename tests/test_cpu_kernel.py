@@ -2,6 +2,8 @@
 reference, its isolation of segments, the "auto" backend's choice and the build's failure report."""
 
 import functools
+import os
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,8 @@ from test_attention_backends import _leakage_check, _qkv, _rows
 from psych201_jax.model import attention as attn_lib
 from psych201_jax.model import cpu_kernel
 from psych201_jax.model.attention import attention
+
+_native = attn_lib._BACKENDS["cpu"]  # the backend as registered: ranges from segment ids, then the kernel
 
 pytestmark = pytest.mark.skipif(cpu_kernel._compiler() is None, reason="no C++ compiler on this machine")
 
@@ -44,7 +48,7 @@ def test_matches_dense(t, hq, hk, d, window):
         ],
     )
     dense = attention(q, k, v, seg, sliding_window=window, backend="dense")
-    out = jax.jit(functools.partial(cpu_kernel.cpu_attention, sliding_window=window))(q, k, v, seg)
+    out = jax.jit(functools.partial(_native, sliding_window=window))(q, k, v, seg)
     assert out.dtype == q.dtype and out.shape == q.shape
     np.testing.assert_allclose(np.asarray(out), np.asarray(dense), atol=2e-6, rtol=0)
     assert (np.asarray(out)[np.asarray(seg) == 0] == 0).all()
@@ -55,7 +59,7 @@ def test_edge_shapes_match_dense():
     for b, t, hq, hk, d in [(1, 1, 8, 1, 64), (2, 64, 4, 2, 192), (2, 256, 8, 1, 256), (1, 512, 2, 1, 64)]:
         q, k, v = _qkv(b, t, hq, hk, d, seed=t + d)
         seg = _rows(t, [[(1, t // 2 + 1), (2, t - t // 2 - 1)], []][:b])  # row 1, if any: all padding
-        out = np.asarray(cpu_kernel.cpu_attention(q, k, v, seg))
+        out = np.asarray(_native(q, k, v, seg))
         np.testing.assert_allclose(out, np.asarray(attention(q, k, v, seg, backend="dense")), atol=2e-6, rtol=0)
 
 
@@ -64,25 +68,46 @@ def test_nan_inputs_give_nan_rows_not_finite_ones():
     q, k, v = _qkv(1, 80, 2, 1, 64, seed=9)
     seg = jnp.ones((1, 80), jnp.int32)
     for name, bad in (("q", (q.at[0, 30, 0, 5].set(jnp.nan), k)), ("k", (q, k.at[0, 10, 0, 3].set(jnp.nan)))):
-        got = np.isnan(np.asarray(cpu_kernel.cpu_attention(bad[0], bad[1], v, seg)))
+        got = np.isnan(np.asarray(_native(bad[0], bad[1], v, seg)))
         want = np.isnan(np.asarray(attention(bad[0], bad[1], v, seg, backend="dense")))
         assert want.any() and (got == want).all(), name
 
 
 def test_mismatched_shapes_are_refused():
     q, k, v = _qkv(1, 80, 2, 1, 64)
-    seg = jnp.ones((1, 80), jnp.int32)
+    lo, hi = jnp.zeros((1, 80), jnp.int32), jnp.arange(80, dtype=jnp.int32)[None]
     call = jax.ffi.ffi_call(cpu_kernel.TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
-    kwargs = dict(window=np.int64(0), scale=np.float32(0.125))
-    for args in ((q, k[:, :8], v[:, :8], seg), (q, k, v, seg[:, :10]), (q, k, v[:, :, :, :32], seg)):
-        with pytest.raises(Exception, match="segment ids \\[B, T\\]"):
-            jax.block_until_ready(call(*args, **kwargs))
+    for args in (
+        (q, k, v[:, :8], lo, hi),
+        (q, k, v, lo[:, :10], hi[:, :10]),
+        (q, k, v, lo, hi[:, :10]),
+        (q, k, v[:, :, :, :32], lo, hi),
+        (q, k[:1, :, :, :32], v[:1, :, :, :32], lo, hi),
+    ):
+        with pytest.raises(Exception, match="key ranges lo/hi \\[B, C\\]"):
+            jax.block_until_ready(call(*args, scale=np.float32(0.125)))
+
+
+def test_key_ranges_are_clamped_to_the_row():
+    """Ranges past either end of the row read no memory outside it: they see the keys they overlap."""
+    q, k, v = _qkv(1, 100, 2, 1, 64, seed=2)
+    lo = jnp.full((1, 100), -50, jnp.int32)
+    hi = jnp.arange(100, dtype=jnp.int32)[None] + 10**6 * (jnp.arange(100) % 2 == 0)
+    got = np.asarray(cpu_kernel.attend(q, k, v, lo, hi))
+    seg_all = jnp.ones((1, 100), jnp.int32)
+    dense = np.asarray(attention(q, k, v, seg_all, backend="dense"))
+    np.testing.assert_allclose(got[0, 1::2], dense[0, 1::2], atol=2e-6, rtol=0)  # [0, i]: causal
+    qn, kn, vn = (np.asarray(x[0], np.float64) for x in (q, k, v))  # [T, H, d]; one kv head
+    s = np.einsum("thd,jd->thj", qn, kn[:, 0]) / 8.0  # even queries see every key of the row
+    p = np.exp(s - s.max(-1, keepdims=True))
+    full = np.einsum("thj,jd->thd", p / p.sum(-1, keepdims=True), vn[:, 0])
+    np.testing.assert_allclose(got[0, 0::2], full[0::2], atol=2e-6, rtol=0)
 
 
 def test_bfloat16_in_bfloat16_out():
     q, k, v = _qkv(2, 200, 4, 2, 64, seed=5, dtype=jnp.bfloat16)
     seg = _rows(200, [[(1, 80), (2, 120)], [(1, 150)]])
-    out = cpu_kernel.cpu_attention(q, k, v, seg, sliding_window=40)
+    out = _native(q, k, v, seg, sliding_window=40)
     dense = attention(q, k, v, seg, sliding_window=40, backend="dense")
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(dense, np.float32), atol=2e-2, rtol=0)
@@ -90,7 +115,7 @@ def test_bfloat16_in_bfloat16_out():
 
 @pytest.mark.parametrize("hd,window", [(64, None), (64, 64), (128, None)])
 def test_no_leakage_between_segments(hd, window):
-    _leakage_check(cpu_kernel.cpu_attention, window, jnp.float32, hd=hd)
+    _leakage_check(_native, window, jnp.float32, hd=hd)
 
 
 def test_auto_picks_the_kernel_on_one_cpu_device_with_avx512_only(monkeypatch):
@@ -145,3 +170,61 @@ def test_the_library_is_cached_per_source(monkeypatch, tmp_path):
     edited.write_text(cpu_kernel.SOURCE.read_text() + "\n// edited\n")
     monkeypatch.setattr(cpu_kernel, "SOURCE", edited)
     assert cpu_kernel._build() != first
+
+
+@pytest.mark.parametrize("hq,hk,d,window", [(4, 2, 64, None), (4, 1, 16, 7), (8, 2, 128, 300)])
+@pytest.mark.parametrize("order", ["sorted", "shuffled"])
+def test_attention_at_on_the_kernel_matches_dense(hq, hk, d, window, order):
+    """``attention_at`` with backend "cpu" (the last layer of a scoring forward on a CPU): queries at chosen
+    positions of flattened rows, spanning several key tiles and query blocks, some of them padding, give the
+    dense attention's rows there; the XLA path on the same inputs agrees."""
+    b, t = 2, 700
+    q, k, v = _qkv(b, t, hq, hk, d, seed=hq + d)
+    seg = _rows(t, [[(1, 250), (2, 3), (3, 400)], [(0, 20), (4, 600)]])  # 47 and 80 padding tokens at the end
+    dense = np.asarray(attention(q, k, v, seg, sliding_window=window, backend="dense"))
+    flat_seg = np.where(np.asarray(seg) > 0, np.asarray(seg) + 10 * np.arange(b)[:, None], 0).reshape(1, b * t)
+    rng = np.random.default_rng(0)
+    index = np.sort(rng.choice(b * t, 300, replace=False))[None]
+    if order == "shuffled":
+        index = rng.permuted(index, axis=1)
+    valid = (rng.random(index.shape) < 0.9) & (np.take_along_axis(flat_seg, index, axis=1) > 0)
+    q_seg = np.where(valid, np.take_along_axis(flat_seg, index, axis=1), 0)
+    flat = lambda x: jnp.asarray(x).reshape(1, b * t, *x.shape[2:])  # noqa: E731
+    q_at = jnp.take_along_axis(flat(q), jnp.asarray(index)[..., None, None], axis=1)
+    args = (q_at, jnp.asarray(index), jnp.asarray(q_seg), flat(k), flat(v), jnp.asarray(flat_seg))
+    got = {
+        name: np.asarray(jax.jit(functools.partial(attn_lib.attention_at, sliding_window=window, backend=name))(*args))
+        for name in ("cpu", "xla")
+    }
+    want = np.where(
+        valid[..., None, None], np.take_along_axis(dense.reshape(1, b * t, hq, d), index[..., None, None], 1), 0
+    )
+    assert np.abs(want).sum() > 0
+    np.testing.assert_allclose(got["cpu"], want, atol=2e-6, rtol=0)
+    np.testing.assert_allclose(got["cpu"], got["xla"], atol=2e-6, rtol=0)
+
+
+def test_cxx_may_carry_arguments(monkeypatch, tmp_path):
+    """``$CXX`` as a command with arguments (a ccache or env wrapper) builds; the wrapper is part of the key."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CXX", "env c++")
+    assert cpu_kernel._compiler()[1:] == ["c++"]
+    wrapped = cpu_kernel._build()
+    monkeypatch.delenv("CXX")
+    assert wrapped.exists() and cpu_kernel._build() != wrapped
+
+
+def test_a_hung_compiler_times_out_and_stale_partials_go(monkeypatch, tmp_path):
+    """A compiler past the build timeout fails the build (the job then runs "xla") and leaves no library; a
+    partial library left by a killed build more than a day ago is removed by the next build."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    kernels = tmp_path / "psych201_jax" / "kernels"
+    kernels.mkdir(parents=True)
+    old, fresh = kernels / f"{cpu_kernel._PARTIAL}old.so", kernels / f"{cpu_kernel._PARTIAL}fresh.so"
+    for path in (old, fresh):
+        path.write_bytes(b"")
+    os.utime(old, (0, 0))
+    monkeypatch.setattr(cpu_kernel, "_BUILD_TIMEOUT_S", 0.01)
+    with pytest.raises(subprocess.TimeoutExpired):
+        cpu_kernel._build()
+    assert sorted(p.name for p in kernels.iterdir()) == [fresh.name]

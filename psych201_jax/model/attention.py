@@ -16,7 +16,8 @@ C++ compiler) and "xla" elsewhere. All are registered at the end of this module;
 ``register_backend``.
 
 ``attention_at`` is the same attention for queries at chosen positions only (the last layer of a scoring
-forward, where only scored positions need an output); it is plain XLA on every platform.
+forward, where only scored positions need an output): the native kernel where the backend resolves to "cpu",
+else plain XLA.
 """
 
 from __future__ import annotations
@@ -263,6 +264,26 @@ def _blockwise(q, k, v, segment_ids, *, sliding_window, block_q, block_k):
     return jnp.transpose(blocks, (1, 0, 2, 3, 4)).reshape(b, nq * bq, hq, hd)[:, :t]
 
 
+def _check_window(sliding_window):
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"attention backend 'cpu': sliding_window must be >= 1, got {sliding_window}")
+
+
+def _native(q, k, v, segment_ids, *, sliding_window=None, block_q=None, block_k=None):
+    """The native CPU kernel (``cpu_kernel.attend``; its tiles are fixed in its source): each query of a packed
+    row sees one range of keys, from its segment's start (or its window's) to itself."""
+    from psych201_jax.model import cpu_kernel
+
+    del block_q, block_k
+    _check_window(sliding_window)
+    idx = jnp.arange(segment_ids.shape[1])[None]
+    lo = _segment_starts(segment_ids)
+    if sliding_window is not None:
+        lo = jnp.maximum(lo, idx - sliding_window + 1)
+    real = segment_ids != 0
+    return cpu_kernel.attend(q, k, v, jnp.where(real, lo, 0), jnp.where(real, idx, -1))
+
+
 def attention_at(
     q: Float[Array, "b c hq d"],
     q_index: Int[Array, "b c"],
@@ -272,20 +293,33 @@ def attention_at(
     k_segment: Int[Array, "b n"],
     *,
     sliding_window: int | None = None,
+    backend: str = "xla",
     block_q: int = 128,
     block_k: int = 512,
 ) -> Float[Array, "b c hq d"]:
-    """Attention of C queries at key positions ``q_index`` (the shared semantics, q_segment 0 = padding) over
-    all N keys: the last layer of a scoring forward needs its queries only where a response is scored.
+    """Attention of C queries at key positions ``q_index`` (the shared semantics, q_segment 0 = padding; a
+    real query's segment is the key segment at its position) over all N keys: the last layer of a scoring
+    forward needs its queries only where a response is scored.
 
-    Online softmax over [block_q x block_k] tiles, every tile masked; each block of queries visits the key
-    blocks from the start of its earliest query's segment (or window) to its latest query, so queries sorted
-    by position (the scoring plan's order) touch few keys. Any order is correct. Short query blocks keep
-    each block's key range close to its own queries' prefixes (measured on CPU, 5,120 plan entries over a
-    98,304-token row of 18 transcripts: 0.34 s at 128 x 512 against 0.46 s at 256 x 256).
+    Where ``backend`` resolves to "cpu", the native kernel, each query seeing one range of keys. Otherwise
+    (every other backend) an online softmax over [block_q x block_k] tiles, every tile masked; each block of
+    queries visits the key blocks from the start of its earliest query's segment (or window) to its latest
+    query, so queries sorted by position (the scoring plan's order) touch few keys. Any order is correct.
+    Short query blocks keep each block's key range close to its own queries' prefixes (measured on CPU, 5,120
+    plan entries over a 98,304-token row of 18 transcripts: 0.34 s at 128 x 512 against 0.46 s at 256 x 256).
     """
     b, c, hq, hd = q.shape
     n, hk = k.shape[1], k.shape[2]
+    start = jnp.take_along_axis(_segment_starts(k_segment), jnp.clip(q_index, 0, n - 1), axis=1)
+    if sliding_window is not None:
+        start = jnp.maximum(start, q_index - sliding_window + 1)
+    if resolve_backend(backend) == "cpu":
+        from psych201_jax.model import cpu_kernel
+
+        _check_window(sliding_window)
+        at_key = jnp.take_along_axis(k_segment, jnp.clip(q_index, 0, n - 1), axis=1)
+        real = (q_segment != 0) & (q_segment == at_key) & (q_index >= 0) & (q_index < n)
+        return cpu_kernel.attend(q, k, v, jnp.where(real, start, 0), jnp.where(real, q_index, -1))
     g = hq // hk
     bq, bk = min(block_q, c), min(block_k, n)
     nq, nk = -(-c // bq), -(-n // bk)
@@ -294,9 +328,7 @@ def attention_at(
     qp = jnp.transpose(_grouped(jnp.pad(q, pad_q + ((0, 0), (0, 0))), hk), (0, 2, 1, 3, 4))  # [B, Hk, C', G, hd]
     kp, vp = (jnp.transpose(jnp.pad(x, pad_k + ((0, 0), (0, 0))), (0, 2, 1, 3)) for x in (k, v))  # [B, Hk, N', hd]
     q_idx, q_seg, k_seg = jnp.pad(q_index, pad_q), jnp.pad(q_segment, pad_q), jnp.pad(k_segment, pad_k)
-    start = jnp.take_along_axis(_segment_starts(k_segment), jnp.clip(q_idx, 0, n - 1), axis=1)
-    if sliding_window is not None:
-        start = jnp.maximum(start, q_idx - sliding_window + 1)
+    start = jnp.pad(start, pad_q)
     real = q_seg != 0
     lo = jnp.where(real, start, n).reshape(b, nq, bq).min(axis=(0, 2))
     hi = jnp.where(real, q_idx, -1).reshape(b, nq, bq).max(axis=(0, 2))
@@ -324,11 +356,10 @@ register_backend("xla", _blockwise)
 
 
 def _register_kernel_backends() -> None:
-    from psych201_jax.model import cpu_kernel
     from psych201_jax.model import kernels as attention_kernels
 
     attention_kernels.register_all(register_backend)
-    register_backend("cpu", cpu_kernel.cpu_attention)
+    register_backend("cpu", _native)
     register_backend("auto", _BACKENDS["xla"])  # a name only: ``attention`` resolves it before dispatch
 
 

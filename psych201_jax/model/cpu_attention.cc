@@ -1,13 +1,14 @@
 // Segment-aware causal (optionally sliding-window) GQA attention for XLA:CPU, float32: the "cpu" backend of
-// psych201_jax/model/attention.py, called through the XLA FFI (psych201_jax/model/cpu_kernel.py builds it).
+// psych201_jax/model/attention.py (``attention`` and ``attention_at``), called through the XLA FFI
+// (psych201_jax/model/cpu_kernel.py builds it).
 //
 // Why a native kernel: XLA:CPU runs every elementwise fusion of an online softmax as a pass over memory, so the
 // blockwise XLA backend spends 30-40% of its time outside its matmuls. Here each work item (batch row, kv head,
 // block of BQ queries with their G query heads) keeps its score tile in cache and runs the softmax on it in place.
 //
-// Semantics (shared by every backend): query i sees key j iff both carry the same nonzero segment id, j <= i and,
-// with a window W > 0, i - W < j. Segments are contiguous, so the visible keys of i are [lo(i), i] with lo(i) =
-// max(start of i's segment, i - W + 1). Padding queries (segment 0) produce zeros. The scale (head_dim**-0.5 of the
+// Semantics: query c of batch row b sees the keys [lo[b, c], hi[b, c]] of its row (none where lo > hi: the output
+// is 0). The caller derives the ranges from the shared rule (same nonzero segment, j <= i and, with a window W,
+// i - W < j): segments are contiguous, so the keys a query sees are one range. The scale (head_dim**-0.5 of the
 // unpadded head) is folded into the packed queries.
 
 #include <algorithm>
@@ -123,12 +124,11 @@ inline vf exp_nonpositive(vf x) {
 
 struct Problem {
   const float *q, *k, *v;
-  const int32_t* seg;
   float* out;
-  int64_t b, t, hq, hk, d, window;
+  int64_t b, c, n, hq, hk, d;  // c queries and n keys per batch row
   float scale;
-  std::vector<int64_t> lo;  // [b * t]: the first key each query sees (t for padding queries)
-  int64_t tiles;            // key tiles of kBlockK per row, the last zero-padded
+  std::vector<int64_t> lo, hi;  // [b * c]: the first and last key each query sees, clamped to the row (lo > hi: none)
+  int64_t tiles;                // key tiles of kBlockK per row, the last zero-padded
   std::vector<float> kt;    // [b, hk, tiles, kBlockK / kPanel, d, kPanel]: keys transposed in panels (qk_tile)
   std::vector<float> vp;    // [b, hk, tiles * kBlockK, d]: values, one head's rows contiguous
 };
@@ -139,18 +139,18 @@ void pack_tile(Problem& pb, int64_t bi, int64_t h, int64_t tile) {
   const int64_t bh = bi * pb.hk + h;
   float* kt = pb.kt.data() + (bh * pb.tiles + tile) * d * kBlockK;
   float* vp = pb.vp.data() + (bh * pb.tiles * kBlockK + j0) * d;
-  const float* k = pb.k + (bi * pb.t * pb.hk + h) * d;
-  const float* v = pb.v + (bi * pb.t * pb.hk + h) * d;
+  const float* k = pb.k + (bi * pb.n * pb.hk + h) * d;
+  const float* v = pb.v + (bi * pb.n * pb.hk + h) * d;
   for (int64_t jb = 0; jb < kBlockK; jb += W) {  // W key rows at a time stay in L1 while they are transposed
     float* panel = kt + jb / kPanel * kPanel * d + jb % kPanel;
     for (int64_t e = 0; e < d; ++e)
       for (int64_t jj = 0; jj < W; ++jj) {
         const int64_t j = j0 + jb + jj;
-        panel[e * kPanel + jj] = j < pb.t ? k[j * stride + e] : 0.f;
+        panel[e * kPanel + jj] = j < pb.n ? k[j * stride + e] : 0.f;
       }
   }
   for (int64_t jj = 0; jj < kBlockK; ++jj) {
-    if (j0 + jj < pb.t)
+    if (j0 + jj < pb.n)
       std::memcpy(vp + jj * d, v + (j0 + jj) * stride, d * sizeof(float));
     else
       std::memset(vp + jj * d, 0, d * sizeof(float));
@@ -223,19 +223,20 @@ struct Scratch {
 
 // One work item: batch row ``bi``, kv head ``h``, queries [i0, i0 + nq).
 void work_item(const Problem& pb, int64_t bi, int64_t h, int64_t i0, Scratch& w) {
-  const int64_t g = pb.hq / pb.hk, d = pb.d, nq = std::min<int64_t>(kBlockQ, pb.t - i0);
+  const int64_t g = pb.hq / pb.hk, d = pb.d, nq = std::min<int64_t>(kBlockQ, pb.c - i0);
   const int64_t rows = (nq * g + kRows - 1) / kRows * kRows;
-  const int64_t* lo = pb.lo.data() + bi * pb.t;
-  float* out = pb.out + (bi * pb.t + i0) * pb.hq * d;
+  const int64_t* lo = pb.lo.data() + bi * pb.c;
+  const int64_t* hi = pb.hi.data() + bi * pb.c;
+  float* out = pb.out + (bi * pb.c + i0) * pb.hq * d;
 
   // Key range of the block and whether every row sees each tile whole.
-  int64_t first = pb.t, last = -1, max_lo = -1, min_real = pb.t;
+  int64_t first = pb.n, last = -1, max_lo = -1, min_hi = pb.n;
   for (int64_t i = i0; i < i0 + nq; ++i) {
-    if (lo[i] >= pb.t) continue;  // padding: its rows are computed but never written
+    if (lo[i] > hi[i]) continue;  // sees nothing (padding): its rows are computed but never written
     first = std::min(first, lo[i]);
-    last = std::max(last, i);
+    last = std::max(last, hi[i]);
     max_lo = std::max(max_lo, lo[i]);
-    min_real = std::min(min_real, i);
+    min_hi = std::min(min_hi, hi[i]);
   }
   for (int64_t i = 0; i < nq; ++i)
     for (int64_t x = 0; x < g; ++x) std::memset(out + (i * pb.hq + h * g + x) * d, 0, d * sizeof(float));
@@ -246,15 +247,15 @@ void work_item(const Problem& pb, int64_t bi, int64_t h, int64_t i0, Scratch& w)
   w.acc.assign(rows * d, 0.f);
   w.m.assign(rows, -INFINITY);
   w.l.assign(rows, 0.f);
-  w.row_lo.assign(rows, pb.t);
+  w.row_lo.assign(rows, pb.n);
   w.row_hi.assign(rows, -1);
   w.nan.assign(rows, 0);
   for (int64_t i = 0; i < nq; ++i) {
-    const float* qrow = pb.q + ((bi * pb.t + i0 + i) * pb.hq + h * g) * d;
+    const float* qrow = pb.q + ((bi * pb.c + i0 + i) * pb.hq + h * g) * d;
     for (int64_t x = 0; x < g; ++x) {
       const int64_t r = i * g + x;
       for (int64_t e = 0; e < d; ++e) w.qs[r * d + e] = qrow[x * d + e] * pb.scale;
-      if (lo[i0 + i] < pb.t) w.row_lo[r] = lo[i0 + i], w.row_hi[r] = i0 + i;
+      if (lo[i0 + i] <= hi[i0 + i]) w.row_lo[r] = lo[i0 + i], w.row_hi[r] = hi[i0 + i];
     }
   }
 
@@ -262,7 +263,10 @@ void work_item(const Problem& pb, int64_t bi, int64_t h, int64_t i0, Scratch& w)
   for (int64_t tile = first / kBlockK; tile <= last / kBlockK; ++tile) {
     const int64_t j0 = tile * kBlockK, nk = std::min<int64_t>(kBlockK, last + 1 - j0);
     const int64_t nk_pad = (nk + kPanel - 1) / kPanel * kPanel;
-    const bool whole = nk == kBlockK && max_lo <= j0 && min_real >= j0 + nk - 1;
+    bool seen = false;  // queries at far-apart positions (attention_at) can leave tiles between them unseen
+    for (int64_t i = i0; i < i0 + nq && !seen; ++i) seen = lo[i] <= std::min(hi[i], j0 + nk - 1) && hi[i] >= j0;
+    if (!seen) continue;
+    const bool whole = nk == kBlockK && max_lo <= j0 && min_hi >= j0 + nk - 1;
     const float* kt = pb.kt.data() + (bh * pb.tiles + tile) * d * kBlockK;
     const float* vp = pb.vp.data() + (bh * pb.tiles * kBlockK + j0) * d;
     qk_tile(w.qs.data(), kt, w.s.data(), rows, nk_pad, d);
@@ -308,7 +312,7 @@ void work_item(const Problem& pb, int64_t bi, int64_t h, int64_t i0, Scratch& w)
     pv_tile(w.s.data(), nk_pad, vp, w.acc.data(), rows, nk, d);
   }
   for (int64_t i = 0; i < nq; ++i) {
-    if (lo[i0 + i] >= pb.t) continue;
+    if (lo[i0 + i] > hi[i0 + i]) continue;
     for (int64_t x = 0; x < g; ++x) {
       const int64_t r = i * g + x;
       const float inv = w.nan[r] ? NAN : w.l[r] > 0.f ? 1.f / w.l[r] : 0.f;
@@ -342,29 +346,25 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, F fn) {
 }
 
 void run(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::F32>& v,
-         ffi::Buffer<ffi::S32>& seg, ffi::ResultBuffer<ffi::F32>& out, int64_t window, float scale) {
+         ffi::Buffer<ffi::S32>& lo, ffi::Buffer<ffi::S32>& hi, ffi::ResultBuffer<ffi::F32>& out, float scale) {
   auto qd = q.dimensions(), kd = k.dimensions();
-  Problem pb{q.typed_data(), k.typed_data(), v.typed_data(), seg.typed_data(), out->typed_data(),
-             qd[0],          qd[1],          qd[2],          kd[2],            qd[3],
-             window,         scale,          {}};
-  pb.lo.resize(pb.b * pb.t);
-  for (int64_t bi = 0; bi < pb.b; ++bi) {
-    const int32_t* s = pb.seg + bi * pb.t;
-    int64_t start = 0;
-    for (int64_t i = 0; i < pb.t; ++i) {
-      if (i == 0 || s[i] != s[i - 1]) start = i;
-      int64_t l = window > 0 ? std::max(start, i - window + 1) : start;
-      pb.lo[bi * pb.t + i] = s[i] == 0 ? pb.t : l;
-    }
+  Problem pb{};
+  pb.q = q.typed_data(), pb.k = k.typed_data(), pb.v = v.typed_data(), pb.out = out->typed_data();
+  pb.b = qd[0], pb.c = qd[1], pb.n = kd[1], pb.hq = qd[2], pb.hk = kd[2], pb.d = qd[3], pb.scale = scale;
+  pb.lo.resize(pb.b * pb.c);
+  pb.hi.resize(pb.b * pb.c);
+  for (int64_t i = 0; i < pb.b * pb.c; ++i) {  // clamped to the row: no range reads outside its keys
+    pb.lo[i] = std::max<int64_t>(lo.typed_data()[i], 0);
+    pb.hi[i] = std::min<int64_t>(hi.typed_data()[i], pb.n - 1);
   }
-  pb.tiles = (pb.t + kBlockK - 1) / kBlockK;
+  pb.tiles = (pb.n + kBlockK - 1) / kBlockK;
   pb.kt.resize(pb.b * pb.hk * pb.tiles * pb.d * kBlockK);
   pb.vp.resize(pb.kt.size());
   parallel_for(pool, pb.b * pb.hk * pb.tiles, [&pb](int64_t item, Scratch&) {
     pack_tile(pb, item / (pb.hk * pb.tiles), item / pb.tiles % pb.hk, item % pb.tiles);
   });
-  const int64_t nqb = (pb.t + kBlockQ - 1) / kBlockQ, n = pb.b * pb.hk * nqb;
-  // Latest query blocks first: they see the most keys, so the pool's last items are the short ones.
+  const int64_t nqb = (pb.c + kBlockQ - 1) / kBlockQ, n = pb.b * pb.hk * nqb;
+  // Latest query blocks first: in causal attention they see the most keys, so the pool's last items are short.
   parallel_for(pool, n, [&pb, nqb](int64_t item, Scratch& scratch) {
     const int64_t qb = nqb - 1 - item % nqb, rest = item / nqb;
     work_item(pb, rest / pb.hk, rest % pb.hk, qb * kBlockQ, scratch);
@@ -374,17 +374,17 @@ void run(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>&
 // Checks the shapes (a mismatch would read out of bounds) and runs; memory for the packed keys and values is the
 // one allocation that can fail, and an exception must not cross into XLA.
 ffi::Error attention_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                          ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg, ffi::ResultBuffer<ffi::F32> out,
-                          int64_t window, float scale) {
-  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), sd = seg.dimensions();
-  const bool shapes = qd.size() == 4 && kd.size() == 4 && vd.size() == 4 && sd.size() == 2 &&
-                      std::equal(kd.begin(), kd.end(), vd.begin()) && kd[0] == qd[0] && kd[1] == qd[1] &&
-                      kd[3] == qd[3] && sd[0] == qd[0] && sd[1] == qd[1] && kd[2] > 0;
+                          ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> lo, ffi::Buffer<ffi::S32> hi,
+                          ffi::ResultBuffer<ffi::F32> out, float scale) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), ld = lo.dimensions(), hd = hi.dimensions();
+  const bool shapes = qd.size() == 4 && kd.size() == 4 && vd.size() == 4 && ld.size() == 2 && hd.size() == 2 &&
+                      std::equal(kd.begin(), kd.end(), vd.begin()) && std::equal(ld.begin(), ld.end(), hd.begin()) &&
+                      kd[0] == qd[0] && kd[3] == qd[3] && ld[0] == qd[0] && ld[1] == qd[1] && kd[2] > 0;
   if (!shapes || qd[3] % 64 != 0 || qd[2] % kd[2] != 0)
     return ffi::Error::InvalidArgument(
-        "cpu attention: q [B, T, Hq, D], k/v [B, T, Hk, D], segment ids [B, T], D % 64 == 0, Hq % Hk == 0");
+        "cpu attention: q [B, C, Hq, D], k/v [B, N, Hk, D], key ranges lo/hi [B, C], D % 64 == 0, Hq % Hk == 0");
   try {
-    run(pool, q, k, v, seg, out, window, scale);
+    run(pool, q, k, v, lo, hi, out, scale);
   } catch (const std::bad_alloc&) {
     return ffi::Error::Internal("cpu attention: out of memory for the packed keys and values");
   }
@@ -403,6 +403,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Psych201CpuAttention, attention_impl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("window")
                                   .Attr<float>("scale"));

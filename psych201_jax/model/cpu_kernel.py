@@ -10,14 +10,17 @@ attention backend uses ``xla``; it does so too where the build has no AVX-512 (`
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -40,8 +43,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "psych201_jax" / "kernels"
 
 
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
+def _compiler() -> list[str] | None:
+    """The compiler command: ``$CXX`` (which may carry arguments, "ccache g++"), else c++, g++ or clang++."""
+    cmd = shlex.split(os.environ.get("CXX", "")) or ["c++"]
+    for name in (cmd[0], "g++", "clang++"):
+        if path := shutil.which(name):
+            return [path, *cmd[1:]] if name == cmd[0] else [path]
+    return None
 
 
 def _host_isa() -> str:
@@ -55,16 +63,34 @@ def _host_isa() -> str:
     return platform.machine() + "".join(sorted(set(lines))) if lines else platform.machine() + platform.node()
 
 
+_PARTIAL = "partial-"  # a library being written; one left by a killed build is removed after a day
+_BUILD_TIMEOUT_S = 300  # a hung compiler must not hang the job: past this, the job runs "xla"
+
+
+def _remove_stale_partials(directory: Path) -> None:
+    for path in directory.glob(f"{_PARTIAL}*.so"):
+        with contextlib.suppress(OSError):  # another process may be removing it too
+            if time.time() - path.stat().st_mtime > 86400:
+                path.unlink()
+
+
 def _build() -> Path:
     """The compiled library, building it if this source, jaxlib, compiler and machine have none yet."""
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set $CXX)")
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
+    version = subprocess.run([*cxx, "--version"], capture_output=True, text=True, check=True, timeout=60).stdout
     key = hashlib.sha256(
         b"\0".join(
             x.encode() if isinstance(x, str) else x
-            for x in (SOURCE.read_bytes(), jax.ffi.include_dir(), jaxlib.__version__, version, " ".join(FLAGS))
+            for x in (
+                SOURCE.read_bytes(),
+                jax.ffi.include_dir(),
+                jaxlib.__version__,
+                " ".join(cxx),
+                version,
+                " ".join(FLAGS),
+            )
         )
         + _host_isa().encode()  # -march=native: a shared home directory may span CPU generations
     ).hexdigest()[:16]
@@ -72,11 +98,12 @@ def _build() -> Path:
     if lib.exists():
         return lib
     lib.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+    _remove_stale_partials(lib.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_PARTIAL, suffix=".so", dir=lib.parent)
     os.close(fd)
     try:
-        cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        cmd = [*cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
         if done.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}")
         os.replace(tmp, lib)  # atomic: concurrent builders leave one complete library
@@ -120,10 +147,11 @@ def preferred() -> bool:
     return simd_width() >= AUTO_SIMD_WIDTH
 
 
-def cpu_attention(q, k, v, segment_ids, *, sliding_window=None, block_q=None, block_k=None):
-    """The shared attention semantics (``attention.py``) on XLA:CPU via the native kernel; float32 inside,
-    the output in q's dtype. Raises ValueError where the kernel cannot run."""
-    del block_q, block_k  # the kernel's tiles are fixed in its source
+def attend(q, k, v, lo, hi):
+    """Attention of queries q [B, C, Hq, hd] over keys k/v [B, N, Hk, hd], query (b, c) seeing the keys
+    [lo[b, c], hi[b, c]] of its row (int32 [B, C]; none where lo > hi: its output is 0). ``attention.py``
+    derives the ranges from the shared semantics. float32 inside, the output in q's dtype. Raises ValueError
+    where the kernel cannot run."""
     if reason := _registration():
         raise ValueError(f"attention backend 'cpu' is unavailable: {reason}")
     if jax.default_backend() != "cpu":
@@ -133,8 +161,6 @@ def cpu_attention(q, k, v, segment_ids, *, sliding_window=None, block_q=None, bl
         raise ValueError(
             f"attention backend 'cpu' runs on one device, not a {mesh.size}-device mesh; use 'xla' or 'auto'"
         )
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"attention backend 'cpu': sliding_window must be >= 1, got {sliding_window}")
     d = q.shape[-1]
     pad = -d % _LANES
 
@@ -144,12 +170,5 @@ def cpu_attention(q, k, v, segment_ids, *, sliding_window=None, block_q=None, bl
     call = jax.ffi.ffi_call(
         TARGET, jax.ShapeDtypeStruct(q.shape[:-1] + (d + pad,), jnp.float32), vmap_method="sequential"
     )
-    out = call(
-        prep(q),
-        prep(k),
-        prep(v),
-        segment_ids.astype(jnp.int32),
-        window=np.int64(sliding_window or 0),
-        scale=np.float32(d**-0.5),
-    )
+    out = call(prep(q), prep(k), prep(v), lo.astype(jnp.int32), hi.astype(jnp.int32), scale=np.float32(d**-0.5))
     return out[..., :d].astype(q.dtype)

@@ -287,7 +287,7 @@ def _attention_block(
     else:  # the gathered queries against every key of their group's rows, flattened
         k_seg = at.flat(at.row_segments(segment_ids))
         q_seg = jnp.where(at.valid, jnp.take_along_axis(k_seg, at.indices, axis=1, mode="clip"), 0)
-        o = attention_at(q, at.indices, q_seg, at.flat(k), at.flat(v), k_seg, sliding_window=window)
+        o = attention_at(q, at.indices, q_seg, at.flat(k), at.flat(v), k_seg, sliding_window=window, backend=backend)
     if spec.attn_output_gate:
         o = o * jax.nn.sigmoid(gate)
     out = jnp.einsum("bthk,hkd->btd", o, p["wo"].astype(dt))
