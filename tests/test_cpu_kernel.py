@@ -228,3 +228,75 @@ def test_a_hung_compiler_times_out_and_stale_partials_go(monkeypatch, tmp_path):
     with pytest.raises(subprocess.TimeoutExpired):
         cpu_kernel._build()
     assert sorted(p.name for p in kernels.iterdir()) == [fresh.name]
+
+
+def _ranges_reference(q, k, v, lo, hi):
+    """float64 numpy: query (b, c) attends to keys [lo, hi] of row b, clamped to the row; none gives 0."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    n, g = k.shape[1], q.shape[2] // k.shape[2]
+    out = np.zeros_like(q)
+    for b, c in np.ndindex(*q.shape[:2]):
+        first, last = max(lo[b, c], 0), min(hi[b, c], n - 1)
+        if first > last:
+            continue
+        for h in range(q.shape[2]):
+            s = k[b, first : last + 1, h // g] @ q[b, c, h] / np.sqrt(q.shape[3])
+            p = np.exp(s - s.max())
+            out[b, c, h] = p @ v[b, first : last + 1, h // g] / p.sum()
+    return out
+
+
+@pytest.mark.parametrize(
+    "b,c,n,case",
+    [
+        (2, 200, 70, "random"),  # more queries than keys; empty, reversed and out-of-row ranges
+        (1, 130, 1500, "sparse"),  # short ranges far apart: the tiles between them are skipped
+        (1, 64, 1000, "whole"),  # unmasked tiles where hi is not the query's own index, then one longer range
+        (1, 0, 300, "random"),  # no queries
+        (1, 5, 0, "random"),  # no keys: every query sees nothing
+    ],
+)
+def test_kernel_ranges_match_a_float64_reference(b, c, n, case):
+    rng = np.random.default_rng(c + n)
+    q = rng.standard_normal((b, c, 4, 64), np.float32)
+    k, v = (rng.standard_normal((b, n, 2, 64), np.float32) for _ in range(2))
+    if case == "random":
+        lo, hi = rng.integers(-20, n + 20, (2, b, c))
+    elif case == "sparse":
+        lo = rng.integers(0, n, (b, c))
+        hi = np.minimum(lo + rng.integers(0, 40, (b, c)), n - 1)
+    else:
+        lo, hi = np.zeros((b, c), int), np.full((b, c), 767)
+        hi[0, 5] = 900
+    got = np.asarray(
+        cpu_kernel.attend(*map(jnp.asarray, (q, k, v)), jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32))
+    )
+    assert got.shape == q.shape
+    np.testing.assert_allclose(got, _ranges_reference(q, k, v, lo, hi), atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("window", [None, 40])
+def test_attention_at_queries_that_see_nothing_agree_across_backends(window):
+    """A query labelled with another segment than the key's at its position, one at a padding key and ones
+    outside the row give 0 on the kernel and on XLA alike; a proper one next to them is unaffected."""
+    rng = np.random.default_rng(1)
+    k_seg = jnp.asarray(np.concatenate([np.full(300, 1), np.full(250, 2), np.zeros(50)]).astype(np.int32)[None])
+    index = jnp.asarray([[10, 350, 320, 599, 650, -3]], jnp.int32)
+    q_seg = jnp.asarray([[1, 1, 2, 1, 1, 1]], jnp.int32)
+    q = jnp.asarray(rng.standard_normal((1, 6, 2, 64), np.float32))
+    k, v = (jnp.asarray(rng.standard_normal((1, 600, 1, 64), np.float32)) for _ in range(2))
+    got = {
+        name: np.asarray(attn_lib.attention_at(q, index, q_seg, k, v, k_seg, sliding_window=window, backend=name))
+        for name in ("cpu", "xla")
+    }
+    np.testing.assert_allclose(got["cpu"], got["xla"], atol=2e-6, rtol=0)
+    assert (got["cpu"][0, 1] == 0).all() and (got["cpu"][0, 3:] == 0).all()
+    assert (got["cpu"][0, [0, 2]] != 0).any(axis=(1, 2)).all()
+
+
+def test_an_unparsable_cxx_is_a_failed_build_not_a_crash(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CXX", '"g++')  # an unbalanced quote
+    assert cpu_kernel._compiler() is None
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler found \\(\\$CXX='\"g\\+\\+'\\)"):
+        cpu_kernel._build()

@@ -297,9 +297,9 @@ def attention_at(
     block_q: int = 128,
     block_k: int = 512,
 ) -> Float[Array, "b c hq d"]:
-    """Attention of C queries at key positions ``q_index`` (the shared semantics, q_segment 0 = padding; a
-    real query's segment is the key segment at its position) over all N keys: the last layer of a scoring
-    forward needs its queries only where a response is scored.
+    """Attention of C queries at key positions ``q_index`` (the shared semantics, q_segment 0 = padding) over
+    all N keys: the last layer of a scoring forward needs its queries only where a response is scored. A query
+    at a position outside [0, N) or whose q_segment is not the key segment there sees nothing (output 0).
 
     Where ``backend`` resolves to "cpu", the native kernel, each query seeing one range of keys. Otherwise
     (every other backend) an online softmax over [block_q x block_k] tiles, every tile masked; each block of
@@ -310,15 +310,18 @@ def attention_at(
     """
     b, c, hq, hd = q.shape
     n, hk = k.shape[1], k.shape[2]
-    start = jnp.take_along_axis(_segment_starts(k_segment), jnp.clip(q_index, 0, n - 1), axis=1)
+    if hq % hk:
+        raise ValueError(f"query heads {hq} not a multiple of key/value heads {hk}")
+    at = jnp.clip(q_index, 0, n - 1)
+    start = jnp.take_along_axis(_segment_starts(k_segment), at, axis=1)
     if sliding_window is not None:
         start = jnp.maximum(start, q_index - sliding_window + 1)
+    # A query outside the row, or whose segment is not the key's at its position, sees nothing (on every backend).
+    real = (q_segment != 0) & (q_segment == jnp.take_along_axis(k_segment, at, axis=1)) & (q_index >= 0) & (q_index < n)
     if resolve_backend(backend) == "cpu":
         from psych201_jax.model import cpu_kernel
 
         _check_window(sliding_window)
-        at_key = jnp.take_along_axis(k_segment, jnp.clip(q_index, 0, n - 1), axis=1)
-        real = (q_segment != 0) & (q_segment == at_key) & (q_index >= 0) & (q_index < n)
         return cpu_kernel.attend(q, k, v, jnp.where(real, start, 0), jnp.where(real, q_index, -1))
     g = hq // hk
     bq, bk = min(block_q, c), min(block_k, n)
@@ -327,8 +330,8 @@ def attention_at(
     pad_q, pad_k = ((0, 0), (0, nq * bq - c)), ((0, 0), (0, nk * bk - n))
     qp = jnp.transpose(_grouped(jnp.pad(q, pad_q + ((0, 0), (0, 0))), hk), (0, 2, 1, 3, 4))  # [B, Hk, C', G, hd]
     kp, vp = (jnp.transpose(jnp.pad(x, pad_k + ((0, 0), (0, 0))), (0, 2, 1, 3)) for x in (k, v))  # [B, Hk, N', hd]
-    q_idx, q_seg, k_seg = jnp.pad(q_index, pad_q), jnp.pad(q_segment, pad_q), jnp.pad(k_segment, pad_k)
-    start = jnp.pad(start, pad_q)
+    q_seg = jnp.pad(jnp.where(real, q_segment, 0), pad_q)
+    q_idx, k_seg, start = jnp.pad(q_index, pad_q), jnp.pad(k_segment, pad_k), jnp.pad(start, pad_q)
     real = q_seg != 0
     lo = jnp.where(real, start, n).reshape(b, nq, bq).min(axis=(0, 2))
     hi = jnp.where(real, q_idx, -1).reshape(b, nq, bq).max(axis=(0, 2))

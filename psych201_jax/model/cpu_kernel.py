@@ -18,6 +18,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -44,8 +45,12 @@ def cache_dir() -> Path:
 
 
 def _compiler() -> list[str] | None:
-    """The compiler command: ``$CXX`` (which may carry arguments, "ccache g++"), else c++, g++ or clang++."""
-    cmd = shlex.split(os.environ.get("CXX", "")) or ["c++"]
+    """The compiler command: ``$CXX`` (which may carry arguments, "ccache g++"), else c++, g++ or clang++;
+    None if there is none (or ``$CXX`` does not parse as a command line)."""
+    try:
+        cmd = shlex.split(os.environ.get("CXX", "")) or ["c++"]
+    except ValueError:  # an unbalanced quote
+        return None
     for name in (cmd[0], "g++", "clang++"):
         if path := shutil.which(name):
             return [path, *cmd[1:]] if name == cmd[0] else [path]
@@ -68,17 +73,35 @@ _BUILD_TIMEOUT_S = 300  # a hung compiler must not hang the job: past this, the 
 
 
 def _remove_stale_partials(directory: Path) -> None:
-    for path in directory.glob(f"{_PARTIAL}*.so"):
+    for path in [*directory.glob(f"{_PARTIAL}*.so"), *directory.glob("tmp*.so")]:  # tmp*: builds of earlier releases
         with contextlib.suppress(OSError):  # another process may be removing it too
             if time.time() - path.stat().st_mtime > 86400:
                 path.unlink()
+
+
+def _run_compiler(cmd: list[str]) -> None:
+    """Runs ``cmd`` in its own process group, so that on timeout a wrapper's compiler (ccache, env) dies too
+    and cannot write the library after the build gave up."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=_BUILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {err.strip()[-500:]}")
 
 
 def _build() -> Path:
     """The compiled library, building it if this source, jaxlib, compiler and machine have none yet."""
     cxx = _compiler()
     if cxx is None:
-        raise RuntimeError("no C++ compiler found (set $CXX)")
+        cxx_env = os.environ.get("CXX")
+        raise RuntimeError(
+            f"no C++ compiler found ($CXX={cxx_env!r})" if cxx_env else "no C++ compiler found (set $CXX)"
+        )
     version = subprocess.run([*cxx, "--version"], capture_output=True, text=True, check=True, timeout=60).stdout
     key = hashlib.sha256(
         b"\0".join(
@@ -102,10 +125,7 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(prefix=_PARTIAL, suffix=".so", dir=lib.parent)
     os.close(fd)
     try:
-        cmd = [*cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
-        if done.returncode:
-            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}")
+        _run_compiler([*cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp])
         os.replace(tmp, lib)  # atomic: concurrent builders leave one complete library
     finally:
         if os.path.exists(tmp):
