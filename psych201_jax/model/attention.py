@@ -264,24 +264,34 @@ def _blockwise(q, k, v, segment_ids, *, sliding_window, block_q, block_k):
     return jnp.transpose(blocks, (1, 0, 2, 3, 4)).reshape(b, nq * bq, hq, hd)[:, :t]
 
 
-def _check_window(sliding_window):
+def _visible_range(k_segment, q_index, q_segment, sliding_window):
+    """(real, start) [B, C]: whether a query at key position ``q_index`` with ``q_segment`` sees any key (it is
+    not padding, lies in the row and carries the key segment at its position), and the first key it sees (its
+    segment's start or its window's); segments are contiguous, so it sees the keys [start, q_index]."""
+    n = k_segment.shape[1]
+    at = jnp.clip(q_index, 0, n - 1)
+    start = jnp.take_along_axis(_segment_starts(k_segment), at, axis=1)
+    if sliding_window is not None:
+        start = jnp.maximum(start, q_index - sliding_window + 1)
+    at_key = jnp.take_along_axis(k_segment, at, axis=1)
+    return (q_segment != 0) & (q_segment == at_key) & (q_index >= 0) & (q_index < n), start
+
+
+def _on_kernel(q, k, v, q_index, real, start, sliding_window):
+    """``cpu_kernel.attend`` (its tiles are fixed in its source) with the ranges of ``_visible_range``."""
+    from psych201_jax.model import cpu_kernel
+
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"attention backend 'cpu': sliding_window must be >= 1, got {sliding_window}")
+    return cpu_kernel.attend(q, k, v, jnp.where(real, start, 0), jnp.where(real, q_index, -1))
 
 
 def _native(q, k, v, segment_ids, *, sliding_window=None, block_q=None, block_k=None):
-    """The native CPU kernel (``cpu_kernel.attend``; its tiles are fixed in its source): each query of a packed
-    row sees one range of keys, from its segment's start (or its window's) to itself."""
-    from psych201_jax.model import cpu_kernel
-
+    """The native CPU kernel: every position of a packed row is a query."""
     del block_q, block_k
-    _check_window(sliding_window)
-    idx = jnp.arange(segment_ids.shape[1])[None]
-    lo = _segment_starts(segment_ids)
-    if sliding_window is not None:
-        lo = jnp.maximum(lo, idx - sliding_window + 1)
-    real = segment_ids != 0
-    return cpu_kernel.attend(q, k, v, jnp.where(real, lo, 0), jnp.where(real, idx, -1))
+    idx = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
+    real, start = _visible_range(segment_ids, idx, segment_ids, sliding_window)
+    return _on_kernel(q, k, v, idx, real, start, sliding_window)
 
 
 def attention_at(
@@ -312,17 +322,9 @@ def attention_at(
     n, hk = k.shape[1], k.shape[2]
     if hq % hk:
         raise ValueError(f"query heads {hq} not a multiple of key/value heads {hk}")
-    at = jnp.clip(q_index, 0, n - 1)
-    start = jnp.take_along_axis(_segment_starts(k_segment), at, axis=1)
-    if sliding_window is not None:
-        start = jnp.maximum(start, q_index - sliding_window + 1)
-    # A query outside the row, or whose segment is not the key's at its position, sees nothing (on every backend).
-    real = (q_segment != 0) & (q_segment == jnp.take_along_axis(k_segment, at, axis=1)) & (q_index >= 0) & (q_index < n)
+    real, start = _visible_range(k_segment, q_index, q_segment, sliding_window)  # the same on every backend
     if resolve_backend(backend) == "cpu":
-        from psych201_jax.model import cpu_kernel
-
-        _check_window(sliding_window)
-        return cpu_kernel.attend(q, k, v, jnp.where(real, start, 0), jnp.where(real, q_index, -1))
+        return _on_kernel(q, k, v, q_index, real, start, sliding_window)
     g = hq // hk
     bq, bk = min(block_q, c), min(block_k, n)
     nq, nk = -(-c // bq), -(-n // bk)
