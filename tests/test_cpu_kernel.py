@@ -195,10 +195,11 @@ def test_attention_at_on_the_kernel_matches_dense(hq, hk, d, window, order):
     flat = lambda x: jnp.asarray(x).reshape(1, b * t, *x.shape[2:])  # noqa: E731
     q_at = jnp.take_along_axis(flat(q), jnp.asarray(index)[..., None, None], axis=1)
     args = (q_at, jnp.asarray(index), jnp.asarray(q_seg), flat(k), flat(v), jnp.asarray(flat_seg))
-    got = {
-        name: np.asarray(jax.jit(functools.partial(attn_lib.attention_at, sliding_window=window, backend=name))(*args))
-        for name in ("cpu", "xla")
+    fns = {
+        name: functools.partial(attn_lib.attention_at, sliding_window=window, backend=name) for name in ("cpu", "xla")
     }
+    assert cpu_kernel.TARGET in str(jax.make_jaxpr(fns["cpu"])(*args))  # the kernel, not a fallback to XLA
+    got = {name: np.asarray(jax.jit(fn)(*args)) for name, fn in fns.items()}
     want = np.where(
         valid[..., None, None], np.take_along_axis(dense.reshape(1, b * t, hq, d), index[..., None, None], 1), 0
     )
@@ -254,7 +255,7 @@ def _ranges_reference(q, k, v, lo, hi):
     [
         (2, 200, 70, "random"),  # more queries than keys; empty, reversed and out-of-row ranges
         (1, 130, 1500, "sparse"),  # short ranges far apart: the tiles between them are skipped
-        (1, 64, 1000, "whole"),  # unmasked tiles where hi is not the query's own index, then one longer range
+        (1, 64, 1000, "whole"),  # unmasked tiles where hi is not the query's own index; rows ending mid-tile
         (1, 0, 300, "random"),  # no queries
         (1, 5, 0, "random"),  # no keys: every query sees nothing
     ],
@@ -270,7 +271,7 @@ def test_kernel_ranges_match_a_float64_reference(b, c, n, case):
         hi = np.minimum(lo + rng.integers(0, 40, (b, c)), n - 1)
     else:
         lo, hi = np.zeros((b, c), int), np.full((b, c), 767)
-        hi[0, 5] = 900
+        hi[0, 5], hi[0, 40:] = 900, 300  # tile 1 is whole for 40 rows only: the rest must mask it
     got = np.asarray(
         cpu_kernel.attend(*map(jnp.asarray, (q, k, v)), jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32))
     )
