@@ -1,4 +1,4 @@
-"""Metrics of psych201_jax.analysis.metrics against hand-computed values on small synthetic results."""
+"""The analysis metrics (metrics, stats, pairs, domains, persona) against hand-computed values on small results."""
 
 import math
 
@@ -6,79 +6,9 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from psych201_jax.analysis import metrics as analysis
+from psych201_jax.analysis import domains, metrics, pairs, persona, runs, stats
 from psych201_jax.runs import store as results
-
-
-def write_results(
-    path,
-    hf_id,
-    rows,
-    *,
-    kind="base",
-    base_hf_id="",
-    family="Fam",
-    generation="G1",
-    size_b=1.0,
-    protocol="reference",
-    template="none",
-    persona="none",
-    persona_subset=False,
-):
-    """A results directory as ``launch.score`` writes it: manifest.json and one committed chunk.
-
-    rows: (study, participant, nll list) or (study, participant, nll list, extra row fields)."""
-    config = {
-        "model": f"/models/{hf_id}",
-        "protocol": protocol,
-        "template": template,
-        "persona": persona,
-        "persona_subset": persona_subset,
-        "dtype": "float32",
-        "data": "synthetic",
-        "model_info": {
-            "hf_id": hf_id,
-            "family": family,
-            "generation": generation,
-            "size_b": size_b,
-            "kind": kind,
-            "base_hf_id": base_hf_id,
-        },
-    }
-    stored = []
-    for study, participant, nll, *extra in rows:
-        row = {
-            "study": study,
-            "experiment": f"{study}/",
-            "participant": participant,
-            "status": "scored",
-            "reason": "",
-            "nll": [math.nan if x is None else x for x in nll],
-            "argmax": [],
-            "target": [],
-        }
-        row.update(extra[0] if extra else {})
-        # Scored tokens per response: one each, the first response taking any extra tokens.
-        extra_tokens = max(len(row["argmax"]) - len(nll), 0)
-        row.setdefault("n_tokens", [1 + extra_tokens] + [1] * (len(nll) - 1) if nll else [])
-        stored.append(row)
-    stored.append(
-        {"study": "s1", "experiment": "s1/", "participant": "rejected-1", "status": "rejected", "reason": "empty"}
-    )
-    results.write_rows(path, {"fingerprint": hf_id, "config": config}, stored)
-    return path
-
-
-def load(path):
-    return analysis.run_from_rows(results.read_manifest(path), results.iter_rows(path), path)
-
-
-def tokens(argmax, target, option=None):
-    extra = {"argmax": argmax, "target": target}
-    if option is not None:
-        extra["option_argmax"] = option
-    return extra
-
+from psych201_jax.testing.results import load, tokens, write_results
 
 # Base and post-trained NLLs, hand-checked below:
 #   s1: p1 base [1, 2] post [2, 3]; p2 base [3] post [5]        s2: p3 base [2, 4] post [2, 6]
@@ -116,7 +46,7 @@ def test_run_from_rows(pair):
 
 def test_study_and_model_scores(pair):
     _, base = pair
-    rows = analysis.study_scores(base)
+    rows = metrics.study_scores(base)
     assert [r["study"] for r in rows] == ["s1", "s2"]
     s1, s2 = rows
     assert s1["n_participants"] == 2 and s1["n_responses"] == 3
@@ -124,7 +54,7 @@ def test_study_and_model_scores(pair):
     assert s1["participant_mean_nll"] == pytest.approx(((1 + 2) / 2 + 3) / 2)  # mean of participant means
     assert s1["sd_nll"] == pytest.approx(1.0)
     assert s2["mean_nll"] == pytest.approx(3.0)
-    score = analysis.model_score(rows)
+    score = metrics.model_score(rows)
     assert score["score"] == pytest.approx((2.0 + 3.0) / 2)
     assert score["score_participant"] == pytest.approx((2.25 + 3.0) / 2)
     assert score["n_studies"] == 2 and score["n_responses"] == 5 and score["n_participants"] == 3
@@ -136,17 +66,17 @@ def test_study_and_model_scores(pair):
 
 def test_option_accuracy(pair):
     post, _ = pair
-    rows = analysis.study_scores(post)
+    rows = metrics.study_scores(post)
     # Only single-token responses are option choices: s1 p1's second response (3 vs 4) and p2's (5 vs 5)
     # → 1 of 2; s2 p3's two responses [7, 0] vs [7, 9] → 1 of 2.
     assert rows[0]["option_accuracy"] == pytest.approx(1 / 2) and rows[1]["option_accuracy"] == pytest.approx(1 / 2)
-    assert analysis.model_score(rows)["option_accuracy"] == pytest.approx(1 / 2)
-    assert analysis.model_score(rows)["accuracy"] == pytest.approx((1 / 4 + 0 / 2) / 2)
+    assert metrics.model_score(rows)["option_accuracy"] == pytest.approx(1 / 2)
+    assert metrics.model_score(rows)["accuracy"] == pytest.approx((1 / 4 + 0 / 2) / 2)
 
 
 def test_unscored_response_is_left_out(tmp_path):
     run = load(write_results(str(tmp_path / "r"), "M", [("s1", "p1", [1.0, None, 3.0])]))
-    (row,) = analysis.study_scores(run)
+    (row,) = metrics.study_scores(run)
     assert row["n_responses"] == 2 and row["n_unscored_responses"] == 1
     assert row["mean_nll"] == pytest.approx(2.0)
 
@@ -160,9 +90,9 @@ def test_reference_pair_d_both_ddofs(pair):
     d1_s2 = (4 - 3) / math.sqrt((8 / 1 + 2 / 1) / 2)
     d0_s1 = (10 / 3 - 2) / math.sqrt(((42 / 9) / 3 + 2 / 3) / 2)
     d0_s2 = (4 - 3) / math.sqrt((8 / 2 + 2 / 2) / 2)
-    post_m, base_m = analysis.nll_moments(post), analysis.nll_moments(base)
-    ref1 = analysis.reference_pair_d(post_m, base_m, ddof=1)
-    ref0 = analysis.reference_pair_d(post_m, base_m, ddof=0)
+    post_m, base_m = metrics.nll_moments(post), metrics.nll_moments(base)
+    ref1 = pairs.reference_pair_d(post_m, base_m, ddof=1)
+    ref0 = pairs.reference_pair_d(post_m, base_m, ddof=0)
     assert ref1.per_study == pytest.approx({"s1": d1_s1, "s2": d1_s2})
     assert ref1.d == pytest.approx((d1_s1 + d1_s2) / 2) and ref1.reason == ""
     assert ref0.d == pytest.approx((d0_s1 + d0_s2) / 2)
@@ -172,17 +102,17 @@ def test_reference_pair_d_both_ddofs(pair):
 def test_reference_pair_d_needs_two_studies(tmp_path, pair):
     _, base = pair
     post = load(write_results(str(tmp_path / "one"), "Post-1B", POST_ROWS[:2], kind="Reasoning", base_hf_id="Base-1B"))
-    ref = analysis.reference_pair_d(analysis.nll_moments(post), analysis.nll_moments(base), ddof=1)
+    ref = pairs.reference_pair_d(metrics.nll_moments(post), metrics.nll_moments(base), ddof=1)
     assert math.isnan(ref.d) and "1 common studies" in ref.reason
     assert list(ref.per_study) == ["s1"]  # still reported per study
-    loose = analysis.reference_pair_d(analysis.nll_moments(post), analysis.nll_moments(base), ddof=1, min_studies=1)
+    loose = pairs.reference_pair_d(metrics.nll_moments(post), metrics.nll_moments(base), ddof=1, min_studies=1)
     assert loose.d == pytest.approx(ref.per_study["s1"])
 
 
 def test_nan_study_d_is_skipped_like_pandas():
-    one = {"a": analysis.moments(np.array([1.0])), "b": analysis.moments(np.array([1.0, 3.0]))}
-    two = {"a": analysis.moments(np.array([2.0])), "b": analysis.moments(np.array([2.0, 4.0]))}
-    ref = analysis.reference_pair_d(two, one, ddof=1)  # study a: one response each → SD undefined
+    one = {"a": stats.moments(np.array([1.0])), "b": stats.moments(np.array([1.0, 3.0]))}
+    two = {"a": stats.moments(np.array([2.0])), "b": stats.moments(np.array([2.0, 4.0]))}
+    ref = pairs.reference_pair_d(two, one, ddof=1)  # study a: one response each → SD undefined
     assert math.isnan(ref.per_study["a"])
     assert ref.d == pytest.approx((3 - 2) / math.sqrt((2 + 2) / 2))
 
@@ -193,14 +123,14 @@ def test_accuracy_pair_d_sign(pair):
     #         s2 base [1, 0] (p = 1/2, variance 1/2), post [0, 0] (variance 0).
     d_s1 = (0.25 - 0.75) / math.sqrt((0.25 + 0.25) / 2)
     d_s2 = (0.0 - 0.5) / math.sqrt((0.0 + 0.5) / 2)
-    ref = analysis.reference_pair_d(analysis.accuracy_moments(post), analysis.accuracy_moments(base), ddof=1)
+    ref = pairs.reference_pair_d(metrics.accuracy_moments(post), metrics.accuracy_moments(base), ddof=1)
     assert ref.per_study == pytest.approx({"s1": d_s1, "s2": d_s2})
     assert ref.d == pytest.approx(-1.0) and ref.d < 0  # negative = post-training is worse
 
 
 def test_paired_statistics(pair):
     post, base = pair
-    summary, studies = analysis.pair_statistics(post, base, analysis.resolve_ddof("reference"), n_boot=200, seed=0)
+    summary, studies = pairs.pair_statistics(post, base, metrics.resolve_ddof("reference"), n_boot=200, seed=0)
     s1, s2 = studies
     # s1 differences post − base: p1 [1, 1], p2 [2] → mean 4/3, squared deviations 6/9, ddof=1 variance 1/3
     assert s1["n_responses"] == 3 and s1["n_participants"] == 2
@@ -234,23 +164,23 @@ def test_unmatched_responses_are_counted(tmp_path):
             base_hf_id="B",
         )
     )
-    (m,) = analysis.match_runs(post, base).values()
+    (m,) = pairs.match_runs(post, base).values()
     assert m.only_a == 1 and m.only_b == 1
     assert m.unaligned == 1  # p2: 1 response vs 2
     assert m.dropped == 2 + 1  # p2's responses, and p3's second response (unscored by the base)
     assert m.differences().tolist() == [1.0, 2.0, 2.0]
-    loose = analysis.match_runs(post, base, prefix=True)["s1"]
+    loose = pairs.match_runs(post, base, prefix=True)["s1"]
     assert loose.unaligned == 0 and loose.differences().tolist() == [1.0, 2.0, 4.0, 2.0]
 
 
 def test_bootstrap_ci_contains_truth_and_is_deterministic():
     rng = np.random.default_rng(1)
     values = 1.0 + 0.1 * rng.standard_normal(60)
-    ci = analysis.bootstrap_ci(values, 2000, seed=3)
+    ci = stats.bootstrap_ci(values, 2000, seed=3)
     assert ci[0] < 1.0 < ci[1] and ci[1] - ci[0] < 0.1
-    assert analysis.bootstrap_ci(values, 2000, seed=3) == ci
-    assert analysis.bootstrap_ci(values, 2000, seed=4) != ci
-    assert all(math.isnan(x) for x in analysis.bootstrap_ci([1.0], 100, seed=0))
+    assert stats.bootstrap_ci(values, 2000, seed=3) == ci
+    assert stats.bootstrap_ci(values, 2000, seed=4) != ci
+    assert all(math.isnan(x) for x in stats.bootstrap_ci([1.0], 100, seed=0))
 
 
 def test_two_level_bootstrap():
@@ -260,22 +190,22 @@ def test_two_level_bootstrap():
         counts = rng.integers(1, 5, size=15).astype(float)
         sums = np.array([np.sum(0.5 + 0.2 * rng.standard_normal(int(c))) for c in counts])
         groups.append((sums, counts))
-    ci = analysis.bootstrap_two_level_ci(groups, 1000, seed=0)
+    ci = stats.bootstrap_two_level_ci(groups, 1000, seed=0)
     assert ci[0] < 0.5 < ci[1]
-    assert analysis.bootstrap_two_level_ci(groups, 1000, seed=0) == ci
+    assert stats.bootstrap_two_level_ci(groups, 1000, seed=0) == ci
     # constant differences: every resample gives the same mean
     const = [(np.array([1.5, 0.5]), np.array([3.0, 1.0])), (np.array([1.0]), np.array([2.0]))]
-    assert analysis.bootstrap_two_level_ci(const, 100, seed=0) == pytest.approx((0.5, 0.5))
+    assert stats.bootstrap_two_level_ci(const, 100, seed=0) == pytest.approx((0.5, 0.5))
 
 
 def test_wilcoxon_exact_case():
     # 5 positive effects: W− = 0, exact two-sided p = 2 / 2**5
-    stat, p = analysis.wilcoxon_test([0.1, 0.2, 0.3, 0.4, 0.5])
+    stat, p = stats.wilcoxon_test([0.1, 0.2, 0.3, 0.4, 0.5])
     assert stat == 0.0 and p == pytest.approx(2 / 32)
     values = [0.3, -0.1, 0.25, 0.4, -0.05, 0.2, 0.15]
     ref = scipy.stats.wilcoxon(values)
-    assert analysis.wilcoxon_test(values) == pytest.approx((ref.statistic, ref.pvalue))
-    assert all(math.isnan(x) for x in analysis.wilcoxon_test([0.0, 0.0, 0.0]))
+    assert stats.wilcoxon_test(values) == pytest.approx((ref.statistic, ref.pvalue))
+    assert all(math.isnan(x) for x in stats.wilcoxon_test([0.0, 0.0, 0.0]))
 
 
 CATEGORY_ROWS = [
@@ -287,24 +217,22 @@ CATEGORY_ROWS = [
 
 
 def test_domain_matrix_join_and_drops():
-    cats = analysis.parse_categories(CATEGORY_ROWS)
+    cats = domains.parse_categories(CATEGORY_ROWS)
     assert cats.names == ("Risky Choice", "Memory", "Moral Judgment") and cats.of["s4"] == ()
     per_pair = {"A": {"s1": 0.2, "s2": 0.4, "s3": 1.0, "s4": 5.0, "s5": 7.0}, "B": {"s1": 0.6, "s5": 9.0}}
-    cols, matrix, average = analysis.domain_matrix(per_pair, cats, drop=analysis.REFERENCE_DROPPED_DOMAINS)
+    cols, matrix, average = domains.domain_matrix(per_pair, cats, drop=domains.REFERENCE_DROPPED_DOMAINS)
     assert cols == ["Risky Choice", "Memory"]
     assert matrix[0].tolist() == pytest.approx([0.2, 0.4])
     assert matrix[1, 0] == pytest.approx(0.6) and math.isnan(matrix[1, 1])
     assert average.tolist() == pytest.approx([0.4, 0.4])  # nanmean over pairs
-    cols, matrix, _ = analysis.domain_matrix(per_pair, cats, other=True)
+    cols, matrix, _ = domains.domain_matrix(per_pair, cats, other=True)
     assert cols == ["Risky Choice", "Memory", "Moral Judgment", "Other"]
     assert matrix[0, 2] == pytest.approx(1.0)
     assert matrix[0, 3] == pytest.approx((5.0 + 7.0) / 2)  # uncategorised + absent from the CSV
 
 
 def test_bundled_categories():
-    from psych201_jax.analysis import report
-
-    cats = report.load_categories()
+    cats = runs.load_categories()
     assert len(cats.names) == 11 and len(cats.of) == 157
     counts = {n: sum(n in c for c in cats.of.values()) for n in cats.names}
     assert counts["Reinforcement Learning"] == 59 and counts["Psycholinguistics"] == 17
@@ -333,7 +261,7 @@ def test_persona_common_subset(tmp_path):
             persona="matched",
         )
     )
-    summary, studies = analysis.persona_statistics(none, matched, ddof=0, n_boot=100, seed=0)
+    summary, studies = persona.persona_statistics(none, matched, ddof=0, n_boot=100, seed=0)
     assert [s["study"] for s in studies] == ["s1"]  # the reference's exclusions
     (s1,) = studies
     # reference subsets: none [2, 4, 3, 3, 6] mean 3.6, squared deviations 9.2; matched [1, 3, 3] mean 7/3,
@@ -358,10 +286,10 @@ def test_find_pairs_and_persona_comparisons(tmp_path):
     matched = load(write_results(str(tmp_path / "m"), "B", BASE_ROWS, persona="matched"))
     shuffled = load(write_results(str(tmp_path / "s"), "B", BASE_ROWS, persona="shuffled"))
     subset = load(write_results(str(tmp_path / "u"), "B", BASE_ROWS[:2], persona_subset=True))
-    pairs, unpaired = analysis.find_pairs([base, chat, orphan, matched, shuffled])
-    assert [(p.model, b.model) for p, b in pairs] == [("P", "B")]  # chat post → the base's plain run
+    found, unpaired = pairs.find_pairs([base, chat, orphan, matched, shuffled])
+    assert [(p.model, b.model) for p, b in found] == [("P", "B")]  # chat post → the base's plain run
     assert [(r.model, "Missing" in why) for r, why in unpaired] == [("Q", True)]
-    comparisons = analysis.find_persona_comparisons([base, chat, orphan, matched, shuffled, subset])
+    comparisons = persona.find_persona_comparisons([base, chat, orphan, matched, shuffled, subset])
     assert [(c, a.condition.persona, a.condition.persona_subset, b.condition.persona) for c, a, b in comparisons] == [
         ("matched_vs_none", "none", False, "matched"),
         ("matched_vs_none_subset", "none", True, "matched"),
@@ -371,10 +299,10 @@ def test_find_pairs_and_persona_comparisons(tmp_path):
 
 
 def test_resolve_ddof():
-    assert analysis.resolve_ddof("reference") == {"pair": 1, "domain": 0, "persona": 0, "accuracy": 1}
-    assert set(analysis.resolve_ddof("0").values()) == {0}
+    assert metrics.resolve_ddof("reference") == {"pair": 1, "domain": 0, "persona": 0, "accuracy": 1}
+    assert set(metrics.resolve_ddof("0").values()) == {0}
     with pytest.raises(ValueError):
-        analysis.resolve_ddof("2")
+        metrics.resolve_ddof("2")
 
 
 def test_reads_rows_of_the_results_writer(tmp_path):
@@ -416,7 +344,7 @@ def test_reads_rows_of_the_results_writer(tmp_path):
     assert run.n_rejected == 1 and run.info["size_b"] == 2.0
     (p,) = run.participants
     assert p.nll[0] == 1.5 and math.isnan(p.nll[1]) and (p.n_tokens, p.n_correct) == (2, 1)
-    (row,) = analysis.study_scores(run)
+    (row,) = metrics.study_scores(run)
     assert row["n_responses"] == 1 and row["n_unscored_responses"] == 1 and row["mean_nll"] == 1.5
 
 
@@ -424,6 +352,6 @@ def test_option_accuracy_without_options_is_nan_and_left_out(tmp_path):
     """A study with no single-token options (option_argmax all -1) has no option accuracy."""
     rows = [("s1", "p1", [1.0], tokens([4], [4], [4])), ("s2", "p2", [1.0], tokens([5], [6], [-1]))]
     run = load(write_results(str(tmp_path / "r"), "M-1B", rows))
-    by_study = {r["study"]: r for r in analysis.study_scores(run)}
+    by_study = {r["study"]: r for r in metrics.study_scores(run)}
     assert by_study["s1"]["option_accuracy"] == 1.0 and math.isnan(by_study["s2"]["option_accuracy"])
-    assert analysis.model_score(list(by_study.values()))["option_accuracy"] == 1.0
+    assert metrics.model_score(list(by_study.values()))["option_accuracy"] == 1.0

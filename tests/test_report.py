@@ -1,4 +1,4 @@
-"""Tables, figures and report.md of psych201_jax.analysis.report, and launch.analyze end to end."""
+"""Results discovery, tables, figures and report.md (psych201_jax.analysis), and launch.analyze end to end."""
 
 import csv
 import math
@@ -8,9 +8,9 @@ import sys
 
 import numpy as np
 import pytest
-from test_analysis import load, tokens, write_results
 
-from psych201_jax.analysis import report
+from psych201_jax.analysis import report, runs, tables
+from psych201_jax.testing.results import load, tokens, write_results
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIGURES = [
@@ -97,17 +97,17 @@ def read_csv(path):
 
 
 def test_find_results_dirs(sweep, tmp_path):
-    dirs = report.find_results_dirs([sweep])
+    dirs = runs.find_results_dirs([sweep])
     assert len(dirs) == 9
-    pick = report.find_results_dirs([f"{dirs[0]},{dirs[1]}", dirs[1]])
+    pick = runs.find_results_dirs([f"{dirs[0]},{dirs[1]}", dirs[1]])
     assert pick == dirs[:2]
     with pytest.raises(ValueError):
-        report.find_results_dirs([str(tmp_path)])
+        runs.find_results_dirs([str(tmp_path)])
 
 
 def test_tables(sweep):
-    runs = [report.load_run(d) for d in report.find_results_dirs([sweep])]
-    t = report.build_tables(runs, report.load_categories(), n_boot=200, seed=0)
+    loaded = [runs.load_run(d) for d in runs.find_results_dirs([sweep])]
+    t = tables.build_tables(loaded, runs.load_categories(), n_boot=200, seed=0)
     assert t.primary.persona == "none" and t.primary.protocol == "reference"
     pairs = {(r["post"], r["persona"]): r for r in t.rows["pair_misalignment"]}
     assert set(pairs) == {
@@ -153,7 +153,7 @@ def test_tables(sweep):
 
 def test_launch_analyze_end_to_end(sweep, tmp_path):
     out = tmp_path / "report"
-    dirs = report.find_results_dirs([sweep])
+    dirs = runs.find_results_dirs([sweep])
     cmd = [
         sys.executable,
         "-m",
@@ -211,12 +211,12 @@ def test_report_degrades_without_pairs_or_persona(tmp_path):
 
 
 def test_unpaired_and_duplicate_runs_are_noted(tmp_path):
-    runs = [
+    loaded = [
         load(write_results(str(tmp_path / "a"), "A", [("s1", "p1", [1.0]), ("s2", "p1", [2.0])])),
         load(write_results(str(tmp_path / "b"), "A", [("s1", "p1", [1.0])])),
         load(write_results(str(tmp_path / "c"), "C", [("s1", "p1", [1.0])], kind="Math", base_hf_id="Z")),
     ]
-    t = report.build_tables(runs, report.load_categories(), n_boot=10)
+    t = tables.build_tables(loaded, runs.load_categories(), n_boot=10)
     assert len(t.rows["model_scores"]) == 2
     assert any("same model and condition" in n for n in t.notes) and any("Z not scored" in n for n in t.notes)
     (row,) = t.rows["pair_misalignment"]

@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from psych201_jax.analysis import metrics
+from psych201_jax.analysis.pairs import pair_statistics, reference_pair_d
 
 ParticipantKey = tuple[str, str, str]
 
@@ -185,12 +186,12 @@ def pair_rows(
         fit_post, fit_base = cross_fit(post, seed), cross_fit(base, seed)
         if fit_post is None or fit_base is None:
             continue
-        raw = metrics.reference_pair_d(metrics.nll_moments(post), metrics.nll_moments(base), ddofs["pair"])
-        cal = metrics.reference_pair_d(
+        raw = reference_pair_d(metrics.nll_moments(post), metrics.nll_moments(base), ddofs["pair"])
+        cal = reference_pair_d(
             metrics.nll_moments(fit_post.calibrated), metrics.nll_moments(fit_base.calibrated), ddofs["pair"]
         )
-        raw_stats, _ = metrics.pair_statistics(post, base, ddofs, n_boot, seed)
-        cal_stats, _ = metrics.pair_statistics(fit_post.calibrated, fit_base.calibrated, ddofs, n_boot, seed)
+        raw_stats, _ = pair_statistics(post, base, ddofs, n_boot, seed)
+        cal_stats, _ = pair_statistics(fit_post.calibrated, fit_base.calibrated, ddofs, n_boot, seed)
         share, lo, hi = share_removed_ci(raw.per_study, cal.per_study, n_boot, seed)
         rows.append(
             {
@@ -216,7 +217,7 @@ def pair_rows(
     return rows
 
 
-# The paired statistics (metrics.pair_statistics) reported raw and at the cross-fitted temperatures.
+# The paired statistics (pairs.pair_statistics) reported raw and at the cross-fitted temperatures.
 PAIRED_STATS = ("mean_diff", "ci_studies_lo", "ci_studies_hi", "wilcoxon_p", "mean_paired_d")
 MODEL_COLUMNS = (
     "model",

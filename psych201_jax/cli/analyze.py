@@ -7,15 +7,15 @@ r"""Analyse completed scoring results: tables, figures and report.md.
 folders searched for them; it may be repeated, and extra positional arguments count as more results.
 Writes into ``--out``: report.md, the CSV tables (model_scores, study_scores, pair_misalignment,
 pair_paired_stats, pair_types, generations, domains, domains_extended, persona, persona_summary,
-accuracy) and the PNG figures (see ``psych201_jax.analysis.report``).
+accuracy, calibration, calibration_pairs) and the PNG figures (see ``psych201_jax.analysis.figures``).
 """
 
 import os
 
+import matplotlib
 from absl import flags, logging
 
-from psych201_jax.analysis import metrics as analysis
-from psych201_jax.analysis import report
+from psych201_jax.analysis import metrics, report, runs
 from psych201_jax.cli import common
 
 FLAGS = flags.FLAGS
@@ -24,18 +24,19 @@ flags.DEFINE_string("out", None, "Output folder for report.md, CSVs and figures.
 flags.DEFINE_enum(
     "ddof",
     "reference",
-    analysis.DDOF_MODES,
+    metrics.DDOF_MODES,
     "SD convention: reference = ddof 1 for pairs/generations/accuracy, 0 for domains/persona "
     "(as the reference scripts); 0 or 1 = that ddof everywhere.",
 )
 flags.DEFINE_integer("bootstrap", 2000, "Bootstrap replicates for the confidence intervals.")
 flags.DEFINE_integer("seed", 0, "Seed of the bootstrap.")
-flags.DEFINE_string("categories", report.CATEGORIES_CSV, "Study category CSV (experiment + 0/1 columns).")
+flags.DEFINE_string("categories", runs.CATEGORIES_CSV, "Study category CSV (experiment + 0/1 columns).")
 flags.DEFINE_bool("allow_incomplete", False, "Include incomplete (killed or running) results, marked as such.")
 flags.mark_flags_as_required(["results", "out"])
 
 
 def main(argv):
+    matplotlib.use("Agg")  # files only: matplotlib would otherwise resolve (and may open) a GUI backend
     paths = list(FLAGS.results) + list(argv[1:])
     figures = report.generate(
         paths,

@@ -292,19 +292,6 @@ def _write_chunk(path: str, rows: list[dict]) -> None:
         os.fsync(fh.fileno())
 
 
-def write_rows(out_dir: str, manifest: dict, rows: Iterable[dict], *, chunk: str = "p00000-c000000") -> str:
-    """Writes ``manifest`` and one chunk of plain row dicts (as ``row_of`` makes them) as a finished results
-    directory (complete.json included); for tools and tests."""
-    os.makedirs(os.path.join(out_dir, CHUNKS), exist_ok=True)
-    _atomic_write(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True))
-    final = os.path.join(out_dir, CHUNKS, chunk)
-    tmp = os.path.join(out_dir, CHUNKS, f".tmp-{chunk}-{os.getpid()}")
-    _write_chunk(tmp, list(rows))
-    os.rename(tmp, final)
-    write_complete(out_dir, manifest.get("fingerprint", ""), 0.0)
-    return out_dir
-
-
 def _remove(path: str) -> None:
     try:
         os.remove(path)

@@ -1,0 +1,227 @@
+"""report.md: conventions, input notes, the calibration control, the figures and summary tables."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from psych201_jax.analysis import calibration
+from psych201_jax.analysis.figures import FIGURES
+from psych201_jax.analysis.metrics import resolve_ddof
+from psych201_jax.analysis.persona import PERSONA_EXCLUDED
+from psych201_jax.analysis.tables import Tables, condition_cols
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "n/a" if math.isnan(v) else f"{v:.4g}"
+    return str(v).replace("|", "\\|")
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    if not rows:
+        return "_(no rows)_\n"
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _incomplete_note(model_scores: Sequence[dict]) -> list[str]:
+    """report.md's warning about incomplete runs (included with --allow_incomplete), with their counts."""
+    rows = [r for r in model_scores if not r["complete"]]
+    if not rows:
+        return []
+    lines = [
+        f"**Warning: {len(rows)} incomplete run(s)** (included with --allow_incomplete; their scores cover only the "
+        "participants committed so far):\n"
+    ]
+    for r in rows:
+        total = "?" if r["n_input"] is None else r["n_input"]
+        lines.append(f"- {r['model']} ({r['path']}): incomplete, {r['n_done']} of {total} participants")
+    return [*lines, ""]
+
+
+def _calibration_section(t: Tables) -> list[str]:
+    """report.md's calibration control: method, one sentence per family, the pair table."""
+    rows = t.rows["calibration_pairs"]
+    out = [
+        "## Calibration control\n",
+        "Is post-training's misalignment over-confidence a single temperature undoes? Each model's best "
+        "temperature is cross-fitted: fitted on one half of the participants (seeded hash), evaluated on the other, "
+        "and swapped; d_pair and the paired statistics are recomputed at those temperatures "
+        "(calibration.csv, calibration_pairs.csv).\n",
+    ]
+    if not rows:
+        return [*out, "_No pair with a temperature grid on both models (config temperatures)._\n"]
+    out += calibration.conclusions(rows) + [""]
+    columns = (
+        "post",
+        "base",
+        "d_pair_raw",
+        "d_pair_calibrated",
+        "share_removed",
+        "share_removed_ci_lo",
+        "share_removed_ci_hi",
+        "entropy_post",
+        "entropy_base",
+    )
+    return [*out, markdown_table(rows, columns), ""]
+
+
+def render_report(
+    t: Tables, figures: dict[str, str | None], ddof_mode: str, n_boot: int, seed: int, n_inputs: int
+) -> str:
+    """The text of report.md."""
+    ddofs = resolve_ddof(ddof_mode)
+    primary = ", ".join(f"{k}={v}" for k, v in condition_cols(t.primary).items()) if t.primary else "none"
+    out = [
+        "# Psych-201 analysis report\n",
+        f"{n_inputs} results directories, {len(t.rows['model_scores'])} runs analysed. "
+        f"Figures show the primary condition ({primary}); the CSV tables beside this file cover every condition.\n",
+        *_incomplete_note(t.rows["model_scores"]),
+        "## Conventions\n",
+        f"- ddof mode `{ddof_mode}`: pairs and generations ddof={ddofs['pair']}, domains ddof={ddofs['domain']}, "
+        f"persona ddof={ddofs['persona']}, accuracy ddof={ddofs['accuracy']}.",
+        "- Score = mean over studies of the response-pooled mean NLL (lower = more human-like).",
+        "- Reference d_pair = mean over common studies of (μ_post − μ_base)/sqrt((σ_post² + σ_base²)/2) on "
+        "response NLLs; ≥ 2 common studies; positive = post-training moved the model away from humans.",
+        "- Paired statistics: post − base on the same responses (same participant and response index, "
+        "participants with equal response counts only); per-study means, their mean over studies, 95% "
+        f"percentile bootstrap CIs ({n_boot} replicates, seed {seed}) resampling studies, and studies then "
+        "participants; Wilcoxon signed-rank test across studies.",
+        "- Paired d = mean difference / SD of the differences (d_z), with the ddof of its analysis.",
+        "- Generations: pairs of an Instruction-tuned or Reasoning model with a base of its own generation "
+        "(`generation_pair` in pair_misalignment.csv), as fig3a; Vision, Code and Math pairs are left out.",
+        "- Domains: per-study d (domain ddof) inner-joined with the bundled category CSV, mean per category; "
+        "domains.csv drops Intertemporal Choice, Moral Judgment, Psychophysics and Cognitive Control as fig4, "
+        "domains_extended.csv keeps them and adds Other (uncategorised or not in the CSV).",
+        "- Persona benefit = NLL without (or with a shuffled) persona − NLL with the matched persona "
+        f"(positive = the persona helps); {', '.join(PERSONA_EXCLUDED)} excluded as in the reference. "
+        "reference_d uses each run's own participants (as plot_meta); common_d and the per-participant "
+        "statistics use participants scored in both runs, on their common prefix of responses.",
+        "- Accuracy = argmax over the full vocabulary == human token, per scored token, pooled per study, mean "
+        "over studies; accuracy d = post − base (negative = post-training worse). Option-restricted accuracy "
+        "needs `option_argmax` in the rows; n/a otherwise.\n",
+    ]
+    if t.notes:
+        out += ["## Input notes\n"] + [f"- {n}" for n in t.notes] + [""]
+    out += _calibration_section(t)
+    out += ["## Figures\n"]
+    for name, title, _ in FIGURES:
+        note = figures.get(name)
+        out.append(f"### {title}\n")
+        out.append(f"![{title}]({name})\n" if note is None else f"_Skipped: {note}._\n")
+    sections = (
+        (
+            "Model scores",
+            "model_scores",
+            (
+                "model",
+                "kind",
+                "size_b",
+                "protocol",
+                "template",
+                "persona",
+                "n_studies",
+                "n_participants",
+                "n_responses",
+                "score",
+                "score_participant",
+                "accuracy",
+                "option_accuracy",
+            ),
+        ),
+        (
+            "Post-training misalignment per pair",
+            "pair_misalignment",
+            (
+                "post",
+                "base",
+                "kind",
+                "protocol",
+                "template",
+                "persona",
+                "persona_subset",
+                "n_common_studies",
+                "d_pair",
+                "reason",
+                "mean_diff",
+                "ci_studies_lo",
+                "ci_studies_hi",
+                "ci_two_level_lo",
+                "ci_two_level_hi",
+                "wilcoxon_p",
+                "mean_paired_d",
+                "matched_responses",
+                "unaligned_participants",
+            ),
+        ),
+        (
+            "Means by post-training type",
+            "pair_types",
+            (
+                "kind",
+                "protocol",
+                "template",
+                "persona",
+                "persona_subset",
+                "n_pairs",
+                "d_pair",
+                "mean_diff",
+                "mean_paired_d",
+                "accuracy_d",
+            ),
+        ),
+        (
+            "Means by generation",
+            "generations",
+            ("generation", "protocol", "template", "persona", "n_pairs", "d_pair", "mean_diff", "mean_paired_d"),
+        ),
+        (
+            "Domains (reference categories)",
+            "domains",
+            ("post", "protocol", "template", "persona", *t.domain_columns[0]),
+        ),
+        (
+            "Persona (summary)",
+            "persona_summary",
+            (
+                "comparison",
+                "model",
+                "kind",
+                "reference_d",
+                "common_d",
+                "n_common_participants",
+                "only_control",
+                "mean_benefit",
+                "ci_studies_lo",
+                "ci_studies_hi",
+                "wilcoxon_p",
+                "share_helped",
+            ),
+        ),
+        (
+            "Accuracy",
+            "accuracy",
+            (
+                "model",
+                "kind",
+                "protocol",
+                "template",
+                "persona",
+                "accuracy",
+                "option_accuracy",
+                "base_accuracy",
+                "accuracy_d",
+                "accuracy_reason",
+            ),
+        ),
+    )
+    out.append("## Tables\n")
+    for title, name, columns in sections:
+        out += [f"### {title}\n", f"Full table: [{name}.csv]({name}.csv).\n", markdown_table(t.rows[name], columns)]
+    out.append(
+        "Also written: study_scores.csv (per model × study), pair_paired_stats.csv (per pair × study), "
+        "domains_extended.csv (all 11 categories plus Other), persona.csv (per model × study).\n"
+    )
+    return "\n".join(out)

@@ -1,0 +1,135 @@
+"""Finding and loading results directories as ``metrics.Run``; one run per model and condition; the
+condition the figures show."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+from collections.abc import Sequence
+
+from absl import logging
+
+from psych201_jax import defaults
+from psych201_jax.analysis import domains, metrics
+from psych201_jax.conditions import Condition
+from psych201_jax.errors import UserError
+from psych201_jax.runs import store as results
+
+CATEGORIES_CSV = defaults.CATEGORIES_CSV
+
+
+class IncompleteRunError(UserError):
+    """A results directory of a job that has not finished."""
+
+
+class NoResultsError(UserError, ValueError):
+    """A path holds no results directory."""
+
+
+def find_results_dirs(paths: Sequence[str]) -> list[str]:
+    """Results directories from paths that are results dirs, comma lists, or folders holding them
+    (any subfolder with a manifest.json). Raises ValueError when a path yields none."""
+    found = []
+    for entry in paths:
+        for path in (p.strip() for p in entry.split(",")):
+            if not path:
+                continue
+            if os.path.isfile(os.path.join(path, results.MANIFEST)):
+                found.append(os.path.abspath(path))
+                continue
+            inside = []
+            for root, dirs, files in os.walk(path):
+                dirs.sort()
+                if results.MANIFEST in files:
+                    inside.append(os.path.abspath(root))
+                    dirs.clear()
+            if not inside:
+                raise NoResultsError(f"{path}: no results directory (manifest.json) found")
+            found.extend(inside)
+    return list(dict.fromkeys(found))
+
+
+def load_run(path: str) -> metrics.Run:
+    """One results directory (``psych201_jax.runs.store`` layout) as an ``metrics.Run``."""
+    manifest = results.read_manifest(path)
+    if not manifest.get("config", {}).get("model_info"):
+        logging.warning(
+            "%s: manifest has no config.model_info; the model is labelled by its path and left out of pairs", path
+        )
+    run = metrics.run_from_rows(manifest, results.iter_rows(path), path)
+    n_input = manifest.get("n_input")
+    return dataclasses.replace(
+        run,
+        complete=results.read_complete(path) is not None,
+        n_done=len(run.participants) + run.n_rejected,  # every committed row, read once
+        n_input=n_input if isinstance(n_input, int) else None,
+    )
+
+
+def load_categories(path: str = CATEGORIES_CSV) -> domains.Categories:
+    """The study category CSV (bundled copy of the reference's by default)."""
+    with open(path, newline="") as fh:
+        return domains.parse_categories(csv.DictReader(fh))
+
+
+def dedupe(runs: Sequence[metrics.Run]) -> tuple[list[metrics.Run], list[str]]:
+    """One run per (model, condition): a complete run wins over an incomplete one, else the first; returns
+    the kept runs (in input order) and notes on the others. Runs of one condition that differ only in the
+    head (options, temperatures: the same NLLs) lend the kept run the head outputs it lacks."""
+    best: dict[tuple[str, Condition], metrics.Run] = {}
+    for run in runs:
+        key = (run.model, run.condition)
+        if key not in best or (run.complete and not best[key].complete):
+            best[key] = run
+    merged = dict(best)
+    notes = []
+    for r in runs:
+        kept = best[(r.model, r.condition)]
+        if kept is r:
+            continue
+        if r.complete and kept.complete:
+            merged[(r.model, r.condition)] = _lend_head_outputs(merged[(r.model, r.condition)], r)
+            notes.append(
+                f"{r.path}: same model and condition as {kept.path}; only its head outputs (options, temperatures) "
+                f"are used"
+            )
+        else:
+            notes.append(f"{r.path}: same model and condition as {kept.path} ({r.status()}); ignored")
+    kept_runs = [merged[(r.model, r.condition)] for r in runs if best[(r.model, r.condition)] is r]
+    return kept_runs, notes
+
+
+def _lend_head_outputs(kept: metrics.Run, other: metrics.Run) -> metrics.Run:
+    """``kept`` with the temperature grid and option choices ``other`` has and it lacks, per participant."""
+    by_key = {p.key: p for p in other.participants}
+    parts = []
+    for p in kept.participants:
+        q = by_key.get(p.key)
+        fill: dict = {}
+        if q is not None and p.nll_t is None and q.nll_t is not None and other.temperatures:
+            fill.update(nll_t=q.nll_t, entropy=q.entropy)
+        if q is not None and p.n_option_correct is None and q.n_option_correct is not None:
+            fill.update(n_option_correct=q.n_option_correct, n_option_tokens=q.n_option_tokens)
+        parts.append(dataclasses.replace(p, **fill) if fill else p)
+    temperatures = kept.temperatures or (other.temperatures if any(p.nll_t is not None for p in parts) else ())
+    return dataclasses.replace(kept, participants=tuple(parts), temperatures=temperatures)
+
+
+def primary_condition(runs: Sequence[metrics.Run]) -> Condition | None:
+    """The condition the figures show: without persona, preferring the reference protocol without a
+    template (the paper's main setting), then the one with most runs."""
+    counts: dict[Condition, int] = {}
+    for run in runs:
+        counts[run.condition] = counts.get(run.condition, 0) + 1
+    plain = [c for c in counts if c.persona == "none"] or list(counts)
+    if not plain:
+        return None
+    return max(
+        plain,
+        key=lambda c: (
+            c.protocol == "reference" and c.template == "none" and not c.persona_subset,
+            counts[c],
+            str(tuple(c.values(Condition.ANALYSIS_FIELDS).values())),
+        ),
+    )

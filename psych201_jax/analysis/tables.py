@@ -1,0 +1,343 @@
+"""The report's tables: every row built from loaded runs (``build_tables``), and their CSV files."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from absl import logging
+
+from psych201_jax.analysis import calibration
+from psych201_jax.analysis.domains import OTHER_DOMAIN, REFERENCE_DROPPED_DOMAINS, Categories, domain_matrix
+from psych201_jax.analysis.metrics import Run, model_score, resolve_ddof, study_scores
+from psych201_jax.analysis.pairs import GENERATION_TYPES, find_pairs, pair_statistics
+from psych201_jax.analysis.persona import find_persona_comparisons, persona_statistics
+from psych201_jax.analysis.runs import dedupe, primary_condition
+from psych201_jax.analysis.stats import means_by, nanmean
+from psych201_jax.conditions import Condition, ModelInfo
+
+CONDITION = Condition.ANALYSIS_FIELDS
+INFO = ModelInfo.FIELDS[1:]  # hf_id is the "model" column
+
+COLUMNS = {
+    "model_scores": (
+        "model",
+        *INFO,
+        *CONDITION,
+        "n_studies",
+        "n_participants",
+        "n_rejected",
+        "n_responses",
+        "score",
+        "score_participant",
+        "accuracy",
+        "option_accuracy",
+        "complete",
+        "n_done",
+        "n_input",
+        "path",
+    ),
+    "study_scores": (
+        "model",
+        "kind",
+        *CONDITION,
+        "study",
+        "n_participants",
+        "n_responses",
+        "n_unscored_responses",
+        "mean_nll",
+        "participant_mean_nll",
+        "sd_nll",
+        "n_tokens",
+        "accuracy",
+        "option_accuracy",
+    ),
+    "pair_misalignment": (
+        "post",
+        "base",
+        *INFO[:-1],
+        *CONDITION,
+        "ddof",
+        "n_common_studies",
+        "d_pair",
+        "reason",
+        "generation_pair",
+        "n_paired_studies",
+        "mean_diff",
+        "ci_studies_lo",
+        "ci_studies_hi",
+        "ci_two_level_lo",
+        "ci_two_level_hi",
+        "wilcoxon_stat",
+        "wilcoxon_p",
+        "mean_paired_d",
+        "matched_responses",
+        "unaligned_participants",
+        "unmatched_participants",
+        "dropped_responses",
+    ),
+    "pair_paired_stats": (
+        "post",
+        "base",
+        "kind",
+        *CONDITION,
+        "study",
+        "n_post",
+        "n_base",
+        "reference_d",
+        "domain_d",
+        "n_participants",
+        "n_responses",
+        "mean_diff",
+        "sd_diff",
+        "paired_d",
+        "only_post",
+        "only_base",
+        "unaligned_participants",
+        "dropped_responses",
+    ),
+    "pair_types": (*CONDITION, "kind", "n_pairs", "d_pair", "mean_diff", "mean_paired_d", "accuracy_d"),
+    "generations": (*CONDITION, "generation", "n_pairs", "d_pair", "mean_diff", "mean_paired_d"),
+    "persona": (
+        "comparison",
+        "model",
+        "kind",
+        *CONDITION[:2],
+        *CONDITION[3:],
+        "study",
+        "reference_d",
+        "common_d",
+        "n_common",
+        "only_control",
+        "only_persona",
+        "n_responses",
+        "dropped_responses",
+        "mean_benefit",
+        "sd_benefit",
+        "paired_d",
+        "share_helped",
+    ),
+    "persona_summary": (
+        "comparison",
+        "model",
+        "kind",
+        *CONDITION[:2],
+        *CONDITION[3:],
+        "n_reference_studies",
+        "reference_d",
+        "n_common_studies",
+        "common_d",
+        "n_common_participants",
+        "only_control",
+        "only_persona",
+        "mean_benefit",
+        "ci_studies_lo",
+        "ci_studies_hi",
+        "ci_two_level_lo",
+        "ci_two_level_hi",
+        "wilcoxon_stat",
+        "wilcoxon_p",
+        "mean_paired_d",
+        "share_helped",
+    ),
+    "accuracy": (
+        "model",
+        *INFO,
+        *CONDITION,
+        "n_studies",
+        "n_tokens",
+        "accuracy",
+        "option_accuracy",
+        "base_accuracy",
+        "base_option_accuracy",
+        "accuracy_d",
+        "accuracy_reason",
+    ),
+}
+
+
+@dataclasses.dataclass
+class Tables:
+    """Every table (name → rows) plus what the figures need beyond them."""
+
+    rows: dict[str, list[dict]]
+    domain_columns: tuple[list[str], list[str]]  # reference, extended
+    primary: Condition | None
+    notes: list[str]
+
+
+def condition_cols(c: Condition) -> dict:
+    """A condition's columns in every table."""
+    return c.values(CONDITION)
+
+
+def _info_cols(run: Run) -> dict:
+    return {k: run.info[k] for k in INFO}
+
+
+def build_tables(
+    runs: Sequence[Run],
+    categories: Categories,
+    ddof_mode: str = "reference",
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> Tables:
+    """All tables of the report from loaded runs (see ``COLUMNS``)."""
+    runs, notes = dedupe(runs)
+    ddofs = resolve_ddof(ddof_mode)
+    rows: dict[str, list[dict]] = {name: [] for name in (*COLUMNS, "domains", "domains_extended")}
+    scores = {}
+    for run in runs:
+        studies = study_scores(run)
+        score = scores[(run.model, run.condition)] = model_score(studies)
+        head = {"model": run.model, **_info_cols(run), **condition_cols(run.condition)}
+        status = {"complete": run.complete, "n_done": run.n_done, "n_input": run.n_input}
+        rows["model_scores"].append({**head, **score, "n_rejected": run.n_rejected, **status, "path": run.path})
+        rows["study_scores"] += [
+            {"model": run.model, "kind": run.kind, **condition_cols(run.condition), **s} for s in studies
+        ]
+
+    pairs, unpaired = find_pairs(runs)
+    domain_d: dict[Condition, dict[tuple[str, str], dict[str, float]]] = {}
+    pair_of: dict[tuple[str, Condition], tuple[Run, dict]] = {}
+    generation_rows = []
+    for post, base in pairs:
+        summary, per_study = pair_statistics(post, base, ddofs, n_boot, seed)
+        head = {
+            "post": post.model,
+            "base": base.model,
+            **{k: post.info[k] for k in INFO[:-1]},
+            **condition_cols(post.condition),
+        }
+        same_generation = post.info["generation"] == base.info["generation"] != ""
+        row = {
+            **head,
+            "ddof": ddofs["pair"],
+            **summary,
+            "generation_pair": post.kind in GENERATION_TYPES and same_generation,
+        }
+        rows["pair_misalignment"].append(row)
+        rows["pair_paired_stats"] += [{**head, **s} for s in per_study]
+        domain_d.setdefault(post.condition, {})[(post.model, base.model)] = {
+            s["study"]: s["domain_d"] for s in per_study if s["n_post"] and s["n_base"]
+        }
+        pair_of[(post.model, post.condition)] = (base, summary)
+        if row["generation_pair"]:
+            generation_rows.append(row)
+        logging.info(
+            "pair %s vs %s: d_pair %.4f (%s), paired mean diff %.4f",
+            post.model,
+            base.model,
+            summary["d_pair"],
+            summary["reason"] or "ok",
+            summary["mean_diff"],
+        )
+    rows["pair_types"] = means_by(
+        rows["pair_misalignment"], (*CONDITION, "kind"), ("d_pair", "mean_diff", "mean_paired_d", "accuracy_d")
+    )
+    rows["generations"] = means_by(
+        generation_rows, (*CONDITION, "generation"), ("d_pair", "mean_diff", "mean_paired_d")
+    )
+    for post, reason in unpaired:
+        rows["pair_misalignment"].append(
+            {
+                "post": post.model,
+                "base": post.info["base_hf_id"],
+                **{k: post.info[k] for k in INFO[:-1]},
+                **condition_cols(post.condition),
+                "ddof": ddofs["pair"],
+                "d_pair": math.nan,
+                "reason": reason,
+            }
+        )
+        notes.append(f"{post.model} ({post.path}): {reason}")
+
+    columns: dict[str, list[str]] = {}
+    for cond, per_pair in domain_d.items():
+        labels = list(per_pair)
+        for name, drop, other in (
+            ("domains", REFERENCE_DROPPED_DOMAINS, False),
+            ("domains_extended", (), True),
+        ):
+            cols, matrix, average = domain_matrix(per_pair, categories, drop=drop, other=other)
+            columns[name] = cols
+            order = np.argsort([nanmean(r) for r in matrix], kind="stable")  # reference: rows by mean
+            rows[name] += [
+                {"post": labels[i][0], "base": labels[i][1], **condition_cols(cond), **dict(zip(cols, matrix[i]))}
+                for i in order
+            ]
+            rows[name].append({"post": "Average", "base": "", **condition_cols(cond), **dict(zip(cols, average))})
+
+    for comparison, control, persona in find_persona_comparisons(runs):
+        summary, per_study = persona_statistics(control, persona, ddofs["persona"], n_boot, seed)
+        head = {
+            "comparison": comparison,
+            "model": persona.model,
+            "kind": persona.kind,
+            **{k: v for k, v in condition_cols(persona.condition).items() if k != "persona"},
+        }
+        rows["persona_summary"].append({**head, **summary})
+        rows["persona"] += [{**head, **s} for s in per_study]
+
+    for run in runs:
+        score = scores[(run.model, run.condition)]
+        row = {
+            "model": run.model,
+            **_info_cols(run),
+            **condition_cols(run.condition),
+            "n_studies": score["n_accuracy_studies"],
+            "n_tokens": sum(p.n_tokens for p in run.participants),
+            "accuracy": score["accuracy"],
+            "option_accuracy": score["option_accuracy"],
+        }
+        if (run.model, run.condition) in pair_of:
+            base, summary = pair_of[(run.model, run.condition)]
+            base_score = scores[(base.model, base.condition)]
+            row.update(
+                base_accuracy=base_score["accuracy"],
+                base_option_accuracy=base_score["option_accuracy"],
+                accuracy_d=summary["accuracy_d"],
+                accuracy_reason=summary["accuracy_reason"],
+            )
+        rows["accuracy"].append(row)
+    if not columns:
+        columns = {
+            "domains": [n for n in categories.names if n not in REFERENCE_DROPPED_DOMAINS],
+            "domains_extended": [*categories.names, OTHER_DOMAIN],
+        }
+    rows["calibration"] = calibration.model_rows(runs, seed)
+    rows["calibration_pairs"] = calibration.pair_rows(pairs, ddofs, n_boot, seed)
+    return Tables(rows, (columns["domains"], columns["domains_extended"]), primary_condition(runs), notes)
+
+
+def write_csv(path: str, rows: Sequence[dict], columns: Sequence[str]) -> None:
+    """Rows as CSV with a fixed header; missing cells are empty, NaN is written as ``nan``."""
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: _csv_cell(r.get(k, "")) for k in columns})
+
+
+def _csv_cell(v):
+    """Floats at full precision (repr), NaN as ``nan``."""
+    return repr(float(v)) if isinstance(v, (float, np.floating)) else v
+
+
+def write_tables(t: Tables, out_dir: str) -> None:
+    """Every table as ``<name>.csv`` in ``out_dir``, with its fixed columns."""
+    for name, columns in COLUMNS.items():
+        write_csv(os.path.join(out_dir, f"{name}.csv"), t.rows[name], columns)
+    for name, cols in (("domains", t.domain_columns[0]), ("domains_extended", t.domain_columns[1])):
+        write_csv(os.path.join(out_dir, f"{name}.csv"), t.rows[name], ("post", "base", *CONDITION, *cols))
+    curve_columns = list(dict.fromkeys(k for r in t.rows["calibration"] for k in r if k.startswith("score_T")))
+    write_csv(
+        os.path.join(out_dir, "calibration.csv"),
+        t.rows["calibration"],
+        (*calibration.MODEL_COLUMNS, *curve_columns),
+    )
+    write_csv(os.path.join(out_dir, "calibration_pairs.csv"), t.rows["calibration_pairs"], calibration.PAIR_COLUMNS)
