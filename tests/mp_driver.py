@@ -27,6 +27,7 @@ from psych201_jax.model.spec import ModelSpec, RopeSpec
 from psych201_jax.parallel import sharding
 from psych201_jax.scoring import options as options_lib
 from psych201_jax.scoring import scorer, stream
+from psych201_jax.testing import memory
 from psych201_jax.types import ParticipantResult
 
 MESHES = ((1, 1, 1), (8, 1, 1), (2, 2, 2), (1, 2, 4))  # data x fsdp x tensor
@@ -211,8 +212,8 @@ def abstract_70b() -> dict:
             mesh=mesh,
             rules=sharding.rules_for(LLAMA31_70B, mesh),
         )
-        per_device = sharding.state_bytes_per_device(state)
-        total = sharding.state_bytes(state)
+        per_device = memory.state_bytes_per_device(state)
+        total = memory.state_bytes(state)
         out["x".join(map(str, shape))] = {
             "total_bytes": total,
             "max_device_bytes": max(per_device.values()),

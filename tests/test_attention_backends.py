@@ -1,4 +1,4 @@
-"""Accelerator attention backends (psych201_jax/attention_kernels.py) against the dense reference.
+"""Accelerator attention backends (psych201_jax/model/kernels.py) against the dense reference.
 
 On CPU: splash (TPU) and the Pallas GPU kernel run in Pallas interpret mode; the cuDNN wrapper runs over an
 emulator of the private packed-attention contract (offsets + lengths per row), which checks the derivation
@@ -17,26 +17,10 @@ import pytest
 from psych201_jax.model import attention as attn_lib
 from psych201_jax.model import kernels as ak
 from psych201_jax.model.attention import attention
+from psych201_jax.testing.attention import F32_ATOL, leakage_check, random_qkv, segment_rows
 
 PLATFORM = jax.default_backend()
-F32_ATOL = 1e-5  # measured on CPU (interpret mode): splash <= 1.5e-6, pallas_gpu <= 6e-7
 BF16_ATOL = 2e-2
-
-
-def _qkv(b, t, hq, hk, hd, seed=0, dtype=jnp.float32):
-    rng = np.random.default_rng(seed)
-    return tuple(jnp.asarray(rng.normal(size=(b, t, h, hd)), dtype) for h in (hq, hk, hk))
-
-
-def _rows(t, rows):
-    """int32[B, T] from per-row lists of (segment id, length); id 0 = padding; the rest is padding."""
-    seg = np.zeros((len(rows), t), np.int32)
-    for r, runs in enumerate(rows):
-        pos = 0
-        for sid, n in runs:
-            seg[r, pos : pos + n] = sid
-            pos += n
-    return jnp.asarray(seg)
 
 
 def _close(out, ref, atol):
@@ -105,9 +89,9 @@ CPU_BACKENDS = {
     [(256, 2, 2, None), (256, 4, 2, None), (256, 2, 2, 64), (256, 4, 2, 64), (512, 2, 2, None), (512, 4, 2, 64)],
 )
 def test_splash_interpret_matches_dense(t, hq, hk, window):
-    q, k, v = _qkv(2, t, hq, hk, 128, seed=t + hq)
+    q, k, v = random_qkv(2, t, hq, hk, 128, seed=t + hq)
     n = t // 8
-    seg = _rows(
+    seg = segment_rows(
         t, [[(1, 3 * n), (2, n), (3, 1), (4, 2 * n - 1), (0, 2 * n)], [(0, 5), (1, n), (2, 4 * n), (3, 3 * n - 5)]]
     )
     dense = attention(q, k, v, seg, sliding_window=window, backend="dense")
@@ -125,8 +109,8 @@ def test_splash_interpret_matches_dense(t, hq, hk, window):
 
 def test_splash_interpret_odd_length_bf16_and_vmap():
     t = 203  # padded to 256 inside the backend
-    q, k, v = _qkv(2, t, 4, 2, 128, seed=5, dtype=jnp.bfloat16)
-    seg = _rows(t, [[(0, 7), (1, 90), (2, 60), (3, 40)], [(1, 150), (2, 53)]])
+    q, k, v = random_qkv(2, t, 4, 2, 128, seed=5, dtype=jnp.bfloat16)
+    seg = segment_rows(t, [[(0, 7), (1, 90), (2, 60), (3, 40)], [(1, 150), (2, 53)]])
     backend = CPU_BACKENDS["splash_interpret"][0]
     dense = attention(q, k, v, seg, sliding_window=32, backend="dense")
     out = jax.jit(functools.partial(backend, sliding_window=32))(q, k, v, seg)
@@ -139,8 +123,8 @@ def test_splash_interpret_odd_length_bf16_and_vmap():
 
 @pytest.mark.parametrize("t,hq,hk", [(256, 2, 2), (256, 4, 2), (203, 4, 1)])
 def test_pallas_gpu_interpret_matches_dense(t, hq, hk):
-    q, k, v = _qkv(2, t, hq, hk, 64, seed=t + hq + hk)
-    seg = _rows(t, [[(1, 100), (2, 1), (3, 70), (0, t - 171)], [(0, 3), (1, 60), (2, t - 63)]])
+    q, k, v = random_qkv(2, t, hq, hk, 64, seed=t + hq + hk)
+    seg = segment_rows(t, [[(1, 100), (2, 1), (3, 70), (0, t - 171)], [(0, 3), (1, 60), (2, t - 63)]])
     dense = attention(q, k, v, seg, backend="dense")
     out = jax.jit(functools.partial(ak.pallas_gpu_attention, block_q=64, block_k=32, interpret=True))(q, k, v, seg)
     assert out.dtype == q.dtype and out.shape == q.shape
@@ -149,7 +133,7 @@ def test_pallas_gpu_interpret_matches_dense(t, hq, hk):
 
 
 def test_pallas_gpu_refuses_a_sliding_window():
-    q, k, v = _qkv(1, 128, 2, 2, 64)
+    q, k, v = random_qkv(1, 128, 2, 2, 64)
     seg = jnp.ones((1, 128), jnp.int32)
     with pytest.raises(ValueError, match="'pallas_gpu' has no sliding window"):
         ak.pallas_gpu_attention(q, k, v, seg, sliding_window=64, interpret=True)
@@ -158,7 +142,7 @@ def test_pallas_gpu_refuses_a_sliding_window():
 
 
 def test_registered_kernels_refuse_the_wrong_platform_and_unknown_names():
-    q, k, v = _qkv(1, 128, 2, 2, 64, dtype=jnp.bfloat16)
+    q, k, v = random_qkv(1, 128, 2, 2, 64, dtype=jnp.bfloat16)
     seg = jnp.ones((1, 128), jnp.int32)
     assert {"splash", "pallas_gpu"} <= set(attn_lib.available_backends())
     assert set(attn_lib.runnable_backends()) >= {"dense", "xla"}
@@ -193,7 +177,7 @@ def _offsets_reference(seg_row, m):
 
 
 def test_segment_offsets_examples_and_random_rows():
-    seg = _rows(
+    seg = segment_rows(
         12,
         [
             [(1, 3), (2, 4), (3, 5)],
@@ -224,8 +208,8 @@ def test_segment_offsets_examples_and_random_rows():
 @pytest.mark.parametrize("hq,hk,window", [(4, 2, None), (4, 1, 7)])
 def test_cudnn_wrapper_on_emulated_kernel(hq, hk, window):
     t = 160
-    q, k, v = _qkv(2, t, hq, hk, 16, seed=hq + hk, dtype=jnp.bfloat16)
-    seg = _rows(t, [[(0, 4), (1, 50), (2, 1), (3, 60), (0, 45)], [(5, 100), (9, 60)]])
+    q, k, v = random_qkv(2, t, hq, hk, 16, seed=hq + hk, dtype=jnp.bfloat16)
+    seg = segment_rows(t, [[(0, 4), (1, 50), (2, 1), (3, 60), (0, 45)], [(5, 100), (9, 60)]])
     backend = ak.make_cudnn_backend(max_segments=3, _api=EMULATED_CUDNN)
     out = jax.jit(functools.partial(backend, sliding_window=window))(q, k, v, seg)
     dense = attention(q, k, v, seg, sliding_window=window, backend="dense")
@@ -235,14 +219,14 @@ def test_cudnn_wrapper_on_emulated_kernel(hq, hk, window):
 
 def test_cudnn_wrapper_refuses_float32_and_overflow():
     t = 64
-    q, k, v = _qkv(1, t, 2, 2, 16, dtype=jnp.bfloat16)
-    seg = _rows(t, [[(1, 10), (2, 10), (3, 10), (0, 34)]])
+    q, k, v = random_qkv(1, t, 2, 2, 16, dtype=jnp.bfloat16)
+    seg = segment_rows(t, [[(1, 10), (2, 10), (3, 10), (0, 34)]])
     with pytest.raises(ValueError, match="'cudnn' takes bfloat16/float16 only"):
         ak.cudnn_attention(q.astype(jnp.float32), k, v, seg, _api=EMULATED_CUDNN)
     with pytest.raises(ValueError, match="3 segments > max_segments=2"):
         ak.cudnn_attention(q, k, v, seg, max_segments=2, _api=EMULATED_CUDNN)
     # Under jit the count is not known while tracing: the overflowing row becomes NaN, never silently short.
-    seg2 = jnp.concatenate([seg, _rows(t, [[(1, 64)]])])
+    seg2 = jnp.concatenate([seg, segment_rows(t, [[(1, 64)]])])
     q2, k2, v2 = (jnp.concatenate([x, x]) for x in (q, k, v))
     out = np.asarray(
         jax.jit(functools.partial(ak.cudnn_attention, max_segments=2, _api=EMULATED_CUDNN))(q2, k2, v2, seg2),
@@ -252,42 +236,6 @@ def test_cudnn_wrapper_refuses_float32_and_overflow():
 
 
 # ------------------------------------------------------------------------------------------ leakage
-
-
-def _leakage_check(backend, window, dtype, *, t=256, hq=4, hk=2, hd=128, atol=F32_ATOL):
-    """Changing one segment's q/k/v leaves every other segment's outputs bitwise unchanged, and each segment
-    alone at the start of its own row gives its packed output."""
-    lengths = (70, 100, 50)  # then 36 padding tokens in row 0
-    row0 = [(1, lengths[0]), (2, lengths[1]), (3, lengths[2])]
-    seg = _rows(t, [row0, [(1, 200), (2, 56)], [(0, 10), (4, 246)]])
-    fn = jax.jit(functools.partial(backend, sliding_window=window))
-    q, k, v = _qkv(3, t, hq, hk, hd, seed=11, dtype=dtype)
-    packed = np.asarray(fn(q, k, v, seg), np.float32)
-    assert np.isfinite(packed).all()
-
-    q2, k2, v2 = _qkv(3, t, hq, hk, hd, seed=12, dtype=dtype)
-    middle = np.zeros((3, t), bool)
-    middle[0, lengths[0] : lengths[0] + lengths[1]] = True
-    mix = lambda a, b: jnp.where(middle[:, :, None, None], b, a)  # noqa: E731
-    changed = np.asarray(fn(mix(q, q2), mix(k, k2), mix(v, v2), seg), np.float32)
-    np.testing.assert_array_equal(changed[~middle], packed[~middle])
-    assert not np.allclose(changed[middle], packed[middle])
-
-    # Alone: segment s at the start of row s (the rest padding), same compiled shape.
-    starts = np.cumsum((0,) + lengths[:-1])
-    take = lambda x: jnp.stack(
-        [
-            jnp.pad(x[0, s : s + n], ((0, t - n), (0, 0), (0, 0)))  # noqa: E731
-            for s, n in zip(starts, lengths)
-        ]
-    )
-    alone_seg = _rows(t, [[(1, n)] for n in lengths])
-    alone = np.asarray(fn(take(q), take(k), take(v), alone_seg), np.float32)
-    for r, (s, n) in enumerate(zip(starts, lengths)):
-        np.testing.assert_allclose(
-            alone[r, :n], packed[0, s : s + n], atol=atol, rtol=0 if dtype == jnp.float32 else 1e-2
-        )  # bf16: tiling order, 1-2 ulp
-        assert (alone[r, n:] == 0).all()
 
 
 @pytest.mark.parametrize(
@@ -302,7 +250,7 @@ def _leakage_check(backend, window, dtype, *, t=256, hq=4, hk=2, hd=128, atol=F3
 )
 def test_no_leakage_between_segments_cpu(name, window):
     backend, dtype, hd = CPU_BACKENDS[name]
-    _leakage_check(backend, window, dtype, hd=hd, atol=F32_ATOL if dtype == jnp.float32 else BF16_ATOL)
+    leakage_check(backend, window, dtype, hd=hd, atol=F32_ATOL if dtype == jnp.float32 else BF16_ATOL)
 
 
 # ------------------------------------------------------------------------------------------ on hardware
@@ -330,8 +278,8 @@ def test_hardware_backend_matches_reference(name, window):
     if reason:
         pytest.skip(reason)
     t, hq, hk, hd = 2048, 8, 2, 128
-    q, k, v = _qkv(2, t, hq, hk, hd, seed=21, dtype=jnp.bfloat16)
-    seg = _rows(t, [[(1, 700), (2, 1), (3, 300), (4, 900), (0, 147)], [(0, 100), (1, 1948)]])
+    q, k, v = random_qkv(2, t, hq, hk, hd, seed=21, dtype=jnp.bfloat16)
+    seg = segment_rows(t, [[(1, 700), (2, 1), (3, 300), (4, 900), (0, 147)], [(0, 100), (1, 1948)]])
     out = jax.jit(lambda a, b, c, s: attention(a, b, c, s, sliding_window=window, backend=name))(q, k, v, seg)
     with jax.default_matmul_precision("highest"):
         up = [x.astype(jnp.float32) for x in (q, k, v)]
@@ -346,4 +294,4 @@ def test_hardware_backend_no_leakage(name, window):
     reason = _hardware_skip(name)
     if reason:
         pytest.skip(reason)
-    _leakage_check(functools.partial(attention, backend=name), window, jnp.bfloat16, atol=BF16_ATOL)
+    leakage_check(functools.partial(attention, backend=name), window, jnp.bfloat16, atol=BF16_ATOL)

@@ -20,6 +20,7 @@ from transformers import AutoTokenizer
 from psych201_jax.model import checkpoint
 from psych201_jax.model import hf_weights as weights
 from psych201_jax.model import spec as modelspec
+from psych201_jax.testing.safetensors import write_safetensors
 from psych201_jax.testing.tiny_models import make_tiny_hf_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -150,7 +151,7 @@ def test_config_weight_mismatch_and_extra_tensors_fail(hf_dir, tmp_path):
 
     extra = tmp_path / "extra"
     shutil.copytree(hf_dir, extra)
-    weights.write_safetensors(str(extra / "model-extra.safetensors"), {"model.mystery.weight": np.ones(3, np.float32)})
+    write_safetensors(str(extra / "model-extra.safetensors"), {"model.mystery.weight": np.ones(3, np.float32)})
     os.remove(extra / "model.safetensors.index.json")  # read every shard in the directory
     with pytest.raises(weights.WeightsError, match="mystery"):
         checkpoint.convert(str(extra), str(tmp_path / "o2"), "float32")
@@ -168,7 +169,7 @@ def test_safetensors_reader_round_trip_and_bf16(tmp_path, qwen_tokenizer_dir):
         "b": rng.normal(size=(7,)).astype(ml_dtypes.bfloat16),
         "c": np.arange(6, dtype=np.int64).reshape(2, 3),
     }
-    weights.write_safetensors(str(tmp_path / "x.safetensors"), tensors)
+    write_safetensors(str(tmp_path / "x.safetensors"), tensors)
     reader = weights.SafetensorsReader(str(tmp_path))
     for name, x in tensors.items():
         y = reader.read(name)

@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_attention_backends import _leakage_check, _qkv, _rows
 
 from psych201_jax.model import attention as attn_lib
 from psych201_jax.model import cpu_kernel
 from psych201_jax.model.attention import attention
+from psych201_jax.testing.attention import leakage_check, random_qkv, segment_rows
 
 # float32 outputs of O(1): the kernel's exp (Cephes, about 1 ulp) and summation order differ from XLA's; jax 0.12's
 # dense reference differed by up to 2.4e-6 (20 ulp) where jax 0.10 and 0.11 stayed under 2e-6. A bug is >= 1e-3.
@@ -40,9 +40,9 @@ def test_kernel_builds_here():
     ],
 )
 def test_matches_dense(t, hq, hk, d, window):
-    q, k, v = _qkv(3, t, hq, hk, d, seed=t + hq + d)
+    q, k, v = random_qkv(3, t, hq, hk, d, seed=t + hq + d)
     third = t // 3
-    seg = _rows(
+    seg = segment_rows(
         t,
         [
             [(1, third), (2, 1), (3, t - third - 40)],  # then 39 padding tokens
@@ -60,15 +60,15 @@ def test_matches_dense(t, hq, hk, d, window):
 def test_edge_shapes_match_dense():
     """T = 1, T at exact block and tile multiples, head dims 192/256, a group of 8, an all-padding row."""
     for b, t, hq, hk, d in [(1, 1, 8, 1, 64), (2, 64, 4, 2, 192), (2, 256, 8, 1, 256), (1, 512, 2, 1, 64)]:
-        q, k, v = _qkv(b, t, hq, hk, d, seed=t + d)
-        seg = _rows(t, [[(1, t // 2 + 1), (2, t - t // 2 - 1)], []][:b])  # row 1, if any: all padding
+        q, k, v = random_qkv(b, t, hq, hk, d, seed=t + d)
+        seg = segment_rows(t, [[(1, t // 2 + 1), (2, t - t // 2 - 1)], []][:b])  # row 1, if any: all padding
         out = np.asarray(_native(q, k, v, seg))
         np.testing.assert_allclose(out, np.asarray(attention(q, k, v, seg, backend="dense")), atol=ATOL, rtol=0)
 
 
 def test_nan_inputs_give_nan_rows_not_finite_ones():
     """A NaN in q or k poisons exactly the rows that see it (as in the dense reference); none turns into 0."""
-    q, k, v = _qkv(1, 80, 2, 1, 64, seed=9)
+    q, k, v = random_qkv(1, 80, 2, 1, 64, seed=9)
     seg = jnp.ones((1, 80), jnp.int32)
     for name, bad in (("q", (q.at[0, 30, 0, 5].set(jnp.nan), k)), ("k", (q, k.at[0, 10, 0, 3].set(jnp.nan)))):
         got = np.isnan(np.asarray(_native(bad[0], bad[1], v, seg)))
@@ -77,7 +77,7 @@ def test_nan_inputs_give_nan_rows_not_finite_ones():
 
 
 def test_mismatched_shapes_are_refused():
-    q, k, v = _qkv(1, 80, 2, 1, 64)
+    q, k, v = random_qkv(1, 80, 2, 1, 64)
     lo, hi = jnp.zeros((1, 80), jnp.int32), jnp.arange(80, dtype=jnp.int32)[None]
     call = jax.ffi.ffi_call(cpu_kernel.TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
     for args in (
@@ -93,7 +93,7 @@ def test_mismatched_shapes_are_refused():
 
 def test_key_ranges_are_clamped_to_the_row():
     """Ranges past either end of the row read no memory outside it: they see the keys they overlap."""
-    q, k, v = _qkv(1, 100, 2, 1, 64, seed=2)
+    q, k, v = random_qkv(1, 100, 2, 1, 64, seed=2)
     lo = jnp.full((1, 100), -50, jnp.int32)
     hi = jnp.arange(100, dtype=jnp.int32)[None] + 10**6 * (jnp.arange(100) % 2 == 0)
     got = np.asarray(cpu_kernel.attend(q, k, v, lo, hi))
@@ -108,8 +108,8 @@ def test_key_ranges_are_clamped_to_the_row():
 
 
 def test_bfloat16_in_bfloat16_out():
-    q, k, v = _qkv(2, 200, 4, 2, 64, seed=5, dtype=jnp.bfloat16)
-    seg = _rows(200, [[(1, 80), (2, 120)], [(1, 150)]])
+    q, k, v = random_qkv(2, 200, 4, 2, 64, seed=5, dtype=jnp.bfloat16)
+    seg = segment_rows(200, [[(1, 80), (2, 120)], [(1, 150)]])
     out = _native(q, k, v, seg, sliding_window=40)
     dense = attention(q, k, v, seg, sliding_window=40, backend="dense")
     assert out.dtype == jnp.bfloat16
@@ -118,7 +118,7 @@ def test_bfloat16_in_bfloat16_out():
 
 @pytest.mark.parametrize("hd,window", [(64, None), (64, 64), (128, None)])
 def test_no_leakage_between_segments(hd, window):
-    _leakage_check(_native, window, jnp.float32, hd=hd)
+    leakage_check(_native, window, jnp.float32, hd=hd)
 
 
 def test_auto_picks_the_kernel_on_one_cpu_device_with_avx512_only(monkeypatch):
@@ -135,7 +135,7 @@ def test_auto_picks_the_kernel_on_one_cpu_device_with_avx512_only(monkeypatch):
     assert attn_lib.resolve_backend("auto", 1) == "xla"
     assert "no C++ compiler" in attn_lib.auto_fallback_reason(1)
     assert "cpu" not in attn_lib.runnable_backends()
-    q, k, v = _qkv(1, 64, 2, 1, 64)
+    q, k, v = random_qkv(1, 64, 2, 1, 64)
     with pytest.raises(ValueError, match="attention backend 'cpu' is unavailable: RuntimeError: no C"):
         attention(q, k, v, jnp.ones((1, 64), jnp.int32), backend="cpu")
 
@@ -143,7 +143,7 @@ def test_auto_picks_the_kernel_on_one_cpu_device_with_avx512_only(monkeypatch):
 def test_a_multi_device_mesh_gets_xla_from_auto_and_an_error_from_cpu():
     """Traced under a 2-device mesh (abstract: this process may have one device), "auto" is "xla" and an
     explicit "cpu" raises instead of letting XLA gather every shard to every device."""
-    q, k, v = _qkv(2, 64, 2, 1, 64)
+    q, k, v = random_qkv(2, 64, 2, 1, 64)
     seg = jnp.ones((2, 64), jnp.int32)
     mesh = jax.sharding.AbstractMesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
     with jax.sharding.use_abstract_mesh(mesh):
@@ -182,8 +182,8 @@ def test_attention_at_on_the_kernel_matches_dense(hq, hk, d, window, order):
     positions of flattened rows, spanning several key tiles and query blocks, some of them padding, give the
     dense attention's rows there; the XLA path on the same inputs agrees."""
     b, t = 2, 700
-    q, k, v = _qkv(b, t, hq, hk, d, seed=hq + d)
-    seg = _rows(t, [[(1, 250), (2, 3), (3, 400)], [(0, 20), (4, 600)]])  # 47 and 80 padding tokens at the end
+    q, k, v = random_qkv(b, t, hq, hk, d, seed=hq + d)
+    seg = segment_rows(t, [[(1, 250), (2, 3), (3, 400)], [(0, 20), (4, 600)]])  # 47 and 80 padding tokens at the end
     dense = np.asarray(attention(q, k, v, seg, sliding_window=window, backend="dense"))
     flat_seg = np.where(np.asarray(seg) > 0, np.asarray(seg) + 10 * np.arange(b)[:, None], 0).reshape(1, b * t)
     rng = np.random.default_rng(0)

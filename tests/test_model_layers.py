@@ -14,6 +14,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.olmo3.modeling_olmo3 import Olmo3RMSNorm
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
+from psych201_jax.model import axes as model_axes
 from psych201_jax.model import decoder as model_lib
 from psych201_jax.model import spec as modelspec
 
@@ -157,7 +158,7 @@ def test_every_parameter_has_logical_axes_matching_its_rank():
             axes = var.get_metadata()["out_sharding"]
             assert len(axes) == len(var.shape), (path, axes, var.shape)
             if path[0] == "layers":
-                assert axes[0] == model_lib.LAYERS and var.shape[0] == spec.num_layers
+                assert axes[0] == model_axes.LAYERS and var.shape[0] == spec.num_layers
 
 
 def _count_equations(jaxpr) -> int:
@@ -200,13 +201,13 @@ def test_depth_does_not_grow_the_program():
 
 def test_constrain_is_a_noop_without_mesh():
     x = jnp.ones((2, 3))
-    assert model_lib.constrain(x, (model_lib.ACT_BATCH, model_lib.ACT_EMBED)) is x
+    assert model_axes.constrain(x, (model_axes.ACT_BATCH, model_axes.ACT_EMBED)) is x
 
 
 def test_logical_to_spec():
     rules = [("activation_batch", "data"), ("mlp", "model"), ("embed", "model"), ("heads", ("data", "model"))]
-    assert model_lib.logical_to_spec(("activation_batch", "mlp", "embed"), rules) == jax.P("data", "model", None)
-    assert model_lib.logical_to_spec(("heads", "unknown"), rules) == jax.P(("data", "model"), None)
+    assert model_axes.logical_to_spec(("activation_batch", "mlp", "embed"), rules) == jax.P("data", "model", None)
+    assert model_axes.logical_to_spec(("heads", "unknown"), rules) == jax.P(("data", "model"), None)
 
 
 QWEN3_5_SMALL = dict(

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from psych201_jax.conditions import DEFAULT_TEMPERATURES
-from psych201_jax.model.decoder import logical_to_spec
+from psych201_jax.model.axes import logical_to_spec
 from psych201_jax.parallel import distributed, sharding
 from psych201_jax.scoring import stream
 

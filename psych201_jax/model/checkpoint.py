@@ -34,7 +34,8 @@ from psych201_jax.data.spans import TOKENIZER_FILES
 from psych201_jax.errors import UserError
 from psych201_jax.model import hf_weights as weights
 from psych201_jax.model import spec as modelspec
-from psych201_jax.model.decoder import Decoder, logical_to_spec
+from psych201_jax.model.axes import logical_to_spec
+from psych201_jax.model.decoder import Decoder
 from psych201_jax.model.spec import ModelSpec
 
 try:  # orbax >= 0.12.9 exposes the v1 API at the top level; 0.12.8 under experimental.

@@ -4,7 +4,8 @@ Every layer parameter is stored stacked over layers ([L, ...]) and the forward s
 time does not grow with depth. Layers whose attention differs (OLMo 3: three sliding-window layers, then a
 full one) are scanned in groups of the repeating ``layer_types`` pattern, so each window stays static.
 Parameters carry logical axis names (``out_sharding`` metadata, never applied eagerly) and activations
-pass through ``constrain``, a no-op without a mesh; a sharding layer maps the names below to mesh axes.
+pass through ``constrain``, a no-op without a mesh; the names are in model/axes.py, and parallel/sharding.py
+maps them to mesh axes.
 Parameter layouts (ours, not HF's): projections are [in, out] with heads split out, e.g. wq [L, D, Hq, hd].
 Qwen3.5 mixes Gated DeltaNet layers ("linear_attention") with gated softmax-attention layers: a parameter
 that only one kind of layer has is stacked over the layers that have it (``param_layers``), so its L is
@@ -21,45 +22,39 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.core.spmd import get_logical_axis_rules
 from jaxtyping import Array, Bool, Float, Int
 
 from psych201_jax.model import delta_rule
 from psych201_jax.model import rope as rope_lib
 from psych201_jax.model.attention import attention, attention_at
-from psych201_jax.model.spec import LINEAR_ATTENTION, ModelSpec
-
-# Logical axis names of parameters.
-VOCAB = "vocab"
-# Rows of an input embedding longer than the output vocabulary (Llama-3.2-Vision's image tokens): a name of
-# its own, so a vocabulary sharding that divides vocab_size is never applied to a table it need not divide.
-EMBED_VOCAB = "embed_vocab"
-EMBED = "embed"
-LAYERS = "layers"
-Q_HEADS = "q_heads"
-KV_HEADS = "kv_heads"
-HEAD_DIM = "head_dim"
-MLP = "mlp"
-NORM = "norm"
-QUERY_GATE = "query_gate"  # query and its output gate side by side per head (Qwen3.5: 2 * head_dim)
-LIN_K_HEADS = "linear_k_heads"
-LIN_V_HEADS = "linear_v_heads"
-LIN_K_DIM = "linear_k_dim"
-LIN_V_DIM = "linear_v_dim"
-CONV = "conv"
-
-# Logical axis names of activations.
-ACT_BATCH = "activation_batch"
-ACT_LENGTH = "activation_length"
-ACT_EMBED = "activation_embed"
-ACT_Q_HEADS = "activation_q_heads"
-ACT_KV_HEADS = "activation_kv_heads"
-ACT_HEAD_DIM = "activation_head_dim"
-ACT_MLP = "activation_mlp"
-ACT_VOCAB = "activation_vocab"
-ACT_LIN_K_HEADS = "activation_linear_k_heads"
-ACT_LIN_V_HEADS = "activation_linear_v_heads"
-
+from psych201_jax.model.axes import (
+    ACT_BATCH,
+    ACT_EMBED,
+    ACT_HEAD_DIM,
+    ACT_KV_HEADS,
+    ACT_LENGTH,
+    ACT_LIN_K_HEADS,
+    ACT_LIN_V_HEADS,
+    ACT_MLP,
+    ACT_Q_HEADS,
+    CONV,
+    EMBED,
+    EMBED_VOCAB,
+    HEAD_DIM,
+    KV_HEADS,
+    LAYERS,
+    LIN_K_DIM,
+    LIN_K_HEADS,
+    LIN_V_DIM,
+    LIN_V_HEADS,
+    MLP,
+    NORM,
+    Q_HEADS,
+    QUERY_GATE,
+    VOCAB,
+    constrain,
+)
+from psych201_jax.model.spec import LINEAR_ATTENTION, ModelSpec, NormPlacement, QkNorm
 
 BIASES = ("bq", "bk", "bv", "bo", "b_gate", "b_up", "b_down", "lin_dt_bias")
 # Parameters only softmax-attention layers have, and only Gated DeltaNet layers have (the rest: every layer).
@@ -106,7 +101,7 @@ def layer_param_axes(spec: ModelSpec) -> dict[str, tuple[str, ...]]:
         "w_up": (LAYERS, EMBED, MLP),
         "w_down": (LAYERS, MLP, EMBED),
     }
-    if spec.norm_placement == "pre":
+    if spec.norm_placement == NormPlacement.PRE:
         axes.update(attn_in_norm=(LAYERS, NORM), mlp_in_norm=(LAYERS, NORM))
     else:
         axes.update(attn_out_norm=(LAYERS, NORM), mlp_out_norm=(LAYERS, NORM))
@@ -116,9 +111,9 @@ def layer_param_axes(spec: ModelSpec) -> dict[str, tuple[str, ...]]:
         axes.update(bo=(LAYERS, EMBED))
     if spec.mlp_bias:
         axes.update(b_gate=(LAYERS, MLP), b_up=(LAYERS, MLP), b_down=(LAYERS, EMBED))
-    if spec.qk_norm == "head":
+    if spec.qk_norm == QkNorm.HEAD:
         axes.update(q_norm=(LAYERS, HEAD_DIM), k_norm=(LAYERS, HEAD_DIM))
-    elif spec.qk_norm == "full":
+    elif spec.qk_norm == QkNorm.FULL:
         axes.update(q_norm=(LAYERS, Q_HEADS, HEAD_DIM), k_norm=(LAYERS, KV_HEADS, HEAD_DIM))
     if LINEAR_ATTENTION in spec.layer_types:
         axes.update(
@@ -172,33 +167,6 @@ def param_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
 def embed_row_axis(spec: ModelSpec) -> str:
     """Logical name of the input embedding's row axis: VOCAB, or EMBED_VOCAB when it has extra rows."""
     return VOCAB if spec.embed_rows == spec.vocab_size else EMBED_VOCAB
-
-
-def logical_to_spec(names: Sequence[str | None], rules: Sequence[tuple[str, str | tuple[str, ...] | None]]) -> jax.P:
-    """PartitionSpec for logical ``names`` under ``rules`` [(logical, mesh axes or None)]; first match wins,
-    a mesh axis is used at most once, unmatched names are replicated."""
-    table: dict[str | None, list] = {}  # a None name matches no rule
-    for logical, mesh_axes in rules:
-        table.setdefault(logical, []).append(mesh_axes)
-    used: set[str] = set()
-    out = []
-    for name in names:
-        choice = None
-        for mesh_axes in table.get(name, []):
-            axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
-            if axes and not used.intersection(axes):
-                choice = mesh_axes
-                used.update(axes)
-                break
-        out.append(choice)
-    return jax.P(*out)
-
-
-def constrain(x: jnp.ndarray, names: Sequence[str | None]) -> jnp.ndarray:
-    """Sharding constraint by logical names under the active ``nnx.logical_axis_rules``; no-op without a mesh."""
-    if jax.sharding.get_abstract_mesh().empty:
-        return x
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, get_logical_axis_rules()))
 
 
 def rms_norm(
@@ -272,8 +240,8 @@ def _attention_block(
     v = jnp.einsum("btd,dhk->bthk", x, p["wv"].astype(dt))
     if spec.qkv_bias:
         q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
-    if spec.qk_norm != "none":
-        axes = (-1,) if spec.qk_norm == "head" else (-2, -1)
+    if spec.qk_norm != QkNorm.NONE:
+        axes = (-1,) if spec.qk_norm == QkNorm.HEAD else (-2, -1)
         fp32, centred = spec.norm_weight_fp32, spec.norm_zero_centred
         q = rms_norm(q, p["q_norm"], spec.rms_norm_eps, weight_fp32=fp32, axes=axes, zero_centred=centred)
         k = rms_norm(k, p["k_norm"], spec.rms_norm_eps, weight_fp32=fp32, axes=axes, zero_centred=centred)
@@ -359,7 +327,7 @@ def decoder_layer(
             x, p[name], spec.rms_norm_eps, weight_fp32=spec.norm_weight_fp32, zero_centred=spec.norm_zero_centred
         )
 
-    pre = spec.norm_placement == "pre"
+    pre = spec.norm_placement == NormPlacement.PRE
     x = norm(h, "attn_in_norm") if pre else h
     if layer_type == LINEAR_ATTENTION:
         attn = take(_linear_attention_block(p, x, segment_ids, spec=spec))
@@ -568,9 +536,3 @@ class Decoder(nnx.Module):
     def unembedding(self) -> jnp.ndarray:
         """Output projection [V, D] (HF orientation): lm_head, or the input embedding when tied."""
         return (self.embed if self.lm_head is None else self.lm_head)[...]
-
-    def logits(self, hidden: jnp.ndarray) -> jnp.ndarray:
-        """hidden [B, T, D] -> float32 logits [B, T, V]; the plain full-vocabulary path, for tests."""
-        w = self.unembedding().astype(hidden.dtype)
-        out = jnp.einsum("btd,vd->btv", hidden, w, preferred_element_type=jnp.float32)
-        return constrain(out, (ACT_BATCH, ACT_LENGTH, ACT_VOCAB))

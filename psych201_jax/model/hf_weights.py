@@ -18,7 +18,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import ml_dtypes
@@ -26,7 +26,7 @@ import numpy as np
 
 from psych201_jax.errors import UserError
 from psych201_jax.model.decoder import param_layers, param_shapes
-from psych201_jax.model.spec import ModelSpec
+from psych201_jax.model.spec import ModelSpec, NormPlacement
 
 SAFETENSORS_DTYPES = {
     "F64": np.dtype(np.float64),
@@ -92,21 +92,6 @@ def read_safetensors_header(path: str) -> dict[str, tuple[np.dtype, tuple[int, .
             raise WeightsError(f"{path}: tensor {name} lies outside the file (offsets {start}..{end})")
         out[name] = (SAFETENSORS_DTYPES[meta["dtype"]], tuple(meta["shape"]), 8 + n + start, 8 + n + end)
     return out
-
-
-def write_safetensors(path: str, tensors: Mapping[str, np.ndarray]) -> None:
-    """Writes ``tensors`` (numpy, bf16 via ml_dtypes allowed) as one safetensors file, tensor by tensor."""
-    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-    header, offset = {}, 0
-    for name, x in tensors.items():
-        header[name] = {"dtype": names[x.dtype], "shape": list(x.shape), "data_offsets": [offset, offset + x.nbytes]}
-        offset += x.nbytes
-    blob = json.dumps(header).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(blob)) + blob)
-        for x in tensors.values():
-            fh.write(np.ascontiguousarray(x).tobytes())
 
 
 class SafetensorsReader:
@@ -242,7 +227,7 @@ def layer_sources(spec: ModelSpec) -> dict[str, Source]:
         "q_norm": Source(attn + "q_norm.weight", None),
         "k_norm": Source(attn + "k_norm.weight", None),
     }
-    if spec.norm_placement == "pre":
+    if spec.norm_placement == NormPlacement.PRE:
         src.update(
             attn_in_norm=Source("input_layernorm.weight", None),
             mlp_in_norm=Source("post_attention_layernorm.weight", None),

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from psych201_jax.model.spec import RopeSpec, UnsupportedModelError
+from psych201_jax.model.spec import RopeSpec, RopeType, UnsupportedModelError
 
 
 def _theta_powers(theta: float, head_dim: int) -> np.ndarray:
@@ -84,13 +84,13 @@ def _yarn_inv_freq(rope: RopeSpec, head_dim: int, max_position_embeddings: int) 
 
 def inv_freq_and_scaling(rope: RopeSpec, head_dim: int, max_position_embeddings: int) -> tuple[np.ndarray, float]:
     """Inverse frequencies float32[head_dim // 2] and the cos/sin ``attention_scaling`` of one RoPE config."""
-    if rope.rope_type == "default":
+    if rope.rope_type == RopeType.DEFAULT:
         return _base_inv_freq(rope.theta, head_dim), 1.0
-    if rope.rope_type == "linear":
+    if rope.rope_type == RopeType.LINEAR:
         return _base_inv_freq(rope.theta, head_dim) / np.float32(rope.factor), 1.0
-    if rope.rope_type == "llama3":
+    if rope.rope_type == RopeType.LLAMA3:
         return _llama3_inv_freq(rope, head_dim), 1.0
-    if rope.rope_type == "yarn":
+    if rope.rope_type == RopeType.YARN:
         return _yarn_inv_freq(rope, head_dim, max_position_embeddings)
     raise UnsupportedModelError(f"unsupported rope_type {rope.rope_type!r}")
 

@@ -9,7 +9,7 @@ so it can live as a static attribute of an NNX module, and round-trips through J
 Vision-language checkpoints (``VL_WRAPPERS``: Qwen2.5-VL, Qwen3-VL, Llama-3.2-Vision) are read as their
 language model on text-only input: the decoder fields come from the nested ``text_config`` and the spec
 records the wrapper. Their M-RoPE reduces to 1-D RoPE when all position streams are equal (text only;
-tests/test_vl_models.py checks it against HF), Qwen3-VL's deepstack adds nothing without images, and
+tests/test_parity.py checks it against HF), Qwen3-VL's deepstack adds nothing without images, and
 Llama-3.2-Vision's cross-attention layers are skipped by HF without images, so the spec lists them in
 ``skipped_layers`` and our layer stack holds only the self-attention layers.
 """
@@ -17,6 +17,7 @@ Llama-3.2-Vision's cross-attention layers are skipped by HF without images, so t
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import os
 from typing import Any
@@ -27,10 +28,44 @@ from psych201_jax.errors import UserError
 # Qwen3.5 ("qwen3_5") is a wrapper too: its hub checkpoints are Qwen3_5ForConditionalGeneration.
 VL_WRAPPERS = {"qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3", "mllama": "llama", "qwen3_5": "qwen3_5_text"}
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "olmo3", "qwen3_5_text", *VL_WRAPPERS)
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-FULL_ATTENTION = "full_attention"
-SLIDING_ATTENTION = "sliding_attention"
-LINEAR_ATTENTION = "linear_attention"  # Qwen3.5's Gated DeltaNet layers (model/delta_rule.py)
+
+
+class RopeType(enum.StrEnum):
+    """RoPE frequency variants (transformers' ``rope_type``) that model/rope.py implements."""
+
+    DEFAULT = "default"
+    LINEAR = "linear"
+    LLAMA3 = "llama3"
+    YARN = "yarn"
+
+
+class LayerType(enum.StrEnum):
+    """Entries of ``layer_types`` (transformers' names)."""
+
+    FULL = "full_attention"
+    SLIDING = "sliding_attention"
+    LINEAR = "linear_attention"  # Qwen3.5's Gated DeltaNet layers (model/delta_rule.py)
+
+
+class QkNorm(enum.StrEnum):
+    """RMSNorm of queries and keys before RoPE."""
+
+    NONE = "none"
+    HEAD = "head"  # Qwen3: over head_dim, per head
+    FULL = "full"  # OLMo 3: over the whole projection width
+
+
+class NormPlacement(enum.StrEnum):
+    """Where a layer's RMSNorms sit."""
+
+    PRE = "pre"  # Llama/Qwen: input and post-attention norms feed the sublayers
+    POST = "post"  # OLMo 3: norms applied to sublayer outputs before the residual add, no input norm
+
+
+SUPPORTED_ROPE_TYPES = tuple(t.value for t in RopeType)
+FULL_ATTENTION = LayerType.FULL
+SLIDING_ATTENTION = LayerType.SLIDING
+LINEAR_ATTENTION = LayerType.LINEAR
 ATTENTION_TYPES = (FULL_ATTENTION, SLIDING_ATTENTION)
 
 
@@ -42,7 +77,7 @@ class UnsupportedModelError(UserError, ValueError):
 class RopeSpec:
     """RoPE frequencies of one layer type (fields as in transformers' ``rope_parameters``)."""
 
-    rope_type: str = "default"
+    rope_type: RopeType = RopeType.DEFAULT
     theta: float = 10000.0
     factor: float | None = None
     low_freq_factor: float | None = None
@@ -55,16 +90,24 @@ class RopeSpec:
     mscale_all_dim: float | None = None
     truncate: bool = True
 
+    def __post_init__(self):
+        try:
+            object.__setattr__(self, "rope_type", RopeType(self.rope_type))
+        except ValueError:
+            raise UnsupportedModelError(
+                f"unsupported rope_type {self.rope_type!r}; supported: {SUPPORTED_ROPE_TYPES}"
+            ) from None
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """Everything the Flax decoder needs to reproduce one HF checkpoint's forward pass.
 
-    ``norm_placement``: "pre" (Llama/Qwen: input and post-attention norms feed the sublayers) or "post"
-    (OLMo 3: norms applied to sublayer outputs before the residual add, no input norm).
-    ``qk_norm``: "none", "head" (Qwen3: RMSNorm over head_dim per head) or "full" (OLMo 3: RMSNorm over the
-    whole projection width). ``norm_weight_fp32``: multiply the norm weight in fp32 before the cast (OLMo)
-    instead of casting first (Llama/Qwen). ``rope_fp32``: apply RoPE in fp32 and cast after (OLMo 3 keeps
+    ``norm_placement``: ``NormPlacement`` (PRE: Llama/Qwen; POST: OLMo 3). ``qk_norm``: ``QkNorm`` (NONE,
+    HEAD: Qwen3, FULL: OLMo 3). The mode fields (these two, ``layer_types``, ``RopeSpec.rope_type``) are
+    StrEnums: they serialise as their strings, and strings given for them are parsed into the enums.
+    ``norm_weight_fp32``: multiply the norm weight in fp32 before the cast (OLMo) instead of casting first
+    (Llama/Qwen). ``rope_fp32``: apply RoPE in fp32 and cast after (OLMo 3 keeps
     cos/sin in fp32; Llama/Qwen cast cos/sin to the activation dtype first).
     ``rope`` maps each layer type to its RoPE parameters; ``sliding_window`` applies to
     "sliding_attention" layers only (None: those layers attend fully).
@@ -93,11 +136,11 @@ class ModelSpec:
     qkv_bias: bool
     o_bias: bool
     mlp_bias: bool
-    qk_norm: str
-    norm_placement: str
+    qk_norm: QkNorm
+    norm_placement: NormPlacement
     norm_weight_fp32: bool
     rope_fp32: bool
-    layer_types: tuple[str, ...]
+    layer_types: tuple[LayerType, ...]
     sliding_window: int | None
     rope: tuple[tuple[str, RopeSpec], ...]
     max_position_embeddings: int
@@ -114,6 +157,11 @@ class ModelSpec:
     linear_conv_kernel: int = 0
 
     def __post_init__(self):
+        try:
+            object.__setattr__(self, "qk_norm", QkNorm(self.qk_norm))
+            object.__setattr__(self, "norm_placement", NormPlacement(self.norm_placement))
+        except ValueError as err:
+            raise UnsupportedModelError(str(err)) from None
         if self.num_heads % self.num_kv_heads:
             raise UnsupportedModelError(
                 f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}"
@@ -124,6 +172,8 @@ class ModelSpec:
         unknown = set(self.layer_types) - known
         if unknown:
             raise UnsupportedModelError(f"unsupported layer_types {sorted(unknown)}")
+        object.__setattr__(self, "layer_types", tuple(LayerType(t) for t in self.layer_types))
+        object.__setattr__(self, "rope", tuple((LayerType(t), r) for t, r in self.rope))
         if self.linear_num_value_heads:
             hk, hv = self.linear_num_key_heads, self.linear_num_value_heads
             if hk <= 0 or hv % hk or min(self.linear_key_head_dim, self.linear_value_head_dim) <= 0:
@@ -168,7 +218,7 @@ class ModelSpec:
         """Dims of each head that RoPE rotates (the first ones; the rest pass through)."""
         return self.head_dim if self.rotary_dim is None else self.rotary_dim
 
-    def attention_layer_types(self) -> tuple[str, ...]:
+    def attention_layer_types(self) -> tuple[LayerType, ...]:
         """The distinct softmax-attention layer types (those with RoPE tables), sorted."""
         return tuple(sorted(set(self.layer_types) - {LINEAR_ATTENTION}))
 
@@ -381,8 +431,8 @@ def _decoder_spec(
             qkv_bias=attention_bias,
             o_bias=attention_bias,
             mlp_bias=bool(getattr(config, "mlp_bias", False)),
-            qk_norm="none",
-            norm_placement="pre",
+            qk_norm=QkNorm.NONE,
+            norm_placement=NormPlacement.PRE,
             norm_weight_fp32=False,
             rope_fp32=False,
         ),
@@ -390,8 +440,8 @@ def _decoder_spec(
             qkv_bias=True,
             o_bias=False,
             mlp_bias=False,
-            qk_norm="none",
-            norm_placement="pre",
+            qk_norm=QkNorm.NONE,
+            norm_placement=NormPlacement.PRE,
             norm_weight_fp32=False,
             rope_fp32=False,
         ),
@@ -399,8 +449,8 @@ def _decoder_spec(
             qkv_bias=attention_bias,
             o_bias=attention_bias,
             mlp_bias=False,
-            qk_norm="head",
-            norm_placement="pre",
+            qk_norm=QkNorm.HEAD,
+            norm_placement=NormPlacement.PRE,
             norm_weight_fp32=False,
             rope_fp32=False,
         ),
@@ -408,8 +458,8 @@ def _decoder_spec(
             qkv_bias=attention_bias,
             o_bias=attention_bias,
             mlp_bias=False,
-            qk_norm="full",
-            norm_placement="post",
+            qk_norm=QkNorm.FULL,
+            norm_placement=NormPlacement.POST,
             norm_weight_fp32=True,
             rope_fp32=True,
         ),
@@ -417,8 +467,8 @@ def _decoder_spec(
             qkv_bias=False,
             o_bias=False,
             mlp_bias=False,
-            qk_norm="head",
-            norm_placement="pre",
+            qk_norm=QkNorm.HEAD,
+            norm_placement=NormPlacement.PRE,
             norm_weight_fp32=True,  # (x_fp32 * (1 + w_fp32)).to(dtype)
             rope_fp32=False,
         ),

@@ -3,8 +3,8 @@
 Mesh axes (outer to inner): ``data`` (replicas: parameters replicated, rows split), ``fsdp`` (parameters split
 on the embedding dimension and gathered per layer, rows split too) and ``tensor`` (heads, MLP width and
 vocabulary split; rows replicated). All axes are ``AxisType.Auto`` (GSPMD): the model's logical names are
-mapped to mesh axes by ``RULES`` and applied with ``with_sharding_constraint`` (``model.constrain``) under
-``jax.set_mesh``.
+mapped to mesh axes by ``RULES`` and applied with ``with_sharding_constraint`` (``model.axes.constrain``)
+under ``jax.set_mesh``; the names themselves and ``logical_to_spec`` live in ``model/axes.py``.
 
 ``rules_for(spec, mesh)`` specialises the table to one model: a rule whose mesh axes do not divide the
 dimension it names (e.g. 2 key/value heads on ``tensor=4``) is cut to its longest dividing prefix or
@@ -27,38 +27,37 @@ import jax
 import numpy as np
 from flax import nnx
 
-from psych201_jax.model import decoder as model_lib
+from psych201_jax.model import axes as model_axes
+from psych201_jax.model.axes import Rules, logical_to_spec, mesh_axes_of
 from psych201_jax.model.spec import ModelSpec
 
 AXES = ("data", "fsdp", "tensor")
 ROW_AXES = ("data", "fsdp")
 
-Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
-
-# Logical axis -> mesh axes; first matching rule whose mesh axes are still free wins (model.logical_to_spec).
+# Logical axis -> mesh axes; first matching rule whose mesh axes are still free wins (model_axes.logical_to_spec).
 RULES: Rules = (
     # parameters
-    (model_lib.VOCAB, "tensor"),
-    (model_lib.EMBED, "fsdp"),
-    (model_lib.Q_HEADS, "tensor"),
-    (model_lib.KV_HEADS, "tensor"),
-    (model_lib.MLP, "tensor"),
-    (model_lib.LIN_K_HEADS, "tensor"),
-    (model_lib.LIN_V_HEADS, "tensor"),
-    (model_lib.HEAD_DIM, None),
-    (model_lib.LAYERS, None),
-    (model_lib.NORM, None),
+    (model_axes.VOCAB, "tensor"),
+    (model_axes.EMBED, "fsdp"),
+    (model_axes.Q_HEADS, "tensor"),
+    (model_axes.KV_HEADS, "tensor"),
+    (model_axes.MLP, "tensor"),
+    (model_axes.LIN_K_HEADS, "tensor"),
+    (model_axes.LIN_V_HEADS, "tensor"),
+    (model_axes.HEAD_DIM, None),
+    (model_axes.LAYERS, None),
+    (model_axes.NORM, None),
     # activations
-    (model_lib.ACT_BATCH, ROW_AXES),
-    (model_lib.ACT_LENGTH, None),
-    (model_lib.ACT_EMBED, None),
-    (model_lib.ACT_Q_HEADS, "tensor"),
-    (model_lib.ACT_KV_HEADS, "tensor"),
-    (model_lib.ACT_HEAD_DIM, None),
-    (model_lib.ACT_MLP, "tensor"),
-    (model_lib.ACT_VOCAB, "tensor"),
-    (model_lib.ACT_LIN_K_HEADS, "tensor"),
-    (model_lib.ACT_LIN_V_HEADS, "tensor"),
+    (model_axes.ACT_BATCH, ROW_AXES),
+    (model_axes.ACT_LENGTH, None),
+    (model_axes.ACT_EMBED, None),
+    (model_axes.ACT_Q_HEADS, "tensor"),
+    (model_axes.ACT_KV_HEADS, "tensor"),
+    (model_axes.ACT_HEAD_DIM, None),
+    (model_axes.ACT_MLP, "tensor"),
+    (model_axes.ACT_VOCAB, "tensor"),
+    (model_axes.ACT_LIN_K_HEADS, "tensor"),
+    (model_axes.ACT_LIN_V_HEADS, "tensor"),
 )
 
 
@@ -106,34 +105,30 @@ def mesh_from_config(cfg, *, n_processes: int | None = None) -> jax.sharding.Mes
 def logical_sizes(spec: ModelSpec) -> dict[str, int]:
     """Size of every logical dimension of one model (activation names included); batch/length are free."""
     sizes = {
-        model_lib.VOCAB: spec.vocab_size,
-        model_lib.EMBED: spec.hidden_size,
-        model_lib.NORM: spec.hidden_size,
-        model_lib.Q_HEADS: spec.num_heads,
-        model_lib.KV_HEADS: spec.num_kv_heads,
-        model_lib.HEAD_DIM: spec.head_dim,
-        model_lib.MLP: spec.intermediate_size,
-        model_lib.LAYERS: spec.num_layers,
-        model_lib.LIN_K_HEADS: spec.linear_num_key_heads,
-        model_lib.LIN_V_HEADS: spec.linear_num_value_heads,
+        model_axes.VOCAB: spec.vocab_size,
+        model_axes.EMBED: spec.hidden_size,
+        model_axes.NORM: spec.hidden_size,
+        model_axes.Q_HEADS: spec.num_heads,
+        model_axes.KV_HEADS: spec.num_kv_heads,
+        model_axes.HEAD_DIM: spec.head_dim,
+        model_axes.MLP: spec.intermediate_size,
+        model_axes.LAYERS: spec.num_layers,
+        model_axes.LIN_K_HEADS: spec.linear_num_key_heads,
+        model_axes.LIN_V_HEADS: spec.linear_num_value_heads,
     }
     sizes.update(
         {
-            model_lib.ACT_EMBED: spec.hidden_size,
-            model_lib.ACT_Q_HEADS: spec.num_heads,
-            model_lib.ACT_KV_HEADS: spec.num_kv_heads,
-            model_lib.ACT_HEAD_DIM: spec.head_dim,
-            model_lib.ACT_MLP: spec.intermediate_size,
-            model_lib.ACT_VOCAB: spec.vocab_size,
-            model_lib.ACT_LIN_K_HEADS: spec.linear_num_key_heads,
-            model_lib.ACT_LIN_V_HEADS: spec.linear_num_value_heads,
+            model_axes.ACT_EMBED: spec.hidden_size,
+            model_axes.ACT_Q_HEADS: spec.num_heads,
+            model_axes.ACT_KV_HEADS: spec.num_kv_heads,
+            model_axes.ACT_HEAD_DIM: spec.head_dim,
+            model_axes.ACT_MLP: spec.intermediate_size,
+            model_axes.ACT_VOCAB: spec.vocab_size,
+            model_axes.ACT_LIN_K_HEADS: spec.linear_num_key_heads,
+            model_axes.ACT_LIN_V_HEADS: spec.linear_num_value_heads,
         }
     )
     return sizes
-
-
-def _axes(mesh_axes) -> tuple[str, ...]:
-    return (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
 
 
 def rules_for(spec: ModelSpec, mesh: jax.sharding.Mesh, rules: Rules = RULES) -> Rules:
@@ -147,7 +142,7 @@ def rules_for(spec: ModelSpec, mesh: jax.sharding.Mesh, rules: Rules = RULES) ->
     sizes = logical_sizes(spec)
     out = []
     for logical, mesh_axes in rules:
-        axes = _axes(mesh_axes)
+        axes = mesh_axes_of(mesh_axes)
         unknown = [a for a in axes if a not in mesh.shape]
         if unknown:
             raise ValueError(
@@ -166,47 +161,26 @@ def rules_for(spec: ModelSpec, mesh: jax.sharding.Mesh, rules: Rules = RULES) ->
     return tuple(out)
 
 
-def spec_of(names: Sequence[str | None], rules: Rules) -> jax.P:
-    """PartitionSpec of logical ``names`` (see ``model.logical_to_spec``)."""
-    return model_lib.logical_to_spec(names, rules)
-
-
 def row_axes(rules: Rules) -> tuple[str, ...]:
     """Mesh axes the rows of a packed batch are split over (the activation batch rule)."""
-    spec = spec_of((model_lib.ACT_BATCH,), rules)
-    return _axes(spec[0]) if len(spec) else ()
+    spec = logical_to_spec((model_axes.ACT_BATCH,), rules)
+    return mesh_axes_of(spec[0]) if len(spec) else ()
 
 
 def vocab_axes(rules: Rules) -> tuple[str, ...]:
     """Mesh axes the vocabulary of the (un)embedding is split over, not counting row axes."""
-    spec = spec_of((model_lib.VOCAB, model_lib.EMBED), rules)
+    spec = logical_to_spec((model_axes.VOCAB, model_axes.EMBED), rules)
     rows = set(row_axes(rules))
-    return tuple(a for a in _axes(spec[0]) if a not in rows)
+    return tuple(a for a in mesh_axes_of(spec[0]) if a not in rows)
 
 
 def state_shardings(state, mesh: jax.sharding.Mesh, rules: Rules):
     """NamedShardings of an ``nnx.State`` from each variable's logical axes (``out_sharding`` metadata)."""
 
     def leaf(var):
-        return var.replace(jax.NamedSharding(mesh, spec_of(var.get_metadata()["out_sharding"], rules)))
+        return var.replace(jax.NamedSharding(mesh, logical_to_spec(var.get_metadata()["out_sharding"], rules)))
 
     return jax.tree.map(leaf, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def state_bytes_per_device(state) -> dict[jax.Device, int]:
-    """Bytes of the arrays / ShapeDtypeStructs (with shardings) of ``state`` held by each device."""
-    per_device: dict = {}
-    for leaf in jax.tree.leaves(state):
-        sharding = leaf.sharding
-        shard_bytes = math.prod(sharding.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize
-        for device in sharding.device_set:
-            per_device[device] = per_device.get(device, 0) + shard_bytes
-    return per_device
-
-
-def state_bytes(state) -> int:
-    """Total (unsharded) bytes of ``state``."""
-    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -181,6 +181,19 @@ def make_tiny_hf_checkpoint(
     return out_dir
 
 
+def add_mtp_head(hf_dir: str) -> None:
+    """Adds a multi-token-prediction head (mtp.*) to a single-file checkpoint, as hub Qwen3.5 checkpoints
+    carry; HF skips it on load."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(hf_dir, "model.safetensors")
+    tensors = load_file(path)
+    tensors["mtp.fc.weight"] = torch.zeros(8, 8)
+    tensors["mtp.layers.0.input_layernorm.weight"] = torch.zeros(8)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
 def _module_name(key: str) -> str:
     """A pre-transformers-5 VL tensor name -> its transformers-5 module name (others unchanged)."""
     renames = (

@@ -1,9 +1,10 @@
 """The reference scorer's computation in HF PyTorch, as the oracle for tests and the benchmark baseline.
 
-``reference_response_nll`` mirrors eval.py after tokenisation: one participant per forward pass (batch 1,
-no padding, ``use_cache=False``), full ``[T, V]`` logits, ``cross_entropy(reduction="none")`` against the
-labels shifted by one, then a Python loop over every position that sums each maximal run of labelled
-positions. Needs torch (test extra); never imported by the scorer itself.
+``reference_response_nll`` mirrors the study's ``0_analyses/eval.py`` (docs/reference-protocol.md) after
+tokenisation: one participant per forward pass (batch 1, no padding, ``use_cache=False``), full ``[T, V]``
+logits, ``cross_entropy(reduction="none")`` against the labels shifted by one, then a Python loop over every
+position that sums each maximal run of labelled positions. Needs torch (test extra); never imported by the
+scorer itself.
 """
 
 from __future__ import annotations
@@ -45,14 +46,3 @@ def reference_response_nll(model, token_ids: np.ndarray, response_index: np.ndar
         if count:
             total.append(item)
     return np.asarray([float(x) for x in total], np.float64)
-
-
-def token_logprobs(model, token_ids: np.ndarray) -> np.ndarray:
-    """float64 [T-1]: log p(token t | tokens < t) for t = 1..T-1 (full logits; for parity checks)."""
-    import torch
-
-    ids = torch.as_tensor(np.asarray(token_ids, np.int64))[None]
-    with torch.inference_mode():
-        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].double()
-        logp = torch.log_softmax(logits, dim=-1).gather(1, ids[0, 1:, None])[:, 0]
-    return logp.numpy()

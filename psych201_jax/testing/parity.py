@@ -1,0 +1,463 @@
+"""HF-parity test support: the family table, the per-row fixture body and the scoring helpers.
+
+``FAMILIES`` has one row per family/config that tests/test_parity.py checks against HF PyTorch (eager
+attention): a tiny random checkpoint (``make_tiny_hf_checkpoint``), converted in float32 and bfloat16,
+scored on real Psych-201 transcripts. A new family is one ``Family`` row here; its ``features`` opt it
+into the checks of a special feature (sliding window, RoPE scaling, M-RoPE, recurrent state reset...).
+
+``check_score_job_against_hf`` is the one place that runs a scoring job end to end. Needs torch (test
+extra); never imported by the scorer itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from flax import nnx
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+
+from psych201_jax import defaults
+from psych201_jax.data import records, spans
+from psych201_jax.model import axes, checkpoint
+from psych201_jax.model import spec as modelspec
+from psych201_jax.model.decoder import Decoder, layer_groups, param_shapes
+from psych201_jax.testing import tiny_tokenizer, torch_reference
+from psych201_jax.testing.tiny_models import VL_FAMILIES, add_mtp_head, make_tiny_hf_checkpoint
+from psych201_jax.types import ParticipantSpans
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONTEXT = 16384  # max_position_embeddings of the long-row families (and the robust protocol's budget + 512)
+
+# Features a row can exercise (each selects the extra checks of tests/test_parity.py that need it).
+XLA_BACKEND = "xla_backend"  # the plain "xla" attention path matches HF as well as "auto" does
+SLIDING_WINDOW = "sliding_window"  # a window one token too wide breaks parity
+ROPE_SCALING = "rope_scaling"  # RoPE without its llama3 / YaRN scaling breaks parity
+MROPE = "mrope"  # HF's 3-D M-RoPE positions: equal streams give our 1-D RoPE, unequal ones do not
+STATE_RESET = "state_reset"  # recurrent (Gated DeltaNet) state reset and conv masking at segment boundaries
+MTP_HEAD = "mtp_head"  # the checkpoint carries an mtp.* head that must be skipped
+OWN_TOKENIZER = "own_tokenizer"  # the converted tokenizer resolves to the checkpoint's own class and ids
+
+
+@dataclasses.dataclass(frozen=True)
+class Texts:
+    """Which real transcripts a row samples (``tiny_tokenizer.sample_texts`` arguments)."""
+
+    studies: tuple[str, ...]
+    per_study: int
+    max_chars: int
+
+
+SHORT_TEXTS = Texts(("thoma2025riskychoice", "xu2023augmenting", "guenther2023ViSpa"), 4, 8000)
+LONG_TEXTS = Texts(("xu2023augmenting", "shahar2019twosteptask", "schiekiera2025metascience"), 3, 60000)
+
+# Packed-row layouts: (transcript 0 or 1, start, stop) per participant.
+SHORT_PACK = ((0, 0, 330), (1, 0, 230))
+LONG_PACK = ((0, 0, 2400), (1, 0, 1500))
+# Qwen3.5: boundaries inside delta-rule chunks (1001, 2700).
+CHUNK_PACK = ((0, 0, 1001), (1, 0, 1699), (0, 2000, 3300))
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One parity row.
+
+    ``length``: tokens per transcript (600: past original_max_position_embeddings, OLMo 3's window and one
+    512-token attention block; 4096: past 64 delta-rule chunks). ``bf16_kl``: bound on the mean KL(HF bf16
+    || ours bf16); ``bf16_relative``: instead, ours bf16 at most this many times as far (mean KL) from HF
+    float32 as HF's own bf16 is. ``spec_check``: family-specific assertions on the converted spec.
+    """
+
+    name: str
+    family: str
+    tokenizer: str  # "qwen" or "llama" (conftest's tokenizer fixtures)
+    kwargs: dict = dataclasses.field(default_factory=dict)  # make_tiny_hf_checkpoint overrides
+    length: int = 600
+    context: int | None = None  # max_position_embeddings override
+    texts: Texts = SHORT_TEXTS
+    float32_atol: float = 1e-4
+    bf16_kl: float | None = 1e-3
+    bf16_relative: float | None = None
+    pack: tuple[tuple[int, int, int], ...] = SHORT_PACK
+    packed_atol: float = 1e-5
+    record_hf64_noise: bool = False  # also run HF in float64 and record its float32 error
+    features: frozenset[str] = frozenset()
+    spec_check: Callable[[Case], None] | None = None
+
+
+@dataclasses.dataclass
+class Case:
+    """A converted row, its transcripts and HF's log-probs on the first one."""
+
+    row: Family
+    hf_dir: str
+    spec: modelspec.ModelSpec
+    model32: Decoder
+    model16: Decoder
+    tokens: np.ndarray  # int32[length]
+    other_tokens: np.ndarray  # a second transcript, int32[length]
+    ref32: np.ndarray  # HF float32 log-probs [length, V] (softmax in float64)
+    ref16: np.ndarray  # HF bfloat16 trunk, float32 unembedding, log-probs [length, V]
+    hf32_vs_hf64: float | None = None  # HF's own float32 max |dlogp| against float64 (record_hf64_noise)
+
+    @property
+    def name(self) -> str:
+        return self.row.name
+
+    @property
+    def provenance(self) -> dict:
+        with open(os.path.join(os.path.dirname(self.hf_dir), "f32", checkpoint.PROVENANCE)) as fh:
+            return json.load(fh)
+
+
+QWEN3_5_PATTERN = (modelspec.LINEAR_ATTENTION,) * 3 + (modelspec.FULL_ATTENTION,)
+
+
+def _qwen3_5_spec(case: Case) -> None:
+    """8 layers = two repeats of (3 Gated DeltaNet, 1 gated attention), scanned as one group."""
+    spec, wrapped = case.spec, case.row.family == "qwen3_5"
+    assert spec.model_type == "qwen3_5_text" and spec.wrapper == ("qwen3_5" if wrapped else "")
+    assert spec.layer_types == QWEN3_5_PATTERN * 2
+    assert layer_groups(spec.layer_types) == ((0, 2, QWEN3_5_PATTERN),)  # one scan over two repeats
+    assert spec.rotary_dim == 8 and spec.head_dim == 32 and spec.norm_zero_centred and spec.attn_output_gate
+    assert (spec.linear_num_key_heads, spec.linear_num_value_heads, spec.linear_conv_kernel) == (2, 4, 4)
+    assert spec.tie_word_embeddings == wrapped
+    shapes = param_shapes(spec)
+    assert shapes["lin_wq"][0] == 6 and shapes["wq"][0] == 2 and shapes["w_up"][0] == 8
+    assert shapes["wq"][-1] == 2 * spec.head_dim  # query and its output gate
+    prov = case.provenance
+    assert prov["model_type"] == "qwen3_5_text"
+    assert prov["architectures"][0] == ("Qwen3_5ForConditionalGeneration" if wrapped else "Qwen3_5ForCausalLM")
+
+
+def _vl_spec(case: Case) -> None:
+    """The spec describes the wrapper's language model (Llama-3.2-Vision: cross-attention layers skipped)."""
+    spec, family = case.spec, case.row.family
+    assert spec.wrapper == family
+    assert spec.model_type == modelspec.VL_WRAPPERS[family]
+    if family == "mllama":
+        assert spec.skipped_layers == (1, 3) and spec.num_layers == 3 and spec.hf_layer_indices() == (0, 2, 4)
+        assert spec.embed_rows == spec.vocab_size + 8 and case.model32.embed[...].shape[0] == spec.vocab_size + 8
+        assert case.model32.lm_head is not None and case.model32.lm_head[...].shape[0] == spec.vocab_size
+    else:
+        assert spec.skipped_layers == () and spec.embed_rows == spec.vocab_size
+    assert spec.tie_word_embeddings == (family == "qwen3_vl")
+    prov = case.provenance
+    assert prov["wrapper"] == family
+    assert prov["model_type"] == spec.model_type and prov["architectures"][0].endswith("ForConditionalGeneration")
+
+
+_LONG: dict[str, Any] = dict(length=4096, context=CONTEXT, texts=LONG_TEXTS)
+_QWEN3_5: dict[str, Any] = dict(
+    _LONG,
+    bf16_kl=None,
+    # In a random DeltaNet hybrid the bf16 rounding of two implementations differs by about the model's own
+    # bf16 error (HF bf16 vs HF fp32 ~ 4e-3 mean KL here), so the bound is relative.
+    bf16_relative=1.25,
+    pack=CHUNK_PACK,
+    # Packed, a transcript's chunks start at other offsets, so float rounding differs: the bound is the
+    # float32 parity bound (this model's own float32 noise is ~3e-5); the state-reset test is the exact check.
+    packed_atol=1e-4,
+    record_hf64_noise=True,  # HF's torch fallback of the chunked delta rule is the reference
+    spec_check=_qwen3_5_spec,
+)
+_VL: dict[str, Any] = dict(_LONG, pack=LONG_PACK, spec_check=_vl_spec)
+
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        "llama-llama3-untied-gqa4",
+        "llama",
+        "llama",
+        dict(num_key_value_heads=1),
+        features=frozenset({XLA_BACKEND, ROPE_SCALING}),
+    ),
+    Family(
+        "llama-llama3-tied-gqa2",
+        "llama",
+        "llama",
+        dict(num_key_value_heads=2, tie_word_embeddings=True),
+        features=frozenset({XLA_BACKEND}),
+    ),
+    Family(
+        "qwen2-bias-mha-bf16shards",
+        "qwen2",
+        "qwen",
+        dict(num_key_value_heads=4, dtype="bfloat16", max_shard_size="300KB"),
+        features=frozenset({XLA_BACKEND}),
+    ),
+    Family(
+        "qwen3-headdim32-tied-gqa2",
+        "qwen3",
+        "qwen",
+        dict(num_key_value_heads=2, head_dim=32, tie_word_embeddings=True),
+        features=frozenset({XLA_BACKEND}),
+    ),
+    Family(
+        "olmo3-window64-mha",
+        "olmo3",
+        "qwen",
+        dict(num_key_value_heads=4, sliding_window=64),
+        features=frozenset({XLA_BACKEND, SLIDING_WINDOW}),
+    ),
+    Family(
+        "olmo3-yarn-window100-gqa2",
+        "olmo3",
+        "qwen",
+        dict(
+            num_key_value_heads=2,
+            sliding_window=100,
+            rope_scaling=dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=128),
+        ),
+        features=frozenset({XLA_BACKEND, SLIDING_WINDOW, ROPE_SCALING}),
+    ),
+    # Qwen3.5: the wrapper (Qwen3_5ForConditionalGeneration, a tiny vision tower and an mtp head saved with
+    # it, as hub checkpoints are) and the text-only Qwen3_5ForCausalLM.
+    Family(
+        "qwen3_5-wrapper-tied-mtp",
+        "qwen3_5",
+        "qwen",
+        dict(tie_word_embeddings=True),
+        features=frozenset({STATE_RESET, MTP_HEAD, OWN_TOKENIZER}),
+        **_QWEN3_5,
+    ),
+    Family(
+        "qwen3_5_text-causal-lm-untied-shards",
+        "qwen3_5_text",
+        "qwen",
+        dict(max_shard_size="200KB"),
+        features=frozenset({STATE_RESET, OWN_TOKENIZER}),
+        **_QWEN3_5,
+    ),
+    # Vision-language wrappers scored as their language model on text. Qwen2.5-VL in its hub layout
+    # (model.*, visual.*) and sharded; Qwen3-VL tied with 4 query heads per key/value head; Llama-3.2-Vision
+    # with cross-attention layers 1 and 3 of 5, in the transformers-5 module layout.
+    Family(
+        "qwen2_5_vl-hub-layout-shards",
+        "qwen2_5_vl",
+        "qwen",
+        dict(max_shard_size="400KB"),
+        features=frozenset({MROPE}),
+        **_VL,
+    ),
+    Family(
+        "qwen3_vl-tied-gqa4",
+        "qwen3_vl",
+        "qwen",
+        dict(tie_word_embeddings=True, num_key_value_heads=1),
+        features=frozenset({MROPE}),
+        **_VL,
+    ),
+    Family(
+        "mllama-cross-1-3-module-layout",
+        "mllama",
+        "llama",
+        dict(layout="module"),
+        features=frozenset({ROPE_SCALING}),
+        **_VL,
+    ),
+)
+BY_NAME = {row.name: row for row in FAMILIES}
+assert len(BY_NAME) == len(FAMILIES), "duplicate row names"
+
+
+def names(feature: str | None = None) -> list[str]:
+    """Row names (sorted), or those of rows exercising ``feature``."""
+    return sorted(row.name for row in FAMILIES if feature is None or feature in row.features)
+
+
+def hf_model(hf_dir: str, family: str, dtype: torch.dtype):
+    """HF's model of a tiny checkpoint in eval mode (eager attention): the wrapper class for VL families."""
+    cls = AutoModelForImageTextToText if family in VL_FAMILIES else AutoModelForCausalLM
+    return cls.from_pretrained(hf_dir, dtype=dtype, attn_implementation="eager").eval()
+
+
+@functools.cache
+def sample_texts(data_root: str, texts: Texts) -> list[str]:
+    return tiny_tokenizer.sample_texts(data_root, texts.studies, per_study=texts.per_study, max_chars=texts.max_chars)
+
+
+def build_case(row: Family, root: str, tokenizer_dir: str, data_root: str) -> Case:
+    """Converts ``row``'s tiny checkpoint (float32 and bfloat16) under ``root`` and runs HF on a transcript."""
+    kwargs = dict(row.kwargs)
+    if row.context is not None:
+        kwargs["max_position_embeddings"] = row.context
+    hf_dir = make_tiny_hf_checkpoint(row.family, os.path.join(root, "hf"), tokenizer_dir, **kwargs)
+    if MTP_HEAD in row.features:
+        add_mtp_head(hf_dir)
+    checkpoint.convert(hf_dir, os.path.join(root, "f32"), "float32")
+    checkpoint.convert(hf_dir, os.path.join(root, "bf16"), "bfloat16")
+    model32, spec = checkpoint.load_model(os.path.join(root, "f32"))
+    model16, _ = checkpoint.load_model(os.path.join(root, "bf16"))
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    t = row.length
+    long = [ids[:t] for ids in (tok(x).input_ids for x in sample_texts(data_root, row.texts)) if len(ids) >= t]
+    assert len(long) >= 2, "need two transcripts of at least T tokens"
+    tokens, other = (np.asarray(ids, np.int32) for ids in long[:2])
+
+    ids = torch.tensor(tokens[None], dtype=torch.long)
+    refs = {}
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.float64) if row.record_hf64_noise else (torch.float32,):
+            hf = hf_model(hf_dir, row.family, dtype)
+            logits = hf(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[0]
+            refs[dtype] = torch.log_softmax(logits.double(), -1).numpy()
+            del hf
+        hf16 = hf_model(hf_dir, row.family, torch.bfloat16)
+        hidden = hf16.model(input_ids=ids, use_cache=False).last_hidden_state[0].float()
+        ref16 = torch.log_softmax(hidden @ hf16.get_output_embeddings().weight.float().T, -1).numpy()
+    noise = None
+    if row.record_hf64_noise:
+        noise = float(
+            np.abs(token_log_probs(refs[torch.float32], tokens) - token_log_probs(refs[torch.float64], tokens)).max()
+        )
+    return Case(row, hf_dir, spec, model32, model16, tokens, other, refs[torch.float32], ref16, noise)
+
+
+# --- our log-probs ---------------------------------------------------------------------------------------
+
+
+def full_logits(model: Decoder, hidden: jax.Array) -> jax.Array:
+    """hidden [B, T, D] -> float32 logits [B, T, V] over the whole vocabulary (the plain path tests compare)."""
+    w = model.unembedding().astype(hidden.dtype)
+    out = jnp.einsum("btd,vd->btv", hidden, w, preferred_element_type=jnp.float32)
+    return axes.constrain(out, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_VOCAB))
+
+
+@nnx.jit
+def log_probs(model, tokens, positions, segment_ids):
+    """Full forward: log-softmax over the vocabulary [B, T, V]."""
+    return jax.nn.log_softmax(full_logits(model, model(tokens, positions, segment_ids)), axis=-1)
+
+
+def single_row(model, tokens: np.ndarray) -> np.ndarray:
+    """Log-probs [T, V] of one transcript alone in a row (positions 0.., one segment)."""
+    t = len(tokens)
+    return np.asarray(
+        log_probs(model, jnp.asarray(tokens[None]), jnp.arange(t, dtype=jnp.int32)[None], jnp.ones((1, t), jnp.int32))
+    )[0]
+
+
+def token_log_probs(lp: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """Log-prob of each next token from log-probs ``lp`` [T, V]: [T - 1]."""
+    return lp[np.arange(len(tokens) - 1), tokens[1:]]
+
+
+def packed(model, parts: list[np.ndarray], t: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Log-probs of ``parts`` (token arrays) packed in one row of length t (positions reset, segments 1..,
+    padding after): each part's slice, and the whole row."""
+    pad = t - sum(len(p) for p in parts)
+    tokens = np.concatenate([*parts, np.zeros(pad, np.int32)])
+    positions = np.concatenate([*(np.arange(len(p)) for p in parts), np.zeros(pad)]).astype(np.int32)
+    segments = np.concatenate([*(np.full(len(p), i + 1) for i, p in enumerate(parts)), np.zeros(pad)]).astype(np.int32)
+    out = np.asarray(log_probs(model, *(jnp.asarray(x[None]) for x in (tokens, positions, segments))))[0]
+    starts = np.cumsum([0, *(len(p) for p in parts)])
+    return [out[a:b] for a, b in zip(starts[:-1], starts[1:])], out
+
+
+def with_spec(model: Decoder, spec: modelspec.ModelSpec) -> Decoder:
+    """The same parameters under a modified spec."""
+    other = nnx.eval_shape(lambda: Decoder(spec, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    graphdef, _ = nnx.split(other)
+    return nnx.merge(graphdef, nnx.state(model))
+
+
+def mean_kl(p: np.ndarray, q: np.ndarray) -> float:
+    """Mean over positions of KL(p || q), both log-probs [T, V]."""
+    return float(np.sum(np.exp(p) * (p - q), axis=-1).mean())
+
+
+# --- a scoring job against HF ----------------------------------------------------------------------------
+
+# The bundled sample's studies of transcripts up to ~3K tokens (11 participants), so that the HF eager
+# reference can check every one of them quickly.
+SCORE_STUDIES = (
+    "alsobay2025publicGoodsGame",
+    "franke2024bayesian",
+    "guenther2024substitutions",
+    "thoma2025riskychoice",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreJobCase:
+    """A whole scoring job on a fresh tiny HF checkpoint of ``family`` (``seed``), checked against HF."""
+
+    family: str
+    tokenizer: str
+    seed: int
+    rtol: float
+    atol: float
+
+
+# The NLLs are sums over long responses, so the bound is relative (Qwen3.5's absolute floor is looser).
+SCORE_JOBS = (
+    ScoreJobCase("mllama", "llama", seed=0, rtol=1e-5, atol=1e-4),
+    ScoreJobCase("qwen3_5", "qwen", seed=5, rtol=1e-5, atol=1e-3),
+)
+
+
+def run_module(*args: str) -> subprocess.CompletedProcess:
+    """``python -m args...`` from the repository root, output captured."""
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=900)
+
+
+def run_score_job(hf_dir: str, data: str, out: str, protocol: str, cache_dir: str) -> subprocess.CompletedProcess:
+    """The one call that runs a scoring job (``launch.score``) for the checks below."""
+    return run_module(
+        "launch.score",
+        f"--config.model={hf_dir}",
+        f"--config.data={data}",
+        f"--config.out={out}",
+        f"--config.protocol={protocol}",
+        f"--config.cache_dir={cache_dir}",
+        "--config.tokens_per_batch=16384",
+    )
+
+
+def check_score_job_against_hf(hf_dir, hf, tmp_path, wrapper: str, *, rtol: float, atol: float) -> None:
+    """launch.score on ``hf_dir`` (SCORE_STUDIES, 11 participants) under both protocols: every response NLL
+    equals ``hf``'s reference computation (the ``0_analyses/eval.py`` loop, docs/reference-protocol.md), and
+    the manifest records the ``wrapper``."""
+    tok = spans.TokenizerInfo(hf_dir)
+    data = ",".join(os.path.join(defaults.SAMPLE_DATA, study) for study in SCORE_STUDIES)
+    for protocol in ("reference", "robust"):
+        out = tmp_path / f"res_{protocol}"
+        proc = run_score_job(hf_dir, data, str(out), protocol, str(tmp_path / "cache"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "11 scored, 0 unscored, 0 rejected" in proc.stdout, proc.stdout[-2000:]
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["model"]["spec"]["wrapper"] == wrapper
+        with open(os.path.join(hf_dir, "config.json")) as fh:
+            assert manifest["model"]["provenance"]["architectures"] == json.load(fh)["architectures"]
+        exported = run_module("launch.export", f"--results={out}", f"--out={tmp_path / f'{protocol}.jsonl'}")
+        assert exported.returncode == 0, exported.stderr[-3000:]
+        rows = {
+            (r["study"], r["experiment"], r["participant"]): r
+            for r in map(json.loads, (tmp_path / f"{protocol}.jsonl").read_text().splitlines())
+        }
+        assert len(rows) == 11 and all(r["status"] == "scored" for r in rows.values())
+        budget = CONTEXT - 512 if protocol == "robust" else None
+        items = spans.tokenize_records(
+            records.iter_records(data, strict_markers=protocol == "robust"),
+            tok,
+            spans.Protocol(protocol, "none", token_budget=budget),
+        )
+        compared = 0
+        for ps in items:
+            assert isinstance(ps, ParticipantSpans), ps
+            expected = torch_reference.reference_response_nll(hf, ps.token_ids, ps.response_index)
+            ours = np.asarray([x for x in rows[ps.key]["nll"] if x is not None], np.float64)
+            np.testing.assert_allclose(ours, expected, rtol=rtol, atol=atol, err_msg=str(ps.key))
+            compared += 1
+        assert compared == 11, compared

@@ -1,0 +1,213 @@
+"""Parity with HF PyTorch (eager attention) on real Psych-201 transcripts, one row per family/config.
+
+The rows are ``psych201_jax.testing.parity.FAMILIES``: each builds a tiny random HF checkpoint with
+non-trivial weight scale, converts it with the converter (float32 and bfloat16), restores it and compares
+per-token log-probs of a real transcript: float32 parity, bfloat16 KL, packed rows against each transcript
+alone. Rows opt into the checks of a special feature (``parity.XLA_BACKEND``, ``SLIDING_WINDOW``,
+``ROPE_SCALING``, ``MROPE``, ``STATE_RESET``, ``OWN_TOKENIZER``). Also: a whole scoring job against HF's
+reference computation (``parity.SCORE_JOBS``). Run with -s to see the measured numbers at the end.
+"""
+
+import dataclasses
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from psych201_jax.data import spans
+from psych201_jax.model import checkpoint
+from psych201_jax.model import spec as modelspec
+from psych201_jax.testing import parity
+from psych201_jax.testing.parity import single_row, token_log_probs
+from psych201_jax.testing.tiny_models import make_tiny_hf_checkpoint
+
+PARITY: dict[str, dict[str, float]] = {}  # row name -> measured errors (printed at the end of the module)
+
+
+@pytest.fixture(scope="module", params=parity.names())
+def case(request, tmp_path_factory, data_root, qwen_tokenizer_dir, llama_tokenizer_dir):
+    row = parity.BY_NAME[request.param]
+    tok_dir = llama_tokenizer_dir if row.tokenizer == "llama" else qwen_tokenizer_dir
+    return parity.build_case(row, str(tmp_path_factory.mktemp(row.name)), tok_dir, data_root)
+
+
+def _record(case, **values):
+    PARITY.setdefault(case.name, {}).update(values)
+
+
+def test_spec_round_trips_and_records_its_source(case):
+    spec = case.spec
+    assert modelspec.ModelSpec.from_json(spec.to_json()) == spec
+    assert case.provenance["source_model_type"] == case.row.family
+    if case.row.spec_check is not None:
+        case.row.spec_check(case)
+
+
+def test_float32_per_token_log_probs_match_hf(case):
+    """Against HF's float32 forward (VL rows, text only: the three M-RoPE streams are equal, so 1-D RoPE must
+    reproduce HF); rows with ``record_hf64_noise`` record HF's own float32 error against float64 alongside."""
+    ref = token_log_probs(case.ref32, case.tokens)
+    ours = token_log_probs(single_row(case.model32, case.tokens), case.tokens)
+    assert ref.std() > 1.0, "reference predictions are near-uniform; the test could not fail"
+    err = float(np.abs(ours - ref).max())
+    _record(case, **{"float32 max |dlogp|": err})
+    if case.hf32_vs_hf64 is not None:
+        _record(case, **{"HF float32 vs float64": case.hf32_vs_hf64})
+    assert err <= case.row.float32_atol, err
+
+
+def test_bfloat16_against_hf(case):
+    """Rows with ``bf16_kl``: mean KL(HF bf16 || ours bf16) within it. Rows with ``bf16_relative`` (a random
+    DeltaNet hybrid, whose bf16 rounding differs between implementations by about its own bf16 error): our
+    bf16 forward at most that many times as far (mean KL) from HF's float32 one as HF's own bf16 forward."""
+    ours = single_row(case.model16, case.tokens)
+    kl_direct = parity.mean_kl(case.ref16, ours)
+    _record(case, **{"bf16 KL(HF bf16 || ours bf16)": kl_direct})
+    if case.row.bf16_kl is not None:
+        assert kl_direct <= case.row.bf16_kl, kl_direct
+    if case.row.bf16_relative is not None:
+        ours_to_fp32, hf_to_fp32 = parity.mean_kl(case.ref32, ours), parity.mean_kl(case.ref32, case.ref16)
+        _record(case, **{"bf16 KL(HF fp32 || ours bf16)": ours_to_fp32, "bf16 KL(HF fp32 || HF bf16)": hf_to_fp32})
+        assert hf_to_fp32 > 1e-5, "HF's bf16 forward equals its fp32 one; the comparison could not fail"
+        assert ours_to_fp32 <= case.row.bf16_relative * hf_to_fp32, (ours_to_fp32, hf_to_fp32)
+
+
+def test_packed_row_matches_each_transcript_alone(case):
+    """Transcripts packed in one row (positions reset, padding after) score as when run alone (the Qwen3.5
+    rows: boundaries inside delta-rule chunks)."""
+    sources = (case.tokens, case.other_tokens)
+    parts = [sources[i][a:b] for i, a, b in case.row.pack]
+    slices, full = parity.packed(case.model32, parts, case.row.length)
+    err = max(
+        float(np.abs(token_log_probs(lp, p) - token_log_probs(single_row(case.model32, p), p)).max())
+        for lp, p in zip(slices, parts)
+    )
+    _record(case, **{"packed vs alone max |dlogp|": err})
+    assert err <= case.row.packed_atol, err
+    assert np.isfinite(full).all()
+
+
+# --- checks of one feature ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", parity.names(parity.XLA_BACKEND), indirect=True)
+def test_float32_xla_attention_matches_hf_too(case):
+    """Models load with attention "auto", the native kernel on a CPU; the plain "xla" path matches HF as well."""
+    model = case.model32
+    assert model.attention_backend == "auto"
+    model.attention_backend = "xla"
+    try:
+        ours = token_log_probs(single_row(model, case.tokens), case.tokens)
+    finally:
+        model.attention_backend = "auto"
+    assert np.abs(ours - token_log_probs(case.ref32, case.tokens)).max() <= case.row.float32_atol
+
+
+def _max_error_with(case, spec):
+    ref = token_log_probs(case.ref32, case.tokens)
+    ours = token_log_probs(single_row(parity.with_spec(case.model32, spec), case.tokens), case.tokens)
+    return np.abs(ours - ref).max()
+
+
+@pytest.mark.parametrize("case", parity.names(parity.SLIDING_WINDOW), indirect=True)
+def test_parity_check_detects_window_off_by_one(case):
+    """The float32 bound is tight enough to catch a sliding window one token too wide."""
+    bad = dataclasses.replace(case.spec, sliding_window=case.spec.sliding_window + 1)
+    assert _max_error_with(case, bad) > 1e-3
+
+
+@pytest.mark.parametrize("case", parity.names(parity.ROPE_SCALING), indirect=True)
+def test_parity_check_detects_missing_rope_scaling(case):
+    """... and RoPE without its llama3 / YaRN scaling (positions run past original_max_position_embeddings)."""
+    bad = dataclasses.replace(
+        case.spec, rope=tuple((t, dataclasses.replace(r, rope_type="default")) for t, r in case.spec.rope)
+    )
+    assert _max_error_with(case, bad) > 1e-3
+
+
+@pytest.mark.parametrize("case", parity.names(parity.MROPE), indirect=True)
+def test_mrope_equals_1d_rope_only_for_equal_streams(case):
+    """HF with explicit 3-D positions: equal streams reproduce our 1-D RoPE; unequal ones do not (so the
+    agreement above is M-RoPE's text-only reduction, and the comparison does see the position streams)."""
+    n = 1024
+    ids = torch.tensor(case.tokens[None, :n], dtype=torch.long)
+    ours = token_log_probs(single_row(case.model32, case.tokens[:n]), case.tokens[:n])
+    t = torch.arange(n)
+    pos = t[None, None].expand(3, 1, n)
+    # Streams that differ by more than a constant (a constant offset per stream cancels in RoPE).
+    shifted = torch.stack([t, t // 2, t // 4])[:, None]
+    with torch.no_grad():
+        hf = parity.hf_model(case.hf_dir, case.row.family, torch.float32)
+        equal, unequal = (
+            token_log_probs(
+                torch.log_softmax(hf(input_ids=ids, position_ids=p, use_cache=False).logits[0].float(), -1).numpy(),
+                case.tokens[:n],
+            )
+            for p in (pos, shifted)
+        )
+    assert np.abs(ours - equal).max() <= 1e-4
+    assert np.abs(ours - unequal).max() > 1e-3
+
+
+@pytest.mark.parametrize("case", parity.names(parity.STATE_RESET), indirect=True)
+def test_no_state_leaks_between_packed_participants(case):
+    """Changing the first participant's tokens leaves the second's log-probs unchanged (state reset and
+    conv masking at the boundary); the same row scored as one segment does change them."""
+    t = case.row.length
+    a, b = case.tokens[:1001], case.other_tokens[:1500]
+    changed = np.roll(a, 7)
+    (_, lp_b), _ = parity.packed(case.model32, [a, b], t)
+    (_, lp_b2), _ = parity.packed(case.model32, [changed, b], t)
+    assert float(np.abs(lp_b - lp_b2).max()) <= 1e-6
+
+    def one_segment(first):
+        tokens = np.concatenate([first, b, np.zeros(t - len(a) - len(b), np.int32)])
+        positions = np.concatenate([np.arange(len(a)), np.arange(len(b)), np.zeros(t - len(a) - len(b))])
+        lp = parity.log_probs(
+            case.model32,
+            jnp.asarray(tokens[None]),
+            jnp.asarray(positions[None], jnp.int32),
+            jnp.ones((1, t), jnp.int32),
+        )
+        return np.asarray(lp)[0, len(a) : len(a) + len(b)]
+
+    assert float(np.abs(one_segment(a) - one_segment(changed)).max()) > 1e-3
+
+
+@pytest.mark.parametrize("case", parity.names(parity.OWN_TOKENIZER), indirect=True)
+def test_converted_tokenizer_splits_text_as_the_checkpoints_own(case, data_root):
+    """transformers 5 loads Qwen3.5 tokenizers as Qwen3_5Tokenizer (NFC, its own pre-tokenizer), chosen by the
+    config's model_type: the converted tokenizer folder must resolve to the same class and the same ids."""
+    ours = spans.TokenizerInfo(os.path.join(os.path.dirname(case.hf_dir), "f32", checkpoint.TOKENIZER)).hf
+    theirs = AutoTokenizer.from_pretrained(case.hf_dir)
+    assert type(ours).__name__ == type(theirs).__name__
+    if case.row.family == "qwen3_5":  # (a qwen3_5_text config maps to no tokenizer class of its own)
+        # transformers 5.24 picks Qwen3_5Tokenizer; 5.17 (the accelerator box's) the generic backend.
+        assert type(theirs).__name__ in ("Qwen3_5Tokenizer", "TokenizersBackend")
+    texts = parity.sample_texts(data_root, case.row.texts)
+    text = texts[0][:20000] + " 12345 caf\u0065\u0301"  # multi-digit numbers and a non-NFC character
+    assert ours(text).input_ids == theirs(text).input_ids
+
+
+# --- a whole scoring job ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("job", parity.SCORE_JOBS, ids=lambda j: j.family)
+def test_score_job_reference_and_robust_agree_with_hf(job, tmp_path, qwen_tokenizer_dir, llama_tokenizer_dir):
+    """launch.score on an HF wrapper dir (converted into the cache) under both protocols; each participant's
+    response NLLs equal the HF wrapper's reference computation (the ``0_analyses/eval.py`` loop)."""
+    tok_dir = llama_tokenizer_dir if job.tokenizer == "llama" else qwen_tokenizer_dir
+    hf_dir = make_tiny_hf_checkpoint(
+        job.family, str(tmp_path / "hf"), tok_dir, max_position_embeddings=parity.CONTEXT, seed=job.seed
+    )
+    hf = parity.hf_model(hf_dir, job.family, torch.float32)
+    parity.check_score_job_against_hf(hf_dir, hf, tmp_path, job.family, rtol=job.rtol, atol=job.atol)
+
+
+def test_report_parity():
+    """Prints the measured parity numbers of this module (run with -s to see them)."""
+    for name in sorted(PARITY):
+        print(name, {k: f"{v:.2e}" for k, v in PARITY[name].items()})
