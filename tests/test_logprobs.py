@@ -164,24 +164,20 @@ def test_score_head_on_one_device_equals_the_plain_oracle(vocab, chunk):
     slot = jnp.asarray(np.random.default_rng(3).integers(0, 10, len(index)), jnp.int32)
     option_ids = jnp.asarray(np.sort(np.random.default_rng(4).choice(vocab, 32, replace=False)), jnp.int32)
     option_mask = jnp.asarray(np.random.default_rng(5).random((len(index), 32)) < 0.5)
-    sums, top, option_top = score_head(
-        hidden.reshape(-1, hidden.shape[-1])[index],
-        unembedding,
-        target,
-        valid,
-        slot,
-        option_ids,
-        option_mask,
-        vocab_axes=(),
-        axis_sizes={},
-        vocab_chunk=chunk,
-    )
+    h = hidden.reshape(-1, hidden.shape[-1])[index]
+    kwargs = dict(vocab_axes=(), axis_sizes={}, vocab_chunk=chunk)
+    out = score_head(h, unembedding, target, valid, slot, option_ids, option_mask, **kwargs)
+    assert out.nll_t is None and out.entropy is None and out.option_mass is None  # no temperatures
     nll, argmax = masked_logprobs(hidden, unembedding, index, target, valid, vocab_chunk=chunk)
-    np.testing.assert_allclose(sums, response_sums(nll, slot, valid, len(index)), rtol=0, atol=1e-5)
-    np.testing.assert_array_equal(top, argmax)
+    np.testing.assert_allclose(out.nll, response_sums(nll, slot, valid, len(index)), rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(out.argmax, argmax)
     np.testing.assert_array_equal(
-        option_top, masked_option_argmax(hidden, unembedding, index, valid, option_ids, option_mask)
+        out.option_argmax, masked_option_argmax(hidden, unembedding, index, valid, option_ids, option_mask)
     )
+    plain = score_head(h, unembedding, target, valid, slot, **kwargs)  # without option inputs
+    assert plain.option_argmax is None and plain.slot_sums().keys() == {"nll"}
+    np.testing.assert_array_equal(plain.nll, out.nll)
+    np.testing.assert_array_equal(plain.argmax, out.argmax)
 
 
 def _brute_force_calibration(hidden, unembedding, index, target, temperatures, option_ids, option_mask):
@@ -224,7 +220,9 @@ def test_temperature_grid_entropy_and_option_mass_equal_brute_force(vocab, chunk
         vocab_chunk=chunk,
         temperatures=DEFAULT_TEMPERATURES,
     )
-    sums, _, _, nll_t, entropy, mass = (np.asarray(x) for x in out)
+    sums, nll_t, entropy, mass = (np.asarray(x) for x in (out.nll, out.nll_t, out.entropy, out.option_mass))
+    assert out.slot_sums().keys() == {"nll", "nll_t", "entropy", "option_mass"}
+    assert out.entry_values().keys() == {"argmax", "option_argmax"}
     ref_t, ref_entropy, ref_mass = _brute_force_calibration(
         hidden, unembedding, index, target, DEFAULT_TEMPERATURES, option_ids, option_mask
     )

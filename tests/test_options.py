@@ -30,6 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDIES = ("thoma2025riskychoice", "busch2024_stroop")  # single letters; left/right/down
 ROW_LENGTHS = (2048, 4096, 8192)
 TOKENS_PER_BATCH = 8192
+GRID = (0.5, 1.0, 2.0)  # the fixture's temperature grid
 
 
 def _spans(study, name, tokens, responses):
@@ -87,12 +88,13 @@ def test_option_max_ties_vocabulary_shards_and_no_options():
 def test_plan_steps_take_the_largest_option_capacity():
     tables = [np.array([[2, 4096, 256, 32], [2, 4096, 512, 64]]), np.array([[2, 4096, 256, 128]])]
     steps = stream.plan_steps(tables, (0, 1), 0, 2)
-    assert [(s.capacity, s.options, s.slots) for s in steps] == [(512, 128, (1, 0))]
+    assert [(s.capacity, s.option_capacity, s.slots) for s in steps] == [(512, 128, (1, 0))]
 
 
 @pytest.fixture(scope="module")
 def scored(data_root, tmp_path_factory):
-    """Two participants of each study (packed together) scored with options, and the JAX model."""
+    """Two participants of each study (packed together) scored with options and a temperature grid, and
+    the JAX model."""
     root = tmp_path_factory.mktemp("options_model")
     hf_dir = tiny_models.make_tiny_hf_checkpoint(
         "qwen3", str(root / "hf"), defaults.DEFAULT_TOKENIZER, max_position_embeddings=max(ROW_LENGTHS)
@@ -106,15 +108,47 @@ def scored(data_root, tmp_path_factory):
     assert all(len(options[s]) >= 2 for s in STUDIES), options
     batches = packing.pack(items, ROW_LENGTHS, tokens_per_batch=TOKENS_PER_BATCH)
     assert any({k[0] for k, _ in b.slot_keys} == set(STUDIES) for b in batches), "studies must share a batch"
-    sc = scorer.Scorer(model, vocab_chunk=1000, options=options)
+    sc = scorer.Scorer(model, vocab_chunk=1000, options=options, temperatures=GRID)
     out = list(stream.score_spans(items, sc, row_lengths=ROW_LENGTHS, tokens_per_batch=TOKENS_PER_BATCH))
     return model, items, options, {r.key: r for r in out}, batches
 
 
+def _per_response(values, responses, n_responses):
+    """Sums of per-token ``values`` [S, ...] per response [R, ...] (float64), NaN where a response has none."""
+    sums = np.zeros((n_responses, *values.shape[1:]))
+    np.add.at(sums, responses, values)
+    sums[np.bincount(responses, minlength=n_responses) == 0] = np.nan
+    return sums
+
+
+def _check_calibration(r, logits, targets, responses, n_responses, study_options):
+    """The result's nll_t, entropy and option_mass against the full float64 logits [S, V] of its tokens."""
+
+    def log_softmax(z):
+        return z - (np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1))[:, None]
+
+    logp, tokens = log_softmax(logits), np.arange(len(targets))
+    per_token = {
+        "nll_t": np.stack([-log_softmax(logits / t)[tokens, targets] for t in GRID], axis=1),
+        "entropy": -(np.exp(logp) * logp).sum(-1),
+        "option_mass": np.exp(logp[:, study_options]).sum(-1),
+    }
+    np.testing.assert_array_equal(r.nll_t[:, GRID.index(1.0)], r.nll)  # T = 1 is the NLL itself
+    for name, values in per_token.items():
+        expected = _per_response(values, responses, n_responses)
+        np.testing.assert_allclose(getattr(r, name), expected, rtol=1e-4, atol=1e-3, err_msg=name)
+
+
 def test_option_argmax_is_the_argmax_of_full_logits_over_the_study_options(scored):
+    """And the result's calibration statistics are those of the full logits, response by response."""
     model, items, options, got, _ = scored
+
     # The plain full-vocabulary path on one participant at a time (end-padded to one shape): [1, L, V].
-    full_logits = nnx.jit(lambda m, tokens, positions, segment_ids: m.logits(m(tokens, positions, segment_ids)))
+    def logits_of(m, tokens, positions, segment_ids):
+        hidden = m(tokens, positions, segment_ids)
+        return jnp.einsum("btd,vd->btv", hidden, m.unembedding(), preferred_element_type=jnp.float32)
+
+    full_logits = nnx.jit(logits_of)
     length = max(ROW_LENGTHS)
     n_compared = n_tokens = 0
     for p in items:
@@ -134,6 +168,10 @@ def test_option_argmax_is_the_argmax_of_full_logits_over_the_study_options(score
         np.testing.assert_allclose(chosen, restricted.max(axis=1), rtol=0, atol=1e-4)
         n_compared += int(clear.sum())
         n_tokens += len(positions)
+        all_logits = logits[positions - 1].astype(np.float64)
+        _check_calibration(
+            r, all_logits, p.token_ids[positions], p.response_index[positions], p.n_responses, options[p.study]
+        )
     assert n_tokens > 150 and n_compared > 0.9 * n_tokens
 
 

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from psych201_jax.scoring import packing
+from psych201_jax.scoring.head import HeadOutputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,37 +143,63 @@ def test_deterministic_and_order_invariant(participants, rnd):
                     assert x == y
 
 
-def fake_outputs(batch):
-    """A stand-in model: entry NLL = previous token id + target / 4, argmax = previous token id."""
+def fake_outputs(batch, full=False):
+    """A stand-in head: entry NLL = previous token id + target / 4, argmax = previous token id; ``full``
+    adds the optional outputs, each a distinct function of the same entries: option_argmax = target,
+    nll_t = NLL x (1, 2), entropy = 3 NLL, option_mass = 1 per entry."""
     previous = batch.tokens.reshape(-1)[batch.score_index].astype(np.float64)
-    nll = np.where(batch.score_valid, previous + batch.score_target / 4, 0.0)
-    sums = np.zeros(batch.capacity)
-    np.add.at(sums, batch.score_slot, nll)
-    return sums, np.where(batch.score_valid, previous, -1).astype(np.int32)
+    valid = batch.score_valid
+    nll = np.where(valid, previous + batch.score_target / 4, 0.0)
+
+    def slot_sums(x):
+        sums = np.zeros((batch.capacity, *x.shape[1:]))
+        np.add.at(sums, batch.score_slot, x)
+        return sums
+
+    argmax = np.where(valid, previous, -1).astype(np.int32)
+    if not full:
+        return HeadOutputs(nll=slot_sums(nll), argmax=argmax)
+    return HeadOutputs(
+        nll=slot_sums(nll),
+        argmax=argmax,
+        option_argmax=np.where(valid, batch.score_target, -1).astype(np.int32),
+        nll_t=slot_sums(nll[:, None] * np.array([1.0, 2.0])),
+        entropy=slot_sums(3 * nll),
+        option_mass=slot_sums(valid.astype(np.float64)),
+    )
 
 
 @settings(max_examples=30, deadline=None)
-@given(participant_sets(), st.sampled_from([None, 3, 16]))
-def test_unpack_matches_per_participant_computation(participants, capacity):
+@given(participant_sets(), st.sampled_from([None, 3, 16]), st.booleans())
+def test_unpack_matches_per_participant_computation(participants, capacity, full):
     batches = packing.pack(participants, (64, 256), tokens_per_batch=512, capacity=capacity, min_capacity=8)
-    sums, argmax = zip(*(fake_outputs(b) for b in batches))
-    results = packing.unpack(batches, sums, argmax)
+    results = packing.unpack(batches, [fake_outputs(b, full) for b in batches])
     assert sorted(results) == sorted(p.key for p in participants)
     for p in participants:
         nll = np.zeros(p.n_responses)
         count = np.zeros(p.n_responses, int)
         top = np.full(len(p.token_ids), -1)
+        target = np.full(len(p.token_ids), -1)
         for t in range(1, len(p.token_ids)):
             r = p.response_index[t]
             if r >= 0:
                 nll[r] += p.token_ids[t - 1] + p.token_ids[t] / 4
                 count[r] += 1
                 top[t] = p.token_ids[t - 1]
+                target[t] = p.token_ids[t]
         nll[count == 0] = np.nan
         got = results[p.key]
         np.testing.assert_allclose(got.nll, nll, rtol=1e-12)
         np.testing.assert_array_equal(got.n_scored, count)
         np.testing.assert_array_equal(got.argmax, top)
+        if not full:
+            assert got.option_argmax is None and got.nll_t is None and got.entropy is None and got.option_mass is None
+            continue
+        assert got.option_argmax.dtype == np.int32 and got.nll_t.dtype == np.float64
+        np.testing.assert_array_equal(got.option_argmax, target)
+        np.testing.assert_allclose(got.nll_t, nll[:, None] * np.array([1.0, 2.0]), rtol=1e-12)
+        np.testing.assert_allclose(got.entropy, 3 * nll, rtol=1e-12)
+        np.testing.assert_array_equal(got.option_mass, np.where(count == 0, np.nan, count))
 
 
 def test_overflow_passes_rerun_rows_and_keep_every_entry():

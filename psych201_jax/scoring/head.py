@@ -1,9 +1,11 @@
 """The masked log-prob head: per-response NLL sums, per-token argmax and option argmax at scored positions,
-and the calibration statistics (NLL under a temperature grid, entropy, option mass) in the same pass.
+and the calibration statistics (NLL under a temperature grid, entropy, option mass) in the same pass,
+returned by name as one ``HeadOutputs``.
 
 It sees only the C scored hidden states (the last layer ran only there, see ``scorer``), and visits the
 vocabulary in chunks with an online float32 logsumexp, so at most [C, vocab_chunk] logits exist at a
-time; the full [B * L, V] (or [C, V]) logits are never built. Response options need only [K, D] rows of the unembedding.
+time; the full [B * L, V] (or [C, V]) logits are never built. The option ids (the union of the batch's
+study option sets, see ``options.option_plan``) need only [K, D] rows of the unembedding.
 
 ``score_head`` is the one head of every layout: it runs per row shard under ``shard_map`` (a single
 device is a 1 x 1 x 1 mesh) on that shard's hidden states and plan, over the device's slice of the
@@ -16,6 +18,7 @@ log Z - E_p[l], from the running sum of exp(l_v - m) * l_v.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import typing
 
@@ -25,6 +28,56 @@ from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
 ARGMAX_BLOCK = 128  # columns per block of the two-level argmax (a TPU lane width)
+
+A = typing.TypeVar("A")  # jax.Array on the device, np.ndarray once copied to the host
+
+PER_SLOT = "slot"  # an output summed per response slot [C, ...] (``segment_sum`` over ``score_slot``)
+PER_ENTRY = "entry"  # an output per plan entry [C] (-1 for padding entries)
+
+
+def _output(per: str, *, optional: bool = True) -> typing.Any:
+    """A ``HeadOutputs`` field, ``PER_SLOT`` or ``PER_ENTRY``; an optional one defaults to None."""
+    metadata = {"per": per}
+    return dataclasses.field(default=None, metadata=metadata) if optional else dataclasses.field(metadata=metadata)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HeadOutputs(typing.Generic[A]):
+    """The head's outputs for one plan (capacity C), by name; an output the head does not compute is None.
+
+    nll           float32 [C]      slot sums of the NLL (per response slot, see ``PackedBatch.score_slot``).
+    argmax        int32 [C]        per entry: the top token (lowest id on ties; -1 for padding entries).
+    option_argmax int32 [C] | None per entry: the top token among the entry's option ids (-1: none; with
+                                   option inputs).
+    nll_t         float32 [C, nT] | None  slot sums of the NLL under softmax(logits / T) per temperature T.
+    entropy       float32 [C] | None      slot sums of the T = 1 entropy (with temperatures).
+    option_mass   float32 [C] | None      slot sums of the T = 1 probability of the entry's option ids (with
+                                          option inputs and temperatures).
+
+    A JAX pytree (None fields have no leaves), so jitted and ``shard_map`` programs return it whole; the
+    same class holds the host copies (``HeadOutputs[np.ndarray]``). ``packing.unpack`` turns a batch's
+    outputs into per-participant arrays of the same names.
+    """
+
+    nll: A = _output(PER_SLOT, optional=False)
+    argmax: A = _output(PER_ENTRY, optional=False)
+    option_argmax: A | None = _output(PER_ENTRY)
+    nll_t: A | None = _output(PER_SLOT)
+    entropy: A | None = _output(PER_SLOT)
+    option_mass: A | None = _output(PER_SLOT)
+
+    def slot_sums(self) -> dict[str, A]:
+        """name -> value of the computed (not None) outputs that are slot sums."""
+        return self._computed(PER_SLOT)
+
+    def entry_values(self) -> dict[str, A]:
+        """name -> value of the computed (not None) outputs that are per plan entry."""
+        return self._computed(PER_ENTRY)
+
+    def _computed(self, per: str) -> dict[str, A]:
+        fields = (f.name for f in dataclasses.fields(self) if f.metadata["per"] == per)
+        return {name: value for name in fields if (value := getattr(self, name)) is not None}
 
 
 def default_vocab_chunk(platform: str) -> int:
@@ -40,7 +93,8 @@ def default_vocab_chunk(platform: str) -> int:
 class VocabStats(typing.NamedTuple):
     """Online softmax statistics of one entry set over (a shard of) the vocabulary, all float32 [C] unless
     noted: running max, sum of exp(l - max), int32 argmax (lowest index), target logit (0 if absent), the
-    sum of exp((l - max) / T) per temperature [C, nT], and the sum of exp(l - max) * l (entropy)."""
+    sum of exp((l - max) / T) per temperature [C, nT], and the sum of exp(l - max) * l (entropy). Read its
+    fields by name."""
 
     max: Array
     sum: Array
@@ -144,11 +198,12 @@ def option_logits(
     option_mask: Bool[Array, "c k"],
     offset: Int[Array, ""] | int = 0,
 ) -> Float[Array, "c k"]:
-    """float32 [C, K] logits of each entry's options that this unembedding holds (-inf elsewhere).
+    """float32 [C, K] logits of the option ids, -inf where an id is not one of the entry's options or not
+    in this unembedding.
 
     unembedding [V, D] holds vocabulary ids offset .. offset + V - 1 (a vocabulary shard, or all of it);
-    option_ids int32 [K], ascending over the ids any entry may choose; option_mask bool [C, K]: the
-    options of each entry. Builds [K, D] and [C, K] only.
+    option_ids int32 [K], ascending over the ids any entry may choose; option_mask bool [C, K]: which of
+    them are the entry's options (its study's option set). Builds [K, D] and [C, K] only.
     """
     v = unembedding.shape[0]
     local = option_ids - offset
@@ -174,23 +229,25 @@ def score_head(
     score_target: Int[Array, " c"],
     score_valid: Bool[Array, " c"],
     score_slot: Int[Array, " c"],
-    *options: Array,
+    option_ids: Int[Array, " k"] | None = None,
+    option_mask: Bool[Array, "c k"] | None = None,
+    *,
     vocab_axes: tuple[str, ...],
     axis_sizes: dict[str, int],
     vocab_chunk: int,
     temperatures: tuple[float, ...] = (),
-) -> tuple[Array, ...]:
+) -> HeadOutputs[Array]:
     """Per-device body of the head on one row shard's hidden states at its plan entries (h [C, D]) and plan.
 
-    Returns, per plan entry or summed per response slot (``segment_sum`` over ``score_slot``):
-      sums float32 [C] (slot sums of the NLL), argmax int32 [C] (-1 for padding entries);
-      with ``options`` = (option_ids [K], option_mask [C, K]): the option argmax int32 [C];
-      with ``temperatures``: slot sums of the NLL at each T float32 [C, nT], of the T = 1 entropy [C] and,
-      with options, of the probability mass on the entry's options [C].
+    Returns the ``HeadOutputs``: always ``nll`` and ``argmax``; with the option inputs (``option_ids`` [K]
+    and ``option_mask`` [C, K], see ``options.option_plan``) ``option_argmax``; with ``temperatures``
+    ``nll_t`` and ``entropy``, and with both ``option_mass``.
     ``unembedding`` is this device's slice of the vocabulary; statistics are combined across
     ``vocab_axes`` (max, rescaled sums, target logit, lowest maximal index; the option argmax by pmax of
     the logit, pmin of the id; option mass by psum).
     """
+    if (option_ids is None) != (option_mask is None):
+        raise ValueError("option_ids and option_mask come together")
     v = unembedding.shape[0]
     offset: Array | int = 0
     for axis in vocab_axes:
@@ -198,7 +255,8 @@ def score_head(
     offset = offset * v
     target = score_target - offset
     stats = vocab_scan(h, unembedding, target, vocab_chunk, temperatures)
-    run_max, run_sum, run_arg, target_logit, sum_t, weighted = stats
+    run_max, run_sum, run_arg, target_logit = stats.max, stats.sum, stats.arg, stats.target_logit
+    sum_t, weighted = stats.sum_t, stats.weighted
     c = h.shape[0]
     if vocab_axes:
         global_max = lax.pmax(run_max, vocab_axes)
@@ -219,11 +277,11 @@ def score_head(
             jnp.where(score_valid.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0.0), score_slot, num_segments=c
         )
 
-    nll = lse - target_logit
-    outputs = [slot_sums(nll), jnp.where(score_valid, run_arg, -1).astype(jnp.int32)]
+    nll = slot_sums(lse - target_logit)
+    argmax = jnp.where(score_valid, run_arg, -1).astype(jnp.int32)
+    option_argmax = nll_t = entropy = option_mass = None
     logits = None
-    if options:
-        option_ids, option_mask = options
+    if option_ids is not None and option_mask is not None:
         logits = option_logits(h, unembedding, option_ids, option_mask, offset=offset)
         best, best_id = option_max(logits, option_ids)
         if vocab_axes:
@@ -231,15 +289,16 @@ def score_head(
             mine = jnp.where((best_id >= 0) & (best == lax.pmax(best, vocab_axes)), best_id, none)
             best_id = lax.pmin(mine, vocab_axes)
             best_id = jnp.where(best_id == none, -1, best_id)
-        outputs.append(jnp.where(score_valid, best_id, -1))
+        option_argmax = jnp.where(score_valid, best_id, -1)
     if temperatures:
         t = jnp.asarray(temperatures, jnp.float32)
-        nll_t = run_max[:, None] / t + jnp.log(sum_t) - target_logit[:, None] / t
-        entropy = lse - weighted / run_sum
-        outputs += [slot_sums(nll_t), slot_sums(entropy)]
+        nll_t = slot_sums(run_max[:, None] / t + jnp.log(sum_t) - target_logit[:, None] / t)
+        entropy = slot_sums(lse - weighted / run_sum)
         if logits is not None:
             mass = jnp.exp(logits - lse[:, None]).sum(axis=1)
             if vocab_axes:
                 mass = lax.psum(mass, vocab_axes)
-            outputs.append(slot_sums(mass))
-    return tuple(outputs)
+            option_mass = slot_sums(mass)
+    return HeadOutputs(
+        nll=nll, argmax=argmax, option_argmax=option_argmax, nll_t=nll_t, entropy=entropy, option_mass=option_mass
+    )

@@ -1,9 +1,12 @@
-"""Response options per study, and each batch's option plan for the head.
+"""Study option sets, and each batch's option inputs for the head.
 
-A study's options are the distinct token ids of its single-token responses (``collect_options``). The
-head then also reports, per scored token, the argmax over the options of the participant's study; a batch
-carries the union of its studies' options (``option_plan``: ids [K], K a power of two >= 32, and a
-[C, K] mask of which are options of each plan entry's study).
+A study's option set is the distinct token ids of its single-token responses (``collect_options``; all
+studies' sets: ``StudyOptions``). With them the head also reports, per scored token, the option argmax
+(the top token among the option set of the participant's study); a batch carries the union of its
+studies' option sets as the head's option inputs (``option_plan``: option_ids [K], K a power of two
+>= 32, and an option_mask [C, K] of which are in each plan entry's study's set).
+
+(The job's ``config.options`` mode, none | study, decides whether a condition's head gets them.)
 """
 
 from __future__ import annotations
@@ -18,14 +21,14 @@ from absl import logging
 from psych201_jax.scoring import packing
 from psych201_jax.types import ParticipantKey, ParticipantSpans, Rejected
 
-StudyOptions = dict[str, np.ndarray]  # study -> int32 [n] ascending option ids
+StudyOptions = dict[str, np.ndarray]  # study -> its option set: int32 [n] ascending token ids
 
 MAX_OPTIONS = 256  # option ids kept per study
 MIN_OPTION_CAPACITY = 32  # smallest K of a batch's option ids
 
 
 def collect_options(items: Iterable[ParticipantSpans | Rejected], max_options: int = MAX_OPTIONS) -> StudyOptions:
-    """Response options per study: the distinct token ids of its single-token responses.
+    """The option set of each study: the distinct token ids of its single-token responses.
 
     A single-token response has exactly one scored token (position >= 1, as ``packing`` scores them).
     Returns study -> int32 [n] ascending ids (n = 0 when it has none) for every study with a participant
@@ -57,11 +60,11 @@ def collect_options(items: Iterable[ParticipantSpans | Rejected], max_options: i
     return out
 
 
-def batch_options(batch: packing.PackedBatch, options: StudyOptions) -> np.ndarray:
-    """int32 [n]: ascending union of the options of the studies the batch scores (a participant key is
+def batch_option_ids(batch: packing.PackedBatch, study_options: StudyOptions) -> np.ndarray:
+    """int32 [n]: ascending union of the option sets of the studies the batch scores (a participant key is
     (study, experiment, participant), see ``ParticipantSpans.key``)."""
     studies = {cast(ParticipantKey, key)[0] for key, _ in batch.slot_keys}
-    ids = [options[s] for s in studies if s in options]
+    ids = [study_options[s] for s in studies if s in study_options]
     return np.unique(np.concatenate(ids)).astype(np.int32) if ids else np.zeros(0, np.int32)
 
 
@@ -71,12 +74,12 @@ def option_capacity(n: int) -> int:
 
 
 def option_plan(
-    batch: packing.PackedBatch, options: StudyOptions, k: int | None = None
+    batch: packing.PackedBatch, study_options: StudyOptions, k: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The batch's option ids int32 [K] (``batch_options``, padded with 0) and option_mask bool [C, K]: which
-    of them are options of each entry's study (none for padding entries). K: ``k`` or the batch's own
-    ``option_capacity``."""
-    union = batch_options(batch, options)
+    """The head's option inputs for the batch: option_ids int32 [K] (``batch_option_ids``, padded with 0)
+    and option_mask bool [C, K]: which of them are in the option set of each entry's study (none for
+    padding entries). K: ``k`` or the batch's own ``option_capacity``."""
+    union = batch_option_ids(batch, study_options)
     k = option_capacity(len(union)) if k is None else k
     if len(union) > k:
         raise ValueError(f"{len(union)} option ids do not fit an option capacity of {k}")
@@ -85,7 +88,7 @@ def option_plan(
     studies = sorted({cast(ParticipantKey, key)[0] for key, _ in batch.slot_keys})
     per_study = np.zeros((len(studies) + 1, k), bool)  # the last row: no options (padding entries)
     for i, study in enumerate(studies):
-        per_study[i, : len(union)] = np.isin(union, options.get(study, ()))
+        per_study[i, : len(union)] = np.isin(union, study_options.get(study, ()))
     slot_study = np.asarray([studies.index(cast(ParticipantKey, key)[0]) for key, _ in batch.slot_keys], np.int64)
     entry_study = np.full(batch.capacity, len(studies))
     valid = batch.score_valid

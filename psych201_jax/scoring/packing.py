@@ -17,9 +17,13 @@ from __future__ import annotations
 import bisect
 import dataclasses
 from collections.abc import Hashable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from jaxtyping import Bool, Int
+
+if TYPE_CHECKING:  # the head's output class; this module stays numpy only
+    from psych201_jax.scoring.head import HeadOutputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,18 +96,28 @@ class PackedBatch:
         return int(self.score_valid.sum())
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ParticipantScores:
-    """Unpacked results of one participant.
+    """Unpacked head outputs of one participant, by the ``HeadOutputs`` names (None: not computed).
 
-    nll      float64 [R]  summed NLL per response; NaN for a response with no scored token.
-    n_scored int32 [R]    scored tokens per response.
-    argmax   int32 [T]    model's top token predicted for position t; -1 where t is not scored.
+    n_scored      int32 [R]         scored tokens per response.
+    Per response (the slot sums, NaN for a response with no scored token):
+    nll           float64 [R]       summed NLL.
+    nll_t         float64 [R, nT]   summed NLL per temperature.
+    entropy       float64 [R]       summed T = 1 entropy.
+    option_mass   float64 [R]       summed T = 1 probability of the study's option set.
+    Per token position t (-1 where t is not scored):
+    argmax        int32 [T]         the model's top token predicted for t.
+    option_argmax int32 [T]         the top token among the study's option set (-1 also where it has none).
     """
 
-    nll: np.ndarray
     n_scored: np.ndarray
+    nll: np.ndarray
     argmax: np.ndarray
+    option_argmax: np.ndarray | None = None
+    nll_t: np.ndarray | None = None
+    entropy: np.ndarray | None = None
+    option_mass: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,41 +197,49 @@ def packing_stats(batches: Sequence[PackedBatch]) -> dict:
 
 
 def unpack(
-    batches: Sequence[PackedBatch], response_nll: Sequence[np.ndarray], argmax: Sequence[np.ndarray]
+    batches: Sequence[PackedBatch], outputs: Sequence[HeadOutputs[np.ndarray]]
 ) -> dict[Hashable, ParticipantScores]:
-    """Per-participant results from per-batch outputs.
+    """Per-participant results from per-batch head outputs (host copies), one field per computed output.
 
-    ``response_nll[i]``: float [>= len(slot_keys), ...] slot sums of batch i (e.g. ``response_sums`` with
-    ``num_slots=capacity``; trailing axes, such as one per temperature, are kept); ``argmax[i]``: int [C]
-    per-entry argmax of batch i. Overflow passes of the same rows are summed.
+    ``outputs[i]``: batch i's ``HeadOutputs``, every batch with the same outputs computed. Its per-slot
+    outputs ([>= len(slot_keys), ...] slot sums; trailing axes, such as one per temperature, are kept) are
+    summed per response in float64, overflow passes of the same rows included; its per-entry outputs ([C])
+    are placed at the entries' token positions.
     """
-    results = {}
-    trailing = np.shape(response_nll[0])[1:] if len(response_nll) else ()
+    results: dict[Hashable, ParticipantScores] = {}
+    if not batches:
+        return results
+    first = outputs[0]
+    trailing = {name: np.shape(x)[1:] for name, x in first.slot_sums().items()}
     for batch in batches:
         for seg in batch.segments:
             if seg.key not in results:
                 results[seg.key] = ParticipantScores(
-                    np.zeros((seg.n_responses, *trailing), np.float64),
-                    np.zeros(seg.n_responses, np.int32),
-                    np.full(seg.length, -1, np.int32),
+                    n_scored=np.zeros(seg.n_responses, np.int32),
+                    **{name: np.zeros((seg.n_responses, *shape), np.float64) for name, shape in trailing.items()},
+                    **{name: np.full(seg.length, -1, np.int32) for name in first.entry_values()},
                 )
-    for batch, sums, top in zip(batches, response_nll, argmax, strict=True):
-        sums = np.asarray(sums, np.float64)
-        top = np.asarray(top)
+    for batch, out in zip(batches, outputs, strict=True):
+        sums = {name: np.asarray(x, np.float64) for name, x in out.slot_sums().items()}
+        values = {name: np.asarray(x) for name, x in out.entry_values().items()}
         valid = batch.score_valid
         counts = np.bincount(batch.score_slot[valid], minlength=len(batch.slot_keys))
         for slot, (key, response) in enumerate(batch.slot_keys):
-            results[key].nll[response] += sums[slot]
-            results[key].n_scored[response] += counts[slot]
+            scores = results[key]
+            scores.n_scored[response] += counts[slot]
+            for name, x in sums.items():
+                getattr(scores, name)[response] += x[slot]
         owner_ids: dict[Hashable, int] = {}
         slot_owner = np.array([owner_ids.setdefault(key, len(owner_ids)) for key, _ in batch.slot_keys], np.int64)
         entries = np.flatnonzero(valid)
         entry_owner = slot_owner[batch.score_slot[entries]]
         for key, owner in owner_ids.items():
             mine = entries[entry_owner == owner]
-            results[key].argmax[batch.score_position[mine]] = top[mine]
+            for name, x in values.items():
+                getattr(results[key], name)[batch.score_position[mine]] = x[mine]
     for scores in results.values():
-        scores.nll[scores.n_scored == 0] = np.nan
+        for name in trailing:
+            getattr(scores, name)[scores.n_scored == 0] = np.nan
     return results
 
 

@@ -10,7 +10,8 @@ per row shard (data x fsdp) along rows. Three programs:
   vocabulary split over ``tensor``.
 The first two are GSPMD-partitioned by the logical-axis rules. The forward compiles once per (rows, row
 length), the last layer once per (rows, row length, plan capacity) and the head once per (plan
-capacity[, option capacity]), so a new capacity never recompiles the forward.
+capacity[, option capacity K]), so a new capacity never recompiles the forward. A head returns its
+outputs by name (``head.HeadOutputs``).
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ import numpy as np
 from flax import nnx
 
 from psych201_jax.model.decoder import Decoder
-from psych201_jax.parallel import distributed, sharding
+from psych201_jax.parallel import sharding
 from psych201_jax.scoring import head, packing
-from psych201_jax.scoring.options import StudyOptions, batch_options, option_capacity, option_plan
+from psych201_jax.scoring import options as options_lib
+from psych201_jax.scoring.head import HeadOutputs
+from psych201_jax.scoring.options import StudyOptions
 
 
 class Scorer:
@@ -35,8 +38,10 @@ class Scorer:
     ``mesh``: default the 1 x 1 x 1 mesh on the first local device. The model's parameters are (re)placed on
     their shardings under ``rules`` (default ``sharding.rules_for(model.spec, mesh)``; restoring with
     ``checkpoint.load_model(mesh=, rules=)`` already puts them there). ``vocab_chunk``: vocabulary columns per
-    step of the head (0: ``head.default_vocab_chunk`` of the mesh's platform). ``options`` (study -> option ids, see
-    ``options.collect_options``): the head also returns the option argmax; None compiles it without.
+    step of the head (0: ``head.default_vocab_chunk`` of the mesh's platform). ``options``: the study option
+    sets (``StudyOptions``, see ``options.collect_options``), kept as ``study_options``; with them the head
+    also returns ``option_argmax`` (and, with ``temperatures``, ``option_mass``); None compiles it without.
+    ``temperatures``: the grid of ``nll_t`` (and ``entropy``); empty: neither.
     """
 
     def __init__(
@@ -80,25 +85,22 @@ class Scorer:
         self._set_head(options, temperatures)
 
     def with_head(self, *, options: StudyOptions | None = None, temperatures: tuple[float, ...] = ()) -> Scorer:
-        """This scorer with another head, on the same placed parameters and the same compiled forward: a
-        sweep worker's next condition restores and recompiles nothing but the head."""
+        """This scorer with another head (``options``: its ``StudyOptions`` or None; ``temperatures``), on the
+        same placed parameters and the same compiled forward: a sweep worker's next condition restores and
+        recompiles nothing but the head."""
         other = copy.copy(self)
         other._set_head(options, temperatures)
         return other
 
-    def _set_head(self, options: StudyOptions | None, temperatures: tuple[float, ...]) -> None:
+    def _set_head(self, study_options: StudyOptions | None, temperatures: tuple[float, ...]) -> None:
         mesh, layout, graphdef = self.mesh, self.layout, self._graphdef
-        self.options = options
+        self.study_options = study_options
         self.temperatures = tuple(float(t) for t in temperatures)
-        # The head's outputs, in order (see head.score_head).
-        self.outputs: tuple[str, ...] = ("sums", "argmax") + (("option_argmax",) if options is not None else ())
-        if self.temperatures:
-            self.outputs += ("nll_t", "entropy") + (("option_mass",) if options is not None else ())
         plan = layout.plan_sharding
         vocab_axes = sharding.vocab_axes(self.rules)
         rows_spec = jax.P(layout.axes or None)
-        n_plan = 3 if options is None else 5  # target, valid, slot + option_ids [shards * K], option_mask
-        n_out = len(self.outputs)
+        # target, valid, slot (+ the option inputs: option_ids [shards * K], option_mask [shards * C, K])
+        n_plan = 3 if study_options is None else 5
         vocab_chunk, temps = self.vocab_chunk, self.temperatures
 
         def head_step(state, hidden, *plan_arrays):
@@ -112,11 +114,12 @@ class Scorer:
             )
             # Each row shard scores its own plan on its own rows; the vocabulary stays split over vocab_axes.
             # check_vma=False: the outputs are combined over vocab_axes by hand (psum / pmax / pmin).
+            # Every output (a HeadOutputs leaf) is split by rows like the plan.
             sharded = jax.shard_map(
                 local,
                 mesh=mesh,
                 in_specs=(jax.P(layout.axes or None, None), jax.P(vocab_axes or None, None)) + (rows_spec,) * n_plan,
-                out_specs=(rows_spec,) * n_out,
+                out_specs=rows_spec,
                 check_vma=False,
             )
             return sharded(hidden, unembedding, *plan_arrays)
@@ -124,25 +127,14 @@ class Scorer:
         self._head = jax.jit(
             head_step,
             in_shardings=(self._state_shardings, layout.scored_sharding) + (plan,) * n_plan,
-            out_shardings=(plan,) * n_out,
+            out_shardings=plan,
         )
 
     def option_capacity(self, batch: packing.PackedBatch) -> int:
-        """K of the batch's option ids (0 without options)."""
-        return 0 if self.options is None else option_capacity(len(batch_options(batch, self.options)))
-
-    def dispatch(self, batch: packing.PackedBatch) -> tuple[jax.Array, ...]:
-        """Enqueues one batch as one step (a mesh that does not split rows, one process); returns device
-        (response sums [C], argmax [C][, option argmax [C]])."""
-        if self.layout.shards != 1 or distributed.is_multiprocess():
-            raise ValueError("Scorer.dispatch runs one batch; use stream.score_spans on a mesh that splits rows")
-        return self.dispatch_step(
-            [batch],
-            rows=batch.rows,
-            length=batch.row_length,
-            capacity=batch.capacity,
-            options=self.option_capacity(batch),
-        )[0]
+        """K of the batch's option ids (0 without study options)."""
+        if self.study_options is None:
+            return 0
+        return options_lib.option_capacity(len(options_lib.batch_option_ids(batch, self.study_options)))
 
     def dispatch_step(
         self,
@@ -151,26 +143,27 @@ class Scorer:
         rows: int,
         length: int,
         capacity: int,
-        options: int = 0,
+        option_capacity: int = 0,
         heads: Sequence[Scorer] = (),
-    ) -> list[tuple[jax.Array, ...]]:
-        """Enqueues one SPMD step (every process calls it with the same rows/length/capacity/options).
+    ) -> list[HeadOutputs[jax.Array]]:
+        """Enqueues one SPMD step (every process calls it with the same rows/length/capacity/option capacity).
 
         ``batches[k]``: this process's sub-batch ``layout.local_shards[k]`` ([rows, length], plan capacity
-        <= ``capacity``, option capacity <= ``options``), or None for an empty one. ``options``: the step's
-        option capacity K (> 0 exactly when a head has options). ``heads``: scorers made by ``with_head``
-        from this one (default: this one), those with options all with the same ``StudyOptions`` (the
-        step builds one option plan); the step runs the forward and the last layer once and each head on
-        their output, each head's program exactly the one it compiles alone. Returns per head its global (sums, argmax[,
-        option_argmax, ...]) [shards * capacity]; ``layout.local_blocks`` gives this process's blocks.
+        <= ``capacity``, option capacity <= ``option_capacity``), or None for an empty one.
+        ``option_capacity``: the step's K (> 0 exactly when a head has study options). ``heads``: scorers
+        made by ``with_head`` from this one (default: this one), those with study options all with the same
+        ``StudyOptions`` (the step builds one set of option inputs); the step runs the forward and the last
+        layer once and each head on their output, each head's program exactly the one it compiles alone.
+        Returns per head its global ``HeadOutputs`` ([shards * capacity] each); ``layout.local_blocks``
+        gives this process's blocks.
         """
         heads = list(heads) or [self]
         layout = self.layout
-        study_options = next((h.options for h in heads if h.options is not None), None)
+        study_options = next((h.study_options for h in heads if h.study_options is not None), None)
         if len(batches) != len(layout.local_shards):
             raise ValueError(f"{len(batches)} sub-batches for {len(layout.local_shards)} local row shards")
-        if (options > 0) != (study_options is not None):
-            raise ValueError(f"option capacity {options}: must be > 0 exactly when a head has options")
+        if (option_capacity > 0) != (study_options is not None):
+            raise ValueError(f"option capacity {option_capacity}: must be > 0 exactly when a head has study options")
         if any(h._forward is not self._forward or h._last_layer is not self._last_layer for h in heads):
             raise ValueError("heads must share this scorer's forward (make them with Scorer.with_head)")
         n = len(batches)
@@ -179,13 +172,15 @@ class Scorer:
             # One full sub-batch (every single-device step): its arrays are the step's, no host copies.
             host = [only.tokens, only.positions, only.segment_ids]
             plan_host = [only.score_index, only.score_target, only.score_valid, only.score_slot]
-            option_host = list(option_plan(only, study_options, options)) if study_options is not None else []
+            option_host = (
+                list(options_lib.option_plan(only, study_options, option_capacity)) if study_options is not None else []
+            )
             return self._run(heads, host, plan_host, option_host)
         tokens, positions, segment_ids = (np.zeros((n * rows, length), np.int32) for _ in range(3))
         index, target, slot = (np.zeros(n * capacity, np.int32) for _ in range(3))
         valid = np.zeros(n * capacity, bool)
-        option_ids = np.zeros(n * options, np.int32)
-        option_mask = np.zeros((n * capacity, options), bool)
+        option_ids = np.zeros(n * option_capacity, np.int32)
+        option_mask = np.zeros((n * capacity, option_capacity), bool)
         for k, b in enumerate(batches):
             if b is None:
                 continue
@@ -197,25 +192,27 @@ class Scorer:
             tokens[r], positions[r], segment_ids[r] = b.tokens, b.positions, b.segment_ids
             index[c], target[c], slot[c], valid[c] = b.score_index, b.score_target, b.score_slot, b.score_valid
             if study_options is not None:
-                option_ids[k * options : (k + 1) * options], option_mask[c] = option_plan(b, study_options, options)
+                ids = slice(k * option_capacity, (k + 1) * option_capacity)
+                option_ids[ids], option_mask[c] = options_lib.option_plan(b, study_options, option_capacity)
         option_host = [option_ids, option_mask] if study_options is not None else []
         return self._run(heads, [tokens, positions, segment_ids], [index, target, valid, slot], option_host)
 
     def _run(
         self, heads: list[Scorer], host: list[np.ndarray], plan_host: list[np.ndarray], option_host: list[np.ndarray]
-    ) -> list[tuple[jax.Array, ...]]:
-        """Places this process's rows and plan as global arrays and enqueues the forward and the last layer,
-        then every head."""
+    ) -> list[HeadOutputs[jax.Array]]:
+        """Places this process's rows and plan (and option inputs) as global arrays and enqueues the forward
+        and the last layer, then every head."""
         layout = self.layout
         with jax.set_mesh(self.mesh):
             arrays = [layout.global_array(x, layout.rows_sharding) for x in host]
             plan = [layout.global_array(x, layout.plan_sharding) for x in plan_host]
-            option_plan_ = [layout.global_array(x, layout.plan_sharding) for x in option_host]
+            option_inputs = [layout.global_array(x, layout.plan_sharding) for x in option_host]
             hidden = self._forward(self.state, *arrays)
             index, target, valid, slot = plan
             scored = self._last_layer(self.state, hidden, *arrays[1:], index, valid)
+            head_plan = [target, valid, slot]
             return [
-                h._head(self.state, scored, target, valid, slot, *(option_plan_ if h.options is not None else []))
+                h._head(self.state, scored, *head_plan, *(option_inputs if h.study_options is not None else []))
                 for h in heads
             ]
 

@@ -2,9 +2,10 @@
 
 ``score_spans`` packs a chunk of participants, agrees with the other processes on one schedule of step
 shapes (``plan_steps``: same step count and shapes everywhere, empty sub-batches where a process has
-nothing of that shape), dispatches every step before reading any result, then unpacks per participant in
-input order. Results do not depend on how participants are grouped (segment-isolated attention,
-per-segment positions), which the invariance tests check. Each process packs only its own participants.
+nothing of that shape), dispatches every step before reading any result, then unpacks each head's named
+outputs (``head.HeadOutputs``) once per chunk into per-participant results, in input order. Results do
+not depend on how participants are grouped (segment-isolated attention, per-segment positions), which the
+invariance tests check. Each process packs only its own participants.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
+import jax
 import numpy as np
 
 from psych201_jax.parallel import distributed
 from psych201_jax.scoring import packing
+from psych201_jax.scoring.head import HeadOutputs
 from psych201_jax.scoring.scorer import Scorer
-from psych201_jax.types import ParticipantResult, ParticipantSpans, Rejected
+from psych201_jax.types import ParticipantKey, ParticipantResult, ParticipantSpans, Rejected
 
 
 @dataclasses.dataclass
@@ -90,32 +93,25 @@ def score_spans_heads(
     yield from _rounds(checked(items), list(heads), row_lengths, tokens_per_batch, chunk_tokens, progress, run_chunk)
 
 
-def _results(participants: list[ParticipantSpans], batches, columns: dict[str, list[np.ndarray]]) -> dict:
-    """Per-participant results from per-batch host outputs, by the scorer's output names."""
-    unpacked = packing.unpack(batches, columns["sums"], columns["argmax"])
-
-    def per_response(name):  # slot sums of another head output, unpacked like the NLL
-        if name not in columns:
-            return None
-        return packing.unpack(batches, columns[name], columns["argmax"])
-
-    # unpack places any per-entry values at their positions: reused for option_argmax ([T], -1 unscored).
-    options = packing.unpack(batches, columns["sums"], columns["option_argmax"]) if "option_argmax" in columns else None
-    nll_t, entropy, mass = per_response("nll_t"), per_response("entropy"), per_response("option_mass")
+def _results(
+    participants: list[ParticipantSpans], batches: list[packing.PackedBatch], outputs: list[HeadOutputs[np.ndarray]]
+) -> dict[ParticipantKey, ParticipantResult]:
+    """Per-participant results of one head from its per-batch host outputs (one ``packing.unpack``)."""
+    unpacked = packing.unpack(batches, outputs)
     out = {}
     for p in participants:
         scores = unpacked[p.key]
-        positions = np.flatnonzero(scores.argmax >= 0)
+        positions = np.flatnonzero(scores.argmax >= 0)  # the scored tokens, in text order
         out[p.key] = ParticipantResult(
             spans=p,
             nll=scores.nll,
             n_scored=scores.n_scored,
             argmax=scores.argmax[positions],
             target=p.token_ids[positions],
-            option_argmax=options[p.key].argmax[positions] if options is not None else None,
-            nll_t=nll_t[p.key].nll if nll_t is not None else None,
-            entropy=entropy[p.key].nll if entropy is not None else None,
-            option_mass=mass[p.key].nll if mass is not None else None,
+            option_argmax=None if scores.option_argmax is None else scores.option_argmax[positions],
+            nll_t=scores.nll_t,
+            entropy=scores.entropy,
+            option_mass=scores.option_mass,
         )
     return out
 
@@ -123,13 +119,13 @@ def _results(participants: list[ParticipantSpans], batches, columns: dict[str, l
 @dataclasses.dataclass(frozen=True)
 class Step:
     """One SPMD step of a round: sub-batch shape, plan capacity, per local slot the index of this
-    process's packed batch that fills it (None: empty), and the option capacity K (0: no options)."""
+    process's packed batch that fills it (None: empty), and the option capacity K (0: no study options)."""
 
     rows: int
     length: int
     capacity: int
     slots: tuple[int | None, ...]
-    options: int = 0
+    option_capacity: int = 0
 
 
 def plan_steps(tables: Sequence[np.ndarray], process_share: Sequence[int], share: int, slots: int) -> list[Step]:
@@ -158,9 +154,9 @@ def plan_steps(tables: Sequence[np.ndarray], process_share: Sequence[int], share
         for j in range(n_steps):
             members = [per_share[s][i] for s, o in order.items() for i in o[j * slots : (j + 1) * slots]]
             capacity = max(int(t[2]) for t in members)
-            options = max(int(t[3]) if width > 3 else 0 for t in members)
+            option_capacity = max(int(t[3]) if width > 3 else 0 for t in members)
             mine = order.get(share, [])[j * slots : (j + 1) * slots]
-            steps.append(Step(rows, length, capacity, tuple(mine) + (None,) * (slots - len(mine)), options))
+            steps.append(Step(rows, length, capacity, tuple(mine) + (None,) * (slots - len(mine)), option_capacity))
     return steps
 
 
@@ -170,7 +166,7 @@ def _rounds(
     """Lockstep rounds: each process packs its next chunk (possibly empty), all agree on the steps, run them."""
     scorer = heads[0]
     layout = scorer.layout
-    with_options = next((h for h in heads if h.options is not None), None)
+    option_head = next((h for h in heads if h.study_options is not None), None)  # gives the option capacities
     done = False
     while True:
         chunk, chunk_len = [], 0
@@ -183,10 +179,10 @@ def _rounds(
             chunk_len += len(item.token_ids) if isinstance(item, ParticipantSpans) else 0
         scored = [p for p in chunk if isinstance(p, ParticipantSpans)]
         batches = packing.pack(scored, row_lengths, tokens_per_batch=tokens_per_batch) if scored else []
-        width = 3 if with_options is None else 4  # + the option capacity
+        width = 3 if option_head is None else 4  # + the option capacity
         table = np.asarray(
             [
-                (b.rows, b.row_length, b.capacity, with_options.option_capacity(b) if with_options else 0)[:width]
+                (b.rows, b.row_length, b.capacity, option_head.option_capacity(b) if option_head else 0)[:width]
                 for b in batches
             ],
             np.int32,
@@ -200,21 +196,21 @@ def _rounds(
                 rows=st.rows,
                 length=st.length,
                 capacity=st.capacity,
-                options=st.options,
+                option_capacity=st.option_capacity,
                 heads=heads,
             )
             for st in steps
         ]
         results = []
-        for h, head in enumerate(heads):
-            host: list = [None] * len(batches)  # per batch: this head's outputs
+        for h in range(len(heads)):
+            host: list = [None] * len(batches)  # per batch: this head's HeadOutputs, host copies
             for st, out in zip(steps, outputs):
-                blocks = [layout.local_blocks(x) for x in out[h]]
+                leaves, tree = jax.tree.flatten(out[h])
+                blocks = [layout.local_blocks(x) for x in leaves]
                 for k, i in enumerate(st.slots):
                     if i is not None:
-                        host[i] = [b[layout.local_shards[k]] for b in blocks]
-            columns = {name: [x[j] for x in host] for j, name in enumerate(head.outputs)}
-            results.append(_results(scored, batches, columns) if scored else {})
+                        host[i] = jax.tree.unflatten(tree, [b[layout.local_shards[k]] for b in blocks])
+            results.append(_results(scored, batches, host) if scored else {})
         progress.computed_tokens += sum(b.computed_tokens for b in batches)
         if chunk:
             yield from run_chunk(chunk, results)

@@ -39,9 +39,9 @@ def masked_logprobs(
     h = flat.at[score_index].get(mode="clip", out_sharding=replicated)  # [C, D]
     if replicated is not None:  # the scan gathers along the vocabulary: one whole copy (the head runs per shard)
         unembedding = jax.sharding.reshard(unembedding, P())
-    run_max, run_sum, run_arg, target_logit = vocab_scan(h, unembedding, score_target, vocab_chunk)[:4]
-    nll = jnp.where(score_valid, jnp.log(run_sum) + run_max - target_logit, 0.0)
-    return nll, jnp.where(score_valid, run_arg, -1).astype(jnp.int32)
+    stats = vocab_scan(h, unembedding, score_target, vocab_chunk)
+    nll = jnp.where(score_valid, jnp.log(stats.sum) + stats.max - stats.target_logit, 0.0)
+    return nll, jnp.where(score_valid, stats.arg, -1).astype(jnp.int32)
 
 
 @jax.jit
@@ -53,8 +53,8 @@ def masked_option_argmax(
     option_ids: jax.Array,
     option_mask: jax.Array,
 ) -> jax.Array:
-    """int32 [C]: argmax of the logits restricted to each scored entry's options (lowest id on ties); -1 for
-    invalid entries and entries without options.
+    """int32 [C]: argmax of the logits restricted to each scored entry's option ids (those ``option_mask``
+    marks; lowest id on ties); -1 for invalid entries and entries without option ids.
 
     hidden [B, L, D]; unembedding [V, D]; score_index int [C]; score_valid bool [C]; option_ids int32 [K]
     and option_mask bool [C, K] as in ``option_max``.
