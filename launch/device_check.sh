@@ -17,4 +17,4 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 LIMIT=480
 for arg in "$@"; do [ "$arg" = "--dry_run" ] && LIMIT=180; done
-timeout "$LIMIT" "$PY" -m launch.device_check --out="$OUT/device_check.json" "$@" 2>&1 | tee "$OUT/device_check.log"
+timeout "$LIMIT" "$PY" -m benchmarks.device_check --out="$OUT/device_check.json" "$@" 2>&1 | tee "$OUT/device_check.log"

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Score on a Cloud TPU pod slice: the same launch.score command on every worker (one SPMD program).
+# Score on a Cloud TPU pod slice: the same psych201_jax.cli.score command on every worker (one SPMD program).
 #
 #   TPU=my-v5e-16 ZONE=us-west4-a [PROJECT=my-project] [DIR=psych201_jax] [SETUP=1] \
 #     bash launch/tpu_pod.sh --config.model=/mnt/models/Llama-3.1-70B --config.data=/mnt/data/psych201 \
 #       --config.out=/mnt/results/llama70b --config.dtype=bfloat16 --config.mesh.fsdp=16
 #
-# Every worker must see the same paths: a converted checkpoint (launch.convert; each worker reads only the
+# Every worker must see the same paths: a converted checkpoint (psych201_jax.cli.convert; each worker reads only the
 # slices its chips hold), the data, and the results directory (shared storage, e.g. a gcsfuse mount:
 # each worker writes its own chunks, worker 0 the manifest). jax.distributed finds the coordinator, the
 # worker count and each worker's id from the TPU metadata (--config.distributed.mode=on).
@@ -29,4 +29,4 @@ if [ "${SETUP:-0}" = 1 ]; then
 fi
 
 ARGS=$(printf ' %q' "$@")
-on_all_workers "cd ~/$DIR && .venv/bin/python -m launch.score --config.distributed.mode=on$ARGS"
+on_all_workers "cd ~/$DIR && .venv/bin/python -m psych201_jax.cli.score --config.distributed.mode=on$ARGS"

@@ -14,6 +14,8 @@ import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+__all__ = ["Condition", "DType", "ModelInfo", "ModelKind", "OptionsMode", "Persona", "Protocol", "Template"]
+
 
 class Protocol(enum.StrEnum):
     """How transcripts become token spans (see ``psych201_jax.data.spans``)."""

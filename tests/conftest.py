@@ -9,7 +9,7 @@ import pytest
 from psych201_jax.testing import tiny_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The trimmed real corpus vendored in the repository (launch/build_test_corpus.py); PSYCH201_DATA may
+# The trimmed real corpus vendored in the repository (tools/build_test_corpus.py); PSYCH201_DATA may
 # point at another one laid out the same way (e.g. the full corpus, for benchmarks).
 VENDORED_DATA = os.path.join(REPO, "tests", "data", "psych201")
 DATA_ROOT = os.environ.get("PSYCH201_DATA") or VENDORED_DATA
@@ -22,7 +22,7 @@ def data_root():
     if not os.path.isdir(DATA_ROOT):
         where = "PSYCH201_DATA" if DATA_ROOT != VENDORED_DATA else "the vendored corpus"
         pytest.fail(
-            f"Psych-201 data not found at {DATA_ROOT} ({where}); rebuild it with python -m launch.build_test_corpus"
+            f"Psych-201 data not found at {DATA_ROOT} ({where}); rebuild it with python -m tools.build_test_corpus"
         )
     return os.path.abspath(DATA_ROOT)
 

@@ -21,6 +21,7 @@ import numpy as np
 from psych201_jax import defaults
 from psych201_jax.conditions import DEFAULT_TEMPERATURES
 from psych201_jax.data import records, spans
+from psych201_jax.data.tokenizer import TokenizerInfo
 from psych201_jax.model import checkpoint
 from psych201_jax.model import decoder as model
 from psych201_jax.model.spec import ModelSpec, RopeSpec
@@ -120,10 +121,10 @@ def _compare(got, ref):
 
 def meshes(steady: bool = False) -> dict:
     assert jax.device_count() == 8, jax.devices()
-    tok = spans.TokenizerInfo(defaults.DEFAULT_TOKENIZER)
+    tok = TokenizerInfo(defaults.DEFAULT_TOKENIZER)
     items = list(
         spans.tokenize_records(
-            records.iter_records(defaults.SAMPLE_DATA), tok, spans.Protocol("robust", token_budget=max(ROW_LENGTHS))
+            records.iter_records(defaults.SAMPLE_DATA), tok, spans.SpanRules("robust", token_budget=max(ROW_LENGTHS))
         )
     )
     report = {"participants": len(items), "tokens": int(sum(len(p.token_ids) for p in items)), "meshes": {}}
@@ -157,10 +158,10 @@ def options() -> dict:
     2,048 tokens). The options are the sample's plus 40 made-up ids for one study, so its batches need
     K = 64 and the others K = 32 (a step takes the largest K of its sub-batches)."""
     assert jax.device_count() == 8, jax.devices()
-    tok = spans.TokenizerInfo(defaults.DEFAULT_TOKENIZER)
+    tok = TokenizerInfo(defaults.DEFAULT_TOKENIZER)
     items = list(
         spans.tokenize_records(
-            records.iter_records(defaults.SAMPLE_DATA), tok, spans.Protocol("robust", token_budget=2048)
+            records.iter_records(defaults.SAMPLE_DATA), tok, spans.SpanRules("robust", token_budget=2048)
         )
     )
     opts = options_lib.collect_options(items)

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.quick
+
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "psych201_jax"
 BASE = (
     "types",

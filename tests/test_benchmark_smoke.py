@@ -1,4 +1,4 @@
-"""launch.benchmark --smoke: every shape and row of the scoring benchmark on tiny models, so the benchmark
+"""benchmarks.benchmark --smoke: every shape and row of the scoring benchmark on tiny models, so the benchmark
 never rots between the sessions that measure with it (a broken shape once went unnoticed for a stop)."""
 
 import json
@@ -19,7 +19,7 @@ SPLIT = {"attention", "body_without_attention", "last_layer", "head", "host"}
 @pytest.mark.slow
 def test_smoke_runs_every_shape_and_row(tmp_path):
     out = tmp_path / "bench.json"
-    argv = [sys.executable, "-m", "launch.benchmark", "--smoke", "--data=tests/data/psych201", "--repeats=1"]
+    argv = [sys.executable, "-m", "benchmarks.benchmark", "--smoke", "--data=tests/data/psych201", "--repeats=1"]
     argv += ["--long_participants=2", f"--shapes={','.join(SHAPES)}", f"--out={out}"]
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]

@@ -90,20 +90,27 @@ def test_share_removed_by_calibration_with_a_bootstrap_ci():
 
 def test_the_job_stores_the_grid_and_the_report_has_the_calibration_section(tmp_path):
     from psych201_jax.analysis import report
-    from psych201_jax.runs import config, job
+    from psych201_jax.runs import job
+    from psych201_jax.runs.config import ScoreJob
 
     outs = []
     for name, model, kind, base in (
         ("base", defaults.DEFAULT_MODEL, "base", ""),
         ("post", defaults.DEFAULT_POST_MODEL, "Instruction-tuned", "tiny/base"),
     ):
-        cfg = config.get_config()
-        cfg.out = str(tmp_path / name)
-        cfg.model = model
-        cfg.data = ",".join(os.path.join(defaults.SAMPLE_DATA, s) for s in ("thoma2025riskychoice", "busch2024_stroop"))
-        cfg.model_info.hf_id, cfg.model_info.kind, cfg.model_info.base_hf_id = f"tiny/{name}", kind, base
-        cfg.model_info.family = "Tiny"
-        cfg.log_every_s = 1e9
+        data = ",".join(os.path.join(defaults.SAMPLE_DATA, s) for s in ("thoma2025riskychoice", "busch2024_stroop"))
+        cfg = ScoreJob().with_overrides(
+            {
+                "out": str(tmp_path / name),
+                "model": model,
+                "data": data,
+                "model_info.hf_id": f"tiny/{name}",
+                "model_info.kind": kind,
+                "model_info.base_hf_id": base,
+                "model_info.family": "Tiny",
+                "log_every_s": 1e9,
+            }
+        )
         job.run(cfg)
         outs.append(cfg.out)
     run = report.load_run(outs[0])

@@ -3,6 +3,7 @@
 import itertools
 
 from psych201_jax.data import metadata, records, spans
+from psych201_jax.data.tokenizer import TokenizerInfo
 from psych201_jax.types import Excluded
 
 
@@ -35,16 +36,16 @@ def test_selectors(data_root, qwen_tokenizer_dir):
     lonely = metadata.persona_selector("shuffled", records=with_meta[:1], seed=0)
     assert "no other participant" in lonely(with_meta[0]).reason
 
-    tok = spans.TokenizerInfo(qwen_tokenizer_dir)
-    out = list(spans.tokenize_records(recs, tok, spans.Protocol("reference"), persona_of=subset))
+    tok = TokenizerInfo(qwen_tokenizer_dir)
+    out = list(spans.tokenize_records(recs, tok, spans.SpanRules("reference"), persona_of=subset))
     assert [type(o).__name__ for o in out] == ["ParticipantSpans"] * 3 + ["Rejected"] * 2
     assert all("excluded by the persona condition" in o.reason for o in out[3:])
-    plain = list(spans.tokenize_records(with_meta, tok, spans.Protocol("reference")))
+    plain = list(spans.tokenize_records(with_meta, tok, spans.SpanRules("reference")))
     assert all((a.token_ids == b.token_ids).all() for a, b in zip(out[:3], plain))
-    swapped = list(spans.tokenize_records(with_meta, tok, spans.Protocol("reference"), persona_of=shuffled))
+    swapped = list(spans.tokenize_records(with_meta, tok, spans.SpanRules("reference"), persona_of=shuffled))
     matched = list(
         spans.tokenize_records(
-            with_meta, tok, spans.Protocol("reference"), persona_of=metadata.persona_selector("matched")
+            with_meta, tok, spans.SpanRules("reference"), persona_of=metadata.persona_selector("matched")
         )
     )
     assert all(len(s.token_ids) > len(p.token_ids) for s, p in zip(swapped, plain))
@@ -58,15 +59,14 @@ def test_robust_budget_is_the_same_with_and_without_persona_in_a_job(tmp_path):
     import os
 
     from psych201_jax import defaults
-    from psych201_jax.runs import config as score_config
     from psych201_jax.runs import job
     from psych201_jax.runs import store as results
+    from psych201_jax.runs.config import ScoreJob
 
     kept = {}
     for template in ("none", "chat"):
         for persona in ("none", "matched"):
-            cfg = score_config.get_config()
-            cfg.update(
+            cfg = ScoreJob().with_overrides(
                 dict(
                     out=str(tmp_path / f"{template}-{persona}"),
                     protocol="robust",

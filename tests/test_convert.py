@@ -44,7 +44,7 @@ def converted(hf_dir, tmp_path_factory):
     """Converted through the command line, to bfloat16."""
     out = str(tmp_path_factory.mktemp("q3_conv") / "out")
     subprocess.run(
-        [sys.executable, "-m", "launch.convert", f"--hf={hf_dir}", f"--out={out}", "--dtype=bfloat16"],
+        [sys.executable, "-m", "psych201_jax.cli.convert", f"--hf={hf_dir}", f"--out={out}", "--dtype=bfloat16"],
         cwd=REPO,
         check=True,
         capture_output=True,

@@ -21,8 +21,8 @@ import pytest
 from psych201_jax import defaults, errors, locks
 from psych201_jax.data import records
 from psych201_jax.model import checkpoint, hf_weights
-from psych201_jax.runs import config as score_config
 from psych201_jax.runs import job, model_cache, store
+from psych201_jax.runs.config import ScoreJob
 from psych201_jax.types import Record, Rejected
 
 THOMA = os.path.join(os.path.dirname(__file__), "data", "psych201", "thoma2025riskychoice", "prompts.jsonl.zip")
@@ -42,14 +42,8 @@ def _study(tmp_path, lines, name="study", filename="prompts.jsonl"):
 
 
 def _cfg(tmp_path, data, **over):
-    cfg = score_config.get_config()
-    cfg.out = str(tmp_path / "out")
-    cfg.data = str(data)
-    cfg.cache_dir = str(tmp_path / "cache")
-    cfg.log_every_s = 1e9
-    for key, value in over.items():
-        cfg[key] = value
-    return cfg
+    base = dict(out=str(tmp_path / "out"), data=str(data), cache_dir=str(tmp_path / "cache"), log_every_s=1e9)
+    return ScoreJob().with_overrides({**base, **over})
 
 
 def _cli(name, *args, cwd=None):
@@ -123,7 +117,7 @@ def test_analyze_refuses_a_killed_run_unless_allowed_and_then_marks_it(killed_ru
 
 
 def test_a_complete_run_wins_over_an_incomplete_one_in_any_order():
-    from psych201_jax.analysis import report
+    from psych201_jax.analysis import runs as analysis_runs
 
     def run(path, complete):
         from psych201_jax.analysis import metrics
@@ -133,7 +127,7 @@ def test_a_complete_run_wins_over_an_incomplete_one_in_any_order():
         return dataclasses.replace(run_, complete=complete, n_done=1 if complete else 0, n_input=1)
 
     for order in ((run("half", False), run("full", True)), (run("full", True), run("half", False))):
-        kept, notes = report.dedupe(order)
+        kept, notes = analysis_runs.dedupe(order)
         assert [r.path for r in kept] == ["full"] and "half" in notes[0]
 
 
@@ -447,7 +441,7 @@ def test_a_corrupt_chunk_is_named_with_the_way_to_recover(tmp_path, damage):
         ("export", ["--results=/nonexistent", "--out=/tmp/unused.jsonl"], "manifest"),
         ("analyze", ["--results=/nonexistent", "--out=/tmp/unused-report"], "no results directory"),
         ("convert", ["--hf=/nonexistent", "--out=/tmp/unused-conv"], "config.json"),
-        ("audit", ["--data=/nonexistent/psych201"], "no such file"),
+        ("audit", ["--config.data=/nonexistent/psych201", "--out=/tmp/unused-audit.csv"], "no such"),
     ],
 )
 def test_user_errors_are_one_line_and_exit_2(tmp_path, name, args, needle):

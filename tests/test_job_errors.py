@@ -8,20 +8,19 @@ import pytest
 
 from psych201_jax import defaults
 from psych201_jax.data import records
-from psych201_jax.runs import config as score_config
 from psych201_jax.runs import job
 from psych201_jax.runs import store as results
+from psych201_jax.runs.config import ScoreJob
 
 
 def _cfg(tmp_path, **over):
-    cfg = score_config.get_config()
-    cfg.out = str(tmp_path / "out")
-    cfg.data = os.path.join(defaults.SAMPLE_DATA, "thoma2025riskychoice")
-    cfg.chunk_tokens = 1000
-    cfg.log_every_s = 1e9
-    for key, value in over.items():
-        cfg[key] = value
-    return cfg
+    base = dict(
+        out=str(tmp_path / "out"),
+        data=os.path.join(defaults.SAMPLE_DATA, "thoma2025riskychoice"),
+        chunk_tokens=1000,
+        log_every_s=1e9,
+    )
+    return ScoreJob().with_overrides({**base, **over})
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""The whole scoring job (launch.score) as 2 processes on 127.0.0.1 (gloo) equals the 1-process job.
+"""The whole scoring job (psych201_jax.cli.score) as 2 processes on 127.0.0.1 (gloo) equals the 1-process job.
 
 Each process has 2 CPU devices (4 global devices). Two meshes: data=2 x tensor=2 (each process packs and
 writes its own share) and tensor=4 (rows replicated over both processes: one share, process 1 is a
@@ -41,7 +41,7 @@ def _env(devices: int) -> dict:
 
 def _score(out, *flags, devices=1):
     proc = subprocess.run(
-        [sys.executable, "-m", "launch.score", f"--config.out={out}", *JOB_FLAGS, *flags],
+        [sys.executable, "-m", "psych201_jax.cli.score", f"--config.out={out}", *JOB_FLAGS, *flags],
         cwd=REPO,
         env=_env(devices),
         capture_output=True,
@@ -59,7 +59,7 @@ def _score_two_processes(out, *flags):
             [
                 sys.executable,
                 "-m",
-                "launch.score",
+                "psych201_jax.cli.score",
                 f"--config.out={out}",
                 *JOB_FLAGS,
                 *flags,
@@ -123,10 +123,10 @@ def test_two_processes_equal_one_process(tmp_path, one_process, mesh, writers):
     assert chunk_writers == writers
     for key, ref in one_process.items():
         got = rows[key]
-        assert got["status"] == "scored" and got["n_tokens"] == ref["n_tokens"], key
+        assert got["status"] == "scored" and got["n_scored"] == ref["n_scored"], key
         a, b = results.nll_array(got), results.nll_array(ref)
         assert np.array_equal(np.isnan(a), np.isnan(b)), key
-        n = np.maximum(np.asarray(ref["n_tokens"]), 1)
+        n = np.maximum(np.asarray(ref["n_scored"]), 1)
         d = np.nan_to_num(np.abs(a - b))
         assert (d / n).max(initial=0) <= 1e-5 and (d / np.maximum(np.nan_to_num(np.abs(b)), 1)).max(initial=0) <= 1e-5
         assert got["argmax"] == ref["argmax"] and got["target"] == ref["target"], key

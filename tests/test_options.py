@@ -16,10 +16,11 @@ from flax import nnx
 from psych201_jax import defaults
 from psych201_jax.conditions import DEFAULT_TEMPERATURES
 from psych201_jax.data import records, spans
+from psych201_jax.data.tokenizer import TokenizerInfo
 from psych201_jax.model import checkpoint
-from psych201_jax.runs import config as score_config
 from psych201_jax.runs import job
 from psych201_jax.runs import store as results
+from psych201_jax.runs.config import ScoreJob
 from psych201_jax.scoring import options as options_lib
 from psych201_jax.scoring import packing, scorer, stream
 from psych201_jax.scoring.head import option_logits, option_max
@@ -101,9 +102,9 @@ def scored(data_root, tmp_path_factory):
     )
     checkpoint.convert(hf_dir, str(root / "converted"), "float32")
     model, _ = checkpoint.load_model(str(root / "converted"), dtype="float32")
-    tok = spans.TokenizerInfo(defaults.DEFAULT_TOKENIZER)
+    tok = TokenizerInfo(defaults.DEFAULT_TOKENIZER)
     recs = [r for s in STUDIES for r in itertools.islice(records.iter_records(f"{data_root}/{s}"), 2)]
-    items = list(spans.tokenize_records(recs, tok, spans.Protocol("reference")))
+    items = list(spans.tokenize_records(recs, tok, spans.SpanRules("reference")))
     options = options_lib.collect_options(items)
     assert all(len(options[s]) >= 2 for s in STUDIES), options
     batches = packing.pack(items, ROW_LENGTHS, tokens_per_batch=TOKENS_PER_BATCH)
@@ -212,11 +213,14 @@ def test_mesh_paths_give_the_single_device_option_argmax():
 
 
 def test_job_stores_option_argmax_and_analysis_reports_option_accuracy(tmp_path):
-    cfg = score_config.get_config()
-    cfg.out = str(tmp_path / "res")
-    cfg.data = os.path.join(defaults.SAMPLE_DATA, "thoma2025riskychoice")
-    cfg.options = "study"
-    cfg.log_every_s = 1e9
+    cfg = ScoreJob().with_overrides(
+        dict(
+            out=str(tmp_path / "res"),
+            data=os.path.join(defaults.SAMPLE_DATA, "thoma2025riskychoice"),
+            options="study",
+            log_every_s=1e9,
+        )
+    )
     job.run(cfg)
     assert results.read_manifest(cfg.out)["determinants"]["options"] == "study"
     rows = list(results.iter_rows(cfg.out))
@@ -229,7 +233,14 @@ def test_job_stores_option_argmax_and_analysis_reports_option_accuracy(tmp_path)
 
     report_dir = tmp_path / "report"
     proc = subprocess.run(
-        [sys.executable, "-m", "launch.analyze", f"--results={cfg.out}", f"--out={report_dir}", "--bootstrap=10"],
+        [
+            sys.executable,
+            "-m",
+            "psych201_jax.cli.analyze",
+            f"--results={cfg.out}",
+            f"--out={report_dir}",
+            "--bootstrap=10",
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -244,12 +255,10 @@ def test_job_stores_option_argmax_and_analysis_reports_option_accuracy(tmp_path)
 
 
 def test_unknown_options_value_is_refused(tmp_path):
-    cfg = score_config.get_config()
-    cfg.out = str(tmp_path / "res")
-    cfg.options = "all"
+    out = str(tmp_path / "res")
     with pytest.raises(job.ConfigError, match="config.options='all' is not one of"):
-        job.run(cfg)
-    assert not os.path.exists(cfg.out)
+        job.run(ScoreJob().with_overrides(dict(out=out, options="all")))
+    assert not os.path.exists(out)
 
 
 def test_heads_sharing_one_forward_equal_each_scorer_alone(scored):

@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 from psych201_jax.scoring import packing
 from psych201_jax.scoring.head import HeadOutputs
 
+pytestmark = pytest.mark.quick
+
 
 @dataclasses.dataclass(frozen=True)
 class Participant:

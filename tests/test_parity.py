@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from psych201_jax.data import spans
+from psych201_jax.data.tokenizer import TokenizerInfo
 from psych201_jax.model import checkpoint
 from psych201_jax.model import spec as modelspec
 from psych201_jax.testing import parity
@@ -181,7 +181,7 @@ def test_no_state_leaks_between_packed_participants(case):
 def test_converted_tokenizer_splits_text_as_the_checkpoints_own(case, data_root):
     """transformers 5 loads Qwen3.5 tokenizers as Qwen3_5Tokenizer (NFC, its own pre-tokenizer), chosen by the
     config's model_type: the converted tokenizer folder must resolve to the same class and the same ids."""
-    ours = spans.TokenizerInfo(os.path.join(os.path.dirname(case.hf_dir), "f32", checkpoint.TOKENIZER)).hf
+    ours = TokenizerInfo(os.path.join(os.path.dirname(case.hf_dir), "f32", checkpoint.TOKENIZER)).hf
     theirs = AutoTokenizer.from_pretrained(case.hf_dir)
     assert type(ours).__name__ == type(theirs).__name__
     if case.row.family == "qwen3_5":  # (a qwen3_5_text config maps to no tokenizer class of its own)
@@ -197,7 +197,7 @@ def test_converted_tokenizer_splits_text_as_the_checkpoints_own(case, data_root)
 
 @pytest.mark.parametrize("job", parity.SCORE_JOBS, ids=lambda j: j.family)
 def test_score_job_reference_and_robust_agree_with_hf(job, tmp_path, qwen_tokenizer_dir, llama_tokenizer_dir):
-    """launch.score on an HF wrapper dir (converted into the cache) under both protocols; each participant's
+    """psych201_jax.cli.score on an HF wrapper dir (converted into the cache) under both protocols; each participant's
     response NLLs equal the HF wrapper's reference computation (the ``0_analyses/eval.py`` loop)."""
     tok_dir = llama_tokenizer_dir if job.tokenizer == "llama" else qwen_tokenizer_dir
     hf_dir = make_tiny_hf_checkpoint(

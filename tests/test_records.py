@@ -8,6 +8,8 @@ import pytest
 
 from psych201_jax.data import metadata, records
 
+pytestmark = pytest.mark.quick
+
 GOOD = {"text": "You see A or B. You choose <<A>>.\nAgain. You choose <<B>>.", "experiment": "e1", "participant": 7}
 
 

@@ -1,4 +1,4 @@
-"""Results discovery, tables, figures and report.md (psych201_jax.analysis), and launch.analyze end to end."""
+"""Results discovery, tables, figures and report.md (psych201_jax.analysis), and psych201_jax.cli.analyze end to end."""
 
 import csv
 import math
@@ -157,7 +157,7 @@ def test_launch_analyze_end_to_end(sweep, tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "launch.analyze",
+        "psych201_jax.cli.analyze",
         f"--results={sweep}",
         f"--out={out}",
         "--bootstrap=200",
@@ -180,7 +180,7 @@ def test_launch_analyze_end_to_end(sweep, tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "launch.analyze",
+        "psych201_jax.cli.analyze",
         f"--results={dirs[0]},{dirs[1]}",
         *dirs[2:],
         f"--out={out0}",

@@ -17,7 +17,7 @@ ARGS = ["--config.chunk_tokens=3000", "--config.tokens_per_batch=8192"]  # many 
 
 def _start(out):
     return subprocess.Popen(
-        [sys.executable, "-m", "launch.score", f"--config.out={out}", *ARGS],
+        [sys.executable, "-m", "psych201_jax.cli.score", f"--config.out={out}", *ARGS],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -13,6 +13,8 @@ from transformers.models.qwen2 import modeling_qwen2
 from psych201_jax.model import rope
 from psych201_jax.model import spec as modelspec
 
+pytestmark = pytest.mark.quick
+
 BASE = dict(
     hidden_size=256,
     num_attention_heads=2,

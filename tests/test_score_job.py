@@ -1,4 +1,4 @@
-"""launch.score / launch.export on the embedded default: output, resume, refusal of a changed config."""
+"""psych201-score and psych201-export on the embedded default: output, resume, refusal of a changed config."""
 
 import json
 import os
@@ -14,7 +14,7 @@ def _run(module, *args):
 
 
 def _export(results_dir, path):
-    proc = _run("launch.export", f"--results={results_dir}", f"--out={path}")
+    proc = _run("psych201_jax.cli.export", f"--results={results_dir}", f"--out={path}")
     assert proc.returncode == 0, proc.stderr
     with open(path) as fh:
         return [json.loads(line) for line in fh]
@@ -22,7 +22,7 @@ def _export(results_dir, path):
 
 def test_default_job_scores_every_participant_and_resumes(tmp_path):
     out = tmp_path / "res"
-    proc = _run("launch.score", f"--config.out={out}")
+    proc = _run("psych201_jax.cli.score", f"--config.out={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "model score" in proc.stdout and "15 scored, 0 unscored, 0 rejected" in proc.stdout
     rows = _export(out, tmp_path / "a.jsonl")
@@ -34,16 +34,16 @@ def test_default_job_scores_every_participant_and_resumes(tmp_path):
     assert manifest["determinants"]["protocol"] == "reference" and manifest["tokenizer"]["sha256"]
 
     # Same config again: nothing new is scored, results unchanged.
-    again = _run("launch.score", f"--config.out={out}")
+    again = _run("psych201_jax.cli.score", f"--config.out={out}")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "15 already done" in again.stderr
     assert _export(out, tmp_path / "b.jsonl") == rows
 
     # A different configuration into the same directory is refused, then allowed with fresh=True.
-    changed = _run("launch.score", f"--config.out={out}", "--config.protocol=robust")
+    changed = _run("psych201_jax.cli.score", f"--config.out={out}", "--config.protocol=robust")
     assert changed.returncode != 0 and "different configuration" in changed.stderr
     assert "protocol" in changed.stderr
-    fresh = _run("launch.score", f"--config.out={out}", "--config.protocol=robust", "--config.fresh=True")
+    fresh = _run("psych201_jax.cli.score", f"--config.out={out}", "--config.protocol=robust", "--config.fresh=True")
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     robust = _export(out, tmp_path / "c.jsonl")
     assert len(robust) == 15 and all(len(r["nll"]) == r["n_markers"] for r in robust)
@@ -52,7 +52,7 @@ def test_default_job_scores_every_participant_and_resumes(tmp_path):
 def test_relative_model_and_data_paths(tmp_path):
     """Paths relative to the working directory work (orbax itself takes only absolute ones)."""
     proc = _run(
-        "launch.score",
+        "psych201_jax.cli.score",
         f"--config.out={tmp_path / 'r'}",
         "--config.model=psych201_jax/assets/tiny-qwen3",
         "--config.data=psych201_jax/assets/sample",
@@ -63,6 +63,6 @@ def test_relative_model_and_data_paths(tmp_path):
 
 
 def test_bad_model_dir_is_a_clear_error(tmp_path):
-    proc = _run("launch.score", f"--config.out={tmp_path / 'r'}", f"--config.model={tmp_path}")
+    proc = _run("psych201_jax.cli.score", f"--config.out={tmp_path / 'r'}", f"--config.model={tmp_path}")
     assert proc.returncode != 0
     assert "neither a converted checkpoint" in proc.stderr

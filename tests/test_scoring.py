@@ -8,6 +8,7 @@ import pytest
 
 from psych201_jax import defaults
 from psych201_jax.data import records, spans
+from psych201_jax.data.tokenizer import TokenizerInfo
 from psych201_jax.model import checkpoint
 from psych201_jax.scoring import packing, scorer, stream
 from psych201_jax.testing import tiny_models, torch_reference
@@ -37,7 +38,7 @@ def models(request, tmp_path_factory, llama_tokenizer_dir):
     conv_dir = str(root / "converted")
     checkpoint.convert(hf_dir, conv_dir, "float32")
     model, spec = checkpoint.load_model(conv_dir, dtype="float32")
-    return family, model, torch_reference.load_hf_model(hf_dir), spans.TokenizerInfo(tok_dir)
+    return family, model, torch_reference.load_hf_model(hf_dir), TokenizerInfo(tok_dir)
 
 
 def _score(items, model, **kw):
@@ -51,7 +52,7 @@ def _score(items, model, **kw):
 @pytest.mark.parametrize("protocol,template", PROTOCOLS)
 def test_scores_equal_hf_pytorch_reference(models, sample, protocol, template):
     family, model, torch_model, tok = models
-    items = list(spans.tokenize_records(sample, tok, spans.Protocol(protocol, template, token_budget=4000)))
+    items = list(spans.tokenize_records(sample, tok, spans.SpanRules(protocol, template, token_budget=4000)))
     got = _score(items, model)
     worst = 0.0
     for ps in items:
@@ -68,7 +69,7 @@ def test_argmax_matches_full_logits(models, sample):
     _, model, torch_model, tok = models
     import torch
 
-    items = list(spans.tokenize_records(sample[:2], tok, spans.Protocol("robust")))
+    items = list(spans.tokenize_records(sample[:2], tok, spans.SpanRules("robust")))
     got = _score(items, model)
     for ps in items:
         ids = torch.as_tensor(ps.token_ids[None].astype(np.int64))
@@ -82,7 +83,7 @@ def test_argmax_matches_full_logits(models, sample):
 def test_results_do_not_depend_on_packing(models, sample):
     """Alone, together, reversed, other row lengths and batch sizes: the same per-response NLL."""
     _, model, _, tok = models
-    items = list(spans.tokenize_records(sample, tok, spans.Protocol("robust", token_budget=3000)))
+    items = list(spans.tokenize_records(sample, tok, spans.SpanRules("robust", token_budget=3000)))
     together = _score(items, model)
     variants = {
         "alone": {k: v for ps in items for k, v in _score([ps], model).items()},
@@ -104,7 +105,7 @@ def test_results_do_not_depend_on_packing(models, sample):
 
 def test_too_long_participant_is_rejected_not_dropped(models, sample):
     _, model, _, tok = models
-    items = list(spans.tokenize_records(sample[:3], tok, spans.Protocol("reference")))
+    items = list(spans.tokenize_records(sample[:3], tok, spans.SpanRules("reference")))
     longest = max(len(p.token_ids) for p in items)
     for kwargs in (dict(row_lengths=(longest - 1,)), dict(row_lengths=(4 * longest,), max_tokens=longest - 1)):
         out = list(stream.score_spans(items, scorer.Scorer(model), **kwargs))

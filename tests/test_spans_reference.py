@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 
 from psych201_jax.data import metadata, records, spans
+from psych201_jax.data.tokenizer import TokenizerInfo
+
+pytestmark = pytest.mark.quick
 
 STUDIES = (
     "thoma2025riskychoice",
@@ -181,9 +184,9 @@ def _example(record):
 
 def _compare(tok_dir, sample, template, persona, snapshot_dir=""):
     if snapshot_dir:
-        spans.TokenizerInfo(tok_dir, snapshot_dir=snapshot_dir)  # builds it through transformers, saves it
-    tok = spans.TokenizerInfo(tok_dir, snapshot_dir=snapshot_dir)
-    protocol = spans.Protocol("reference", template)
+        TokenizerInfo(tok_dir, snapshot_dir=snapshot_dir)  # builds it through transformers, saves it
+    tok = TokenizerInfo(tok_dir, snapshot_dir=snapshot_dir)
+    protocol = spans.SpanRules("reference", template)
     recs = [r for r in sample if not persona or metadata.has_persona(r.metadata)]
     assert recs, "sample has no participant for this condition"
     selector = metadata.persona_selector("matched" if persona else "none")
@@ -220,18 +223,18 @@ def test_reference_persona_matches_literal_implementation(request, sample, flavo
 
 
 def test_llama_chat_reference_has_double_bos(llama_tokenizer_dir, sample):
-    tok = spans.TokenizerInfo(llama_tokenizer_dir)
-    ps = next(iter(spans.tokenize_records(sample[:1], tok, spans.Protocol("reference", "chat"))))
+    tok = TokenizerInfo(llama_tokenizer_dir)
+    ps = next(iter(spans.tokenize_records(sample[:1], tok, spans.SpanRules("reference", "chat"))))
     bos = tok.hf.convert_tokens_to_ids("<|begin_of_text|>")
     assert ps.token_ids[:2].tolist() == [bos, bos]
 
 
 def test_reference_counts_truncation_losses(qwen_tokenizer_dir, data_root):
     """xu2023augmenting has transcripts over 32,768 characters: responses past the cut are lost."""
-    tok = spans.TokenizerInfo(qwen_tokenizer_dir)
+    tok = TokenizerInfo(qwen_tokenizer_dir)
     recs = [r for r in records.iter_records(f"{data_root}/xu2023augmenting") if len(r.text) > 32768][:2]
     assert recs
-    for record, ps in zip(recs, spans.tokenize_records(recs, tok, spans.Protocol("reference"))):
+    for record, ps in zip(recs, spans.tokenize_records(recs, tok, spans.SpanRules("reference"))):
         kept = record.text[:32768].count("<<") - (record.text[:32768].count("<<") > record.text[:32768].count(">>"))
         assert ps.lost_truncation == record.text.count("<<") - kept > 0
 
@@ -250,13 +253,13 @@ def _mini_record(text, study="toy"):
 
 def test_runaway_and_merge_are_counted(qwen_tokenizer_dir):
     """With this tokenizer '>>.\\n' is one token, so '>>' is not found and the span runs on."""
-    tok = spans.TokenizerInfo(qwen_tokenizer_dir)
+    tok = TokenizerInfo(qwen_tokenizer_dir)
     text = "You choose <<A>>.\nThen you choose <<B>> and stop."
     ids = tok.hf(text).input_ids
     assert tok.base_r_id[0] not in ids[: ids.index(tok.base_l_id[0], 3)], "tokenizer no longer merges '>>.\\n'"
-    ps = next(iter(spans.tokenize_records([_mini_record(text)], tok, spans.Protocol("reference"))))
+    ps = next(iter(spans.tokenize_records([_mini_record(text)], tok, spans.SpanRules("reference"))))
     assert (ps.n_responses, ps.missed, ps.runaway, ps.merged) == (1, 0, 1, 1)
-    robust = next(iter(spans.tokenize_records([_mini_record(text)], tok, spans.Protocol("robust"))))
+    robust = next(iter(spans.tokenize_records([_mini_record(text)], tok, spans.SpanRules("robust"))))
     assert (robust.n_responses, robust.responses_scored, robust.runaway, robust.merged) == (2, 2, 0, 0)
 
 
@@ -266,12 +269,12 @@ def test_missed_response_is_counted(tmp_path):
 
     corpus = ["You pay <<$5>> now and <<$7>> later. Then <<x>> is it."] * 200
     tok_dir = tiny_tokenizer.train_tokenizer_dir(corpus, str(tmp_path / "tok"), vocab_size=300)
-    tok = spans.TokenizerInfo(tok_dir)
+    tok = TokenizerInfo(tok_dir)
     text = "You pay <<$5>> now and then <<x>> is it."
-    ps = next(iter(spans.tokenize_records([_mini_record(text)], tok, spans.Protocol("reference"))))
+    ps = next(iter(spans.tokenize_records([_mini_record(text)], tok, spans.SpanRules("reference"))))
     assert " <<$" in tok.hf.convert_ids_to_tokens(tok.hf(text).input_ids)[2].replace("Ġ", " ")
     assert (ps.n_responses, ps.missed, ps.runaway, ps.merged) == (1, 1, 0, 0)
-    robust = next(iter(spans.tokenize_records([_mini_record(text)], tok, spans.Protocol("robust"))))
+    robust = next(iter(spans.tokenize_records([_mini_record(text)], tok, spans.SpanRules("robust"))))
     assert robust.responses_scored == 2 and robust.straddle >= 1
 
 
@@ -293,8 +296,8 @@ def test_imperfect_markup_is_kept_for_the_reference_and_counted(tmp_path, qwen_t
     assert all(isinstance(r, records.Rejected) for r in records.iter_records(str(study)))
     recs = list(records.iter_records(str(study), strict_markers=False))
     assert all(isinstance(r, records.Record) for r in recs)
-    tok = spans.TokenizerInfo(qwen_tokenizer_dir)
-    got = list(spans.tokenize_records(recs, tok, spans.Protocol("reference")))
+    tok = TokenizerInfo(qwen_tokenizer_dir)
+    got = list(spans.tokenize_records(recs, tok, spans.SpanRules("reference")))
     for record, ps in zip(recs, got):
         ids, runs = literal_reference(tok.hf, _example(record))
         assert ps.token_ids.tolist() == ids

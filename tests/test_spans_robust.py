@@ -12,6 +12,9 @@ from hypothesis import strategies as st
 
 from psych201_jax import defaults
 from psych201_jax.data import metadata, records, spans
+from psych201_jax.data.tokenizer import TokenizerInfo
+
+pytestmark = pytest.mark.quick
 
 CONTEXT = st.text(alphabet="abcdefghij XYZ.,:;!?-0123456789é\n", max_size=25)
 RESPONSE = st.text(alphabet="abcdeQR-0123456789 .,é%$", min_size=1, max_size=8).filter(lambda s: s.strip())
@@ -35,7 +38,7 @@ def _build(contexts, responses):
 
 @pytest.fixture(scope="module", params=["qwen", "llama"])
 def tok(request):
-    return spans.TokenizerInfo(request.getfixturevalue(f"{request.param}_tokenizer_dir"))
+    return TokenizerInfo(request.getfixturevalue(f"{request.param}_tokenizer_dir"))
 
 
 def _one(tok, record, protocol, persona=None):
@@ -51,7 +54,7 @@ def test_robust_spans_hold_exactly_the_response_characters(tok, data):
     responses = data.draw(st.lists(RESPONSE, min_size=1, max_size=5))
     contexts = data.draw(st.lists(CONTEXT, min_size=len(responses) + 1, max_size=len(responses) + 1))
     text, bounds = _build(contexts, responses)
-    ps = _one(tok, _record(text), spans.Protocol("robust"))
+    ps = _one(tok, _record(text), spans.SpanRules("robust"))
     _, offsets = tok.encode_batch([text])[0]
     assert ps.responses_text == ps.n_responses == len(responses) and ps.lost_truncation == 0
     assert ps.responses_scored == len(responses)
@@ -80,9 +83,9 @@ def test_token_budget_never_cuts_inside_a_response(tok, data):
     responses = data.draw(st.lists(RESPONSE, min_size=1, max_size=6))
     contexts = data.draw(st.lists(CONTEXT, min_size=len(responses) + 1, max_size=len(responses) + 1))
     text, _ = _build(contexts, responses)
-    full = _one(tok, _record(text), spans.Protocol("robust"))
+    full = _one(tok, _record(text), spans.SpanRules("robust"))
     budget = data.draw(st.integers(1, len(full.token_ids) + 2))
-    cut = _one(tok, _record(text), spans.Protocol("robust", token_budget=budget))
+    cut = _one(tok, _record(text), spans.SpanRules("robust", token_budget=budget))
     assert len(cut.token_ids) <= budget + (tok.bos_token is not None)  # a leading BOS is not text
     assert np.array_equal(cut.token_ids, full.token_ids[: len(cut.token_ids)])
     kept = cut.n_responses
@@ -94,7 +97,7 @@ def test_token_budget_never_cuts_inside_a_response(tok, data):
 
 def test_persona_prefix_is_outside_the_budget(tok, data_root):
     recs = [r for r in itertools.islice(records.iter_records(f"{data_root}/thoma2025riskychoice"), 5)]
-    protocol = spans.Protocol("robust", token_budget=300)
+    protocol = spans.SpanRules("robust", token_budget=300)
     for rec in recs:
         plain = _one(tok, rec, protocol)
         with_persona = _one(tok, rec, protocol, persona=True)
@@ -108,9 +111,9 @@ def test_persona_prefix_is_outside_the_budget(tok, data_root):
 
 
 def test_robust_chat_has_single_bos_and_assistant_spans(llama_tokenizer_dir, data_root):
-    tok = spans.TokenizerInfo(llama_tokenizer_dir)
+    tok = TokenizerInfo(llama_tokenizer_dir)
     rec = next(records.iter_records(f"{data_root}/thoma2025riskychoice"))
-    ps = _one(tok, rec, spans.Protocol("robust", "chat"))
+    ps = _one(tok, rec, spans.SpanRules("robust", "chat"))
     bos = tok.hf.convert_tokens_to_ids("<|begin_of_text|>")
     assert ps.token_ids[0] == bos and ps.token_ids[1] != bos
     assert ps.n_responses == ps.responses_scored == rec.text.count("<<")
@@ -126,11 +129,11 @@ def _messages(text):
 
 def test_robust_sees_responses_the_reference_misses(qwen_tokenizer_dir, data_root):
     """On real data the reference protocol (this tokenizer merges '>>.\\n') runs away; robust does not."""
-    tok = spans.TokenizerInfo(qwen_tokenizer_dir)
+    tok = TokenizerInfo(qwen_tokenizer_dir)
     recs = list(itertools.islice(records.iter_records(f"{data_root}/thoma2025riskychoice"), 3))
     for rec in recs:
-        ref = _one(tok, rec, spans.Protocol("reference"))
-        rob = _one(tok, rec, spans.Protocol("robust"))
+        ref = _one(tok, rec, spans.SpanRules("reference"))
+        rob = _one(tok, rec, spans.SpanRules("robust"))
         assert rob.responses_scored == rec.text.count("<<") > ref.responses_scored
         assert ref.runaway > 0 and ref.merged > 0 and rob.straddle == 0
 
@@ -139,7 +142,7 @@ def test_robust_sees_responses_the_reference_misses(qwen_tokenizer_dir, data_roo
 def test_persona_and_no_persona_keep_the_same_responses_at_any_budget(tok, data_root, template):
     rec = next(records.iter_records(f"{data_root}/thoma2025riskychoice"))
     for budget in range(20, 400, 3):
-        protocol = spans.Protocol("robust", template, token_budget=budget)
+        protocol = spans.SpanRules("robust", template, token_budget=budget)
         plain = _one(tok, rec, protocol)
         with_persona = _one(tok, rec, protocol, persona=True)
         assert plain.n_responses == with_persona.n_responses, budget
@@ -148,9 +151,9 @@ def test_persona_and_no_persona_keep_the_same_responses_at_any_budget(tok, data_
 @pytest.mark.parametrize("flavour", ["qwen", "llama", "default"])
 def test_tokenizer_snapshot_gives_the_ids_and_offsets_of_transformers(request, tmp_path, data_root, flavour):
     path = defaults.DEFAULT_TOKENIZER if flavour == "default" else request.getfixturevalue(f"{flavour}_tokenizer_dir")
-    live = spans.TokenizerInfo(path, snapshot_dir=str(tmp_path))
+    live = TokenizerInfo(path, snapshot_dir=str(tmp_path))
     assert live._hf is not None and len(os.listdir(tmp_path)) == 1
-    snap = spans.TokenizerInfo(path, snapshot_dir=str(tmp_path))
+    snap = TokenizerInfo(path, snapshot_dir=str(tmp_path))
     assert snap._hf is None
     for name in ("base_l_id", "base_r_id", "bos_token", "has_template", "sha256"):
         assert getattr(snap, name) == getattr(live, name), name
@@ -167,20 +170,20 @@ def test_tokenizer_snapshot_gives_the_ids_and_offsets_of_transformers(request, t
 
 def test_tokenizer_snapshot_is_keyed_by_the_files_and_rebuilt_when_damaged(tmp_path, qwen_tokenizer_dir):
     snaps = str(tmp_path / "snaps")
-    spans.TokenizerInfo(qwen_tokenizer_dir, snapshot_dir=snaps)
+    TokenizerInfo(qwen_tokenizer_dir, snapshot_dir=snaps)
     (saved,) = os.listdir(snaps)
     changed = shutil.copytree(qwen_tokenizer_dir, tmp_path / "changed")
     cfg_path = changed / "tokenizer_config.json"
     cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "model_max_length": 77}))
-    assert spans.TokenizerInfo(str(changed), snapshot_dir=snaps)._hf is not None  # other files: a new snapshot
+    assert TokenizerInfo(str(changed), snapshot_dir=snaps)._hf is not None  # other files: a new snapshot
     assert len(os.listdir(snaps)) == 2
     with open(os.path.join(snaps, saved), "w") as f:
         f.write('{"backend": "trunc')
-    again = spans.TokenizerInfo(qwen_tokenizer_dir, snapshot_dir=snaps)
+    again = TokenizerInfo(qwen_tokenizer_dir, snapshot_dir=snaps)
     assert again._hf is not None  # unreadable: built through transformers and saved again
-    assert spans.TokenizerInfo(qwen_tokenizer_dir, snapshot_dir=snaps)._hf is None
+    assert TokenizerInfo(qwen_tokenizer_dir, snapshot_dir=snaps)._hf is None
     with open(os.path.join(snaps, saved), "w") as f:  # well-formed JSON whose backend does not parse
         json.dump(dict(backend="{}", base_l_id=[1], base_r_id=[2], bos_token=None, has_template=False), f)
-    rebuilt = spans.TokenizerInfo(qwen_tokenizer_dir, snapshot_dir=snaps)
+    rebuilt = TokenizerInfo(qwen_tokenizer_dir, snapshot_dir=snaps)
     assert rebuilt._hf is not None and rebuilt.base_l_id == again.base_l_id
     assert [p for p in os.listdir(snaps) if p.endswith(".tmp")] == []

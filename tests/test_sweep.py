@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from configs.sweeps import psych201_paper, tiny
-from psych201_jax.runs import store, sweep
+from psych201_jax.runs import emit, store, sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,7 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_unsupported_architecture_is_skipped_with_its_reason():
     cfg = psych201_paper.get_config()
     cfg.models = [dict(cfg.models[0], arch="qwen3_5_moe")]
-    jobs = sweep.expand(cfg)
+    jobs = sweep.expand(sweep.Sweep.from_mapping(cfg))
     assert jobs and all("architecture 'qwen3_5_moe' is not supported" in j.skip_reason for j in jobs)
 
 
@@ -33,24 +33,22 @@ def test_paper_sweep_lists_the_study_models_and_pairs():
     assert sum(m["chat"] for m in models) == 36 and sum(m["persona"] for m in models) == 86
     ids = {m["hf_id"] for m in models}
     assert all(m["base_hf_id"] in ids for m in models if m["base_hf_id"])
-    jobs = sweep.expand(cfg)
-    plain = [j for j in jobs if j.condition["name"] == "plain"]
+    jobs = sweep.expand(sweep.Sweep.from_mapping(cfg))
+    plain = [j for j in jobs if j.condition_name == "plain"]
     assert len(plain) == 101
     # Every architecture of the study's 101 models is supported: no job of any condition is skipped.
     assert not [j for j in jobs if j.skip_reason]
     vl = {m["hf_id"] for m in models if m["arch"] in ("qwen2_5_vl", "qwen3_vl", "mllama")}
     assert len(vl) == 14  # scored as their language model
     assert len({m["hf_id"] for m in models if m["arch"] == "qwen3_5"}) == 9
-    qwen3 = next(j for j in plain if j.model_info["hf_id"] == "Qwen/Qwen3-8B")
-    args = qwen3.score_args(cfg.data, {"dtype": "bfloat16"})
+    qwen3 = next(j for j in plain if j.model_info.hf_id == "Qwen/Qwen3-8B")
+    args = qwen3.score_args({"dtype": "bfloat16"})
     assert "--config.model=/models/Qwen/Qwen3-8B" in args and "--config.model_info.kind=Reasoning" in args
     assert "--config.model_info.base_hf_id=Qwen/Qwen3-8B-Base" in args and "--config.dtype=bfloat16" in args
     assert "--config.options=none" in args
-    accuracy = next(j for j in jobs if j.condition["name"] == "accuracy")
-    assert "--config.options=study" in accuracy.score_args(cfg.data, {})
-    assert any(
-        a.startswith("--config.data=hf:marcelbinz/Psych-201-discrete-test") for a in accuracy.score_args(cfg.data, {})
-    )
+    accuracy = next(j for j in jobs if j.condition_name == "accuracy")
+    assert "--config.options=study" in accuracy.score_args({})
+    assert any(a.startswith("--config.data=hf:marcelbinz/Psych-201-discrete-test") for a in accuracy.score_args({}))
 
 
 GOLDEN = pathlib.Path(__file__).parent / "data" / "golden"
@@ -58,9 +56,9 @@ GOLDEN = pathlib.Path(__file__).parent / "data" / "golden"
 
 def test_emitted_scripts_are_golden():
     cfg = tiny.get_config()
-    jobs = sweep.expand(cfg)
+    jobs = sweep.expand(sweep.Sweep.from_mapping(cfg))
     for target in ("slurm", "tpu"):
-        text = sweep.emit_script(
+        text = emit.emit_script(
             jobs, target, shards=2, config_path="configs/sweeps/tiny.py", flags=[], name=cfg.name, out_root=cfg.out_root
         )
         assert text == (GOLDEN / f"sweep_tiny_{target}.sh").read_text(), target
@@ -70,7 +68,7 @@ def test_emitted_scripts_are_golden():
 def test_emitted_scripts_repeat_the_command_lines_config_flags_with_their_values(tmp_path):
     argv = ["--config=c.py", "--config.max_tokens", "4096", "--emit=tpu", "--config.mesh.mode=on"]
     argv += ["--distributed", "on", "--shards=2", "--config.persona", 'a "b\'s" $x']
-    flags = sweep.forwarded_flags(argv)
+    flags = emit.forwarded_flags(argv)
     assert flags == ["--config.max_tokens", "4096", "--config.mesh.mode=on", "--distributed", "on"] + [
         "--config.persona",
         'a "b\'s" $x',
@@ -78,8 +76,14 @@ def test_emitted_scripts_repeat_the_command_lines_config_flags_with_their_values
     cfg = tiny.get_config()
     script = tmp_path / "sweep_tpu.sh"
     script.write_text(
-        sweep.emit_script(
-            sweep.expand(cfg), "tpu", shards=2, config_path="c.py", flags=flags, name=cfg.name, out_root="out"
+        emit.emit_script(
+            sweep.expand(sweep.Sweep.from_mapping(cfg)),
+            "tpu",
+            shards=2,
+            config_path="c.py",
+            flags=flags,
+            name=cfg.name,
+            out_root="out",
         )
     )
     # A stand-in gcloud records the remote command each slice's workers would run.
@@ -99,7 +103,7 @@ def test_emitted_scripts_repeat_the_command_lines_config_flags_with_their_values
 
 def test_shards_partition_the_paper_models():
     cfg = psych201_paper.get_config()
-    units = sweep.models_of(sweep.expand(cfg))
+    units = sweep.models_of(sweep.expand(sweep.Sweep.from_mapping(cfg)))
     assert len(units) == 101
     shards = [sweep.shard_models(units, i, 8) for i in range(8)]
     names = [m for s in shards for m, _ in s]
@@ -153,7 +157,7 @@ def test_tiny_sweep_end_to_end_with_a_failing_job_and_report(tmp_path):
     )
     names = ("plain", "accuracy", "chat", "persona", "persona_shuffled", "persona_subset_none")
     config = _tiny_config(tmp_path, names, broken)
-    proc = _run("launch.sweep", f"--config={config}")
+    proc = _run("psych201_jax.cli.sweep", f"--config={config}")
     assert proc.returncode == 1, proc.stderr[-3000:]  # the broken job failed: the sweep says so
     outcomes = json.loads((tmp_path / "sweep" / "sweep_outcomes.json").read_text())
     status = {o["job"]: o["status"] for o in outcomes}
@@ -170,30 +174,30 @@ def test_tiny_sweep_end_to_end_with_a_failing_job_and_report(tmp_path):
     assert models["broken--model"]["state"] == "failed" and models["psych201_jax--tiny-qwen3"]["state"] == "done"
     assert models["psych201_jax--tiny-qwen3-post"]["conditions"] == {"done": 6, "failed": 0, "total": 6}
 
-    # Each job equals the same job run alone with launch.score: plain and accuracy shared one forward
+    # Each job equals the same job run alone with psych201_jax.cli.score: plain and accuracy shared one forward
     # pass and one head (options and the temperature grid), chat ran a stream of its own.
     cfg = tiny.get_config()
-    jobs = {j.name: j for j in sweep.expand(cfg)}
+    jobs = {j.name: j for j in sweep.expand(sweep.Sweep.from_mapping(cfg))}
     for name in ("plain", "accuracy", "chat"):
         job = jobs[f"psych201_jax--tiny-qwen3-post/{name}"]
         alone = tmp_path / "alone" / name
-        args = [a for a in job.score_args(cfg.data, dict(cfg.score)) if not a.startswith("--config.out=")]
-        single = _run("launch.score", *args, f"--config.out={alone}")
+        args = [a for a in job.score_args(dict(cfg.score)) if not a.startswith("--config.out=")]
+        single = _run("psych201_jax.cli.score", *args, f"--config.out={alone}")
         assert single.returncode == 0, single.stderr[-3000:]
         swept = _rows(tmp_path / "sweep" / job.name)
         assert swept == _rows(alone), name
         assert ("option_argmax" in next(iter(swept.values()))) == (name == "accuracy")
         assert ("nll_t" in next(iter(swept.values()))) == (name == "plain")
 
-    again = _run("launch.sweep", f"--config={config}")
+    again = _run("psych201_jax.cli.sweep", f"--config={config}")
     assert again.returncode == 1, again.stderr[-3000:]
     outcomes = json.loads((tmp_path / "sweep" / "sweep_outcomes.json").read_text())
     assert all(o["detail"] == "already complete" for o in outcomes if o["status"] == "done")
-    status_cmd = _run("launch.sweep", f"--config={config}", "--status")
+    status_cmd = _run("psych201_jax.cli.sweep", f"--config={config}", "--status")
     assert status_cmd.returncode == 0 and "models: 2 done, 0 running, 1 failed, 0 remaining" in status_cmd.stdout
 
     report = tmp_path / "report"
-    analyzed = _run("launch.analyze", f"--results={tmp_path / 'sweep'}", f"--out={report}", "--bootstrap=200")
+    analyzed = _run("psych201_jax.cli.analyze", f"--results={tmp_path / 'sweep'}", f"--out={report}", "--bootstrap=200")
     assert analyzed.returncode == 0, analyzed.stderr[-3000:]
     pngs = sorted(p for p in os.listdir(report) if p.endswith(".png"))
     assert {"fig_nll_by_size.png", "fig_persona.png"} <= set(pngs)
@@ -203,8 +207,8 @@ def test_tiny_sweep_end_to_end_with_a_failing_job_and_report(tmp_path):
 
 def _all_complete_once(tmp_path, config_names) -> None:
     """Every job of the tiny sweep is complete with each input participant stored exactly once."""
-    for job in sweep.expand(tiny.get_config()):
-        if job.condition["name"] not in config_names:
+    for job in sweep.expand(sweep.Sweep.from_mapping(tiny.get_config())):
+        if job.condition_name not in config_names:
             continue
         out = tmp_path / "sweep" / job.name
         assert store.read_complete(str(out)) is not None, job.name
@@ -217,7 +221,7 @@ def test_kill_9_mid_model_then_rerun_completes_every_condition_once(tmp_path):
     config = _tiny_config(tmp_path, names)
     first_model = tmp_path / "sweep" / "psych201_jax--tiny-qwen3"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "launch.sweep", f"--config={config}"],
+        [sys.executable, "-m", "psych201_jax.cli.sweep", f"--config={config}"],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -233,7 +237,7 @@ def test_kill_9_mid_model_then_rerun_completes_every_condition_once(tmp_path):
     assert done and len(done) < len(names), done  # killed in the middle of the first model
     assert _status(tmp_path)["models"]["psych201_jax--tiny-qwen3"]["state"] == "running"
 
-    again = _run("launch.sweep", f"--config={config}")
+    again = _run("psych201_jax.cli.sweep", f"--config={config}")
     assert again.returncode == 0, again.stderr[-3000:]
     _all_complete_once(tmp_path, names)
     outcomes = json.loads((tmp_path / "sweep" / "sweep_outcomes.json").read_text())
@@ -248,7 +252,7 @@ def test_two_concurrent_shards_drain_the_sweep_without_overlap(tmp_path):
     config = _tiny_config(tmp_path, names)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "launch.sweep", f"--config={config}", f"--shard={i}/2"],
+            [sys.executable, "-m", "psych201_jax.cli.sweep", f"--config={config}", f"--shard={i}/2"],
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -275,7 +279,7 @@ def test_a_failing_condition_does_not_fail_the_conditions_sharing_its_forward(tm
     foreign = tmp_path / "sweep" / "psych201_jax--tiny-qwen3" / "accuracy"
     foreign.mkdir(parents=True)
     (foreign / "manifest.json").write_text(json.dumps({"fingerprint": "another run", "determinants": {}}))
-    proc = _run("launch.sweep", f"--config={config}")
+    proc = _run("psych201_jax.cli.sweep", f"--config={config}")
     assert proc.returncode == 1, proc.stderr[-3000:]
     outcomes = {o["job"]: o for o in json.loads((tmp_path / "sweep" / "sweep_outcomes.json").read_text())}
     assert outcomes["psych201_jax--tiny-qwen3/accuracy"]["status"] == "failed"

@@ -27,7 +27,7 @@ def test_canonical_metadata_renames_casts_and_drops():
 
 
 def test_persona_prefix_matches_reference_example(data_root):
-    """Reference doc §6: thoma2025riskychoice record 1 → age 31.0 and gender female."""
+    """docs/reference-protocol.md, "Persona prefix": thoma2025riskychoice record 1 → age 31.0 and gender female."""
     first = next(records.iter_records(f"{data_root}/thoma2025riskychoice"))
     prefix = metadata.persona_prefix(first.metadata)
     assert prefix == (

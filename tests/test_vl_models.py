@@ -17,7 +17,7 @@ from flax import nnx
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from psych201_jax import defaults
-from psych201_jax.data import spans
+from psych201_jax.data.tokenizer import ChatTemplateError, TokenizerInfo
 from psych201_jax.model import checkpoint
 from psych201_jax.model import hf_weights as weights
 from psych201_jax.model import spec as modelspec
@@ -309,13 +309,13 @@ def _with_template(src_dir, out_dir, template):
 def test_parts_only_chat_template_is_a_clear_error(tmp_path):
     """template=chat on a tokenizer whose template takes only content-part lists: one clear line, exit 2;
     the bundled model's string-content template passes the same check."""
-    spans.TokenizerInfo(os.path.join(defaults.DEFAULT_MODEL, checkpoint.TOKENIZER)).check_chat_template()
+    TokenizerInfo(os.path.join(defaults.DEFAULT_MODEL, checkpoint.TOKENIZER)).check_chat_template()
     model = _with_template(defaults.DEFAULT_MODEL, str(tmp_path / "model"), PARTS_ONLY_TEMPLATE)
-    tok = spans.TokenizerInfo(os.path.join(model, checkpoint.TOKENIZER))
-    with pytest.raises(spans.ChatTemplateError, match="template=none"):
+    tok = TokenizerInfo(os.path.join(model, checkpoint.TOKENIZER))
+    with pytest.raises(ChatTemplateError, match="template=none"):
         tok.check_chat_template()
     proc = run_module(
-        "launch.score",
+        "psych201_jax.cli.score",
         f"--config.model={model}",
         f"--config.data={os.path.join(defaults.SAMPLE_DATA, SCORE_STUDIES[1])}",
         f"--config.out={tmp_path / 'res'}",

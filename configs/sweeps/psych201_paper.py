@@ -1,4 +1,4 @@
-"""The study's model set (101 models, 65 base/post-trained pairs; psych201-reference.md §11) × conditions.
+"""The study's model set (101 models, 65 base/post-trained pairs; docs/reference-protocol.md) × conditions.
 
 Models are listed by HF id with family, generation, size (billions), post-training kind, paired base and
 architecture (``model_type``). Local snapshots are read from ``<model_root>/<hf_id>``. The vision-language
@@ -218,5 +218,5 @@ def get_config() -> ml_collections.ConfigDict:
             options="study",
         ),
     ]
-    c.score = dict(dtype="bfloat16")  # overrides passed to every launch.score job
+    c.score = dict(dtype="bfloat16")  # overrides passed to every psych201-score job
     return c

@@ -54,5 +54,5 @@ def get_config() -> ml_collections.ConfigDict:
         ),
         dict(name="accuracy", protocol="reference", template="none", persona="none", kinds="all", options="study"),
     ]
-    c.score = dict(dtype="float32")  # overrides passed to every launch.score job
+    c.score = dict(dtype="float32")  # overrides passed to every psych201-score job
     return c

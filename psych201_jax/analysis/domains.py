@@ -1,4 +1,4 @@
-"""Domains (``../shared/docs/psych201-reference.md`` §9): the study category CSV and the pair × category
+"""Domains (docs/reference-protocol.md, "Merge and aggregation"): the study category CSV and the pair × category
 mean of d_e; the reference figure drops four categories (``REFERENCE_DROPPED_DOMAINS``)."""
 
 from __future__ import annotations

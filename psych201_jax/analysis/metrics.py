@@ -3,7 +3,7 @@
 Everything here is pure (no I/O): a ``Run`` is built from a manifest dict and row dicts
 (``psych201_jax.runs.store``), and every function maps runs to numbers or plain row dicts.
 
-Reference metrics (``../shared/docs/psych201-reference.md`` §6, §13):
+Reference metrics (docs/reference-protocol.md, "Accuracy" and "Merge and aggregation"):
   * model score = mean over studies of the response-pooled mean NLL (studies weigh equally);
   * accuracy: per token (argmax == human token), pooled per study, mean over studies.
 Pairs, domains and persona are in ``pairs``, ``domains`` and ``persona``; the shared statistics in ``stats``.
@@ -112,7 +112,7 @@ def run_from_rows(manifest: dict, rows: Iterable[dict], path: str = "") -> Run:
         n_option = n_option_tokens = None
         if option is not None:
             # Options are the study's single-token responses, so only those responses are option choices.
-            per_response = np.asarray(row.get("n_tokens") or [], dtype=np.int64)
+            per_response = np.asarray(row.get("n_scored") or [], dtype=np.int64)
             single = np.repeat(per_response == 1, per_response)
             option = np.asarray(option, dtype=np.int64)
             chosen = single & (option >= 0)

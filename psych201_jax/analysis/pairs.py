@@ -1,6 +1,6 @@
 """Post-trained vs base pairs: the reference's d_pair, and paired statistics on matched responses.
 
-Reference (``../shared/docs/psych201-reference.md`` §7, §10): per study
+Reference (docs/reference-protocol.md, "Merge and aggregation"): per study
 d_e = (μ_post − μ_base) / sqrt((σ_post² + σ_base²) / 2) over response-level NLLs, d_pair = mean of d_e over
 the studies both models have (NaN d_e skipped, as pandas does), at least 2 studies; positive = post-training
 moved the model away from humans. Accuracy: the same d on the 0/1 token values (negative = worse).

@@ -1,4 +1,4 @@
-"""Persona benefit (``../shared/docs/psych201-reference.md`` §9): d = (μ_none − μ_persona) / pooled SD,
+"""Persona benefit (docs/reference-protocol.md, "Merge and aggregation"): d = (μ_none − μ_persona) / pooled SD,
 positive = the persona helps, on each run's own participants without ``PERSONA_EXCLUDED``; and paired
 statistics on the participants both runs scored."""
 

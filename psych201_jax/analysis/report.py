@@ -17,12 +17,13 @@ from psych201_jax.analysis.markdown import render_report
 from psych201_jax.analysis.runs import (
     CATEGORIES_CSV,
     IncompleteRunError,
-    dedupe,  # noqa: F401 - re-exported for tests/test_faults.py
     find_results_dirs,
     load_categories,
     load_run,
 )
 from psych201_jax.analysis.tables import build_tables, write_tables
+
+__all__ = ["generate"]
 
 
 def generate(

@@ -12,7 +12,7 @@ from absl import logging
 
 from psych201_jax import defaults
 from psych201_jax.analysis import domains, metrics
-from psych201_jax.conditions import Condition
+from psych201_jax.conditions import Condition, Persona, Protocol, Template
 from psych201_jax.errors import UserError
 from psych201_jax.runs import store as results
 
@@ -122,13 +122,13 @@ def primary_condition(runs: Sequence[metrics.Run]) -> Condition | None:
     counts: dict[Condition, int] = {}
     for run in runs:
         counts[run.condition] = counts.get(run.condition, 0) + 1
-    plain = [c for c in counts if c.persona == "none"] or list(counts)
+    plain = [c for c in counts if c.persona == Persona.NONE] or list(counts)
     if not plain:
         return None
     return max(
         plain,
         key=lambda c: (
-            c.protocol == "reference" and c.template == "none" and not c.persona_subset,
+            c.protocol == Protocol.REFERENCE and c.template == Template.NONE and not c.persona_subset,
             counts[c],
             str(tuple(c.values(Condition.ANALYSIS_FIELDS).values())),
         ),

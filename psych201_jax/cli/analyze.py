@@ -1,4 +1,4 @@
-r"""Analyse completed scoring results: tables, figures and report.md.
+r"""psych201-analyze: analyse finished scoring results into tables, figures and report.md.
 
   psych201-analyze --results=DIR [DIR ...] --out=DIR \
       [--ddof=reference|0|1] [--bootstrap=2000] [--seed=0] [--categories=CSV]
@@ -8,6 +8,9 @@ folders searched for them; it may be repeated, and extra positional arguments co
 Writes into ``--out``: report.md, the CSV tables (model_scores, study_scores, pair_misalignment,
 pair_paired_stats, pair_types, generations, domains, domains_extended, persona, persona_summary,
 accuracy, calibration, calibration_pairs) and the PNG figures (see ``psych201_jax.analysis.figures``).
+
+example:
+  psych201-analyze --results=out/sweeps/tiny --out=out/report
 """
 
 import os
@@ -57,7 +60,7 @@ def main(argv):
 
 def run() -> None:
     """Console-script entry point."""
-    common.run(main)
+    common.run(main, help_=lambda: common.help_text(__doc__ or "", __name__))
 
 
 if __name__ == "__main__":

@@ -1,95 +1,108 @@
-r"""Audit the records → token-span stage over Psych-201 data.
+r"""psych201-audit: audit the records → token-span stage of a scoring job, without the model's weights.
 
-  psych201-audit --data=../shared/data/psych201 --tokenizer=DIR \
-      --protocol=reference|robust --template=none|chat --persona=none|matched|shuffled [--out=audit.csv]
+Reads the job's data through the same span pipeline ``psych201-score`` uses, under the same condition
+(protocol, template, persona, persona subset, seed, token budget, line limit), and prints a per-study table:
+participants, rejected, responses in the text, responses scored, lost to truncation, missed / runaway /
+merged / straddle, tokens, tokens/s. Writes it as CSV and lists every rejected participant with its reason
+in a second CSV beside it. The tokenizer and context length come from --config.model: a converted
+checkpoint, an HF directory, or a bare tokenizer directory (then the robust protocol needs
+--config.max_tokens).
 
-Prints a per-study table (participants, rejected, responses in the text, responses scored, lost to
-truncation, missed / runaway / merged / straddle, tokens, tokens/s), writes it as CSV and lists every
-rejected participant with its reason in a second CSV.
+example:
+  psych201-audit --config.model=/ckpt/Qwen3-8B-Base --config.data=/data/psych201 \
+      --config.protocol=robust --config.persona=matched --out=audit.csv
 """
 
 import os
 import time
+from typing import Any
 
 from absl import flags, logging
 
 from psych201_jax import defaults
-from psych201_jax.cli import common
-from psych201_jax.data import audit, metadata, records, spans
+from psych201_jax.cli import common, score_config
+from psych201_jax.data import audit
+from psych201_jax.data.tokenizer import TokenizerInfo
+from psych201_jax.errors import UserError
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("data", defaults.SAMPLE_DATA, "Study folder(s), files, comma list, or hf:<dataset>.")
-flags.DEFINE_string("tokenizer", defaults.DEFAULT_TOKENIZER, "HF tokenizer directory (or a model dir).")
-flags.DEFINE_enum("protocol", "reference", spans.PROTOCOLS, "Span protocol.")
-flags.DEFINE_enum("template", "none", spans.TEMPLATES, "Plain text or the tokenizer's chat template.")
-flags.DEFINE_enum("persona", "none", metadata.PERSONA_MODES, "Persona prefix from participant metadata.")
-flags.DEFINE_integer("max_tokens", None, "Robust token budget; default: context - persona_reserve.")
-flags.DEFINE_integer("persona_reserve", 512, "Robust: tokens left free for BOS, chat header, persona prefix.")
-flags.DEFINE_bool(
-    "strict_markers",
-    None,
-    "Reject imperfect markup (empty <<>>, '<<' without a space before it, "
-    "unclosed final '<<'); default: only under the robust protocol, as launch.score does.",
-)
-flags.DEFINE_string("out", "audit.csv", "Where to write the per-study CSV (rejections go beside it).")
-flags.DEFINE_integer("log_every", 2000, "Log progress every N participants.")
+_CONFIG: Any = None  # defined in run(): its overrides are parsed when it is defined
+_OUT = flags.DEFINE_string("out", "audit.csv", "Where to write the per-study CSV (rejections go beside it).")
+_LOG_EVERY = flags.DEFINE_integer("log_every", 2000, "Log progress every N participants.")
 
 
-def resolve_tokenizer_dir(path: str) -> str:
-    """Accepts a tokenizer dir, or a converted model dir holding ``tokenizer/``."""
-    sub = os.path.join(path, "tokenizer")
-    return sub if os.path.isdir(sub) and not os.path.isfile(os.path.join(path, "tokenizer.json")) else path
+def tokenizer_dir(model: str) -> str:
+    """A converted model's ``tokenizer/``, else the directory itself (an HF or a tokenizer directory)."""
+    sub = os.path.join(model, "tokenizer")
+    return sub if os.path.isdir(sub) and not os.path.isfile(os.path.join(model, "tokenizer.json")) else model
 
 
-def main(argv):
-    del argv
-    tok_dir = resolve_tokenizer_dir(FLAGS.tokenizer)
-    tok = spans.TokenizerInfo(tok_dir)
-    budget = None
-    if FLAGS.protocol == "robust":
-        context = defaults.context_length(FLAGS.tokenizer) or defaults.context_length(tok_dir)
-        budget = FLAGS.max_tokens or (context - FLAGS.persona_reserve if context else None)
-        logging.info("robust token budget: %s (model context %s)", budget, context)
-    protocol = spans.Protocol(FLAGS.protocol, FLAGS.template, token_budget=budget)
+def audit_job(job, *, log_every: int = 0) -> tuple[list[audit.StudyAudit], list, TokenizerInfo]:
+    """The per-study audits and the rejections of ``job``'s span pipeline (what its scoring job reads)."""
+    tok_dir = tokenizer_dir(job.model)
+    if not os.path.isdir(tok_dir):
+        raise UserError(f"config.model={job.model}: no such directory (a model, HF or tokenizer directory)")
+    tok = TokenizerInfo(tok_dir)
+    context = defaults.context_length(job.model) or defaults.context_length(tok_dir)
+    pipeline = job.span_pipeline(context)
+    logging.info("token budget: %s (model context %s)", pipeline.rules.token_budget, context)
     audits: dict[str, audit.StudyAudit] = {}
-    rejected: list[records.Rejected] = []
-    start = time.perf_counter()
-    count = 0
+    rejected: list = []
+    start, count = time.perf_counter(), 0
 
     def progress(_):
         nonlocal count
         count += 1
-        if count % FLAGS.log_every == 0:
+        if log_every and count % log_every == 0:
             tokens = sum(a.tokens for a in audits.values())
-            elapsed = time.perf_counter() - start
-            logging.info("%d participants, %d tokens, %.0f tokens/s", count, tokens, tokens / elapsed)
+            logging.info(
+                "%d participants, %d tokens, %.0f tokens/s", count, tokens, tokens / (time.perf_counter() - start)
+            )
 
-    strict = FLAGS.protocol == "robust" if FLAGS.strict_markers is None else FLAGS.strict_markers
-    stream = spans.tokenize_records(
-        records.iter_records(FLAGS.data, strict_markers=strict),
-        tok,
-        protocol,
-        persona_of=metadata.persona_selector(FLAGS.persona, records=records.iter_records(FLAGS.data)),
-    )
-    for _ in audit.timed(stream, audits, rejected, progress):
+    for _ in audit.timed(pipeline.spans(tok), audits, rejected, progress):
         pass
-    elapsed = time.perf_counter() - start
-    rows = [audits[s] for s in sorted(audits)]
+    return [audits[s] for s in sorted(audits)], rejected, tok
+
+
+def main(argv):
+    del argv
+    from psych201_jax.cli.score import build_job
+
+    job = build_job(_CONFIG.value)
+    out = _OUT.value
+    rejected_path = os.path.splitext(out)[0] + "_rejected.csv"
+    for path in (out, rejected_path):  # fail before the pass, not after it
+        try:
+            with open(path, "a"):
+                pass
+        except OSError as err:
+            raise UserError(f"cannot write {path}: {err.strerror}") from None
+    start = time.perf_counter()
+    rows, rejected, tok = audit_job(job, log_every=_LOG_EVERY.value)
+    c = job.condition
     print(
-        f"protocol={FLAGS.protocol} template={FLAGS.template} persona={FLAGS.persona} "
-        f"tokenizer={tok_dir} (sha256 {tok.sha256[:12]})"
+        f"protocol={c.protocol.value} template={c.template.value} persona={c.persona.value} "
+        f"persona_subset={c.persona_subset} tokenizer={tok.path} (sha256 {tok.sha256[:12]})"
     )
     print(audit.format_table(rows))
-    print(f"wall time {elapsed:.1f}s")
-    audit.write_csv(rows, FLAGS.out)
-    rejected_path = os.path.splitext(FLAGS.out)[0] + "_rejected.csv"
+    print(f"wall time {time.perf_counter() - start:.1f}s")
+    audit.write_csv(rows, out)
     audit.write_rejected(rejected, rejected_path)
-    print(f"wrote {FLAGS.out} and {rejected_path} ({len(rejected)} rejected)")
+    print(f"wrote {out} and {rejected_path} ({len(rejected)} rejected)")
+
+
+def config_help() -> str:
+    from psych201_jax.runs import config
+
+    return common.help_text(__doc__ or "", __name__, config.documented_keys())
 
 
 def run() -> None:
     """Console-script entry point."""
-    common.run(main)
+    global _CONFIG
+    _CONFIG = common.define_config(
+        "config", score_config.__file__, "The scoring job's configuration whose span stage is audited."
+    )
+    common.run(main, help_=config_help)
 
 
 if __name__ == "__main__":

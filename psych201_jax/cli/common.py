@@ -13,7 +13,7 @@ import os
 import re
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from absl import app, flags, logging
@@ -63,9 +63,29 @@ def _parse_flags(argv: list[str]) -> list[str]:
     raise AssertionError("unreachable")
 
 
-def run(main: Callable[[list[str]], None]) -> None:
+def help_text(doc: str, module: str, keys: Sequence[tuple[str, str, str]] = (), key_flag: str = "config") -> str:
+    """``--help``: the command's docstring (what it does, with an example), its flags, its config keys."""
+    lines = [doc.strip(), "", "flags:"]
+    own = [f for m in (module, __name__) for f in flags.FLAGS.get_flags_for_module(m)]
+    for flag in sorted(own, key=lambda f: f.name):
+        plain = isinstance(flag.default, (str, int, float, bool))
+        default = f" (default: {flag.default!r})" if plain else ""
+        lines.append(f"  --{flag.name}: {' '.join(str(flag.help).split())}{default}")
+    lines.append("  --verbosity=1: library logs and tracebacks of user errors; --helpfull: absl's own flags too")
+    if keys:
+        lines += ["", f"config keys (--{key_flag}.<key>=VALUE; default in brackets):"]
+        width = max(len(k) for k, _, _ in keys)
+        lines += [f"  {key:<{width}}  [{default}] {doc}" for key, default, doc in keys]
+    return "\n".join(lines)
+
+
+def run(main: Callable[[list[str]], None], *, help_: Callable[[], str] | None = None) -> None:
     """``app.run(main)`` with quiet library logs and user errors as one line (exit 2); exits without
-    interpreter teardown once ``main`` returns (see ``_exit_without_teardown``)."""
+    interpreter teardown once ``main`` returns (see ``_exit_without_teardown``). ``help_`` gives the text
+    of ``--help`` / ``-h``."""
+    if help_ is not None and any(a in ("--help", "-h", "--helpshort", "-?") for a in sys.argv[1:]):
+        print(help_())
+        sys.exit(0)
 
     def wrapped(argv: list[str]) -> None:
         console.quiet_libraries()

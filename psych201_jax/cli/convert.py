@@ -1,10 +1,13 @@
-"""Converts a local Hugging Face checkpoint into our orbax layout.
+"""psych201-convert: convert a local Hugging Face checkpoint into this project's orbax layout.
 
     psych201-convert --hf=DIR --out=DIR [--dtype=bfloat16|float32] [--allow_pickle]
 
 Reads safetensors one tensor at a time (no torch); refuses pickle ``.bin`` weights unless --allow_pickle
 and configs that need remote code. Writes <out>/params (orbax), model_spec.json, tokenizer/ and
 provenance.json.
+
+example:
+  psych201-convert --hf=/ckpt/Qwen3-8B-Base --out=/ckpt/converted/Qwen3-8B-Base --dtype=bfloat16
 """
 
 from absl import flags, logging
@@ -27,7 +30,7 @@ def main(argv):
 
 def run() -> None:
     """Console-script entry point."""
-    common.run(main)
+    common.run(main, help_=lambda: common.help_text(__doc__ or "", __name__))
 
 
 if __name__ == "__main__":

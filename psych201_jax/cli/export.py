@@ -1,4 +1,4 @@
-r"""Export a results directory as one JSON line per input participant.
+r"""psych201-export: export a results directory as one JSON line per input participant.
 
   psych201-export --results=DIR --out=FILE.jsonl
 
@@ -11,6 +11,9 @@ counts every lost response and labelling problem. With the head's temperature gr
 ``nll_t`` (one list per temperature, responses in the order of ``nll``), ``entropy`` (per response, summed
 over its tokens, nats) and with options ``option_mass``. An incomplete run is refused unless
 --allow_incomplete.
+
+example:
+  psych201-export --results=out/score-default --out=scores.jsonl
 """
 
 import json
@@ -18,10 +21,11 @@ import json
 from absl import flags, logging
 
 from psych201_jax.cli import common
+from psych201_jax.conditions import Protocol
 from psych201_jax.runs import store as results
 from psych201_jax.types import SPAN_COUNTERS
 
-_RESULTS = flags.DEFINE_string("results", None, "Results directory written by launch.score.", required=True)
+_RESULTS = flags.DEFINE_string("results", None, "Results directory written by psych201_jax.cli.score.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Output .jsonl file.", required=True)
 _ALLOW_INCOMPLETE = flags.DEFINE_bool("allow_incomplete", False, "Export an incomplete (killed or running) run.")
 
@@ -29,7 +33,7 @@ _ALLOW_INCOMPLETE = flags.DEFINE_bool("allow_incomplete", False, "Export an inco
 def export_rows(results_dir: str):
     """One dict per committed participant (see the module docstring)."""
     determinants = results.read_manifest(results_dir).get("determinants", {})
-    protocol = determinants.get("protocol", "reference")
+    protocol = Protocol(determinants.get("protocol", "reference"))
     temperatures = determinants.get("temperatures") or []
     for row in results.iter_rows(results_dir):
         status, reason = results.outcome(row, protocol)
@@ -73,7 +77,7 @@ def main(argv):
 
 def run() -> None:
     """Console-script entry point."""
-    common.run(main)
+    common.run(main, help_=lambda: common.help_text(__doc__ or "", __name__))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,4 @@
-r"""Expand a sweep (model pairs × conditions) into scoring jobs and run them, one model at a time.
-
-  psych201-sweep --config=configs/sweeps/<name>.py [--shard=I/N] [--dry_run] [--status]
-  psych201-sweep --config=configs/sweeps/<name>.py --emit=slurm|tpu --shards=N
+r"""psych201-sweep: expand a sweep (model pairs × conditions) into scoring jobs and run them, one model at a time.
 
 The unit of work is one model with all its conditions: a worker restores and compiles the model once and
 runs every condition; conditions that feed the model the same tokens (they differ only in the head:
@@ -15,8 +12,13 @@ local (default): runs shard I of N (default 0/1: every model) in this process an
 slurm / tpu: writes ``<out_root>/sweep_<emit>.sh`` running N shards as a SLURM array (one whole node per
 shard) or on N TPU slices (one shard per slice, all workers of a slice running the same command).
 --dry_run lists the jobs (and why any is skipped) without running anything.
+
+example:
+  psych201-sweep --config=configs/sweeps/psych201_paper.py --dry_run
+  psych201-sweep --config=configs/sweeps/psych201_paper.py --emit=slurm --shards=8
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -25,7 +27,7 @@ from typing import Any
 from absl import app, flags, logging
 
 from psych201_jax.cli import common
-from psych201_jax.runs import sweep
+from psych201_jax.runs import emit, sweep
 
 _CONFIG: Any = None  # defined in run(): its overrides are parsed when it is defined
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "List the jobs only.")
@@ -40,11 +42,13 @@ _SHARDS = flags.DEFINE_integer("shards", 1, "Shards of an emitted SLURM / TPU sc
 
 def main(argv):
     del argv
-    cfg = _CONFIG.value
-    if cfg is None:
+    if _CONFIG.value is None:
         raise app.UsageError("--config=configs/sweeps/<name>.py is required")
+    cfg, invalid = sweep.Sweep.parse(_CONFIG.value)
+    if invalid and not _DRY_RUN.value:
+        raise sweep.SweepError(f"sweep {cfg.name}: " + "; ".join(invalid))
     jobs = sweep.expand(cfg)
-    overrides = dict(cfg.score) if "score" in cfg else {}
+    overrides = cfg.overrides()
     if _DISTRIBUTED.value != "auto":
         overrides["distributed.mode"] = _DISTRIBUTED.value
     status = sweep.SweepStatus(cfg.out_root, cfg.name)
@@ -64,7 +68,7 @@ def main(argv):
                 ("skip: " + job.skip_reason) if job.skip_reason else ("complete" if sweep.is_complete(job) else "todo")
             )
             print(f"  {job.name:<70} {state}")
-        wrong = sweep.problems(jobs, cfg.data)
+        wrong = invalid + sweep.problems(jobs, overrides)
         for line in wrong:
             print(f"  problem: {line}")
         if wrong:
@@ -74,12 +78,12 @@ def main(argv):
     if _EMIT.value != "local":
         path = os.path.join(cfg.out_root, f"sweep_{_EMIT.value}.sh")
         config_path = flags.FLAGS["config"].config_filename
-        text = sweep.emit_script(
+        text = emit.emit_script(
             jobs,
             _EMIT.value,
             shards=_SHARDS.value,
             config_path=config_path,
-            flags=sweep.forwarded_flags(sys.argv[1:]),
+            flags=emit.forwarded_flags(sys.argv[1:]),
             name=cfg.name,
             out_root=cfg.out_root,
         )
@@ -89,7 +93,7 @@ def main(argv):
         print(f"wrote {path}")
         return
     shard = sweep.parse_shard(_SHARD.value)
-    outcomes = sweep.run_shard(jobs, cfg.data, overrides, out_root=cfg.out_root, name=cfg.name, shard=shard)
+    outcomes = sweep.run_shard(jobs, overrides, out_root=cfg.out_root, name=cfg.name, shard=shard)
     suffix = "" if shard == (0, 1) else f"_shard{shard[0]}of{shard[1]}"
     outcomes_path = os.path.join(cfg.out_root, f"sweep_outcomes{suffix}.json")
     if sweep.is_writer():
@@ -109,7 +113,15 @@ def run() -> None:
     """Console-script entry point."""
     global _CONFIG
     _CONFIG = common.define_config("config", None, "Sweep configuration (configs/sweeps/*.py).")
-    common.run(main)
+    common.run(main, help_=config_help)
+
+
+def config_help() -> str:
+    keys = [
+        (f.name, "required" if f.default is dataclasses.MISSING else repr(f.default), f.metadata["doc"])
+        for f in dataclasses.fields(sweep.Sweep)
+    ]
+    return common.help_text(__doc__ or "", __name__, keys)
 
 
 if __name__ == "__main__":

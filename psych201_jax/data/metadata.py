@@ -1,9 +1,9 @@
 """Participant metadata: the 25 canonical Psych-201 columns and the persona questions.
 
 Raw per-study files carry study-specific keys (``sex``, ``stai_total``, ``FACSIMILE A/D`` ...). The
-dataset build (reference doc §3a) renames a known set, casts them and drops the rest; the HF layout
-already holds the 25 canonical columns as strings with ``"N/A"`` when missing. ``canonical_metadata``
-reproduces the build for raw records so both inputs give the same persona prompts.
+dataset build (docs/reference-protocol.md, "Reading records") renames a known set, casts them and drops
+the rest; the HF layout already holds the 25 canonical columns as strings with ``"N/A"`` when missing.
+``canonical_metadata`` reproduces the build for raw records so both inputs give the same persona prompts.
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def canonical_metadata(raw: Mapping[str, Any]) -> dict[str, str]:
     """Raw record fields → the 25 canonical columns (strings, ``"N/A"`` when missing).
 
     Keys outside the build's rename map (``condition``, ``FACSIMILE *``, ``anxiety`` ...) are dropped,
-    as in the published dataset (reference doc §3a, quirk 13.5).
+    as in the published dataset (docs/reference-protocol.md, "Reading records").
     """
     renamed: dict[str, Any] = {}
     for key, value in raw.items():

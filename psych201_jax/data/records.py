@@ -444,7 +444,7 @@ def marker_error(text: str, *, strict: bool = True) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The dataset build's per-experiment fixes (reference doc §3a), for raw files only.
+# The dataset build's per-experiment fixes (docs/reference-protocol.md, "Reading records"), for raw files only.
 
 _NEWLINE_FIX_EXPERIMENTS = (
     "vantiel2020",
@@ -466,7 +466,7 @@ GLOBAL_REPLACEMENTS: tuple[tuple[str, str], ...] = (
 
 
 def canonical_experiment(experiment: str, text: str) -> str:
-    """The build's experiment-name remapping (the few cases the reference documents)."""
+    """The build's experiment-name remapping (docs/reference-protocol.md, "Reading records")."""
     if experiment.startswith("dezfouli") and "choices_diagno" in experiment:
         return "dezfouli2019/choices_diagno.csv"
     if "online public goods game" in text:

@@ -1,6 +1,6 @@
 """Stage 3: transcripts → token ids + the token positions of every human response.
 
-Two protocols (``Protocol.name``):
+Two protocols (``SpanRules.protocol``):
 
 ``reference`` — exactly the published scripts: tokenise the processed string with special tokens, then
   search left to right for the token ids of `` <<`` and ``>>`` (chat: the template's assistant-turn
@@ -21,292 +21,46 @@ counts the audit reports. A position-0 token can never be scored (nothing predic
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
-import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, cast
 
 import numpy as np
 
-from psych201_jax import conditions, hashing
+from psych201_jax import conditions
+from psych201_jax.conditions import Template
 from psych201_jax.data import transcripts
-from psych201_jax.errors import UserError
+from psych201_jax.data.tokenizer import TokenizerInfo
 from psych201_jax.types import Excluded, ParticipantSpans, Record, Rejected
 
-PROTOCOLS = tuple(p.value for p in conditions.Protocol)
-TEMPLATES = tuple(t.value for t in conditions.Template)
-# Every tokenizer file the converter copies; the tokenizer fingerprint covers these plus config.json.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "generation_config.json",
-)
-
-
-class ChatTemplateError(UserError, ValueError):
-    """template=chat with a tokenizer whose chat template cannot render the reference's string messages."""
+__all__ = ["SpanRules", "tokenize_records"]
 
 
 @dataclasses.dataclass(frozen=True)
-class Protocol:
+class SpanRules:
     """How records become token spans.
 
-    name: reference | robust.  template: none | chat.
+    protocol: reference | robust.  template: none | chat (strings are read as the enums).
     max_chars: the reference's character cut (applied after the persona prefix, as it does).
     token_budget: robust only; tokens of experiment text kept (persona prefix excluded). None = no cut.
     """
 
-    name: str = "reference"
-    template: str = "none"
+    protocol: conditions.Protocol = conditions.Protocol.REFERENCE
+    template: Template = Template.NONE
     max_chars: int = transcripts.REFERENCE_MAX_CHARS
     token_budget: int | None = None
 
     def __post_init__(self):
-        if self.name not in PROTOCOLS:
-            raise ValueError(f"unknown protocol {self.name!r}; expected one of {PROTOCOLS}")
-        if self.template not in TEMPLATES:
-            raise ValueError(f"unknown template {self.template!r}; expected one of {TEMPLATES}")
+        for name, cls in (("protocol", conditions.Protocol), ("template", Template)):
+            value = getattr(self, name)
+            if value not in tuple(cls):
+                raise ValueError(f"unknown {name} {value!r}; expected one of {tuple(m.value for m in cls)}")
+            object.__setattr__(self, name, cls(value))
         if self.token_budget is not None and self.token_budget < 1:
             raise ValueError(f"token_budget must be positive, got {self.token_budget}")
 
-
-# ---------------------------------------------------------------------------------------------------
-# Tokenizer
-
-
-class TokenizerInfo:
-    """An HF tokenizer directory plus what both protocols need from it.
-
-    Encoding goes through the Rust ``tokenizers`` backend in batches (identical ids to
-    ``tok([text]).input_ids``, checked in the tests) so the host keeps up with the accelerator.
-
-    With ``snapshot_dir``, the backend exactly as transformers built it, and the few facts the
-    protocols read from the HF tokenizer, are saved there under the tokenizer's fingerprint and the
-    transformers and tokenizers versions; a later job loads that snapshot with ``tokenizers`` alone
-    and skips importing transformers (1.3 s of a short job's start-up). The HF tokenizer itself is
-    built only when something needs it (chat templates).
-    """
-
-    def __init__(self, path: str, snapshot_dir: str = ""):
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"tokenizer directory {path!r} does not exist")
-        self.path = path
-        self.sha256 = hashing.hash_files(path, TOKENIZER_FILES + ("config.json",))
-        self._hf: Any = None
-        self._chat_markers: tuple[tuple[int, ...], tuple[int, ...]] | None = None
-        self._trims: bool | None = None
-        key = self._snapshot_key() if snapshot_dir else None
-        snapshot = os.path.join(os.path.expanduser(snapshot_dir), f"{key}.json") if key else ""
-        facts = _read_snapshot(snapshot) if snapshot else None
-        fast = _backend_from_str(facts["backend"]) if facts is not None else None
-        if facts is None or fast is None:
-            facts = self._facts_from_hf()
-            fast = facts["backend"]
-            if snapshot:
-                _write_snapshot(snapshot, facts)
-        self.fast: Any = fast
-        self.base_l_id: tuple[int, ...] = tuple(facts["base_l_id"])
-        self.base_r_id: tuple[int, ...] = tuple(facts["base_r_id"])
-        self.bos_token: str | None = facts["bos_token"]
-        self.has_template: bool = facts["has_template"]
-
     @property
-    def hf(self) -> Any:
-        """The transformers tokenizer (loaded on first use when the snapshot was used)."""
-        if self._hf is None:
-            from transformers import AutoTokenizer
-
-            self._hf = AutoTokenizer.from_pretrained(self.path, trust_remote_code=False)
-        return self._hf
-
-    def _facts_from_hf(self) -> dict:
-        hf = self.hf
-        fast = getattr(hf, "backend_tokenizer", None) or getattr(hf, "_tokenizer", None)
-        if fast is None:
-            raise ValueError(f"{self.path}: a fast (tokenizers-backed) tokenizer is required for offsets")
-        return dict(
-            base_l_id=list(hf(" <<", add_special_tokens=False).input_ids),
-            base_r_id=list(hf(">>", add_special_tokens=False).input_ids),
-            bos_token=getattr(hf, "bos_token", None),
-            has_template=bool(getattr(hf, "chat_template", None)),
-            backend=fast,  # the live object here; its JSON in a snapshot
-        )
-
-    def _snapshot_key(self) -> str | None:
-        """The snapshot's file name: None (no snapshot) when the library versions are unknown."""
-        from importlib import metadata
-
-        try:
-            versions = [metadata.version(name) for name in ("transformers", "tokenizers")]
-        except metadata.PackageNotFoundError:  # not installed as distributions
-            return None
-        return hashing.hash_json([_SNAPSHOT_FORMAT, self.sha256, *versions])[:32]
-
-    # -- encoding -----------------------------------------------------------------------------------
-    def encode_batch(
-        self, texts: Sequence[str], add_special_tokens: Sequence[bool] | bool = True
-    ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """[(ids int32 [T], char offsets int32 [T, 2])] per text."""
-        flags = [add_special_tokens] * len(texts) if isinstance(add_special_tokens, bool) else list(add_special_tokens)
-        out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(texts)
-        for flag in (True, False):
-            idx = [i for i, f in enumerate(flags) if f == flag]
-            if not idx:
-                continue
-            encs = self.fast.encode_batch([texts[i] for i in idx], add_special_tokens=flag)
-            for i, enc in zip(idx, encs):
-                out[i] = (np.asarray(enc.ids, dtype=np.int32), np.asarray(enc.offsets, dtype=np.int32).reshape(-1, 2))
-        return out  # type: ignore[return-value]
-
-    # -- chat ---------------------------------------------------------------------------------------
-    def template_kwargs(self) -> dict:
-        """The reference's kwargs: no generation prompt; ``enable_thinking=False`` iff the template knows it."""
-        if not self.has_template:
-            raise ValueError(f"{self.path}: tokenizer has no chat template; use template=none")
-        kwargs: dict = dict(tokenize=False, add_generation_prompt=False)
-        if "enable_thinking" in (self.hf.chat_template or ""):
-            kwargs["enable_thinking"] = False
-        return kwargs
-
-    def check_chat_template(self) -> None:
-        """Raises ChatTemplateError unless the template renders plain-string message content (the reference
-        passes strings; vision-language processors' templates may take only lists of content parts)."""
-        probe = "\ue010probe\ue011"
-        advice = "score this model with template=none, as the study scores its vision-language models"
-        try:
-            rendered = self.render([{"role": "user", "content": probe}])
-        except Exception as err:  # jinja raises many types; any failure means the same thing here
-            raise ChatTemplateError(
-                f"{self.path}: the chat template fails on plain-string message content ({type(err).__name__}: "
-                f"{err}); it may take only lists of content parts; {advice}"
-            ) from None
-        if probe not in rendered:
-            raise ChatTemplateError(
-                f"{self.path}: the chat template drops plain-string message content (it may take only lists of "
-                f"content parts); {advice}"
-            )
-
-    def render(self, messages: list[dict[str, str]]) -> str:
-        return cast(str, self.hf.apply_chat_template(messages, **self.template_kwargs()))  # tokenize=False: a str
-
-    def chat_markers(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """The reference's ``build_assistant_markers``: ids opening and closing an assistant turn."""
-        if self._chat_markers is None:
-            a_mark, t_mark = "\ue000ASSISTANT_CONTENT\ue001", "\ue002TRAILING_USER\ue003"
-            user_only = self.render([{"role": "user", "content": "u"}])
-            with_asst = self.render(
-                [
-                    {"role": "user", "content": "u"},
-                    {"role": "assistant", "content": a_mark},
-                    {"role": "user", "content": t_mark},
-                ]
-            )
-            ids_user = self.hf(user_only, add_special_tokens=False).input_ids
-            enc = self.hf(with_asst, add_special_tokens=False, return_offsets_mapping=True)
-            ids_full, offsets = enc.input_ids, enc.offset_mapping
-            if ids_full[: len(ids_user)] != ids_user:
-                raise ValueError(f"{self.path}: chat template tokenises non-prefix; marker ids unreliable")
-            mstart = with_asst.index(a_mark)
-            mend = mstart + len(a_mark)
-            tstart = with_asst.index(t_mark)
-            first = next(i for i, (a, _) in enumerate(offsets) if a >= mstart)
-            after = next(i for i, (a, _) in enumerate(offsets) if a >= mend)
-            trailing_first = next(i for i, (a, _) in enumerate(offsets) if a >= tstart)
-            self._chat_markers = (tuple(ids_full[len(ids_user) : first]), tuple(ids_full[after:trailing_first]))
-        return self._chat_markers
-
-    def template_trims(self) -> bool:
-        """Whether the chat template strips message content (Llama 3's ``| trim``)."""
-        if self._trims is None:
-            rendered = self.render(
-                [
-                    {"role": "user", "content": " \ue000u\ue001 "},
-                    {"role": "assistant", "content": " \ue000a\ue001 "},
-                    {"role": "user", "content": " \ue000v\ue001 "},
-                ]
-            )
-            self._trims = " \ue000a\ue001 " not in rendered
-        return self._trims
-
-    def render_with_spans(self, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
-        """(rendered chat, [start, end) of every message's content in it), in message order.
-
-        Positions come from rendering placeholder contents; the real rendering must equal the
-        placeholder rendering with contents substituted, else a ValueError (the template does
-        something content-dependent we cannot locate reliably).
-        """
-        holders = [f"\ue000{i}\ue001" for i in range(len(messages))]
-        layout = self.render([{"role": m["role"], "content": h} for m, h in zip(messages, holders)])
-        trims = self.template_trims()
-        pieces, spans, cursor, length = [], [], 0, 0
-        for message, holder in zip(messages, holders):
-            at = layout.index(holder, cursor)
-            pieces.append(layout[cursor:at])
-            length += at - cursor
-            content = message["content"].strip() if trims else message["content"]
-            pieces.append(content)
-            spans.append((length, length + len(content)))
-            length += len(content)
-            cursor = at + len(holder)
-        pieces.append(layout[cursor:])
-        rendered = "".join(pieces)
-        if rendered != self.render(messages):
-            raise ValueError("chat template output depends on message content; cannot locate responses")
-        return rendered, spans
-
-
-_SNAPSHOT_FORMAT = 1
-
-
-def _backend_from_str(text: Any) -> Any:
-    """The backend of a snapshot, or None if it does not parse (then it is rebuilt through transformers)."""
-    import tokenizers
-
-    try:
-        return tokenizers.Tokenizer.from_str(text)
-    except Exception:  # the Rust parser raises its own exception types
-        return None
-
-
-def _read_snapshot(path: str) -> dict | None:
-    """A tokenizer snapshot's facts, or None when it is absent or unreadable (then it is rebuilt)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            facts = json.load(f)
-        if not isinstance(facts, dict) or not {"backend", "base_l_id", "base_r_id", "bos_token", "has_template"} <= set(
-            facts
-        ):
-            return None
-        return facts
-    except (OSError, ValueError):
-        return None
-
-
-def _write_snapshot(path: str, facts: dict) -> None:
-    """Writes a snapshot atomically (a concurrent reader sees the old file or the whole new one); a cache
-    that cannot be written only costs the next job its start-up time."""
-    data = dict(facts, backend=facts["backend"].to_str())
-    tmp = ""
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")  # unique across hosts too
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)
-    except OSError:
-        if tmp:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
+    def chat(self) -> bool:
+        return self.template == Template.CHAT
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -445,12 +199,12 @@ class _Prepared:
     marker_starts: list[int]  # char index of each response's opening marker in ``text``
 
 
-def _prepare(record: Record, persona: Mapping[str, str] | None, protocol: Protocol, tok: TokenizerInfo) -> _Prepared:
+def _prepare(record: Record, persona: Mapping[str, str] | None, rules: SpanRules, tok: TokenizerInfo) -> _Prepared:
     n_text = record.text.count("<<")
     full, prefix_len = transcripts.with_persona(record.text, persona)
-    if protocol.name == "reference":
-        chat = protocol.template == "chat"
-        processed = transcripts.reference_truncate(full, protocol.max_chars, chat=chat)
+    if rules.protocol == conditions.Protocol.REFERENCE:
+        chat = rules.chat
+        processed = transcripts.reference_truncate(full, rules.max_chars, chat=chat)
         kept = processed.count("<<")
         if not chat:
             spans = transcripts.response_char_spans(processed)
@@ -460,7 +214,7 @@ def _prepare(record: Record, persona: Mapping[str, str] | None, protocol: Protoc
         spans = [s for s, m in zip(spans, messages) if m["role"] == "assistant"]
         return _Prepared(rendered, True, spans, n_text, n_text - kept, 0, [s for s, _ in spans])
     # robust
-    if protocol.template == "none":
+    if not rules.chat:
         spans = transcripts.response_char_spans(full)
         return _Prepared(full, True, spans, n_text, 0, prefix_len, [s - 2 for s, _ in spans])
     text = full + "." if transcripts.ends_with_response(full) else full
@@ -473,10 +227,10 @@ def _prepare(record: Record, persona: Mapping[str, str] | None, protocol: Protoc
 
 
 def _label(
-    record: Record, prep: _Prepared, ids: np.ndarray, offsets: np.ndarray, protocol: Protocol, tok: TokenizerInfo
+    record: Record, prep: _Prepared, ids: np.ndarray, offsets: np.ndarray, rules: SpanRules, tok: TokenizerInfo
 ) -> ParticipantSpans:
-    if protocol.name == "reference":
-        l_id, r_id = tok.chat_markers() if protocol.template == "chat" else (tok.base_l_id, tok.base_r_id)
+    if rules.protocol == conditions.Protocol.REFERENCE:
+        l_id, r_id = tok.chat_markers() if rules.chat else (tok.base_l_id, tok.base_r_id)
         labels = reference_labels(ids, l_id, r_id)
         index, runs = runs_to_response_index(labels)
         missed, runaway, merged = _diagnose_runs(runs, offsets, prep.responses)
@@ -497,7 +251,7 @@ def _label(
             line=record.line,
         )
     index, straddling = offsets_to_response_index(offsets, prep.responses)
-    cut = _budget_cut(index, offsets, prep.text_start, protocol.token_budget, np.asarray(prep.marker_starts))
+    cut = _budget_cut(index, offsets, prep.text_start, rules.token_budget, np.asarray(prep.marker_starts))
     straddle = int(straddling[:cut].sum())  # only tokens that are kept
     ids, index = ids[:cut], index[:cut]
     n_kept = len(prep.responses) if cut == len(offsets) else int(index.max(initial=-1)) + 1
@@ -527,7 +281,7 @@ def _label(
 def tokenize_records(
     records: Iterable[Record | Rejected],
     tok: TokenizerInfo,
-    protocol: Protocol,
+    rules: SpanRules,
     *,
     persona_of=None,
     batch_size: int = 64,
@@ -551,7 +305,7 @@ def tokenize_records(
                 yield entry
             else:
                 ids, offsets = next(encoded)
-                yield _label(entry[0], entry[1], ids, offsets, protocol, tok)
+                yield _label(entry[0], entry[1], ids, offsets, rules, tok)
         pending.clear()
         n_prepared = 0
 
@@ -566,7 +320,7 @@ def tokenize_records(
             pending.append(_reject(record, f"excluded by the persona condition: {persona.reason}"))
             continue
         try:
-            pending.append((record, _prepare(record, persona, protocol, tok)))
+            pending.append((record, _prepare(record, persona, rules, tok)))
             n_prepared += 1
         except ValueError as err:
             pending.append(_reject(record, str(err)))

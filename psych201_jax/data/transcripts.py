@@ -1,6 +1,6 @@
 """Stage 2: a record's text → the string (or chat messages) a protocol tokenizes.
 
-The ``reference`` functions copy the published scripts character for character (reference doc §4–§6):
+The ``reference`` functions copy the published scripts character for character (docs/reference-protocol.md):
 persona prefix, then the 32,768-character cut, the four replacements, the cut of an unclosed final
 ``<<``, removal of whitespace before ``>>``, and in chat mode a trailing ``"."`` and the user/assistant
 split. The ``robust`` protocol uses the text as recorded and leaves truncation to the token stage.

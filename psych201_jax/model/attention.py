@@ -85,7 +85,7 @@ def attention(
 ) -> Float[Array, "b t hq d"]:
     """q [B, T, Hq, hd], k/v [B, T, Hk, hd] (Hq % Hk == 0), segment_ids int32[B, T] -> [B, T, Hq, hd].
 
-    Tiles default to 512 x 512. On a 2-core AVX-512 CPU (the workloads of ``launch.benchmark``'s attention
+    Tiles default to 512 x 512. On a 2-core AVX-512 CPU (the workloads of ``benchmarks.benchmark``'s attention
     rows and two more, 8/4 heads of 64, timed at each tile size) 512 ran one 6.7K-token segment at 153
     GFLOP/s against 126 at 256 and 138 at 768, a packed row of six 2K-7K segments at 125 against 109, and
     2K segments alike (79); only 600-token segments ran faster at 256 (37 against 33 GFLOP/s), where
@@ -220,7 +220,7 @@ def _blockwise(q, k, v, segment_ids, *, sliding_window, block_q, block_k):
     Layout for the CPU's matmuls: heads lead ([B, Hk, T, hd]) and the G query heads sharing a kv head are
     folded into the rows of one [G * block_q, hd] x [hd, block_k] matmul per kv head; the scale is applied
     inside the exp, not as a pass over the scores; key blocks that every query of the block sees whole skip
-    the mask. Measured on a 2-core CPU (``launch.benchmark``'s attention row): 1.7x the previous
+    the mask. Measured on a 2-core CPU (``benchmarks.benchmark``'s attention row): 1.7x the previous
     [B, T, Hk, G, hd] tiles; 0.85-0.9x torch's CPU SDPA.
     """
     b, t, hq, hd = q.shape

@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from psych201_jax import hashing, locks
-from psych201_jax.data.spans import TOKENIZER_FILES
+from psych201_jax.data.tokenizer import TOKENIZER_FILES
 from psych201_jax.errors import UserError
 from psych201_jax.model import hf_weights as weights
 from psych201_jax.model import spec as modelspec

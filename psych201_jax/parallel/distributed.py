@@ -94,18 +94,6 @@ def initialize(
     return True
 
 
-def initialize_from_config(cfg) -> bool:
-    """``initialize`` from a config section with mode, coordinator, num_processes, process_id, local_device_ids."""
-    ids = str(cfg.get("local_device_ids", "") or "").strip()
-    return initialize(
-        cfg.get("coordinator", ""),
-        int(cfg.get("num_processes", 0)),
-        int(cfg.get("process_id", -1)),
-        mode=cfg.get("mode", "auto"),
-        local_device_ids=[int(x) for x in ids.split(",")] if ids else None,
-    )
-
-
 def is_multiprocess() -> bool:
     return jax.process_count() > 1
 

@@ -85,21 +85,19 @@ def make_mesh(
     return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES), devices=devices)
 
 
-def mesh_from_config(cfg, *, n_processes: int | None = None) -> jax.sharding.Mesh:
-    """The mesh of ``cfg`` (``mode``, ``data``, ``fsdp``, ``tensor``); every job runs on a mesh.
+def mesh_for(mode: str = "auto", data: int = -1, fsdp: int = 1, tensor: int = 1) -> jax.sharding.Mesh:
+    """The mesh of a job's ``mesh`` settings; every job runs on a mesh.
 
     mode "off": the 1 x 1 x 1 mesh on this process's first device (one process only); "auto" and "on": the
     ``data x fsdp x tensor`` mesh over every device of every process (sizes that do not fit are an error).
     """
-    mode = cfg.get("mode", "auto")
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"mesh.mode must be auto, on or off, got {mode!r}")
-    n_processes = jax.process_count() if n_processes is None else n_processes
     if mode == "off":
-        if n_processes > 1:
+        if jax.process_count() > 1:
             raise ValueError("mesh.mode=off runs on one device of one process; a multi-process job needs a mesh")
         return make_mesh(1, 1, 1, devices=jax.local_devices()[:1])
-    return make_mesh(cfg.get("data", -1), cfg.get("fsdp", 1), cfg.get("tensor", 1))
+    return make_mesh(data, fsdp, tensor)
 
 
 def logical_sizes(spec: ModelSpec) -> dict[str, int]:

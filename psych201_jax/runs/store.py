@@ -7,7 +7,7 @@ Layout:
   chunks/pPPPPP-cNNNNNN/        one committed chunk of participants from process P:
       participants.jsonl        participant + audit table: one line per input participant (scored or
                                 rejected) with its counts and its offsets into the arrays below;
-      nll/ n_tokens/            zarr arrays (tensorstore) [responses]: summed NLL, scored tokens;
+      nll/ n_scored/            zarr arrays (tensorstore) [responses]: summed NLL, scored tokens;
       argmax/ target/           zarr arrays [scored tokens]: the model's top token, the human token;
       response_offsets/ token_offsets/   zarr int64 [participants + 1].
   complete.json                 written when the job finished (totals, timing).
@@ -35,6 +35,7 @@ import numpy as np
 import tensorstore as ts
 
 from psych201_jax import hashing, locks
+from psych201_jax.conditions import Protocol
 from psych201_jax.errors import UserError
 from psych201_jax.types import ParticipantResult, Rejected, input_id
 
@@ -150,15 +151,15 @@ def _read_array(path: str) -> np.ndarray:
     return ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": path}}).result().read().result()
 
 
-RESPONSE_FIELDS = ("nll", "n_tokens")  # one value per response
+RESPONSE_FIELDS = ("nll", "n_scored")  # one value per response: summed NLL, scored tokens
 # Per response too, stored when every scored row of a chunk has them: NLL per temperature [R, nT] (2-D
 # array), summed entropy and option mass (calibration statistics of the head).
 CALIBRATION_FIELDS = ("nll_t", "entropy", "option_mass")
 TOKEN_FIELDS = ("argmax", "target", "option_argmax")  # one value per scored token (option_argmax optional)
 PER_RESPONSE = RESPONSE_FIELDS + CALIBRATION_FIELDS
 ALL_ARRAYS = PER_RESPONSE + TOKEN_FIELDS + ("response_offsets", "token_offsets")
-REQUIRED_ARRAYS = ("nll", "n_tokens", "response_offsets", "token_offsets")  # written for every chunk
-_DTYPES = {"nll": ts.float64, "n_tokens": ts.int32, "argmax": ts.int32, "target": ts.int32, "option_argmax": ts.int32}
+REQUIRED_ARRAYS = ("nll", "n_scored", "response_offsets", "token_offsets")  # written for every chunk
+_DTYPES = {"nll": ts.float64, "n_scored": ts.int32, "argmax": ts.int32, "target": ts.int32, "option_argmax": ts.int32}
 _DTYPES.update({name: ts.float64 for name in CALIBRATION_FIELDS})
 
 
@@ -186,7 +187,7 @@ def row_of(item: ParticipantResult | Rejected) -> dict:
     }
     row.update(s.counters())
     row.update(
-        tokens=int(len(s.token_ids)), nll=item.nll, n_tokens=item.n_scored, argmax=item.argmax, target=item.target
+        tokens=int(len(s.token_ids)), nll=item.nll, n_scored=item.n_scored, argmax=item.argmax, target=item.target
     )
     if item.option_argmax is not None:
         row["option_argmax"] = item.option_argmax
@@ -315,7 +316,7 @@ def chunk_dirs(out_dir: str) -> list[str]:
 
 def iter_rows(out_dir: str) -> Iterator[dict]:
     """Every committed participant as a dict: the table row plus, for scored participants, ``nll``
-    (None for a response with no scored token), ``n_tokens``, ``argmax``, ``target`` (and
+    (None for a response with no scored token), ``n_scored``, ``argmax``, ``target`` (and
     ``option_argmax`` when stored) as lists. A damaged chunk is a ResultsError naming it."""
     for chunk in chunk_dirs(out_dir):
         try:
@@ -332,10 +333,22 @@ def _corrupt(chunk: str, err: Exception) -> ResultsError:
     )
 
 
+# Arrays that chunks written by earlier versions hold under another name.
+_LEGACY_NAMES = {"n_scored": "n_tokens"}
+
+
+def _array_path(chunk: str, name: str) -> str:
+    path = os.path.join(chunk, name)
+    legacy = _LEGACY_NAMES.get(name)
+    if legacy and not os.path.isdir(path) and os.path.isdir(os.path.join(chunk, legacy)):
+        return os.path.join(chunk, legacy)
+    return path
+
+
 def _chunk_rows(chunk: str) -> Iterator[dict]:
     """The rows of one chunk; raises on a truncated table or a missing array."""
     names = [n for n in ALL_ARRAYS if n in REQUIRED_ARRAYS or os.path.isdir(os.path.join(chunk, n))]
-    arrays = {name: _read_array(os.path.join(chunk, name)) for name in names}
+    arrays = {name: _read_array(_array_path(chunk, name)) for name in names}
     r_off, t_off = arrays["response_offsets"], arrays["token_offsets"]
     table = _read_table(chunk)
     n_scored = sum("index" in row for row in table)
@@ -413,14 +426,14 @@ def read_complete(out_dir: str) -> dict | None:
         return None
 
 
-def outcome(row: dict, protocol: str) -> tuple[str, str]:
+def outcome(row: dict, protocol: Protocol) -> tuple[str, str]:
     """(status, reason) of one stored participant: ``rejected`` (with its reason), ``unscored`` (read and
     tokenized, but not one response has a scored token) or ``scored``; the reason counts every response
     lost (to the reference's character cut or the robust token budget) and every labelling problem."""
     if row["status"] != "scored":
         return row["status"], row.get("reason", "")
     lost = row.get("lost_truncation", 0)
-    cut = "the 32,768-character cut" if protocol == "reference" else "the token budget"
+    cut = "the 32,768-character cut" if protocol == Protocol.REFERENCE else "the token budget"
     reasons = [f"{lost} response(s) lost to {cut}"] if lost else []
     reasons += [r for r in row.get("reason", "").split("; ") if r]
     if not any(x is not None for x in row.get("nll", [])):

@@ -13,92 +13,197 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import shlex
 import socket
 import time
+from collections.abc import Mapping
+from typing import Any
 
 from absl import logging
 
 from psych201_jax import locks
-from psych201_jax.conditions import Condition, ConditionError, ModelInfo
+from psych201_jax.conditions import Condition, ConditionError, ModelInfo, ModelKind
 from psych201_jax.errors import UserError
 from psych201_jax.model.spec import SUPPORTED_MODEL_TYPES
 from psych201_jax.runs import store
+from psych201_jax.runs.config import ConfigError, ScoreJob
 
-MODEL_FIELDS = ModelInfo.FIELDS
-CONDITION_FIELDS = Condition.SWEEP_FIELDS
-
-
-@dataclasses.dataclass(frozen=True)
-class Job:
-    name: str  # <model slug>/<condition>
-    out: str
-    model_path: str
-    model_info: dict
-    condition: dict
-    skip_reason: str = ""  # set when the job cannot run here (e.g. unsupported architecture)
-
-    def score_args(self, data: str, overrides: dict) -> list[str]:
-        """``launch.score`` flags of this job."""
-        args = [
-            f"--config.model={self.model_path}",
-            f"--config.data={self.condition.get('data') or data}",
-            f"--config.out={self.out}",
-        ]
-        for key in CONDITION_FIELDS:
-            args.append(f"--config.{key}={self.condition[key]}")
-        for key in MODEL_FIELDS:
-            args.append(f"--config.model_info.{key}={self.model_info[key]}")
-        args += [f"--config.{k}={v}" for k, v in sorted(overrides.items())]
-        return args
-
-
-def slug(hf_id: str) -> str:
-    return hf_id.replace("/", "--")
-
-
-def _applies(condition: dict, model: dict) -> bool:
-    kinds = condition.get("kinds", "all")
-    if kinds == "all":
-        return True
-    if kinds == "post":
-        return model["kind"] != "base"
-    if kinds == "chat":
-        return bool(model.get("chat"))
-    if kinds == "persona":
-        return bool(model.get("persona", True))
-    return model["kind"] in kinds
-
-
-def expand(cfg) -> list[Job]:
-    """All (model, condition) jobs of a sweep config, in config order (conditions outer)."""
-    jobs = []
-    for condition in cfg.conditions:
-        condition = {"persona_subset": False, "options": "none", "temperatures": "none", "data": "", **dict(condition)}
-        for model in cfg.models:
-            model = dict(model)
-            if not _applies(condition, model):
-                continue
-            info = {k: model.get(k, "") for k in MODEL_FIELDS}
-            path = model.get("path") or os.path.join(cfg.model_root, model["hf_id"])
-            arch = model.get("arch", "")
-            skip = ""
-            if arch and arch not in SUPPORTED_MODEL_TYPES:
-                skip = f"architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-            name = f"{slug(model['hf_id'])}/{condition['name']}"
-            jobs.append(Job(name, os.path.join(cfg.out_root, name), path, info, condition, skip))
-    return jobs
+__all__ = ["Job", "Sweep", "SweepCondition", "SweepError", "SweepModel", "SweepStatus", "expand", "run_shard"]
 
 
 class SweepError(UserError):
     """A sweep config names conditions or models that cannot run."""
 
 
-def problems(jobs: list[Job], data: str) -> list[str]:
-    """What would make runnable jobs fail before scoring: a bad condition value, a model path that is
-    neither a converted nor an HF checkpoint, data that does not exist (one line each)."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SweepModel:
+    """One model of a sweep: what it is, where its checkpoint is, and which conditions apply to it."""
+
+    info: ModelInfo
+    path: str = dataclasses.field(metadata={"doc": "checkpoint directory (default: <model_root>/<hf_id>)"})
+    arch: str = dataclasses.field(default="", metadata={"doc": "HF model_type; an unsupported one is skipped"})
+    chat: bool = dataclasses.field(default=False, metadata={"doc": "the chat condition applies (kinds=chat)"})
+    persona: bool = dataclasses.field(default=True, metadata={"doc": "persona conditions apply (kinds=persona)"})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SweepCondition:
+    """One condition of a sweep and the models it applies to."""
+
+    name: str = dataclasses.field(metadata={"doc": "names the results directory <out_root>/<model>/<name>"})
+    condition: Condition
+    kinds: str | tuple[str, ...] = dataclasses.field(
+        default="all", metadata={"doc": "all | post | chat | persona | a list of model kinds"}
+    )
+
+    def applies(self, model: SweepModel) -> bool:
+        if self.kinds == "all":
+            return True
+        if self.kinds == "post":
+            return model.info.kind != ModelKind.BASE
+        if self.kinds == "chat":
+            return model.chat
+        if self.kinds == "persona":
+            return model.persona
+        return model.info.kind.value in self.kinds
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Sweep:
+    """A sweep: model pairs x conditions, one results directory per (model, condition)."""
+
+    name: str = dataclasses.field(metadata={"doc": "the sweep's name (status file, emitted job names)"})
+    model_root: str = dataclasses.field(default="", metadata={"doc": "checkpoints are read from <model_root>/<hf_id>"})
+    data: str = dataclasses.field(metadata={"doc": "the data of every condition without its own data"})
+    out_root: str = dataclasses.field(metadata={"doc": "results go to <out_root>/<model slug>/<condition>"})
+    models: tuple[SweepModel, ...] = dataclasses.field(
+        metadata={"doc": "dicts: hf_id, family, generation, size_b, kind, base_hf_id, path, arch, chat, persona"}
+    )
+    conditions: tuple[SweepCondition, ...] = dataclasses.field(
+        metadata={"doc": "dicts: name, protocol, template, persona, persona_subset, options, temperatures, data, kinds"}
+    )
+    score: tuple[tuple[str, Any], ...] = dataclasses.field(
+        default=(), metadata={"doc": "psych201-score config overrides for every job, e.g. dict(dtype='bfloat16')"}
+    )
+
+    @classmethod
+    def from_mapping(cls, m: Any) -> Sweep:
+        """From a sweep config (``configs/sweeps/*.py``); a SweepError names every bad model or condition."""
+        sweep, bad = cls.parse(m)
+        if bad:
+            raise SweepError("; ".join(bad))
+        return sweep
+
+    @classmethod
+    def parse(cls, m: Any) -> tuple[Sweep, list[str]]:
+        """The sweep of its valid models and conditions, and one line per invalid one (left out)."""
+        bad: list[str] = []
+
+        def valid(parse, entries):
+            out = []
+            for entry in entries:
+                try:
+                    out.append(parse(dict(entry)))
+                except SweepError as err:
+                    bad.append(str(err))
+            return tuple(out)
+
+        try:
+            sweep = cls(
+                name=str(m["name"]),
+                model_root=str(m.get("model_root", "")),
+                data=str(m["data"]),
+                out_root=str(m["out_root"]),
+                models=valid(lambda x: _model(x, m.get("model_root", "")), m["models"]),
+                conditions=valid(_condition, m["conditions"]),
+                score=tuple(sorted(dict(m.get("score") or {}).items())),
+            )
+        except KeyError as err:
+            raise SweepError(f"the sweep config lacks {err}") from None
+        return sweep, bad
+
+    def overrides(self) -> dict[str, Any]:
+        return dict(self.score)
+
+
+def _model(m: dict, model_root: str) -> SweepModel:
+    try:
+        info = ModelInfo.from_mapping(m)
+    except ConditionError as err:
+        raise SweepError(f"model {m.get('hf_id')!r}: {err}") from None
+    return SweepModel(
+        info=info,
+        path=m.get("path") or os.path.join(model_root, info.hf_id),
+        arch=str(m.get("arch", "")),
+        chat=bool(m.get("chat", False)),
+        persona=bool(m.get("persona", True)),
+    )
+
+
+def _condition(m: dict) -> SweepCondition:
+    name = str(m.get("name", ""))
+    try:
+        condition = Condition.from_mapping({"temperatures": "none", **m})
+    except ConditionError as err:
+        raise SweepError(f"condition {name!r}: {err}") from None
+    kinds = m.get("kinds", "all")
+    return SweepCondition(name=name, condition=condition, kinds=kinds if isinstance(kinds, str) else tuple(kinds))
+
+
+CONDITION_FIELDS = Condition.SWEEP_FIELDS
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One (model, condition) of a sweep, with its results directory."""
+
+    name: str  # <model slug>/<condition>
+    out: str
+    model: SweepModel
+    condition_name: str
+    condition: Condition  # its data: the condition's own, else the sweep's
+    skip_reason: str = ""  # set when the job cannot run here (e.g. unsupported architecture)
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return self.model.info
+
+    def score_job(self, overrides: Mapping[str, Any]) -> ScoreJob:
+        """The ``psych201-score`` job of this sweep job: the one mapping from a sweep entry to a job."""
+        try:
+            base = ScoreJob(model=self.model.path, model_info=self.model.info, condition=self.condition, out=self.out)
+            return base.with_overrides(overrides)
+        except ConfigError as err:
+            raise SweepError(f"{self.name}: the sweep's score overrides {dict(overrides)} do not fit: {err}") from None
+
+    def score_args(self, overrides: Mapping[str, Any]) -> list[str]:
+        """This job as ``psych201-score`` flags."""
+        return self.score_job(overrides).flags()
+
+
+def slug(hf_id: str) -> str:
+    return hf_id.replace("/", "--")
+
+
+def expand(sweep: Sweep) -> list[Job]:
+    """All (model, condition) jobs of a sweep, in config order (conditions outer)."""
+    jobs = []
+    for c in sweep.conditions:
+        condition = dataclasses.replace(c.condition, data=c.condition.data or sweep.data)
+        for model in sweep.models:
+            if not c.applies(model):
+                continue
+            skip = ""
+            if model.arch and model.arch not in SUPPORTED_MODEL_TYPES:
+                skip = f"architecture {model.arch!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+            name = f"{slug(model.info.hf_id)}/{c.name}"
+            jobs.append(Job(name, os.path.join(sweep.out_root, name), model, c.name, condition, skip))
+    return jobs
+
+
+def problems(jobs: list[Job], overrides: Mapping[str, Any]) -> list[str]:
+    """What would make runnable jobs fail before scoring: overrides that do not fit the job config, a model
+    path that is neither a converted nor an HF checkpoint, data that does not exist (one line each)."""
     out: list[str] = []
     seen: set[str] = set()
 
@@ -111,15 +216,15 @@ def problems(jobs: list[Job], data: str) -> list[str]:
         if job.skip_reason:
             continue
         try:
-            Condition.from_mapping(job.condition)
-        except ConditionError as err:
-            once(f"condition {job.condition['name']!r}: {err}")
-        path = job.model_path
+            job.score_job(overrides)
+        except SweepError as err:
+            once(str(err))
+        path = job.model.path
         if not any(os.path.isfile(os.path.join(path, f)) for f in ("model_spec.json", "config.json")):
-            once(f"model {job.model_info['hf_id']!r}: {path} is neither a converted nor an HF checkpoint directory")
-        for entry in (job.condition.get("data") or data).split(","):
+            once(f"model {job.model_info.hf_id!r}: {path} is neither a converted nor an HF checkpoint directory")
+        for entry in job.condition.data.split(","):
             if entry and not entry.startswith("hf:") and not os.path.exists(entry):
-                once(f"condition {job.condition['name']!r}: data {entry} does not exist")
+                once(f"condition {job.condition_name!r}: data {entry} does not exist")
     return out
 
 
@@ -131,29 +236,7 @@ def is_complete(job: Job) -> bool:
         done = Condition.from_mapping(store.read_manifest(job.out).get("config", {}))
     except ConditionError:
         return False
-    return done.values(CONDITION_FIELDS) == Condition.from_mapping(job.condition).values(CONDITION_FIELDS)
-
-
-def job_config(job: Job | None, data: str, overrides: dict):
-    """The ``psych201-score`` config of ``job`` (what its command line, ``score_args``, would give); None:
-    the sweep's overrides on the default config (what every job shares, e.g. ``distributed``)."""
-    from psych201_jax.runs import config
-
-    cfg = config.get_config()
-    if job is not None:
-        cfg.model, cfg.data, cfg.out = job.model_path, job.condition.get("data") or data, job.out
-        for key in CONDITION_FIELDS:
-            cfg[key] = job.condition[key]
-        for key in MODEL_FIELDS:
-            value = job.model_info[key]
-            if key == "size_b":  # unknown sizes are NaN, as ModelInfo reads them
-                value = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
-            cfg.model_info[key] = value
-    try:
-        cfg.update_from_flattened_dict(dict(overrides))
-    except (KeyError, TypeError, ValueError) as err:
-        raise SweepError(f"the sweep's score overrides {dict(overrides)} do not fit the job config: {err}") from None
-    return cfg
+    return done.values(CONDITION_FIELDS) == job.condition.values(CONDITION_FIELDS)
 
 
 def models_of(jobs: list[Job]) -> list[tuple[str, list[Job]]]:
@@ -249,19 +332,20 @@ def is_writer() -> bool:
 
 
 def run_shard(
-    jobs: list[Job], data: str, overrides: dict, *, out_root: str, name: str, shard: tuple[int, int] = (0, 1)
+    jobs: list[Job], overrides: Mapping[str, Any], *, out_root: str, name: str, shard: tuple[int, int] = (0, 1)
 ) -> list[dict]:
     """Runs this shard's models one after another in this process, each restored and compiled once, with
     all its conditions (jobs sharing a token stream share the forward pass, see ``job.run_conditions``).
     Complete jobs are skipped, partial ones resumed, a failed condition is recorded and the worker goes on.
     Returns one outcome per job of the shard (skipped jobs included)."""
-    from psych201_jax.parallel import distributed
     from psych201_jax.runs import job as job_lib
 
     units = shard_models(models_of(jobs), *shard)
-    shared = job_config(None, data, overrides)
-    distributed.initialize_from_config(shared.get("distributed", {}))  # before any JAX use
-    job_lib.enable_compile_cache(shared.get("compile_cache", ""))
+    try:
+        shared = ScoreJob().with_overrides(overrides)
+    except ConfigError as err:
+        raise SweepError(f"the sweep's score overrides {dict(overrides)} do not fit the job config: {err}") from None
+    job_lib.initialize_runtime(shared)  # before any JAX use
     writer = is_writer()
     status = SweepStatus(out_root, name)
     if writer:
@@ -275,11 +359,11 @@ def run_shard(
         if j.skip_reason and shard[0] == 0
     ]
     for model, model_jobs in units:
-        outcomes += _run_model(model, model_jobs, data, overrides, status if writer else None, shard, job_lib)
+        outcomes += _run_model(model, model_jobs, overrides, status if writer else None, shard, job_lib)
     return outcomes
 
 
-def _run_model(model: str, jobs: list[Job], data: str, overrides: dict, status, shard, job_lib) -> list[dict]:
+def _run_model(model: str, jobs: list[Job], overrides: Mapping[str, Any], status, shard, job_lib) -> list[dict]:
     """One model's jobs: one restore, then each share group of its incomplete jobs (a failed group is
     retried job by job, so only the failing condition fails)."""
     from psych201_jax.data import records
@@ -316,23 +400,23 @@ def _run_model(model: str, jobs: list[Job], data: str, overrides: dict, status, 
         )
         print(f"{model}: {state} | {status_line(current)}", flush=True)
 
-    cfgs = {}
+    score_jobs = {}
     for j in todo:
         try:
-            cfgs[j.name] = job_config(j, data, overrides)
+            score_jobs[j.name] = j.score_job(overrides)
         except Exception as err:  # noqa: BLE001 -- a job whose config cannot be built fails alone
             outcomes[j.name] = _failed(j, err)
-    by_cfg = {id(c): j for j in todo if (c := cfgs.get(j.name)) is not None}
-    if by_cfg:
+    by_job = {id(c): j for j in todo if (c := score_jobs.get(j.name)) is not None}
+    if by_job:
         report("running")
     loaded, loaded_key = None, None
-    load_errors: dict[str, Exception] = {}  # a restore that failed is not tried again for the next group
+    load_errors: dict[tuple, Exception] = {}  # a restore that failed is not tried again for the next group
     totals: dict[str, int | None] = {}
-    groups = job_lib.share_groups(list(cfgs.values()))
+    groups = job_lib.share_groups(list(score_jobs.values()))
     while groups:
         group = groups.pop(0)
-        group_jobs = [by_cfg[id(c)] for c in group]
-        key = job_lib.load_key(group[0])
+        group_jobs = [by_job[id(c)] for c in group]
+        key = group[0].load_key()
         if key in load_errors:
             for j in group_jobs:
                 outcomes[j.name] = _failed(j, load_errors[key])
@@ -370,96 +454,6 @@ def _run_model(model: str, jobs: list[Job], data: str, overrides: dict, status, 
 def _failed(job: Job, err: Exception) -> dict:
     detail = " ".join(str(err).split())[:300]
     return {"job": job.name, "status": "failed", "detail": f"{type(err).__name__}: {detail}", "out": job.out}
-
-
-def forwarded_flags(argv: list[str]) -> list[str]:
-    """The ``--config.*`` and ``--distributed`` flags of ``argv`` an emitted script must repeat, each
-    ``--flag value`` pair kept whole (absl takes the value as the next argument when there is no ``=``)."""
-    out = []
-    for i, arg in enumerate(argv):
-        if arg.startswith(("--config.", "--distributed")):
-            out.append(arg)
-            takes_next = "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("-")
-            if takes_next:
-                out.append(argv[i + 1])
-    return out
-
-
-def emit_script(
-    jobs: list[Job], target: str, *, shards: int, config_path: str, flags: list[str], name: str, out_root: str
-) -> str:
-    """A script running the sweep as ``shards`` shards (``--shard=I/N``, one model's conditions at a time):
-    ``slurm``: one ``sbatch --array`` task per shard, each on a whole node (all its GPUs, one SPMD job);
-    ``tpu``: one TPU slice per shard, every worker of a slice running the same command (as tpu_pod.sh)."""
-    units = models_of(jobs)
-    args = " ".join(shlex.quote(a) for a in [f"--config={config_path}", *flags])
-    head = [
-        "#!/usr/bin/env bash",
-        f"# sweep {name}: {len(units)} models, {sum(len(u[1]) for u in units)} jobs "
-        f"({sum(bool(j.skip_reason) for j in jobs)} skipped: unsupported), {shards} shards.",
-        "# Each shard runs its models one after another, each restored and compiled once for all its",
-        "# conditions; complete conditions are skipped and partial ones resumed, so rerunning is safe.",
-        f"# Progress of every shard: psych201-sweep {args} --status",
-    ]
-    if target == "slurm":
-        return "\n".join(
-            [
-                head[0],
-                f"#SBATCH --job-name=psych201-{name}",
-                f"#SBATCH --array=0-{shards - 1}",
-                "#SBATCH --nodes=1",
-                "#SBATCH --ntasks-per-node=1",
-                "#SBATCH --exclusive",
-                "#SBATCH --gpus-per-node=8",
-                "#SBATCH --requeue",
-                f"#SBATCH --output={out_root}/logs/slurm-%A_%a.log",
-                *head[1:],
-                "# --exclusive and --gpus-per-node (set it to your nodes' GPU count): the shard's one task gets",
-                "# every GPU of its node, and its mesh spans them. --requeue: SLURM reruns a shard whose node",
-                "# failed or was preempted. Submit: sbatch <this file>; rerun it to retry failed conditions.",
-                "set -euo pipefail",
-                'cd "${REPO:-${SLURM_SUBMIT_DIR:-.}}"',
-                f"srun --kill-on-bad-exit=1 .venv/bin/psych201-sweep {args} "
-                f'--shard="${{SLURM_ARRAY_TASK_ID}}/{shards}"',
-                "",
-            ]
-        )
-    if target == "tpu":
-        return "\n".join(
-            [
-                *head,
-                "# One TPU slice per shard, named ${TPU_PREFIX}-0 .. -"
-                + f"{shards - 1}"
-                + "; all workers of a slice run",
-                "# the same SPMD command (jax.distributed reads the slice from the TPU metadata).",
-                "set -uo pipefail",
-                "TPU_PREFIX=${TPU_PREFIX:?set TPU_PREFIX}",
-                "ZONE=${ZONE:?set ZONE}",
-                "DIR=${DIR:-psych201_jax}",
-                f"mkdir -p {shlex.quote(out_root)}/logs",
-                "pids=()",
-                f"for i in $(seq 0 {shards - 1}); do",
-                '  gcloud compute tpus tpu-vm ssh "${TPU_PREFIX}-${i}" --zone="$ZONE" --worker=all \\',
-                f'    --command="cd ~/$DIR && .venv/bin/psych201-sweep {_double_quoted(args)} '
-                f'--distributed=on --shard=${{i}}/{shards}" \\',
-                f"    > {shlex.quote(out_root)}/logs/shard-${{i}}.log 2>&1 &",
-                '  pids+=("$!")',
-                "done",
-                "failed=0",
-                'for p in "${pids[@]}"; do wait "$p" || failed=$((failed + 1)); done',
-                'echo "$failed of ' + f"{shards}" + ' shards failed"',
-                '[ "$failed" -eq 0 ]',
-                "",
-            ]
-        )
-    raise ValueError(f"unknown emit target {target!r}; expected local, tpu or slurm")
-
-
-def _double_quoted(text: str) -> str:
-    """``text`` safe inside a double-quoted shell string (the remote command keeps its own quoting)."""
-    for char in ("\\", '"', "$", "`"):
-        text = text.replace(char, "\\" + char)
-    return text
 
 
 def write_outcomes(path: str, outcomes: list[dict]) -> None:

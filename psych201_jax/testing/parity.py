@@ -28,7 +28,9 @@ from flax import nnx
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
 from psych201_jax import defaults
+from psych201_jax.conditions import Protocol
 from psych201_jax.data import records, spans
+from psych201_jax.data.tokenizer import TokenizerInfo
 from psych201_jax.model import axes, checkpoint
 from psych201_jax.model import spec as modelspec
 from psych201_jax.model.decoder import Decoder, layer_groups, param_shapes
@@ -413,9 +415,9 @@ def run_module(*args: str) -> subprocess.CompletedProcess:
 
 
 def run_score_job(hf_dir: str, data: str, out: str, protocol: str, cache_dir: str) -> subprocess.CompletedProcess:
-    """The one call that runs a scoring job (``launch.score``) for the checks below."""
+    """The one call that runs a scoring job (``psych201_jax.cli.score``) for the checks below."""
     return run_module(
-        "launch.score",
+        "psych201_jax.cli.score",
         f"--config.model={hf_dir}",
         f"--config.data={data}",
         f"--config.out={out}",
@@ -426,10 +428,10 @@ def run_score_job(hf_dir: str, data: str, out: str, protocol: str, cache_dir: st
 
 
 def check_score_job_against_hf(hf_dir, hf, tmp_path, wrapper: str, *, rtol: float, atol: float) -> None:
-    """launch.score on ``hf_dir`` (SCORE_STUDIES, 11 participants) under both protocols: every response NLL
+    """psych201_jax.cli.score on ``hf_dir`` (SCORE_STUDIES, 11 participants) under both protocols: every response NLL
     equals ``hf``'s reference computation (the ``0_analyses/eval.py`` loop, docs/reference-protocol.md), and
     the manifest records the ``wrapper``."""
-    tok = spans.TokenizerInfo(hf_dir)
+    tok = TokenizerInfo(hf_dir)
     data = ",".join(os.path.join(defaults.SAMPLE_DATA, study) for study in SCORE_STUDIES)
     for protocol in ("reference", "robust"):
         out = tmp_path / f"res_{protocol}"
@@ -440,7 +442,7 @@ def check_score_job_against_hf(hf_dir, hf, tmp_path, wrapper: str, *, rtol: floa
         assert manifest["model"]["spec"]["wrapper"] == wrapper
         with open(os.path.join(hf_dir, "config.json")) as fh:
             assert manifest["model"]["provenance"]["architectures"] == json.load(fh)["architectures"]
-        exported = run_module("launch.export", f"--results={out}", f"--out={tmp_path / f'{protocol}.jsonl'}")
+        exported = run_module("psych201_jax.cli.export", f"--results={out}", f"--out={tmp_path / f'{protocol}.jsonl'}")
         assert exported.returncode == 0, exported.stderr[-3000:]
         rows = {
             (r["study"], r["experiment"], r["participant"]): r
@@ -451,7 +453,7 @@ def check_score_job_against_hf(hf_dir, hf, tmp_path, wrapper: str, *, rtol: floa
         items = spans.tokenize_records(
             records.iter_records(data, strict_markers=protocol == "robust"),
             tok,
-            spans.Protocol(protocol, "none", token_budget=budget),
+            spans.SpanRules(Protocol(protocol), token_budget=budget),
         )
         compared = 0
         for ps in items:

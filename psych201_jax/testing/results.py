@@ -41,7 +41,7 @@ def write_results(
     persona: str = "none",
     persona_subset: bool = False,
 ) -> str:
-    """A results directory as ``launch.score`` writes it: manifest.json and one committed chunk.
+    """A results directory as ``psych201_jax.cli.score`` writes it: manifest.json and one committed chunk.
 
     rows: (study, participant, nll list) or (study, participant, nll list, extra row fields)."""
     config = {
@@ -76,7 +76,7 @@ def write_results(
         row.update(extra[0] if extra else {})
         # Scored tokens per response: one each, the first response taking any extra tokens.
         extra_tokens = max(len(row["argmax"]) - len(nll), 0)
-        row.setdefault("n_tokens", [1 + extra_tokens] + [1] * (len(nll) - 1) if nll else [])
+        row.setdefault("n_scored", [1 + extra_tokens] + [1] * (len(nll) - 1) if nll else [])
         stored.append(row)
     stored.append(
         {"study": "s1", "experiment": "s1/", "participant": "rejected-1", "status": "rejected", "reason": "empty"}

@@ -44,7 +44,7 @@ LLAMA_CHAT_TEMPLATE = (
 )
 
 # Studies whose first transcripts train the test tokenizers: short and long transcripts, numeric responses,
-# >32,768-character texts (tests/conftest.py; launch/build_test_corpus.py keeps their first lines).
+# >32,768-character texts (tests/conftest.py; tools/build_test_corpus.py keeps their first lines).
 TOKENIZER_STUDIES = (
     "thoma2025riskychoice",
     "franke2024bayesian",

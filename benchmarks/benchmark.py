@@ -1,7 +1,7 @@
 r"""Scoring benchmark: one run, same weights and data, ratios against baselines measured in-process.
 
-  python -m launch.benchmark --data=../shared/data/psych201 [--shapes=head,body,qwen3_0.6b,qwen3_5] [--out=b.json]
-  python -m launch.benchmark --smoke --data=tests/data/psych201 --shapes=...   # tiny: code paths only (CI)
+  python -m benchmarks.benchmark --data=$PSYCH201_DATA [--shapes=head,body,qwen3_0.6b,qwen3_5] [--out=b.json]
+  python -m benchmarks.benchmark --smoke --data=tests/data/psych201 --shapes=...   # tiny: code paths only (CI)
 
 Shapes (each: our job path -- packed rows, masked head -- against HF PyTorch on the same weights and data):
 - ``head``: the head-dominated toy (Qwen3-shaped, 2 layers, width 256, the real 151,936 vocabulary; the first
@@ -37,10 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from launch import measure
+from benchmarks import measure
 from psych201_jax import defaults
 from psych201_jax.conditions import DEFAULT_TEMPERATURES
 from psych201_jax.data import records, spans
+from psych201_jax.data.tokenizer import TokenizerInfo
 from psych201_jax.model import checkpoint
 from psych201_jax.scoring import packing, scorer, stream
 from psych201_jax.testing import oracle, tiny_models, tiny_tokenizer, torch_reference
@@ -286,11 +287,11 @@ def end_to_end(
     """The first ``per_study`` participants of every study (a scored fraction close to the corpus's).
 
     ``vocab``: the model's vocabulary (None: the tokenizer's own size)."""
-    tok = spans.TokenizerInfo(tokenizer_dir)
+    tok = TokenizerInfo(tokenizer_dir)
     recs = []
     for study in studies:
         recs.extend(itertools.islice(records.iter_records(os.path.join(data_root, study)), per_study))
-    items = list(spans.tokenize_records(recs, tok, spans.Protocol("reference")))
+    items = list(spans.tokenize_records(recs, tok, spans.SpanRules("reference")))
     tokens = sum(len(p.token_ids) for p in items)
     scored = sum(int((p.response_index[1:] >= 0).sum()) for p in items)
     with tempfile.TemporaryDirectory() as tmp:
@@ -375,7 +376,7 @@ def end_to_end(
 
 def packing_efficiency(data_root: str, context: int = 32768) -> dict:
     """Real/computed tokens when the job packs every study (its default chunks, batches and rows)."""
-    tok = spans.TokenizerInfo(defaults.DEFAULT_TOKENIZER)
+    tok = TokenizerInfo(defaults.DEFAULT_TOKENIZER)
     row_lengths = packing.choose_row_lengths(max(context, TOKENS_PER_BATCH))
     real = computed = 0
     shapes = set()
@@ -389,7 +390,7 @@ def packing_efficiency(data_root: str, context: int = 32768) -> dict:
         shapes.update(stats["shapes"])
         chunk.clear()
 
-    for item in spans.tokenize_records(records.iter_records(data_root), tok, spans.Protocol("reference")):
+    for item in spans.tokenize_records(records.iter_records(data_root), tok, spans.SpanRules("reference")):
         if isinstance(item, spans.ParticipantSpans):
             chunk.append(item)
             chunk_tokens += len(item.token_ids)
@@ -502,7 +503,7 @@ def job_end_to_end(data_root: str, study: str, n: int, model_kwargs: dict) -> di
     import subprocess
     import sys
 
-    from launch import build_test_corpus
+    from tools import build_test_corpus
 
     with tempfile.TemporaryDirectory() as tmp:
         tok_dir = _corpus_tokenizer(data_root, os.path.join(tmp, "tok"))
@@ -514,8 +515,8 @@ def job_end_to_end(data_root: str, study: str, n: int, model_kwargs: dict) -> di
         os.makedirs(os.path.join(data, study))
         with open(os.path.join(data, study, "prompts.jsonl"), "wb") as fh:
             fh.write(b"\n".join(lines) + b"\n")
-        tok = spans.TokenizerInfo(tok_dir)
-        items = spans.tokenize_records(records.iter_records(data), tok, spans.Protocol("reference"))
+        tok = TokenizerInfo(tok_dir)
+        items = spans.tokenize_records(records.iter_records(data), tok, spans.SpanRules("reference"))
         items = [p for p in items if isinstance(p, spans.ParticipantSpans)]
         torch_model = torch_reference.load_hf_model(hf_dir, attn_implementation="sdpa")
 

@@ -1,10 +1,10 @@
 """Benchmark: converter throughput and peak host memory on a ~1 GB random bf16 Llama-shaped checkpoint, and
 forward compile time for 2 vs 24 layers (flat, thanks to scanned layers).
 
-    python -m launch.benchmark_convert [--size_gb=1.0] [--workdir=DIR] [--keep]
+    python -m benchmarks.benchmark_convert [--size_gb=1.0] [--workdir=DIR] [--keep]
 
 The checkpoint is written with our safetensors writer (no torch), sharded into two files plus
-model.safetensors.index.json; the converter runs as ``python -m launch.convert`` in a subprocess and its peak
+model.safetensors.index.json; the converter runs as ``python -m psych201_jax.cli.convert`` in a subprocess and its peak
 RSS is the child's maximum resident set size (``getrusage(RUSAGE_CHILDREN)``).
 """
 
@@ -115,7 +115,7 @@ def child_baseline(hf_dir: str) -> tuple[int, float]:
     """(peak RSS in kB, wall seconds) of a child that only starts up like the converter: imports and reads
     the config through AutoConfig (which imports torch when it is installed)."""
     code = (
-        "import resource, sys, launch.convert; from psych201_jax import modelspec; "
+        "import resource, sys, psych201_jax.cli.convert; from psych201_jax.model import spec as modelspec; "
         "modelspec.from_hf_dir(sys.argv[1]); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
     )
     start = time.perf_counter()
@@ -165,7 +165,7 @@ def main(argv):
 
     start = time.perf_counter()
     subprocess.run(
-        [sys.executable, "-m", "launch.convert", f"--hf={hf_dir}", f"--out={out_dir}", "--dtype=bfloat16"],
+        [sys.executable, "-m", "psych201_jax.cli.convert", f"--hf={hf_dir}", f"--out={out_dir}", "--dtype=bfloat16"],
         cwd=REPO,
         check=True,
     )

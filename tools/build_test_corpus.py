@@ -1,6 +1,6 @@
 r"""Rebuilds the trimmed Psych-201 corpus the tests run on (tests/data/psych201) from the full one.
 
-  python -m launch.build_test_corpus --src=../shared/data/psych201 --out=tests/data/psych201
+  python -m tools.build_test_corpus --src=$PSYCH201_DATA --out=tests/data/psych201
 
 Maintainers run this once; the output is committed, so the tests need nothing beside a fresh clone
 (set PSYCH201_DATA to run them on another corpus, e.g. the full one). For every study it keeps a few
@@ -58,7 +58,7 @@ A trimmed copy of the per-study transcript files of the public Psych-201 reposit
 (github.com/marcelbinz/Psych-201, Apache-2.0, see LICENSE): `<study>/prompts.jsonl.zip` holds a few
 dozen participants of the study, their JSON lines copied unmodified and in source order, one line per
 participant with fields `text` (the whole session, human responses marked `<<…>>`), `experiment`,
-`participant`, and optional metadata. `launch/build_test_corpus.py` selects the lines (the first ones of
+`participant`, and optional metadata. `tools/build_test_corpus.py` selects the lines (the first ones of
 each study, then long transcripts, rewritten responses, missing metadata, every experiment and ids
 repeated across experiments) and wrote this file; the table below counts the kept lines.
 `<study>/README.md` is the study's own description where the repository has one.

@@ -1,6 +1,6 @@
-r"""Sweep overhead: the tiny sweep's wall time against one plain ``launch.score`` of the same model and data.
+r"""Sweep overhead: the tiny sweep's wall time against one plain ``psych201_jax.cli.score`` of the same model and data.
 
-  python -m launch.benchmark_sweep [--out=b.json]
+  python -m benchmarks.benchmark_sweep [--out=b.json]
 
 Both run as fresh processes in this run, on fresh results directories, with the persistent compilation
 cache off (so neither profits from earlier runs): the plain job scores the bundled base model on the
@@ -50,12 +50,12 @@ def main(argv):
                 "    return c\n"
             )
         plain = _wall(
-            "launch.score",
+            "psych201_jax.cli.score",
             f"--config.data={cfg.data}",
             f"--config.out={os.path.join(tmp, 'plain')}",
             "--config.compile_cache=",
         )
-        swept = _wall("launch.sweep", f"--config={config}")
+        swept = _wall("psych201_jax.cli.sweep", f"--config={config}")
         status = sweep.SweepStatus(os.path.join(tmp, "sweep"), cfg.name).read()
     jobs = [j for j in sweep.expand(cfg) if not j.skip_reason]
     out = {

@@ -1,7 +1,7 @@
 r"""Every attention backend on this machine's accelerator against the ``xla`` reference: max |Δ|, ms per call.
 
-  .venv/bin/python -m launch.attention_check                      # GPU / TPU: the realistic sizes below
-  .venv/bin/python -m launch.attention_check --lengths=8192 --windows=none --out=attn.json
+  .venv/bin/python -m benchmarks.attention_check                      # GPU / TPU: the realistic sizes below
+  .venv/bin/python -m benchmarks.attention_check --lengths=8192 --windows=none --out=attn.json
 
 On a GPU or TPU the defaults are packed rows of B=1, T=8192 and 16384, Hq=32, Hk=8, head_dim=128, bfloat16,
 20 participants (segments) per row filling ~97% of it, without and with a 4096-token sliding window (OLMo 3).

@@ -1,6 +1,6 @@
 r"""One-device steady state of the scoring path: tokens/s of warm passes over the same participants.
 
-  python -m launch.benchmark_steady [--data=$PSYCH201_DATA] [--repeats=3] [--out=steady.json]
+  python -m benchmarks.benchmark_steady [--data=$PSYCH201_DATA] [--repeats=3] [--out=steady.json]
 
 A Qwen3-shaped random model (4 layers, width 256, vocabulary 32,768) scores 6 participants of each of 5
 studies (robust protocol, 8,000-token budget) on the 1 x 1 x 1 mesh; the first pass includes compilation,
@@ -17,6 +17,7 @@ from absl import app, flags
 
 from psych201_jax import console, defaults
 from psych201_jax.data import records, spans
+from psych201_jax.data.tokenizer import TokenizerInfo
 from psych201_jax.model import checkpoint
 from psych201_jax.scoring import packing, scorer, stream
 from psych201_jax.testing import tiny_models
@@ -40,9 +41,9 @@ STUDIES = (
 def main(argv):
     del argv
     console.quiet_libraries()
-    tok = spans.TokenizerInfo(defaults.DEFAULT_TOKENIZER)
+    tok = TokenizerInfo(defaults.DEFAULT_TOKENIZER)
     recs = [r for s in STUDIES for r in itertools.islice(records.iter_records(os.path.join(_DATA.value, s)), 6)]
-    items = list(spans.tokenize_records(recs, tok, spans.Protocol("robust", token_budget=8000)))
+    items = list(spans.tokenize_records(recs, tok, spans.SpanRules("robust", token_budget=8000)))
     tokens = sum(len(p.token_ids) for p in items if isinstance(p, spans.ParticipantSpans))
     with tempfile.TemporaryDirectory() as tmp:
         hf = tiny_models.make_tiny_hf_checkpoint(

@@ -1,6 +1,6 @@
 r"""Rebuilds the embedded default (bundled sample + tokenizer + tiny model) from the shared data.
 
-  python -m launch.build_default --data=../shared/data/psych201
+  python -m tools.build_default --data=$PSYCH201_DATA
 
 Maintainers run this once; the outputs are committed under psych201_jax/data/ so README command 1
 works on a fresh machine with neither the shared data nor torch.

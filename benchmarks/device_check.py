@@ -26,9 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from launch import measure
+from benchmarks import measure
 from psych201_jax import defaults
 from psych201_jax.data import records, spans
+from psych201_jax.data.tokenizer import TokenizerInfo
 from psych201_jax.model import attention, checkpoint
 from psych201_jax.parallel import sharding
 from psych201_jax.scoring import packing, scorer, stream
@@ -102,7 +103,7 @@ def _participants(tokenizer_dir: str, data: str, n: int) -> list:
         got = list(records.iter_records(os.path.join(data, study)))
         if i // len(studies) < len(got):
             recs.append(got[i // len(studies)])
-    items = spans.tokenize_records(recs, spans.TokenizerInfo(tokenizer_dir), spans.Protocol("reference"))
+    items = spans.tokenize_records(recs, TokenizerInfo(tokenizer_dir), spans.SpanRules("reference"))
     return [p for p in items if isinstance(p, spans.ParticipantSpans)]
 
 
@@ -157,7 +158,7 @@ def model_check(family: str, widths: dict, layers: int, full: int, items: list, 
         runs = {}
         for mode in ("on", "off"):
             model, spec = checkpoint.load_model(conv, mesh=None)
-            mesh = sharding.mesh_from_config({"mode": mode})
+            mesh = sharding.mesh_for(mode)
             ours = scorer.Scorer(model, mesh=mesh)
             kwargs = dict(row_lengths=rows, tokens_per_batch=tpb, max_tokens=32768)
             start = time.perf_counter()

@@ -1,0 +1,1 @@
+"""Maintainer benchmarks and the accelerator check (``python -m benchmarks.<name>``); not user commands."""

@@ -1,0 +1,54 @@
+"""The results manifest of a job: what determines its numbers (fingerprinted) and its provenance."""
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+
+from psych201_jax.data import records, spans
+from psych201_jax.data.tokenizer import TokenizerInfo
+from psych201_jax.model import checkpoint
+from psych201_jax.model.spec import ModelSpec
+from psych201_jax.runs import store
+from psych201_jax.runs.config import ScoreJob
+
+
+def build_manifest(
+    job: ScoreJob, model_dir: str, spec: ModelSpec, tok: TokenizerInfo, rules: spans.SpanRules, n_input: int | None
+) -> dict:
+    """The manifest of ``job``: the determinants (a changed input file, model or tokenizer never resumes stale
+    results), their fingerprint, provenance and ``n_input`` input participants."""
+    with open(os.path.join(model_dir, checkpoint.PROVENANCE)) as fh:
+        provenance = json.load(fh)
+    c = job.condition
+    determinants = {
+        "model": os.path.abspath(model_dir),
+        "model_sources": provenance.get("sha256"),
+        "tokenizer_sha256": tok.sha256,
+        "data": c.data,
+        "data_sources": records.source_fingerprints(c.data),
+        "protocol": rules.protocol.value,
+        "template": rules.template.value,
+        "persona": c.persona.value,
+        "persona_subset": c.persona_subset,
+        "persona_seed": job.persona_seed,
+        "token_budget": rules.token_budget,
+        "max_chars": rules.max_chars,
+        "dtype": c.dtype.value,
+        "options": c.options.value,
+        "temperatures": list(c.temperatures),
+    }
+    return {
+        "fingerprint": store.fingerprint(determinants),
+        "n_input": n_input,
+        "determinants": determinants,
+        "model": {"dir": os.path.abspath(model_dir), "spec": dataclasses.asdict(spec), "provenance": provenance},
+        "tokenizer": {"dir": tok.path, "sha256": tok.sha256},
+        "config": job.to_dict(),
+        "code_version": store.code_version(),
+        "jax": jax.__version__,
+        "devices": [str(d) for d in jax.devices()],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }

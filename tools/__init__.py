@@ -1,0 +1,1 @@
+"""Builders of the bundled assets and the vendored test corpus (``python -m tools.<name>``)."""
