@@ -15,7 +15,16 @@ ParticipantKey = tuple[str, str, str]  # (study, experiment, participant): raw f
 InputId = tuple[str, int]  # (source, line): one input line, unique even for malformed lines and duplicates
 
 # Per-participant counts of the token-span stage, in the order the audit and the results table report them.
-SPAN_COUNTERS = ("responses_text", "responses_scored", "lost_truncation", "missed", "runaway", "merged", "straddle")
+SPAN_COUNTERS = (
+    "responses_text",
+    "responses_metadata",
+    "responses_scored",
+    "lost_truncation",
+    "missed",
+    "runaway",
+    "merged",
+    "straddle",
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -82,6 +91,8 @@ class ParticipantSpans:
     token_ids:      int32 [T]
     response_index: int32 [T]; response number (0 … n_responses-1, text order) of each token, -1 outside.
     responses_text: responses (``<<``) in the record's text.
+    responses_metadata: reference with a persona: responses marked inside the persona's metadata values,
+      which the study's eval_meta.py labels like the others (robust breaks such markers up: always 0).
     responses_scored: responses with at least one scorable token (position ≥ 1).
     lost_truncation: responses cut off by the character cut (reference) or token budget (robust).
     missed / runaway / merged: reference failure modes (see ``data.spans``); straddle: robust tokens
@@ -97,6 +108,7 @@ class ParticipantSpans:
     responses_text: int
     responses_scored: int
     lost_truncation: int
+    responses_metadata: int = 0
     missed: int = 0
     runaway: int = 0
     merged: int = 0
@@ -115,6 +127,8 @@ class ParticipantSpans:
     @property
     def warnings(self) -> tuple[str, ...]:
         out = []
+        if self.responses_metadata:
+            out.append(f"{self.responses_metadata} response(s) marked inside the persona's metadata scored")
         if self.missed:
             out.append(f"{self.missed} response(s) missed by the marker-token search")
         if self.runaway:

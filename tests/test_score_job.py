@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -66,3 +67,32 @@ def test_bad_model_dir_is_a_clear_error(tmp_path):
     proc = _run("psych201_jax.cli.score", f"--config.out={tmp_path / 'r'}", f"--config.model={tmp_path}")
     assert proc.returncode != 0
     assert "neither a converted checkpoint" in proc.stderr
+
+
+def test_a_model_without_model_info_is_labelled_by_its_own_identity(tmp_path):
+    """Never the bundled default's: a converted checkpoint's recorded identity, else the name of the HF
+    directory it was converted from; explicit model_info fields are kept."""
+    from psych201_jax import defaults
+    from psych201_jax.runs import job, store
+    from psych201_jax.runs.config import ScoreJob
+
+    data = os.path.join(defaults.SAMPLE_DATA, "thoma2025riskychoice")
+
+    def info(model, **over):
+        out = str(tmp_path / f"r{len(os.listdir(tmp_path))}")
+        job.run(ScoreJob().with_overrides({"model": model, "data": data, "out": out, "log_every_s": 1e9, **over}))
+        return store.read_manifest(out)["config"]["model_info"]
+
+    post = info(defaults.DEFAULT_POST_MODEL)
+    assert post["hf_id"] == "psych201_jax/tiny-qwen3-post" and post["kind"] == "Instruction-tuned"
+    bare = tmp_path / "bare"
+    shutil.copytree(defaults.DEFAULT_MODEL, bare)
+    provenance = json.loads((bare / "provenance.json").read_text())
+    del provenance["model_info"]
+    (bare / "provenance.json").write_text(json.dumps(provenance))
+    unnamed = info(str(bare))
+    assert unnamed["hf_id"] == os.path.basename(provenance["source"]) != "psych201_jax/tiny-qwen3"
+    assert unnamed["kind"] == "unknown"
+    named = info(str(bare), **{"model_info.hf_id": "org/mine", "model_info.kind": "base"})
+    assert (named["hf_id"], named["kind"]) == ("org/mine", "base")
+    assert info(str(bare), **{"model_info.family": "F"})["family"] == "F"  # kept beside the derived id

@@ -140,6 +140,31 @@ def build_models(data_root: str, tokenizer_dir: str, base_dir: str, post_dir: st
             checkpoint.convert(hf_dir, converted, "float32")
             shutil.rmtree(out_dir, ignore_errors=True)
             shutil.copytree(converted, out_dir)
+            _record_model_info(out_dir, BUNDLED_INFO[name])
+
+
+# What the bundled models are, recorded in their provenance: a job without --config.model_info.* takes a
+# converted checkpoint's identity from there.
+BUNDLED_INFO = {
+    "base": dict(hf_id="psych201_jax/tiny-qwen3", family="Qwen3", generation="tiny", size_b=0.0003, kind="base"),
+    "post": dict(
+        hf_id="psych201_jax/tiny-qwen3-post",
+        family="Qwen3",
+        generation="tiny",
+        size_b=0.0003,
+        kind="Instruction-tuned",
+        base_hf_id="psych201_jax/tiny-qwen3",
+    ),
+}
+
+
+def _record_model_info(out_dir: str, info: dict) -> None:
+    path = os.path.join(out_dir, checkpoint.PROVENANCE)
+    with open(path) as fh:
+        provenance = json.load(fh)
+    provenance["model_info"] = {"base_hf_id": "", **info}
+    with open(path, "w") as fh:
+        json.dump(provenance, fh, indent=2)
 
 
 def main(argv):

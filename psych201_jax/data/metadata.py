@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from psych201_jax.conditions import Persona
+from psych201_jax.conditions import Persona, Protocol
 from psych201_jax.types import Excluded
 
 NA = "N/A"
@@ -175,32 +175,55 @@ def canonical_metadata(raw: Mapping[str, Any]) -> dict[str, str]:
 
 
 def published_value(column: str, value: Any) -> str:
-    """A value of the published HF layout as its canonical string: missing (None, NaN, "nan", "") →
-    "N/A"; strings kept; numbers cast as the build casts them (a numeric parquet column)."""
+    """A value of the published HF layout as its canonical string: strings kept as they are (a "nan" or ""
+    cell too: the study's eval_meta.py reads it as a value, see ``is_known``), None / NaN → "N/A", numbers
+    cast as the build casts them (a numeric parquet column)."""
+    if isinstance(value, str):
+        return value
     if _is_missing(value):
         return NA
-    return value if isinstance(value, str) else _cast(column, value)
+    return _cast(column, value)
 
 
-def has_persona(metadata: Mapping[str, str]) -> bool:
+def is_known(value: str, protocol: Protocol = Protocol.ROBUST) -> bool:
+    """Whether a metadata value enters the persona. ``reference``: eval_meta.py's test, literally
+    ``value != "N/A"`` (so "nan" and "" are values); ``robust``: "N/A", "nan", "n/a" and "" are missing."""
+    if protocol == Protocol.REFERENCE:
+        return value != NA
+    return not _is_missing(value)
+
+
+def _neutralised(value: str) -> str:
+    """A value with its response markers broken up (``<<`` → ``< <``), so metadata never becomes markup."""
+    while "<<" in value or ">>" in value:
+        value = value.replace("<<", "< <").replace(">>", "> >")
+    return value
+
+
+def has_persona(metadata: Mapping[str, str], protocol: Protocol = Protocol.ROBUST) -> bool:
     """True when at least one canonical field is known (the reference's ``has_any_meta``)."""
-    return any(metadata.get(column, NA) != NA for column in META_COLUMNS)
+    return any(is_known(metadata.get(column, NA), protocol) for column in META_COLUMNS)
 
 
-def persona_prefix(metadata: Mapping[str, str]) -> str:
-    """The reference's interview preprompt: one Q/A pair per known field, in META_FIELDS order."""
+def persona_prefix(metadata: Mapping[str, str], protocol: Protocol = Protocol.ROBUST) -> str:
+    """The reference's interview preprompt: one Q/A pair per known field, in META_FIELDS order.
+
+    ``reference`` prepends the values as they are, as eval_meta.py does (markers in a value are then labelled
+    like responses; ``spans`` counts them as ``responses_metadata``); ``robust`` writes each value with its
+    markers broken up, so a persona run scores exactly the responses of the no-persona run."""
     parts = []
     for column, question in META_FIELDS:
         value = metadata.get(column, NA)
-        if value != NA:
-            parts.append(f"Interviewer: {question}\nInterviewee: {value}\n\n")
+        if is_known(value, protocol):
+            shown = value if protocol == Protocol.REFERENCE else _neutralised(value)
+            parts.append(f"Interviewer: {question}\nInterviewee: {shown}\n\n")
     return "".join(parts)
 
 
 PERSONA_MODES = tuple(p.value for p in Persona)
 
 
-def shuffled_personas(records, seed: int = 0) -> dict:
+def shuffled_personas(records, seed: int = 0, protocol: Protocol = Protocol.ROBUST) -> dict:
     """key → metadata of *another* participant of the same study (a seeded derangement).
 
     Only participants with metadata take part. Within each study they are put in a random order and each
@@ -212,7 +235,7 @@ def shuffled_personas(records, seed: int = 0) -> dict:
 
     by_study: dict[str, list] = {}
     for record in records:
-        if hasattr(record, "metadata") and has_persona(record.metadata):
+        if hasattr(record, "metadata") and has_persona(record.metadata, protocol):
             by_study.setdefault(record.study, []).append(record)
     out = {}
     for study, members in by_study.items():
@@ -225,7 +248,9 @@ def shuffled_personas(records, seed: int = 0) -> dict:
     return out
 
 
-def persona_selector(mode: str, *, subset_only: bool = False, records=None, seed: int = 0):
+def persona_selector(
+    mode: str, *, subset_only: bool = False, records=None, seed: int = 0, protocol: Protocol = Protocol.ROBUST
+):
     """None (no persona, everyone), or a function record → what to interview on.
 
     The function returns the metadata mapping to prefix, None for no prefix, or an ``Excluded``: why the
@@ -239,15 +264,15 @@ def persona_selector(mode: str, *, subset_only: bool = False, records=None, seed
     if mode == "none":
         if not subset_only:
             return None
-        return lambda record: None if has_persona(record.metadata) else no_metadata
+        return lambda record: None if has_persona(record.metadata, protocol) else no_metadata
     if mode == "matched":
-        return lambda record: record.metadata if has_persona(record.metadata) else no_metadata
+        return lambda record: record.metadata if has_persona(record.metadata, protocol) else no_metadata
     if records is None:
         raise ValueError("persona=shuffled needs the records to draw other participants' metadata from")
-    mapping = shuffled_personas(records, seed)
+    mapping = shuffled_personas(records, seed, protocol)
 
     def shuffled(record):
-        if not has_persona(record.metadata):
+        if not has_persona(record.metadata, protocol):
             return no_metadata
         return mapping.get(record.key, Excluded(reason="no other participant of the study has metadata to shuffle in"))
 

@@ -45,7 +45,11 @@ class SpanPipeline:
     def persona_of(self):
         """record → the metadata to interview on, None, or why it is excluded (None: no persona)."""
         return metadata.persona_selector(
-            self.persona.value, subset_only=self.persona_subset, seed=self.seed, records=self.records()
+            self.persona.value,
+            subset_only=self.persona_subset,
+            seed=self.seed,
+            records=self.records(),
+            protocol=self.rules.protocol,
         )
 
     def spans(

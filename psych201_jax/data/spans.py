@@ -194,6 +194,7 @@ class _Prepared:
     add_special: bool
     responses: list[tuple[int, int]]  # content character ranges in ``text``
     responses_text: int
+    responses_metadata: int  # reference: responses marked inside the persona's metadata values
     lost_chars: int  # responses removed before tokenisation (reference character cut)
     text_start: int  # characters before the experiment text (chat header, persona prefix): outside the budget
     marker_starts: list[int]  # char index of each response's opening marker in ``text``
@@ -201,29 +202,32 @@ class _Prepared:
 
 def _prepare(record: Record, persona: Mapping[str, str] | None, rules: SpanRules, tok: TokenizerInfo) -> _Prepared:
     n_text = record.text.count("<<")
-    full, prefix_len = transcripts.with_persona(record.text, persona)
+    full, prefix_len = transcripts.with_persona(record.text, persona, rules.protocol)
     if rules.protocol == conditions.Protocol.REFERENCE:
+        # As eval_meta.py, the persona's values are prepended as they are: their markers are labelled too,
+        # and counted apart from the responses in the text.
+        n_meta = full[:prefix_len].count("<<")
         chat = rules.chat
         processed = transcripts.reference_truncate(full, rules.max_chars, chat=chat)
-        kept = processed.count("<<")
+        lost = n_text + n_meta - processed.count("<<")
         if not chat:
             spans = transcripts.response_char_spans(processed)
-            return _Prepared(processed, True, spans, n_text, n_text - kept, 0, [s - 2 for s, _ in spans])
+            return _Prepared(processed, True, spans, n_text, n_meta, lost, 0, [s - 2 for s, _ in spans])
         messages = transcripts.split_into_messages(processed)
         rendered, spans = tok.render_with_spans(messages)
         spans = [s for s, m in zip(spans, messages) if m["role"] == "assistant"]
-        return _Prepared(rendered, True, spans, n_text, n_text - kept, 0, [s for s, _ in spans])
-    # robust
+        return _Prepared(rendered, True, spans, n_text, n_meta, lost, 0, [s for s, _ in spans])
+    # robust: the persona's values carry no markers (metadata.persona_prefix breaks them up)
     if not rules.chat:
         spans = transcripts.response_char_spans(full)
-        return _Prepared(full, True, spans, n_text, 0, prefix_len, [s - 2 for s, _ in spans])
+        return _Prepared(full, True, spans, n_text, 0, 0, prefix_len, [s - 2 for s, _ in spans])
     text = full + "." if transcripts.ends_with_response(full) else full
     messages = transcripts.split_into_messages(text)
     rendered, all_spans = tok.render_with_spans(messages)
     spans = [s for s, m in zip(all_spans, messages) if m["role"] == "assistant"]
     add = not (tok.bos_token and rendered.startswith(tok.bos_token))
     text_start = all_spans[0][0] + prefix_len  # template header and persona prefix are outside the budget
-    return _Prepared(rendered, add, spans, n_text, 0, text_start, [s for s, _ in spans])
+    return _Prepared(rendered, add, spans, n_text, 0, 0, text_start, [s for s, _ in spans])
 
 
 def _label(
@@ -242,6 +246,7 @@ def _label(
             response_index=index,
             n_responses=len(runs),
             responses_text=prep.responses_text,
+            responses_metadata=prep.responses_metadata,
             responses_scored=len(runs),
             lost_truncation=prep.lost_chars,
             missed=missed,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+from psych201_jax.conditions import Protocol
 from psych201_jax.data.metadata import persona_prefix
 from psych201_jax.data.records import GLOBAL_REPLACEMENTS
 
@@ -21,9 +22,9 @@ _MARKER_SPLIT = re.compile(r"(<<|>>)")
 _RESPONSE = re.compile(r"<<(.*?)>>", re.DOTALL)
 
 
-def with_persona(text: str, persona: Mapping[str, str] | None) -> tuple[str, int]:
+def with_persona(text: str, persona: Mapping[str, str] | None, protocol: Protocol = Protocol.ROBUST) -> tuple[str, int]:
     """(persona prefix + text, prefix length). ``persona`` None means no prefix."""
-    prefix = persona_prefix(persona) if persona is not None else ""
+    prefix = persona_prefix(persona, protocol) if persona is not None else ""
     return prefix + text, len(prefix)
 
 

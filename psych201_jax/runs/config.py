@@ -33,6 +33,10 @@ from psych201_jax.errors import UserError
 __all__ = ["ConfigError", "DistributedConfig", "MeshConfig", "Mode", "ScoreJob", "documented_keys"]
 
 
+# A job's model info before the model is known: every field unknown, so the job takes the model's own.
+UNKNOWN_MODEL = ModelInfo(hf_id="")
+
+
 class ConfigError(UserError, ValueError):
     """A configuration value is invalid."""
 
@@ -85,10 +89,8 @@ class ScoreJob:
         defaults.DEFAULT_MODEL, "converted checkpoint, or an HF directory (converted once into cache_dir)"
     )
     model_info: ModelInfo = _field(
-        ModelInfo.from_mapping(
-            dict(hf_id="psych201_jax/tiny-qwen3", family="Qwen3", generation="tiny", size_b=0.0003, kind="base")
-        ),
-        "what the model is, for the analysis: hf_id, family, generation, size_b, kind, base_hf_id",
+        UNKNOWN_MODEL,
+        "what the model is, for the analysis; an empty hf_id takes the model's own identity (see model_identity)",
     )
     condition: Condition = _field(
         Condition(data=defaults.SAMPLE_DATA, temperatures=DEFAULT_TEMPERATURES),
@@ -210,7 +212,7 @@ class ScoreJob:
         flat = {**base, **{k: v for k, v in m.items()}}
         try:
             condition = Condition.from_mapping(flat)
-            info = ModelInfo.from_mapping(_section(flat, "model_info", base))
+            info = ModelInfo.from_mapping(_section(flat, "model_info", base), default_hf_id="")
         except ConditionError as err:
             raise ConfigError(f"config.{err}") from None
         mesh = _section(flat, "mesh", base)
@@ -389,7 +391,8 @@ CONDITION_DOCS = {
     "dtype": "float32 | bfloat16 (parameters and activations; log-probs always float32)",
 }
 MODEL_INFO_DOCS = {
-    "hf_id": "the model's hub id (names the model in the analysis)",
+    "hf_id": "the model's hub id (names the model in the analysis); empty: the HF directory's name, or the "
+    "converted checkpoint's recorded identity",
     "family": "model family, e.g. Qwen3",
     "generation": "model generation, e.g. Qwen3",
     "size_b": "parameters in billions",

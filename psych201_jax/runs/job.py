@@ -27,7 +27,7 @@ from psych201_jax.model import spec as modelspec
 from psych201_jax.parallel import distributed, sharding
 from psych201_jax.runs import compilation, model_cache, store
 from psych201_jax.runs.config import ConfigError, ScoreJob
-from psych201_jax.runs.manifest import build_manifest
+from psych201_jax.runs.manifest import build_manifest, model_identity
 from psych201_jax.scoring import options, packing, scorer, stream
 from psych201_jax.scoring.options import StudyOptions
 from psych201_jax.types import input_id
@@ -160,6 +160,7 @@ def run_conditions(loaded: LoadedModel, jobs: list[ScoreJob], *, total: int | No
     row_lengths = packing.choose_row_lengths(
         job.max_row_length or max(context, job.tokens_per_batch), job.min_row_length
     )
+    jobs = [j.replace(model_info=model_identity(j, loaded.model_dir)) for j in jobs]
     manifests = [build_manifest(j, loaded.model_dir, spec, tok, pipeline.rules, total) for j in jobs]
     with contextlib.ExitStack() as stack:
         if jax.process_index() == 0:  # one writer job per results directory, refused up front

@@ -2,17 +2,42 @@
 
 import dataclasses
 import json
+import math
 import os
 import time
 
 import jax
 
+from psych201_jax.conditions import ModelInfo
 from psych201_jax.data import records, spans
 from psych201_jax.data.tokenizer import TokenizerInfo
 from psych201_jax.model import checkpoint
 from psych201_jax.model.spec import ModelSpec
 from psych201_jax.runs import store
-from psych201_jax.runs.config import ScoreJob
+from psych201_jax.runs.config import UNKNOWN_MODEL, ScoreJob
+
+
+def model_identity(job: ScoreJob, model_dir: str) -> ModelInfo:
+    """The job's model info. Where its hf_id is empty, the model's own: what the converted checkpoint
+    records (``provenance.json``'s ``model_info``), else the name of the HF directory it was converted from;
+    never another model's. Fields the job sets explicitly are kept."""
+    given = job.model_info
+    if given.hf_id:
+        return given
+    with open(os.path.join(model_dir, checkpoint.PROVENANCE)) as fh:
+        provenance = json.load(fh)
+    recorded = provenance.get("model_info")
+    if isinstance(recorded, dict) and recorded.get("hf_id"):
+        own = ModelInfo.from_mapping(recorded)
+    else:
+        source = str(provenance.get("source") or model_dir)
+        own = ModelInfo(hf_id=os.path.basename(os.path.normpath(source)))
+    changes = {}
+    for name in ModelInfo.FIELDS[1:]:
+        value, unset = getattr(given, name), getattr(UNKNOWN_MODEL, name)
+        if not (value == unset or (isinstance(value, float) and math.isnan(value) and math.isnan(unset))):
+            changes[name] = value
+    return dataclasses.replace(own, **changes)
 
 
 def build_manifest(
