@@ -3,6 +3,9 @@
   fig_nll_by_size.png        model score vs size, one panel per family, one line per post-training kind (fig2);
   fig_misalignment_by_generation.png  base score vs size per generation, and d_pair per generation (fig3a);
   fig_domains.png            pair × domain heatmap of mean d_e, reference columns, "Average" row (fig4);
+  fig_misalignment_by_generation_all_pairs.png, fig_domains_all_pairs.png  the same over the project's broader
+                             selections (generations_all_pairs.csv, domains_all_pairs.csv);
+Each paper figure draws the table that selects as the study's script does (``tables``, ``paper``).
   fig_persona.png            per-study persona benefit d per model, reference and common subsets (fig5);
   fig_accuracy.png           accuracy vs size, base vs post-trained per family (fig_accuracy);
   fig_pair_ci.png            paired mean NLL difference per pair with bootstrap CIs (not in the paper);
@@ -14,6 +17,7 @@ objects, not pyplot's, so no global figure state is kept; importing this selects
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -24,6 +28,7 @@ from absl import logging
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
+from psych201_jax.analysis import paper
 from psych201_jax.analysis.tables import Tables, condition_cols
 from psych201_jax.conditions import Condition
 
@@ -120,14 +125,25 @@ def plot_accuracy(t: Tables, path: str) -> str | None:
     return _size_panels(_in(t.rows["accuracy"], t.primary), "accuracy", "Accuracy (↑)", path)
 
 
-def plot_misalignment_by_generation(t: Tables, path: str) -> str | None:
-    bases = [
+def plot_misalignment_by_generation(t: Tables, path: str, *, paper_definition: bool = True) -> str | None:
+    """fig3a. Paper definition (plot_evolution.py): the base models its ``qwen_generation`` names, and the
+    pairs of generation_pairs.csv; otherwise (``_all_pairs``) every base with a generation and the pairs of
+    generations_all_pairs.csv (``generation_pair_all`` in pair_misalignment.csv)."""
+    scored = [
         r
         for r in _in(t.rows["model_scores"], t.primary)
-        if r["kind"] == "base" and r["generation"] and _finite(r["size_b"]) and r["size_b"] > 0 and _finite(r["score"])
+        if _finite(r["size_b"]) and r["size_b"] > 0 and _finite(r["score"])
     ]
-    gens = _in(t.rows["generations"], t.primary)
-    pairs = [r for r in _in(t.rows["pair_misalignment"], t.primary) if r.get("generation_pair")]
+    if paper_definition:
+        bases = [
+            {**r, "generation": g} for r in scored if (g := paper.evolution_base_generation(r["model"])) is not None
+        ]
+        gens = _in(t.rows["generations"], t.primary)
+        pairs = _in(t.rows["generation_pairs"], t.primary)
+    else:
+        bases = [r for r in scored if r["kind"] == "base" and r["generation"]]
+        gens = _in(t.rows["generations_all_pairs"], t.primary)
+        pairs = [r for r in _in(t.rows["pair_misalignment"], t.primary) if r.get("generation_pair_all")]
     if not bases and not gens:
         return "no base model with a generation and size, and no same-generation pair, in the primary condition"
     fig, (ax1, ax2) = _subplots(1, 2, figsize=(7.0, 2.6), gridspec_kw={"width_ratios": [1.4, 1.1]})
@@ -156,9 +172,10 @@ def plot_misalignment_by_generation(t: Tables, path: str) -> str | None:
     return None
 
 
-def plot_domains(t: Tables, path: str) -> str | None:
+def plot_domains(t: Tables, path: str, *, table: str = "domains") -> str | None:
+    """fig4 from ``table``: domains.csv (plot_experiments.py's pairs) or domains_all_pairs.csv."""
     cols = t.domain_columns[0]
-    rows = _in(t.rows["domains"], t.primary)
+    rows = _in(t.rows[table], t.primary)
     pairs = [r for r in rows if r["post"] != "Average"]
     if not pairs or not cols:
         return "no pair in the primary condition"
@@ -310,7 +327,17 @@ FIGURES = (
         "Base NLL and post-training misalignment by generation (fig3a)",
         plot_misalignment_by_generation,
     ),
+    (
+        "fig_misalignment_by_generation_all_pairs.png",
+        "The same for every same-generation Instruction-tuned or Reasoning pair (not the paper's)",
+        functools.partial(plot_misalignment_by_generation, paper_definition=False),
+    ),
     ("fig_domains.png", "Post-training misalignment by domain (fig4)", plot_domains),
+    (
+        "fig_domains_all_pairs.png",
+        "Post-training misalignment by domain, every pair scored (not the paper's)",
+        functools.partial(plot_domains, table="domains_all_pairs"),
+    ),
     ("fig_persona.png", "Persona benefit (fig5)", plot_persona),
     ("fig_accuracy.png", "Accuracy, base vs post-trained (fig_accuracy)", plot_accuracy),
     ("fig_pair_ci.png", "Paired post − base NLL difference with bootstrap CIs", plot_pair_ci),

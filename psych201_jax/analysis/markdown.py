@@ -90,11 +90,28 @@ def render_report(
         f"percentile bootstrap CIs ({n_boot} replicates, seed {seed}) resampling studies, and studies then "
         "participants; Wilcoxon signed-rank test across studies.",
         "- Paired d = mean difference / SD of the differences (d_z), with the ddof of its analysis.",
-        "- Generations: pairs of an Instruction-tuned or Reasoning model with a base of its own generation "
-        "(`generation_pair` in pair_misalignment.csv), as fig3a; Vision, Code and Math pairs are left out.",
+        "- Figure definitions: each paper figure's table selects its pairs, models, studies and minimum counts "
+        "as the study's script for it does, by the study's file name of the model (id with / → -, .pth): "
+        "pair_types.csv as fig2's plot.py (its PAIRS, ≥ 2 common studies, mean per its post-training type; "
+        "accuracy_d as plot_accuracy.py, the same list); generations.csv and generation_pairs.csv as fig3a's "
+        "plot_evolution.py (only its Qwen2/2.5/3/3.5 pairs of a base of the same generation, so no DeepSeek-R1 "
+        "distill; ≥ 1 common study); domains.csv as fig4's plot_experiments.py (its 25 pairs; Average over them); "
+        "persona.csv and persona_summary.csv as fig5's plot_meta.py (its 22 models); accuracy.csv as "
+        "plot_accuracy.py (every model); model_scores.csv as plot.py and plot_instruct.py (every model and "
+        "condition). A model outside a script's list is only in the broader tables.",
+        "- Broader variants (not the paper's): pair_misalignment.csv (every pair by model_info.base_hf_id, "
+        "≥ 2 common studies), pair_types_all_pairs.csv, generations_all_pairs.csv (every Instruction-tuned or "
+        "Reasoning pair whose base has its generation, DeepSeek-R1 distills included, ≥ 2 common studies; "
+        "`generation_pair_all`), domains_all_pairs.csv (every pair), domains_extended.csv (every pair, all 11 "
+        "categories plus Other), persona_all_models.csv and persona_summary_all_models.csv.",
         "- Domains: per-study d (domain ddof) inner-joined with the bundled category CSV, mean per category; "
-        "domains.csv drops Intertemporal Choice, Moral Judgment, Psychophysics and Cognitive Control as fig4, "
-        "domains_extended.csv keeps them and adds Other (uncategorised or not in the CSV).",
+        "domains.csv and domains_all_pairs.csv drop Intertemporal Choice, Moral Judgment, Psychophysics and "
+        "Cognitive Control as fig4.",
+        "- Runs: one per model id, model fingerprint (the manifest's model source hashes) and condition; one id "
+        "with two fingerprints under one condition is an error. When a model has a plain run and an accuracy run "
+        "(options=study) of one condition, the NLLs are the complete plain run's (else the first complete one's); "
+        "the accuracy run lends only its option choices. The two runs share the forward pass but not the head "
+        "program, so their NLLs may differ by up to 1.5e-5.",
         "- Persona benefit = NLL without (or with a shuffled) persona − NLL with the matched persona "
         f"(positive = the persona helps); {', '.join(PERSONA_EXCLUDED)} excluded as in the reference. "
         "reference_d uses each run's own participants (as plot_meta); common_d and the per-participant "
@@ -222,6 +239,7 @@ def render_report(
         out += [f"### {title}\n", f"Full table: [{name}.csv]({name}.csv).\n", markdown_table(t.rows[name], columns)]
     out.append(
         "Also written: study_scores.csv (per model × study), pair_paired_stats.csv (per pair × study), "
-        "domains_extended.csv (all 11 categories plus Other), persona.csv (per model × study).\n"
+        "domains_extended.csv (all 11 categories plus Other), persona.csv (per model × study), and the broader "
+        "variants named above.\n"
     )
     return "\n".join(out)

@@ -12,6 +12,7 @@ Pairs, domains and persona are in ``pairs``, ``domains`` and ``persona``; the sh
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import cast
@@ -71,6 +72,8 @@ class Run:
     n_done: int = 0
     n_input: int | None = None
     temperatures: tuple[float, ...] = ()  # the head's grid (results without one: empty)
+    model_fingerprint: str = ""  # the scored weights' hashes (``model_fingerprint``); "" when the manifest has none
+    options: str = "none"  # the head's option mode: "none" (a plain run) or "study" (an accuracy run)
 
     def status(self) -> str:
         total = "?" if self.n_input is None else str(self.n_input)
@@ -90,6 +93,16 @@ def model_info(manifest: dict) -> dict:
     config = manifest.get("config", {})
     fallback = str(config.get("model", "unknown")).rstrip("/").split("/")[-1]
     return ModelInfo.from_mapping(config.get("model_info") or {}, default_hf_id=fallback).as_dict()
+
+
+def model_fingerprint(manifest: dict) -> str:
+    """What identifies the scored weights: the manifest's ``determinants.model_sources`` (the converted
+    checkpoint's source hashes), else ``model.provenance.sha256``, as canonical JSON; "" when neither is there
+    (results written before manifests carried them, or by the test helpers)."""
+    sources = manifest.get("determinants", {}).get("model_sources")
+    if not sources:
+        sources = (manifest.get("model", {}).get("provenance") or {}).get("sha256")
+    return json.dumps(sources, sort_keys=True) if sources else ""
 
 
 def condition_of(manifest: dict) -> Condition:
@@ -143,6 +156,8 @@ def run_from_rows(manifest: dict, rows: Iterable[dict], path: str = "") -> Run:
         tuple(participants),
         rejected,
         temperatures=temperatures,
+        model_fingerprint=model_fingerprint(manifest),
+        options=str(manifest.get("config", {}).get("options") or "none"),
     )
 
 

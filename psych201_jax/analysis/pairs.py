@@ -2,8 +2,9 @@
 
 Reference (docs/reference-protocol.md, "Merge and aggregation"): per study
 d_e = (μ_post − μ_base) / sqrt((σ_post² + σ_base²) / 2) over response-level NLLs, d_pair = mean of d_e over
-the studies both models have (NaN d_e skipped, as pandas does), at least 2 studies; positive = post-training
-moved the model away from humans. Accuracy: the same d on the 0/1 token values (negative = worse).
+the studies both models have (NaN d_e skipped, as pandas does), at least 2 studies as plot.py (fig3a's
+plot_evolution.py takes 1: ``tables``); positive = post-training moved the model away from humans.
+Accuracy: the same d on the 0/1 token values (negative = worse).
 
 Paired (not in the reference): both models score the very same responses, so differences are taken
 response by response (same study, experiment, participant and response index), with bootstrap confidence
@@ -29,8 +30,10 @@ from psych201_jax.analysis.stats import (
     wilcoxon_test,
 )
 
-# Post-training types whose pairs form the by-generation comparison (fig3a compares the Instruct /
-# default post-trained model with its own generation's base; VL, Coder, Math and distills are left out).
+# Post-training types whose pairs with a base of their own generation form the project's broader
+# by-generation table (generations_all_pairs.csv): Instruction-tuned AND Reasoning, so DeepSeek-R1 distills of a
+# Qwen2.5 base count as Qwen2.5 pairs here; Vision, Code and Math pairs are left out. fig3a itself
+# (generations.csv) takes only plot_evolution.py's listed pairs: ``paper.EVOLUTION_PAIRS``.
 GENERATION_TYPES = ("Instruction-tuned", "Reasoning")
 
 

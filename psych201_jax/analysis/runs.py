@@ -73,14 +73,42 @@ def load_categories(path: str = CATEGORIES_CSV) -> domains.Categories:
         return domains.parse_categories(csv.DictReader(fh))
 
 
+class ModelIdentityError(UserError):
+    """Two results directories label different weights with one model id."""
+
+
+# How far the NLLs of a plain run and an accuracy run (options=study) of one NLL condition may differ: they share
+# the forward pass but not the head program (tests/test_paper_definitions.py checks it on the bundled model).
+HEAD_NLL_TOLERANCE = 1.5e-5
+
+
 def dedupe(runs: Sequence[metrics.Run]) -> tuple[list[metrics.Run], list[str]]:
-    """One run per (model, condition): a complete run wins over an incomplete one, else the first; returns
-    the kept runs (in input order) and notes on the others. Runs of one condition that differ only in the
-    head (options, temperatures: the same NLLs) lend the kept run the head outputs it lacks."""
+    """One run per (model, condition), in input order of the kept runs; returns them and notes on the others.
+
+    Identity: runs are grouped by model id AND model fingerprint (``metrics.model_fingerprint``: the scored
+    weights' hashes from the manifest). Two runs of one id and condition whose fingerprints differ are a
+    ``ModelIdentityError`` naming both directories: another model's results under this model's name, never
+    resolved by keeping one. A run without a fingerprint (older manifests) matches any.
+
+    Which run supplies the NLLs: a complete run wins over an incomplete one; among complete runs, the plain run
+    (``options`` none) wins over an accuracy run (``options=study``), then the first in input order. The
+    others' NLLs are not used: a plain and an accuracy run of one condition share the forward pass but not the
+    head program, so their NLLs may differ by up to ``HEAD_NLL_TOLERANCE``. A complete other run lends the kept
+    run the head outputs it lacks (option choices, the temperature grid)."""
     best: dict[tuple[str, Condition], metrics.Run] = {}
+    fingerprinted: dict[tuple[str, Condition], metrics.Run] = {}  # the first run of each key with a fingerprint
     for run in runs:
         key = (run.model, run.condition)
-        if key not in best or (run.complete and not best[key].complete):
+        first = fingerprinted.setdefault(key, run) if run.model_fingerprint else None
+        if first is not None and first.model_fingerprint != run.model_fingerprint:
+            raise ModelIdentityError(
+                f"{first.path} and {run.path} both hold model {run.model!r} under one condition but were scored "
+                f"from different weights (model fingerprints {first.model_fingerprint[:60]} vs "
+                f"{run.model_fingerprint[:60]}); give one of them its own id (--config.model_info.hf_id) and "
+                f"rescore, or analyse them apart"
+            )
+        kept = best.get(key)
+        if kept is None or _preference(run) > _preference(kept):
             best[key] = run
     merged = dict(best)
     notes = []
@@ -91,13 +119,18 @@ def dedupe(runs: Sequence[metrics.Run]) -> tuple[list[metrics.Run], list[str]]:
         if r.complete and kept.complete:
             merged[(r.model, r.condition)] = _lend_head_outputs(merged[(r.model, r.condition)], r)
             notes.append(
-                f"{r.path}: same model and condition as {kept.path}; only its head outputs (options, temperatures) "
-                f"are used"
+                f"{r.path}: same model and condition as {kept.path} (options {r.options} vs {kept.options}); the "
+                f"NLLs are {kept.path}'s, only its head outputs (options, temperatures) are used"
             )
         else:
             notes.append(f"{r.path}: same model and condition as {kept.path} ({r.status()}); ignored")
     kept_runs = [merged[(r.model, r.condition)] for r in runs if best[(r.model, r.condition)] is r]
     return kept_runs, notes
+
+
+def _preference(run: metrics.Run) -> tuple[bool, bool]:
+    """Which run of one model and condition supplies the NLLs: complete first, then the plain run."""
+    return (run.complete, run.options == "none")
 
 
 def _lend_head_outputs(kept: metrics.Run, other: metrics.Run) -> metrics.Run:

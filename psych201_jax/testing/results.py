@@ -40,10 +40,14 @@ def write_results(
     template: str = "none",
     persona: str = "none",
     persona_subset: bool = False,
+    options: str = "none",
+    model_sha256: dict | None = None,
 ) -> str:
     """A results directory as ``psych201_jax.cli.score`` writes it: manifest.json and one committed chunk.
 
-    rows: (study, participant, nll list) or (study, participant, nll list, extra row fields)."""
+    rows: (study, participant, nll list) or (study, participant, nll list, extra row fields).
+    model_sha256: the scored weights' source hashes (file → sha256), written where a job's manifest holds them
+    (``determinants.model_sources`` and ``model.provenance.sha256``); None writes neither."""
     config = {
         "model": f"/models/{hf_id}",
         "protocol": protocol,
@@ -52,6 +56,7 @@ def write_results(
         "persona_subset": persona_subset,
         "dtype": "float32",
         "data": "synthetic",
+        "options": options,
         "model_info": {
             "hf_id": hf_id,
             "family": family,
@@ -81,7 +86,11 @@ def write_results(
     stored.append(
         {"study": "s1", "experiment": "s1/", "participant": "rejected-1", "status": "rejected", "reason": "empty"}
     )
-    write_rows(path, {"fingerprint": hf_id, "config": config}, stored)
+    manifest: dict[str, Any] = {"fingerprint": hf_id, "config": config}
+    if model_sha256 is not None:
+        manifest["determinants"] = {"model_sources": model_sha256}
+        manifest["model"] = {"provenance": {"sha256": model_sha256}}
+    write_rows(path, manifest, stored)
     return path
 
 
