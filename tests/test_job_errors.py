@@ -1,6 +1,7 @@
 """Bad input to a job gets a clear error and leaves earlier results intact."""
 
 import errno
+import json
 import os
 import shutil
 
@@ -149,3 +150,15 @@ def test_resume_keeps_every_input_line_exactly_once(tmp_path, monkeypatch):
         "scored",
     ]
     assert "duplicate participant id" in by_line[5]["reason"]
+
+
+def test_a_model_claiming_no_context_is_refused(tmp_path):
+    """A model spec with max_position_embeddings 0 is an error, not 'no limit' (probe case C07)."""
+    model = tmp_path / "ctx0"
+    shutil.copytree(defaults.DEFAULT_MODEL, model)
+    spec = json.loads((model / "model_spec.json").read_text())
+    spec["max_position_embeddings"] = 0
+    (model / "model_spec.json").write_text(json.dumps(spec))
+    with pytest.raises(job.ModelError, match="context of 0 tokens"):
+        job.run(_cfg(tmp_path, model=str(model)))
+    assert not os.path.exists(tmp_path / "out")

@@ -42,7 +42,12 @@ def audit_job(job, *, log_every: int = 0) -> tuple[list[audit.StudyAudit], list,
     if not os.path.isdir(tok_dir):
         raise UserError(f"config.model={job.model}: no such directory (a model, HF or tokenizer directory)")
     tok = TokenizerInfo(tok_dir)
-    context = defaults.context_length(job.model) or defaults.context_length(tok_dir)
+    context = defaults.context_length(job.model)
+    context = defaults.context_length(tok_dir) if context is None else context
+    if context is not None and context < 1:
+        raise UserError(
+            f"config.model={job.model}: its config claims a context of {context} tokens; it must be positive"
+        )
     pipeline = job.span_pipeline(context)
     logging.info("token budget: %s (model context %s)", pipeline.rules.token_budget, context)
     audits: dict[str, audit.StudyAudit] = {}

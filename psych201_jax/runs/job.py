@@ -145,6 +145,10 @@ def run_conditions(loaded: LoadedModel, jobs: list[ScoreJob], *, total: int | No
     if job.condition.template == Template.CHAT:
         tok.check_chat_template()  # a clear error before any work, not a silently different prompt
     context = spec.max_position_embeddings
+    if not isinstance(context, int) or context < 1:
+        raise ModelError(
+            f"{loaded.model_dir}: its model spec claims a context of {context!r} tokens; it must be positive"
+        )
     pipeline = job.span_pipeline(context)
     with_options = any(j.condition.options == OptionsMode.STUDY for j in jobs)
     study_options = _collect_options(pipeline, tok) if with_options else None
