@@ -20,6 +20,7 @@ FIGURES = [
     "fig_nll_by_size.png",
     "fig_misalignment_by_generation_all_pairs.png",
     "fig_domains_all_pairs.png",
+    "fig_persona_all_models.png",
     "fig_accuracy.png",
     "fig_pair_ci.png",
 ]

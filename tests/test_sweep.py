@@ -200,7 +200,7 @@ def test_tiny_sweep_end_to_end_with_a_failing_job_and_report(tmp_path):
     analyzed = _run("psych201_jax.cli.analyze", f"--results={tmp_path / 'sweep'}", f"--out={report}", "--bootstrap=200")
     assert analyzed.returncode == 0, analyzed.stderr[-3000:]
     pngs = sorted(p for p in os.listdir(report) if p.endswith(".png"))
-    assert {"fig_nll_by_size.png", "fig_persona.png"} <= set(pngs)
+    assert {"fig_nll_by_size.png", "fig_persona_all_models.png"} <= set(pngs)  # the tiny models are in no paper list
     text = (report / "report.md").read_text()
     assert "psych201_jax/tiny-qwen3-post" in text
 

@@ -7,6 +7,7 @@
                              selections (generations_all_pairs.csv, domains_all_pairs.csv);
 Each paper figure draws the table that selects as the study's script does (``tables``, ``paper``).
   fig_persona.png            per-study persona benefit d per model, reference and common subsets (fig5);
+  fig_persona_all_models.png the same for every model with a persona run (persona_all_models.csv);
   fig_accuracy.png           accuracy vs size, base vs post-trained per family (fig_accuracy);
   fig_pair_ci.png            paired mean NLL difference per pair with bootstrap CIs (not in the paper);
   fig_calibration_curves.png, fig_calibrated_misalignment.png  the calibration control.
@@ -210,11 +211,12 @@ def plot_domains(t: Tables, path: str, *, table: str = "domains") -> str | None:
     return None
 
 
-def plot_persona(t: Tables, path: str) -> str | None:
+def plot_persona(t: Tables, path: str, *, table: str = "persona") -> str | None:
+    """fig5 from ``table``: persona.csv (plot_meta.py's models) or persona_all_models.csv."""
     if t.primary is None:
         return "no run without persona"
     want = {k: v for k, v in condition_cols(t.primary).items() if k != "persona"}
-    rows = [r for r in t.rows["persona"] if all(r[k] == v for k, v in want.items())]
+    rows = [r for r in t.rows[table] if all(r[k] == v for k, v in want.items())]
     panels = [
         (f"{comparison}: {label}", comparison, column)
         for comparison, column, label in (
@@ -339,6 +341,11 @@ FIGURES = (
         functools.partial(plot_domains, table="domains_all_pairs"),
     ),
     ("fig_persona.png", "Persona benefit (fig5)", plot_persona),
+    (
+        "fig_persona_all_models.png",
+        "Persona benefit, every model with a persona run (not the paper's)",
+        functools.partial(plot_persona, table="persona_all_models"),
+    ),
     ("fig_accuracy.png", "Accuracy, base vs post-trained (fig_accuracy)", plot_accuracy),
     ("fig_pair_ci.png", "Paired post − base NLL difference with bootstrap CIs", plot_pair_ci),
     (
