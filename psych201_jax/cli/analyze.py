@@ -18,6 +18,7 @@ import os
 import matplotlib
 from absl import flags, logging
 
+from psych201_jax import paths
 from psych201_jax.analysis import metrics, report, runs
 from psych201_jax.cli import common
 
@@ -40,10 +41,12 @@ flags.mark_flags_as_required(["results", "out"])
 
 def main(argv):
     matplotlib.use("Agg")  # files only: matplotlib would otherwise resolve (and may open) a GUI backend
-    paths = list(FLAGS.results) + list(argv[1:])
+    given = list(FLAGS.results) + list(argv[1:])  # each a dir, a comma list of dirs, or a parent folder
+    results = [",".join(paths.normalize(p.strip()) for p in entry.split(",") if p.strip()) for entry in given]
+    out = paths.normalize(FLAGS.out)
     figures = report.generate(
-        paths,
-        FLAGS.out,
+        results,
+        out,
         ddof_mode=FLAGS.ddof,
         n_boot=FLAGS.bootstrap,
         seed=FLAGS.seed,
@@ -55,7 +58,7 @@ def main(argv):
             logging.info("figure %s written", name)
         else:
             logging.warning("figure %s skipped: %s", name, note)
-    print(f"wrote {os.path.join(FLAGS.out, 'report.md')}")
+    print(f"wrote {os.path.join(out, 'report.md')}")
 
 
 def run() -> None:

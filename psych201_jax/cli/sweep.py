@@ -51,7 +51,7 @@ def main(argv):
     overrides = cfg.overrides()
     if _DISTRIBUTED.value != "auto":
         overrides["distributed.mode"] = _DISTRIBUTED.value
-    status = sweep.SweepStatus(cfg.out_root, cfg.name)
+    status = sweep.SweepStatus(cfg.out_root, cfg.name, jobs)
     if _STATUS.value:
         current = status.read()
         print(json.dumps(current, indent=2, sort_keys=True))
@@ -99,11 +99,16 @@ def main(argv):
     if sweep.is_writer():
         sweep.write_outcomes(outcomes_path, outcomes)
     counts = {s: sum(o["status"] == s for o in outcomes) for s in ("done", "failed", "skipped")}
-    print(f"jobs: {counts['done']} done, {counts['failed']} failed, {counts['skipped']} skipped")
+    in_use = sum(bool(o.get("in_use")) for o in outcomes)
+    print(
+        f"jobs: {counts['done']} done, {counts['failed']} failed, {counts['skipped']} skipped"
+        + (f" ({in_use} in use by another worker)" if in_use else "")
+    )
     print(sweep.status_line(status.read()))
     for outcome in outcomes:
         if outcome["status"] != "done":
-            print(f"  {outcome['status']}: {outcome['job']}: {outcome['detail']}")
+            state = "skipped (in use)" if outcome.get("in_use") else outcome["status"]
+            print(f"  {state}: {outcome['job']}: {outcome['detail']}")
     logging.info("outcomes in %s", outcomes_path)
     if counts["failed"]:
         sys.exit(1)

@@ -17,6 +17,10 @@ A chunk is written into a hidden temporary directory and renamed into place, so 
 moment (kill -9 included) leaves only whole chunks; a restart with the same fingerprint skips the
 participants those chunks hold. A different fingerprint is refused unless the caller asks for a fresh
 run. A failed write (full disk) removes its temporary directory and leaves earlier chunks intact.
+A first write interrupted before ``manifest.json`` was in place (full disk, SIGTERM, kill -9) leaves only
+``.lock``, an empty ``chunks/`` and ``manifest.json.tmp-<pid>``: such a directory is a fresh start, cleaned
+and reused with a log line. Every path is normalised (``paths.normalize``: absolute, no ``..``) where it
+enters the store, before tensorstore or a lock sees it.
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 import tensorstore as ts
+from absl import logging
 
-from psych201_jax import hashing, locks
+from psych201_jax import hashing, locks, paths
 from psych201_jax.conditions import Protocol
 from psych201_jax.errors import UserError
 from psych201_jax.types import ParticipantResult, Rejected, input_id
@@ -48,6 +53,10 @@ class ResultsError(UserError, RuntimeError):
     """The results directory cannot be used for this job."""
 
 
+class ResultsInUse(ResultsError):
+    """Another job holds the results directory's lock."""
+
+
 LOCK = ".lock"
 
 
@@ -56,7 +65,7 @@ class ResultsLock:
     on the same directory is refused up front; a crashed job's lock file never blocks."""
 
     def __init__(self, out_dir: str, *, fresh: bool = False):
-        self.out_dir = out_dir
+        self.out_dir = out_dir = paths.normalize(out_dir)
         self.fresh = fresh
         self._lock = locks.FileLock(os.path.join(out_dir, LOCK))
 
@@ -65,7 +74,7 @@ class ResultsLock:
         try:
             self._lock.__enter__()
         except locks.LockHeld as held:
-            raise ResultsError(
+            raise ResultsInUse(
                 f"{self.out_dir} is in use by another job ({held.holder}); wait for it to finish or choose "
                 f"another --config.out"
             ) from None
@@ -76,12 +85,43 @@ class ResultsLock:
 
 
 def _refuse_foreign(out_dir: str, fresh: bool) -> None:
-    """A non-empty directory that is not a results directory is never written into (unless fresh)."""
+    """A non-empty directory that is not a results directory is never written into (unless fresh); the
+    leftovers of an interrupted first write (``_first_write_leftovers``) are not foreign."""
     foreign = os.path.isdir(out_dir) and not os.path.exists(os.path.join(out_dir, MANIFEST))
-    if foreign and set(os.listdir(out_dir)) - {LOCK} and not fresh:
+    if foreign and set(os.listdir(out_dir)) - {LOCK} and not fresh and _first_write_leftovers(out_dir) is None:
         raise ResultsError(
             f"{out_dir} exists, is not empty and is not a results directory; choose another --config.out"
         )
+
+
+def _first_write_leftovers(out_dir: str) -> list[str] | None:
+    """The temporary manifests of a first write that stopped before ``manifest.json`` was in place, when
+    ``out_dir`` holds nothing else than them, ``.lock`` and an empty ``chunks/`` (None otherwise)."""
+    try:
+        names = set(os.listdir(out_dir))
+        chunks = os.path.join(out_dir, CHUNKS)
+        if CHUNKS in names and (not os.path.isdir(chunks) or os.path.islink(chunks) or os.listdir(chunks)):
+            return None
+    except OSError:
+        return None
+    temps = sorted(n for n in names if n.startswith(f"{MANIFEST}.tmp-"))
+    if names - {LOCK, CHUNKS} - set(temps) or not all(os.path.isfile(os.path.join(out_dir, n)) for n in temps):
+        return None
+    return temps
+
+
+def _clean_first_write(out_dir: str) -> None:
+    """Removes what an interrupted first write left (see ``_first_write_leftovers``), with a log line."""
+    temps = _first_write_leftovers(out_dir)
+    if temps is None or not (temps or CHUNKS in os.listdir(out_dir)):
+        return
+    logging.warning(
+        "%s holds only what an interrupted first write left (%s); starting afresh",
+        out_dir,
+        ", ".join([f"{CHUNKS}/ (empty)"] * os.path.isdir(os.path.join(out_dir, CHUNKS)) + temps),
+    )
+    for name in temps:
+        _remove(os.path.join(out_dir, name))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +241,7 @@ class ResultsWriter:
     """Opens (or resumes) a results directory and commits chunks atomically."""
 
     def __init__(self, out_dir: str, manifest: dict, *, fresh: bool = False, process_index: int = 0):
-        self.out_dir = out_dir
+        self.out_dir = out_dir = paths.normalize(out_dir)
         self.process_index = process_index
         chunks = os.path.join(out_dir, CHUNKS)
         if os.path.exists(os.path.join(out_dir, MANIFEST)):
@@ -224,6 +264,8 @@ class ResultsWriter:
                 )
         else:
             _refuse_foreign(out_dir, fresh)
+            if process_index == 0 and os.path.isdir(out_dir):
+                _clean_first_write(out_dir)
         try:
             os.makedirs(chunks, exist_ok=True)
             if process_index == 0:
@@ -301,6 +343,7 @@ def _remove(path: str) -> None:
 
 
 def read_manifest(out_dir: str) -> dict:
+    out_dir = paths.normalize(out_dir)
     path = os.path.join(out_dir, MANIFEST)
     try:
         with open(path) as fh:
@@ -311,7 +354,7 @@ def read_manifest(out_dir: str) -> dict:
 
 def chunk_dirs(out_dir: str) -> list[str]:
     """Committed chunks in (process, chunk) order; temporary directories of a killed job are ignored."""
-    return sorted(glob.glob(os.path.join(out_dir, CHUNKS, "p*-c*")))
+    return sorted(glob.glob(os.path.join(glob.escape(paths.normalize(out_dir)), CHUNKS, "p*-c*")))
 
 
 def iter_rows(out_dir: str) -> Iterator[dict]:
@@ -390,6 +433,7 @@ def completed_inputs(out_dir: str) -> set[tuple[str, int]]:
 
 def write_complete(out_dir: str, fingerprint_: str, seconds: float) -> dict:
     """Marks a finished job, with totals over every process's chunks; returns the record."""
+    out_dir = paths.normalize(out_dir)
     counts = {"scored": 0, "rejected": 0}
     tokens = 0
     for row in iter_table(out_dir):
@@ -420,7 +464,7 @@ def read_status(out_dir: str) -> RunStatus:
 def read_complete(out_dir: str) -> dict | None:
     """The completion record of a finished job, or None."""
     try:
-        with open(os.path.join(out_dir, COMPLETE)) as fh:
+        with open(os.path.join(paths.normalize(out_dir), COMPLETE)) as fh:
             return json.load(fh)
     except (OSError, json.JSONDecodeError):
         return None

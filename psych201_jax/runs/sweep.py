@@ -6,12 +6,20 @@ kind, paired base, architecture) and conditions (protocol, template, persona, su
 models they apply to). ``expand`` turns them into ``Job``s with one results directory each. A worker
 (``run_shard``) takes its share of the models (``--shard=I/N``) and, per model, restores it once and runs
 all its incomplete jobs, those sharing a token stream in one pass (``job.run_conditions``); failures are
-recorded without stopping the sweep, and ``sweep_status.json`` tracks every model across shards.
+recorded without stopping the sweep, and ``sweep_status.json`` tracks every model across shards (after each
+condition). A condition whose results another worker holds is "skipped (in use)", not failed.
+
+``out_root`` is normalised (``paths.normalize``); model slugs and condition names are single path
+components, so no job's results leave ``out_root``. A corrupt or empty ``sweep_status.json`` is set aside
+(``.corrupt-<time>``) and rebuilt from the results directories; a status write that fails (full disk) fails
+the condition it reports with one line, never the worker.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import os
 import socket
@@ -21,7 +29,7 @@ from typing import Any
 
 from absl import logging
 
-from psych201_jax import locks
+from psych201_jax import locks, paths
 from psych201_jax.conditions import Condition, ConditionError, ModelInfo, ModelKind
 from psych201_jax.errors import UserError
 from psych201_jax.model.spec import SUPPORTED_MODEL_TYPES
@@ -113,7 +121,7 @@ class Sweep:
                 name=str(m["name"]),
                 model_root=str(m.get("model_root", "")),
                 data=str(m["data"]),
-                out_root=str(m["out_root"]),
+                out_root=paths.normalize(str(m["out_root"])),
                 models=valid(lambda x: _model(x, m.get("model_root", "")), m["models"]),
                 conditions=valid(_condition, m["conditions"]),
                 score=tuple(sorted(dict(m.get("score") or {}).items())),
@@ -131,6 +139,7 @@ def _model(m: dict, model_root: str) -> SweepModel:
         info = ModelInfo.from_mapping(m)
     except ConditionError as err:
         raise SweepError(f"model {m.get('hf_id')!r}: {err}") from None
+    _check_name(f"model {info.hf_id!r}: its results folder", slug(info.hf_id))
     return SweepModel(
         info=info,
         path=m.get("path") or os.path.join(model_root, info.hf_id),
@@ -140,8 +149,16 @@ def _model(m: dict, model_root: str) -> SweepModel:
     )
 
 
+def _check_name(what: str, name: str) -> None:
+    """A model slug or condition name is one folder inside ``out_root``: never empty, ``.``, ``..`` or a path."""
+    seps = [sep for sep in (os.sep, os.altsep, "\0") if sep]
+    if name in ("", ".", "..") or any(sep in name for sep in seps):
+        raise SweepError(f"{what} {name!r} is not a plain folder name (it would leave or alias out_root)")
+
+
 def _condition(m: dict) -> SweepCondition:
     name = str(m.get("name", ""))
+    _check_name("condition name", name)
     try:
         condition = Condition.from_mapping({"temperatures": "none", **m})
     except ConditionError as err:
@@ -197,7 +214,10 @@ def expand(sweep: Sweep) -> list[Job]:
             if model.arch and model.arch not in SUPPORTED_MODEL_TYPES:
                 skip = f"architecture {model.arch!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
             name = f"{slug(model.info.hf_id)}/{c.name}"
-            jobs.append(Job(name, os.path.join(sweep.out_root, name), model, c.name, condition, skip))
+            out = paths.normalize(os.path.join(sweep.out_root, name))
+            if os.path.dirname(os.path.dirname(out)) != paths.normalize(sweep.out_root):
+                raise SweepError(f"job {name!r}: its results folder {out} is not inside out_root {sweep.out_root}")
+            jobs.append(Job(name, out, model, c.name, condition, skip))
     return jobs
 
 
@@ -268,24 +288,92 @@ STATUS = "sweep_status.json"
 STATES = ("done", "running", "failed", "remaining")
 
 
+class SweepStatusError(SweepError):
+    """``sweep_status.json`` cannot be written (full disk, read-only) or read."""
+
+
 class SweepStatus:
     """``<out_root>/sweep_status.json``: per model its state, conditions done / failed / total, restores,
-    tokens and seconds, updated atomically under a file lock by any shard (read by ``--status``)."""
+    tokens and seconds, updated atomically under a file lock by any shard (read by ``--status``).
 
-    def __init__(self, out_root: str, name: str):
-        self.path = os.path.join(out_root, STATUS)
+    A file that is not a valid status (corrupt, empty, hand-edited) is named in a warning, set aside as
+    ``sweep_status.json.corrupt-<time>`` and rebuilt from ``jobs``' results directories (their
+    complete.json). A write that fails is a ``SweepStatusError`` (one line)."""
+
+    def __init__(self, out_root: str, name: str, jobs: list[Job] | None = None):
+        self.path = os.path.join(paths.normalize(out_root), STATUS)
         self.name = name
+        self.jobs = list(jobs or [])
+
+    def lock(self) -> locks.FileLock:
+        return locks.FileLock(self.path + ".lock", wait=True, reentrant=True)
+
+    def _load(self) -> dict | None:
+        """The file's status; {} when there is none; None when it is not a valid status."""
+        try:
+            with open(self.path, "rb") as fh:
+                data = json.loads(fh.read())
+        except FileNotFoundError:  # written by atomic replace: never half a file
+            return {}
+        except (ValueError, UnicodeDecodeError):
+            return None
+        except OSError as err:
+            raise SweepStatusError(f"cannot read {self.path}: {err.strerror or err}") from None
+        models = data.get("models") if isinstance(data, dict) else None
+        if not isinstance(models, dict) or not all(
+            isinstance(e, dict) and e.get("state") in STATES for e in models.values()
+        ):
+            return None
+        return data
 
     def read(self) -> dict:
+        status = self._load()
+        if status is None:
+            with self.lock():
+                status = self._load()  # another worker may have rebuilt it meanwhile
+                if status is None:
+                    status = self._rebuild()
+        return status or {"sweep": self.name, "models": {}}
+
+    def _rebuild(self) -> dict:
+        """Sets the invalid file aside and writes the status that the results directories show."""
+        aside = f"{self.path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
         try:
-            with open(self.path) as fh:
-                return json.load(fh)
-        except FileNotFoundError:  # written by atomic replace: never half a file
-            return {"sweep": self.name, "models": {}}
+            os.replace(self.path, aside)
+        except OSError as err:
+            raise SweepStatusError(f"{self.path} is corrupt and cannot be set aside ({err.strerror or err})") from None
+        logging.warning("%s is not a valid sweep status: set aside as %s, rebuilt from the results", self.path, aside)
+        status: dict[str, Any] = {"sweep": self.name, "models": {}}
+        for model, model_jobs in models_of(self.jobs):
+            done = sum(is_complete(j) for j in model_jobs)
+            status["models"][model] = {
+                "state": "done" if done == len(model_jobs) else "remaining",
+                "restores": 0,
+                "tokens": 0,
+                "seconds": 0.0,
+                "conditions": {"done": done, "failed": 0, "total": len(model_jobs)},
+            }
+        self._write(status)
+        return status
+
+    def _write(self, status: dict) -> None:
+        status["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        tmp = f"{self.path}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "w") as fh:
+                json.dump(status, fh, indent=2, sort_keys=True)
+            os.replace(tmp, self.path)
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            what = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
+            raise SweepStatusError(
+                f"cannot update {self.path}: {what}; free space and rerun the same command to resume"
+            ) from None
 
     def update(self, model: str, add: dict | None = None, **fields) -> dict:
         """Sets ``fields`` of ``model``'s entry and adds ``add``'s counts to it, under the lock."""
-        with locks.FileLock(self.path + ".lock", wait=True):
+        with self.lock():
             status = self.read()
             entry = status["models"].setdefault(
                 model, {"state": "remaining", "restores": 0, "tokens": 0, "seconds": 0.0}
@@ -293,11 +381,7 @@ class SweepStatus:
             entry.update(fields)
             for key, value in (add or {}).items():
                 entry[key] = entry.get(key, 0) + value
-            status["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            tmp = f"{self.path}.tmp-{os.getpid()}"
-            with open(tmp, "w") as fh:
-                json.dump(status, fh, indent=2, sort_keys=True)
-            os.replace(tmp, self.path)
+            self._write(status)
         return status
 
 
@@ -336,8 +420,9 @@ def run_shard(
 ) -> list[dict]:
     """Runs this shard's models one after another in this process, each restored and compiled once, with
     all its conditions (jobs sharing a token stream share the forward pass, see ``job.run_conditions``).
-    Complete jobs are skipped, partial ones resumed, a failed condition is recorded and the worker goes on.
-    Returns one outcome per job of the shard (skipped jobs included)."""
+    Complete jobs are skipped, partial ones resumed, a failed condition is recorded and the worker goes on;
+    one that another worker holds is skipped (``in_use`` in its outcome). Returns one outcome per job of the
+    shard (skipped jobs included)."""
     from psych201_jax.runs import job as job_lib
 
     units = shard_models(models_of(jobs), *shard)
@@ -347,12 +432,16 @@ def run_shard(
         raise SweepError(f"the sweep's score overrides {dict(overrides)} do not fit the job config: {err}") from None
     job_lib.initialize_runtime(shared)  # before any JAX use
     writer = is_writer()
-    status = SweepStatus(out_root, name)
+    status = SweepStatus(out_root, name, jobs)
     if writer:
-        for model, model_jobs in units:
-            entry = status.read()["models"].get(model, {})
-            if entry.get("state") in (None, "remaining"):
-                status.update(model, state="remaining", conditions={"done": 0, "failed": 0, "total": len(model_jobs)})
+        try:
+            for model, model_jobs in units:
+                entry = status.read()["models"].get(model, {})
+                if entry.get("state") in (None, "remaining"):
+                    conditions = {"done": 0, "failed": 0, "total": len(model_jobs)}
+                    status.update(model, state="remaining", conditions=conditions)
+        except (SweepStatusError, locks.LockPathError) as err:  # only the report: each model's own update says it again
+            logging.warning("%s", err)
     outcomes = [
         {"job": j.name, "status": "skipped", "detail": j.skip_reason, "out": j.out}
         for j in jobs
@@ -379,26 +468,47 @@ def _run_model(model: str, jobs: list[Job], overrides: Mapping[str, Any], status
             todo.append(j)
     tokens = 0
 
-    def report(state: str, restored: int = 0) -> None:
+    def report(state: str, restored: int = 0) -> UserError | None:
+        """Writes the model's entry (conditions counted now); a failed write is returned, not raised."""
         if status is None:
-            return
-        done = sum(o["status"] == "done" for o in outcomes.values())
-        failed = sum(o["status"] == "failed" for o in outcomes.values())
+            return None
         final = state != "running"  # tokens and seconds are added once, when the model ends
-        current = status.update(
-            model,
-            add={  # restores are counted when they happen (a killed worker's too)
-                "restores": restored,
-                "tokens": tokens if final else 0,
-                "seconds": time.perf_counter() - started if final else 0.0,
-            },
-            state=state,
-            shard=f"{shard[0]}/{shard[1]}",
-            pid=os.getpid(),
-            host=socket.gethostname(),
-            conditions={"done": done, "failed": failed, "total": len(jobs)},
-        )
+        try:
+            with status.lock():  # the final state reads other workers' results: no update in between
+                in_use = [j for j in jobs if outcomes.get(j.name, {}).get("in_use")]
+                if final:  # conditions another worker held: finished by now, or still running there
+                    ended = [j for j in in_use if is_complete(j)]
+                    for j in ended:
+                        outcomes[j.name] = {"job": j.name, "status": "done", "detail": "done by another worker"}
+                        outcomes[j.name]["out"] = j.out
+                    in_use = [j for j in in_use if j not in ended]
+                    state = "failed" if any(o["status"] == "failed" for o in outcomes.values()) else state
+                    state = "running" if in_use and state == "done" else state
+                conditions = {
+                    "done": sum(o["status"] == "done" for o in outcomes.values()),
+                    "failed": sum(o["status"] == "failed" for o in outcomes.values()),
+                    "total": len(jobs),
+                }
+                if in_use:
+                    conditions["in_use"] = len(in_use)
+                current = status.update(
+                    model,
+                    add={  # restores are counted when they happen (a killed worker's too)
+                        "restores": restored,
+                        "tokens": tokens if final else 0,
+                        "seconds": time.perf_counter() - started if final else 0.0,
+                    },
+                    state=state,
+                    shard=f"{shard[0]}/{shard[1]}",
+                    pid=os.getpid(),
+                    host=socket.gethostname(),
+                    conditions=conditions,
+                )
+        except (SweepStatusError, locks.LockPathError) as err:
+            logging.error("%s", err)
+            return err
         print(f"{model}: {state} | {status_line(current)}", flush=True)
+        return None
 
     score_jobs = {}
     for j in todo:
@@ -427,7 +537,7 @@ def _run_model(model: str, jobs: list[Job], overrides: Mapping[str, Any], status
                 loaded = loaded_key = None  # the previous parameters go before the next restore
                 loaded = job_lib.load(group[0])
                 loaded_key = key
-                report("running", restored=1)
+                report("running", restored=1)  # counted when it happens (a killed worker's too)
             data_of = group[0].data  # counted once per model and data, not once per share group
             if data_of not in totals:
                 totals[data_of] = records.count_participants(data_of)
@@ -437,18 +547,33 @@ def _run_model(model: str, jobs: list[Job], overrides: Mapping[str, Any], status
         except Exception as err:  # noqa: BLE001 -- recorded; the worker goes on with the next condition
             if distributed.is_multiprocess():
                 raise  # every process must take the same path: the shard stops, a rerun resumes
-            logging.exception("%s failed", ", ".join(j.name for j in group_jobs))
             if loaded is None:
                 load_errors[key] = err
             elif len(group) > 1:
-                groups = [[c] for c in group] + groups  # one bad condition must not fail its siblings
+                logging.warning("%s: %s; retrying them one by one", ", ".join(j.name for j in group_jobs), err)
+                groups = [[c] for c in group] + groups  # one bad (or held) condition must not fail its siblings
                 continue
-            for j in group_jobs:
-                outcomes[j.name] = _failed(j, err)
+            if isinstance(err, store.ResultsInUse):  # another worker runs it: not a failure of this one
+                logging.warning("%s", err)
+                for j in group_jobs:
+                    outcomes[j.name] = {"job": j.name, "status": "skipped", "detail": str(err), "out": j.out}
+                    outcomes[j.name]["in_use"] = True
+            else:
+                logging.exception("%s failed", ", ".join(j.name for j in group_jobs))
+                for j in group_jobs:
+                    outcomes[j.name] = _failed(j, err)
+        _report_or_fail(report("running"), group_jobs, outcomes)  # counts after each condition
     del loaded  # the next model's parameters replace this one's
-    state = "failed" if any(o["status"] == "failed" for o in outcomes.values()) else "done"
-    report(state)
+    report("done")  # failed if any condition failed; running while another worker holds one
     return [outcomes[j.name] for j in jobs]
+
+
+def _report_or_fail(err: UserError | None, jobs: list[Job], outcomes: dict[str, dict]) -> None:
+    """A status write that failed (full disk) fails the conditions it reported, with its one line."""
+    if err is not None:
+        for j in jobs:
+            if outcomes[j.name]["status"] == "done":
+                outcomes[j.name] = _failed(j, err)
 
 
 def _failed(job: Job, err: Exception) -> dict:
@@ -457,5 +582,9 @@ def _failed(job: Job, err: Exception) -> dict:
 
 
 def write_outcomes(path: str, outcomes: list[dict]) -> None:
-    with open(path, "w") as fh:
-        json.dump(outcomes, fh, indent=2)
+    try:
+        with open(path, "w") as fh:
+            json.dump(outcomes, fh, indent=2)
+    except OSError as err:
+        what = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
+        raise SweepError(f"cannot write {path}: {what}") from None
