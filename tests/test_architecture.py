@@ -19,6 +19,7 @@ BASE = (
     "locks",
     "defaults",
     "console",
+    "torch_pickle",
     "paths",
 )  # shared vocabulary, imported by every stage
 # Stage order: a module may import its own stage, BASE and earlier stages only.

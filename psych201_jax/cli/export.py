@@ -1,6 +1,8 @@
-r"""psych201-export: export a results directory as one JSON line per input participant.
+r"""psych201-export: export a results directory as one JSON line per input participant, or results
+directories as the study's own layout.
 
   psych201-export --results=DIR --out=FILE.jsonl
+  psych201-export --format=reference --results=DIR [--results=DIR ...] --out=FOLDER
 
 Each line: {"study", "experiment", "participant", "nll": [...], "n_markers", "status", "reason", and the
 span counters responses_text, responses_scored, lost_truncation, missed, runaway, merged, straddle}.
@@ -9,24 +11,44 @@ token); ``n_markers`` is the number of ``<<`` responses in the text. ``status``:
 (nothing of it could be scored, e.g. every response beyond the character cut) or ``rejected``; ``reason``
 counts every lost response and labelling problem. With the head's temperature grid: ``temperatures``,
 ``nll_t`` (one list per temperature, responses in the order of ``nll``), ``entropy`` (per response, summed
-over its tokens, nats) and with options ``option_mass``. An incomplete run is refused unless
+over its tokens, nats) and with options ``option_mass``. ``argmax`` and ``target``: per scored token (the
+responses' tokens in the order of ``nll``, ``n_scored`` of them per response), the model's top token and the
+human token (their equality is the study's per-token accuracy). An incomplete run is refused unless
 --allow_incomplete.
+
+--format=reference writes the trees and merged CSVs the study's scripts read (``eval.py``'s
+``data/<study>/<model>.pth``, ``data_acc/``, ``data_meta/``, ``data_instruct/`` and
+``csvs/full_data_jureca_<dir>.csv``; psych201_jax/analysis/reference_layout.py says which run goes where).
 
 example:
   psych201-export --results=out/score-default --out=scores.jsonl
+  psych201-export --format=reference --results=out/sweeps/psych201_paper --out=psych201_layout
 """
 
 import json
+import os
 
 from absl import flags, logging
 
+from psych201_jax.analysis import reference_layout
 from psych201_jax.cli import common
 from psych201_jax.conditions import Protocol
 from psych201_jax.runs import store as results
 from psych201_jax.types import SPAN_COUNTERS
 
-_RESULTS = flags.DEFINE_string("results", None, "Results directory written by psych201_jax.cli.score.", required=True)
-_OUT = flags.DEFINE_string("out", None, "Output .jsonl file.", required=True)
+_RESULTS = flags.DEFINE_multi_string(
+    "results",
+    None,
+    "Results directory written by psych201_jax.cli.score (--format=reference: repeatable, or a folder of them)",
+    required=True,
+)
+_OUT = flags.DEFINE_string("out", None, "Output .jsonl file (--format=reference: output folder).", required=True)
+_FORMAT = flags.DEFINE_enum(
+    "format",
+    "jsonl",
+    ["jsonl", "reference"],
+    "jsonl: one line per participant; reference: the study's data*/<study>/<model>.pth trees and merged CSVs.",
+)
 _ALLOW_INCOMPLETE = flags.DEFINE_bool("allow_incomplete", False, "Export an incomplete (killed or running) run.")
 
 
@@ -53,22 +75,59 @@ def export_rows(results_dir: str):
         for name in ("entropy", "option_mass"):
             if name in row:
                 out[name] = row[name]
+        for name in ("argmax", "target"):  # per scored token
+            if name in row:
+                out[name] = row[name]
         yield out
 
 
-def main(argv):
-    del argv
-    status = results.read_status(_RESULTS.value)  # fails clearly on a directory that is not a results dir
+def _checked_status(results_dir: str) -> results.RunStatus:
+    status = results.read_status(results_dir)  # fails clearly on a directory that is not a results dir
     if not status.complete:
-        message = f"{_RESULTS.value}: {status.describe()}"
+        message = f"{results_dir}: {status.describe()}"
         if not _ALLOW_INCOMPLETE.value:
             raise results.ResultsError(
                 f"{message}; finish it by rerunning its job, or pass --allow_incomplete to export what is there"
             )
         logging.warning("%s; exporting it (--allow_incomplete)", message)
+    return status
+
+
+def _export_reference() -> None:
+    dirs = [d for entry in _RESULTS.value for d in _results_dirs(entry)]
+    for d in dirs:
+        _checked_status(d)
+    summary = reference_layout.export_reference(dirs, _OUT.value)
+    for note in summary.skipped:
+        print(f"skipped {note}")
+    print(
+        f"wrote {len(summary.pth_files)} .pth files and {len(summary.csv_files)} merged CSVs under {_OUT.value} "
+        f"from {len(dirs) - len(summary.skipped)} of {len(dirs)} results directories"
+    )
+
+
+def _results_dirs(path: str) -> list[str]:
+    """``path`` if it is a results directory, else the results directories under it."""
+    if os.path.isfile(os.path.join(path, results.MANIFEST)):
+        return [path]
+    found = sorted(root for root, _, files in os.walk(path) if results.MANIFEST in files)
+    if not found:
+        raise results.ResultsError(f"{path}: no results directory (manifest.json) found")
+    return found
+
+
+def main(argv):
+    del argv
+    if _FORMAT.value == "reference":
+        _export_reference()
+        return
+    if len(_RESULTS.value) != 1:
+        raise results.ResultsError("--format=jsonl exports one results directory; pass --results once")
+    results_dir = _RESULTS.value[0]
+    status = _checked_status(results_dir)
     n = 0
     with open(_OUT.value, "w") as fh:
-        for row in export_rows(_RESULTS.value):
+        for row in export_rows(results_dir):
             fh.write(json.dumps(row) + "\n")
             n += 1
     note = "" if status.complete else f" (incomplete run: {status.n_done} of {status.n_input or '?'} participants)"
