@@ -2,7 +2,9 @@
 
 ``TokenizerInfo`` wraps an HF tokenizer directory with what both span protocols need from it (the marker
 ids, BOS, the chat template's assistant-turn delimiters and content positions), and keeps a snapshot of
-its Rust backend so later jobs skip importing transformers.
+its Rust backend so later jobs skip importing transformers. A snapshot records what it was made from (the
+tokenizer files' hash and the library versions, which its file name is a hash of) and the sha256 of its own
+content; one whose record or content does not match is rebuilt with a warning, never used.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 import numpy as np
+from absl import logging
 
 from psych201_jax import hashing
+from psych201_jax.data.cache_dirs import make_private_dirs
 from psych201_jax.errors import UserError
 
-__all__ = ["ChatTemplateError", "TokenizerInfo"]
+__all__ = ["ChatTemplateError", "TokenizerError", "TokenizerInfo"]
 
 # Every tokenizer file the converter copies; the tokenizer fingerprint covers these plus config.json.
 TOKENIZER_FILES = (
@@ -34,6 +38,10 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "generation_config.json",
 )
+
+
+class TokenizerError(UserError, FileNotFoundError):
+    """The tokenizer directory does not exist."""
 
 
 class ChatTemplateError(UserError, ValueError):
@@ -55,21 +63,24 @@ class TokenizerInfo:
 
     def __init__(self, path: str, snapshot_dir: str = ""):
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"tokenizer directory {path!r} does not exist")
+            raise TokenizerError(f"tokenizer directory {path!r} does not exist")
         self.path = path
         self.sha256 = hashing.hash_files(path, TOKENIZER_FILES + ("config.json",))
         self._hf: Any = None
         self._chat_markers: tuple[tuple[int, ...], tuple[int, ...]] | None = None
         self._trims: bool | None = None
-        key = self._snapshot_key() if snapshot_dir else None
+        made_from = self._snapshot_source() if snapshot_dir else None
+        key = hashing.hash_json(made_from)[:32] if made_from else ""
         snapshot = os.path.join(os.path.expanduser(snapshot_dir), f"{key}.json") if key else ""
-        facts = _read_snapshot(snapshot) if snapshot else None
+        facts = _read_snapshot(snapshot, made_from) if snapshot else None
         fast = _backend_from_str(facts["backend"]) if facts is not None else None
+        if facts is not None and fast is None:
+            logging.warning("tokenizer snapshot %s: its backend does not parse; building it again", snapshot)
         if facts is None or fast is None:
             facts = self._facts_from_hf()
             fast = facts["backend"]
             if snapshot:
-                _write_snapshot(snapshot, facts)
+                _write_snapshot(snapshot, facts, made_from)
         self.fast: Any = fast
         self.base_l_id: tuple[int, ...] = tuple(facts["base_l_id"])
         self.base_r_id: tuple[int, ...] = tuple(facts["base_r_id"])
@@ -98,15 +109,16 @@ class TokenizerInfo:
             backend=fast,  # the live object here; its JSON in a snapshot
         )
 
-    def _snapshot_key(self) -> str | None:
-        """The snapshot's file name: None (no snapshot) when the library versions are unknown."""
+    def _snapshot_source(self) -> list | None:
+        """What a snapshot is made from (its file name is a hash of it): the snapshot format, the tokenizer
+        files' hash and the transformers and tokenizers versions; None (no snapshot) when those are unknown."""
         from importlib import metadata
 
         try:
             versions = [metadata.version(name) for name in ("transformers", "tokenizers")]
         except metadata.PackageNotFoundError:  # not installed as distributions
             return None
-        return hashing.hash_json([_SNAPSHOT_FORMAT, self.sha256, *versions])[:32]
+        return [_SNAPSHOT_FORMAT, self.sha256, *versions]
 
     # -- encoding -----------------------------------------------------------------------------------
     def encode_batch(
@@ -221,7 +233,8 @@ class TokenizerInfo:
         return rendered, spans
 
 
-_SNAPSHOT_FORMAT = 1
+_SNAPSHOT_FORMAT = 2  # 2: records what it was made from and the sha256 of its content
+_FACTS = ("backend", "base_l_id", "base_r_id", "bos_token", "has_template")
 
 
 def _backend_from_str(text: Any) -> Any:
@@ -234,27 +247,42 @@ def _backend_from_str(text: Any) -> Any:
         return None
 
 
-def _read_snapshot(path: str) -> dict | None:
-    """A tokenizer snapshot's facts, or None when it is absent or unreadable (then it is rebuilt)."""
+def _content_sha256(facts: dict) -> str:
+    return hashing.hash_json({name: facts[name] for name in _FACTS})
+
+
+def _read_snapshot(path: str, made_from: list | None) -> dict | None:
+    """A tokenizer snapshot's facts; None when it is absent, or (with a warning) unreadable, made from other
+    tokenizer files or library versions than ``made_from``, or its content does not match its sha256."""
     try:
         with open(path, encoding="utf-8") as f:
             facts = json.load(f)
-        if not isinstance(facts, dict) or not {"backend", "base_l_id", "base_r_id", "bos_token", "has_template"} <= set(
-            facts
-        ):
-            return None
-        return facts
-    except (OSError, ValueError):
+    except FileNotFoundError:
         return None
+    except (OSError, ValueError) as err:
+        why = f"unreadable ({type(err).__name__}: {' '.join(str(err).split())[:120]})"
+    else:
+        if not isinstance(facts, dict) or not {*_FACTS, "made_from", "sha256"} <= set(facts):
+            why = "not a snapshot of this version"
+        elif facts["made_from"] != made_from:
+            why = "made from other tokenizer files or library versions than its name says"
+        elif facts["sha256"] != _content_sha256(facts):
+            why = "its content does not match its sha256 (edited or damaged)"
+        else:
+            return facts
+    logging.warning("tokenizer snapshot %s: %s; building it again", path, why)
+    return None
 
 
-def _write_snapshot(path: str, facts: dict) -> None:
-    """Writes a snapshot atomically (a concurrent reader sees the old file or the whole new one); a cache
-    that cannot be written only costs the next job its start-up time."""
-    data = dict(facts, backend=facts["backend"].to_str())
+def _write_snapshot(path: str, facts: dict, made_from: list | None) -> None:
+    """Writes a snapshot atomically (a concurrent reader sees the old file or the whole new one), with what
+    it is made from and its content's sha256; its folder is created 0700. A cache that cannot be written only
+    costs the next job its start-up time."""
+    data = dict(facts, backend=facts["backend"].to_str(), made_from=made_from)
+    data["sha256"] = _content_sha256(data)
     tmp = ""
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        make_private_dirs(os.path.dirname(path))
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")  # unique across hosts too
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f)

@@ -5,7 +5,7 @@ Layout of a converted directory::
     <out>/params/           orbax (v1 layout) PyTree checkpoint, the model's pure state dict
     <out>/model_spec.json   ModelSpec
     <out>/tokenizer/        the HF tokenizer files
-    <out>/provenance.json   source path, sha256 of every source file, dtype, converter version, time, and
+    <out>/provenance.json   source path, sha256 and size of every source file, dtype, converter version, time, and
                             what was converted: the text family (model_type), the source config's own
                             model_type and architectures (a vision-language wrapper: its language model)
 
@@ -13,11 +13,16 @@ Conversion writes one parameter per orbax partial save, so the host holds at mos
 (plus orbax's write buffer for it) instead of the whole model. Restoring reads straight into target
 shardings given by an abstract state of ``jax.ShapeDtypeStruct(..., sharding=...)``, so no host ever
 materialises a model that does not fit it.
+
+``source_mismatch`` checks a converted checkpoint against the HF directory it claims to come from (the
+conversion cache refuses an entry that fails it). Disk-full and other write failures of a conversion are one
+``ConvertError`` naming the output; nothing half-written is kept.
 """
 
 from __future__ import annotations
 
 import datetime
+import errno
 import glob
 import json
 import os
@@ -98,6 +103,12 @@ class ConversionLock:
             raise ConvertError(
                 f"another conversion into {self.out_dir} is running ({held.holder}); wait for it"
             ) from None
+        except UserError:
+            raise
+        except OSError as err:  # its folder is read-only, a file, or cannot be created
+            raise ConvertError(
+                f"cannot create the lock file {self._lock.path} for {self.out_dir}: {_os_error(err)}"
+            ) from None
         return self
 
     def __exit__(self, *exc) -> None:
@@ -129,10 +140,36 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "bfloat16", *, allow_pickle:
             if os.path.isdir(out_dir):
                 os.rmdir(out_dir)  # empty
             os.replace(tmp, out_dir)
-        except BaseException:
+        except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            if isinstance(err, UserError) or not _is_io_failure(err):
+                raise
+            raise ConvertError(f"converting {hf_dir} into {out_dir} failed: {_write_failure(err)}") from err
     return spec
+
+
+def _is_io_failure(err: BaseException) -> bool:
+    """An OSError, or tensorstore's report of one (a ValueError naming the failed write)."""
+    if isinstance(err, OSError):
+        return True
+    text = str(err)
+    return isinstance(err, ValueError) and any(
+        s in text for s in ("RESOURCE_EXHAUSTED", "No space left", "Error writing")
+    )
+
+
+def _os_error(err: OSError) -> str:
+    return f"{err.strerror or err}" + (f" ({err.filename})" if err.filename else "")
+
+
+def _write_failure(err: BaseException) -> str:
+    """One line on a failed conversion read or write; the disk-full case says what to do."""
+    text = " ".join(str(err).split())
+    if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
+        s in text for s in ("No space left", "RESOURCE_EXHAUSTED", "Disk quota")
+    ):
+        return "the disk is full; nothing was kept, free space and convert again"
+    return _os_error(err) if isinstance(err, OSError) else f"{type(err).__name__}: {text[:300]}"
 
 
 def _convert_into(hf_dir: str, out_dir: str, dtype: str, allow_pickle: bool) -> ModelSpec:
@@ -153,12 +190,13 @@ def _convert_into(hf_dir: str, out_dir: str, dtype: str, allow_pickle: bool) -> 
         if os.path.isfile(os.path.join(hf_dir, name)):
             shutil.copy2(os.path.join(hf_dir, name), tok_dir)
 
-    source_files = sorted(f for f in os.listdir(hf_dir) if os.path.isfile(os.path.join(hf_dir, f)))
+    source_files = _source_files(hf_dir)
     # Every file read is inside hf_dir (the readers refuse index entries pointing elsewhere), so hashing the
     # folder's files covers the weights actually used.
     provenance = {
         "source": os.path.abspath(hf_dir),
         "sha256": {f: hashing.hash_file(os.path.join(hf_dir, f)) for f in source_files},
+        "bytes": {f: os.path.getsize(os.path.join(hf_dir, f)) for f in source_files},
         "dtype": dtype,
         "converter_version": CONVERTER_VERSION,
         "model_type": spec.model_type,
@@ -170,6 +208,59 @@ def _convert_into(hf_dir: str, out_dir: str, dtype: str, allow_pickle: bool) -> 
     with open(os.path.join(out_dir, PROVENANCE), "w") as fh:
         json.dump(provenance, fh, indent=2)
     return spec
+
+
+def _source_files(hf_dir: str) -> list[str]:
+    """The files of an HF directory that its provenance records (every regular file at its top level)."""
+    return sorted(f for f in os.listdir(hf_dir) if os.path.isfile(os.path.join(hf_dir, f)))
+
+
+# Source files matched by name and size only when a converted checkpoint is checked against its source: hashing
+# a model's weights again would cost every job a full read of them. Every other file is hashed.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
+
+
+def source_mismatch(converted_dir: str, hf_dir: str, dtype: str) -> str:
+    """Why ``converted_dir`` was not converted from ``hf_dir`` to ``dtype``, or "" where it matches.
+
+    Checked: the recorded dtype; the recorded source files against the HF directory's (names; sizes where
+    recorded; the sha256 of every file but the weights, ``WEIGHT_SUFFIXES``); the copied tokenizer files
+    against the recorded hashes; the model spec against the one the HF config gives. Not checked: the
+    converted parameters themselves (that would cost a full read of the weights) -- an entry forged with
+    matching provenance, spec and tokenizer passes, which is why the cache folder is private (0700).
+    """
+    try:
+        with open(os.path.join(converted_dir, PROVENANCE)) as fh:
+            provenance = json.load(fh)
+        recorded = provenance["sha256"]
+        if not isinstance(recorded, dict):
+            raise TypeError("its sha256 is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"its {PROVENANCE} is unreadable ({type(err).__name__}: {' '.join(str(err).split())[:120]})"
+    if provenance.get("dtype") != dtype:
+        return f"it holds {provenance.get('dtype')!r} parameters, not {dtype!r}"
+    files = _source_files(hf_dir)
+    if sorted(recorded) != files:
+        differ = sorted(set(recorded) ^ set(files))
+        return f"it was made from other files (differing: {differ[:5]}{' ...' if len(differ) > 5 else ''})"
+    sizes = provenance.get("bytes")
+    for name in files:
+        path = os.path.join(hf_dir, name)
+        if isinstance(sizes, dict) and sizes.get(name) != os.path.getsize(path):
+            return f"it was made from a {name} of another size"
+        if not name.endswith(WEIGHT_SUFFIXES) and hashing.hash_file(path) != recorded[name]:
+            return f"it was made from another {name} (sha256 differs)"
+    tok_dir = os.path.join(converted_dir, TOKENIZER)
+    for name in sorted(os.listdir(tok_dir)) if os.path.isdir(tok_dir) else []:
+        if recorded.get(name) != hashing.hash_file(os.path.join(tok_dir, name)):
+            return f"its tokenizer file {name} is not the source's"
+    try:
+        spec = ModelSpec.load(os.path.join(converted_dir, SPEC))
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        return f"its {SPEC} is unreadable ({type(err).__name__})"
+    if spec != modelspec.from_hf_dir(hf_dir):
+        return f"its {SPEC} is not what the source's config.json gives"
+    return ""
 
 
 def abstract_model(

@@ -3,9 +3,14 @@
 XLA:CPU runs each elementwise step of the blockwise backend's online softmax as a pass over memory; the kernel
 keeps each score tile in cache instead (see the source's header). It is compiled once per source, jaxlib and
 machine with the host's C++ compiler (``$CXX`` or ``c++``, ``-O3 -march=native``) into
-``$XDG_CACHE_HOME/psych201_jax/kernels`` (default ``~/.cache``) and loaded from there afterwards. Where no
-compiler works, ``available()`` is False with the reason in ``unavailable_reason()``, and the ``auto``
-attention backend uses ``xla``; it does so too where the build has no AVX-512 (``preferred()``).
+``$XDG_CACHE_HOME/psych201_jax/kernels`` (default ``~/.cache``; folders created 0700) and loaded from there
+afterwards. A library is built to a temporary name, loaded in a child process that makes a smoke call, and only
+then renamed into place; every job checks the cached library in a child the same way before loading it, and one
+that fails (truncated, foreign) is removed and built again, once. The compiler dies with the job (its own
+process group, killed on any exit from the build; on Linux a parent-death signal for kill -9). Where no
+compiler works, or ``$CXX`` names a missing program (never replaced by another compiler), ``available()`` is
+False with the reason in ``unavailable_reason()``, and the ``auto`` attention backend uses ``xla`` (the job
+warns); it does so too where the build has no AVX-512 (``preferred()``).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +34,9 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
+from absl import logging
+
+from psych201_jax.data.cache_dirs import make_private_dirs
 
 SOURCE = Path(__file__).with_name("cpu_attention.cc")
 TARGET = "psych201_cpu_attention"
@@ -46,15 +55,30 @@ def cache_dir() -> Path:
 
 def _compiler() -> list[str] | None:
     """The compiler command: ``$CXX`` (which may carry arguments, "ccache g++"), else c++, g++ or clang++;
-    None if there is none (or ``$CXX`` does not parse as a command line)."""
+    None if there is none. Raises RuntimeError where ``$CXX`` is set but does not parse as a command line or
+    names no program: the user asked for that compiler, so another one is never put in its place."""
+    cxx_env = os.environ.get("CXX", "")
     try:
-        cmd = shlex.split(os.environ.get("CXX", "")) or ["c++"]
+        cmd = shlex.split(cxx_env)
     except ValueError:  # an unbalanced quote
-        return None
-    for name in (cmd[0], "g++", "clang++"):
+        raise RuntimeError(f"no C++ compiler found ($CXX={cxx_env!r} does not parse as a command line)") from None
+    if cmd:
+        if path := shutil.which(cmd[0]):
+            return [path, *cmd[1:]]
+        where = "" if os.sep in cmd[0] else " on PATH"
+        raise RuntimeError(f"no C++ compiler found ($CXX={cxx_env!r}: {cmd[0]!r} is no executable program{where})")
+    for name in ("c++", "g++", "clang++"):
         if path := shutil.which(name):
-            return [path, *cmd[1:]] if name == cmd[0] else [path]
+            return [path]
     return None
+
+
+def has_compiler() -> bool:
+    """Whether a C++ compiler is there to build the kernel (False where ``$CXX`` names none)."""
+    try:
+        return _compiler() is not None
+    except RuntimeError:
+        return False
 
 
 def _host_isa() -> str:
@@ -70,6 +94,11 @@ def _host_isa() -> str:
 
 _PARTIAL = "partial-"  # a library being written; one left by a killed build is removed after a day
 _BUILD_TIMEOUT_S = 300  # a hung compiler must not hang the job: past this, the job runs "xla"
+_CHECK_TIMEOUT_S = 60
+_LINUX = platform.system() == "Linux"
+# Run in a child process before this process loads a library: a truncated or foreign file at the cache path can
+# crash the loader (a bus error) or lack the kernel; the child dies instead, and answers the kernel's SIMD width.
+_CHECK = "import ctypes, sys; print(int(ctypes.CDLL(sys.argv[1]).Psych201CpuAttentionSimdWidth()))"
 
 
 def _remove_stale_partials(directory: Path) -> None:
@@ -79,30 +108,82 @@ def _remove_stale_partials(directory: Path) -> None:
                 path.unlink()
 
 
-def _run_compiler(cmd: list[str]) -> None:
-    """Runs ``cmd`` in its own process group, so that on timeout a wrapper's compiler (ccache, env) dies too
-    and cannot write the library after the build gave up."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+# Linux: the child execs the command after asking for SIGKILL when the job dies (PR_SET_PDEATHSIG), so a kill -9
+# of the job kills it too. A launcher rather than subprocess's preexec_fn, which forks a multithreaded process
+# (JAX warns of deadlocks) where subprocess otherwise uses vfork.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, sys; ctypes.CDLL(None).prctl(1, 9); "
+    "os.getppid() == int(sys.argv[1]) or os._exit(1); os.execvp(sys.argv[2], sys.argv[2:])"
+)
+
+
+def _run(cmd: list[str], timeout: float, what: str = "") -> str:
+    """Runs ``cmd`` (the compiler, or a library check) and returns its stdout; RuntimeError if it fails.
+
+    The child dies with the job: it runs in its own process group, which is killed when the call ends in any
+    way other than the child's own exit (a timeout, Ctrl-C's KeyboardInterrupt, any exception), so that a
+    wrapper's compiler (ccache, env) dies too and cannot write the library after the build gave up; and on
+    Linux it gets SIGKILL when the job itself dies (kill -9), through the parent-death signal. ``what``
+    names the command in the error (default: the command line).
+    """
+    launch = [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, str(os.getpid())] if _LINUX else []
+    proc = subprocess.Popen(
+        [*launch, *cmd],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        _, err = proc.communicate(timeout=_BUILD_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
         with contextlib.suppress(OSError):
             os.killpg(proc.pid, signal.SIGKILL)
+        proc.kill()
         proc.communicate()
         raise
     if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {err.strip()[-500:]}")
+        why = f"exit status {proc.returncode}" if proc.returncode > 0 else f"killed by {_signal_name(-proc.returncode)}"
+        detail = f": {err.strip()[-500:]}" if err.strip() else ""
+        raise RuntimeError(f"{what or ' '.join(cmd)} failed ({why}){detail}")
+    return out
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _check(lib: Path | str) -> str:
+    """Why the library at ``lib`` cannot be used (it crashes the loader, lacks the kernel, gives no answer), or
+    "" where it loads in a child process and answers the kernel's SIMD width."""
+    try:
+        cmd = [sys.executable, "-I", "-S", "-c", _CHECK, str(lib)]
+        answer = _run(cmd, _CHECK_TIMEOUT_S, what="loading it in a child process").strip()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as err:
+        return " ".join(str(err).split())[-300:]
+    return "" if answer in ("4", "8", "16") else f"its smoke call answered {answer[-80:]!r}"
+
+
+def _discard(lib: Path, checked: os.stat_result) -> None:
+    """Removes the library that failed its check, unless another job has replaced it since."""
+    with contextlib.suppress(OSError):
+        now = lib.stat()
+        if (now.st_ino, now.st_dev, now.st_mtime_ns) == (checked.st_ino, checked.st_dev, checked.st_mtime_ns):
+            lib.unlink()
 
 
 def _build() -> Path:
-    """The compiled library, building it if this source, jaxlib, compiler and machine have none yet."""
+    """The compiled library, checked: built (to a temporary name, checked in a child process, then renamed into
+    place) if this source, jaxlib, compiler and machine have none yet. A cached library that fails its check
+    is removed and built again, once; RuntimeError where no library passes (the job then runs "xla")."""
     cxx = _compiler()
     if cxx is None:
-        cxx_env = os.environ.get("CXX")
-        raise RuntimeError(
-            f"no C++ compiler found ($CXX={cxx_env!r})" if cxx_env else "no C++ compiler found (set $CXX)"
-        )
-    version = subprocess.run([*cxx, "--version"], capture_output=True, text=True, check=True, timeout=60).stdout
+        raise RuntimeError("no C++ compiler found (set $CXX)")
+    version = _run([*cxx, "--version"], 60)
     key = hashlib.sha256(
         b"\0".join(
             x.encode() if isinstance(x, str) else x
@@ -118,14 +199,20 @@ def _build() -> Path:
         + _host_isa().encode()  # -march=native: a shared home directory may span CPU generations
     ).hexdigest()[:16]
     lib = cache_dir() / f"cpu_attention-{key}.so"
-    if lib.exists():
-        return lib
-    lib.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        checked = lib.stat()
+        if not (why := _check(lib)):
+            return lib
+        logging.warning("the cached CPU attention kernel %s does not load (%s); building it again", lib, why)
+        _discard(lib, checked)
+    make_private_dirs(lib.parent)
     _remove_stale_partials(lib.parent)
     fd, tmp = tempfile.mkstemp(prefix=_PARTIAL, suffix=".so", dir=lib.parent)
     os.close(fd)
     try:
-        _run_compiler([*cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp])
+        _run([*cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp], _BUILD_TIMEOUT_S)
+        if why := _check(tmp):
+            raise RuntimeError(f"the kernel library built by {' '.join(cxx)} does not load ({why})")
         os.replace(tmp, lib)  # atomic: concurrent builders leave one complete library
     finally:
         if os.path.exists(tmp):

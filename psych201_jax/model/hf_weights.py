@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import struct
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -65,32 +66,70 @@ class WeightsError(UserError, ValueError):
     """The checkpoint's tensors do not match what its config describes, or cannot be read safely."""
 
 
+def _header_entry(path: str, name: str, meta: object, data_bytes: int) -> tuple[np.dtype, tuple[int, ...], int, int]:
+    """(dtype, shape, start, end) of one header entry, checked fully: an object with a known ``dtype``, a
+    ``shape`` of non-negative ints and ``data_offsets`` of two ints within the data, whose byte range holds
+    exactly shape x dtype size. WeightsError naming the file and tensor otherwise."""
+
+    def bad(what: str) -> WeightsError:
+        return WeightsError(f"{path}: tensor {name!r}: {what}; the safetensors header is malformed")
+
+    def is_int(x: object) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if not isinstance(meta, dict):
+        raise bad(f"its header entry is a {type(meta).__name__}, not an object")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in meta]
+    if missing:
+        raise bad(f"its header entry lacks {', '.join(missing)}")
+    dtype_name, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
+    if not isinstance(dtype_name, str) or dtype_name not in SAFETENSORS_DTYPES:
+        raise WeightsError(f"{path}: tensor {name} has unsupported dtype {dtype_name}")
+    if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
+        raise bad(f"shape {shape!r} is not a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(is_int(x) for x in offsets):
+        raise bad(f"data_offsets {offsets!r} is not a pair of integers")
+    start, end = offsets
+    if not 0 <= start <= end <= data_bytes:
+        raise WeightsError(f"{path}: tensor {name} lies outside the file (offsets {start}..{end})")
+    dtype = SAFETENSORS_DTYPES[dtype_name]
+    if math.prod(shape) * dtype.itemsize != end - start:
+        raise bad(
+            f"shape {tuple(shape)} of {dtype_name} needs {math.prod(shape) * dtype.itemsize:,} bytes, "
+            f"its data_offsets give {end - start:,}"
+        )
+    return dtype, tuple(shape), start, end
+
+
 def read_safetensors_header(path: str) -> dict[str, tuple[np.dtype, tuple[int, ...], int, int]]:
-    """name -> (dtype, shape, absolute start offset, absolute end offset) of every tensor in one file."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise WeightsError(f"{path}: not a safetensors file ({size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, MAX_HEADER_BYTES):
-            raise WeightsError(f"{path}: safetensors header claims {n:,} bytes in a {size:,}-byte file; refusing it")
-        try:
-            header = json.loads(fh.read(n))
-        except (ValueError, RecursionError) as err:
-            raise WeightsError(f"{path}: unreadable safetensors header ({err})") from None
+    """name -> (dtype, shape, absolute start offset, absolute end offset) of every tensor in one file; the
+    header is checked fully (``_header_entry``); every problem is a WeightsError naming the file."""
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            head = fh.read(8)
+            if len(head) < 8:
+                raise WeightsError(f"{path}: not a safetensors file ({size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, MAX_HEADER_BYTES):
+                raise WeightsError(
+                    f"{path}: safetensors header claims {n:,} bytes in a {size:,}-byte file; refusing it"
+                )
+            raw = fh.read(n)
+    except OSError as err:
+        raise WeightsError(f"{path}: cannot read it ({err.strerror or err})") from None
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as err:
+        raise WeightsError(f"{path}: unreadable safetensors header ({err})") from None
     if not isinstance(header, dict):
         raise WeightsError(f"{path}: safetensors header is not a JSON object")
     out = {}
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        if meta["dtype"] not in SAFETENSORS_DTYPES:
-            raise WeightsError(f"{path}: tensor {name} has unsupported dtype {meta['dtype']}")
-        start, end = meta["data_offsets"]
-        if not 0 <= start <= end <= size - 8 - n:
-            raise WeightsError(f"{path}: tensor {name} lies outside the file (offsets {start}..{end})")
-        out[name] = (SAFETENSORS_DTYPES[meta["dtype"]], tuple(meta["shape"]), 8 + n + start, 8 + n + end)
+        dtype, shape, start, end = _header_entry(path, name, meta, size - 8 - n)
+        out[name] = (dtype, shape, 8 + n + start, 8 + n + end)
     return out
 
 
@@ -114,6 +153,9 @@ class SafetensorsReader:
         if not files:
             raise WeightsError(f"no .safetensors weights in {hf_dir}")
         self.files = [os.path.join(hf_dir, f) for f in files]
+        for path in self.files:
+            if not os.path.isfile(path):
+                raise WeightsError(f"{path}: weights file listed in {INDEX} is missing")
         self._tensors = {}
         for path in self.files:
             for name, (dtype, shape, start, end) in read_safetensors_header(path).items():
@@ -131,7 +173,10 @@ class SafetensorsReader:
         buf = np.empty(end - start, np.uint8)
         # ndarray supports the buffer protocol; numpy's stubs declare __buffer__ only for Python >= 3.12
         view, done = memoryview(buf), 0  # type: ignore[arg-type]
-        fd = os.open(path, os.O_RDONLY)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as err:
+            raise WeightsError(f"{path}: cannot read tensor {name} ({err.strerror or err})") from None
         try:
             while done < len(buf):
                 n = os.preadv(fd, [view[done:]], start + done)
@@ -186,7 +231,14 @@ def open_weights(hf_dir: str, *, allow_pickle: bool = False) -> SafetensorsReade
                 f"{hf_dir} has only pickle (.bin) weights; unpickling can run arbitrary code. "
                 "Pass allow_pickle (--allow_pickle) only for a source you trust."
             )
-        return PickleReader(hf_dir)
+        try:
+            return PickleReader(hf_dir)
+        except pickle.UnpicklingError as err:  # the loader refused an object (torch: weights_only's allow-list)
+            lines = [" ".join(ln.split()) for ln in str(err).splitlines() if ln.strip()]
+            what = next((ln for ln in lines if "unsupported" in ln.lower()), lines[0] if lines else "")
+            raise WeightsError(
+                f"{hf_dir}: its pickle .bin weights hold more than tensors ({what[:300]}); refusing to load them"
+            ) from None
     raise WeightsError(f"no weights (.safetensors or pytorch_model*.bin) in {hf_dir}")
 
 
