@@ -24,8 +24,6 @@ BASE = (
 )  # shared vocabulary, imported by every stage
 # Stage order: a module may import its own stage, BASE and earlier stages only.
 STAGES = ("data", "model", "parallel", "scoring", "runs", "cli")
-# Legacy pickle ``.bin`` checkpoints are read with torch.load, only behind --allow_pickle (a known gap).
-TORCH_ALLOWED = {"model.hf_weights"}
 
 
 def _modules():
@@ -101,11 +99,8 @@ def test_the_rule_catches_upward_imports():
 
 
 def test_only_testing_imports_torch():
-    users = [
-        module
-        for module, path in _modules()
-        if "torch" in _third_party(path) and _top(module) != "testing" and module not in TORCH_ALLOWED
-    ]
+    """Legacy .bin checkpoints and the study's .pth files are read by torch_pickle, without torch."""
+    users = [module for module, path in _modules() if "torch" in _third_party(path) and _top(module) != "testing"]
     assert not users, users
 
 

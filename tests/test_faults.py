@@ -442,6 +442,8 @@ def test_a_corrupt_chunk_is_named_with_the_way_to_recover(tmp_path, damage):
         ("analyze", ["--results=/nonexistent", "--out=/tmp/unused-report"], "no results directory"),
         ("convert", ["--hf=/nonexistent", "--out=/tmp/unused-conv"], "config.json"),
         ("audit", ["--config.data=/nonexistent/psych201", "--out=/tmp/unused-audit.csv"], "no such"),
+        ("audit", ["--out=/nonexistent/dir/audit.csv"], "cannot write"),  # before the audit runs (U02)
+        ("analyze", ["--results=/nonexistent", f"--out={__file__}"], "cannot create the report folder"),  # A08
     ],
 )
 def test_user_errors_are_one_line_and_exit_2(tmp_path, name, args, needle):

@@ -207,3 +207,28 @@ def test_jsonl_export_has_tokens(sweep, tmp_path):
     for line, row in zip(rows, stored):
         assert line["argmax"] == row["argmax"] and line["target"] == row["target"]
         assert len(line["argmax"]) == sum(row["n_scored"])
+
+
+def test_analyze_reads_the_study_layout_beside_our_runs(sweep, exported, tmp_path):
+    """psych201-analyze --results=<our results> --results=<the study's data tree>: the imported runs sit in
+    model_scores.csv beside ours, marked by their imported: path, with our numbers."""
+    import csv
+
+    out, _ = exported
+    ours = sweep["post", "plain"]
+    report = tmp_path / "report"
+    proc = subprocess.run(
+        [sys.executable, "-m", "psych201_jax.cli.analyze", f"--results={ours}", f"--results={out / 'data'}"]
+        + [f"--out={report}", "--bootstrap=10"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(report / "model_scores.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    imported = [r for r in rows if r["path"].startswith(reference_layout.IMPORTED)]
+    mine = [r for r in rows if r["path"] == ours]
+    assert len(mine) == 1 and {r["model"] for r in imported} == {m["hf_id"] for m in MODELS.values()}
+    twin = next(r for r in imported if r["model"] == mine[0]["model"])
+    assert float(twin["score"]) == pytest.approx(float(mine[0]["score"]), rel=1e-12)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from absl import logging
 
+from psych201_jax.analysis import reference_layout
 from psych201_jax.analysis.figures import draw_figures
 from psych201_jax.analysis.markdown import render_report
 from psych201_jax.analysis.runs import (
@@ -20,6 +21,7 @@ from psych201_jax.analysis.runs import (
     find_results_dirs,
     load_categories,
     load_run,
+    split_sources,
 )
 from psych201_jax.analysis.tables import build_tables, write_tables
 
@@ -35,16 +37,24 @@ def generate(
     seed: int = 0,
     categories_csv: str = CATEGORIES_CSV,
     allow_incomplete: bool = False,
+    model_table: str | None = None,
 ) -> dict[str, str | None]:
     """Loads the results dirs under ``paths``, writes every CSV, figure and report.md into
     ``out_dir``; returns the figure notes (None = written).
+
+    A path may also be the study's own layout (a ``data*`` tree of ``.pth`` files or a merged CSV,
+    ``reference_layout.read_reference``): its runs sit beside this project's, marked imported (their path
+    starts with ``imported:``); their model info comes from the paper sweep's model table or ``model_table``.
 
     An incomplete run (killed, or still running) is refused unless ``allow_incomplete``, and then marked as
     incomplete with its counts on the console, in report.md and in model_scores.csv; a complete run of the
     same model and condition always wins over it.
     """
-    dirs = find_results_dirs(paths)
-    runs = []
+    ours, theirs = split_sources(paths)
+    dirs = find_results_dirs(ours) if ours else []
+    runs = [run for path in theirs for run in reference_layout.read_reference(path, model_table)]
+    for run in runs:
+        logging.info("%s: %s (%s), imported, %d participants", run.path, run.model, run.kind, len(run.participants))
     for d in dirs:
         run = load_run(d)
         if not run.complete:
@@ -68,5 +78,5 @@ def generate(
     write_tables(tables, out_dir)
     figures = draw_figures(tables, out_dir)
     with open(os.path.join(out_dir, "report.md"), "w") as fh:
-        fh.write(render_report(tables, figures, ddof_mode, n_boot, seed, len(dirs)))
+        fh.write(render_report(tables, figures, ddof_mode, n_boot, seed, len(dirs) + len(theirs)))
     return figures

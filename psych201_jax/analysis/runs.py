@@ -27,6 +27,29 @@ class NoResultsError(UserError, ValueError):
     """A path holds no results directory."""
 
 
+# The study's own result trees (eval*.py) and its merged CSVs, read by ``reference_layout.read_reference``.
+STUDY_TREES = ("data", "data_acc", "data_meta", "data_instruct")
+
+
+def split_sources(paths: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(this project's results paths, paths in the study's own layout) of comma-list ``paths``: a ``.csv``
+    file, a ``data*`` folder, or a folder holding one (and no results directory) is the study's."""
+    ours: list[str] = []
+    theirs: list[str] = []
+    for entry in paths:
+        for path in (p.strip() for p in entry.split(",")):
+            if not path:
+                continue
+            name = os.path.basename(os.path.normpath(path))
+            study = (os.path.isfile(path) and path.endswith(".csv")) or (
+                os.path.isdir(path)
+                and not os.path.isfile(os.path.join(path, results.MANIFEST))
+                and (name in STUDY_TREES or any(os.path.isdir(os.path.join(path, t)) for t in STUDY_TREES))
+            )
+            (theirs if study else ours).append(path)
+    return ours, theirs
+
+
 def find_results_dirs(paths: Sequence[str]) -> list[str]:
     """Results directories from paths that are results dirs, comma lists, or folders holding them
     (any subfolder with a manifest.json). Raises ValueError when a path yields none."""

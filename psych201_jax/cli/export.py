@@ -30,6 +30,7 @@ import os
 
 from absl import flags, logging
 
+from psych201_jax import paths
 from psych201_jax.analysis import reference_layout
 from psych201_jax.cli import common
 from psych201_jax.conditions import Protocol
@@ -93,15 +94,18 @@ def _checked_status(results_dir: str) -> results.RunStatus:
     return status
 
 
-def _export_reference() -> None:
-    dirs = [d for entry in _RESULTS.value for d in _results_dirs(entry)]
+def _export_reference(out: str) -> None:
+    dirs = [d for entry in _RESULTS.value for d in _results_dirs(paths.normalize(entry))]
     for d in dirs:
         _checked_status(d)
-    summary = reference_layout.export_reference(dirs, _OUT.value)
+    try:
+        summary = reference_layout.export_reference(dirs, out)
+    except OSError as err:
+        raise results.ResultsError(f"cannot write under {err.filename or out}: {err.strerror}") from None
     for note in summary.skipped:
         print(f"skipped {note}")
     print(
-        f"wrote {len(summary.pth_files)} .pth files and {len(summary.csv_files)} merged CSVs under {_OUT.value} "
+        f"wrote {len(summary.pth_files)} .pth files and {len(summary.csv_files)} merged CSVs under {out} "
         f"from {len(dirs) - len(summary.skipped)} of {len(dirs)} results directories"
     )
 
@@ -118,20 +122,25 @@ def _results_dirs(path: str) -> list[str]:
 
 def main(argv):
     del argv
+    out = paths.normalize(_OUT.value)
     if _FORMAT.value == "reference":
-        _export_reference()
+        _export_reference(out)
         return
     if len(_RESULTS.value) != 1:
         raise results.ResultsError("--format=jsonl exports one results directory; pass --results once")
-    results_dir = _RESULTS.value[0]
+    results_dir = paths.normalize(_RESULTS.value[0])
     status = _checked_status(results_dir)
+    try:
+        fh = open(out, "w")  # before the export: a bad --out fails at once, naming it
+    except OSError as err:
+        raise results.ResultsError(f"cannot write {out}: {err.strerror}") from None
     n = 0
-    with open(_OUT.value, "w") as fh:
+    with fh:
         for row in export_rows(results_dir):
             fh.write(json.dumps(row) + "\n")
             n += 1
     note = "" if status.complete else f" (incomplete run: {status.n_done} of {status.n_input or '?'} participants)"
-    print(f"wrote {n} participants to {_OUT.value}{note}")
+    print(f"wrote {n} participants to {out}{note}")
 
 
 def run() -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
 import struct
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -25,6 +24,7 @@ from typing import NamedTuple
 import ml_dtypes
 import numpy as np
 
+from psych201_jax import torch_pickle
 from psych201_jax.errors import UserError
 from psych201_jax.model.decoder import param_layers, param_shapes
 from psych201_jax.model.spec import ModelSpec, NormPlacement
@@ -189,20 +189,18 @@ class SafetensorsReader:
 
 
 class PickleReader:
-    """Tensors of ``pytorch_model*.bin`` files via ``torch.load(weights_only=True)``; only when allowed."""
+    """Tensors of ``pytorch_model*.bin`` files through the restricted, torch-free unpickler
+    (``psych201_jax.torch_pickle``: tensors, dicts, lists and numbers only); only when allowed."""
 
     def __init__(self, hf_dir: str):
-        import torch
-
         self.files = sorted(
             os.path.join(hf_dir, f) for f in os.listdir(hf_dir) if f.startswith("pytorch_model") and f.endswith(".bin")
         )
-        self._tensors = {}
+        self._tensors: dict[str, np.ndarray] = {}
         for path in self.files:
-            try:
-                tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # legacy (non-zip) torch.save format: no mmap possible
-                tensors = torch.load(path, map_location="cpu", weights_only=True)
+            tensors = torch_pickle.load(path)
+            if not isinstance(tensors, dict) or not all(isinstance(v, np.ndarray) for v in tensors.values()):
+                raise WeightsError(f"{path}: expected a state dict of tensors, got {type(tensors).__name__}")
             self._tensors.update(tensors)
 
     def names(self) -> set[str]:
@@ -212,12 +210,7 @@ class PickleReader:
         return tuple(self._tensors[name].shape)
 
     def read(self, name: str) -> np.ndarray:
-        import torch
-
-        t = self._tensors[name].contiguous()
-        if t.dtype == torch.bfloat16:
-            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
-        return t.numpy().copy()
+        return np.ascontiguousarray(self._tensors[name])
 
 
 def open_weights(hf_dir: str, *, allow_pickle: bool = False) -> SafetensorsReader | PickleReader:
@@ -228,14 +221,13 @@ def open_weights(hf_dir: str, *, allow_pickle: bool = False) -> SafetensorsReade
     if any(f.startswith("pytorch_model") and f.endswith(".bin") for f in files):
         if not allow_pickle:
             raise WeightsError(
-                f"{hf_dir} has only pickle (.bin) weights; unpickling can run arbitrary code. "
-                "Pass allow_pickle (--allow_pickle) only for a source you trust."
+                f"{hf_dir} has only pickle (.bin) weights; pass allow_pickle (--allow_pickle) to read them with the "
+                "restricted unpickler (tensors, dicts, lists and numbers only; nothing in the file is executed)"
             )
         try:
             return PickleReader(hf_dir)
-        except pickle.UnpicklingError as err:  # the loader refused an object (torch: weights_only's allow-list)
-            lines = [" ".join(ln.split()) for ln in str(err).splitlines() if ln.strip()]
-            what = next((ln for ln in lines if "unsupported" in ln.lower()), lines[0] if lines else "")
+        except torch_pickle.TorchPickleError as err:  # an object outside the allow-list, or a damaged file
+            what = " ".join(str(err).split())
             raise WeightsError(
                 f"{hf_dir}: its pickle .bin weights hold more than tensors ({what[:300]}); refusing to load them"
             ) from None

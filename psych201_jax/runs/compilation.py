@@ -3,6 +3,9 @@
 import os
 
 import jax
+from absl import logging
+
+from psych201_jax.data.cache_dirs import make_private_dirs
 
 _SECONDS = [0.0]
 _LISTENING = [False]
@@ -32,7 +35,13 @@ def enable_compile_cache(path: str) -> None:
     count_compile_time()
     if not path:
         return
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+    path = os.path.expanduser(path)
+    try:
+        make_private_dirs(path)  # 0700 where it creates them: other users must not plant compiled programs
+    except OSError as err:
+        logging.warning("compilation cache %s unusable (%s); compiling without it", path, err.strerror)
+        return
+    jax.config.update("jax_compilation_cache_dir", path)
     # The sub-second programs too: with a 0.5 s floor a warm-cache job still compiled its last layer and head
     # (0.3-0.4 s each) every time; the eager ops' millisecond compiles stay out.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)

@@ -16,7 +16,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from psych201_jax import defaults
+from psych201_jax import defaults, paths
 from psych201_jax.conditions import (
     DEFAULT_TEMPERATURES,
     Condition,
@@ -116,6 +116,13 @@ class ScoreJob:
 
     def __post_init__(self):
         from psych201_jax.model import attention
+
+        # One normalisation of every path (absolute, no '..'), before a store, lock or tensorstore sees it;
+        # equal folders given differently (relative, a trailing slash) are then the same job.
+        data = ",".join(e if e.startswith("hf:") else paths.normalize(e) for e in self.condition.data.split(",") if e)
+        object.__setattr__(self, "condition", dataclasses.replace(self.condition, data=data))
+        for name in ("model", "out", "cache_dir", "compile_cache"):
+            object.__setattr__(self, name, paths.normalize(getattr(self, name)))
 
         if self.attention not in attention.available_backends():
             raise ConfigError(f"config.attention={self.attention!r} is not one of {attention.available_backends()}")
