@@ -9,6 +9,7 @@ reference computation (``parity.SCORE_JOBS``). Run with -s to see the measured n
 """
 
 import dataclasses
+import math
 import os
 
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ from transformers import AutoTokenizer
 from psych201_jax.data.tokenizer import TokenizerInfo
 from psych201_jax.model import checkpoint
 from psych201_jax.model import spec as modelspec
+from psych201_jax.model.decoder import param_shapes
 from psych201_jax.testing import parity
 from psych201_jax.testing.parity import single_row, token_log_probs
 from psych201_jax.testing.tiny_models import make_tiny_hf_checkpoint
@@ -119,6 +121,27 @@ def test_parity_check_detects_window_off_by_one(case):
     assert _max_error_with(case, bad) > 1e-3
 
 
+@pytest.mark.parametrize("case", parity.names(parity.SLIDING_WINDOW), indirect=True)
+def test_parity_check_detects_window_removed(case):
+    """... and the window left out altogether (every layer attending fully): the window is exercised."""
+    assert case.spec.sliding_window is not None and case.spec.sliding_window < case.row.length
+    assert _max_error_with(case, dataclasses.replace(case.spec, sliding_window=None)) > 1e-3
+
+
+@pytest.mark.parametrize("case", parity.names(parity.NO_LEAKAGE), indirect=True)
+def test_no_leakage_between_packed_attention_participants(case):
+    """Changing the first packed participant's tokens leaves the second's log-probs unchanged; the same two
+    scored as one segment do change them (so the check sees what the first one could leak)."""
+    n_a, n_b = (stop - start for _, start, stop in case.row.pack[:2])
+    a, b, t = case.tokens[:n_a], case.other_tokens[:n_b], case.row.length
+    changed = np.roll(a, 7)
+    (_, lp_b), _ = parity.packed(case.model32, [a, b], t)
+    (_, lp_b2), _ = parity.packed(case.model32, [changed, b], t)
+    assert float(np.abs(lp_b - lp_b2).max()) <= 1e-6
+    ab, changed_b = (single_row(case.model32, np.concatenate([first, b])) for first in (a, changed))
+    assert float(np.abs(ab[len(a) :] - changed_b[len(a) :]).max()) > 1e-3
+
+
 @pytest.mark.parametrize("case", parity.names(parity.ROPE_SCALING), indirect=True)
 def test_parity_check_detects_missing_rope_scaling(case):
     """... and RoPE without its llama3 / YaRN scaling (positions run past original_max_position_embeddings)."""
@@ -211,3 +234,42 @@ def test_report_parity():
     """Prints the measured parity numbers of this module (run with -s to see them)."""
     for name in sorted(PARITY):
         print(name, {k: f"{v:.2e}" for k, v in PARITY[name].items()})
+
+
+# --- real hub configs of the families ---------------------------------------------------------------------
+
+# file -> (model_type, layers, head_dim, window, parameters); sources: tests/data/hub_configs/SOURCES.md.
+HUB_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "hub_configs")
+FAMILY_HUB_CONFIGS = {
+    "Mistral-7B-v0.1.json": ("mistral", 32, 128, 4096, 7_241_732_096),
+    "Mistral-7B-v0.3.json": ("mistral", 32, 128, None, 7_248_023_552),
+    "Mistral-Nemo-Base-2407.json": ("mistral", 40, 128, None, 12_247_782_400),  # head_dim 128 != 5120 / 32
+    "OLMo-2-1124-7B.json": ("olmo2", 32, 128, None, 7_298_617_344),
+    "OLMo-2-1124-7B-Instruct.json": ("olmo2", 32, 128, None, 7_298_617_344),
+    "OLMo-2-1124-13B.json": ("olmo2", 40, 128, None, 13_716_198_400),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_HUB_CONFIGS))
+def test_real_hub_config_parses_with_hfs_parameter_count(name, tmp_path):
+    """The hub config parses to the family's spec, and our parameter count equals HF's meta-device model's."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, layers, head_dim, window, expected = FAMILY_HUB_CONFIGS[name]
+    with open(os.path.join(HUB_CONFIGS, name)) as fh:
+        (tmp_path / "config.json").write_text(fh.read())
+    spec = modelspec.from_hf_dir(str(tmp_path))
+    assert (spec.model_type, spec.num_layers, spec.head_dim, spec.sliding_window) == (
+        model_type,
+        layers,
+        head_dim,
+        window,
+    )
+    sliding = window is not None
+    assert all((t == modelspec.SLIDING_ATTENTION) == sliding for t in spec.layer_types)
+    ours = sum(math.prod(s) for s in param_shapes(spec).values())
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(tmp_path)))
+    hf_total = sum(p.numel() for p in model.parameters())
+    print(f"{name}: ours {ours:,}, HF {hf_total:,}")
+    assert ours == hf_total == expected

@@ -27,7 +27,7 @@ from psych201_jax.errors import UserError
 # Vision-language wrappers whose language model we score on text: model_type -> the text family it runs.
 # Qwen3.5 ("qwen3_5") is a wrapper too: its hub checkpoints are Qwen3_5ForConditionalGeneration.
 VL_WRAPPERS = {"qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3", "mllama": "llama", "qwen3_5": "qwen3_5_text"}
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "olmo3", "qwen3_5_text", *VL_WRAPPERS)
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "olmo3", "qwen3_5_text", *VL_WRAPPERS)
 
 
 class RopeType(enum.StrEnum):
@@ -52,14 +52,14 @@ class QkNorm(enum.StrEnum):
 
     NONE = "none"
     HEAD = "head"  # Qwen3: over head_dim, per head
-    FULL = "full"  # OLMo 3: over the whole projection width
+    FULL = "full"  # OLMo 2 and 3: over the whole projection width
 
 
 class NormPlacement(enum.StrEnum):
     """Where a layer's RMSNorms sit."""
 
     PRE = "pre"  # Llama/Qwen: input and post-attention norms feed the sublayers
-    POST = "post"  # OLMo 3: norms applied to sublayer outputs before the residual add, no input norm
+    POST = "post"  # OLMo 2 and 3: norms applied to sublayer outputs before the residual add, no input norm
 
 
 SUPPORTED_ROPE_TYPES = tuple(t.value for t in RopeType)
@@ -397,6 +397,13 @@ def _decoder_spec(
     layer_types = tuple(layer_types or (FULL_ATTENTION,) * num_layers)
     if sliding_window is _FROM_CONFIG:
         sliding_window = getattr(config, "sliding_window", None)
+    if family == "olmo2":
+        # Olmo2Model builds one full causal mask for every layer, whatever the config says about windows.
+        layer_types, sliding_window = (FULL_ATTENTION,) * num_layers, None
+    elif family == "mistral":
+        # MistralModel ignores layer_types: with a sliding_window every layer slides, without one all are full.
+        layer_types = (SLIDING_ATTENTION if sliding_window else FULL_ATTENTION,) * num_layers
+        sliding_window = sliding_window or None
 
     hybrid = family == "qwen3_5_text"
     rope_parameters = dict(config.rope_parameters)
@@ -426,7 +433,7 @@ def _decoder_spec(
             linear_value_head_dim=int(config.linear_value_head_dim),
             linear_conv_kernel=int(config.linear_conv_kernel_dim),
         )
-    flags: dict[str, Any] = dict(
+    table: dict[str, dict[str, Any]] = dict(
         llama=dict(
             qkv_bias=attention_bias,
             o_bias=attention_bias,
@@ -472,7 +479,12 @@ def _decoder_spec(
             norm_weight_fp32=True,  # (x_fp32 * (1 + w_fp32)).to(dtype)
             rope_fp32=False,
         ),
-    )[family]
+    )
+    # Mistral: Llama's layer with no biases at all (MistralAttention/MistralMLP take no bias flags).
+    table["mistral"] = dict(table["llama"], qkv_bias=False, o_bias=False, mlp_bias=False)
+    # OLMo 2: OLMo 3's layer (post-norm, full-width QK-norm, fp32 norm weight and RoPE); windows set above.
+    table["olmo2"] = table["olmo3"]
+    flags = table[family]
     return ModelSpec(
         model_type=family,
         vocab_size=config.vocab_size,

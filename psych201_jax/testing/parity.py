@@ -49,6 +49,7 @@ MROPE = "mrope"  # HF's 3-D M-RoPE positions: equal streams give our 1-D RoPE, u
 STATE_RESET = "state_reset"  # recurrent (Gated DeltaNet) state reset and conv masking at segment boundaries
 MTP_HEAD = "mtp_head"  # the checkpoint carries an mtp.* head that must be skipped
 OWN_TOKENIZER = "own_tokenizer"  # the converted tokenizer resolves to the checkpoint's own class and ids
+NO_LEAKAGE = "no_leakage"  # the second of two packed participants does not see the first one's tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +160,34 @@ def _vl_spec(case: Case) -> None:
     assert prov["model_type"] == spec.model_type and prov["architectures"][0].endswith("ForConditionalGeneration")
 
 
+def _mistral_spec(case: Case) -> None:
+    """Every layer slides when the config has a window (MistralModel ignores layer_types), none otherwise;
+    head_dim is the config's, not hidden / heads (Mistral-Nemo)."""
+    spec, kwargs = case.spec, case.row.kwargs
+    window = kwargs.get("sliding_window", 64)
+    assert spec.model_type == "mistral" and spec.norm_placement == modelspec.NormPlacement.PRE
+    assert spec.qk_norm == modelspec.QkNorm.NONE and not (spec.qkv_bias or spec.o_bias or spec.mlp_bias)
+    layer = modelspec.SLIDING_ATTENTION if window else modelspec.FULL_ATTENTION
+    assert spec.layer_types == (layer,) * spec.num_layers and spec.sliding_window == window
+    assert spec.head_dim == kwargs.get("head_dim", spec.hidden_size // spec.num_heads)
+    assert param_shapes(spec)["wq"][-2:] == (spec.num_heads, spec.head_dim)
+
+
+def _olmo2_spec(case: Case) -> None:
+    """OLMo 3's layer (post-norm, QK-norm over the whole projection, fp32 norm weight and RoPE), no window."""
+    spec = case.spec
+    assert spec.model_type == "olmo2" and spec.norm_placement == modelspec.NormPlacement.POST
+    assert spec.qk_norm == modelspec.QkNorm.FULL and spec.norm_weight_fp32 and spec.rope_fp32
+    assert spec.layer_types == (modelspec.FULL_ATTENTION,) * spec.num_layers and spec.sliding_window is None
+    assert spec.qkv_bias == spec.o_bias == bool(case.row.kwargs.get("attention_bias", False))
+    shapes = param_shapes(spec)
+    assert "attn_out_norm" in shapes and "mlp_out_norm" in shapes and "attn_in_norm" not in shapes
+    assert shapes["q_norm"][1:] == (spec.num_heads, spec.head_dim)  # one norm over all heads' width
+
+
+# Rows of the families added after the study (issue 29): bf16 also within HF's own bf16 distance.
+_NEW: dict[str, Any] = dict(bf16_relative=1.5)
+
 _LONG: dict[str, Any] = dict(length=4096, context=CONTEXT, texts=LONG_TEXTS)
 _QWEN3_5: dict[str, Any] = dict(
     _LONG,
@@ -221,6 +250,45 @@ FAMILIES: tuple[Family, ...] = (
             rope_scaling=dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=128),
         ),
         features=frozenset({XLA_BACKEND, SLIDING_WINDOW, ROPE_SCALING}),
+    ),
+    # Mistral: a 64-token window on every layer, shorter than the 600-token text (v0.1); no window and an
+    # explicit head_dim of 32 with hidden 64 / 4 heads (Nemo: 128 with 5120 / 32).
+    Family(
+        "mistral-window64-gqa2",
+        "mistral",
+        "llama",
+        dict(num_key_value_heads=2, sliding_window=64),
+        features=frozenset({XLA_BACKEND, SLIDING_WINDOW, NO_LEAKAGE}),
+        spec_check=_mistral_spec,
+        **_NEW,
+    ),
+    Family(
+        "mistral-nemo-headdim32-nowindow-gqa4",
+        "mistral",
+        "llama",
+        dict(num_key_value_heads=1, head_dim=32, sliding_window=None),
+        features=frozenset({XLA_BACKEND, NO_LEAKAGE}),
+        spec_check=_mistral_spec,
+        **_NEW,
+    ),
+    # OLMo 2: post-norm with full-width QK-norm, multi-head (as the 7B/13B) and with attention biases.
+    Family(
+        "olmo2-mha",
+        "olmo2",
+        "qwen",
+        dict(num_key_value_heads=4),
+        features=frozenset({XLA_BACKEND, NO_LEAKAGE}),
+        spec_check=_olmo2_spec,
+        **_NEW,
+    ),
+    Family(
+        "olmo2-bias-gqa2-tied",
+        "olmo2",
+        "qwen",
+        dict(num_key_value_heads=2, attention_bias=True, tie_word_embeddings=True),
+        features=frozenset({XLA_BACKEND, NO_LEAKAGE}),
+        spec_check=_olmo2_spec,
+        **_NEW,
     ),
     # Qwen3.5: the wrapper (Qwen3_5ForConditionalGeneration, a tiny vision tower and an mtp head saved with
     # it, as hub checkpoints are) and the text-only Qwen3_5ForCausalLM.

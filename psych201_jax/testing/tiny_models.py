@@ -15,7 +15,7 @@ import os
 import shutil
 from typing import Any
 
-DECODER_FAMILIES = ("llama", "qwen2", "qwen3", "olmo3", "qwen3_5_text")
+DECODER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "olmo3", "qwen3_5_text")
 VL_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "mllama", "qwen3_5")
 FAMILIES = DECODER_FAMILIES + VL_FAMILIES
 # Weight layouts of a saved VL wrapper: "saved" = as transformers saves it (5.x still writes Qwen2.5-VL
@@ -49,6 +49,10 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     ),
     "qwen2": dict(),
     "qwen3": dict(head_dim=32),
+    # Mistral: every layer slides over a 64-token window (sliding_window=None: full attention, as v0.3/Nemo).
+    "mistral": dict(sliding_window=64),
+    # OLMo 2: OLMo 3's post-norm layer with full-width QK-norm, no windows.
+    "olmo2": dict(num_hidden_layers=3),
     "olmo3": dict(num_hidden_layers=4, sliding_window=64),
     # Qwen3.5: 8 layers = two repeats of (3 Gated DeltaNet, 1 gated attention); value heads 2x key heads;
     # a quarter of each 32-wide head rotates.
