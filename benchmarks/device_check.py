@@ -57,6 +57,27 @@ MODELS = {
         8,
         32,
     ),
+    # One shape per family added since: OLMo 2 7B (post-norm, full-width QK-norm) and Mistral 7B v0.1 (its
+    # 4,096-token sliding window at full size), 4 of 32 layers each to keep the check within its budget.
+    "olmo2_7b": (
+        "olmo2",
+        dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32),
+        4,
+        32,
+    ),
+    "mistral_7b": (
+        "mistral",
+        dict(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            sliding_window=4096,
+        ),
+        4,
+        32,
+    ),
 }
 DRY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
 

@@ -16,5 +16,5 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 LIMIT=480
-for arg in "$@"; do [ "$arg" = "--dry_run" ] && LIMIT=180; done
+for arg in "$@"; do [ "$arg" = "--dry_run" ] && LIMIT=420; done
 timeout "$LIMIT" "$PY" -m benchmarks.device_check --out="$OUT/device_check.json" "$@" 2>&1 | tee "$OUT/device_check.log"
