@@ -290,6 +290,6 @@ def test_a_refused_unpickling_is_one_error_naming_the_folder(tmp_path):
             return (os.getpid, ())
 
     torch.save({"x": Payload()}, tmp_path / "pytorch_model.bin")
-    with pytest.raises(weights.WeightsError, match=f"{tmp_path}: its pickle .bin weights hold more than tensors"):
+    with pytest.raises(weights.WeightsError, match=f"{tmp_path}: its pickle .bin weights cannot be read safely"):
         weights.open_weights(str(tmp_path), allow_pickle=True)
     assert issubclass(weights.WeightsError, UserError)

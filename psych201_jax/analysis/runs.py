@@ -33,7 +33,8 @@ STUDY_TREES = ("data", "data_acc", "data_meta", "data_instruct")
 
 def split_sources(paths: Sequence[str]) -> tuple[list[str], list[str]]:
     """(this project's results paths, paths in the study's own layout) of comma-list ``paths``: a ``.csv``
-    file, a ``data*`` folder, or a folder holding one (and no results directory) is the study's."""
+    file, or a folder named ``data``, ``data_acc``, ``data_meta`` or ``data_instruct`` or holding one, with no
+    results directory (manifest.json) anywhere below it, is the study's."""
     ours: list[str] = []
     theirs: list[str] = []
     for entry in paths:
@@ -43,8 +44,8 @@ def split_sources(paths: Sequence[str]) -> tuple[list[str], list[str]]:
             name = os.path.basename(os.path.normpath(path))
             study = (os.path.isfile(path) and path.endswith(".csv")) or (
                 os.path.isdir(path)
-                and not os.path.isfile(os.path.join(path, results.MANIFEST))
                 and (name in STUDY_TREES or any(os.path.isdir(os.path.join(path, t)) for t in STUDY_TREES))
+                and not any(results.MANIFEST in files for _, _, files in os.walk(path))
             )
             (theirs if study else ours).append(path)
     return ours, theirs

@@ -33,7 +33,6 @@ from absl import flags, logging
 from psych201_jax import paths
 from psych201_jax.analysis import reference_layout
 from psych201_jax.cli import common
-from psych201_jax.conditions import Protocol
 from psych201_jax.runs import store as results
 from psych201_jax.types import SPAN_COUNTERS
 
@@ -56,7 +55,7 @@ _ALLOW_INCOMPLETE = flags.DEFINE_bool("allow_incomplete", False, "Export an inco
 def export_rows(results_dir: str):
     """One dict per committed participant (see the module docstring)."""
     determinants = results.read_manifest(results_dir).get("determinants", {})
-    protocol = Protocol(determinants.get("protocol", "reference"))
+    protocol = results.manifest_protocol(results_dir)
     temperatures = determinants.get("temperatures") or []
     for row in results.iter_rows(results_dir):
         status, reason = results.outcome(row, protocol)

@@ -229,7 +229,7 @@ def open_weights(hf_dir: str, *, allow_pickle: bool = False) -> SafetensorsReade
         except torch_pickle.TorchPickleError as err:  # an object outside the allow-list, or a damaged file
             what = " ".join(str(err).split())
             raise WeightsError(
-                f"{hf_dir}: its pickle .bin weights hold more than tensors ({what[:300]}); refusing to load them"
+                f"{hf_dir}: its pickle .bin weights cannot be read safely ({what[:300]}); refusing to load them"
             ) from None
     raise WeightsError(f"no weights (.safetensors or pytorch_model*.bin) in {hf_dir}")
 

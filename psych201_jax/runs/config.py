@@ -115,17 +115,16 @@ class ScoreJob:
     distributed: DistributedConfig = _field(DistributedConfig(), "multi-process wiring")
 
     def __post_init__(self):
-        from psych201_jax.model import attention
-
-        # One normalisation of every path (absolute, no '..'), before a store, lock or tensorstore sees it;
-        # equal folders given differently (relative, a trailing slash) are then the same job.
-        data = ",".join(e if e.startswith("hf:") else paths.normalize(e) for e in self.condition.data.split(",") if e)
-        object.__setattr__(self, "condition", dataclasses.replace(self.condition, data=data))
+        # One normalisation of the paths a store, lock, cache or tensorstore sees (absolute, no '..'). The data
+        # is kept as given: it is part of the fingerprint, so results of a relative data path still resume.
         for name in ("model", "out", "cache_dir", "compile_cache"):
             object.__setattr__(self, name, paths.normalize(getattr(self, name)))
 
-        if self.attention not in attention.available_backends():
-            raise ConfigError(f"config.attention={self.attention!r} is not one of {attention.available_backends()}")
+        if self.attention != "auto":  # the default needs no check (and --help no jax)
+            from psych201_jax.model import attention
+
+            if self.attention not in attention.available_backends():
+                raise ConfigError(f"config.attention={self.attention!r} is not one of {attention.available_backends()}")
         for name in ("tokens_per_batch", "chunk_tokens", "min_row_length", "max_line_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config.{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -261,6 +260,8 @@ class ScoreJob:
                 if not isinstance(flat.get(head), dict) or tail not in flat[head]:
                     raise ConfigError(f"unknown config key {key!r}")
                 flat[head] = {**flat[head], tail: value}
+            elif isinstance(flat.get(key), dict) and isinstance(value, Mapping):
+                flat[key] = {**flat[key], **value}  # a section: its other keys keep this job's values
             else:
                 flat[key] = value
         return ScoreJob.from_mapping(flat)
@@ -351,15 +352,19 @@ def _typed(m: Mapping[str, Any], key: str, kind: type, prefix: str = "") -> Any:
     elif kind is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
     elif kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value)
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            pass
+        if not isinstance(value, bool):
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                number = math.nan
+            if math.isfinite(number):
+                return number
     elif kind is str:
         if isinstance(value, str):
             return os.path.expanduser(value) if key in ("model",) and value.startswith("~") else value

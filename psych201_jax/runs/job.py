@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 
 from psych201_jax import console
-from psych201_jax.conditions import OptionsMode, Protocol, Template
+from psych201_jax.conditions import OptionsMode, Template
 from psych201_jax.data import records
 from psych201_jax.data.pipeline import SpanPipeline
 from psych201_jax.data.tokenizer import TokenizerInfo
@@ -38,7 +38,7 @@ __all__ = ["ConfigError", "LoadedModel", "ModelError", "load", "run", "run_condi
 def summarize(out_dir: str) -> str:
     """Short per-study summary of a results directory (response-pooled mean NLL); every study read is
     listed, also one with nothing scored (an empty file, all participants rejected or unscored)."""
-    protocol = Protocol(store.read_manifest(out_dir).get("determinants", {}).get("protocol", "reference"))
+    protocol = store.manifest_protocol(out_dir)
     per_study: dict[str, list[float]] = collections.defaultdict(list)
     counts: collections.Counter[str] = collections.Counter()
     for row in store.iter_rows(out_dir):

@@ -8,13 +8,17 @@ import time
 
 import jax
 
-from psych201_jax.conditions import ModelInfo
+from psych201_jax.conditions import ModelInfo, Persona
 from psych201_jax.data import records, spans
 from psych201_jax.data.tokenizer import TokenizerInfo
 from psych201_jax.model import checkpoint
 from psych201_jax.model.spec import ModelSpec
 from psych201_jax.runs import store
 from psych201_jax.runs.config import UNKNOWN_MODEL, ScoreJob
+
+# Version of the persona-value rule (reference: eval_meta.py's literal != "N/A", markers kept and counted;
+# robust: N/A / nan / n/a / empty missing, markers broken up).
+PERSONA_VALUES_RULE = 2
 
 
 def model_identity(job: ScoreJob, model_dir: str) -> ModelInfo:
@@ -65,6 +69,10 @@ def build_manifest(
         "options": c.options.value,
         "temperatures": list(c.temperatures),
     }
+    if c.persona != Persona.NONE or c.persona_subset:
+        # Which metadata values enter a persona and how their markers are written (metadata.is_known,
+        # persona_prefix): a change of that rule must not resume results scored under the previous one.
+        determinants["persona_values"] = PERSONA_VALUES_RULE
     return {
         "fingerprint": store.fingerprint(determinants),
         "n_input": n_input,

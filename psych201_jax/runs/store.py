@@ -470,6 +470,15 @@ def read_complete(out_dir: str) -> dict | None:
         return None
 
 
+def manifest_protocol(out_dir: str) -> Protocol:
+    """The span protocol a results directory was scored under (its manifest's determinants)."""
+    value = read_manifest(out_dir).get("determinants", {}).get("protocol", "reference")
+    try:
+        return Protocol(value)
+    except ValueError:
+        raise ResultsError(f"{out_dir}/{MANIFEST}: unknown protocol {value!r}") from None
+
+
 def outcome(row: dict, protocol: Protocol) -> tuple[str, str]:
     """(status, reason) of one stored participant: ``rejected`` (with its reason), ``unscored`` (read and
     tokenized, but not one response has a scored token) or ``scored``; the reason counts every response
