@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from psych201_jax import defaults
-from psych201_jax.cli import audit as audit_cli
+from psych201_jax.runs import audit as audit_lib
 from psych201_jax.runs import job as job_lib
 from psych201_jax.runs import store
 from psych201_jax.runs.config import ScoreJob
@@ -128,7 +128,7 @@ def test_audit_counts_what_the_job_stores(tmp_path, data_root, loaded_models, na
         {"out": str(tmp_path / "out"), "data": data, "log_every_s": 1e9, "temperatures": "none", **AUDITED[name]}
     )
     job_lib.run_conditions(loaded_models(job), [job])
-    rows, rejected, _ = audit_cli.audit_job(job)
+    rows, rejected, _ = audit_lib.audit_job(job)
     audited = {
         a.study: {k: v for k, v in {**a.row(), "tokens": a.tokens}.items() if k not in ("study", "tokens_per_s")}
         for a in rows
