@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -367,7 +366,7 @@ def _typed(m: Mapping[str, Any], key: str, kind: type, prefix: str = "") -> Any:
                 return number
     elif kind is str:
         if isinstance(value, str):
-            return os.path.expanduser(value) if key in ("model",) and value.startswith("~") else value
+            return value  # paths are normalised (with ~) in __post_init__
     raise ConfigError(f"config.{prefix}{key} must be a {kind.__name__}, got {value!r}")
 
 
