@@ -14,7 +14,17 @@ import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-__all__ = ["Condition", "DType", "ModelInfo", "ModelKind", "OptionsMode", "Persona", "Protocol", "Template"]
+__all__ = [
+    "Condition",
+    "DType",
+    "ModelInfo",
+    "ModelKind",
+    "OptionsMode",
+    "Persona",
+    "Protocol",
+    "Stage",
+    "Template",
+]
 
 
 class Protocol(enum.StrEnum):
@@ -55,6 +65,23 @@ class ModelKind(enum.StrEnum):
     CODE = "Code"
     MATH = "Math"
     UNKNOWN = "unknown"
+
+
+class Stage(enum.StrEnum):
+    """The post-training step that produced a checkpoint of a stage chain (``ModelInfo.stage``), in training
+    order. A chain's last member is its final release: an RL(VR)-trained final model (OLMo 2/3 Instruct and
+    Think, Tülu 3) is ``rl``; ``final`` is a final release whose last step is none of these or unpublished.
+    UNKNOWN (""): not a member of a stage chain."""
+
+    UNKNOWN = ""
+    BASE = "base"
+    SFT = "sft"
+    DPO = "dpo"
+    RL = "rl"
+    FINAL = "final"
+
+
+STAGE_ORDER: tuple[Stage, ...] = (Stage.BASE, Stage.SFT, Stage.DPO, Stage.RL, Stage.FINAL)
 
 
 # 17 log-spaced temperatures from 0.25 to 4 (2 ** (k / 4), k = -8 .. 8): 0.5, 1 and 2 are on the grid.
@@ -169,6 +196,9 @@ class ModelInfo:
     """What a model is, for pairing and grouping in the analysis (set by sweep configs).
 
     base_hf_id: the base model a post-trained model is paired with ("" for a base model).
+    stage / chain: the post-training step that produced this checkpoint and the name of the stage chain it
+    belongs to (``analysis.pairs.find_chains``); unset ("") outside a chain. Neither is part of a results
+    fingerprint (``runs.manifest``: the model info is provenance), so adding them never stops a resume.
     """
 
     hf_id: str
@@ -177,8 +207,19 @@ class ModelInfo:
     size_b: float = math.nan
     kind: ModelKind = ModelKind.UNKNOWN
     base_hf_id: str = ""
+    stage: Stage = Stage.UNKNOWN
+    chain: str = ""
 
-    FIELDS: ClassVar[tuple[str, ...]] = ("hf_id", "family", "generation", "size_b", "kind", "base_hf_id")
+    FIELDS: ClassVar[tuple[str, ...]] = (
+        "hf_id",
+        "family",
+        "generation",
+        "size_b",
+        "kind",
+        "base_hf_id",
+        "stage",
+        "chain",
+    )
 
     @classmethod
     def from_mapping(cls, m: Mapping[str, Any], *, default_hf_id: str = "unknown") -> ModelInfo:
@@ -190,6 +231,8 @@ class ModelInfo:
             size_b=float(size) if isinstance(size, (int, float)) and not isinstance(size, bool) else math.nan,
             kind=parse_enum(ModelKind, m.get("kind") or "unknown", "model_info.kind"),
             base_hf_id=str(m.get("base_hf_id") or ""),
+            stage=parse_enum(Stage, m.get("stage") or "", "model_info.stage"),
+            chain=str(m.get("chain") or ""),
         )
 
     def as_dict(self) -> dict[str, Any]:

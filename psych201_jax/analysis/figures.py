@@ -10,7 +10,9 @@ Each paper figure draws the table that selects as the study's script does (``tab
   fig_persona_all_models.png the same for every model with a persona run (persona_all_models.csv);
   fig_accuracy.png           accuracy vs size, base vs post-trained per family (fig_accuracy);
   fig_pair_ci.png            paired mean NLL difference per pair with bootstrap CIs (not in the paper);
-  fig_calibration_curves.png, fig_calibrated_misalignment.png  the calibration control.
+  fig_calibration_curves.png, fig_calibrated_misalignment.png  the calibration control;
+  fig_stages.png             misalignment of every stage of a stage chain against its base, one line per chain
+                             with CIs (drawn only when a chain of >= 3 models is scored; ``STAGE_FIGURE``).
 
 Each ``plot_*`` writes one PNG or returns why it was skipped. Figures are ``matplotlib.figure.Figure``
 objects, not pyplot's, so no global figure state is kept; importing this selects no backend (the command does).
@@ -31,7 +33,7 @@ from matplotlib.ticker import NullFormatter
 
 from psych201_jax.analysis import paper
 from psych201_jax.analysis.tables import Tables, condition_cols
-from psych201_jax.conditions import Condition
+from psych201_jax.conditions import STAGE_ORDER, Condition
 
 TYPE_COLORS = {"base": "C0", "Instruction-tuned": "C1", "Reasoning": "C2", "Vision": "C3", "Code": "C5", "Math": "C6"}
 
@@ -322,6 +324,40 @@ def plot_calibrated_misalignment(t: Tables, path: str) -> str | None:
     return None
 
 
+def plot_stages(t: Tables, path: str) -> str | None:
+    """Paired mean NLL difference (95% CI over studies) and d_pair of every stage against the chain's base,
+    one line per chain; the base is 0 by definition."""
+    rows = [r for r in _in(t.rows["stages"], t.primary) if _finite(r["mean_diff_vs_base"])]
+    if not rows:
+        return "no stage chain in the primary condition"
+    present = {"base", *(r["stage"] for r in rows)}
+    order = [s.value for s in STAGE_ORDER if s.value in present]  # the stages some chain has, in training order
+    fig, (ax1, ax2) = _subplots(1, 2, figsize=(8.0, 3.0))
+    for i, name in enumerate(dict.fromkeys(r["chain"] for r in rows)):
+        chain = [r for r in rows if r["chain"] == name]
+        x = [0] + [order.index(r["stage"]) for r in chain]
+        mean = np.array([0.0] + [r["mean_diff_vs_base"] for r in chain])
+        lo = np.array([0.0] + [r["ci_studies_lo_vs_base"] for r in chain], dtype=np.float64)
+        hi = np.array([0.0] + [r["ci_studies_hi_vs_base"] for r in chain], dtype=np.float64)
+        err = np.nan_to_num(np.vstack([mean - lo, hi - mean]))
+        ax1.errorbar(x, mean, yerr=err, marker="o", capsize=3, color=f"C{i % 10}", label=name)
+        ax2.plot(x, [0.0] + [r["d_pair_vs_base"] for r in chain], marker="o", color=f"C{i % 10}", label=name)
+    for ax, label in (
+        (ax1, "Paired NLL difference vs base\n(nats, 95% CI over studies)"),
+        (ax2, "Misalignment d_pair vs base"),
+    ):
+        ax.set_xticks(range(len(order)), order)
+        ax.axhline(0, color="black", linewidth=0.5)
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3, linewidth=0.5)
+    ax1.legend(frameon=False, fontsize=6)
+    _save(fig, path)
+    return None
+
+
+# Drawn only when the tables hold stage rows (a chain of >= 3 models): (file, title, plot).
+STAGE_FIGURE = ("fig_stages.png", "Misalignment by post-training stage, one line per chain", plot_stages)
+
 FIGURES = (
     ("fig_nll_by_size.png", "NLL by model size, base vs post-trained per family (fig2)", plot_nll_by_size),
     (
@@ -361,7 +397,7 @@ def draw_figures(t: Tables, out_dir: str) -> dict[str, str | None]:
     """Draws every figure; file name → None if written, else why it was skipped. A figure that
     fails is skipped with the error as its note, so the report is always written."""
     notes = {}
-    for name, _, plot in FIGURES:
+    for name, _, plot in (*FIGURES, *((STAGE_FIGURE,) if t.rows["stages"] else ())):
         path = os.path.join(out_dir, name)
         try:
             notes[name] = plot(t, path)

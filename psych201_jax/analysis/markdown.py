@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from psych201_jax.analysis import calibration
-from psych201_jax.analysis.figures import FIGURES
+from psych201_jax.analysis import calibration, chains
+from psych201_jax.analysis.figures import FIGURES, STAGE_FIGURE
 from psych201_jax.analysis.metrics import resolve_ddof
 from psych201_jax.analysis.persona import PERSONA_EXCLUDED
 from psych201_jax.analysis.tables import Tables, condition_cols
@@ -68,6 +68,50 @@ def _calibration_section(t: Tables) -> list[str]:
     return [*out, markdown_table(rows, columns), ""]
 
 
+def _stage_section(t: Tables, figures: dict[str, str | None]) -> list[str]:
+    """report.md's stage chains: method, one sentence per chain (primary condition), figure and table; only
+    when the runs hold a chain of >= 3 models (the tables then have stage rows)."""
+    if not t.rows["stages"]:
+        return []
+    want = condition_cols(t.primary) if t.primary else {}
+    rows = [r for r in t.rows["stages"] if all(r.get(k) == v for k, v in want.items())]
+    name, title, _ = STAGE_FIGURE
+    note = figures.get(name)
+    out = [
+        "## Stage chains: which post-training stage costs human-likeness\n",
+        "Every stage of a chain (model_info.chain, ordered by model_info.stage) is compared with the base and with "
+        "the previous stage on the responses every member of the chain scored: d_pair and the paired mean NLL "
+        "difference with its 95% bootstrap CI over studies (stages.csv; per domain: stages_by_domain.csv). A "
+        "stage's share = its paired mean difference from the previous stage / the final stage's paired mean "
+        "difference from the base; on common responses the steps add up exactly, so the shares sum to 1 (CI: "
+        f"studies resampled, the same draws for every stage). No shares when the final difference is within "
+        f"{chains.SHARE_EPS:g} nats of 0.\n",
+        *(chains.conclusions(rows) or ["_No chain in the primary condition._"]),
+        "",
+        f"### {title}\n",
+        f"![{title}]({name})\n" if note is None else f"_Skipped: {note}._\n",
+        markdown_table(
+            rows,
+            (
+                "chain",
+                "stage",
+                "model",
+                "d_pair_vs_base",
+                "mean_diff_vs_base",
+                "ci_studies_lo_vs_base",
+                "ci_studies_hi_vs_base",
+                "d_pair_vs_previous",
+                "mean_diff_vs_previous",
+                "share",
+                "share_ci_lo",
+                "share_ci_hi",
+            ),
+        ),
+        "",
+    ]
+    return out
+
+
 def render_report(
     t: Tables, figures: dict[str, str | None], ddof_mode: str, n_boot: int, seed: int, n_inputs: int
 ) -> str:
@@ -123,6 +167,7 @@ def render_report(
     if t.notes:
         out += ["## Input notes\n"] + [f"- {n}" for n in t.notes] + [""]
     out += _calibration_section(t)
+    out += _stage_section(t, figures)
     out += ["## Figures\n"]
     for name, title, _ in FIGURES:
         note = figures.get(name)

@@ -29,6 +29,7 @@ from psych201_jax.analysis.stats import (
     nanmean,
     wilcoxon_test,
 )
+from psych201_jax.conditions import STAGE_ORDER, Condition, Stage
 
 # Post-training types whose pairs with a base of their own generation form the project's broader
 # by-generation table (generations_all_pairs.csv): Instruction-tuned AND Reasoning, so DeepSeek-R1 distills of a
@@ -37,22 +38,125 @@ from psych201_jax.analysis.stats import (
 GENERATION_TYPES = ("Instruction-tuned", "Reasoning")
 
 
-def find_pairs(runs: Sequence[Run]) -> tuple[list[tuple[Run, Run]], list[tuple[Run, str]]]:
-    """(post, base) pairs from ``model_info.base_hf_id``, within one condition. A post-trained run
-    scored with the chat template falls back to its base's plain run (base models have no template).
-    Returns the pairs and the post-trained runs left unpaired, with the reason."""
+@dataclasses.dataclass(frozen=True)
+class Chain:
+    """Runs of one model lineage under one condition in training order: the base first, the final release
+    last. A (post, base) pair is a chain of two; a stage chain (``model_info.chain``) holds every published
+    post-training stage (e.g. base → SFT → DPO → RL). ``name`` is the chain's name ("" for a pair)."""
+
+    name: str
+    runs: tuple[Run, ...]
+
+    @property
+    def base(self) -> Run:
+        return self.runs[0]
+
+    @property
+    def final(self) -> Run:
+        return self.runs[-1]
+
+    def steps(self) -> list[tuple[Run, Run]]:
+        """(stage, previous stage) for every stage after the base, in training order."""
+        return list(zip(self.runs[1:], self.runs[:-1]))
+
+
+def _base_run(run: Run, base_id: str, index: Mapping[tuple[str, Condition], Run]) -> Run | None:
+    """``base_id``'s run under ``run``'s condition; a post-trained run scored with the chat template falls
+    back to its base's plain run (base models have no template)."""
+    return index.get((base_id, run.condition)) or index.get((base_id, run.condition.with_template("none")))
+
+
+def pair_chains(runs: Sequence[Run]) -> tuple[list[Chain], list[tuple[Run, str]]]:
+    """(base, post) chains of two from ``model_info.base_hf_id``, within one condition, and the post-trained
+    runs left unpaired, with the reason."""
     index = {(r.model, r.condition): r for r in runs}
-    pairs, unpaired = [], []
+    chains, unpaired = [], []
     for run in runs:
         base_id = run.info.get("base_hf_id") or ""
         if not base_id:
             continue
-        base = index.get((base_id, run.condition)) or index.get((base_id, run.condition.with_template("none")))
+        base = _base_run(run, base_id, index)
         if base is None:
             unpaired.append((run, f"base {base_id} not scored under this condition"))
         else:
-            pairs.append((run, base))
-    return pairs, unpaired
+            chains.append(Chain("", (base, run)))
+    return chains, unpaired
+
+
+def find_pairs(runs: Sequence[Run]) -> tuple[list[tuple[Run, Run]], list[tuple[Run, str]]]:
+    """(post, base) pairs: the chains of two of ``pair_chains``, and the unpaired post-trained runs."""
+    chains, unpaired = pair_chains(runs)
+    return [(c.final, c.base) for c in chains], unpaired
+
+
+def find_chains(runs: Sequence[Run]) -> tuple[list[Chain], list[str]]:
+    """Stage chains from ``model_info.chain`` and ``stage``, within one condition, and a note per chain left
+    out. Members are the runs naming the chain, ordered by ``STAGE_ORDER``; the base is the member of stage
+    ``base``, else the run of the members' common ``base_hf_id`` (one base may start several chains, e.g.
+    OLMo 3 7B's Think and Instruct), found as ``pair_chains`` finds a pair's."""
+    index = {(r.model, r.condition): r for r in runs}
+    groups: dict[tuple[str, Condition], list[Run]] = {}
+    for run in runs:
+        if run.info.get("chain"):
+            groups.setdefault((run.info["chain"], run.condition), []).append(run)
+    chains, notes = [], []
+    for (name, condition), members in groups.items():
+        shown = condition.values(("protocol", "template", "persona"))
+        where = f"chain {name!r} ({', '.join(f'{k}={v}' for k, v in shown.items())})"
+        stages = [str(r.info.get("stage") or "") for r in members]
+        if "" in stages or len(set(stages)) < len(stages):
+            notes.append(
+                f"{where}: every member needs its own stage (got {', '.join(s or '?' for s in stages)}); left out"
+            )
+            continue
+        order = {s.value: i for i, s in enumerate(STAGE_ORDER)}
+        members = sorted(members, key=lambda r: order[r.info["stage"]])
+        if members[0].info["stage"] != Stage.BASE:
+            base_ids = {r.info.get("base_hf_id") or "" for r in members}
+            base = _base_run(members[0], base_ids.pop(), index) if len(base_ids) == 1 else None
+            if base is None:
+                notes.append(
+                    f"{where}: no base (a stage-base member, or one scored base_hf_id of all members); left out"
+                )
+                continue
+            members = [base, *members]
+        if len(members) < 2:
+            notes.append(f"{where}: only its base is scored; left out")
+            continue
+        chains.append(Chain(name, tuple(members)))
+    return chains, notes
+
+
+def common_responses(runs: Sequence[Run]) -> tuple[tuple[Run, ...], int]:
+    """``runs`` restricted to the responses every one of them scored (same participant, same response
+    count, non-NaN in all), and how many scored responses that left out (summed over the runs). On those responses the
+    paired mean differences of consecutive stages add up exactly to the last stage's difference from the
+    first. Runs that already agree are returned as they are (the same objects)."""
+    keyed = [{p.key: p for p in r.participants} for r in runs]
+    shared = set(keyed[0]).intersection(*keyed[1:])
+    keep: dict[tuple[str, str, str], np.ndarray] = {}
+    for key in shared:
+        sizes = {k[key].nll.size for k in keyed}
+        if len(sizes) == 1:
+            keep[key] = np.all([~np.isnan(k[key].nll) for k in keyed], axis=0)
+    dropped = 0
+    out = []
+    for run in runs:
+        parts = []
+        for p in run.participants:
+            mask = keep.get(p.key)
+            n = int(np.sum(~np.isnan(p.nll)))
+            if mask is None:
+                dropped += n
+                continue
+            dropped += n - int(mask.sum())
+            parts.append(p if n == mask.sum() else dataclasses.replace(p, nll=np.where(mask, p.nll, np.nan)))
+        out.append(
+            run
+            if len(parts) == len(run.participants) and all(a is b for a, b in zip(parts, run.participants))
+            else dataclasses.replace(run, participants=tuple(parts))
+        )
+    return tuple(out), dropped
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,10 +31,10 @@ from collections.abc import Sequence
 import numpy as np
 from absl import logging
 
-from psych201_jax.analysis import calibration, paper
+from psych201_jax.analysis import calibration, chains, paper
 from psych201_jax.analysis.domains import OTHER_DOMAIN, REFERENCE_DROPPED_DOMAINS, Categories, domain_matrix
 from psych201_jax.analysis.metrics import Run, model_score, nll_moments, resolve_ddof, study_scores
-from psych201_jax.analysis.pairs import GENERATION_TYPES, find_pairs, pair_statistics, reference_pair_d
+from psych201_jax.analysis.pairs import GENERATION_TYPES, find_chains, find_pairs, pair_statistics, reference_pair_d
 from psych201_jax.analysis.persona import find_persona_comparisons, persona_statistics
 from psych201_jax.analysis.runs import dedupe, primary_condition
 from psych201_jax.analysis.stats import means_by, nanmean
@@ -42,6 +42,7 @@ from psych201_jax.conditions import Condition, ModelInfo
 
 CONDITION = Condition.ANALYSIS_FIELDS
 INFO = ModelInfo.FIELDS[1:]  # hf_id is the "model" column
+PAIR_INFO = ("family", "generation", "size_b", "kind")  # the post-trained model's, in the pair tables
 
 COLUMNS = {
     "model_scores": (
@@ -79,7 +80,7 @@ COLUMNS = {
     "pair_misalignment": (
         "post",
         "base",
-        *INFO[:-1],
+        *PAIR_INFO,
         *CONDITION,
         "ddof",
         "n_common_studies",
@@ -100,6 +101,8 @@ COLUMNS = {
         "unaligned_participants",
         "unmatched_participants",
         "dropped_responses",
+        "stage",
+        "chain",
     ),
     "pair_paired_stats": (
         "post",
@@ -195,6 +198,12 @@ COLUMNS = {
 
 
 COLUMNS["persona_all_models"] = COLUMNS["persona"]
+# Written only when the runs hold a stage chain of >= 3 models (``chains``).
+STAGE_COLUMNS = {
+    "stages": (*chains.COLUMNS[:5], *CONDITION, *chains.COLUMNS[5:]),
+    "stages_by_domain": (*chains.DOMAIN_COLUMNS[:3], *CONDITION, *chains.DOMAIN_COLUMNS[3:]),
+}
+MIN_CHAIN = 3  # models (base included) for the stage section, CSVs and figure
 COLUMNS["persona_summary_all_models"] = COLUMNS["persona_summary"]
 
 
@@ -229,7 +238,9 @@ def build_tables(
     variants)."""
     runs, notes = dedupe(runs)
     ddofs = resolve_ddof(ddof_mode)
-    rows: dict[str, list[dict]] = {name: [] for name in (*COLUMNS, "domains", "domains_all_pairs", "domains_extended")}
+    rows: dict[str, list[dict]] = {
+        name: [] for name in (*COLUMNS, *STAGE_COLUMNS, "domains", "domains_all_pairs", "domains_extended")
+    }
     scores = {}
     for run in runs:
         studies = study_scores(run)
@@ -251,6 +262,11 @@ def build_tables(
         return computed[key]
 
     pairs, unpaired = find_pairs(runs)
+    stage_chains, chain_notes = find_chains(runs)
+    notes += chain_notes
+    # A stage chain's intermediate checkpoints (e.g. SFT, DPO) are paired with their base in pair_misalignment,
+    # but only its final release counts in the broader means by type and generation.
+    intermediate = {(r.model, r.condition) for c in stage_chains for r in c.runs[1:-1]}
     evolution = {(paper.study_file(post), paper.study_file(base)) for post, base, _ in paper.EVOLUTION_PAIRS}
     domain_d: dict[Condition, dict[tuple[str, str], dict[str, float]]] = {}
     pair_of: dict[tuple[str, Condition], tuple[Run, dict]] = {}
@@ -260,16 +276,19 @@ def build_tables(
         head = {
             "post": post.model,
             "base": base.model,
-            **{k: post.info[k] for k in INFO[:-1]},
+            **{k: post.info[k] for k in PAIR_INFO},
             **condition_cols(post.condition),
         }
         same_generation = post.info["generation"] == base.info["generation"] != ""
+        final = (post.model, post.condition) not in intermediate
         row = {
             **head,
             "ddof": ddofs["pair"],
             **summary,
             "generation_pair": (paper.study_file(post.model), paper.study_file(base.model)) in evolution,
-            "generation_pair_all": post.kind in GENERATION_TYPES and same_generation,
+            "generation_pair_all": post.kind in GENERATION_TYPES and same_generation and final,
+            "stage": post.info.get("stage", ""),
+            "chain": post.info.get("chain", ""),
         }
         rows["pair_misalignment"].append(row)
         rows["pair_paired_stats"] += [{**head, **s} for s in per_study]
@@ -286,7 +305,8 @@ def build_tables(
             summary["mean_diff"],
         )
     values = ("d_pair", "mean_diff", "mean_paired_d", "accuracy_d")
-    rows["pair_types_all_pairs"] = means_by(rows["pair_misalignment"], (*CONDITION, "kind"), values)
+    finals = [r for r in rows["pair_misalignment"] if (r["post"], _condition_of(r)) not in intermediate]
+    rows["pair_types_all_pairs"] = means_by(finals, (*CONDITION, "kind"), values)
     rows["generations_all_pairs"] = means_by(generation_rows_all, (*CONDITION, "generation"), values[:3])
 
     # fig2 (plot.py): the listed pairs with >= 2 common studies, by the script's type; accuracy_d as
@@ -325,7 +345,7 @@ def build_tables(
             {
                 "post": post.model,
                 "base": post.info["base_hf_id"],
-                **{k: post.info[k] for k in INFO[:-1]},
+                **{k: post.info[k] for k in PAIR_INFO},
                 **condition_cols(post.condition),
                 "ddof": ddofs["pair"],
                 "d_pair": math.nan,
@@ -394,9 +414,25 @@ def build_tables(
                 accuracy_reason=summary["accuracy_reason"],
             )
         rows["accuracy"].append(row)
+    stages = chains.stage_tables(
+        stage_chains,
+        statistics,
+        lambda post, base: pair_statistics(post, base, ddofs, n_boot, seed),
+        categories,
+        lambda run: condition_cols(run.condition),
+        n_boot,
+        seed,
+    )
+    if stages.longest >= MIN_CHAIN:
+        rows["stages"], rows["stages_by_domain"] = stages.rows, stages.by_domain
     rows["calibration"] = calibration.model_rows(runs, seed)
     rows["calibration_pairs"] = calibration.pair_rows(pairs, ddofs, n_boot, seed)
     return Tables(rows, (columns["domains"], columns["domains_extended"]), primary_condition(runs), notes)
+
+
+def _condition_of(row: dict) -> Condition:
+    """The NLL condition of a table row (its condition columns)."""
+    return Condition.from_mapping({k: row[k] for k in CONDITION})
 
 
 def _domain_d(per_study: Sequence[dict]) -> dict[str, float]:
@@ -422,6 +458,9 @@ def write_tables(t: Tables, out_dir: str) -> None:
     """Every table as ``<name>.csv`` in ``out_dir``, with its fixed columns."""
     for name, columns in COLUMNS.items():
         write_csv(os.path.join(out_dir, f"{name}.csv"), t.rows[name], columns)
+    for name, columns in STAGE_COLUMNS.items():
+        if t.rows["stages"]:
+            write_csv(os.path.join(out_dir, f"{name}.csv"), t.rows[name], columns)
     for name, cols in (
         ("domains", t.domain_columns[0]),
         ("domains_all_pairs", t.domain_columns[0]),

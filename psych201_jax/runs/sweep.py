@@ -85,7 +85,9 @@ class Sweep:
     data: str = dataclasses.field(metadata={"doc": "the data of every condition without its own data"})
     out_root: str = dataclasses.field(metadata={"doc": "results go to <out_root>/<model slug>/<condition>"})
     models: tuple[SweepModel, ...] = dataclasses.field(
-        metadata={"doc": "dicts: hf_id, family, generation, size_b, kind, base_hf_id, path, arch, chat, persona"}
+        metadata={
+            "doc": "dicts: hf_id, family, generation, size_b, kind, base_hf_id, stage, chain, path, arch, chat, persona"
+        }
     )
     conditions: tuple[SweepCondition, ...] = dataclasses.field(
         metadata={"doc": "dicts: name, protocol, template, persona, persona_subset, options, temperatures, data, kinds"}
