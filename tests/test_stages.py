@@ -239,3 +239,20 @@ def test_the_plain_tiny_sweep_has_no_stage_section(tmp_path):
     assert "fig_stages.png" not in figures and not (tmp_path / "out" / "stages.csv").exists()
     assert "Stage chains" not in (tmp_path / "out" / "report.md").read_text()
     del base, post
+
+
+def test_the_stages_sweep_lists_every_chain_and_skips_nothing():
+    from configs.sweeps import stages
+    from psych201_jax.runs import sweep
+
+    swept = sweep.Sweep.from_mapping(stages.get_config())
+    jobs = sweep.expand(swept)
+    assert jobs and not [j.name for j in jobs if j.skip_reason]
+    infos = {m.info.hf_id: m.info for m in swept.models}
+    members: dict[str, list[str]] = {}
+    for info in infos.values():
+        if info.chain:
+            members.setdefault(info.chain, []).append(info.stage)
+            assert infos[info.base_hf_id].stage == Stage.BASE and not infos[info.base_hf_id].chain
+    assert len(members) == 9 and all(s == ["sft", "dpo", "rl"] for s in members.values())
+    assert {"allenai/Olmo-3-7B-Think-SFT", "allenai/OLMo-2-0325-32B-DPO", "allenai/Llama-3.1-Tulu-3-70B"} <= set(infos)

@@ -57,7 +57,8 @@ class Participant:
 class Run:
     """One results directory: a model scored under one condition.
 
-    info: the manifest's ``config.model_info`` (hf_id, family, generation, size_b, kind, base_hf_id).
+    info: the manifest's ``config.model_info`` (hf_id, family, generation, size_b, kind, base_hf_id, stage, chain;
+    results written before stage and chain existed read them as "").
     participants: scored participants, in row order; n_rejected: rows with status "rejected".
     complete: the job finished (complete.json); n_done / n_input: participants committed / the job's input
     participants (None: unknown), so an incomplete run is reported with its counts.

@@ -18,6 +18,11 @@ The project's broader variants are separate, named tables: pair_misalignment (ev
 ``model_info.base_hf_id`` is scored), pair_types_all_pairs, generations_all_pairs (every Instruction-tuned or
 Reasoning pair whose base has its generation, >= 2 common studies), domains_all_pairs (every pair),
 domains_extended (every pair, all 11 categories plus Other), persona_all_models and persona_summary_all_models.
+A stage chain's intermediate checkpoints (``model_info.chain``; e.g. SFT, DPO) are pairs of pair_misalignment but
+count in none of the broader means; only its final release does.
+
+Stage chains (``chains``, written only when a chain of >= 3 models is scored): stages (every stage against the
+base and the previous stage, and its share of the final misalignment) and stages_by_domain.
 """
 
 from __future__ import annotations

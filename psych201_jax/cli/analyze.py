@@ -11,7 +11,10 @@ merged CSV (``full_data_jureca_*.csv``); those runs are marked imported (``impor
 info from the paper sweep's table or ``--model_table``.
 Writes into ``--out``: report.md, the CSV tables (model_scores, study_scores, pair_misalignment,
 pair_paired_stats, pair_types, generations, domains, domains_extended, persona, persona_summary,
-accuracy, calibration, calibration_pairs) and the PNG figures (see ``psych201_jax.analysis.figures``).
+accuracy, calibration, calibration_pairs) and the PNG figures (see ``psych201_jax.analysis.figures``); when
+the runs hold a stage chain of >= 3 models (``model_info.chain`` / ``stage``, e.g. configs/sweeps/stages.py),
+also stages.csv, stages_by_domain.csv, fig_stages.png and report.md's "Stage chains" section
+(``psych201_jax.analysis.chains``).
 
 example:
   psych201-analyze --results=out/sweeps/tiny --out=out/report
