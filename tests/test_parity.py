@@ -4,7 +4,9 @@ The rows are ``psych201_jax.testing.parity.FAMILIES``: each builds a tiny random
 non-trivial weight scale, converts it with the converter (float32 and bfloat16), restores it and compares
 per-token log-probs of a real transcript: float32 parity, bfloat16 KL, packed rows against each transcript
 alone. Rows opt into the checks of a special feature (``parity.XLA_BACKEND``, ``SLIDING_WINDOW``,
-``ROPE_SCALING``, ``MROPE``, ``STATE_RESET``, ``OWN_TOKENIZER``). Also: a whole scoring job against HF's
+``ROPE_SCALING``, ``MROPE``, ``STATE_RESET``, ``OWN_TOKENIZER``, and Gemma's ``parity.REMOVED`` features:
+soft caps, (1 + w) norms, embedding and query scales, per-layer RoPE, each of which must break parity when
+left out). Also: a whole scoring job against HF's
 reference computation (``parity.SCORE_JOBS``). Run with -s to see the measured numbers at the end.
 """
 
@@ -24,7 +26,7 @@ from psych201_jax.model import spec as modelspec
 from psych201_jax.model.decoder import param_shapes
 from psych201_jax.testing import parity
 from psych201_jax.testing.parity import single_row, token_log_probs
-from psych201_jax.testing.tiny_models import make_tiny_hf_checkpoint
+from psych201_jax.testing.tiny_models import VL_FAMILIES, make_tiny_hf_checkpoint
 
 PARITY: dict[str, dict[str, float]] = {}  # row name -> measured errors (printed at the end of the module)
 
@@ -142,6 +144,19 @@ def test_no_leakage_between_packed_attention_participants(case):
     assert float(np.abs(ab[len(a) :] - changed_b[len(a) :]).max()) > 1e-3
 
 
+@pytest.mark.parametrize("case,feature", parity.removals(), indirect=["case"])
+def test_parity_check_detects_feature_removed(case, feature):
+    """Gemma's features are exercised: the same weights under a spec without one of them (attention or final
+    soft cap, the (1 + w) norm offset, the embedding scale, the query scale, RoPE per layer type) break
+    float32 parity."""
+    spec = case.spec
+    bad = parity.REMOVED[feature](spec)
+    assert bad != spec, f"{feature} is not in the spec"
+    err = _max_error_with(case, bad)
+    _record(case, **{f"without {feature}": float(err)})
+    assert err > 1e-3, err
+
+
 @pytest.mark.parametrize("case", parity.names(parity.ROPE_SCALING), indirect=True)
 def test_parity_check_detects_missing_rope_scaling(case):
     """... and RoPE without its llama3 / YaRN scaling (positions run past original_max_position_embeddings)."""
@@ -227,7 +242,8 @@ def test_score_job_reference_and_robust_agree_with_hf(job, tmp_path, qwen_tokeni
         job.family, str(tmp_path / "hf"), tok_dir, max_position_embeddings=parity.CONTEXT, seed=job.seed
     )
     hf = parity.hf_model(hf_dir, job.family, torch.float32)
-    parity.check_score_job_against_hf(hf_dir, hf, tmp_path, job.family, rtol=job.rtol, atol=job.atol)
+    wrapper = job.family if job.family in VL_FAMILIES else ""
+    parity.check_score_job_against_hf(hf_dir, hf, tmp_path, wrapper, rtol=job.rtol, atol=job.atol)
 
 
 def test_report_parity():
@@ -247,13 +263,27 @@ FAMILY_HUB_CONFIGS = {
     "OLMo-2-1124-7B.json": ("olmo2", 32, 128, None, 7_298_617_344),
     "OLMo-2-1124-7B-Instruct.json": ("olmo2", 32, 128, None, 7_298_617_344),
     "OLMo-2-1124-13B.json": ("olmo2", 40, 128, None, 13_716_198_400),
+    "gemma-2-2b.json": ("gemma2", 26, 256, 4096, 2_614_341_888),
+    "gemma-2-2b-it.json": ("gemma2", 26, 256, 4096, 2_614_341_888),
+    "gemma-2-9b.json": ("gemma2", 42, 256, 4096, 9_241_705_984),
+    "gemma-2-9b-it.json": ("gemma2", 42, 256, 4096, 9_241_705_984),
+    "gemma-2-27b.json": ("gemma2", 46, 128, 4096, 27_227_128_320),  # query_pre_attn_scalar 144 != head_dim
+    "gemma-3-270m.json": ("gemma3_text", 18, 256, 512, 268_098_176),
+    "gemma-3-1b-pt.json": ("gemma3_text", 26, 256, 512, 999_885_952),
+    # Gemma3ForConditionalGeneration: the language model's parameters (the lm_head is tied); the whole model
+    # with its SigLIP tower and projector has 4,300,079,472 / 12,187,325,040 / 27,432,406,640.
+    "gemma-3-4b-pt.json": ("gemma3_text", 34, 256, 1024, 3_880_263_168),
+    "gemma-3-12b-it.json": ("gemma3_text", 48, 256, 1024, 11_766_034_176),
+    "gemma-3-27b-pt.json": ("gemma3_text", 62, 128, 1024, 27_009_346_304),
 }
+# Families whose windowed and full layers alternate: every p-th layer is full (Gemma 2: 2; Gemma 3: 6).
+FULL_EVERY = {"gemma2": 2, "gemma3_text": 6}
 
 
 @pytest.mark.parametrize("name", sorted(FAMILY_HUB_CONFIGS))
 def test_real_hub_config_parses_with_hfs_parameter_count(name, tmp_path):
     """The hub config parses to the family's spec, and our parameter count equals HF's meta-device model's."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     model_type, layers, head_dim, window, expected = FAMILY_HUB_CONFIGS[name]
     with open(os.path.join(HUB_CONFIGS, name)) as fh:
@@ -265,11 +295,19 @@ def test_real_hub_config_parses_with_hfs_parameter_count(name, tmp_path):
         head_dim,
         window,
     )
-    sliding = window is not None
-    assert all((t == modelspec.SLIDING_ATTENTION) == sliding for t in spec.layer_types)
+    period = FULL_EVERY.get(model_type)
+    for i, t in enumerate(spec.layer_types):
+        full = window is None or (period is not None and (i + 1) % period == 0)
+        assert (t == modelspec.FULL_ATTENTION) == full, (i, t)
     ours = sum(math.prod(s) for s in param_shapes(spec).values())
+    config = AutoConfig.from_pretrained(str(tmp_path))
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(tmp_path)))
-    hf_total = sum(p.numel() for p in model.parameters())
+        if spec.wrapper:  # the language model of a vision-language wrapper (and its lm_head, unless tied)
+            model = AutoModelForImageTextToText.from_config(config)
+            parts = [model.model.language_model] + ([] if spec.tie_word_embeddings else [model.lm_head])
+            hf_total = sum(p.numel() for part in parts for p in part.parameters())
+        else:
+            model = AutoModelForCausalLM.from_config(config)
+            hf_total = sum(p.numel() for p in model.parameters())
     print(f"{name}: ours {ours:,}, HF {hf_total:,}")
     assert ours == hf_total == expected

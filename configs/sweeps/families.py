@@ -1,4 +1,5 @@
-"""Families beyond the study's eight architectures (issue 29): base/post-trained pairs of OLMo 2 and Mistral.
+"""Families beyond the study's eight architectures (issue 29): base/post-trained pairs of OLMo 2, Mistral,
+Gemma 2 and Gemma 3.
 
 Same format as configs/sweeps/psych201_paper.py (model dicts with ``arch`` = the checkpoint's model_type;
 local snapshots under ``<model_root>/<hf_id>``), with the study's main conditions. Hub ids as their model
@@ -10,10 +11,13 @@ parameter counts, by tests/test_parity.py (tests/data/hub_configs/SOURCES.md).
   Mistral (arch mistral): Llama's layer with a sliding window on every layer when the config has one
     (Mistral-7B-v0.1 and its Instruct: 4096 tokens), none in v0.3 and Nemo; Nemo's head_dim (128) differs
     from hidden / heads (5120 / 32 = 160) and is read from the config.
-
-Not supported yet: Gemma 2 and Gemma 3 (issue 29 item 3: soft caps, (1 + w) norms, sandwich norms, GeGLU,
-scaled embeddings, per-layer RoPE); they would be skipped by the sweep as unsupported architectures, so they
-are not listed here.
+  Gemma 2 (arch gemma2): (1 + w) norms before and after attention and MLP, GeGLU, embeddings scaled by
+    sqrt(hidden), windowed (4096) and full layers alternating, attention-logit (50) and final-logit (30) soft
+    caps; the 27B scales queries by query_pre_attn_scalar 144, not head_dim 128.
+  Gemma 3: five windowed layers per full one, RoPE 10K local and 1M global (x 8 linear from 4B up), a
+    per-head QK-norm, no soft caps. 270M and 1B are text-only (arch gemma3_text, ``-pt`` / ``-it``, the 270M
+    base without a suffix); 4B, 12B and 27B are Gemma3ForConditionalGeneration (arch gemma3), scored as their
+    language model on text, as the study's vision-language models are.
 """
 
 import ml_collections
@@ -51,6 +55,26 @@ def models() -> list[dict]:
         out += [
             _model(base, "Mistral", generation, size, "base"),
             _model(post, "Mistral", generation, size, "Instruction-tuned", base, chat=True),
+        ]
+    # Gemma 2 (June 2024): base -> -it.
+    for size in ("2", "9", "27"):
+        base = f"google/gemma-2-{size}b"
+        out += [
+            _model(base, "Gemma", "Gemma2", size, "base", arch="gemma2"),
+            _model(f"{base}-it", "Gemma", "Gemma2", size, "Instruction-tuned", base, arch="gemma2", chat=True),
+        ]
+    # Gemma 3 (March 2025; 270M August 2025): base (-pt, the 270M without a suffix) -> -it.
+    for size, base, arch in (
+        ("0.27", "google/gemma-3-270m", "gemma3_text"),
+        ("1", "google/gemma-3-1b-pt", "gemma3_text"),
+        ("4", "google/gemma-3-4b-pt", "gemma3"),
+        ("12", "google/gemma-3-12b-pt", "gemma3"),
+        ("27", "google/gemma-3-27b-pt", "gemma3"),
+    ):
+        post = base.removesuffix("-pt") + "-it"
+        out += [
+            _model(base, "Gemma", "Gemma3", size, "base", arch=arch),
+            _model(post, "Gemma", "Gemma3", size, "Instruction-tuned", base, arch=arch, chat=True),
         ]
     return out
 

@@ -3,8 +3,11 @@
 Semantics shared by every backend: query i sees key j iff both carry the same nonzero segment id,
 j <= i (packed segments are contiguous, so index order is position order) and, with a sliding window W,
 i - W < j (the key lies within the last W positions including i itself, as in HF OLMo 3 / Qwen2).
-Scores and softmax are float32, the scale is head_dim**-0.5, the output has q's dtype, and padding
-queries (segment 0) produce zeros.
+Scores and softmax are float32, the scale is ``scale`` (default head_dim**-0.5; Gemma: query_pre_attn_scalar**-0.5),
+an optional soft cap bounds the scaled scores before masking (``cap * tanh(s / cap)``, Gemma 2's
+attn_logit_softcapping), the output has q's dtype, and padding queries (segment 0) produce zeros. Backends
+without the soft cap (``SOFTCAP_BACKENDS`` lists those with it) never run without it: "auto" then runs
+"xla", and naming one raises a one-line ValueError.
 
 Backends: "dense" builds the full [T, T] mask (reference for tests); "xla" is a blockwise online-softmax
 that keeps memory at O(T * block) and iterates, per query block, only over key blocks that can be
@@ -28,13 +31,31 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from psych201_jax.model.layers import soft_cap
+
 AttentionFn = Callable[..., jnp.ndarray]
 _BACKENDS: dict[str, AttentionFn] = {}
+# Backends that implement the attention-logit soft cap (the native CPU kernel, Pallas GPU and cuDNN do not).
+SOFTCAP_BACKENDS = {"dense", "xla", "splash"}
 
 
 def register_backend(name: str, fn: AttentionFn) -> None:
-    """Adds ``fn(q, k, v, segment_ids, *, sliding_window, block_q, block_k) -> out`` under ``name``."""
+    """Adds ``fn(q, k, v, segment_ids, *, sliding_window, block_q, block_k, scale, softcap) -> out`` under
+    ``name`` (``scale`` None: head_dim**-0.5; a backend without the soft cap raises when given one)."""
     _BACKENDS[name] = fn
+
+
+def for_softcap(requested: str, resolved: str, softcap: float | None) -> str:
+    """The backend that runs a call with ``softcap``: ``resolved`` when it has the cap (or there is none),
+    "xla" when "auto" resolved to one without it; a backend named explicitly without it raises."""
+    if softcap is None or resolved in SOFTCAP_BACKENDS:
+        return resolved
+    if requested == "auto":
+        return "xla"
+    from psych201_jax.model import kernels as attention_kernels
+
+    attention_kernels.require_no_softcap(resolved, softcap)
+    return resolved
 
 
 def available_backends() -> tuple[str, ...]:
@@ -82,8 +103,11 @@ def attention(
     backend: str = "xla",
     block_q: int | None = None,
     block_k: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> Float[Array, "b t hq d"]:
     """q [B, T, Hq, hd], k/v [B, T, Hk, hd] (Hq % Hk == 0), segment_ids int32[B, T] -> [B, T, Hq, hd].
+    ``scale``: of the scores (None: head_dim**-0.5); ``softcap``: the attention-logit soft cap (None: none).
 
     Tiles default to 512 x 512. On a 2-core AVX-512 CPU (the workloads of ``benchmarks.benchmark``'s attention
     rows and two more, 8/4 heads of 64, timed at each tile size) 512 ran one 6.7K-token segment at 153
@@ -92,12 +116,15 @@ def attention(
     attention is a small share of the work.
     """
     block_q, block_k = block_q or 512, block_k or 512
-    backend = resolve_backend(backend)
-    if backend not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; available: {available_backends()}")
+    name = for_softcap(backend, resolve_backend(backend), softcap)
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; available: {available_backends()}")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"query heads {q.shape[2]} not a multiple of key/value heads {k.shape[2]}")
-    return _BACKENDS[backend](q, k, v, segment_ids, sliding_window=sliding_window, block_q=block_q, block_k=block_k)
+    kwargs: dict[str, int | float | None] = dict(sliding_window=sliding_window, block_q=block_q, block_k=block_k)
+    if scale is not None or softcap is not None:  # backends registered before these arguments still run
+        kwargs.update(scale=scale, softcap=softcap)
+    return _BACKENDS[name](q, k, v, segment_ids, **kwargs)
 
 
 def _visible(q_idx, k_idx, q_seg, k_seg, sliding_window):
@@ -116,13 +143,13 @@ def _grouped(q, num_kv_heads):
     return q.reshape(b, t, num_kv_heads, hq // num_kv_heads, hd)
 
 
-def _dense(q, k, v, segment_ids, *, sliding_window, block_q, block_k):
+def _dense(q, k, v, segment_ids, *, sliding_window, block_q, block_k, scale=None, softcap=None):
     """Reference: full fp32 score matrix and mask."""
     del block_q, block_k
     b, t, hq, hd = q.shape
     idx = jnp.arange(t)
     s = jnp.einsum("bqhgd,bkhd->bhgqk", _grouped(q, k.shape[2]), k, preferred_element_type=jnp.float32)
-    s = s * (hd**-0.5)
+    s = soft_cap(s * (hd**-0.5 if scale is None else scale), softcap)
     mask = _visible(idx, idx, segment_ids, segment_ids, sliding_window)[:, None, None]
     s = jnp.where(mask, s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
@@ -187,14 +214,17 @@ def _online_softmax_init(b, hk, rows, hd):
     )
 
 
-def _online_softmax_step(carry, q_blk, kp, vp, start, bk, mask, scale):
+def _online_softmax_step(carry, q_blk, kp, vp, start, bk, mask, scale, softcap=None):
     """One key block of the online softmax: q_blk [B, Hk, R, hd] (R = query rows x G, query-major) against
     keys/values ``start:start + bk`` of kp/vp [B, Hk, N, hd]; ``mask`` [B, R / G, bk] or None (all visible).
-    The scale is applied inside the exp, not as a pass over the scores."""
+    The scale is applied inside the exp, not as a pass over the scores (with a ``softcap``, the scores are
+    scaled and capped first, and the exp takes them as they are)."""
     m, denom, acc = carry
     k_blk = jax.lax.dynamic_slice_in_dim(kp, start, bk, axis=2)
     v_blk = jax.lax.dynamic_slice_in_dim(vp, start, bk, axis=2)
     s = jnp.einsum("bhqd,bhkd->bhqk", q_blk, k_blk, preferred_element_type=jnp.float32)
+    if softcap is not None:
+        s, scale = soft_cap(s * scale, softcap), 1.0
     if mask is not None:  # each query's row repeats for its G heads
         s = jnp.where(jnp.repeat(mask, q_blk.shape[2] // mask.shape[1], axis=1)[:, None], s, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
@@ -214,7 +244,7 @@ def _online_softmax_out(carry, bq, hq):
     return jnp.transpose(out, (0, 2, 1, 3, 4)).reshape(b, bq, hq, hd)
 
 
-def _blockwise(q, k, v, segment_ids, *, sliding_window, block_q, block_k):
+def _blockwise(q, k, v, segment_ids, *, sliding_window, block_q, block_k, scale=None, softcap=None):
     """Online-softmax attention over [block_q x block_k] tiles, skipping key blocks no query can see.
 
     Layout for the CPU's matmuls: heads lead ([B, Hk, T, hd]) and the G query heads sharing a kv head are
@@ -228,7 +258,7 @@ def _blockwise(q, k, v, segment_ids, *, sliding_window, block_q, block_k):
     g = hq // hk
     bq, bk = min(block_q, t), min(block_k, t)
     nq, nk = -(-t // bq), -(-t // bk)
-    scale = hd**-0.5
+    scale = hd**-0.5 if scale is None else scale
 
     def pad_to(x, n):
         return jnp.pad(x, ((0, 0), (0, n - t)) + ((0, 0),) * (x.ndim - 2))
@@ -250,7 +280,7 @@ def _blockwise(q, k, v, segment_ids, *, sliding_window, block_q, block_k):
             if masked:
                 ks_blk = jax.lax.dynamic_slice_in_dim(k_seg, j * bk, bk, axis=1)
                 mask = _visible(q_idx, j * bk + jnp.arange(bk), qs_blk, ks_blk, sliding_window)  # [B, bq, bk]
-            return _online_softmax_step(carry, q_blk, kp, vp, j * bk, bk, mask, scale)
+            return _online_softmax_step(carry, q_blk, kp, vp, j * bk, bk, mask, scale, softcap)
 
         init = _online_softmax_init(b, hk, bq * g, hd)
         # Edge blocks masked, the interior (wholly visible: same values as masked) without the mask.
@@ -277,21 +307,24 @@ def _visible_range(k_segment, q_index, q_segment, sliding_window):
     return (q_segment != 0) & (q_segment == at_key) & (q_index >= 0) & (q_index < n), start
 
 
-def _on_kernel(q, k, v, q_index, real, start, sliding_window):
+def _on_kernel(q, k, v, q_index, real, start, sliding_window, scale=None):
     """``cpu_kernel.attend`` (its tiles are fixed in its source) with the ranges of ``_visible_range``."""
     from psych201_jax.model import cpu_kernel
 
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"attention backend 'cpu': sliding_window must be >= 1, got {sliding_window}")
-    return cpu_kernel.attend(q, k, v, jnp.where(real, start, 0), jnp.where(real, q_index, -1))
+    return cpu_kernel.attend(q, k, v, jnp.where(real, start, 0), jnp.where(real, q_index, -1), scale=scale)
 
 
-def _native(q, k, v, segment_ids, *, sliding_window=None, block_q=None, block_k=None):
-    """The native CPU kernel: every position of a packed row is a query."""
+def _native(q, k, v, segment_ids, *, sliding_window=None, block_q=None, block_k=None, scale=None, softcap=None):
+    """The native CPU kernel: every position of a packed row is a query (no soft cap: ``for_softcap``)."""
     del block_q, block_k
+    from psych201_jax.model import kernels as attention_kernels
+
+    attention_kernels.require_no_softcap("cpu", softcap)
     idx = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
     real, start = _visible_range(segment_ids, idx, segment_ids, sliding_window)
-    return _on_kernel(q, k, v, idx, real, start, sliding_window)
+    return _on_kernel(q, k, v, idx, real, start, sliding_window, scale)
 
 
 def attention_at(
@@ -306,6 +339,8 @@ def attention_at(
     backend: str = "xla",
     block_q: int = 128,
     block_k: int = 512,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> Float[Array, "b c hq d"]:
     """Attention of C queries at key positions ``q_index`` (the shared semantics, q_segment 0 = padding) over
     all N keys: the last layer of a scoring forward needs its queries only where a response is scored. A query
@@ -323,12 +358,12 @@ def attention_at(
     if hq % hk:
         raise ValueError(f"query heads {hq} not a multiple of key/value heads {hk}")
     real, start = _visible_range(k_segment, q_index, q_segment, sliding_window)  # the same on every backend
-    if resolve_backend(backend) == "cpu":
-        return _on_kernel(q, k, v, q_index, real, start, sliding_window)
+    if for_softcap(backend, resolve_backend(backend), softcap) == "cpu":
+        return _on_kernel(q, k, v, q_index, real, start, sliding_window, scale)
     g = hq // hk
     bq, bk = min(block_q, c), min(block_k, n)
     nq, nk = -(-c // bq), -(-n // bk)
-    scale = hd**-0.5
+    scale = hd**-0.5 if scale is None else scale
     pad_q, pad_k = ((0, 0), (0, nq * bq - c)), ((0, 0), (0, nk * bk - n))
     qp = jnp.transpose(_grouped(jnp.pad(q, pad_q + ((0, 0), (0, 0))), hk), (0, 2, 1, 3, 4))  # [B, Hk, C', G, hd]
     kp, vp = (jnp.transpose(jnp.pad(x, pad_k + ((0, 0), (0, 0))), (0, 2, 1, 3)) for x in (k, v))  # [B, Hk, N', hd]
@@ -347,7 +382,7 @@ def attention_at(
         def key_block(j, carry):
             ks_blk = jax.lax.dynamic_slice_in_dim(k_seg, j * bk, bk, axis=1)
             mask = _visible(qi_blk, j * bk + jnp.arange(bk), qs_blk, ks_blk, sliding_window)  # [B, bq, bk]
-            return _online_softmax_step(carry, q_blk, kp, vp, j * bk, bk, mask, scale)
+            return _online_softmax_step(carry, q_blk, kp, vp, j * bk, bk, mask, scale, softcap)
 
         carry = jax.lax.fori_loop(j0, j1 + 1, key_block, _online_softmax_init(b, hk, bq * g, hd))
         return _online_softmax_out(carry, bq, hq).astype(q.dtype)

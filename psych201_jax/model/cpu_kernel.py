@@ -254,11 +254,11 @@ def preferred() -> bool:
     return simd_width() >= AUTO_SIMD_WIDTH
 
 
-def attend(q, k, v, lo, hi):
+def attend(q, k, v, lo, hi, *, scale: float | None = None):
     """Attention of queries q [B, C, Hq, hd] over keys k/v [B, N, Hk, hd], query (b, c) seeing the keys
     [lo[b, c], hi[b, c]] of its row (int32 [B, C]; none where lo > hi: its output is 0). ``attention.py``
-    derives the ranges from the shared semantics. float32 inside, the output in q's dtype. Raises ValueError
-    where the kernel cannot run."""
+    derives the ranges from the shared semantics. float32 inside, the output in q's dtype; ``scale`` of the
+    scores (None: head_dim**-0.5). Raises ValueError where the kernel cannot run."""
     if reason := _registration():
         raise ValueError(f"attention backend 'cpu' is unavailable: {reason}")
     if jax.default_backend() != "cpu":
@@ -277,5 +277,12 @@ def attend(q, k, v, lo, hi):
     call = jax.ffi.ffi_call(
         TARGET, jax.ShapeDtypeStruct(q.shape[:-1] + (d + pad,), jnp.float32), vmap_method="sequential"
     )
-    out = call(prep(q), prep(k), prep(v), lo.astype(jnp.int32), hi.astype(jnp.int32), scale=np.float32(d**-0.5))
+    out = call(
+        prep(q),
+        prep(k),
+        prep(v),
+        lo.astype(jnp.int32),
+        hi.astype(jnp.int32),
+        scale=np.float32(d**-0.5 if scale is None else scale),
+    )
     return out[..., :d].astype(q.dtype)

@@ -1,4 +1,5 @@
-"""Flax NNX decoder for the Llama, Qwen2, Qwen3, OLMo 3 and Qwen3.5 families, with stacked, scanned layers.
+"""Flax NNX decoder for the Llama, Mistral, Qwen2, Qwen3, OLMo 2/3, Qwen3.5 and Gemma 2/3 families, with stacked,
+scanned layers (the per-position norms and MLP are in model/layers.py).
 
 Every layer parameter is stored stacked over layers ([L, ...]) and the forward scans over them, so compile
 time does not grow with depth. Layers whose attention differs (OLMo 3: three sliding-window layers, then a
@@ -35,7 +36,6 @@ from psych201_jax.model.axes import (
     ACT_LENGTH,
     ACT_LIN_K_HEADS,
     ACT_LIN_V_HEADS,
-    ACT_MLP,
     ACT_Q_HEADS,
     CONV,
     EMBED,
@@ -54,6 +54,7 @@ from psych201_jax.model.axes import (
     VOCAB,
     constrain,
 )
+from psych201_jax.model.layers import mlp_block, rms_norm
 from psych201_jax.model.spec import LINEAR_ATTENTION, ModelSpec, NormPlacement, QkNorm
 
 BIASES = ("bq", "bk", "bv", "bo", "b_gate", "b_up", "b_down", "lin_dt_bias")
@@ -101,9 +102,9 @@ def layer_param_axes(spec: ModelSpec) -> dict[str, tuple[str, ...]]:
         "w_up": (LAYERS, EMBED, MLP),
         "w_down": (LAYERS, MLP, EMBED),
     }
-    if spec.norm_placement == NormPlacement.PRE:
+    if spec.norm_placement != NormPlacement.POST:
         axes.update(attn_in_norm=(LAYERS, NORM), mlp_in_norm=(LAYERS, NORM))
-    else:
+    if spec.norm_placement != NormPlacement.PRE:
         axes.update(attn_out_norm=(LAYERS, NORM), mlp_out_norm=(LAYERS, NORM))
     if spec.qkv_bias:
         axes.update(bq=(LAYERS, Q_HEADS, HEAD_DIM), bk=(LAYERS, KV_HEADS, HEAD_DIM), bv=(LAYERS, KV_HEADS, HEAD_DIM))
@@ -169,27 +170,6 @@ def embed_row_axis(spec: ModelSpec) -> str:
     return VOCAB if spec.embed_rows == spec.vocab_size else EMBED_VOCAB
 
 
-def rms_norm(
-    x: jnp.ndarray,
-    weight: jnp.ndarray,
-    eps: float,
-    *,
-    weight_fp32: bool,
-    axes: tuple[int, ...] = (-1,),
-    zero_centred: bool = False,
-) -> jnp.ndarray:
-    """RMSNorm over ``axes`` in fp32. weight_fp32: weight * x in fp32 then cast (OLMo, Qwen3.5); else cast
-    then multiply in x.dtype (Llama/Qwen). zero_centred: the scale is 1 + weight, in fp32 (Qwen3.5).
-    Returns x.dtype."""
-    xf = x.astype(jnp.float32)
-    normed = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=axes, keepdims=True) + eps)
-    if zero_centred:
-        return (normed * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
-    if weight_fp32:
-        return (weight.astype(jnp.float32) * normed).astype(x.dtype)
-    return weight.astype(x.dtype) * normed.astype(x.dtype)
-
-
 class Gather(typing.NamedTuple):
     """Positions to compute a layer's output at: ``indices`` int32 [G, C], flat (row * T + t) into the rows of
     each of G equal row groups of the [B, T] batch (a group: one row shard's sub-batch); ``valid`` bool
@@ -250,12 +230,16 @@ def _attention_block(
     q = constrain(q, (ACT_BATCH, ACT_LENGTH, ACT_Q_HEADS, ACT_HEAD_DIM))
     k = constrain(k, (ACT_BATCH, ACT_LENGTH, ACT_KV_HEADS, ACT_HEAD_DIM))
     v = constrain(v, (ACT_BATCH, ACT_LENGTH, ACT_KV_HEADS, ACT_HEAD_DIM))
+    scale, softcap = spec.attention_scale, spec.attn_logit_softcap
     if at is None:
-        o = attention(q, k, v, segment_ids, sliding_window=window, backend=backend)
+        o = attention(q, k, v, segment_ids, sliding_window=window, backend=backend, scale=scale, softcap=softcap)
     else:  # the gathered queries against every key of their group's rows, flattened
         k_seg = at.flat(at.row_segments(segment_ids))
         q_seg = jnp.where(at.valid, jnp.take_along_axis(k_seg, at.indices, axis=1, mode="clip"), 0)
-        o = attention_at(q, at.indices, q_seg, at.flat(k), at.flat(v), k_seg, sliding_window=window, backend=backend)
+        kv = (at.flat(k), at.flat(v), k_seg)
+        o = attention_at(
+            q, at.indices, q_seg, *kv, sliding_window=window, backend=backend, scale=scale, softcap=softcap
+        )
     if spec.attn_output_gate:
         o = o * jax.nn.sigmoid(gate)
     out = jnp.einsum("bthk,hkd->btd", o, p["wo"].astype(dt))
@@ -287,20 +271,6 @@ def _linear_attention_block(
     return jnp.einsum("bthk,hkd->btd", o, p["lin_wo"].astype(dt))
 
 
-def _mlp_block(p: dict[str, jnp.ndarray], x: jnp.ndarray, *, spec: ModelSpec) -> jnp.ndarray:
-    """SwiGLU: down(silu(gate(x)) * up(x)), x [B, T, D] -> [B, T, D]."""
-    dt = x.dtype
-    gate = jnp.einsum("btd,df->btf", x, p["w_gate"].astype(dt))
-    up = jnp.einsum("btd,df->btf", x, p["w_up"].astype(dt))
-    if spec.mlp_bias:
-        gate, up = gate + p["b_gate"].astype(dt), up + p["b_up"].astype(dt)
-    h = constrain(jax.nn.silu(gate) * up, (ACT_BATCH, ACT_LENGTH, ACT_MLP))
-    out = jnp.einsum("btf,fd->btd", h, p["w_down"].astype(dt))
-    if spec.mlp_bias:
-        out = out + p["b_down"].astype(dt)
-    return out
-
-
 def decoder_layer(
     p: dict[str, jnp.ndarray],
     h: jnp.ndarray,
@@ -327,15 +297,16 @@ def decoder_layer(
             x, p[name], spec.rms_norm_eps, weight_fp32=spec.norm_weight_fp32, zero_centred=spec.norm_zero_centred
         )
 
-    pre = spec.norm_placement == NormPlacement.PRE
-    x = norm(h, "attn_in_norm") if pre else h
+    # PRE: norms before the sublayers; POST: after them (before the residual add); SANDWICH: both.
+    before, after = spec.norm_placement != NormPlacement.POST, spec.norm_placement != NormPlacement.PRE
+    x = norm(h, "attn_in_norm") if before else h
     if layer_type == LINEAR_ATTENTION:
         attn = take(_linear_attention_block(p, x, segment_ids, spec=spec))
     else:
         attn = _attention_block(p, x, cos, sin, segment_ids, spec=spec, window=window, backend=backend, at=at)
-    h = take(h) + (attn if pre else norm(attn, "attn_out_norm"))
-    mlp = _mlp_block(p, norm(h, "mlp_in_norm") if pre else h, spec=spec)
-    h = h + (mlp if pre else norm(mlp, "mlp_out_norm"))
+    h = take(h) + (norm(attn, "attn_out_norm") if after else attn)
+    mlp = mlp_block(p, norm(h, "mlp_in_norm") if before else h, spec=spec)
+    h = h + (norm(mlp, "mlp_out_norm") if after else mlp)
     return constrain(h, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
 
 
@@ -485,6 +456,8 @@ class Decoder(nnx.Module):
         spec = self.spec
         # Gather from a table sharded only over the vocabulary, so the lookup output needs no re-split.
         h = jnp.take(constrain(self.embed[...], (embed_row_axis(spec), None)), tokens, axis=0).astype(self.dtype)
+        if spec.embed_scale:  # Gemma: sqrt(hidden), rounded to the activation dtype before the product (HF)
+            h = h * jnp.asarray(spec.hidden_size**0.5, self.dtype)
         return constrain(h, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
 
     def _rope_tables(self, positions: jnp.ndarray) -> dict[str, tuple]:

@@ -56,6 +56,8 @@ VISION_PREFIXES = (
     "model.visual.",
     "vision_model.",
     "model.vision_model.",
+    "vision_tower.",
+    "model.vision_tower.",
     "multi_modal_projector.",
     "model.multi_modal_projector.",
 )
@@ -276,10 +278,12 @@ def layer_sources(spec: ModelSpec) -> dict[str, Source]:
             attn_in_norm=Source("input_layernorm.weight", None),
             mlp_in_norm=Source("post_attention_layernorm.weight", None),
         )
-    else:
+    else:  # POST (OLMo) and SANDWICH (Gemma: and the norms before each sublayer)
         src.update(
             attn_out_norm=Source("post_attention_layernorm.weight", None),
             mlp_out_norm=Source("post_feedforward_layernorm.weight", None),
+            attn_in_norm=Source("input_layernorm.weight", None),
+            mlp_in_norm=Source("pre_feedforward_layernorm.weight", None),
         )
     if spec.linear_num_value_heads:
         lin = "linear_attn."

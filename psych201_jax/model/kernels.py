@@ -1,8 +1,9 @@
 """Accelerator attention backends for ``psych201_jax.model.attention``; every one honours segment ids.
 
 Each backend implements exactly the semantics of ``attention.py`` (same nonzero segment, causal, optional
-sliding window ``i - W < j <= i``, scale head_dim**-0.5, float32 softmax statistics, output in q's dtype,
-padding queries zero) on top of a vendor kernel:
+sliding window ``i - W < j <= i``, the given scale (default head_dim**-0.5), float32 softmax statistics,
+output in q's dtype, padding queries zero) on top of a vendor kernel. Only splash has the attention-logit
+soft cap (its ``attn_logits_soft_cap``); Pallas GPU and cuDNN raise when asked for one:
 
 ``splash``      TPU. Pallas splash attention (``jax.experimental.pallas.ops.tpu.splash_attention``) with
                 ``SegmentIds(q=segment_ids, kv=segment_ids)``, ``CausalMask`` or, with a window,
@@ -57,6 +58,15 @@ def _require_platform(backend: str, wanted: str) -> None:
         )
 
 
+def require_no_softcap(backend: str, softcap: float | None) -> None:
+    """A one-line ValueError where a backend without the attention-logit soft cap is asked for one."""
+    if softcap is not None:
+        raise ValueError(
+            f"attention backend {backend!r} has no attention-logit soft cap (Gemma 2's attn_logit_softcapping="
+            f"{softcap}); use 'xla' or 'auto'"
+        )
+
+
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
@@ -86,6 +96,7 @@ def _splash_kernel(
     block_kv: int,
     block_kv_compute: int,
     interpret: bool,
+    softcap: float | None = None,
 ):
     """Builds (once per shape) a single-device splash MHA kernel; its mask metadata is concrete, so the
     cached kernel can be closed over by any later trace."""
@@ -103,6 +114,7 @@ def _splash_kernel(
             head_shards=1,
             q_seq_shards=1,
             interpret=interpret,
+            attn_logits_soft_cap=softcap,
         )
 
 
@@ -132,6 +144,8 @@ def splash_attention(
     block_kv: int = 512,
     block_kv_compute: int | None = None,
     interpret: bool = False,
+    scale: float | None = None,
+    softcap: float | None = None,
 ):
     """TPU splash attention with segment ids; shapes and semantics of ``attention.attention``."""
     if not interpret:
@@ -142,9 +156,10 @@ def splash_attention(
 
     t, hq, hd = q.shape[1:]
     bq, bkv, bkv_c, tp = _splash_blocks(t, block_q, block_kv, block_kv_compute)
-    kernel = _splash_kernel(tp, hq, sliding_window, bq, bkv, bkv_c, interpret)
-    # splash applies no softmax scale: scale q (in float32, then back to its dtype) as MaxText does.
-    qs = (q.astype(jnp.float32) * (hd**-0.5)).astype(q.dtype)
+    kernel = _splash_kernel(tp, hq, sliding_window, bq, bkv, bkv_c, interpret, softcap)
+    # splash applies no softmax scale: scale q (in float32, then back to its dtype) as MaxText does; its soft
+    # cap then bounds the scaled scores, as HF's does.
+    qs = (q.astype(jnp.float32) * (hd**-0.5 if scale is None else scale)).astype(q.dtype)
     heads_first = lambda x: jnp.swapaxes(_pad_time(x, tp), 1, 2)  # noqa: E731  [B, H, Tp, hd]
     seg = _pad_time(segment_ids.astype(jnp.int32), tp)
 
@@ -161,7 +176,7 @@ def make_splash_backend(
 ):
     """``attention`` backend: splash with the given blocks (multiples of 128; clipped to the row)."""
 
-    def backend(q, k, v, segment_ids, *, sliding_window):
+    def backend(q, k, v, segment_ids, *, sliding_window, scale=None, softcap=None):
         return splash_attention(
             q,
             k,
@@ -172,6 +187,8 @@ def make_splash_backend(
             block_kv=block_kv,
             block_kv_compute=block_kv_compute,
             interpret=interpret,
+            scale=scale,
+            softcap=softcap,
         )
 
     return _as_backend(backend)
@@ -192,8 +209,11 @@ def pallas_gpu_attention(
     num_warps: int | None = None,
     num_stages: int = 2,
     interpret: bool = False,
+    scale: float | None = None,
+    softcap: float | None = None,
 ):
-    """GPU Pallas (Triton) flash attention with segment ids; no sliding window."""
+    """GPU Pallas (Triton) flash attention with segment ids; no sliding window, no soft cap."""
+    require_no_softcap("pallas_gpu", softcap)
     if sliding_window is not None:
         raise ValueError(
             f"attention backend 'pallas_gpu' has no sliding window (sliding_window="
@@ -215,7 +235,7 @@ def pallas_gpu_attention(
         _pad_time(k, tp),
         _pad_time(v, tp),
         seg,
-        sm_scale=hd**-0.5,
+        sm_scale=hd**-0.5 if scale is None else scale,
         causal=True,
         block_sizes=gpu_attention.BlockSizes(block_q=bq, block_k=bk),
         num_warps=num_warps,
@@ -233,7 +253,7 @@ def make_pallas_gpu_backend(
     num_stages: int = 2,
     interpret: bool = False,
 ):
-    def backend(q, k, v, segment_ids, *, sliding_window):
+    def backend(q, k, v, segment_ids, *, sliding_window, scale=None, softcap=None):
         return pallas_gpu_attention(
             q,
             k,
@@ -245,6 +265,8 @@ def make_pallas_gpu_backend(
             num_warps=num_warps,
             num_stages=num_stages,
             interpret=interpret,
+            scale=scale,
+            softcap=softcap,
         )
 
     return _as_backend(backend)
@@ -313,11 +335,22 @@ def cudnn_available() -> bool:
 
 
 def cudnn_attention(
-    q, k, v, segment_ids, *, sliding_window=None, max_segments: int = 64, repeat_kv: bool = False, _api=None
+    q,
+    k,
+    v,
+    segment_ids,
+    *,
+    sliding_window=None,
+    max_segments: int = 64,
+    repeat_kv: bool = False,
+    _api=None,
+    scale: float | None = None,
+    softcap: float | None = None,
 ):
-    """cuDNN flash attention with sequence packing (offsets + lengths derived from segment ids).
+    """cuDNN flash attention with sequence packing (offsets + lengths derived from segment ids); no soft cap.
 
     GQA is passed to cuDNN as is (it takes fewer kv heads); ``repeat_kv=True`` repeats them instead."""
+    require_no_softcap("cudnn", softcap)
     api = _api or _cudnn_api()
     if api is None:
         raise ValueError(
@@ -358,7 +391,7 @@ def cudnn_attention(
         kv_seqlen=lengths,
         q_offsets=offsets,
         kv_offsets=offsets,
-        scale=hd**-0.5,
+        scale=hd**-0.5 if scale is None else scale,
         mask_type=padding_causal,
         qkv_layout="BTNH",
         sliding_window_length=sliding_window,
@@ -368,7 +401,7 @@ def cudnn_attention(
 
 
 def make_cudnn_backend(*, max_segments: int = 64, repeat_kv: bool = False, _api=None):
-    def backend(q, k, v, segment_ids, *, sliding_window):
+    def backend(q, k, v, segment_ids, *, sliding_window, scale=None, softcap=None):
         return cudnn_attention(
             q,
             k,
@@ -378,6 +411,8 @@ def make_cudnn_backend(*, max_segments: int = 64, repeat_kv: bool = False, _api=
             max_segments=max_segments,
             repeat_kv=repeat_kv,
             _api=_api,
+            scale=scale,
+            softcap=softcap,
         )
 
     return _as_backend(backend)
@@ -387,12 +422,12 @@ def make_cudnn_backend(*, max_segments: int = 64, repeat_kv: bool = False, _api=
 
 
 def _as_backend(fn):
-    """Adapts to ``fn(q, k, v, segment_ids, *, sliding_window, block_q, block_k)``."""
+    """Adapts to ``fn(q, k, v, segment_ids, *, sliding_window, block_q, block_k, scale, softcap)``."""
 
     @functools.wraps(fn)
-    def backend(q, k, v, segment_ids, *, sliding_window=None, block_q=None, block_k=None):
+    def backend(q, k, v, segment_ids, *, sliding_window=None, block_q=None, block_k=None, scale=None, softcap=None):
         del block_q, block_k  # the xla tile sizes; kernel blocks come from the factory
-        return fn(q, k, v, segment_ids, sliding_window=sliding_window)
+        return fn(q, k, v, segment_ids, sliding_window=sliding_window, scale=scale, softcap=softcap)
 
     return backend
 

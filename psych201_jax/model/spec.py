@@ -6,7 +6,7 @@ transformers itself standardised (``rope_parameters``, possibly nested per ``lay
 ``rope_scaling``/``rope_theta`` keys are folded in by transformers on load). It is frozen and hashable,
 so it can live as a static attribute of an NNX module, and round-trips through JSON.
 
-Vision-language checkpoints (``VL_WRAPPERS``: Qwen2.5-VL, Qwen3-VL, Llama-3.2-Vision) are read as their
+Vision-language checkpoints (``VL_WRAPPERS``: Qwen2.5-VL, Qwen3-VL, Llama-3.2-Vision, Gemma 3) are read as their
 language model on text-only input: the decoder fields come from the nested ``text_config`` and the spec
 records the wrapper. Their M-RoPE reduces to 1-D RoPE when all position streams are equal (text only;
 tests/test_parity.py checks it against HF), Qwen3-VL's deepstack adds nothing without images, and
@@ -26,8 +26,27 @@ from psych201_jax.errors import UserError
 
 # Vision-language wrappers whose language model we score on text: model_type -> the text family it runs.
 # Qwen3.5 ("qwen3_5") is a wrapper too: its hub checkpoints are Qwen3_5ForConditionalGeneration.
-VL_WRAPPERS = {"qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3", "mllama": "llama", "qwen3_5": "qwen3_5_text"}
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "olmo3", "qwen3_5_text", *VL_WRAPPERS)
+# Gemma 3 4B/12B/27B ("gemma3") are Gemma3ForConditionalGeneration; 270M and 1B are text-only ("gemma3_text").
+VL_WRAPPERS = {
+    "qwen2_5_vl": "qwen2",
+    "qwen3_vl": "qwen3",
+    "mllama": "llama",
+    "qwen3_5": "qwen3_5_text",
+    "gemma3": "gemma3_text",
+}
+SUPPORTED_MODEL_TYPES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "olmo2",
+    "olmo3",
+    "qwen3_5_text",
+    "gemma2",
+    "gemma3_text",
+    *VL_WRAPPERS,
+)
+GEMMA_FAMILIES = ("gemma2", "gemma3_text")
 
 
 class RopeType(enum.StrEnum):
@@ -60,6 +79,14 @@ class NormPlacement(enum.StrEnum):
 
     PRE = "pre"  # Llama/Qwen: input and post-attention norms feed the sublayers
     POST = "post"  # OLMo 2 and 3: norms applied to sublayer outputs before the residual add, no input norm
+    SANDWICH = "sandwich"  # Gemma 2 and 3: both, a norm before and after each of attention and the MLP
+
+
+class Activation(enum.StrEnum):
+    """The gated MLP's activation: act(gate(x)) * up(x)."""
+
+    SILU = "silu"  # SwiGLU (Llama, Qwen, OLMo, Mistral)
+    GELU_TANH = "gelu_pytorch_tanh"  # GeGLU with tanh-approximated GELU (Gemma), computed in float32
 
 
 SUPPORTED_ROPE_TYPES = tuple(t.value for t in RopeType)
@@ -118,9 +145,16 @@ class ModelSpec:
     the input embedding when they differ from the output vocabulary (Llama-3.2-Vision: vocab_size + 8).
 
     Qwen3.5 (``qwen3_5_text``): ``rotary_dim`` rotates only the first dims of each head (None: all of
-    head_dim); ``norm_zero_centred`` norms scale by 1 + weight; ``attn_output_gate`` makes q_proj emit a
-    sigmoid gate per head next to the query; ``linear_*`` describe the Gated DeltaNet layers
-    ("linear_attention" in ``layer_types``): key/value heads and widths and the causal conv kernel size.
+    head_dim); ``norm_zero_centred`` norms scale by 1 + weight (in float32, then cast: Qwen3.5 and Gemma);
+    ``attn_output_gate`` makes q_proj emit a sigmoid gate per head next to the query; ``linear_*`` describe
+    the Gated DeltaNet layers ("linear_attention" in ``layer_types``): key/value heads and widths and the
+    causal conv kernel size.
+
+    Gemma 2 and 3 (every default below is the other families' behaviour): ``activation`` of the gated MLP
+    (``Activation``); ``embed_scale`` multiplies the embeddings by sqrt(hidden_size), cast to the activation
+    dtype first as HF does; ``query_pre_attn_scalar`` sets the attention scale to its -1/2 power (None:
+    head_dim**-0.5); ``attn_logit_softcap`` bounds the scaled attention scores by cap * tanh(s / cap) before
+    masking (Gemma 2) and ``final_logit_softcap`` the output logits likewise, before any softmax (Gemma 2).
     """
 
     model_type: str
@@ -155,13 +189,23 @@ class ModelSpec:
     linear_key_head_dim: int = 0
     linear_value_head_dim: int = 0
     linear_conv_kernel: int = 0
+    activation: Activation = Activation.SILU
+    embed_scale: bool = False
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
 
     def __post_init__(self):
         try:
             object.__setattr__(self, "qk_norm", QkNorm(self.qk_norm))
             object.__setattr__(self, "norm_placement", NormPlacement(self.norm_placement))
+            object.__setattr__(self, "activation", Activation(self.activation))
         except ValueError as err:
             raise UnsupportedModelError(str(err)) from None
+        for name in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise UnsupportedModelError(f"{name} must be positive, got {value}")
         if self.num_heads % self.num_kv_heads:
             raise UnsupportedModelError(
                 f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}"
@@ -212,6 +256,11 @@ class ModelSpec:
         """The HF decoder-layer index of each of our layers (skipped layers left out)."""
         skipped = set(self.skipped_layers)
         return tuple(i for i in range(self.num_layers + len(skipped)) if i not in skipped)
+
+    @property
+    def attention_scale(self) -> float | None:
+        """The attention scores' scale: query_pre_attn_scalar**-0.5 (Gemma); None: the backends' head_dim**-0.5."""
+        return None if self.query_pre_attn_scalar is None else self.query_pre_attn_scalar**-0.5
 
     @property
     def rope_dim(self) -> int:
@@ -343,7 +392,8 @@ def _vl_spec(config: Any, wrapper: str) -> ModelSpec:
         if section is not None and sum(section) != head_dim // 2:
             raise UnsupportedModelError(f"mrope_section {list(section)} does not sum to head_dim / 2 = {head_dim // 2}")
         return _decoder_spec(text, family, tie_word_embeddings=tie, head_dim=head_dim, wrapper=wrapper)
-    if wrapper == "qwen3_5":
+    if wrapper in ("qwen3_5", "gemma3"):
+        # Gemma3ForConditionalGeneration applies no final-logit soft cap (only Gemma3ForCausalLM does).
         return _decoder_spec(text, family, tie_word_embeddings=tie, wrapper=wrapper)
     if wrapper == "qwen3_vl":
         # No sliding window and no layer types in Qwen3-VL's text model: every layer attends fully.
@@ -387,7 +437,13 @@ def _decoder_spec(
     embed_vocab_size: int | None = None,
 ) -> ModelSpec:
     """ModelSpec of one decoder of ``family`` from its (text) config; keyword fields override the config."""
-    if getattr(config, "hidden_act", "silu") != "silu":
+    if family in GEMMA_FAMILIES:
+        act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+        if act != Activation.GELU_TANH:
+            raise UnsupportedModelError(f"{family} hidden_activation {act!r} is not supported (only gelu_pytorch_tanh)")
+        if getattr(config, "use_bidirectional_attention", False):
+            raise UnsupportedModelError(f"{family} with use_bidirectional_attention (an encoder) is not supported")
+    elif getattr(config, "hidden_act", "silu") != "silu":
         raise UnsupportedModelError(f"hidden_act {config.hidden_act!r} is not supported (only silu)")
     num_heads = config.num_attention_heads
     head_dim = head_dim or getattr(config, "head_dim", None) or config.hidden_size // num_heads
@@ -432,6 +488,21 @@ def _decoder_spec(
             linear_key_head_dim=int(config.linear_key_head_dim),
             linear_value_head_dim=int(config.linear_value_head_dim),
             linear_conv_kernel=int(config.linear_conv_kernel_dim),
+        )
+    if family in GEMMA_FAMILIES:
+        # Gemma: (1 + w) norms in float32 before and after both sublayers, GeGLU, embeddings scaled by
+        # sqrt(hidden), scores scaled by query_pre_attn_scalar**-0.5. Gemma 2 caps the attention scores;
+        # Gemma3Attention never passes its config's attn_logit_softcapping on, so Gemma 3 has no such cap.
+        # The final cap is the causal LM's (Gemma3ForConditionalGeneration has none: the wrapper's call).
+        final = getattr(config, "final_logit_softcapping", None)
+        attn_cap = getattr(config, "attn_logit_softcapping", None) if family == "gemma2" else None
+        extra = dict(
+            norm_zero_centred=True,
+            activation=Activation.GELU_TANH,
+            embed_scale=True,
+            query_pre_attn_scalar=float(config.query_pre_attn_scalar),
+            attn_logit_softcap=None if attn_cap is None else float(attn_cap),
+            final_logit_softcap=None if final is None or wrapper else float(final),
         )
     table: dict[str, dict[str, Any]] = dict(
         llama=dict(
@@ -484,6 +555,10 @@ def _decoder_spec(
     table["mistral"] = dict(table["llama"], qkv_bias=False, o_bias=False, mlp_bias=False)
     # OLMo 2: OLMo 3's layer (post-norm, full-width QK-norm, fp32 norm weight and RoPE); windows set above.
     table["olmo2"] = table["olmo3"]
+    # Gemma 2: sandwich norms (the (1 + w) offset, GeGLU and the scales are in ``extra``); Gemma 3 adds a
+    # per-head QK-norm, itself a (1 + w) norm.
+    table["gemma2"] = dict(table["llama"], o_bias=attention_bias, mlp_bias=False, norm_placement=NormPlacement.SANDWICH)
+    table["gemma3_text"] = dict(table["gemma2"], qk_norm=QkNorm.HEAD)
     flags = table[family]
     return ModelSpec(
         model_type=family,

@@ -11,6 +11,10 @@ study option sets, see ``options.option_plan``) need only [K, D] rows of the une
 device is a 1 x 1 x 1 mesh) on that shard's hidden states and plan, over the device's slice of the
 vocabulary, and combines the statistics across the vocabulary axes (none on one device).
 
+Gemma 2's final-logit soft cap (``softcap``: cap * tanh(l / cap)) is applied to each chunk's logits as the
+matmul produces them, before the max and the logsumexp, so the NLL, argmax, temperature grid, entropy,
+option argmax and option mass all see the capped logits, as HF's do.
+
 Temperatures: for each T of the grid the scan keeps sum_v exp((l_v - m) / T) beside the T = 1 sum, so
 NLL_T = m / T + log(sum_T) - l_target / T needs no second pass; the entropy of the T = 1 distribution is
 log Z - E_p[l], from the running sum of exp(l_v - m) * l_v.
@@ -26,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
+
+from psych201_jax.model.layers import soft_cap
 
 ARGMAX_BLOCK = 128  # columns per block of the two-level argmax (a TPU lane width)
 
@@ -110,8 +116,10 @@ def vocab_scan(
     target: Int[Array, " c"],
     vocab_chunk: int,
     temperatures: tuple[float, ...] = (),
+    softcap: float | None = None,
 ) -> VocabStats:
-    """Online softmax statistics of ``h @ unembedding.T`` over vocabulary chunks.
+    """Online softmax statistics of ``h @ unembedding.T`` (through the soft cap ``softcap``, if any) over
+    vocabulary chunks.
 
     h [C, D]; unembedding [V, D] (possibly one shard of the vocabulary); target int [C] indexed into this
     unembedding (out-of-range ids never match). ``temperatures`` adds the per-temperature sums and the
@@ -132,6 +140,7 @@ def vocab_scan(
         logits = jnp.einsum(
             "cd,vd->cv", h, w.astype(h.dtype), preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST
         )  # [C, n]
+        logits = soft_cap(logits, softcap)
         chunk_max, chunk_arg = _max_argmax(logits)
         new_max = jnp.maximum(carry.max, chunk_max)
         shifted = logits - new_max[:, None]
@@ -197,9 +206,10 @@ def option_logits(
     option_ids: Int[Array, " k"],
     option_mask: Bool[Array, "c k"],
     offset: Int[Array, ""] | int = 0,
+    softcap: float | None = None,
 ) -> Float[Array, "c k"]:
-    """float32 [C, K] logits of the option ids, -inf where an id is not one of the entry's options or not
-    in this unembedding.
+    """float32 [C, K] logits of the option ids (through the soft cap ``softcap``, if any), -inf where an id
+    is not one of the entry's options or not in this unembedding.
 
     unembedding [V, D] holds vocabulary ids offset .. offset + V - 1 (a vocabulary shard, or all of it);
     option_ids int32 [K], ascending over the ids any entry may choose; option_mask bool [C, K]: which of
@@ -210,7 +220,7 @@ def option_logits(
     mask = option_mask & ((local >= 0) & (local < v))[None, :]
     w = jnp.take(unembedding, jnp.clip(local, 0, v - 1), axis=0).astype(h.dtype)  # [K, D]
     logits = jnp.einsum("cd,kd->ck", h, w, preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST)
-    return jnp.where(mask, logits, -jnp.inf)
+    return jnp.where(mask, soft_cap(logits, softcap), -jnp.inf)
 
 
 def option_max(
@@ -236,12 +246,14 @@ def score_head(
     axis_sizes: dict[str, int],
     vocab_chunk: int,
     temperatures: tuple[float, ...] = (),
+    softcap: float | None = None,
 ) -> HeadOutputs[Array]:
     """Per-device body of the head on one row shard's hidden states at its plan entries (h [C, D]) and plan.
 
     Returns the ``HeadOutputs``: always ``nll`` and ``argmax``; with the option inputs (``option_ids`` [K]
     and ``option_mask`` [C, K], see ``options.option_plan``) ``option_argmax``; with ``temperatures``
-    ``nll_t`` and ``entropy``, and with both ``option_mass``.
+    ``nll_t`` and ``entropy``, and with both ``option_mass``; all of them over the logits through the
+    final-logit soft cap ``softcap`` (Gemma 2; None: none).
     ``unembedding`` is this device's slice of the vocabulary; statistics are combined across
     ``vocab_axes`` (max, rescaled sums, target logit, lowest maximal index; the option argmax by pmax of
     the logit, pmin of the id; option mass by psum).
@@ -254,7 +266,7 @@ def score_head(
         offset = offset * axis_sizes[axis] + lax.axis_index(axis)
     offset = offset * v
     target = score_target - offset
-    stats = vocab_scan(h, unembedding, target, vocab_chunk, temperatures)
+    stats = vocab_scan(h, unembedding, target, vocab_chunk, temperatures, softcap)
     run_max, run_sum, run_arg, target_logit = stats.max, stats.sum, stats.arg, stats.target_logit
     sum_t, weighted = stats.sum_t, stats.weighted
     c = h.shape[0]
@@ -282,7 +294,7 @@ def score_head(
     option_argmax = nll_t = entropy = option_mass = None
     logits = None
     if option_ids is not None and option_mask is not None:
-        logits = option_logits(h, unembedding, option_ids, option_mask, offset=offset)
+        logits = option_logits(h, unembedding, option_ids, option_mask, offset=offset, softcap=softcap)
         best, best_id = option_max(logits, option_ids)
         if vocab_axes:
             none = jnp.iinfo(jnp.int32).max

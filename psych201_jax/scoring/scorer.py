@@ -55,6 +55,7 @@ class Scorer:
         temperatures: tuple[float, ...] = (),
     ):
         graphdef, state = nnx.split(model)
+        self.final_logit_softcap = model.spec.final_logit_softcap  # the head caps the logits (Gemma 2)
         self.mesh = mesh = sharding.make_mesh(1, 1, 1, devices=jax.local_devices()[:1]) if mesh is None else mesh
         self.vocab_chunk = vocab_chunk or head.default_vocab_chunk(mesh.devices.flat[0].platform)
         self.rules = tuple(rules) if rules is not None else sharding.rules_for(model.spec, mesh)
@@ -111,6 +112,7 @@ class Scorer:
                 axis_sizes=dict(mesh.shape),
                 vocab_chunk=vocab_chunk,
                 temperatures=temps,
+                softcap=self.final_logit_softcap,
             )
             # Each row shard scores its own plan on its own rows; the vocabulary stays split over vocab_axes.
             # check_vma=False: the outputs are combined over vocab_axes by hand (psum / pmax / pmin).

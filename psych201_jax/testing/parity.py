@@ -34,6 +34,7 @@ from psych201_jax.data.tokenizer import TokenizerInfo
 from psych201_jax.model import axes, checkpoint
 from psych201_jax.model import spec as modelspec
 from psych201_jax.model.decoder import Decoder, layer_groups, param_shapes
+from psych201_jax.model.layers import soft_cap
 from psych201_jax.testing import tiny_tokenizer, torch_reference
 from psych201_jax.testing.tiny_models import VL_FAMILIES, add_mtp_head, make_tiny_hf_checkpoint
 from psych201_jax.types import ParticipantSpans
@@ -50,6 +51,29 @@ STATE_RESET = "state_reset"  # recurrent (Gated DeltaNet) state reset and conv m
 MTP_HEAD = "mtp_head"  # the checkpoint carries an mtp.* head that must be skipped
 OWN_TOKENIZER = "own_tokenizer"  # the converted tokenizer resolves to the checkpoint's own class and ids
 NO_LEAKAGE = "no_leakage"  # the second of two packed participants does not see the first one's tokens
+# Gemma's features: each, removed from the spec (``REMOVED``), must break float32 parity.
+ATTN_SOFTCAP = "attn_softcap"  # Gemma 2's attention-logit soft cap
+FINAL_SOFTCAP = "final_softcap"  # Gemma 2's final-logit soft cap
+NORM_OFFSET = "norm_offset"  # (1 + w) norms
+EMBED_SCALE = "embed_scale"  # embeddings times sqrt(hidden)
+QUERY_SCALE = "query_scale"  # scores scaled by query_pre_attn_scalar**-0.5, not head_dim**-0.5
+LAYER_ROPE = "layer_rope"  # RoPE per layer type (Gemma 3: local 10K, global 1M with linear scaling)
+
+
+def _global_rope_everywhere(spec: modelspec.ModelSpec) -> modelspec.ModelSpec:
+    full = spec.rope_for(modelspec.FULL_ATTENTION)
+    return dataclasses.replace(spec, rope=tuple((t, full) for t, _ in spec.rope))
+
+
+# feature -> the spec without it (the same parameters: a removal never changes the parameter shapes).
+REMOVED: dict[str, Callable[[modelspec.ModelSpec], modelspec.ModelSpec]] = {
+    ATTN_SOFTCAP: lambda s: dataclasses.replace(s, attn_logit_softcap=None),
+    FINAL_SOFTCAP: lambda s: dataclasses.replace(s, final_logit_softcap=None),
+    NORM_OFFSET: lambda s: dataclasses.replace(s, norm_zero_centred=False),
+    EMBED_SCALE: lambda s: dataclasses.replace(s, embed_scale=False),
+    QUERY_SCALE: lambda s: dataclasses.replace(s, query_pre_attn_scalar=None),
+    LAYER_ROPE: _global_rope_everywhere,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +209,40 @@ def _olmo2_spec(case: Case) -> None:
     assert shapes["q_norm"][1:] == (spec.num_heads, spec.head_dim)  # one norm over all heads' width
 
 
+def _gemma_spec(case: Case) -> None:
+    """Gemma: sandwich (1 + w) norms, GeGLU, scaled embeddings, query_pre_attn_scalar, tied embeddings; Gemma
+    2 alternates window and full layers and caps attention and final logits; Gemma 3 has five window layers
+    per full one, a per-head QK-norm, RoPE per layer type and no caps (its wrapper: no final cap either)."""
+    spec, family = case.spec, case.row.family
+    gemma2 = family == "gemma2"
+    assert spec.model_type == ("gemma2" if gemma2 else "gemma3_text")
+    assert spec.wrapper == ("gemma3" if family == "gemma3" else "")
+    assert spec.norm_placement == modelspec.NormPlacement.SANDWICH and spec.norm_zero_centred
+    assert spec.activation == modelspec.Activation.GELU_TANH and spec.embed_scale and spec.tie_word_embeddings
+    assert spec.query_pre_attn_scalar == 24 and spec.attention_scale == 24**-0.5
+    shapes = param_shapes(spec)
+    assert {"attn_in_norm", "attn_out_norm", "mlp_in_norm", "mlp_out_norm"} <= set(shapes) and "lm_head" not in shapes
+    sliding, full = modelspec.SLIDING_ATTENTION, modelspec.FULL_ATTENTION
+    if gemma2:
+        assert spec.layer_types == (sliding, full) * 2 and spec.qk_norm == modelspec.QkNorm.NONE
+        assert (spec.attn_logit_softcap, spec.final_logit_softcap) == (5.0, 3.0)
+        assert layer_groups(spec.layer_types) == ((0, 2, (sliding, full)),)
+    else:
+        assert spec.layer_types == (sliding,) * 5 + (full,) + (sliding,) * 2 and spec.qk_norm == modelspec.QkNorm.HEAD
+        assert spec.attn_logit_softcap is None and spec.final_logit_softcap is None
+        local, glob = spec.rope_for(sliding), spec.rope_for(full)
+        assert (local.rope_type, local.theta) == (modelspec.RopeType.DEFAULT, 10_000.0)
+        assert (glob.rope_type, glob.theta, glob.factor) == (modelspec.RopeType.LINEAR, 1_000_000.0, 8.0)
+    assert (
+        case.provenance["architectures"][0]
+        == {
+            "gemma2": "Gemma2ForCausalLM",
+            "gemma3_text": "Gemma3ForCausalLM",
+            "gemma3": "Gemma3ForConditionalGeneration",
+        }[family]
+    )
+
+
 # Rows of the families added after the study (issue 29): bf16 also within HF's own bf16 distance.
 _NEW: dict[str, Any] = dict(bf16_relative=1.5)
 
@@ -290,6 +348,50 @@ FAMILIES: tuple[Family, ...] = (
         spec_check=_olmo2_spec,
         **_NEW,
     ),
+    # Gemma 2: window 64 on alternate layers, attention cap 5 and final cap 3 (small enough to bite), hidden 80
+    # (sqrt(80) rounds in bf16), query_pre_attn_scalar 24 with head_dim 32; tied, as every Gemma.
+    Family(
+        "gemma2-window64-softcaps-tied",
+        "gemma2",
+        "llama",
+        dict(num_key_value_heads=2),
+        features=frozenset(
+            {
+                XLA_BACKEND,
+                SLIDING_WINDOW,
+                NO_LEAKAGE,
+                ATTN_SOFTCAP,
+                FINAL_SOFTCAP,
+                NORM_OFFSET,
+                EMBED_SCALE,
+                QUERY_SCALE,
+            }
+        ),
+        spec_check=_gemma_spec,
+        **_NEW,
+    ),
+    # Gemma 3: 270M/1B as Gemma3ForCausalLM; 4B+ as the wrapper (hub layout language_model.model.*, a tiny
+    # SigLIP tower); five window layers then a full one, RoPE 10K local / 1M x linear 8 global, QK-norm.
+    Family(
+        "gemma3_text-5local1global-linear8-tied",
+        "gemma3_text",
+        "llama",
+        dict(num_key_value_heads=1),
+        features=frozenset(
+            {XLA_BACKEND, SLIDING_WINDOW, NO_LEAKAGE, ROPE_SCALING, LAYER_ROPE, NORM_OFFSET, EMBED_SCALE, QUERY_SCALE}
+        ),
+        spec_check=_gemma_spec,
+        **_NEW,
+    ),
+    Family(
+        "gemma3-wrapper-hub-layout",
+        "gemma3",
+        "llama",
+        dict(num_key_value_heads=2),
+        features=frozenset({SLIDING_WINDOW, NO_LEAKAGE, LAYER_ROPE}),
+        spec_check=_gemma_spec,
+        **_NEW,
+    ),
     # Qwen3.5: the wrapper (Qwen3_5ForConditionalGeneration, a tiny vision tower and an mtp head saved with
     # it, as hub checkpoints are) and the text-only Qwen3_5ForCausalLM.
     Family(
@@ -345,6 +447,11 @@ def names(feature: str | None = None) -> list[str]:
     return sorted(row.name for row in FAMILIES if feature is None or feature in row.features)
 
 
+def removals() -> list[tuple[str, str]]:
+    """(row name, feature) of every row's ``REMOVED`` features, sorted."""
+    return sorted((row.name, f) for row in FAMILIES for f in row.features if f in REMOVED)
+
+
 def hf_model(hf_dir: str, family: str, dtype: torch.dtype):
     """HF's model of a tiny checkpoint in eval mode (eager attention): the wrapper class for VL families."""
     cls = AutoModelForImageTextToText if family in VL_FAMILIES else AutoModelForCausalLM
@@ -385,7 +492,10 @@ def build_case(row: Family, root: str, tokenizer_dir: str, data_root: str) -> Ca
             del hf
         hf16 = hf_model(hf_dir, row.family, torch.bfloat16)
         hidden = hf16.model(input_ids=ids, use_cache=False).last_hidden_state[0].float()
-        ref16 = torch.log_softmax(hidden @ hf16.get_output_embeddings().weight.float().T, -1).numpy()
+        logits16 = hidden @ hf16.get_output_embeddings().weight.float().T
+        cap = spec.final_logit_softcap  # HF's causal LM caps its logits after the head (Gemma 2)
+        logits16 = logits16 if cap is None else torch.tanh(logits16 / cap) * cap
+        ref16 = torch.log_softmax(logits16, -1).numpy()
     noise = None
     if row.record_hf64_noise:
         noise = float(
@@ -398,9 +508,12 @@ def build_case(row: Family, root: str, tokenizer_dir: str, data_root: str) -> Ca
 
 
 def full_logits(model: Decoder, hidden: jax.Array) -> jax.Array:
-    """hidden [B, T, D] -> float32 logits [B, T, V] over the whole vocabulary (the plain path tests compare)."""
+    """hidden [B, T, D] -> float32 logits [B, T, V] over the whole vocabulary (the plain path tests compare),
+    through the final-logit soft cap where the family has one (Gemma 2)."""
     w = model.unembedding().astype(hidden.dtype)
-    out = jnp.einsum("btd,vd->btv", hidden, w, preferred_element_type=jnp.float32)
+    out = soft_cap(
+        jnp.einsum("btd,vd->btv", hidden, w, preferred_element_type=jnp.float32), model.spec.final_logit_softcap
+    )
     return axes.constrain(out, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_VOCAB))
 
 
@@ -473,6 +586,7 @@ class ScoreJobCase:
 # The NLLs are sums over long responses, so the bound is relative (Qwen3.5's absolute floor is looser).
 SCORE_JOBS = (
     ScoreJobCase("mllama", "llama", seed=0, rtol=1e-5, atol=1e-4),
+    ScoreJobCase("gemma2", "llama", seed=0, rtol=1e-5, atol=1e-4),  # both soft caps, in the trunk and the head
     ScoreJobCase("qwen3_5", "qwen", seed=5, rtol=1e-5, atol=1e-3),
 )
 

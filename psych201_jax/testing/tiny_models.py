@@ -15,8 +15,10 @@ import os
 import shutil
 from typing import Any
 
-DECODER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "olmo3", "qwen3_5_text")
-VL_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "mllama", "qwen3_5")
+DECODER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "olmo3", "qwen3_5_text", "gemma2", "gemma3_text")
+VL_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "mllama", "qwen3_5", "gemma3")
+# Families whose norms scale by 1 + weight (their norm weights are drawn around 0, not 1).
+ZERO_CENTRED = ("qwen3_5_text", "qwen3_5", "gemma2", "gemma3_text", "gemma3")
 FAMILIES = DECODER_FAMILIES + VL_FAMILIES
 # Weight layouts of a saved VL wrapper: "saved" = as transformers saves it (5.x still writes Qwen2.5-VL
 # and Mllama in their pre-5 hub layouts), "module" = the transformers-5 module names (model.language_model.*,
@@ -36,6 +38,16 @@ _COMMON = dict(
     bos_token_id=None,
     eos_token_id=None,
     pad_token_id=None,
+)
+# Gemma: a 64-token window, query_pre_attn_scalar 24 != head_dim 32, hidden 80 (sqrt(80) is no bfloat16
+# number, so the embedding scale's rounding shows), GeGLU, tied.
+_GEMMA: dict[str, Any] = dict(
+    hidden_size=80,
+    head_dim=32,
+    sliding_window=64,
+    query_pre_attn_scalar=24,
+    hidden_activation="gelu_pytorch_tanh",
+    tie_word_embeddings=True,
 )
 _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": dict(
@@ -72,6 +84,18 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
             mrope_interleaved=True,
         ),
     ),
+    # Gemma 2: alternating window / full layers, caps small enough to bite (attention 5, final 3).
+    "gemma2": dict(_GEMMA, num_hidden_layers=4, attn_logit_softcapping=5.0, final_logit_softcapping=3.0),
+    # Gemma 3: five window layers then a full one (sliding_window_pattern 6, 8 layers: a remainder group),
+    # local RoPE 10K, global 1M with linear scaling 8, QK-norm.
+    "gemma3_text": dict(
+        _GEMMA,
+        num_hidden_layers=8,
+        rope_parameters=dict(
+            full_attention=dict(rope_type="linear", factor=8.0, rope_theta=1_000_000.0),
+            sliding_attention=dict(rope_type="default", rope_theta=10_000.0),
+        ),
+    ),
     # Text configs of the VL wrappers (nested under text_config).
     "qwen2_5_vl": dict(rope_scaling=dict(type="mrope", mrope_section=[2, 3, 3])),
     "qwen3_vl": dict(
@@ -91,6 +115,7 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     ),
 }
 _FAMILY_DEFAULTS["qwen3_5"] = _FAMILY_DEFAULTS["qwen3_5_text"]
+_FAMILY_DEFAULTS["gemma3"] = _FAMILY_DEFAULTS["gemma3_text"]
 # Tiny vision towers (never run: the scorer reads text only; they make the checkpoint a real wrapper).
 _VISION: dict[str, dict[str, Any]] = {
     "qwen2_5_vl": dict(
@@ -107,6 +132,14 @@ _VISION: dict[str, dict[str, Any]] = {
     ),
     "qwen3_5": dict(
         depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, num_position_embeddings=64
+    ),
+    "gemma3": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
     ),
     "mllama": dict(
         hidden_size=32,
@@ -157,6 +190,8 @@ def make_tiny_hf_checkpoint(
         if family == "mllama":  # its text config wants integer token ids
             kwargs.update(bos_token_id=tokenizer.bos_token_id or 0, eos_token_id=None, pad_token_id=None)
             wrapper.pop("tie_word_embeddings", None)  # Mllama never ties
+        if family == "gemma3":  # 4 image tokens of a 28-pixel image (hub: 256)
+            wrapper.update(mm_tokens_per_image=4)
         config = AutoConfig.for_model(family, text_config=kwargs, vision_config=_VISION[family], **wrapper)
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
         tied = bool(getattr(config, "tie_word_embeddings", False)) and family != "mllama"
@@ -166,13 +201,13 @@ def make_tiny_hf_checkpoint(
             tied,
             logit_scale,
             only="model.language_model.",
-            zero_centred=family == "qwen3_5",
+            zero_centred=family in ZERO_CENTRED,
         )
     else:
         config = AutoConfig.for_model(family, **kwargs)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         _rescale(
-            model, config.hidden_size, config.tie_word_embeddings, logit_scale, zero_centred=family == "qwen3_5_text"
+            model, config.hidden_size, config.tie_word_embeddings, logit_scale, zero_centred=family in ZERO_CENTRED
         )
     model.to(getattr(torch, dtype))
     os.makedirs(out_dir, exist_ok=True)
@@ -204,13 +239,16 @@ def _module_name(key: str) -> str:
         ("language_model.lm_head.", "lm_head."),
         ("language_model.model.", "model.language_model."),
         ("vision_model.", "model.vision_model."),
+        ("vision_tower.", "model.vision_tower."),
         ("multi_modal_projector.", "model.multi_modal_projector."),
         ("visual.", "model.visual."),
     )
     for old, new in renames:
         if key.startswith(old):
             return new + key[len(old) :]
-    if key.startswith("model.") and not key.startswith(("model.language_model.", "model.visual.", "model.vision_")):
+    if key.startswith("model.") and not key.startswith(
+        ("model.language_model.", "model.visual.", "model.vision_", "model.multi_modal")
+    ):
         return "model.language_model." + key[len("model.") :]
     return key
 
