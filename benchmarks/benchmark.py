@@ -580,9 +580,11 @@ def main(argv):
     )
     long = (FLAGS.data, FLAGS.long_study, FLAGS.long_participants)
     smoke = FLAGS.smoke
+    if smoke and not FLAGS.studies:  # the code paths only: a few studies are enough
+        studies = studies[:4]
     model = {name: smoke_shape if smoke else shape for name, (shape, smoke_shape) in MODELS.items()}
     vocab = None if smoke else FLAGS.vocab  # smoke: the bundled tokenizer's own size
-    depths, seq = ((4, 8), 256) if smoke else ((4, 8, 16, 32), 4096)
+    depths, seq = ((1, 2), 256) if smoke else ((4, 8, 16, 32), 4096)
     runs = {
         "head": lambda: end_to_end(FLAGS.data, studies, FLAGS.per_study, vocab, model_kwargs=model["head"]),
         "body": lambda: long_transcripts(*long, "qwen3", model["body"], small_vocab=True),
