@@ -409,4 +409,6 @@ MODEL_INFO_DOCS = {
     "size_b": "parameters in billions",
     "kind": "base | Instruction-tuned | Reasoning | Vision | Code | Math",
     "base_hf_id": "the base model a post-trained model is paired with (empty for a base model)",
+    "stage": "the post-training step that produced it, in a stage chain: base | sft | dpo | rl | final (empty: none)",
+    "chain": "the stage chain it belongs to (empty: none); see configs/sweeps/stages.py",
 }
