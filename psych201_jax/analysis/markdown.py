@@ -85,7 +85,8 @@ def _stage_section(t: Tables, figures: dict[str, str | None]) -> list[str]:
         "stage's share = its paired mean difference from the previous stage / the final stage's paired mean "
         "difference from the base; on common responses the steps add up exactly, so the shares sum to 1 (CI: "
         f"studies resampled, the same draws for every stage). No shares when the final difference is within "
-        f"{chains.SHARE_EPS:g} nats of 0.\n",
+        f"{chains.SHARE_EPS:g} nats of 0. A chain's intermediate checkpoints are also pairs of "
+        "pair_misalignment.csv, but only its final release counts in the broader means by type and generation.\n",
         *(chains.conclusions(rows) or ["_No chain in the primary condition._"]),
         "",
         f"### {title}\n",
