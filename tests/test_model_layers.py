@@ -19,6 +19,7 @@ from psych201_jax.model import decoder as model_lib
 from psych201_jax.model import spec as modelspec
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+GEMMA_CAP = dict(attn_logit_softcapping=0.5)  # small enough to bite on an N(0, 0.02)-initialised model
 
 
 @pytest.mark.parametrize("hf_cls,weight_fp32", [(LlamaRMSNorm, False), (Qwen3RMSNorm, False), (Olmo3RMSNorm, True)])
@@ -150,7 +151,8 @@ def _spec(model_type="olmo3", **kw):
 
 
 def test_every_parameter_has_logical_axes_matching_its_rank():
-    for spec in (_spec("olmo3", num_hidden_layers=4), _spec("qwen2"), _spec("qwen3", tie_word_embeddings=True)):
+    gemma = _spec("gemma3_text", head_dim=16, query_pre_attn_scalar=16)  # sandwich norms and QK-norm
+    for spec in (_spec("olmo3", num_hidden_layers=4), _spec("qwen2"), _spec("qwen3", tie_word_embeddings=True), gemma):
         model = nnx.eval_shape(
             lambda spec=spec: model_lib.Decoder(spec, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
         )
@@ -234,6 +236,10 @@ QWEN3_5_SMALL = dict(
             "qwen3_5_text",
             dict(num_hidden_layers=2, layer_types=["full_attention", "linear_attention"], **QWEN3_5_SMALL),
         ),  # Gated DeltaNet last
+        # Gemma 2 (sandwich norms, attention soft cap, query scale; a window layer last) and Gemma 3 (a full
+        # layer last, after five window layers and one more).
+        ("gemma2", dict(num_hidden_layers=3, head_dim=16, query_pre_attn_scalar=24, sliding_window=8, **GEMMA_CAP)),
+        ("gemma3_text", dict(num_hidden_layers=6, head_dim=16, query_pre_attn_scalar=24, sliding_window=8)),
     ],
 )
 def test_the_last_layer_at_scored_positions_equals_the_full_forward(model_type, extra):
@@ -261,3 +267,50 @@ def test_the_last_layer_at_scored_positions_equals_the_full_forward(model_type, 
     want = np.take_along_axis(full, index[..., None], axis=1)
     np.testing.assert_allclose(got[valid], want[valid], rtol=1e-5, atol=1e-5)
     assert np.abs(want).max() > 0.1  # normalised hidden states, not zeros
+
+
+def test_gemma_norm_and_geglu_bit_exact_in_bfloat16():
+    """Gemma's (1 + w) norm (float32, then cast) bit-exact against HF's in bf16, and tanh-GELU (float32, then
+    cast) to the last bits."""
+    from transformers.activations import ACT2FN
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
+
+    from psych201_jax.model import layers
+
+    rng = np.random.default_rng(2)
+    x = (3 * rng.normal(size=(2, 50, 96))).astype(np.float32).astype(ml_dtypes.bfloat16)
+    w = rng.uniform(-0.5, 0.5, size=96).astype(np.float32).astype(ml_dtypes.bfloat16)
+    hf = Gemma2RMSNorm(96, eps=1e-6).to(torch.bfloat16)
+    xt = torch.tensor(x.astype(np.float32)).to(torch.bfloat16)
+    with torch.no_grad():
+        hf.weight.copy_(torch.tensor(w.astype(np.float32)))
+        ref = hf(xt).float().numpy()
+        gelu = ACT2FN["gelu_pytorch_tanh"](xt).float().numpy()
+    ours = layers.rms_norm(jnp.asarray(x), jnp.asarray(w), 1e-6, weight_fp32=False, zero_centred=True)
+    np.testing.assert_array_equal(np.asarray(ours, np.float32), ref)
+    act = np.asarray(layers.activate(jnp.asarray(x), modelspec.Activation.GELU_TANH), np.float32)
+    # GELU: equal except in the far negative tail, where 1 + tanh cancels and XLA's tanh and torch's differ
+    # in their last float32 bits (|GELU| < 1e-3 there: a few 1e-6 at most).
+    differ = act != gelu
+    assert differ.mean() < 0.05 and np.abs(gelu[differ]).max() < 1e-3
+    np.testing.assert_allclose(act, gelu, rtol=0, atol=1e-5)
+
+
+def test_gemma_configs_outside_the_decoder_are_refused():
+    base = dict(SMALL, head_dim=16, query_pre_attn_scalar=16)
+    encoder = AutoConfig.for_model("gemma3_text", **base, use_bidirectional_attention=True)
+    with pytest.raises(modelspec.UnsupportedModelError, match="bidirectional"):
+        modelspec.from_hf_config(encoder)
+    exact_gelu = AutoConfig.for_model("gemma2", **base, hidden_activation="gelu")
+    with pytest.raises(modelspec.UnsupportedModelError, match="gelu_pytorch_tanh"):
+        modelspec.from_hf_config(exact_gelu)
+
+
+def test_specs_saved_before_the_gemma_fields_load_with_todays_behaviour():
+    """A spec JSON without the Gemma fields (saved by an earlier release) reads as the behaviour it had."""
+    spec = modelspec.from_hf_config(AutoConfig.for_model("llama", **SMALL))
+    d = json.loads(spec.to_json())
+    for name in ("activation", "embed_scale", "query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
+        del d[name]
+    old = modelspec.ModelSpec.from_json(json.dumps(d))
+    assert old == spec and old.activation == modelspec.Activation.SILU and old.attention_scale is None
