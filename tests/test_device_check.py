@@ -40,8 +40,16 @@ def test_dry_run_writes_every_key(tmp_path):
     assert {"dense", "xla"} <= set(out["backends"])
     for name, entry in out["backends"].items():
         assert entry["leak_max_abs"] == 0.0, name
+    assert "max_abs_vs_xla_softcap" in out["backends"]["dense"]
     assert out["peak_matmul_tflops"] > 0
-    assert set(out["models"]) == {"qwen3_0.6b", "llama3.1_8b", "olmo2_7b", "mistral_7b"}
+    assert set(out["models"]) == {
+        "qwen3_0.6b",
+        "llama3.1_8b",
+        "olmo2_7b",
+        "mistral_7b",
+        "gemma2_9b",
+        "gemma3_4b",
+    }
     for name, entry in out["models"].items():
         assert set(entry) == MODEL_KEYS, name
         assert entry["mesh_on_equals_off"] is True

@@ -194,7 +194,7 @@ def test_read_reference_model_mapping(tmp_path, exported):
     info = dict(family="Acme", generation="A1", size_b=1, kind="Instruction-tuned", base_hf_id="acme/Tiny-1B-Base")
     mapping.write_text(json.dumps({"acme/Tiny-1B": info}))
     (run,) = reference_layout.read_reference(str(tmp_path), model_table=str(mapping))
-    assert run.info == {"hf_id": "acme/Tiny-1B", **info, "size_b": 1.0}
+    assert run.info == {"hf_id": "acme/Tiny-1B", **info, "size_b": 1.0, "stage": "", "chain": ""}
     with pytest.raises(reference_layout.ReferenceLayoutError, match="no data"):
         reference_layout.read_reference(str(tmp_path / "data" / STUDIES[0]))
 
