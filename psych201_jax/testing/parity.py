@@ -33,9 +33,10 @@ from psych201_jax.data import records, spans
 from psych201_jax.data.tokenizer import TokenizerInfo
 from psych201_jax.model import axes, checkpoint
 from psych201_jax.model import spec as modelspec
-from psych201_jax.model.decoder import Decoder, layer_groups, param_shapes
+from psych201_jax.model.decoder import Decoder
 from psych201_jax.model.layers import soft_cap
-from psych201_jax.testing import tiny_tokenizer, torch_reference
+from psych201_jax.testing import spec_checks, tiny_tokenizer, torch_reference
+from psych201_jax.testing.spec_checks import QWEN3_5_PATTERN as QWEN3_5_PATTERN  # tests/test_qwen3_5.py reads it
 from psych201_jax.testing.tiny_models import VL_FAMILIES, add_mtp_head, make_tiny_hf_checkpoint
 from psych201_jax.types import ParticipantSpans
 
@@ -147,102 +148,6 @@ class Case:
             return json.load(fh)
 
 
-QWEN3_5_PATTERN = (modelspec.LINEAR_ATTENTION,) * 3 + (modelspec.FULL_ATTENTION,)
-
-
-def _qwen3_5_spec(case: Case) -> None:
-    """8 layers = two repeats of (3 Gated DeltaNet, 1 gated attention), scanned as one group."""
-    spec, wrapped = case.spec, case.row.family == "qwen3_5"
-    assert spec.model_type == "qwen3_5_text" and spec.wrapper == ("qwen3_5" if wrapped else "")
-    assert spec.layer_types == QWEN3_5_PATTERN * 2
-    assert layer_groups(spec.layer_types) == ((0, 2, QWEN3_5_PATTERN),)  # one scan over two repeats
-    assert spec.rotary_dim == 8 and spec.head_dim == 32 and spec.norm_zero_centred and spec.attn_output_gate
-    assert (spec.linear_num_key_heads, spec.linear_num_value_heads, spec.linear_conv_kernel) == (2, 4, 4)
-    assert spec.tie_word_embeddings == wrapped
-    shapes = param_shapes(spec)
-    assert shapes["lin_wq"][0] == 6 and shapes["wq"][0] == 2 and shapes["w_up"][0] == 8
-    assert shapes["wq"][-1] == 2 * spec.head_dim  # query and its output gate
-    prov = case.provenance
-    assert prov["model_type"] == "qwen3_5_text"
-    assert prov["architectures"][0] == ("Qwen3_5ForConditionalGeneration" if wrapped else "Qwen3_5ForCausalLM")
-
-
-def _vl_spec(case: Case) -> None:
-    """The spec describes the wrapper's language model (Llama-3.2-Vision: cross-attention layers skipped)."""
-    spec, family = case.spec, case.row.family
-    assert spec.wrapper == family
-    assert spec.model_type == modelspec.VL_WRAPPERS[family]
-    if family == "mllama":
-        assert spec.skipped_layers == (1, 3) and spec.num_layers == 3 and spec.hf_layer_indices() == (0, 2, 4)
-        assert spec.embed_rows == spec.vocab_size + 8 and case.model32.embed[...].shape[0] == spec.vocab_size + 8
-        assert case.model32.lm_head is not None and case.model32.lm_head[...].shape[0] == spec.vocab_size
-    else:
-        assert spec.skipped_layers == () and spec.embed_rows == spec.vocab_size
-    assert spec.tie_word_embeddings == (family == "qwen3_vl")
-    prov = case.provenance
-    assert prov["wrapper"] == family
-    assert prov["model_type"] == spec.model_type and prov["architectures"][0].endswith("ForConditionalGeneration")
-
-
-def _mistral_spec(case: Case) -> None:
-    """Every layer slides when the config has a window (MistralModel ignores layer_types), none otherwise;
-    head_dim is the config's, not hidden / heads (Mistral-Nemo)."""
-    spec, kwargs = case.spec, case.row.kwargs
-    window = kwargs.get("sliding_window", 64)
-    assert spec.model_type == "mistral" and spec.norm_placement == modelspec.NormPlacement.PRE
-    assert spec.qk_norm == modelspec.QkNorm.NONE and not (spec.qkv_bias or spec.o_bias or spec.mlp_bias)
-    layer = modelspec.SLIDING_ATTENTION if window else modelspec.FULL_ATTENTION
-    assert spec.layer_types == (layer,) * spec.num_layers and spec.sliding_window == window
-    assert spec.head_dim == kwargs.get("head_dim", spec.hidden_size // spec.num_heads)
-    assert param_shapes(spec)["wq"][-2:] == (spec.num_heads, spec.head_dim)
-
-
-def _olmo2_spec(case: Case) -> None:
-    """OLMo 3's layer (post-norm, QK-norm over the whole projection, fp32 norm weight and RoPE), no window."""
-    spec = case.spec
-    assert spec.model_type == "olmo2" and spec.norm_placement == modelspec.NormPlacement.POST
-    assert spec.qk_norm == modelspec.QkNorm.FULL and spec.norm_weight_fp32 and spec.rope_fp32
-    assert spec.layer_types == (modelspec.FULL_ATTENTION,) * spec.num_layers and spec.sliding_window is None
-    assert spec.qkv_bias == spec.o_bias == bool(case.row.kwargs.get("attention_bias", False))
-    shapes = param_shapes(spec)
-    assert "attn_out_norm" in shapes and "mlp_out_norm" in shapes and "attn_in_norm" not in shapes
-    assert shapes["q_norm"][1:] == (spec.num_heads, spec.head_dim)  # one norm over all heads' width
-
-
-def _gemma_spec(case: Case) -> None:
-    """Gemma: sandwich (1 + w) norms, GeGLU, scaled embeddings, query_pre_attn_scalar, tied embeddings; Gemma
-    2 alternates window and full layers and caps attention and final logits; Gemma 3 has five window layers
-    per full one, a per-head QK-norm, RoPE per layer type and no caps (its wrapper: no final cap either)."""
-    spec, family = case.spec, case.row.family
-    gemma2 = family == "gemma2"
-    assert spec.model_type == ("gemma2" if gemma2 else "gemma3_text")
-    assert spec.wrapper == ("gemma3" if family == "gemma3" else "")
-    assert spec.norm_placement == modelspec.NormPlacement.SANDWICH and spec.norm_zero_centred
-    assert spec.activation == modelspec.Activation.GELU_TANH and spec.embed_scale and spec.tie_word_embeddings
-    assert spec.query_pre_attn_scalar == 24 and spec.attention_scale == 24**-0.5
-    shapes = param_shapes(spec)
-    assert {"attn_in_norm", "attn_out_norm", "mlp_in_norm", "mlp_out_norm"} <= set(shapes) and "lm_head" not in shapes
-    sliding, full = modelspec.SLIDING_ATTENTION, modelspec.FULL_ATTENTION
-    if gemma2:
-        assert spec.layer_types == (sliding, full) * 2 and spec.qk_norm == modelspec.QkNorm.NONE
-        assert (spec.attn_logit_softcap, spec.final_logit_softcap) == (5.0, 3.0)
-        assert layer_groups(spec.layer_types) == ((0, 2, (sliding, full)),)
-    else:
-        assert spec.layer_types == (sliding,) * 5 + (full,) + (sliding,) * 2 and spec.qk_norm == modelspec.QkNorm.HEAD
-        assert spec.attn_logit_softcap is None and spec.final_logit_softcap is None
-        local, glob = spec.rope_for(sliding), spec.rope_for(full)
-        assert (local.rope_type, local.theta) == (modelspec.RopeType.DEFAULT, 10_000.0)
-        assert (glob.rope_type, glob.theta, glob.factor) == (modelspec.RopeType.LINEAR, 1_000_000.0, 8.0)
-    assert (
-        case.provenance["architectures"][0]
-        == {
-            "gemma2": "Gemma2ForCausalLM",
-            "gemma3_text": "Gemma3ForCausalLM",
-            "gemma3": "Gemma3ForConditionalGeneration",
-        }[family]
-    )
-
-
 # Rows of the families added after the study (issue 29): bf16 also within HF's own bf16 distance.
 _NEW: dict[str, Any] = dict(bf16_relative=1.5)
 
@@ -258,9 +163,9 @@ _QWEN3_5: dict[str, Any] = dict(
     # float32 parity bound (this model's own float32 noise is ~3e-5); the state-reset test is the exact check.
     packed_atol=1e-4,
     record_hf64_noise=True,  # HF's torch fallback of the chunked delta rule is the reference
-    spec_check=_qwen3_5_spec,
+    spec_check=spec_checks.qwen3_5,
 )
-_VL: dict[str, Any] = dict(_LONG, pack=LONG_PACK, spec_check=_vl_spec)
+_VL: dict[str, Any] = dict(_LONG, pack=LONG_PACK, spec_check=spec_checks.vl)
 
 FAMILIES: tuple[Family, ...] = (
     Family(
@@ -317,7 +222,7 @@ FAMILIES: tuple[Family, ...] = (
         "llama",
         dict(num_key_value_heads=2, sliding_window=64),
         features=frozenset({XLA_BACKEND, SLIDING_WINDOW, NO_LEAKAGE}),
-        spec_check=_mistral_spec,
+        spec_check=spec_checks.mistral,
         **_NEW,
     ),
     Family(
@@ -326,7 +231,7 @@ FAMILIES: tuple[Family, ...] = (
         "llama",
         dict(num_key_value_heads=1, head_dim=32, sliding_window=None),
         features=frozenset({XLA_BACKEND, NO_LEAKAGE}),
-        spec_check=_mistral_spec,
+        spec_check=spec_checks.mistral,
         **_NEW,
     ),
     # OLMo 2: post-norm with full-width QK-norm, multi-head (as the 7B/13B) and with attention biases.
@@ -336,7 +241,7 @@ FAMILIES: tuple[Family, ...] = (
         "qwen",
         dict(num_key_value_heads=4),
         features=frozenset({XLA_BACKEND, NO_LEAKAGE}),
-        spec_check=_olmo2_spec,
+        spec_check=spec_checks.olmo2,
         **_NEW,
     ),
     Family(
@@ -345,7 +250,7 @@ FAMILIES: tuple[Family, ...] = (
         "qwen",
         dict(num_key_value_heads=2, attention_bias=True, tie_word_embeddings=True),
         features=frozenset({XLA_BACKEND, NO_LEAKAGE}),
-        spec_check=_olmo2_spec,
+        spec_check=spec_checks.olmo2,
         **_NEW,
     ),
     # Gemma 2: window 64 on alternate layers, attention cap 5 and final cap 3 (small enough to bite), hidden 80
@@ -367,7 +272,7 @@ FAMILIES: tuple[Family, ...] = (
                 QUERY_SCALE,
             }
         ),
-        spec_check=_gemma_spec,
+        spec_check=spec_checks.gemma,
         **_NEW,
     ),
     # Gemma 3: 270M/1B as Gemma3ForCausalLM; 4B+ as the wrapper (hub layout language_model.model.*, a tiny
@@ -380,7 +285,7 @@ FAMILIES: tuple[Family, ...] = (
         features=frozenset(
             {XLA_BACKEND, SLIDING_WINDOW, NO_LEAKAGE, ROPE_SCALING, LAYER_ROPE, NORM_OFFSET, EMBED_SCALE, QUERY_SCALE}
         ),
-        spec_check=_gemma_spec,
+        spec_check=spec_checks.gemma,
         **_NEW,
     ),
     Family(
@@ -389,7 +294,7 @@ FAMILIES: tuple[Family, ...] = (
         "llama",
         dict(num_key_value_heads=2),
         features=frozenset({SLIDING_WINDOW, NO_LEAKAGE, LAYER_ROPE}),
-        spec_check=_gemma_spec,
+        spec_check=spec_checks.gemma,
         **_NEW,
     ),
     # Qwen3.5: the wrapper (Qwen3_5ForConditionalGeneration, a tiny vision tower and an mtp head saved with
