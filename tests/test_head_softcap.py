@@ -143,3 +143,35 @@ def test_splash_interpret_softcap_matches_dense():
     dense = attn_lib.attention(q, k, v, seg, backend="dense", **kwargs)
     out = kernels.splash_attention(q, k, v, seg, block_q=128, block_kv=128, interpret=True, **kwargs)
     np.testing.assert_allclose(np.asarray(out), np.asarray(dense), atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "xla"])
+def test_query_pre_attn_scale_on_every_cpu_backend(backend):
+    """Gemma's scale (query_pre_attn_scalar**-0.5, not head_dim**-0.5) reaches the native kernel and "xla"."""
+    from psych201_jax.model import cpu_kernel
+
+    if backend == "cpu" and not cpu_kernel.available():
+        pytest.skip(f"native CPU kernel unavailable: {cpu_kernel.unavailable_reason()}")
+    rng = np.random.default_rng(3)
+    t = 96
+    q, k, v = (jnp.asarray(rng.normal(size=(1, t, h, 32)), jnp.float32) for h in (4, 2, 2))
+    seg = jnp.asarray(np.r_[np.full(60, 1), np.full(30, 2), np.zeros(6)][None], jnp.int32)
+    scale = 24**-0.5
+    dense = np.asarray(attn_lib.attention(q, k, v, seg, sliding_window=16, backend="dense", scale=scale))
+    out = np.asarray(attn_lib.attention(q, k, v, seg, sliding_window=16, backend=backend, scale=scale))
+    np.testing.assert_allclose(out, dense, atol=2e-5)
+    default = np.asarray(attn_lib.attention(q, k, v, seg, sliding_window=16, backend=backend))
+    assert np.abs(default - dense).max() > 1e-3  # the scale is not head_dim's
+    idx = jnp.asarray(np.arange(0, 90, 5)[None], jnp.int32)
+    at = attn_lib.attention_at(
+        jnp.take_along_axis(q, idx[:, :, None, None], axis=1),
+        idx,
+        jnp.take_along_axis(seg, idx, axis=1),
+        k,
+        v,
+        seg,
+        sliding_window=16,
+        backend=backend,
+        scale=scale,
+    )
+    np.testing.assert_allclose(np.asarray(at)[0], dense[0, np.asarray(idx)[0]], atol=2e-5)
