@@ -3,8 +3,9 @@
 The head caps each chunk's logits before the logsumexp, so every statistic (NLL, argmax, the temperature
 grid, entropy, option argmax and option mass) is the one of the capped logits; checked against brute force
 over full float64 logits, and shown to differ from the uncapped head (the cap bites). The attention soft cap
-runs on "dense" and "xla" (checked against each other and against a plain formula), "auto" falls back from
-the native CPU kernel to "xla", and a backend named explicitly without the cap raises one line.
+runs on "dense", "xla" and the native CPU kernel (each against a plain formula) and on splash (against
+"dense", in Pallas interpret mode); Pallas GPU and cuDNN have none: "auto" never picks them with a cap, and
+naming one raises one line.
 """
 
 import jax
@@ -91,7 +92,7 @@ def _scores_reference(q, k, v, seg, scale, cap, window=None):
 
 
 @pytest.mark.parametrize("window", [None, 40])
-def test_attention_softcap_dense_xla_and_attention_at_agree_with_the_formula(window):
+def test_attention_softcap_dense_xla_cpu_and_attention_at_agree_with_the_formula(window):
     rng = np.random.default_rng(1)
     b, t, hq, hk, hd = 1, 150, 4, 2, 16
     q, k, v = (jnp.asarray(rng.normal(size=(b, t, h, hd)) * 2, jnp.float32) for h in (hq, hk, hk))
@@ -99,7 +100,9 @@ def test_attention_softcap_dense_xla_and_attention_at_agree_with_the_formula(win
     scale, cap = 24**-0.5, 5.0
     ref = _scores_reference(q, k, v, seg, scale, cap, window)
     real = np.asarray(seg)[0] != 0
-    for backend in ("dense", "xla"):
+    from psych201_jax.model import cpu_kernel
+
+    for backend in ("dense", "xla", "cpu") if cpu_kernel.available() else ("dense", "xla"):
         out = attn_lib.attention(
             q, k, v, seg, sliding_window=window, backend=backend, block_q=64, block_k=32, scale=scale, softcap=cap
         )
@@ -109,18 +112,20 @@ def test_attention_softcap_dense_xla_and_attention_at_agree_with_the_formula(win
     idx = jnp.asarray(np.arange(0, 140, 7)[None], jnp.int32)
     q_at = jnp.take_along_axis(q, idx[:, :, None, None], axis=1)
     q_seg = jnp.take_along_axis(seg, idx, axis=1)
-    at = attn_lib.attention_at(
-        q_at, idx, q_seg, k, v, seg, sliding_window=window, backend="xla", block_q=8, scale=scale, softcap=cap
-    )
-    np.testing.assert_allclose(np.asarray(at)[0], ref[0, np.asarray(idx)[0]], atol=2e-5)
+    for backend in ("xla", "cpu") if cpu_kernel.available() else ("xla",):
+        at = attn_lib.attention_at(
+            q_at, idx, q_seg, k, v, seg, sliding_window=window, backend=backend, block_q=8, scale=scale, softcap=cap
+        )
+        np.testing.assert_allclose(np.asarray(at)[0], ref[0, np.asarray(idx)[0]], atol=2e-5)
 
 
 def test_backends_without_the_softcap_fall_back_or_refuse():
-    """ "auto" never runs the native kernel with a cap (it runs "xla"); naming a backend without it raises."""
-    assert attn_lib.for_softcap("auto", "cpu", 50.0) == "xla"
-    assert attn_lib.for_softcap("auto", "cpu", None) == "cpu"
+    """The native CPU kernel and splash have the cap; "auto" would run "xla" where it resolved to a backend
+    without it; naming one (Pallas GPU, cuDNN) raises."""
+    assert attn_lib.for_softcap("auto", "cpu", 50.0) == "cpu"
+    assert attn_lib.for_softcap("auto", "pallas_gpu", 50.0) == "xla"
     assert attn_lib.for_softcap("splash", "splash", 50.0) == "splash"
-    for name in ("cpu", "pallas_gpu", "cudnn"):
+    for name in ("pallas_gpu", "cudnn"):
         with pytest.raises(ValueError, match=f"'{name}' has no attention-logit soft cap"):
             attn_lib.for_softcap(name, name, 50.0)
     q = jnp.zeros((1, 8, 2, 64), jnp.float32)
@@ -129,7 +134,7 @@ def test_backends_without_the_softcap_fall_back_or_refuse():
         kernels.pallas_gpu_attention(q, q, q, seg, softcap=50.0, interpret=True)
     with pytest.raises(ValueError, match="'cudnn' has no attention-logit soft cap"):
         kernels.cudnn_attention(q, q, q, seg, softcap=50.0, _api=object())
-    out = jax.jit(lambda q: attn_lib.attention(q, q, q, seg, backend="auto", softcap=50.0))(q)  # runs "xla"
+    out = jax.jit(lambda q: attn_lib.attention(q, q, q, seg, backend="auto", softcap=50.0))(q)
     assert out.shape == q.shape
 
 

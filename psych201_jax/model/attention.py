@@ -35,8 +35,8 @@ from psych201_jax.model.layers import soft_cap
 
 AttentionFn = Callable[..., jnp.ndarray]
 _BACKENDS: dict[str, AttentionFn] = {}
-# Backends that implement the attention-logit soft cap (the native CPU kernel, Pallas GPU and cuDNN do not).
-SOFTCAP_BACKENDS = {"dense", "xla", "splash"}
+# Backends that implement the attention-logit soft cap (Pallas GPU and cuDNN do not).
+SOFTCAP_BACKENDS = {"dense", "xla", "splash", "cpu"}
 
 
 def register_backend(name: str, fn: AttentionFn) -> None:
@@ -307,24 +307,22 @@ def _visible_range(k_segment, q_index, q_segment, sliding_window):
     return (q_segment != 0) & (q_segment == at_key) & (q_index >= 0) & (q_index < n), start
 
 
-def _on_kernel(q, k, v, q_index, real, start, sliding_window, scale=None):
+def _on_kernel(q, k, v, q_index, real, start, sliding_window, scale=None, softcap=None):
     """``cpu_kernel.attend`` (its tiles are fixed in its source) with the ranges of ``_visible_range``."""
     from psych201_jax.model import cpu_kernel
 
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"attention backend 'cpu': sliding_window must be >= 1, got {sliding_window}")
-    return cpu_kernel.attend(q, k, v, jnp.where(real, start, 0), jnp.where(real, q_index, -1), scale=scale)
+    lo, hi = jnp.where(real, start, 0), jnp.where(real, q_index, -1)
+    return cpu_kernel.attend(q, k, v, lo, hi, scale=scale, softcap=softcap)
 
 
 def _native(q, k, v, segment_ids, *, sliding_window=None, block_q=None, block_k=None, scale=None, softcap=None):
-    """The native CPU kernel: every position of a packed row is a query (no soft cap: ``for_softcap``)."""
+    """The native CPU kernel: every position of a packed row is a query."""
     del block_q, block_k
-    from psych201_jax.model import kernels as attention_kernels
-
-    attention_kernels.require_no_softcap("cpu", softcap)
     idx = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
     real, start = _visible_range(segment_ids, idx, segment_ids, sliding_window)
-    return _on_kernel(q, k, v, idx, real, start, sliding_window, scale)
+    return _on_kernel(q, k, v, idx, real, start, sliding_window, scale, softcap)
 
 
 def attention_at(
@@ -359,7 +357,7 @@ def attention_at(
         raise ValueError(f"query heads {hq} not a multiple of key/value heads {hk}")
     real, start = _visible_range(k_segment, q_index, q_segment, sliding_window)  # the same on every backend
     if for_softcap(backend, resolve_backend(backend), softcap) == "cpu":
-        return _on_kernel(q, k, v, q_index, real, start, sliding_window, scale)
+        return _on_kernel(q, k, v, q_index, real, start, sliding_window, scale, softcap)
     g = hq // hk
     bq, bk = min(block_q, c), min(block_k, n)
     nq, nk = -(-c // bq), -(-n // bk)

@@ -9,7 +9,8 @@
 // Semantics: query c of batch row b sees the keys [lo[b, c], hi[b, c]] of its row (none where lo > hi: the output
 // is 0). The caller derives the ranges from the shared rule (same nonzero segment, j <= i and, with a window W,
 // i - W < j): segments are contiguous, so the keys a query sees are one range. The scale (head_dim**-0.5 of the
-// unpadded head) is folded into the packed queries.
+// unpadded head, or Gemma's query_pre_attn_scalar**-0.5) is folded into the packed queries; a positive soft cap
+// passes the scaled scores through softcap * tanh(s / softcap) before the mask (Gemma 2's attention-logit cap).
 
 #include <algorithm>
 #include <atomic>
@@ -122,11 +123,25 @@ inline vf exp_nonpositive(vf x) {
 }
 #endif
 
+// softcap * tanh(s / softcap) in place over n scores (n a multiple of W), as tanh(|y|) = (1 - e) / (1 + e) with
+// e = exp(-2 |y|) <= 1, the sign put back.
+inline void cap_scores(float* s, int64_t n, float softcap) {
+  const float minus_two_over_cap = -2.f / softcap;
+  for (int64_t i = 0; i < n; i += W) {
+    const vf x = load(s + i);
+    const vf ax = x < 0.f ? -x : x;
+    const vf e = exp_nonpositive(ax * minus_two_over_cap);
+    const vf t = (1.f - e) / (1.f + e) * softcap;
+    store(s + i, x < 0.f ? -t : t);
+  }
+}
+
 struct Problem {
   const float *q, *k, *v;
   float* out;
   int64_t b, c, n, hq, hk, d;  // c queries and n keys per batch row
   float scale;
+  float softcap;  // > 0: the scaled scores pass through softcap * tanh(s / softcap) (0: no cap)
   std::vector<int64_t> lo, hi;  // [b * c]: the first and last key each query sees, clamped to the row (lo > hi: none)
   int64_t tiles;                // key tiles of kBlockK per row, the last zero-padded
   std::vector<float> kt;    // [b, hk, tiles, kBlockK / kPanel, d, kPanel]: keys transposed in panels (qk_tile)
@@ -272,6 +287,7 @@ void work_item(const Problem& pb, int64_t bi, int64_t h, int64_t i0, Scratch& w)
     qk_tile(w.qs.data(), kt, w.s.data(), rows, nk_pad, d);
     for (int64_t r = 0; r < rows; ++r) {
       float* srow = w.s.data() + r * nk_pad;
+      if (pb.softcap > 0.f) cap_scores(srow, nk_pad, pb.softcap);  // before the mask, as HF's
       if (!whole) {  // -inf outside [row_lo, row_hi] and past nk
         const int64_t a = std::clamp<int64_t>(w.row_lo[r] - j0, 0, nk_pad);
         const int64_t b = std::clamp<int64_t>(std::min(w.row_hi[r] + 1 - j0, nk), a, nk_pad);
@@ -346,11 +362,13 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, F fn) {
 }
 
 void run(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::F32>& v,
-         ffi::Buffer<ffi::S32>& lo, ffi::Buffer<ffi::S32>& hi, ffi::ResultBuffer<ffi::F32>& out, float scale) {
+         ffi::Buffer<ffi::S32>& lo, ffi::Buffer<ffi::S32>& hi, ffi::ResultBuffer<ffi::F32>& out, float scale,
+         float softcap) {
   auto qd = q.dimensions(), kd = k.dimensions();
   Problem pb{};
   pb.q = q.typed_data(), pb.k = k.typed_data(), pb.v = v.typed_data(), pb.out = out->typed_data();
   pb.b = qd[0], pb.c = qd[1], pb.n = kd[1], pb.hq = qd[2], pb.hk = kd[2], pb.d = qd[3], pb.scale = scale;
+  pb.softcap = softcap;
   pb.lo.resize(pb.b * pb.c);
   pb.hi.resize(pb.b * pb.c);
   for (int64_t i = 0; i < pb.b * pb.c; ++i) {  // clamped to the row: no range reads outside its keys
@@ -375,7 +393,7 @@ void run(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>&
 // one allocation that can fail, and an exception must not cross into XLA.
 ffi::Error attention_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> lo, ffi::Buffer<ffi::S32> hi,
-                          ffi::ResultBuffer<ffi::F32> out, float scale) {
+                          ffi::ResultBuffer<ffi::F32> out, float scale, float softcap) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), ld = lo.dimensions(), hd = hi.dimensions();
   const bool shapes = qd.size() == 4 && kd.size() == 4 && vd.size() == 4 && ld.size() == 2 && hd.size() == 2 &&
                       std::equal(kd.begin(), kd.end(), vd.begin()) && std::equal(ld.begin(), ld.end(), hd.begin()) &&
@@ -384,11 +402,17 @@ ffi::Error attention_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
     return ffi::Error::InvalidArgument(
         "cpu attention: q [B, C, Hq, D], k/v [B, N, Hk, D], key ranges lo/hi [B, C], D % 64 == 0, Hq % Hk == 0");
   try {
-    run(pool, q, k, v, lo, hi, out, scale);
+    run(pool, q, k, v, lo, hi, out, scale, softcap);
   } catch (const std::bad_alloc&) {
     return ffi::Error::Internal("cpu attention: out of memory for the packed keys and values");
   }
   return ffi::Error::Success();
+}
+
+ffi::Error uncapped_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                         ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> lo, ffi::Buffer<ffi::S32> hi,
+                         ffi::ResultBuffer<ffi::F32> out, float scale) {
+  return attention_impl(pool, q, k, v, lo, hi, out, scale, 0.f);
 }
 
 }  // namespace
@@ -396,13 +420,18 @@ ffi::Error attention_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
 // Floats per SIMD register this build uses (16: AVX-512): "auto" picks the kernel only where it beats XLA.
 extern "C" int Psych201CpuAttentionSimdWidth() { return W; }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(Psych201CpuAttention, attention_impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale"));
+// Two targets: without and with the attention-logit soft cap (Gemma 2), so the uncapped call keeps its attributes.
+static auto binding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Attr<float>("scale");
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Psych201CpuAttention, uncapped_impl, binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Psych201CpuAttentionCapped, attention_impl, binding().Attr<float>("softcap"));

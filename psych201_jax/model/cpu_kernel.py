@@ -40,6 +40,7 @@ from psych201_jax.data.cache_dirs import make_private_dirs
 
 SOURCE = Path(__file__).with_name("cpu_attention.cc")
 TARGET = "psych201_cpu_attention"
+CAPPED_TARGET = "psych201_cpu_attention_capped"  # the same with the attention-logit soft cap attribute
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 _LANES = 64  # the kernel's head-dim granularity; other head dims are zero-padded to it
 # "auto" runs the kernel only where it is built for AVX-512 (16 floats per register): 220-285 GFLOP/s against the
@@ -229,6 +230,7 @@ def _registration() -> str:
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build()))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.Psych201CpuAttention), platform="cpu")
+        jax.ffi.register_ffi_target(CAPPED_TARGET, jax.ffi.pycapsule(lib.Psych201CpuAttentionCapped), platform="cpu")
         _SIMD_WIDTH[0] = lib.Psych201CpuAttentionSimdWidth()
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as err:
         return f"{type(err).__name__}: {err}"
@@ -254,11 +256,12 @@ def preferred() -> bool:
     return simd_width() >= AUTO_SIMD_WIDTH
 
 
-def attend(q, k, v, lo, hi, *, scale: float | None = None):
+def attend(q, k, v, lo, hi, *, scale: float | None = None, softcap: float | None = None):
     """Attention of queries q [B, C, Hq, hd] over keys k/v [B, N, Hk, hd], query (b, c) seeing the keys
     [lo[b, c], hi[b, c]] of its row (int32 [B, C]; none where lo > hi: its output is 0). ``attention.py``
     derives the ranges from the shared semantics. float32 inside, the output in q's dtype; ``scale`` of the
-    scores (None: head_dim**-0.5). Raises ValueError where the kernel cannot run."""
+    scores (None: head_dim**-0.5); ``softcap``: the scaled scores through softcap * tanh(s / softcap) before
+    the mask (None: no cap). Raises ValueError where the kernel cannot run."""
     if reason := _registration():
         raise ValueError(f"attention backend 'cpu' is unavailable: {reason}")
     if jax.default_backend() != "cpu":
@@ -274,15 +277,13 @@ def attend(q, k, v, lo, hi, *, scale: float | None = None):
     def prep(x):
         return jnp.pad(x.astype(jnp.float32), ((0, 0), (0, 0), (0, 0), (0, pad)))
 
+    attrs = dict(scale=np.float32(d**-0.5 if scale is None else scale))
+    if softcap is not None:
+        attrs.update(softcap=np.float32(softcap))
     call = jax.ffi.ffi_call(
-        TARGET, jax.ShapeDtypeStruct(q.shape[:-1] + (d + pad,), jnp.float32), vmap_method="sequential"
+        TARGET if softcap is None else CAPPED_TARGET,
+        jax.ShapeDtypeStruct(q.shape[:-1] + (d + pad,), jnp.float32),
+        vmap_method="sequential",
     )
-    out = call(
-        prep(q),
-        prep(k),
-        prep(v),
-        lo.astype(jnp.int32),
-        hi.astype(jnp.int32),
-        scale=np.float32(d**-0.5 if scale is None else scale),
-    )
+    out = call(prep(q), prep(k), prep(v), lo.astype(jnp.int32), hi.astype(jnp.int32), **attrs)
     return out[..., :d].astype(q.dtype)
