@@ -52,9 +52,15 @@ class SpanPipeline:
             protocol=self.rules.protocol,
         )
 
+    def check_template(self, tok: TokenizerInfo) -> None:
+        """A chat template that cannot serve this condition is one ChatTemplateError, before any participant."""
+        if self.rules.chat:
+            tok.check_chat_template(reference=self.rules.protocol == Protocol.REFERENCE)
+
     def spans(
         self, tok: TokenizerInfo, items: Iterable[Record | Rejected] | None = None
     ) -> Iterator[ParticipantSpans | Rejected]:
         """Token spans of ``items`` (default: every record), in input order."""
+        self.check_template(tok)
         source = self.records() if items is None else items
         return spans.tokenize_records(source, tok, self.rules, persona_of=self.persona_of)

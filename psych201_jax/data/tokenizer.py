@@ -146,9 +146,11 @@ class TokenizerInfo:
             kwargs["enable_thinking"] = False
         return kwargs
 
-    def check_chat_template(self) -> None:
+    def check_chat_template(self, *, reference: bool = False) -> None:
         """Raises ChatTemplateError unless the template renders plain-string message content (the reference
-        passes strings; vision-language processors' templates may take only lists of content parts)."""
+        passes strings; vision-language processors' templates may take only lists of content parts) and,
+        with ``reference``, puts tokens before an assistant turn's content (the reference protocol finds
+        responses by those tokens; Mistral's ``[INST] … [/INST]answer`` has none)."""
         probe = "\ue010probe\ue011"
         advice = "score this model with template=none, as the study scores its vision-language models"
         try:
@@ -163,9 +165,27 @@ class TokenizerInfo:
                 f"{self.path}: the chat template drops plain-string message content (it may take only lists of "
                 f"content parts); {advice}"
             )
+        if not reference:
+            return
+        try:
+            opening = self.chat_markers()[0]
+        except ValueError as err:
+            raise ChatTemplateError(f"{self.path}: {err}; score it with protocol=robust") from None
+        if not opening:
+            raise ChatTemplateError(
+                f"{self.path}: the chat template puts no tokens before an assistant turn's content, so the "
+                "reference protocol cannot find where a response opens; score it with protocol=robust"
+            )
 
     def render(self, messages: list[dict[str, str]]) -> str:
-        return cast(str, self.hf.apply_chat_template(messages, **self.template_kwargs()))  # tokenize=False: a str
+        """The chat template applied to ``messages``; a ValueError (one participant's rejection) where the
+        template refuses them (Gemma's and Mistral's raise when turns do not alternate)."""
+        import jinja2
+
+        try:
+            return cast(str, self.hf.apply_chat_template(messages, **self.template_kwargs()))  # a str
+        except jinja2.TemplateError as err:
+            raise ValueError(f"the chat template refuses this transcript's messages: {err}") from None
 
     def chat_markers(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The reference's ``build_assistant_markers``: ids opening and closing an assistant turn."""

@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 
 from psych201_jax import console
-from psych201_jax.conditions import OptionsMode, Template
+from psych201_jax.conditions import OptionsMode
 from psych201_jax.data import records
 from psych201_jax.data.pipeline import SpanPipeline
 from psych201_jax.data.tokenizer import TokenizerInfo
@@ -142,14 +142,13 @@ def run_conditions(loaded: LoadedModel, jobs: list[ScoreJob], *, total: int | No
     job = jobs[0]
     total = records.count_participants(job.data) if total is None else total
     tok, spec = loaded.tok, loaded.spec
-    if job.condition.template == Template.CHAT:
-        tok.check_chat_template()  # a clear error before any work, not a silently different prompt
     context = spec.max_position_embeddings
     if not isinstance(context, int) or context < 1:
         raise ModelError(
             f"{loaded.model_dir}: its model spec claims a context of {context!r} tokens; it must be positive"
         )
     pipeline = job.span_pipeline(context)
+    pipeline.check_template(tok)  # a clear error before any work, not a silently different prompt
     with_options = any(j.condition.options == OptionsMode.STUDY for j in jobs)
     study_options = _collect_options(pipeline, tok) if with_options else None
     heads = [
