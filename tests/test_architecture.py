@@ -23,7 +23,7 @@ BASE = (
     "paths",
 )  # shared vocabulary, imported by every stage
 # Stage order: a module may import its own stage, BASE and earlier stages only.
-STAGES = ("data", "model", "parallel", "scoring", "runs", "cli")
+STAGES = ("data", "model", "parallel", "scoring", "sampling", "runs", "cli")
 
 
 def _modules():
@@ -95,7 +95,9 @@ def test_the_rule_catches_upward_imports():
     assert not _allowed("runs.store", "scoring.scorer")
     assert not _allowed("types", "data.records")
     assert not _allowed("runs.job", "testing.tiny_models")
+    assert not _allowed("sampling.sampler", "runs.store") and not _allowed("scoring.scorer", "sampling.slots")
     assert _allowed("runs.job", "scoring.stream") and _allowed("analysis.report", "runs.store")
+    assert _allowed("sampling.sampler", "scoring.packing") and _allowed("sampling.slots", "model.decoder")
 
 
 def test_only_testing_imports_torch():

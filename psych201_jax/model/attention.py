@@ -127,13 +127,15 @@ def attention(
     return _BACKENDS[name](q, k, v, segment_ids, **kwargs)
 
 
-def _visible(q_idx, k_idx, q_seg, k_seg, sliding_window):
-    """Mask [B, Tq, Tk] from query indices [Tq] or [B, Tq], key indices [Tk] and segment ids [B, Tq]/[B, Tk]."""
+def _visible(q_idx, k_idx, q_seg, k_seg, sliding_window, window_idx=None):
+    """Mask [B, Tq, Tk] from query indices [Tq] or [B, Tq], key indices [Tk] and segment ids [B, Tq]/[B, Tk].
+    ``window_idx`` (like q_idx; default q_idx): the index the sliding window ends at."""
     qi = (q_idx if q_idx.ndim == 2 else q_idx[None])[:, :, None]
+    wi = qi if window_idx is None else (window_idx if window_idx.ndim == 2 else window_idx[None])[:, :, None]
     mask = (q_seg[:, :, None] == k_seg[:, None, :]) & (q_seg[:, :, None] != 0)
     mask &= k_idx[None, None, :] <= qi
     if sliding_window is not None:
-        mask &= k_idx[None, None, :] > qi - sliding_window
+        mask &= k_idx[None, None, :] > wi - sliding_window
     return mask
 
 
@@ -244,6 +246,15 @@ def _online_softmax_out(carry, bq, hq):
     return jnp.transpose(out, (0, 2, 1, 3, 4)).reshape(b, bq, hq, hd)
 
 
+def _online_softmax_lse(carry, bq, hq, scale, softcap=None):
+    """float32 [B, bq, Hq] log-sum-exp of the scaled (and capped) scores of a finished online softmax (its max
+    is of the unscaled scores, or of the capped ones with a ``softcap``); -inf for rows that saw no key."""
+    m, denom, _ = carry
+    b, hk, rows = m.shape
+    lse = jnp.where(denom > 0, m * (1.0 if softcap is not None else scale) + jnp.log(denom), -jnp.inf)
+    return jnp.transpose(lse.reshape(b, hk, bq, rows // bq), (0, 2, 1, 3)).reshape(b, bq, hq)
+
+
 def _blockwise(q, k, v, segment_ids, *, sliding_window, block_q, block_k, scale=None, softcap=None):
     """Online-softmax attention over [block_q x block_k] tiles, skipping key blocks no query can see.
 
@@ -294,15 +305,16 @@ def _blockwise(q, k, v, segment_ids, *, sliding_window, block_q, block_k, scale=
     return jnp.transpose(blocks, (1, 0, 2, 3, 4)).reshape(b, nq * bq, hq, hd)[:, :t]
 
 
-def _visible_range(k_segment, q_index, q_segment, sliding_window):
+def _visible_range(k_segment, q_index, q_segment, sliding_window, window_index=None):
     """(real, start) [B, C]: whether a query at key position ``q_index`` with ``q_segment`` sees any key (it is
     not padding, lies in the row and carries the key segment at its position), and the first key it sees (its
-    segment's start or its window's); segments are contiguous, so it sees the keys [start, q_index]."""
+    segment's start or its window's, the window ending at ``window_index``, default q_index); segments are
+    contiguous, so it sees the keys [start, q_index]."""
     n = k_segment.shape[1]
     at = jnp.clip(q_index, 0, n - 1)
     start = jnp.take_along_axis(_segment_starts(k_segment), at, axis=1)
     if sliding_window is not None:
-        start = jnp.maximum(start, q_index - sliding_window + 1)
+        start = jnp.maximum(start, (q_index if window_index is None else window_index) - sliding_window + 1)
     at_key = jnp.take_along_axis(k_segment, at, axis=1)
     return (q_segment != 0) & (q_segment == at_key) & (q_index >= 0) & (q_index < n), start
 
@@ -351,13 +363,59 @@ def attention_at(
     Short query blocks keep each block's key range close to its own queries' prefixes (measured on CPU, 5,120
     plan entries over a 98,304-token row of 18 transcripts: 0.34 s at 128 x 512 against 0.46 s at 256 x 256).
     """
-    b, c, hq, hd = q.shape
-    n, hk = k.shape[1], k.shape[2]
-    if hq % hk:
-        raise ValueError(f"query heads {hq} not a multiple of key/value heads {hk}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads {q.shape[2]} not a multiple of key/value heads {k.shape[2]}")
     real, start = _visible_range(k_segment, q_index, q_segment, sliding_window)  # the same on every backend
     if for_softcap(backend, resolve_backend(backend), softcap) == "cpu":
         return _on_kernel(q, k, v, q_index, real, start, sliding_window, scale, softcap)
+    tiles = dict(block_q=block_q, block_k=block_k, scale=scale, softcap=softcap)
+    return _online_at(q, q_index, q_segment, k, v, k_segment, real, start, q_index, sliding_window, **tiles)[0]
+
+
+def attention_at_lse(
+    q: Float[Array, "b c hq d"],
+    at: tuple[Int[Array, "b c"], Int[Array, "b c"], Int[Array, "b c"]],
+    kv: tuple[Float[Array, "b n hk d"], Float[Array, "b n hk d"], Int[Array, "b n"]],
+    *,
+    sliding_window: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> tuple[Float[Array, "b c hq d"], Float[Array, "b c hq"]]:
+    """``attention_at`` (its online softmax) for a query that stands later in the text than the keys it may
+    see (the sampler's decode step: a generated token sees its participant's keys up to the end of its
+    prefix). ``at``: (q_index, q_segment, window_index) [B, C], the last key position it may see, its segment
+    and its own index, where its sliding window ends; ``kv``: (k, v, k_segment). Also returns the float32
+    log-sum-exp of each query's visible scaled (capped) scores [B, C, Hq] (-inf where it sees none), so that a
+    softmax over further keys can be merged with this one."""
+    (q_index, q_segment, window_index), (k, v, k_segment) = at, kv
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads {q.shape[2]} not a multiple of key/value heads {k.shape[2]}")
+    real, start = _visible_range(k_segment, q_index, q_segment, sliding_window, window_index)
+    tiles = dict(block_q=128, block_k=512, scale=scale, softcap=softcap)
+    return _online_at(q, q_index, q_segment, k, v, k_segment, real, start, window_index, sliding_window, **tiles)
+
+
+def _online_at(
+    q,
+    q_index,
+    q_segment,
+    k,
+    v,
+    k_segment,
+    real,
+    start,
+    window_index,
+    sliding_window,
+    *,
+    block_q,
+    block_k,
+    scale,
+    softcap,
+):
+    """The online softmax of ``attention_at`` over the ranges of ``_visible_range``: (output [B, C, Hq, hd],
+    log-sum-exp [B, C, Hq]); the sliding window ends at ``window_index``."""
+    b, c, hq, hd = q.shape
+    n, hk = k.shape[1], k.shape[2]
     g = hq // hk
     bq, bk = min(block_q, c), min(block_k, n)
     nq, nk = -(-c // bq), -(-n // bk)
@@ -367,6 +425,7 @@ def attention_at(
     kp, vp = (jnp.transpose(jnp.pad(x, pad_k + ((0, 0), (0, 0))), (0, 2, 1, 3)) for x in (k, v))  # [B, Hk, N', hd]
     q_seg = jnp.pad(jnp.where(real, q_segment, 0), pad_q)
     q_idx, k_seg, start = jnp.pad(q_index, pad_q), jnp.pad(k_segment, pad_k), jnp.pad(start, pad_q)
+    w_idx = jnp.pad(window_index, pad_q)
     real = q_seg != 0
     lo = jnp.where(real, start, n).reshape(b, nq, bq).min(axis=(0, 2))
     hi = jnp.where(real, q_idx, -1).reshape(b, nq, bq).max(axis=(0, 2))
@@ -375,18 +434,19 @@ def attention_at(
     def query_block(args):
         i, j0, j1 = args
         q_blk = jax.lax.dynamic_slice_in_dim(qp, i * bq, bq, axis=2).reshape(b, hk, bq * g, hd)
-        qi_blk, qs_blk = (jax.lax.dynamic_slice_in_dim(x, i * bq, bq, axis=1) for x in (q_idx, q_seg))
+        qi_blk, qs_blk, wi_blk = (jax.lax.dynamic_slice_in_dim(x, i * bq, bq, axis=1) for x in (q_idx, q_seg, w_idx))
 
         def key_block(j, carry):
             ks_blk = jax.lax.dynamic_slice_in_dim(k_seg, j * bk, bk, axis=1)
-            mask = _visible(qi_blk, j * bk + jnp.arange(bk), qs_blk, ks_blk, sliding_window)  # [B, bq, bk]
+            mask = _visible(qi_blk, j * bk + jnp.arange(bk), qs_blk, ks_blk, sliding_window, wi_blk)  # [B, bq, bk]
             return _online_softmax_step(carry, q_blk, kp, vp, j * bk, bk, mask, scale, softcap)
 
         carry = jax.lax.fori_loop(j0, j1 + 1, key_block, _online_softmax_init(b, hk, bq * g, hd))
-        return _online_softmax_out(carry, bq, hq).astype(q.dtype)
+        return _online_softmax_out(carry, bq, hq).astype(q.dtype), _online_softmax_lse(carry, bq, hq, scale, softcap)
 
-    blocks = jax.lax.map(query_block, (jnp.arange(nq, dtype=jnp.int32), first, last))  # [nq, B, bq, Hq, hd]
-    return jnp.transpose(blocks, (1, 0, 2, 3, 4)).reshape(b, nq * bq, hq, hd)[:, :c]
+    blocks, lse = jax.lax.map(query_block, (jnp.arange(nq, dtype=jnp.int32), first, last))  # [nq, B, bq, Hq, ..]
+    out = jnp.transpose(blocks, (1, 0, 2, 3, 4)).reshape(b, nq * bq, hq, hd)[:, :c]
+    return out, jnp.transpose(lse, (1, 0, 2, 3)).reshape(b, nq * bq, hq)[:, :c]
 
 
 register_backend("dense", _dense)

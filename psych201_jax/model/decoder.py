@@ -13,12 +13,15 @@ that only one kind of layer has is stacked over the layers that have it (``param
 the number of such layers; the scan groups slice each stack accordingly.
 ``__call__`` is the plain full forward (what the tests compare with HF); scoring runs ``trunk`` (every layer
 but the last) and ``last_layer_at`` (the last layer only at the scored positions), which equal it there.
+The slot sampler (sampling/sampler.py) runs the same layers twice more: ``prefill`` is ``__call__`` that also
+keeps each softmax-attention layer's keys and values, and ``with_attention`` replaces each such layer's
+attention by a callable (its decode step, attending to those caches).
 """
 
 from __future__ import annotations
 
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -77,11 +80,21 @@ LINEAR_PARAMS = (
 )
 
 
+# A softmax-attention layer's attention, replaced: (q, k, v [B, T, H, hd] after RoPE, the layer's parameters
+# and ``with_attention`` inputs, its window) -> (output [B, T, Hq, hd], what the layer hands out). The sampler's
+# decode step attends to caches with it (sampling/sampler.py).
+Attend = Callable[
+    [jnp.ndarray, jnp.ndarray, jnp.ndarray, dict[str, jnp.ndarray], int | None], tuple[jnp.ndarray, typing.Any]
+]
+# Prefix of the names of per-layer inputs stacked over the softmax-attention layers (``with_attention``).
+ATTENTION_INPUT = "attend_"
+
+
 def param_in_layer(name: str, layer_type: str) -> bool:
     """Whether a layer of ``layer_type`` has the stacked parameter ``name``."""
     if name in LINEAR_PARAMS:
         return layer_type == LINEAR_ATTENTION
-    if name in ATTENTION_PARAMS:
+    if name in ATTENTION_PARAMS or name.startswith(ATTENTION_INPUT):
         return layer_type != LINEAR_ATTENTION
     return True
 
@@ -208,9 +221,13 @@ def _attention_block(
     window: int | None,
     backend: str,
     at: Gather | None = None,
-) -> jnp.ndarray:
-    """x [B, T, D] -> self-attention output [B, T, D] (before any post-norm / residual); with ``at``, only
-    the queries at its positions: [G, C, D]."""
+    keep_kv: bool = False,
+    attend: Attend | None = None,
+) -> tuple[jnp.ndarray, typing.Any]:
+    """x [B, T, D] -> (self-attention output [B, T, D] (before any post-norm / residual), what the layer hands
+    out); with ``at``, only the queries at its positions: [G, C, D]. It hands out its keys and values after
+    RoPE [B, T, Hk, hd] with ``keep_kv``, what ``attend`` returns with it (which then replaces the
+    attention), else None."""
     dt = x.dtype
     xq, cos_q, sin_q = (x, cos, sin) if at is None else (at.take(x), at.take(cos), at.take(sin))
     q = jnp.einsum("btd,dhk->bthk", xq, p["wq"].astype(dt))
@@ -231,7 +248,10 @@ def _attention_block(
     k = constrain(k, (ACT_BATCH, ACT_LENGTH, ACT_KV_HEADS, ACT_HEAD_DIM))
     v = constrain(v, (ACT_BATCH, ACT_LENGTH, ACT_KV_HEADS, ACT_HEAD_DIM))
     scale, softcap = spec.attention_scale, spec.attn_logit_softcap
-    if at is None:
+    aux: typing.Any = (k, v) if keep_kv else None
+    if attend is not None:
+        o, aux = attend(q, k, v, p, window)
+    elif at is None:
         o = attention(q, k, v, segment_ids, sliding_window=window, backend=backend, scale=scale, softcap=softcap)
     else:  # the gathered queries against every key of their group's rows, flattened
         k_seg = at.flat(at.row_segments(segment_ids))
@@ -245,7 +265,7 @@ def _attention_block(
     out = jnp.einsum("bthk,hkd->btd", o, p["wo"].astype(dt))
     if spec.o_bias:
         out = out + p["bo"].astype(dt)
-    return out
+    return out, aux
 
 
 def _linear_attention_block(
@@ -283,8 +303,11 @@ def decoder_layer(
     backend: str,
     layer_type: str = "",
     at: Gather | None = None,
-) -> jnp.ndarray:
-    """One decoder layer on h [B, T, D] with this layer's (unstacked) parameters ``p``.
+    keep_kv: bool = False,
+    attend: Attend | None = None,
+) -> tuple[jnp.ndarray, typing.Any]:
+    """One decoder layer on h [B, T, D] with this layer's (unstacked) parameters ``p``: (h, what its attention
+    hands out: see ``_attention_block``'s ``keep_kv`` and ``attend``; None for Gated DeltaNet layers).
 
     ``layer_type`` LINEAR_ATTENTION mixes tokens with Gated DeltaNet (``cos``/``sin`` unused), any other
     with softmax attention. ``at``: the layer's output only at those positions, [G, C, D] (keys, values and
@@ -300,14 +323,27 @@ def decoder_layer(
     # PRE: norms before the sublayers; POST: after them (before the residual add); SANDWICH: both.
     before, after = spec.norm_placement != NormPlacement.POST, spec.norm_placement != NormPlacement.PRE
     x = norm(h, "attn_in_norm") if before else h
+    aux = None
     if layer_type == LINEAR_ATTENTION:
         attn = take(_linear_attention_block(p, x, segment_ids, spec=spec))
     else:
-        attn = _attention_block(p, x, cos, sin, segment_ids, spec=spec, window=window, backend=backend, at=at)
+        attn, aux = _attention_block(
+            p,
+            x,
+            cos,
+            sin,
+            segment_ids,
+            spec=spec,
+            window=window,
+            backend=backend,
+            at=at,
+            keep_kv=keep_kv,
+            attend=attend,
+        )
     h = take(h) + (norm(attn, "attn_out_norm") if after else attn)
     mlp = mlp_block(p, norm(h, "mlp_in_norm") if before else h, spec=spec)
     h = h + (norm(mlp, "mlp_out_norm") if after else mlp)
-    return constrain(h, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
+    return constrain(h, (ACT_BATCH, ACT_LENGTH, ACT_EMBED)), aux
 
 
 def layer_groups(layer_types: Sequence[str]) -> tuple[tuple[int, int, tuple[str, ...]], ...]:
@@ -411,7 +447,37 @@ class Decoder(nnx.Module):
         nonzero segment (0 = padding).
         """
         groups = layer_groups(self.spec.layer_types)
-        return self._final_norm(self._layers(self._embed(tokens), self._rope_tables(positions), segment_ids, groups))
+        h, _ = self._layers(self._embed(tokens), self._rope_tables(positions), segment_ids, groups)
+        return self._final_norm(h)
+
+    def prefill(
+        self, tokens: Int[Array, "b t"], positions: Int[Array, "b t"], segment_ids: Int[Array, "b t"]
+    ) -> tuple[Float[Array, "b t d"], tuple[Float[Array, "la b t hk hd"], Float[Array, "la b t hk hd"]]]:
+        """``__call__`` (the same layers) that also keeps every softmax-attention layer's keys and values after
+        RoPE, stacked in layer order: (hidden [B, T, D], (keys, values) [La, B, T, Hk, hd]). The sampler's
+        decode steps attend to them (sampling/sampler.py)."""
+        groups = layer_groups(self.spec.layer_types)
+        h, kv = self._layers(self._embed(tokens), self._rope_tables(positions), segment_ids, groups, keep_kv=True)
+        return self._final_norm(h), kv
+
+    def with_attention(
+        self,
+        tokens: Int[Array, "b t"],
+        positions: Int[Array, "b t"],
+        segment_ids: Int[Array, "b t"],
+        attend: Attend,
+        inputs: dict[str, jnp.ndarray],
+    ) -> tuple[Float[Array, "b t d"], typing.Any]:
+        """``__call__`` with every softmax-attention layer's attention replaced by ``attend``, which also gets
+        ``inputs`` (name -> [La, ...], each name starting with ``ATTENTION_INPUT``) at that layer's index among
+        them in its parameters: (hidden [B, T, D] after the final norm, what ``attend`` hands out, stacked
+        [La, ...]). The sampler's decode step: one token per branch attending to cached keys."""
+        if any(not name.startswith(ATTENTION_INPUT) for name in inputs):
+            raise ValueError(f"attention inputs must be named {ATTENTION_INPUT}*, got {sorted(inputs)}")
+        groups = layer_groups(self.spec.layer_types)
+        tables = self._rope_tables(positions)
+        h, out = self._layers(self._embed(tokens), tables, segment_ids, groups, attend=attend, inputs=inputs)
+        return self._final_norm(h), out
 
     def trunk(
         self, tokens: Int[Array, "b t"], positions: Int[Array, "b t"], segment_ids: Int[Array, "b t"]
@@ -419,7 +485,7 @@ class Decoder(nnx.Module):
         """The residual stream [B, T, D] after every layer but the last (inputs as ``__call__``): scoring needs
         the last layer only where a response is scored (``last_layer_at``)."""
         groups = trunk_groups(self.spec.layer_types)
-        return self._layers(self._embed(tokens), self._rope_tables(positions), segment_ids, groups)
+        return self._layers(self._embed(tokens), self._rope_tables(positions), segment_ids, groups)[0]
 
     def last_layer_at(
         self,
@@ -438,7 +504,7 @@ class Decoder(nnx.Module):
             name: x[-1] for name, x in self.layers.arrays().items() if param_in_layer(name, layer_type)
         }  # the last layer is the last of every stack it has a parameter in
         cos, sin = self._rope_tables(positions)[layer_type]
-        out = decoder_layer(
+        out, _ = decoder_layer(
             params,
             h,
             cos,
@@ -471,17 +537,31 @@ class Decoder(nnx.Module):
             tables[layer_type] = rope_lib.cos_sin(positions, inv_freq, scaling)
         return tables
 
-    def _layers(self, h: jnp.ndarray, tables: dict[str, tuple], segment_ids: jnp.ndarray, groups) -> jnp.ndarray:
+    def _layers(
+        self,
+        h: jnp.ndarray,
+        tables: dict[str, tuple],
+        segment_ids: jnp.ndarray,
+        groups,
+        *,
+        keep_kv: bool = False,
+        attend: Attend | None = None,
+        inputs: dict[str, jnp.ndarray] | None = None,
+    ) -> tuple[jnp.ndarray, typing.Any]:
         """The layers of ``groups`` ((start, repeats, pattern), see ``layer_groups``) on h [B, T, D], each
-        group scanned over its repeats."""
+        group scanned over its repeats: (h, what the softmax-attention layers hand out, stacked [La, ...] in
+        layer order; None unless ``keep_kv`` or ``attend``, see ``_attention_block``). ``inputs``: per
+        softmax-attention layer inputs of ``attend`` (see ``with_attention``)."""
         spec = self.spec
-        params = self.layers.arrays()
+        params = {**self.layers.arrays(), **(inputs or {})}
+        outs = []
         for start, repeats, pattern in groups:
             group, slots = _group_params(spec, params, start, repeats, pattern)
 
             def body(h, p, pattern=pattern, slots=slots):
+                aux = []
                 for j, layer_type in enumerate(pattern):
-                    h = decoder_layer(
+                    h, out = decoder_layer(
                         {name: x[slots[name][j]] for name, x in p.items() if slots[name][j] is not None},
                         h,
                         *tables[layer_type],
@@ -490,11 +570,19 @@ class Decoder(nnx.Module):
                         window=spec.window_for(layer_type),
                         backend=self.attention_backend,
                         layer_type=layer_type,
+                        keep_kv=keep_kv,
+                        attend=attend,
                     )
-                return h, None
+                    if layer_type != LINEAR_ATTENTION:
+                        aux.append(out)
+                return h, aux
 
-            h, _ = jax.lax.scan(body, h, group)
-        return h
+            h, aux = jax.lax.scan(body, h, group)  # aux: per attention layer of the pattern, [repeats, ...]
+            if aux and (keep_kv or attend is not None):  # repeat-major, as the layers stand: [repeats * m, ...]
+                outs.append(jax.tree.map(lambda *xs: jnp.stack(xs, 1).reshape(-1, *xs[0].shape[1:]), *aux))
+        if not outs:
+            return h, None
+        return h, jax.tree.map(lambda *xs: jnp.concatenate(xs, 0), *outs)
 
     def _final_norm(self, h: jnp.ndarray) -> jnp.ndarray:
         spec = self.spec
