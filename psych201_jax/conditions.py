@@ -22,6 +22,7 @@ __all__ = [
     "OptionsMode",
     "Persona",
     "Protocol",
+    "Simulation",
     "Stage",
     "Template",
 ]
@@ -237,3 +238,68 @@ class ModelInfo:
 
     def as_dict(self) -> dict[str, Any]:
         return {f: (v.value if isinstance(v := getattr(self, f), enum.Enum) else v) for f in self.FIELDS}
+
+
+CALIBRATED = "calibrated"
+
+
+def _number(value: Any, field: str, kind: type) -> Any:
+    """``value`` as int or float (a bool is neither), or a ConditionError naming ``field``."""
+    if not isinstance(value, bool):
+        try:
+            number = kind(str(value).strip()) if isinstance(value, str) else kind(value)
+            if kind is float or float(number) == float(value):
+                if math.isfinite(number):
+                    return number
+        except (TypeError, ValueError):
+            pass
+    raise ConditionError(f"{field}={value!r} is not a {'number' if kind is float else 'whole number'}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Simulation:
+    """How responses are sampled (a simulation run): ``samples`` k per response slot, drawn at
+    ``temperature`` (0: greedy; ``calibrated``: each participant at the temperature the calibration control
+    fitted on the other half of the ``calibration`` scoring run's participants), at most ``max_new_tokens``
+    each, with optional top-k (0: off) and top-p (1: off)."""
+
+    samples: int = 8
+    temperature: float | str = 1.0
+    max_new_tokens: int = 32
+    top_k: int = 0
+    top_p: float = 1.0
+    calibration: str = ""
+
+    FIELDS: ClassVar[tuple[str, ...]] = ("samples", "temperature", "max_new_tokens", "top_k", "top_p", "calibration")
+
+    def __post_init__(self):
+        if self.samples < 1 or self.max_new_tokens < 1 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ConditionError(f"need samples >= 1, max_new_tokens >= 1, top_k >= 0 and 0 < top_p <= 1: {self}")
+        if self.calibrated != bool(self.calibration):
+            raise ConditionError(
+                "temperature=calibrated needs calibration=<a scoring run of the same model with a temperature grid>, "
+                "and calibration is used only with temperature=calibrated"
+            )
+        if not self.calibrated and (not isinstance(self.temperature, float) or self.temperature < 0):
+            raise ConditionError(f"temperature={self.temperature!r}: expected a number >= 0 or {CALIBRATED!r}")
+
+    @property
+    def calibrated(self) -> bool:
+        return self.temperature == CALIBRATED
+
+    @classmethod
+    def from_mapping(cls, m: Mapping[str, Any]) -> Simulation:
+        """From a job config or sweep condition (absent fields take their defaults)."""
+        base = cls()
+        t = m.get("temperature", base.temperature)
+        return cls(
+            samples=_number(m.get("samples", base.samples), "samples", int),
+            temperature=CALIBRATED if str(t).strip() == CALIBRATED else _number(t, "temperature", float),
+            max_new_tokens=_number(m.get("max_new_tokens", base.max_new_tokens), "max_new_tokens", int),
+            top_k=_number(m.get("top_k", base.top_k), "top_k", int),
+            top_p=_number(m.get("top_p", base.top_p), "top_p", float),
+            calibration=str(m.get("calibration", "") or ""),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.FIELDS}

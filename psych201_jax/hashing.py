@@ -32,3 +32,10 @@ def hash_files(directory: str, names: Iterable[str]) -> str:
 def hash_json(value) -> str:
     """sha256 of a JSON-serialisable value (keys sorted): the fingerprint of a configuration."""
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def half_of(key: tuple[str, str, str], seed: int) -> int:
+    """0 or 1: a participant's cross-fitting half, from a seeded hash of (study, experiment, participant); the
+    calibration control fits a temperature on one half and applies it to the other (scoring and sampling)."""
+    digest = hashlib.sha256(f"{seed}\x1f{key[0]}\x1f{key[1]}\x1f{key[2]}".encode()).digest()
+    return digest[0] & 1

@@ -176,8 +176,52 @@ class ParticipantResult:
         return self.spans.study
 
 
-def input_id(item: Record | Rejected | ParticipantSpans | ParticipantResult) -> InputId:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GeneratedResponse:
+    """One sampled response: ``tokens`` int32 and ``text`` without the closing marker or stop token;
+    ``logprob`` the model's (T = 1) log-probability of everything drawn, the marker or stop token included;
+    ``stop``: ``marker``, ``token`` (EOS) or ``length`` (max_new_tokens reached, not stopped)."""
+
+    tokens: np.ndarray
+    text: str
+    logprob: float
+    stop: str
+
+    @property
+    def stopped(self) -> bool:
+        return self.stop != "length"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SlotDraws:
+    """The samples of one response slot: ``response`` its number (text order), ``human`` and
+    ``human_tokens`` (int32) the human's response as the scorer labels it, ``temperature`` the one drawn at."""
+
+    response: int
+    human: str
+    human_tokens: np.ndarray
+    temperature: float
+    samples: tuple[GeneratedResponse, ...]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ParticipantSamples:
+    """One simulated participant: every response slot's samples, in text order."""
+
+    spans: ParticipantSpans
+    slots: tuple[SlotDraws, ...]
+
+    @property
+    def key(self) -> ParticipantKey:
+        return self.spans.key
+
+    @property
+    def study(self) -> str:
+        return self.spans.study
+
+
+def input_id(item: Record | Rejected | ParticipantSpans | ParticipantResult | ParticipantSamples) -> InputId:
     """(source, line) of the input line an item came from."""
-    if isinstance(item, ParticipantResult):
+    if isinstance(item, (ParticipantResult, ParticipantSamples)):
         item = item.spans
     return (item.source, item.line)

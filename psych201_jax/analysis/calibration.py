@@ -14,7 +14,6 @@ then goes through the same metrics as the raw run: score, the reference's d_pair
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 from collections.abc import Mapping, Sequence
 
@@ -22,14 +21,10 @@ import numpy as np
 
 from psych201_jax.analysis import metrics
 from psych201_jax.analysis.pairs import pair_statistics, reference_pair_d
+from psych201_jax.errors import UserError
+from psych201_jax.hashing import half_of
 
 ParticipantKey = tuple[str, str, str]
-
-
-def half_of(key: ParticipantKey, seed: int) -> int:
-    """0 or 1: the participant's half, from a seeded hash of (study, experiment, participant)."""
-    digest = hashlib.sha256(f"{seed}\x1f{key[0]}\x1f{key[1]}\x1f{key[2]}".encode()).digest()
-    return digest[0] & 1
 
 
 def score_curve(participants: Sequence[metrics.Participant], n_t: int) -> np.ndarray:
@@ -278,3 +273,21 @@ def conclusions(pair_table: Sequence[dict]) -> list[str]:
             f"({len(rows)} pair(s), share removed {share:.2f}); {verdict}."
         )
     return out
+
+
+class CalibrationError(UserError, ValueError):
+    """A scoring run cannot give cross-fitted temperatures."""
+
+
+def fitted_temperatures(results_dir: str, seed: int) -> tuple[float, float]:
+    """The two cross-fitted temperatures of a scoring run with a temperature grid (fitted on half 0, on
+    half 1): a simulation at ``temperature=calibrated`` samples half h's participants at the other's."""
+    from psych201_jax.analysis.runs import load_run
+
+    fit = cross_fit(load_run(results_dir), seed)
+    if fit is None or not all(math.isfinite(t) and t > 0 for t in fit.fitted):
+        raise CalibrationError(
+            f"{results_dir}: no cross-fitted temperatures (it needs a temperature grid, config.temperatures, and "
+            f"scored responses in both halves); score the model with the default grid first"
+        )
+    return fit.fitted

@@ -10,6 +10,8 @@ Layout:
       nll/ n_scored/            zarr arrays (tensorstore) [responses]: summed NLL, scored tokens;
       argmax/ target/           zarr arrays [scored tokens]: the model's top token, the human token;
       response_offsets/ token_offsets/   zarr int64 [participants + 1].
+      slots.jsonl               a simulation's chunk: one line per sampled participant (its table row's
+                                ``sample_index``): every response slot's human response and samples.
   complete.json                 written when the job finished (totals, timing).
   .lock                         an OS file lock (flock) held by the job writing here, with its pid.
 
@@ -42,11 +44,12 @@ from absl import logging
 from psych201_jax import hashing, locks, paths
 from psych201_jax.conditions import Protocol
 from psych201_jax.errors import UserError
-from psych201_jax.types import ParticipantResult, Rejected, input_id
+from psych201_jax.types import ParticipantResult, ParticipantSamples, Rejected, input_id
 
 MANIFEST = "manifest.json"
 CHUNKS = "chunks"
 COMPLETE = "complete.json"
+SLOTS = "slots.jsonl"
 
 
 class ResultsError(UserError, RuntimeError):
@@ -203,8 +206,32 @@ _DTYPES = {"nll": ts.float64, "n_scored": ts.int32, "argmax": ts.int32, "target"
 _DTYPES.update({name: ts.float64 for name in CALIBRATION_FIELDS})
 
 
-def row_of(item: ParticipantResult | Rejected) -> dict:
-    """The stored form of one participant: table fields plus per-response / per-token arrays."""
+SAMPLED = "sampled"  # the status of a simulated participant
+
+
+def slot_dict(slot) -> dict:
+    """The stored (and exported) form of one ``SlotDraws``: plain lists, slots in text order."""
+    return {
+        "response": slot.response,
+        "human": slot.human,
+        "human_tokens": np.asarray(slot.human_tokens).tolist(),
+        "temperature": slot.temperature,
+        "samples": [
+            {
+                "tokens": np.asarray(g.tokens).tolist(),
+                "text": g.text,
+                "logprob": g.logprob,
+                "stopped": g.stopped,
+                "stop": g.stop,
+            }
+            for g in slot.samples
+        ],
+    }
+
+
+def row_of(item: ParticipantResult | ParticipantSamples | Rejected) -> dict:
+    """The stored form of one participant: table fields plus per-response / per-token arrays (scored) or
+    its slots (sampled)."""
     if isinstance(item, Rejected):
         return {
             "study": item.study,
@@ -220,12 +247,14 @@ def row_of(item: ParticipantResult | Rejected) -> dict:
         "study": s.study,
         "experiment": s.experiment,
         "participant": s.participant,
-        "status": "scored",
+        "status": SAMPLED if isinstance(item, ParticipantSamples) else "scored",
         "reason": "; ".join(s.warnings),
         "source": s.source,
         "line": s.line,
     }
     row.update(s.counters())
+    if isinstance(item, ParticipantSamples):
+        return row | {"tokens": int(len(s.token_ids)), "slots": [slot_dict(slot) for slot in item.slots]}
     row.update(
         tokens=int(len(s.token_ids)), nll=item.nll, n_scored=item.n_scored, argmax=item.argmax, target=item.target
     )
@@ -278,7 +307,7 @@ class ResultsWriter:
         mine = glob.glob(os.path.join(chunks, f"p{process_index:05d}-c*"))
         self.next_chunk = 1 + max((int(os.path.basename(p)[8:]) for p in mine), default=-1)
 
-    def commit(self, items: Iterable[ParticipantResult | Rejected]) -> str | None:
+    def commit(self, items: Iterable[ParticipantResult | ParticipantSamples | Rejected]) -> str | None:
         """Writes one chunk atomically; returns its path (None when ``items`` is empty)."""
         items = list(items)
         if not items:
@@ -322,14 +351,25 @@ def _write_chunk(path: str, rows: list[dict]) -> None:
     arrays["token_offsets"] = np.cumsum([0] + [len(r.get("argmax", ())) for r in scored], dtype=np.int64)
     for name, values in arrays.items():
         _write_array(os.path.join(path, name), values, ts.dtype(values.dtype.name))
-    lines, k = [], 0
+    lines: list[str] = []
+    sampled: list[str] = []
+    k = 0
     for row in rows:
-        table = {key: value for key, value in row.items() if key not in PER_RESPONSE + TOKEN_FIELDS}
+        table = {key: value for key, value in row.items() if key not in PER_RESPONSE + TOKEN_FIELDS + ("slots",)}
         if "nll" in row:
             table["index"] = k  # position in the offsets arrays
             k += 1
+        if "slots" in row:
+            table["sample_index"] = len(sampled)  # line in slots.jsonl
+            sampled.append(json.dumps({"slots": row["slots"]}))
         lines.append(json.dumps(table))
-    with open(os.path.join(path, "participants.jsonl"), "w") as fh:
+    if sampled:
+        _write_lines(os.path.join(path, SLOTS), sampled)
+    _write_lines(os.path.join(path, "participants.jsonl"), lines)
+
+
+def _write_lines(path: str, lines: list[str]) -> None:
+    with open(path, "w") as fh:
         fh.write("\n".join(lines) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
@@ -397,7 +437,12 @@ def _chunk_rows(chunk: str) -> Iterator[dict]:
     n_scored = sum("index" in row for row in table)
     if n_scored != len(r_off) - 1:
         raise ValueError(f"the participant table has {n_scored} scored rows, the arrays {len(r_off) - 1}")
+    sampled = [json.loads(line)["slots"] for line in _lines(os.path.join(chunk, SLOTS))]
+    if sum("sample_index" in row for row in table) != len(sampled):
+        raise ValueError(f"the participant table and {SLOTS} disagree on the sampled participants")
     for row in table:
+        if (i := row.pop("sample_index", None)) is not None:
+            row["slots"] = sampled[i]
         k = row.pop("index", None)
         if k is not None:
             for field in PER_RESPONSE + TOKEN_FIELDS:
@@ -415,6 +460,14 @@ def _chunk_rows(chunk: str) -> Iterator[dict]:
 def _read_table(chunk: str) -> list[dict]:
     with open(os.path.join(chunk, "participants.jsonl")) as fh:
         return [json.loads(line) for line in fh]
+
+
+def _lines(path: str) -> list[str]:
+    """The lines of an optional chunk file (none when it does not exist)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as fh:
+        return fh.read().splitlines()
 
 
 def iter_table(out_dir: str) -> Iterator[dict]:
