@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -393,17 +393,22 @@ FIGURES = (
 )
 
 
-def draw_figures(t: Tables, out_dir: str) -> dict[str, str | None]:
-    """Draws every figure; file name → None if written, else why it was skipped. A figure that
-    fails is skipped with the error as its note, so the report is always written."""
-    notes = {}
-    for name, _, plot in (*FIGURES, *((STAGE_FIGURE,) if t.rows["stages"] else ())):
+def draw_all(figures: Sequence[tuple[str, str, Callable[[Any, str], str | None]]], data: Any, out_dir: str):
+    """Draws each (file, title, plot) of ``figures`` from ``data``; file name → None if written, else why it was
+    skipped. A figure that fails is skipped with the error as its note, so the report is always written."""
+    notes: dict[str, str | None] = {}
+    for name, _, plot in figures:
         path = os.path.join(out_dir, name)
         try:
-            notes[name] = plot(t, path)
+            notes[name] = plot(data, path)
         except Exception as err:  # noqa: BLE001 - one broken figure must not lose the report
             logging.exception("figure %s failed", name)
             notes[name] = f"failed: {type(err).__name__}: {err}"
         if notes[name] is not None and os.path.exists(path):
             os.remove(path)
     return notes
+
+
+def draw_figures(t: Tables, out_dir: str) -> dict[str, str | None]:
+    """Draws every figure (``draw_all``); the stage figure only when the tables hold stage rows."""
+    return draw_all((*FIGURES, *((STAGE_FIGURE,) if t.rows["stages"] else ())), t, out_dir)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from psych201_jax.analysis import calibration, chains
+from psych201_jax.analysis import calibration, chains, simulated
+from psych201_jax.analysis.behaviour_figures import BEHAVIOUR_FIGURES
 from psych201_jax.analysis.figures import FIGURES, STAGE_FIGURE
 from psych201_jax.analysis.metrics import resolve_ddof
 from psych201_jax.analysis.persona import PERSONA_EXCLUDED
@@ -113,15 +114,127 @@ def _stage_section(t: Tables, figures: dict[str, str | None]) -> list[str]:
     return out
 
 
+# The paired metrics of the generated-behaviour section: metric, its words for a CI below 0 and above 0, unit.
+BEHAVIOUR_SENTENCE = (
+    ("sample_entropy", "narrower", "wider", " bits"),
+    ("exact_match", "matches the human response less often", "matches it more often", ""),
+    ("js", "closer to the humans' categories", "further from them", " bits"),
+    ("wasserstein_scaled", "closer to the humans' values", "further from them", " human SDs"),
+)
+BEHAVIOUR_TABLE_METRICS = (
+    "exact_match",
+    "sample_entropy",
+    "sample_distinct",
+    "tv",
+    "js",
+    "wasserstein_scaled",
+    "crps_scaled",
+)
+
+
+def _behaviour_sentence(p: simulated.PairResult) -> str:
+    """One sentence of a comparison: each headline paired difference, its CI and what its sign says."""
+    c = p.comparison
+    parts = []
+    for metric, below, above, unit in BEHAVIOUR_SENTENCE:
+        d = p.difference(metric)
+        if d is None or not d.n_studies:
+            continue
+        if math.isnan(d.ci[0]):
+            verdict = "no CI"
+        else:
+            verdict = below if d.ci[1] < 0 else above if d.ci[0] > 0 else "the CI includes 0"
+        parts.append(
+            f"{metric} {d.mean:+.3g}{unit} [{_fmt(d.ci[0])}, {_fmt(d.ci[1])}] over {d.n_studies} "
+            f"stud{'y' if d.n_studies == 1 else 'ies'} ({verdict})"
+        )
+    against = "its base" if c.against == "base" else "the previous stage"
+    chain = f", chain {c.chain}" if c.chain else ""
+    return f"- **{c.post.model}** against {against} {c.base.model} ({c.post.label()}{chain}): " + (
+        "; ".join(parts) + "." if parts else "no study both simulated."
+    )
+
+
+def behaviour_section(
+    bt: simulated.BehaviourTables, figures: dict[str, str | None], n_boot: int, seed: int
+) -> list[str]:
+    """report.md's generated-behaviour section: method and caveat, notes, one sentence and a short table per
+    comparison, the figures, the runs."""
+    out = [
+        "## Generated behaviour (simulated participants)\n",
+        "Each simulation run samples k responses at every response slot from the human transcript up to that "
+        "slot's opening marker. This is teacher-forced slot sampling, not a closed-loop simulation of the task: "
+        "the history holds the human's earlier responses, and the environment's feedback (rewards, outcomes, the "
+        "next trial) follows the human's choices, not the model's. Each study's response type (category, "
+        "ordinal, number, free text) comes from its human responses. Per model and study (behaviour.csv): "
+        "exact-match rate of samples to the human response; fair CRPS (numbers and ordinal ratings); pooled "
+        "samples against pooled human responses, total variation and Jensen–Shannon (categories) or 1-Wasserstein "
+        f"(ordinal, numbers; scaled by the human SD to average over studies), 95% bootstrap CIs over participants "
+        f"({n_boot} replicates, seed {seed}); diversity: mean per-slot entropy and distinct samples against the "
+        "human spread across participants at one slot position (plug-in entropy grows with the number of "
+        "responses: k samples against n participants, so compare models with each other, and humans only as a "
+        "reference). Pairs (behaviour_pairs.csv): post − base per metric, mean over the studies both have, "
+        "95% bootstrap CI over studies; each stage of a stage chain also against the previous stage; "
+        "response_type `all` and per type. Runs are compared only within one sampling setting.\n",
+    ]
+    if bt.notes:
+        out += [f"- {n}" for n in bt.notes] + [""]
+    if not bt.pairs:
+        out.append("_No base / post-trained pair of simulations in one sampling setting._\n")
+    for p in bt.pairs:
+        out += [_behaviour_sentence(p), ""]
+        rows = [
+            r
+            for r in simulated.pair_rows(p)
+            if r["response_type"] == simulated.ALL_TYPES and r["metric"] in BEHAVIOUR_TABLE_METRICS
+        ]
+        out.append(
+            markdown_table(
+                rows, ("metric", "n_studies", "mean_base", "mean_post", "mean_human", "mean_diff", "ci_lo", "ci_hi")
+            )
+        )
+    for name, title, _ in BEHAVIOUR_FIGURES:
+        note = figures.get(name)
+        out += [f"### {title}\n", f"![{title}]({name})\n" if note is None else f"_Skipped: {note}._\n"]
+    out += [
+        "### Simulation runs\n",
+        "Full tables: [behaviour.csv](behaviour.csv) (per model × study), [behaviour_pairs.csv](behaviour_pairs.csv), "
+        "[behaviour_runs.csv](behaviour_runs.csv).\n",
+        markdown_table(
+            bt.rows["behaviour_runs"],
+            (
+                "model",
+                "kind",
+                "samples",
+                "temperature",
+                "mean_temperature",
+                "n_participants",
+                "n_rejected",
+                "share_length_stopped",
+                "complete",
+            ),
+        ),
+    ]
+    return out
+
+
 def render_report(
-    t: Tables, figures: dict[str, str | None], ddof_mode: str, n_boot: int, seed: int, n_inputs: int
+    t: Tables,
+    figures: dict[str, str | None],
+    ddof_mode: str,
+    n_boot: int,
+    seed: int,
+    n_inputs: int,
+    behaviour: simulated.BehaviourTables | None = None,
 ) -> str:
-    """The text of report.md."""
+    """The text of report.md; the generated-behaviour section only with ``behaviour`` (simulation runs)."""
     ddofs = resolve_ddof(ddof_mode)
     primary = ", ".join(f"{k}={v}" for k, v in condition_cols(t.primary).items()) if t.primary else "none"
     out = [
         "# Psych-201 analysis report\n",
-        f"{n_inputs} results directories, {len(t.rows['model_scores'])} runs analysed. "
+        f"{n_inputs} results directories, {len(t.rows['model_scores'])} runs analysed"
+        + (f" and {len(behaviour.runs)} simulation runs" if behaviour is not None else "")
+        + ". "
         f"Figures show the primary condition ({primary}); the CSV tables beside this file cover every condition.\n",
         *_incomplete_note(t.rows["model_scores"]),
         "## Conventions\n",
@@ -169,6 +282,8 @@ def render_report(
         out += ["## Input notes\n"] + [f"- {n}" for n in t.notes] + [""]
     out += _calibration_section(t)
     out += _stage_section(t, figures)
+    if behaviour is not None:
+        out += behaviour_section(behaviour, figures, n_boot, seed)
     out += ["## Figures\n"]
     for name, title, _ in FIGURES:
         note = figures.get(name)

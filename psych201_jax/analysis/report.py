@@ -2,7 +2,9 @@
 
 ``generate`` is the whole pipeline (used by ``psych201_jax.cli.analyze``): load every run (``runs``), build
 the tables (``tables``), write them as CSV, draw the figures (``figures``; each skipped with a note when its
-inputs are absent) and write ``report.md`` (``markdown``) embedding both.
+inputs are absent) and write ``report.md`` (``markdown``) embedding both. Simulation results directories
+(``psych201-simulate``) found beside the scoring ones are read by ``simulated`` instead: their behaviour CSVs,
+figures (``behaviour_figures``) and report section are written only when there is one.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from collections.abc import Sequence
 
 from absl import logging
 
-from psych201_jax.analysis import reference_layout
+from psych201_jax.analysis import reference_layout, simulated
+from psych201_jax.analysis.behaviour_figures import draw_behaviour_figures
 from psych201_jax.analysis.figures import draw_figures
 from psych201_jax.analysis.markdown import render_report
 from psych201_jax.analysis.runs import (
@@ -21,6 +24,7 @@ from psych201_jax.analysis.runs import (
     find_results_dirs,
     load_categories,
     load_run,
+    split_simulations,
     split_sources,
 )
 from psych201_jax.analysis.tables import build_tables, write_tables
@@ -48,10 +52,13 @@ def generate(
 
     An incomplete run (killed, or still running) is refused unless ``allow_incomplete``, and then marked as
     incomplete with its counts on the console, in report.md and in model_scores.csv; a complete run of the
-    same model and condition always wins over it.
+    same model and condition always wins over it. An incomplete simulation run is refused likewise, and with
+    ``allow_incomplete`` listed as incomplete and left out of the behaviour tables.
     """
     ours, theirs = split_sources(paths)
     dirs = find_results_dirs(ours) if ours else []
+    dirs, simulation_dirs = split_simulations(dirs)
+    sims = simulated.load_simulations(simulation_dirs, allow_incomplete) if simulation_dirs else None
     runs = [run for path in theirs for run in reference_layout.read_reference(path, model_table)]
     for run in runs:
         logging.info("%s: %s (%s), imported, %d participants", run.path, run.model, run.kind, len(run.participants))
@@ -77,6 +84,14 @@ def generate(
     os.makedirs(out_dir, exist_ok=True)
     write_tables(tables, out_dir)
     figures = draw_figures(tables, out_dir)
+    behaviour = None
+    if sims is not None:
+        behaviour = simulated.build_behaviour(
+            sims.complete, incomplete=sims.incomplete, notes=sims.notes, n_boot=n_boot, seed=seed
+        )
+        simulated.write_behaviour(behaviour, out_dir)
+        figures.update(draw_behaviour_figures(behaviour, out_dir))
+    n_inputs = len(dirs) + len(simulation_dirs) + len(theirs)
     with open(os.path.join(out_dir, "report.md"), "w") as fh:
-        fh.write(render_report(tables, figures, ddof_mode, n_boot, seed, len(dirs) + len(theirs)))
+        fh.write(render_report(tables, figures, ddof_mode, n_boot, seed, n_inputs, behaviour))
     return figures

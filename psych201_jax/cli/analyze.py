@@ -1,4 +1,4 @@
-r"""psych201-analyze: analyse finished scoring results into tables, figures and report.md.
+r"""psych201-analyze: analyse finished scoring (and simulation) results into tables, figures and report.md.
 
   psych201-analyze --results=DIR [DIR ...] --out=DIR \
       [--ddof=reference|0|1] [--bootstrap=2000] [--seed=0] [--categories=CSV]
@@ -14,7 +14,11 @@ pair_paired_stats, pair_types, generations, domains, domains_extended, persona, 
 accuracy, calibration, calibration_pairs) and the PNG figures (see ``psych201_jax.analysis.figures``); when
 the runs hold a stage chain of >= 3 models (``model_info.chain`` / ``stage``, e.g. configs/sweeps/stages.py),
 also stages.csv, stages_by_domain.csv, fig_stages.png and report.md's "Stage chains" section
-(``psych201_jax.analysis.chains``).
+(``psych201_jax.analysis.chains``). Simulation results directories (``psych201-simulate``) found among the
+results are analysed apart (``psych201_jax.analysis.simulated``): behaviour.csv (per model x study: exact match,
+fair CRPS, TV / JS / W1 to the human responses with bootstrap CIs over participants, sample diversity against
+the human spread), behaviour_pairs.csv (post - base per pair and stage step, CIs over studies),
+behaviour_runs.csv, the fig_behaviour_*.png figures and report.md's "Generated behaviour" section.
 
 example:
   psych201-analyze --results=out/sweeps/tiny --out=out/report
@@ -43,7 +47,12 @@ flags.DEFINE_enum(
 flags.DEFINE_integer("bootstrap", 2000, "Bootstrap replicates for the confidence intervals.")
 flags.DEFINE_integer("seed", 0, "Seed of the bootstrap.")
 flags.DEFINE_string("categories", runs.CATEGORIES_CSV, "Study category CSV (experiment + 0/1 columns).")
-flags.DEFINE_bool("allow_incomplete", False, "Include incomplete (killed or running) results, marked as such.")
+flags.DEFINE_bool(
+    "allow_incomplete",
+    False,
+    "Include incomplete (killed or running) scoring results, marked as such; incomplete simulations are listed "
+    "and left out.",
+)
 flags.DEFINE_string(
     "model_table",
     None,
