@@ -131,12 +131,18 @@ def test_stage_chains_and_settings(tmp_path):
             str(tmp_path / "g"), Model("G", kind="Reasoning", base_hf_id="B"), narrow, samples=3, temperature=0.0
         ),
     ]
-    loaded = simulated.load_simulations(dirs)
+    calibrated = [  # each at its own fitted temperature: one setting, so paired (a chain of its base and RL stage)
+        write_simulation(str(tmp_path / f"{m.hf_id}-cal"), m, wide, samples=3, temperature="calibrated")
+        for m in (Model("B", stage="base", chain="C"), Model("R", stage="rl", **chain))
+    ]
+    loaded = simulated.load_simulations(dirs + calibrated)
+    assert loaded.complete[-1].simulation.calibrated and loaded.complete[-1].mean_temperature == pytest.approx(0.8)
     comparisons, notes = simulated.find_comparisons(loaded.complete)
-    assert {(c.post.model, c.base.model, c.against, c.chain) for c in comparisons} == {
-        ("S", "B", "base", "C"),
-        ("R", "B", "base", ""),
-        ("R", "S", "previous", "C"),
+    assert {(c.post.model, c.base.model, c.against, c.chain, c.post.label()) for c in comparisons} == {
+        ("S", "B", "base", "C", "k=3, T=1"),
+        ("R", "B", "base", "", "k=3, T=1"),
+        ("R", "S", "previous", "C", "k=3, T=1"),
+        ("R", "B", "base", "C", "k=3, T=calibrated"),
     }
     assert any("simulation of G (k=3, T=0): base B not scored" in n for n in notes)  # greedy: another setting
     bt = simulated.build_behaviour(loaded.complete, n_boot=20)

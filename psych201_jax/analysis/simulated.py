@@ -95,9 +95,10 @@ class SimulationRun:
         return len(self.participants) + len(self.rejected)
 
     @property
-    def setting(self) -> Simulation:
-        """What makes two runs' samples comparable: the sampling setting without the calibration run."""
-        return dataclasses.replace(self.simulation, calibration="")
+    def setting(self) -> tuple[Any, ...]:
+        """What makes two runs' samples comparable: the ``SETTING`` values (the calibration run is each model's
+        own, so a calibrated base and a calibrated post-trained model are compared)."""
+        return tuple(getattr(self.simulation, k) for k in SETTING)
 
     def status(self) -> str:
         total = "?" if self.n_input is None else str(self.n_input)
@@ -166,7 +167,7 @@ def load_simulations(dirs: Iterable[str], allow_incomplete: bool = False) -> Loa
     ``allow_incomplete``; then it is listed in the notes and left out of the behaviour tables: a part of the
     participants' samples is never reported as a model's behaviour. Of two complete runs of one model, condition
     and setting the first is kept, the other noted."""
-    kept: dict[tuple[str, Condition, Simulation], SimulationRun] = {}
+    kept: dict[tuple[str, Condition, tuple[Any, ...]], SimulationRun] = {}
     incomplete, notes = [], []
     for d in dirs:
         sim = load_simulation(d)
@@ -226,7 +227,7 @@ def find_comparisons(sims: Sequence[SimulationRun]) -> tuple[list[Comparison], l
     """Every (post, base) pair by ``model_info.base_hf_id`` and every (stage, previous stage) step of a stage
     chain, within one condition and sampling setting; a step whose previous stage is the base is its pair
     (once, with the chain named). Notes for unpaired post-trained runs and chains left out."""
-    groups: dict[Simulation, list[SimulationRun]] = {}
+    groups: dict[tuple[Any, ...], list[SimulationRun]] = {}
     for sim in sims:
         groups.setdefault(sim.setting, []).append(sim)
     out: dict[tuple[str, str], Comparison] = {}
