@@ -1,5 +1,6 @@
 """Finding and loading results directories as ``metrics.Run``; one run per model and condition; the
-condition the figures show."""
+condition the figures show. Simulation directories (``psych201-simulate``: samples, not scores) are found too and
+told apart (``split_simulations``); ``analysis.simulated`` reads them."""
 
 from __future__ import annotations
 
