@@ -48,17 +48,19 @@ class ProgressLine:
         self._shown = False
 
     @staticmethod
-    def format(done: int, total: int | None, tokens_per_s: float, eta_s: float) -> str:
+    def format(done: int, total: int | None, tokens_per_s: float, eta_s: float, rates: str = "") -> str:
         eta = f"{eta_s:.0f}s" if math.isfinite(eta_s) else "?"
-        return f"{done}/{total if total else '?'} participants, {tokens_per_s:,.0f} tokens/s, ETA {eta}"
+        rates = rates or f"{tokens_per_s:,.0f} tokens/s"
+        return f"{done}/{total if total else '?'} participants, {rates}, ETA {eta}"
 
-    def update(self, done: int, tokens_per_s: float, eta_s: float) -> None:
+    def update(self, done: int, tokens_per_s: float, eta_s: float, *, rates: str = "") -> None:
+        """Shows the line (``rates``: instead of the tokens/s part, e.g. a simulation's branches/s)."""
         now = time.perf_counter()
         final = self.total is not None and done >= self.total
         if not final and now - self._last < (0.5 if self.tty else self.every_s):
             return
         self._last = now
-        line = self.format(done, self.total, tokens_per_s, eta_s)
+        line = self.format(done, self.total, tokens_per_s, eta_s, rates)
         if self.tty:
             self.stream.write("\r" + line + "\x1b[K")
             self.stream.flush()

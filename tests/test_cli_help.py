@@ -21,6 +21,14 @@ def _help(name: str) -> str:
     return proc.stdout
 
 
+def test_simulate_help_lists_every_simulation_config_key():
+    text = _help("simulate")
+    keys = config.documented_keys("simulate")
+    assert len(keys) == len(config.SimulateJob().flags()) and "not a closed-loop simulation" in text
+    for key, default, doc in keys:
+        assert f"  {key} " in text and doc in text, key
+
+
 @pytest.mark.parametrize("name", ["score", "audit"])
 def test_score_and_audit_help_list_every_job_config_key(name):
     text = _help(name)

@@ -15,7 +15,7 @@ from test_faults import _cli, _one_line_error  # one copy of the command-line he
 
 from configs.sweeps import tiny
 from psych201_jax import errors, locks, paths
-from psych201_jax.runs import job, store, sweep
+from psych201_jax.runs import job, store, sweep, sweep_worker
 from psych201_jax.runs.config import ScoreJob
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,7 +55,7 @@ def _sweep(tmp_path, root, conditions=(PLAIN, ROBUST), models=(TINY,)):
 
 
 def _run_shard(cfg, jobs):
-    return sweep.run_shard(jobs, cfg.overrides(), out_root=cfg.out_root, name=cfg.name)
+    return sweep_worker.run_shard(jobs, cfg.overrides(), out_root=cfg.out_root, name=cfg.name)
 
 
 # ------------------------------------------------------------------------------- 1. recoverable first write

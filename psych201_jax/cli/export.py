@@ -13,8 +13,12 @@ counts every lost response and labelling problem. With the head's temperature gr
 ``nll_t`` (one list per temperature, responses in the order of ``nll``), ``entropy`` (per response, summed
 over its tokens, nats) and with options ``option_mass``. ``argmax`` and ``target``: per scored token (the
 responses' tokens in the order of ``nll``, ``n_scored`` of them per response), the model's top token and the
-human token (their equality is the study's per-token accuracy). An incomplete run is refused unless
---allow_incomplete.
+human token (their equality is the study's per-token accuracy). A simulation (``psych201-simulate``)
+exports {"study", "experiment", "participant", "status" (sampled | rejected), "reason", "slots": [{"human",
+"human_tokens", "temperature", "samples": [{"tokens", "text", "logprob", "stopped"}]}]}, slots in text
+order; a sample's tokens and text exclude its closing marker, ``human_tokens`` are the tokens the scorer
+labels for that response, ``logprob`` is the model's (T = 1) log-probability of all it drew. An incomplete
+run is refused unless --allow_incomplete.
 
 --format=reference writes the trees and merged CSVs the study's scripts read (``eval.py``'s
 ``data/<study>/<model>.pth``, ``data_acc/``, ``data_meta/``, ``data_instruct/`` and
@@ -54,6 +58,9 @@ _ALLOW_INCOMPLETE = flags.DEFINE_bool("allow_incomplete", False, "Export an inco
 
 def export_rows(results_dir: str):
     """One dict per committed participant (see the module docstring)."""
+    if results.is_simulation(results_dir):
+        yield from simulation_rows(results_dir)
+        return
     determinants = results.read_manifest(results_dir).get("determinants", {})
     protocol = results.manifest_protocol(results_dir)
     temperatures = determinants.get("temperatures") or []
@@ -81,6 +88,23 @@ def export_rows(results_dir: str):
         yield out
 
 
+def simulation_rows(results_dir: str):
+    """One dict per committed participant of a simulation: identity, status, reason and its slots."""
+    for row in results.iter_rows(results_dir):
+        out = {key: row[key] for key in ("study", "experiment", "participant", "status")}
+        out["reason"] = row.get("reason", "")
+        out["slots"] = [
+            {
+                "human": slot["human"],
+                "human_tokens": slot["human_tokens"],
+                "temperature": slot["temperature"],
+                "samples": [{k: x[k] for k in ("tokens", "text", "logprob", "stopped")} for x in slot["samples"]],
+            }
+            for slot in row.get("slots", [])
+        ]
+        yield out
+
+
 def _checked_status(results_dir: str) -> results.RunStatus:
     status = results.read_status(results_dir)  # fails clearly on a directory that is not a results dir
     if not status.complete:
@@ -95,6 +119,9 @@ def _checked_status(results_dir: str) -> results.RunStatus:
 
 def _export_reference(out: str) -> None:
     dirs = [d for entry in _RESULTS.value for d in _results_dirs(paths.normalize(entry))]
+    for d in [d for d in dirs if results.is_simulation(d)]:
+        print(f"skipped {d}: a simulation (sampled responses); the study's layout holds scores only")
+    dirs = [d for d in dirs if not results.is_simulation(d)]
     for d in dirs:
         _checked_status(d)
     try:

@@ -1,4 +1,5 @@
-r"""psych201-sweep: expand a sweep (model pairs × conditions) into scoring jobs and run them, one model at a time.
+r"""psych201-sweep: expand a sweep (model pairs × conditions) into scoring and simulation jobs and run them, one
+model at a time.
 
 The unit of work is one model with all its conditions: a worker restores and compiles the model once and
 runs every condition; conditions that feed the model the same tokens (they differ only in the head:
@@ -27,7 +28,7 @@ from typing import Any
 from absl import app, flags, logging
 
 from psych201_jax.cli import common
-from psych201_jax.runs import emit, sweep
+from psych201_jax.runs import emit, sweep, sweep_worker
 
 _CONFIG: Any = None  # defined in run(): its overrides are parsed when it is defined
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "List the jobs only.")
@@ -93,11 +94,20 @@ def main(argv):
         print(f"wrote {path}")
         return
     shard = sweep.parse_shard(_SHARD.value)
-    outcomes = sweep.run_shard(jobs, overrides, out_root=cfg.out_root, name=cfg.name, shard=shard)
+    from psych201_jax.analysis import calibration  # simulations at temperature=calibrated
+
+    outcomes = sweep_worker.run_shard(
+        jobs,
+        overrides,
+        out_root=cfg.out_root,
+        name=cfg.name,
+        shard=shard,
+        fit_temperatures=calibration.fitted_temperatures,
+    )
     suffix = "" if shard == (0, 1) else f"_shard{shard[0]}of{shard[1]}"
     outcomes_path = os.path.join(cfg.out_root, f"sweep_outcomes{suffix}.json")
-    if sweep.is_writer():
-        sweep.write_outcomes(outcomes_path, outcomes)
+    if sweep_worker.is_writer():
+        sweep_worker.write_outcomes(outcomes_path, outcomes)
     counts = {s: sum(o["status"] == s for o in outcomes) for s in ("done", "failed", "skipped")}
     in_use = sum(bool(o.get("in_use")) for o in outcomes)
     print(

@@ -13,7 +13,7 @@ import dataclasses
 import enum
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from psych201_jax import defaults, paths
 from psych201_jax.conditions import (
@@ -23,13 +23,14 @@ from psych201_jax.conditions import (
     ModelInfo,
     Persona,
     Protocol,
+    Simulation,
     parse_enum,
 )
 from psych201_jax.data import spans
 from psych201_jax.data.pipeline import SpanPipeline
 from psych201_jax.errors import UserError
 
-__all__ = ["ConfigError", "DistributedConfig", "MeshConfig", "Mode", "ScoreJob", "documented_keys"]
+__all__ = ["ConfigError", "DistributedConfig", "MeshConfig", "Mode", "ScoreJob", "SimulateJob", "documented_keys"]
 
 
 # A job's model info before the model is known: every field unknown, so the job takes the model's own.
@@ -370,9 +371,63 @@ def _typed(m: Mapping[str, Any], key: str, kind: type, prefix: str = "") -> Any:
     raise ConfigError(f"config.{prefix}{key} must be a {kind.__name__}, got {value!r}")
 
 
-def documented_keys() -> list[tuple[str, str, str]]:
-    """(key, default, description) of every flat config key, for ``--help`` (from the field docs)."""
-    job = ScoreJob()
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SimulateJob:
+    """One simulation job (``psych201-simulate``): a scoring job's model, data, condition (its protocol,
+    template and persona build the same prefixes; ``options=study`` restricts a response's first token to
+    its study's options), output and run knobs, plus how responses are sampled."""
+
+    score: ScoreJob = _field(ScoreJob(out="out/simulate-default"), "model, data, condition, out, mesh, run knobs")
+    simulation: Simulation = _field(Simulation(), "how responses are sampled")
+    branch_capacity: int = _field(64, "branches (slot x sample) per packed row and decode pass")
+
+    KEYS: ClassVar[tuple[str, ...]] = (*Simulation.FIELDS, "branch_capacity")
+
+    def __post_init__(self):
+        if self.branch_capacity < 1:
+            raise ConfigError(f"config.branch_capacity must be a positive integer, got {self.branch_capacity!r}")
+        if self.score.condition.temperatures:  # the scoring head's grid: no part of a simulation
+            grid_free = dataclasses.replace(self.score.condition, temperatures=())
+            object.__setattr__(self, "score", self.score.replace(condition=grid_free))
+
+    @property
+    def out(self) -> str:
+        return self.score.out
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat config: a scoring job's keys (no temperature grid) and the simulation's."""
+        flat = {k: v for k, v in self.score.to_dict().items() if k != "temperatures"}
+        simulation = self.simulation.as_dict() | {"temperature": str(self.simulation.temperature)}  # or calibrated
+        return flat | simulation | {"branch_capacity": self.branch_capacity}
+
+    def flags(self) -> list[str]:
+        """``--config.<key>=<value>`` for every key: this job as a ``psych201-simulate`` command line."""
+        return [f"--config.{key}={value}" for key, value in _flatten(self.to_dict())]
+
+    @classmethod
+    def from_mapping(cls, m: Mapping[str, Any]) -> SimulateJob:
+        """From a flat config; absent keys take their defaults. A ConfigError names a bad key or value."""
+        base = cls().to_dict()
+        flat = {**base, **m}
+        score = {k: v for k, v in flat.items() if k not in cls.KEYS}
+        try:
+            simulation = Simulation.from_mapping(flat)
+        except ConditionError as err:
+            raise ConfigError(f"config.{err}") from None
+        return cls(
+            score=ScoreJob.from_mapping(score | {"temperatures": "none"}),
+            simulation=simulation,
+            branch_capacity=_typed(flat, "branch_capacity", int),
+        )
+
+    def replace(self, **changes: Any) -> SimulateJob:
+        return dataclasses.replace(self, **changes)
+
+
+def documented_keys(kind: str = "score") -> list[tuple[str, str, str]]:
+    """(key, default, description) of every flat config key of a ``score`` or ``simulate`` job, for
+    ``--help`` (from the field docs)."""
+    job = ScoreJob() if kind == "score" else SimulateJob()
     flat = dict(_flatten(job.to_dict()))
     docs: dict[str, str] = {}
     for f in dataclasses.fields(ScoreJob):
@@ -388,6 +443,7 @@ def documented_keys() -> list[tuple[str, str, str]]:
                 docs[f"{f.name}.{g.name}"] = g.metadata["doc"]
         else:
             docs[f.name] = f.metadata["doc"]
+    docs |= SIMULATION_DOCS
     return [(key, repr(flat[key]), docs[key]) for key in flat]
 
 
@@ -400,6 +456,16 @@ CONDITION_DOCS = {
     "options": "none | study: also the top token among the study's single-token responses",
     "temperatures": "the head's temperature grid: default (17 values, 0.25 to 4), none, or a comma list",
     "dtype": "float32 | bfloat16 (parameters and activations; log-probs always float32)",
+}
+SIMULATION_DOCS = {
+    "samples": "k: samples per response slot",
+    "temperature": "a number (0: greedy) or calibrated (each participant at the temperature the calibration control "
+    "fitted on the other half of the calibration run's participants)",
+    "max_new_tokens": "the most tokens a sample generates (its closing marker or stop token included)",
+    "top_k": "keep the k most likely tokens (0: off)",
+    "top_p": "keep the most likely tokens up to probability mass p (1: off)",
+    "calibration": "with temperature=calibrated: a scoring results directory of the same model with a temperature grid",
+    "branch_capacity": "branches (slot x sample) per packed row and decode pass",
 }
 MODEL_INFO_DOCS = {
     "hf_id": "the model's hub id (names the model in the analysis); empty: the HF directory's name, or the "

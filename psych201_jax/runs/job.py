@@ -150,7 +150,7 @@ def run_conditions(loaded: LoadedModel, jobs: list[ScoreJob], *, total: int | No
     pipeline = job.span_pipeline(context)
     pipeline.check_template(tok)  # a clear error before any work, not a silently different prompt
     with_options = any(j.condition.options == OptionsMode.STUDY for j in jobs)
-    study_options = _collect_options(pipeline, tok) if with_options else None
+    study_options = collect_study_options(pipeline, tok) if with_options else None
     heads = [
         loaded.scorer.with_head(
             options=study_options if j.condition.options == OptionsMode.STUDY else None,
@@ -248,7 +248,7 @@ def _score(
     return progress
 
 
-def _collect_options(pipeline: SpanPipeline, tok: TokenizerInfo) -> StudyOptions:
+def collect_study_options(pipeline: SpanPipeline, tok: TokenizerInfo) -> StudyOptions:
     """Options of every study from a pass over all of the data (not only what is left to score, so a
     resumed job, and every process, gets the same options), tokenized as for scoring."""
     start = time.perf_counter()

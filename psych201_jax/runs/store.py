@@ -523,6 +523,11 @@ def read_complete(out_dir: str) -> dict | None:
         return None
 
 
+def is_simulation(out_dir: str) -> bool:
+    """Whether a results directory holds sampled responses (``psych201-simulate``), not scores."""
+    return "simulate" in read_manifest(out_dir).get("determinants", {})
+
+
 def manifest_protocol(out_dir: str) -> Protocol:
     """The span protocol a results directory was scored under (its manifest's determinants)."""
     value = read_manifest(out_dir).get("determinants", {}).get("protocol", "reference")

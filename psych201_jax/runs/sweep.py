@@ -22,7 +22,6 @@ import dataclasses
 import errno
 import json
 import os
-import socket
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -30,13 +29,13 @@ from typing import Any
 from absl import logging
 
 from psych201_jax import locks, paths
-from psych201_jax.conditions import Condition, ConditionError, ModelInfo, ModelKind
+from psych201_jax.conditions import Condition, ConditionError, ModelInfo, ModelKind, Simulation
 from psych201_jax.errors import UserError
 from psych201_jax.model.spec import SUPPORTED_MODEL_TYPES
 from psych201_jax.runs import store
-from psych201_jax.runs.config import ConfigError, ScoreJob
+from psych201_jax.runs.config import ConfigError, ScoreJob, SimulateJob
 
-__all__ = ["Job", "Sweep", "SweepCondition", "SweepError", "SweepModel", "SweepStatus", "expand", "run_shard"]
+__all__ = ["Job", "Sweep", "SweepCondition", "SweepError", "SweepModel", "SweepStatus", "expand"]
 
 
 class SweepError(UserError):
@@ -62,6 +61,14 @@ class SweepCondition:
     condition: Condition
     kinds: str | tuple[str, ...] = dataclasses.field(
         default="all", metadata={"doc": "all | post | chat | persona | a list of model kinds"}
+    )
+    simulation: Simulation | None = dataclasses.field(
+        default=None,
+        metadata={
+            "doc": "simulate=dict(samples, temperature, max_new_tokens, top_k, top_p, calibration): a simulation "
+            "(psych201-simulate) instead of scoring; calibration names the condition whose temperature grid "
+            "gives temperature=calibrated"
+        },
     )
 
     def applies(self, model: SweepModel) -> bool:
@@ -90,7 +97,10 @@ class Sweep:
         }
     )
     conditions: tuple[SweepCondition, ...] = dataclasses.field(
-        metadata={"doc": "dicts: name, protocol, template, persona, persona_subset, options, temperatures, data, kinds"}
+        metadata={
+            "doc": "dicts: name, protocol, template, persona, persona_subset, options, temperatures, data, kinds, "
+            "simulate"
+        }
     )
     score: tuple[tuple[str, Any], ...] = dataclasses.field(
         default=(), metadata={"doc": "psych201-score config overrides for every job, e.g. dict(dtype='bfloat16')"}
@@ -130,7 +140,17 @@ class Sweep:
             )
         except KeyError as err:
             raise SweepError(f"the sweep config lacks {err}") from None
-        return sweep, bad
+        grids = {c.name for c in sweep.conditions if c.simulation is None and c.condition.temperatures}
+        kept = []
+        for c in sweep.conditions:
+            if c.simulation is not None and c.simulation.calibrated and c.simulation.calibration not in grids:
+                bad.append(
+                    f"condition {c.name!r}: calibration={c.simulation.calibration!r} must name a scoring condition "
+                    f"of this sweep with a temperature grid ({', '.join(sorted(grids)) or 'none has one'})"
+                )
+            else:
+                kept.append(c)
+        return dataclasses.replace(sweep, conditions=tuple(kept)), bad
 
     def overrides(self) -> dict[str, Any]:
         return dict(self.score)
@@ -161,15 +181,20 @@ def _check_name(what: str, name: str) -> None:
 def _condition(m: dict) -> SweepCondition:
     name = str(m.get("name", ""))
     _check_name("condition name", name)
+    sim = m.pop("simulate", None)
     try:
-        condition = Condition.from_mapping({"temperatures": "none", **m})
+        condition = Condition.from_mapping({"temperatures": "none", **m} | ({"temperatures": "none"} if sim else {}))
+        simulation = None if sim is None else Simulation.from_mapping(dict(sim))
     except ConditionError as err:
         raise SweepError(f"condition {name!r}: {err}") from None
     kinds = m.get("kinds", "all")
-    return SweepCondition(name=name, condition=condition, kinds=kinds if isinstance(kinds, str) else tuple(kinds))
+    kinds = kinds if isinstance(kinds, str) else tuple(kinds)
+    return SweepCondition(name=name, condition=condition, kinds=kinds, simulation=simulation)
 
 
 CONDITION_FIELDS = Condition.SWEEP_FIELDS
+# Architectures the slot sampler refuses (``sampler.check_supported``): their simulations are skipped.
+UNSAMPLED_MODEL_TYPES = ("qwen3_5", "qwen3_5_text")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +207,7 @@ class Job:
     condition_name: str
     condition: Condition  # its data: the condition's own, else the sweep's
     skip_reason: str = ""  # set when the job cannot run here (e.g. unsupported architecture)
+    simulation: Simulation | None = None  # a simulation job; calibrated: its calibration run's directory
 
     @property
     def model_info(self) -> ModelInfo:
@@ -195,8 +221,19 @@ class Job:
         except ConfigError as err:
             raise SweepError(f"{self.name}: the sweep's score overrides {dict(overrides)} do not fit: {err}") from None
 
+    def simulate_job(self, overrides: Mapping[str, Any]) -> SimulateJob:
+        """The ``psych201-simulate`` job of a simulation condition."""
+        if self.simulation is None:
+            raise SweepError(f"{self.name}: not a simulation")
+        try:
+            return SimulateJob(score=self.score_job(overrides), simulation=self.simulation)
+        except ConfigError as err:
+            raise SweepError(f"{self.name}: {err}") from None
+
     def score_args(self, overrides: Mapping[str, Any]) -> list[str]:
-        """This job as ``psych201-score`` flags."""
+        """This job as ``psych201-score`` flags (``psych201-simulate`` flags for a simulation)."""
+        if self.simulation is not None:
+            return self.simulate_job(overrides).flags()
         return self.score_job(overrides).flags()
 
 
@@ -215,11 +252,19 @@ def expand(sweep: Sweep) -> list[Job]:
             skip = ""
             if model.arch and model.arch not in SUPPORTED_MODEL_TYPES:
                 skip = f"architecture {model.arch!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+            elif c.simulation is not None and model.arch in UNSAMPLED_MODEL_TYPES:
+                skip = f"slot sampling does not support {model.arch!r} (Gated DeltaNet hybrid) yet"
             name = f"{slug(model.info.hf_id)}/{c.name}"
             out = paths.normalize(os.path.join(sweep.out_root, name))
             if os.path.dirname(os.path.dirname(out)) != paths.normalize(sweep.out_root):
                 raise SweepError(f"job {name!r}: its results folder {out} is not inside out_root {sweep.out_root}")
-            jobs.append(Job(name, out, model, c.name, condition, skip))
+            simulation = c.simulation
+            if simulation is not None and simulation.calibrated:  # that condition's results of this model
+                calibration = paths.normalize(
+                    os.path.join(sweep.out_root, slug(model.info.hf_id), simulation.calibration)
+                )
+                simulation = dataclasses.replace(simulation, calibration=calibration)
+            jobs.append(Job(name, out, model, c.name, condition, skip, simulation))
     return jobs
 
 
@@ -234,13 +279,16 @@ def problems(jobs: list[Job], overrides: Mapping[str, Any]) -> list[str]:
             seen.add(line)
             out.append(line)
 
+    outs = {job.out for job in jobs if not job.skip_reason}
     for job in jobs:
         if job.skip_reason:
             continue
         try:
-            job.score_job(overrides)
+            job.score_job(overrides) if job.simulation is None else job.simulate_job(overrides)
         except SweepError as err:
             once(str(err))
+        if job.simulation is not None and job.simulation.calibrated and job.simulation.calibration not in outs:
+            once(f"{job.name}: its calibration run {job.simulation.calibration} is not a job of this sweep")
         path = job.model.path
         if not any(os.path.isfile(os.path.join(path, f)) for f in ("model_spec.json", "config.json")):
             once(f"model {job.model_info.hf_id!r}: {path} is neither a converted nor an HF checkpoint directory")
@@ -254,11 +302,14 @@ def is_complete(job: Job) -> bool:
     """Finished, and with this job's condition (an edited sweep config must not skip stale results)."""
     if store.read_complete(job.out) is None:
         return False
+    manifest = store.read_manifest(job.out)
+    config = manifest.get("config", {})
     try:
-        done = Condition.from_mapping(store.read_manifest(job.out).get("config", {}))
+        done = Condition.from_mapping(config)
+        simulation = Simulation.from_mapping(config) if "simulate" in manifest.get("determinants", {}) else None
     except ConditionError:
         return False
-    return done.values(CONDITION_FIELDS) == job.condition.values(CONDITION_FIELDS)
+    return done.values(CONDITION_FIELDS) == job.condition.values(CONDITION_FIELDS) and simulation == job.simulation
 
 
 def models_of(jobs: list[Job]) -> list[tuple[str, list[Job]]]:
@@ -408,185 +459,3 @@ def status_line(status: dict) -> str:
         + (f" ({running})" if running else "")
         + f"; {tokens / seconds if seconds else 0.0:.0f} tokens/s; ETA {eta}"
     )
-
-
-def is_writer() -> bool:
-    """Process 0 of a multi-process shard writes the sweep's status and outcomes (every process scores)."""
-    import jax
-
-    return jax.process_index() == 0
-
-
-def run_shard(
-    jobs: list[Job], overrides: Mapping[str, Any], *, out_root: str, name: str, shard: tuple[int, int] = (0, 1)
-) -> list[dict]:
-    """Runs this shard's models one after another in this process, each restored and compiled once, with
-    all its conditions (jobs sharing a token stream share the forward pass, see ``job.run_conditions``).
-    Complete jobs are skipped, partial ones resumed, a failed condition is recorded and the worker goes on;
-    one that another worker holds is skipped (``in_use`` in its outcome). Returns one outcome per job of the
-    shard (skipped jobs included)."""
-    from psych201_jax.runs import job as job_lib
-
-    units = shard_models(models_of(jobs), *shard)
-    try:
-        shared = ScoreJob().with_overrides(overrides)
-    except ConfigError as err:
-        raise SweepError(f"the sweep's score overrides {dict(overrides)} do not fit the job config: {err}") from None
-    job_lib.initialize_runtime(shared)  # before any JAX use
-    writer = is_writer()
-    status = SweepStatus(out_root, name, jobs)
-    if writer:
-        try:
-            for model, model_jobs in units:
-                entry = status.read()["models"].get(model, {})
-                if entry.get("state") in (None, "remaining"):
-                    conditions = {"done": 0, "failed": 0, "total": len(model_jobs)}
-                    status.update(model, state="remaining", conditions=conditions)
-        except (SweepStatusError, locks.LockPathError) as err:  # only the report: each model's own update says it again
-            logging.warning("%s", err)
-    outcomes = [
-        {"job": j.name, "status": "skipped", "detail": j.skip_reason, "out": j.out}
-        for j in jobs
-        if j.skip_reason and shard[0] == 0
-    ]
-    for model, model_jobs in units:
-        outcomes += _run_model(model, model_jobs, overrides, status if writer else None, shard, job_lib)
-    return outcomes
-
-
-def _run_model(model: str, jobs: list[Job], overrides: Mapping[str, Any], status, shard, job_lib) -> list[dict]:
-    """One model's jobs: one restore, then each share group of its incomplete jobs (a failed group is
-    retried job by job, so only the failing condition fails)."""
-    from psych201_jax.data import records
-    from psych201_jax.parallel import distributed
-
-    started = time.perf_counter()
-    outcomes: dict[str, dict] = {}
-    todo = []
-    for j in jobs:
-        if is_complete(j):
-            outcomes[j.name] = {"job": j.name, "status": "done", "detail": "already complete", "out": j.out}
-        else:
-            todo.append(j)
-    tokens = 0
-
-    def report(state: str, restored: int = 0) -> UserError | None:
-        """Writes the model's entry (conditions counted now); a failed write is returned, not raised."""
-        if status is None:
-            return None
-        final = state != "running"  # tokens and seconds are added once, when the model ends
-        try:
-            with status.lock():  # the final state reads other workers' results: no update in between
-                in_use = [j for j in jobs if outcomes.get(j.name, {}).get("in_use")]
-                if final:  # conditions another worker held: finished by now, or still running there
-                    ended = [j for j in in_use if is_complete(j)]
-                    for j in ended:
-                        outcomes[j.name] = {"job": j.name, "status": "done", "detail": "done by another worker"}
-                        outcomes[j.name]["out"] = j.out
-                    in_use = [j for j in in_use if j not in ended]
-                    state = "failed" if any(o["status"] == "failed" for o in outcomes.values()) else state
-                    state = "running" if in_use and state == "done" else state
-                conditions = {
-                    "done": sum(o["status"] == "done" for o in outcomes.values()),
-                    "failed": sum(o["status"] == "failed" for o in outcomes.values()),
-                    "total": len(jobs),
-                }
-                if in_use:
-                    conditions["in_use"] = len(in_use)
-                current = status.update(
-                    model,
-                    add={  # restores are counted when they happen (a killed worker's too)
-                        "restores": restored,
-                        "tokens": tokens if final else 0,
-                        "seconds": time.perf_counter() - started if final else 0.0,
-                    },
-                    state=state,
-                    shard=f"{shard[0]}/{shard[1]}",
-                    pid=os.getpid(),
-                    host=socket.gethostname(),
-                    conditions=conditions,
-                )
-        except (SweepStatusError, locks.LockPathError) as err:
-            logging.error("%s", err)
-            return err
-        print(f"{model}: {state} | {status_line(current)}", flush=True)
-        return None
-
-    score_jobs = {}
-    for j in todo:
-        try:
-            score_jobs[j.name] = j.score_job(overrides)
-        except Exception as err:  # noqa: BLE001 -- a job whose config cannot be built fails alone
-            outcomes[j.name] = _failed(j, err)
-    by_job = {id(c): j for j in todo if (c := score_jobs.get(j.name)) is not None}
-    if by_job:
-        report("running")
-    loaded, loaded_key = None, None
-    load_errors: dict[tuple, Exception] = {}  # a restore that failed is not tried again for the next group
-    totals: dict[str, int | None] = {}
-    groups = job_lib.share_groups(list(score_jobs.values()))
-    while groups:
-        group = groups.pop(0)
-        group_jobs = [by_job[id(c)] for c in group]
-        key = group[0].load_key()
-        if key in load_errors:
-            for j in group_jobs:
-                outcomes[j.name] = _failed(j, load_errors[key])
-            continue
-        logging.info("%s: %s", model, ", ".join(j.name for j in group_jobs))
-        try:
-            if key != loaded_key:  # one restore, unless a job asks for another dtype
-                loaded = loaded_key = None  # the previous parameters go before the next restore
-                loaded = job_lib.load(group[0])
-                loaded_key = key
-                report("running", restored=1)  # counted when it happens (a killed worker's too)
-            data_of = group[0].data  # counted once per model and data, not once per share group
-            if data_of not in totals:
-                totals[data_of] = records.count_participants(data_of)
-            tokens += job_lib.run_conditions(loaded, group, total=totals[data_of]).tokens
-            for j in group_jobs:  # returned normally: complete (process 0 wrote complete.json)
-                outcomes[j.name] = {"job": j.name, "status": "done", "detail": "", "out": j.out}
-        except Exception as err:  # noqa: BLE001 -- recorded; the worker goes on with the next condition
-            if distributed.is_multiprocess():
-                raise  # every process must take the same path: the shard stops, a rerun resumes
-            if loaded is None:
-                load_errors[key] = err
-            elif len(group) > 1:
-                logging.warning("%s: %s; retrying them one by one", ", ".join(j.name for j in group_jobs), err)
-                groups = [[c] for c in group] + groups  # one bad (or held) condition must not fail its siblings
-                continue
-            if isinstance(err, store.ResultsInUse):  # another worker runs it: not a failure of this one
-                logging.warning("%s", err)
-                for j in group_jobs:
-                    outcomes[j.name] = {"job": j.name, "status": "skipped", "detail": str(err), "out": j.out}
-                    outcomes[j.name]["in_use"] = True
-            else:
-                logging.exception("%s failed", ", ".join(j.name for j in group_jobs))
-                for j in group_jobs:
-                    outcomes[j.name] = _failed(j, err)
-        _report_or_fail(report("running"), group_jobs, outcomes)  # counts after each condition
-    del loaded  # the next model's parameters replace this one's
-    report("done")  # failed if any condition failed; running while another worker holds one
-    return [outcomes[j.name] for j in jobs]
-
-
-def _report_or_fail(err: UserError | None, jobs: list[Job], outcomes: dict[str, dict]) -> None:
-    """A status write that failed (full disk) fails the conditions it reported, with its one line."""
-    if err is not None:
-        for j in jobs:
-            if outcomes[j.name]["status"] == "done":
-                outcomes[j.name] = _failed(j, err)
-
-
-def _failed(job: Job, err: Exception) -> dict:
-    detail = " ".join(str(err).split())[:300]
-    return {"job": job.name, "status": "failed", "detail": f"{type(err).__name__}: {detail}", "out": job.out}
-
-
-def write_outcomes(path: str, outcomes: list[dict]) -> None:
-    try:
-        with open(path, "w") as fh:
-            json.dump(outcomes, fh, indent=2)
-    except OSError as err:
-        what = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
-        raise SweepError(f"cannot write {path}: {what}") from None

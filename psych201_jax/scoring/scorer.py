@@ -85,6 +85,10 @@ class Scorer:
         )
         self._set_head(options, temperatures)
 
+    def model(self) -> Decoder:
+        """The model on its placed parameters (no copy), e.g. for the slot sampler."""
+        return nnx.merge(self._graphdef, self.state)
+
     def with_head(self, *, options: StudyOptions | None = None, temperatures: tuple[float, ...] = ()) -> Scorer:
         """This scorer with another head (``options``: its ``StudyOptions`` or None; ``temperatures``), on the
         same placed parameters and the same compiled forward: a sweep worker's next condition restores and
