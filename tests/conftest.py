@@ -46,3 +46,29 @@ def llama_tokenizer_dir(tmp_path_factory, _tokenizer_texts):
     return tiny_tokenizer.train_tokenizer_dir(
         _tokenizer_texts, str(tmp_path_factory.mktemp("tok_llama")), flavour="llama"
     )
+
+
+# The longest test files first: with `-n 2 --dist loadfile` each file is one unit of work handed out in
+# collection order, so a long file started last would leave the other worker idle at the end.
+SLOW_FILES = (
+    "test_parity.py",
+    "test_benchmark_smoke.py",
+    "test_device_check.py",
+    "test_sharding.py",
+    "test_simulate.py",
+    "test_sampling.py",
+    "test_options.py",
+    "test_audit.py",
+    "test_sweep.py",
+    "test_multiprocess.py",
+    "test_resume.py",
+    "test_study_oracle.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = os.path.basename(str(item.fspath))
+        return SLOW_FILES.index(name) if name in SLOW_FILES else len(SLOW_FILES)
+
+    items.sort(key=rank)  # stable: the order within a file is kept
