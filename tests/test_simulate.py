@@ -226,3 +226,22 @@ def test_kill_and_resume_gives_the_samples_of_an_uninterrupted_run_with_other_ba
         np.testing.assert_allclose([lp for _, lp in got[key]], [lp for _, lp in draws], rtol=2e-6, atol=1e-5)
     again = _simulate(out, parsed.data, "--config.samples=3")  # another sampling config: refused, not mixed in
     assert again.wait(timeout=300) == 2 and "different configuration" in again.stderr.read()
+
+
+@pytest.mark.parametrize("target", ["slurm", "tpu"])
+def test_emitted_scripts_run_the_simulations_with_the_scoring_conditions(target):
+    from psych201_jax.runs import emit
+
+    cfg = tiny_simulate.get_config()
+    jobs = sweep.expand(sweep.Sweep.from_mapping(cfg))
+    assert [j.condition_name for j in jobs if j.simulation is not None] == ["simulate"] * 2 + [
+        "simulate_calibrated"
+    ] * 2
+    text = emit.emit_script(
+        jobs, target, shards=2, config_path="configs/sweeps/tiny_simulate.py", flags=[], name=cfg.name, out_root="/o"
+    )
+    assert "2 models, 6 jobs (0 skipped" in text and "--config=configs/sweeps/tiny_simulate.py" in text
+    bad = dict(cfg.conditions[2]["simulate"], calibration="nope")
+    broken = dict(cfg.to_dict(), conditions=[*cfg.conditions[:2], dict(cfg.conditions[2], simulate=bad)])
+    with pytest.raises(sweep.SweepError, match="calibration='nope' must name a scoring condition"):
+        sweep.Sweep.from_mapping(broken)
