@@ -8,23 +8,25 @@ in the log-probs. Participants are synthetic token sequences with response runs.
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 from transformers import AutoConfig
 
+from psych201_jax.model import hf_weights
 from psych201_jax.model import spec as modelspec
 from psych201_jax.model.decoder import BIASES, Decoder
-from psych201_jax.model.layers import soft_cap
 from psych201_jax.sampling import sampler as sampler_lib
 from psych201_jax.sampling import slots as slots_lib
 from psych201_jax.sampling.sampler import SamplingConfig, sample_participants
+from psych201_jax.scoring import stream
+from psych201_jax.scoring.scorer import Scorer
 from psych201_jax.testing import tiny_models
+from psych201_jax.types import ParticipantSpans
 
 VOCAB = 512
-REF_LENGTH = 256  # the plain forward's row length (one compilation for every branch)
+REF_LENGTH = 256  # the scorer's row length (one compilation for every branch)
 FAN_IN = {"wq": 1, "wk": 1, "wv": 1, "w_gate": 1, "w_up": 1, "w_down": 1, "wo": 2}  # axes 1..n: the fan-in
 
 
@@ -45,7 +47,6 @@ def tiny_spec(family: str) -> modelspec.ModelSpec:
 def tiny_model(family: str, seed: int = 0) -> Decoder:
     """A float32 Decoder of ``family``'s tiny config (vocabulary 512), weights drawn as the parity checkpoints'."""
     spec = tiny_spec(family)
-    model = Decoder(spec, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(seed))
     rng = np.random.default_rng(seed)
 
     def draw(name, x):
@@ -63,10 +64,17 @@ def tiny_model(family: str, seed: int = 0) -> Decoder:
     def walk(tree):
         return {k: walk(v) if isinstance(v, dict) else jnp.asarray(draw(k, v), jnp.float32) for k, v in tree.items()}
 
-    state = nnx.state(model)
-    nnx.replace_by_pure_dict(state, walk(nnx.to_pure_dict(state)))
-    nnx.update(model, state)
-    return model
+    return _fill(spec, walk)
+
+
+def _fill(spec: modelspec.ModelSpec, params) -> Decoder:
+    """A float32 Decoder of ``spec`` with the parameters ``params(abstract pure dict)`` returns (no random
+    init: its eager ops cost more than the tests' compilations)."""
+    graphdef, state = nnx.split(
+        nnx.eval_shape(lambda: Decoder(spec, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    )
+    nnx.replace_by_pure_dict(state, params(nnx.to_pure_dict(state)))
+    return nnx.merge(graphdef, state)
 
 
 def participant(name: str, length: int, starts, seed: int, width: int = 3) -> Participant:
@@ -97,24 +105,27 @@ def model_of(models, family):
     return models[family]
 
 
-@nnx.jit
-def _plain_log_probs(model, tokens):
-    """The ordinary full forward's next-token log-probs [T, V] of one sequence padded to REF_LENGTH."""
-    n = jnp.sum(tokens >= 0)
-    t = jnp.arange(tokens.shape[0])
-    segment = (t < n).astype(jnp.int32)
-    hidden = model(jnp.maximum(tokens, 0)[None], jnp.where(t < n, t, 0)[None], segment[None])[0]
-    w = model.unembedding().astype(hidden.dtype)
-    logits = soft_cap(
-        jnp.einsum("td,vd->tv", hidden, w, preferred_element_type=jnp.float32), model.spec.final_logit_softcap
-    )
-    return jax.nn.log_softmax(logits, axis=-1)
-
-
-def plain_log_probs(model, tokens: np.ndarray) -> np.ndarray:
-    padded = np.full(REF_LENGTH, -1, np.int32)
-    padded[: len(tokens)] = tokens
-    return np.asarray(_plain_log_probs(model, jnp.asarray(padded)))
+def scorer_log_probs(model, sequences) -> list[np.ndarray]:
+    """The scorer's (``scoring.stream``, the masked log-prob head) log-prob of each generated token of each
+    (prefix, generated) pair: every generated token is scored as a one-token response of its own."""
+    items = []
+    for i, (prefix, generated) in enumerate(sequences):
+        n = len(generated)
+        items.append(
+            ParticipantSpans(
+                study="s",
+                experiment="e",
+                participant=str(i),
+                token_ids=np.concatenate([prefix, generated]).astype(np.int32),
+                response_index=np.concatenate([np.full(len(prefix), -1), np.arange(n)]).astype(np.int32),
+                n_responses=n,
+                responses_text=n,
+                responses_scored=n,
+                lost_truncation=0,
+            )
+        )
+    results = stream.score_spans(items, Scorer(model), row_lengths=(REF_LENGTH,), tokens_per_batch=4 * REF_LENGTH)
+    return [-r.nll for r in results]
 
 
 def slot_of(key, response):
@@ -125,46 +136,111 @@ def slot_of(key, response):
     return person, slot
 
 
-def run(model, people=PEOPLE, row_lengths=(512,), **config):
-    return sample_participants(model, people, SamplingConfig(**config), row_lengths=row_lengths)
+def run(model, people=PEOPLE, row_lengths=(512,), temperature_of=None, options_of=None, **config):
+    return sample_participants(
+        model,
+        people,
+        SamplingConfig(**config),
+        row_lengths=row_lengths,
+        temperature_of=temperature_of,
+        options_of=options_of,
+    )
 
 
-# --- 1 and 5: the shared-prefill decode equals the plain forward --------------------------------------------
+# --- 1 and 5: the shared-prefill decode equals the scorer ------------------------------------------------
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "mistral", "gemma2"])
-def test_each_step_log_prob_equals_the_plain_forward(models, family):
-    """Every branch's per-step log-probs equal the full forward's on (prefix up to p + the sampled tokens);
-    mistral (a 64-token window everywhere) and gemma2 (windows, attention and final soft caps, query
-    scale) have slots beyond the window, and mistral's branches run past it, so a window off by a step, on
-    the prefix or on the generated tokens, or a missing cap shows."""
+def test_each_step_log_prob_equals_the_scorer(models, family):
+    """Issue 30 item 5: every branch's per-step log-probs (and so each sample's stored log-probability) equal
+    what the scorer gives (prefix up to p + the sampled tokens) within 1e-5; mistral (a 64-token window
+    everywhere) and gemma2 (windows, attention and final soft caps, query scale) have slots beyond the
+    window, and mistral's branches run past it, so a window off by a step, on the prefix or on the generated
+    tokens, or a missing cap shows."""
     model = model_of(models, family)
     n_new = 72 if family == "mistral" else 8  # past the window: its own oldest tokens drop out of it too
     out = run(model, samples=2, max_new_tokens=n_new, temperature=1.0, seed=3, branch_capacity=8)
     assert len(out) == 6
-    worst = 0.0
+    pairs, samples = [], []
     for (key, response), got in out.items():
         person, slot = slot_of(key, response)
         np.testing.assert_array_equal(got.human, person.token_ids[person.response_index == response])
         for sample in got.samples:
             assert sample.stop == sampler_lib.STOP_LENGTH and len(sample.generated) == n_new
-            sequence = np.concatenate([person.token_ids[: slot.prefix_end + 1], sample.generated])
-            lp = plain_log_probs(model, sequence)
-            steps = slot.prefix_end + np.arange(len(sample.generated))
-            worst = max(worst, float(np.abs(lp[steps, sample.generated] - sample.logprobs).max()))
+            pairs.append((person.token_ids[: slot.prefix_end + 1], sample.generated))
+            samples.append(sample)
+    scored = scorer_log_probs(model, pairs)
+    worst = max(float(np.abs(lp - s.logprobs).max()) for lp, s in zip(scored, samples))
     assert worst <= 1e-5, worst
+    assert max(abs(lp.sum() - s.logprob) for lp, s in zip(scored, samples)) <= 1e-5 * n_new
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
-def test_greedy_equals_a_plain_greedy_loop(models, family):
-    model = model_of(models, family)
-    out = run(model, people=PEOPLE[:2], samples=1, max_new_tokens=6, temperature=0.0)
+class _StateDictReader:
+    """``hf_weights.converted_params``'s reader over an in-memory torch state dict."""
+
+    def __init__(self, state_dict):
+        self.tensors = {k: v.detach().float().numpy() for k, v in state_dict.items()}
+
+    def names(self) -> set[str]:
+        return set(self.tensors)
+
+    def read(self, key: str) -> np.ndarray:
+        return self.tensors[key]
+
+
+def hf_and_ours(family: str):
+    """(HF torch model, our float32 Decoder) with the same weights: ``family``'s tiny config rescaled as the
+    parity checkpoints are, converted by the checkpoint converter's mapping (``converted_params``)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {**tiny_models._COMMON, "vocab_size": VOCAB, **tiny_models._FAMILY_DEFAULTS[family]}
+    config = AutoConfig.for_model(family, **kwargs)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").eval()
+    zero_centred = family in tiny_models.ZERO_CENTRED
+    tiny_models._rescale(hf, config.hidden_size, config.tie_word_embeddings, 3.0, zero_centred=zero_centred)
+    spec = modelspec.from_hf_config(config)
+
+    def params(tree):
+        for path, x in hf_weights.converted_params(_StateDictReader(hf.state_dict()), spec, "float32"):
+            node = tree
+            for name in path[:-1]:
+                node = node[name]
+            node[path[-1]] = jnp.asarray(x)
+        return tree
+
+    return hf, _fill(spec, params)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "olmo2"])
+def test_greedy_slots_equal_hf_generate(family):
+    """Issue 30 item 5: greedy decoding from every slot of PEOPLE (prefixes past gemma2's 64-token window)
+    equals HF ``generate(do_sample=False)`` on the prefix up to and including the slot's opening marker,
+    token for token. (The run's shapes are the scorer test's: one decode compilation per family.)"""
+    import torch
+
+    hf, ours = hf_and_ours(family)
+    out = run(ours, samples=2, max_new_tokens=8, temperature=0.0, seed=3, branch_capacity=8)
+    assert len(out) == 6
+    distinct = set()
     for (key, response), got in out.items():
         person, slot = slot_of(key, response)
-        sequence = person.token_ids[: slot.prefix_end + 1]
-        for _ in range(6):
-            sequence = np.append(sequence, np.argmax(plain_log_probs(model, sequence)[len(sequence) - 1]))
-        np.testing.assert_array_equal(got.samples[0].generated, sequence[slot.prefix_end + 1 :])
+        prefix = torch.as_tensor(person.token_ids[: slot.prefix_end + 1], dtype=torch.long)[None]
+        with torch.inference_mode():
+            ref = hf.generate(
+                prefix,
+                attention_mask=torch.ones_like(prefix),
+                do_sample=False,
+                max_new_tokens=8,
+                min_new_tokens=8,
+                pad_token_id=0,
+                eos_token_id=None,
+            )[0, prefix.shape[1] :].numpy()
+        for sample in got.samples:
+            np.testing.assert_array_equal(sample.generated, ref, err_msg=f"{family} slot {key, response}")
+        distinct.add(tuple(ref))
+    assert len(distinct) == 6, "greedy continuations repeat: the comparison is too weak to fail"
 
 
 # --- 2 and 3: packing invariance, no leakage --------------------------------------------------------------
@@ -206,6 +282,43 @@ def test_another_participants_tokens_change_nothing(models):
     ), "changing b changed none of its own samples: the test could not fail"
 
 
+def test_a_branch_never_sees_its_own_response_or_anything_after_it(models, monkeypatch):
+    """Issue 30 item 5 (leakage): a's tokens from its second response on are redrawn; the branches of its
+    first two slots (prefix ends 9 and 69) keep every bit, the third's change. The same check run with the
+    prefix mask widened by one position (the branch also sees the first token of its own response) fires,
+    so it catches that leak."""
+    model = model_of(models, "llama")
+    a = PEOPLE[0]
+    tokens = a.token_ids.copy()
+    tokens[70:] = np.random.default_rng(11).integers(5, 500, len(tokens) - 70)
+    changed = dataclasses.replace(a, token_ids=tokens)
+    config = dict(samples=2, max_new_tokens=4, temperature=1.0, row_lengths=(160,), branch_capacity=8)
+
+    def unchanged_slots():
+        before, after = run(model, people=(a,), **config), run(model, people=(changed,), **config)
+        return [
+            all(
+                np.array_equal(x.generated, y.generated) and np.array_equal(x.logprobs, y.logprobs)
+                for x, y in zip(before[(a.key, r)].samples, after[(a.key, r)].samples)
+            )
+            for r in range(a.n_responses)
+        ]
+
+    assert unchanged_slots() == [True, True, False]
+
+    real = sampler_lib.attention_at_lse
+
+    def widened(q, at, kv, **kwargs):  # the last visible key one position later: the response's first token
+        return real(q, (at[0] + 1, *at[1:]), kv, **kwargs)
+
+    monkeypatch.setattr(sampler_lib, "attention_at_lse", widened)
+    sampler_lib._programs.cache_clear()  # compiled programs hold the real mask
+    try:
+        assert unchanged_slots()[1] is False, "a mask widened by one position went unnoticed"
+    finally:
+        sampler_lib._programs.cache_clear()
+
+
 # --- 4: stopping -----------------------------------------------------------------------------------------
 
 
@@ -233,18 +346,55 @@ def test_stops_at_the_closing_marker_a_stop_token_or_the_length(models):
 # --- 6: sampling options --------------------------------------------------------------------------------
 
 
-def test_options_top_k_and_top_p(models):
+def test_top_k_and_top_p(models):
+    """top-k 1 and a tiny top-p leave the best token only: greedy's samples (first-token options: see
+    test_per_participant_temperature_and_options). Both runs share one compiled program (top-k and top-p
+    are inputs), the greedy one the scorer test's."""
     model = model_of(models, "qwen3")
-    options = (11, 42, 300)
-    restricted = run(model, samples=6, max_new_tokens=2, temperature=1.5, options=options, seed=1)
-    firsts = {int(s.generated[0]) for got in restricted.values() for s in got.samples}
-    assert firsts <= set(options) and len(firsts) > 1
-    greedy = run(model, samples=2, max_new_tokens=4, temperature=0.0)
+    shape = dict(samples=2, max_new_tokens=8, branch_capacity=8)
+    greedy = run(model, temperature=0.0, **shape)
     for config in (dict(top_k=1), dict(top_p=1e-6)):
-        narrow = run(model, samples=2, max_new_tokens=4, temperature=1.0, seed=5, **config)
+        narrow = run(model, temperature=1.0, seed=5, **shape, **config)
         for slot_key, got in greedy.items():
             for a, b in zip(got.samples, narrow[slot_key].samples):
                 np.testing.assert_array_equal(a.generated, b.generated)
+
+
+def test_per_participant_temperature_and_options(models):
+    """``temperature_of`` / ``options_of``: c samples greedily (T = 0) while b samples at T = 2 with its first
+    token among 3 ids and a among 1 (K = 4 for the batch); each participant's samples equal those of a run
+    where its setting is the global config's, whatever the others' settings and the batch's K."""
+    model = model_of(models, "qwen3")
+    a, b, c = PEOPLE
+    opts_a, opts_b = (42,), (11, 42, 300)
+    base = dict(samples=4, max_new_tokens=3, seed=4, branch_capacity=16)
+    mixed = sample_participants(
+        model,
+        PEOPLE,
+        SamplingConfig(temperature=1.0, **base),
+        row_lengths=(512,),
+        temperature_of={c.key: 0.0, b.key: 2.0},
+        options_of={a.key: opts_a, b.key: opts_b, c.key: ()},
+    )
+    alone = {
+        a.key: run(model, people=(a,), temperature=1.0, options=opts_a, **base),
+        b.key: run(model, people=(b,), temperature=2.0, options=opts_b, **base),
+        c.key: run(model, people=(c,), temperature=0.0, **base),
+    }
+    for (key, response), got in mixed.items():
+        for x, y in zip(got.samples, alone[key][(key, response)].samples):
+            np.testing.assert_array_equal(x.generated, y.generated)
+            np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-5)
+    firsts = {
+        p.key: {int(s.generated[0]) for (k, _), got in mixed.items() if k == p.key for s in got.samples} for p in PEOPLE
+    }
+    assert firsts[a.key] == {42} and firsts[b.key] <= set(opts_b) and len(firsts[b.key]) > 1
+    for response in range(c.n_responses):  # greedy: every sample of a slot alike
+        assert len({tuple(s.generated) for s in mixed[(c.key, response)].samples}) == 1
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        sample_participants(model, PEOPLE[:1], SamplingConfig(), row_lengths=(512,), options_of={a.key: (VOCAB,)})
+    with pytest.raises(ValueError, match="temperatures must be"):
+        sample_participants(model, PEOPLE[:1], SamplingConfig(), row_lengths=(512,), temperature_of={a.key: -1.0})
 
 
 def test_hybrid_models_are_refused_in_one_line():

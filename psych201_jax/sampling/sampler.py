@@ -9,20 +9,27 @@ up to its prefix end p (``attention_at_lse``: the scoring masks, the sliding win
 branch's true index p + 1 + step) and (b) its own generated keys (a small cache [B, C, M, Hk, hd] per
 layer); the two softmaxes are merged through their log-sum-exps. No branch copies the prefix.
 
-Sampling: temperature T (0: greedy), optional top-k / top-p, and an optional restriction of the first token
-to the study's options; the random stream of a branch is folded from (seed, participant hash, response,
-sample, step), so samples do not depend on packing, batch shapes or which pass a branch lands in. Each
-generated token's log-probability is recorded under the model itself (T = 1, no restriction: the
-probability the scorer would give it). A branch stops when its generated suffix equals the closing
-marker's token ids, at a stop token (EOS), or after ``max_new_tokens``; the returned response excludes the
-marker or stop token.
+Sampling: temperature T (0: greedy), per participant if asked (``temperature_of``), optional top-k /
+top-p (global), and an optional restriction of the first token to the study's options (per participant:
+``options_of``; else ``SamplingConfig.options``); both travel in the plan as arrays ([B, C] and
+[B, C, K]), so they cost no compilation. The random stream of a branch is folded from (seed, participant
+hash, response, sample, step), so samples do not depend on packing, batch shapes, the mesh or which pass a
+branch lands in. Each generated token's log-probability is recorded under the model itself (T = 1, no
+restriction: the probability the scorer gives it). A branch stops when its generated suffix equals the
+closing marker's token ids, at a stop token (EOS), or after ``max_new_tokens``; the returned response
+excludes the marker or stop token.
+
+On a mesh (``SlotSampler(mesh=)``) the parameters lie on their logical-axis shardings and both programs
+run under ``jax.set_mesh`` with the rows and branches replicated.
 
 Gated DeltaNet hybrids (Qwen3.5) are refused: their recurrent state at each slot is not kept yet.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 
 import jax
@@ -31,9 +38,11 @@ import numpy as np
 from flax import nnx
 
 from psych201_jax.model.attention import attention_at_lse
+from psych201_jax.model.axes import ACT_BATCH
 from psych201_jax.model.decoder import ATTENTION_INPUT, Decoder
 from psych201_jax.model.layers import soft_cap
 from psych201_jax.model.spec import LINEAR_ATTENTION, ModelSpec
+from psych201_jax.parallel import sharding
 from psych201_jax.sampling import slots as slots_lib
 from psych201_jax.scoring import packing
 
@@ -46,11 +55,13 @@ class SamplingConfig:
     """How branches are drawn and when they stop.
 
     samples: k branches per slot. max_new_tokens: M, the most tokens a branch generates (stop tokens
-    included). temperature: T > 0, or 0 for greedy. top_k: keep the k best tokens (0: off). top_p: keep the
+    included). temperature: T > 0, or 0 for greedy (participants without their own, see
+    ``SlotSampler.sample_batch``). top_k: keep the k best tokens (0: off). top_p: keep the
     smallest set of best tokens with probability >= p (1: off). seed: of every branch's random stream.
     close_ids: the closing marker's token ids (``>>``): a branch ends when its generated suffix equals them.
     stop_ids: tokens that end a branch (EOS). options: if not empty, the first token is drawn among these
-    ids only (the study's response options). branch_capacity: C, branches per row and decode pass.
+    ids only (the study's response options; participants without their own). branch_capacity: C, branches
+    per row and decode pass.
     """
 
     samples: int = 1
@@ -67,8 +78,8 @@ class SamplingConfig:
     def __post_init__(self):
         if self.samples < 1 or self.max_new_tokens < 1 or self.branch_capacity < 1:
             raise ValueError("samples, max_new_tokens and branch_capacity must be positive")
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {self}")
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or not 0 <= self.seed < 2**32:
+            raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1, 0 <= seed < 2**32; got {self}")
         for name in ("close_ids", "stop_ids", "options"):
             object.__setattr__(self, name, tuple(int(i) for i in getattr(self, name)))
 
@@ -130,47 +141,134 @@ def check_supported(spec: ModelSpec) -> None:
         )
 
 
-class SlotSampler:
-    """Samples the slots of packed batches with one model and one ``SamplingConfig`` on one device.
+def _activation_rules(rules: sharding.Rules) -> sharding.Rules:
+    """``rules`` with the activation batch (rows) replicated: a batch's rows and branches stay whole on every
+    device (few rows, not always a multiple of the row shards); parameters and heads stay split."""
+    return tuple(r for r in rules if r[0] != ACT_BATCH)
 
-    The prefill compiles once per (B, T), the decode loop once per (B, T, C, M).
+
+@functools.lru_cache(maxsize=64)
+def _programs(graphdef, key: tuple, mesh: jax.sharding.Mesh | None, rules: sharding.Rules | None):
+    """The jitted (prefill, decode) of one model structure and one static config (``_static_key``), shared
+    by every sampler with them: a new temperature, seed, option set or top-p compiles nothing."""
+    static = dict(key)
+
+    def scoped(fn):
+        def run(state, *args):
+            model = nnx.merge(graphdef, state)
+            if rules is None:
+                return fn(model, *args)
+            with nnx.logical_axis_rules(rules):
+                return fn(model, *args)
+
+        return run
+
+    def prefill(model, tokens, positions, segment_ids):
+        return model.prefill(tokens, positions, segment_ids)
+
+    def decode(model, hidden, keys, values, segment_ids, plan, knobs):
+        return _decode_loop(model, model.spec, static, hidden, keys, values, segment_ids, plan, knobs)
+
+    return jax.jit(scoped(prefill)), jax.jit(scoped(decode))
+
+
+def _static_key(config: SamplingConfig) -> tuple:
+    """What the decode program is compiled for: everything else (temperature, seed, options, top-p's value)
+    is an input."""
+    return (
+        ("max_new_tokens", config.max_new_tokens),
+        ("filter", config.top_k > 0 or config.top_p < 1),
+        ("close_ids", config.close_ids),
+        ("stop_ids", config.stop_ids),
+    )
+
+
+class SlotSampler:
+    """Samples the slots of packed batches with one model and one ``SamplingConfig``.
+
+    ``mesh``: place the parameters on their shardings under ``rules`` (default
+    ``sharding.rules_for(model.spec, mesh)``) and run both programs on that mesh, rows and branches
+    replicated; None: one device, as the model's arrays lie. The prefill compiles once per (B, T), the decode
+    loop once per (B, T, C, K) and static config (``max_new_tokens``, top-k, top-p on or off, marker and stop
+    ids); samplers of the same model structure share them.
     """
 
-    def __init__(self, model: Decoder, config: SamplingConfig):
+    def __init__(
+        self,
+        model: Decoder,
+        config: SamplingConfig,
+        *,
+        mesh: jax.sharding.Mesh | None = None,
+        rules: sharding.Rules | None = None,
+    ):
         check_supported(model.spec)
         self.config = config
-        graphdef, self.state = nnx.split(model)
-        spec = model.spec
+        self.spec = model.spec
+        self.mesh = mesh
+        graphdef, state = nnx.split(model)
+        self.rules: sharding.Rules | None = None
+        program_rules = None
+        if mesh is None:
+            self.state = state
+        else:
+            self.rules = tuple(rules) if rules is not None else sharding.rules_for(model.spec, mesh)
+            self.state = jax.device_put(state, sharding.state_shardings(state, mesh, self.rules))
+            self._replicated = jax.NamedSharding(mesh, jax.P())
+            program_rules = _activation_rules(self.rules)
+        self._prefill, self._decode = _programs(graphdef, _static_key(config), mesh, program_rules)
 
-        def prefill(state, tokens, positions, segment_ids):
-            return nnx.merge(graphdef, state).prefill(tokens, positions, segment_ids)
+    def _place(self, x):
+        return x if self.mesh is None else jax.device_put(x, self._replicated)
 
-        def decode(state, hidden, keys, values, segment_ids, plan):
-            return _decode_loop(nnx.merge(graphdef, state), spec, config, hidden, keys, values, segment_ids, plan)
-
-        self._prefill = jax.jit(prefill)
-        self._decode = jax.jit(decode)
-
-    def sample_batch(self, batch: packing.PackedBatch, slots_of: Mapping[Hashable, list[slots_lib.Slot]]):
-        """The ``SlotSamples`` of every slot of the batch's participants (``slots_of``: key -> slots)."""
+    def sample_batch(
+        self,
+        batch: packing.PackedBatch,
+        slots_of: Mapping[Hashable, list[slots_lib.Slot]],
+        *,
+        temperature_of: Mapping[Hashable, float] | None = None,
+        options_of: Mapping[Hashable, Sequence[int]] | None = None,
+    ) -> list[SlotSamples]:
+        """The ``SlotSamples`` of every slot of the batch's participants (``slots_of``: key -> slots), in
+        packing order. ``temperature_of[key]``: that participant's temperature (0: greedy), default
+        ``config.temperature``; ``options_of[key]``: the ids its first tokens are drawn among (missing or
+        empty: ``config.options``; empty: any token)."""
         cfg = self.config
-        plans = slots_lib.plan_batch(batch, slots_of, cfg.samples, cfg.branch_capacity)
-        hidden, (keys, values) = self._prefill(self.state, batch.tokens, batch.positions, batch.segment_ids)
+        bad = {k: o for k, o in (options_of or {}).items() if any(not 0 <= int(i) < self.spec.vocab_size for i in o)}
+        if bad:
+            raise ValueError(f"option ids outside the vocabulary of {self.spec.vocab_size}: {bad}")
+        plans = slots_lib.plan_batch(
+            batch,
+            slots_of,
+            cfg.samples,
+            cfg.branch_capacity,
+            temperature=cfg.temperature,
+            temperature_of=temperature_of,
+            options=cfg.options,
+            options_of=options_of,
+        )
+        scope = contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
         draws: dict[tuple[Hashable, int], dict[int, Sample]] = {}
-        for plan in plans:
-            arrays = {f: getattr(plan, f) for f in ("prefix_end", "segment", "position", "seed_words")}
-            out = jax.device_get(self._decode(self.state, hidden, keys, values, batch.segment_ids, arrays))
-            tokens, logprobs, n_gen, codes = (np.asarray(x).reshape(-1, *np.shape(x)[2:]) for x in out)
-            for i, branch in enumerate(plan.branches):
-                if branch is None:
-                    continue
-                key, response, k = branch
-                n, code = int(n_gen[i]), int(codes[i])
-                cut = len(cfg.close_ids) if code == 1 else 1 if code == 2 else 0
-                sample = Sample(
-                    tokens[i, :n].astype(np.int32), logprobs[i, :n].astype(np.float32), n - cut, _CODES[code]
+        with scope:
+            rows = [self._place(x) for x in (batch.tokens, batch.positions, batch.segment_ids)]
+            hidden, (keys, values) = self._prefill(self.state, *rows)
+            knobs = {"seed": np.uint32(cfg.seed), "top_k": np.int32(cfg.top_k), "top_p": np.float32(cfg.top_p)}
+            knobs = {name: self._place(x) for name, x in knobs.items()}
+            for plan in plans:
+                arrays = {name: self._place(x) for name, x in plan.arrays().items()}
+                out = self._decode(self.state, hidden, keys, values, rows[2], arrays, knobs)
+                tokens, logprobs, n_gen, codes = (
+                    np.asarray(x).reshape(-1, *np.shape(x)[2:]) for x in jax.device_get(out)
                 )
-                draws.setdefault((key, response), {})[k] = sample
+                for i, branch in enumerate(plan.branches):
+                    if branch is None:
+                        continue
+                    key, response, k = branch
+                    n, code = int(n_gen[i]), int(codes[i])
+                    cut = len(cfg.close_ids) if code == 1 else 1 if code == 2 else 0
+                    sample = Sample(
+                        tokens[i, :n].astype(np.int32), logprobs[i, :n].astype(np.float32), n - cut, _CODES[code]
+                    )
+                    draws.setdefault((key, response), {})[k] = sample
         results = []
         for seg in batch.segments:
             for slot in slots_of.get(seg.key, []):
@@ -180,7 +278,8 @@ class SlotSampler:
         return results
 
     def compilations(self) -> dict[str, int]:
-        """Distinct compiled programs so far (prefill per (B, T); decode per (B, T, C))."""
+        """Distinct compiled programs so far of this sampler's (shared) programs: prefill per (B, T), decode
+        per (B, T, C, K)."""
         programs = {"prefill": self._prefill, "decode": self._decode}
         return {name: fn._cache_size() for name, fn in programs.items()}  # type: ignore[attr-defined]
 
@@ -192,33 +291,42 @@ def sample_participants(
     *,
     row_lengths: Sequence[int],
     tokens_per_batch: int = 65536,
+    temperature_of: Mapping[Hashable, float] | None = None,
+    options_of: Mapping[Hashable, Sequence[int]] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: sharding.Rules | None = None,
 ) -> dict[tuple[Hashable, int], SlotSamples]:
     """Packs ``participants`` (``key``, ``token_ids``, ``response_index``, ``n_responses``, as for
-    ``packing.pack``) and samples every response slot: (key, response) -> ``SlotSamples``."""
+    ``packing.pack``) and samples every response slot: (key, response) -> ``SlotSamples``.
+    ``temperature_of`` / ``options_of``: per participant, as ``SlotSampler.sample_batch``; ``mesh`` /
+    ``rules``: as ``SlotSampler``."""
     participants = list(participants)
     slots_of = slots_lib.slots_by_key(participants)
-    sampler = SlotSampler(model, config)
+    sampler = SlotSampler(model, config, mesh=mesh, rules=rules)
     batches = packing.pack(participants, row_lengths, tokens_per_batch=tokens_per_batch, min_capacity=1)
     out: dict[tuple[Hashable, int], SlotSamples] = {}
     for batch in batches:
         if batch.overflow_pass:  # the same rows again (scoring's plan overflow): already sampled
             continue
-        out.update({(s.key, s.response): s for s in sampler.sample_batch(batch, slots_of)})
+        got = sampler.sample_batch(batch, slots_of, temperature_of=temperature_of, options_of=options_of)
+        out.update({(s.key, s.response): s for s in got})
     return out
 
 
-def _decode_loop(model: Decoder, spec: ModelSpec, cfg: SamplingConfig, hidden, keys, values, segment_ids, plan):
+def _decode_loop(model: Decoder, spec: ModelSpec, static: dict, hidden, keys, values, segment_ids, plan, knobs):
     """All branches of a plan, decoded together until each stopped or M steps: (tokens int32 [B, C, M],
     log-probs float32 [B, C, M], tokens generated int32 [B, C], stop code int32 [B, C]: 0 length, 1 marker,
-    2 stop token)."""
+    2 stop token). ``static``: ``_static_key``'s settings; ``knobs``: the scalars ``seed`` (uint32), ``top_k`` (int32, 0
+    off) and ``top_p`` (float32)."""
     prefix_end, segment, position = plan["prefix_end"], plan["segment"], plan["position"]
     b, c = prefix_end.shape
-    m = cfg.max_new_tokens
+    m = static["max_new_tokens"]
+    close_ids, stop_ids = static["close_ids"], static["stop_ids"]
     valid = segment > 0
     h0 = jnp.take_along_axis(hidden, prefix_end[..., None], axis=1)  # [B, C, D]: predicts the first token
     la, _, _, hk, hd = keys.shape
     own = jnp.zeros((la, b, c, m, hk, hd), keys.dtype)
-    base = jax.random.key(cfg.seed)
+    base = jax.random.key(knobs["seed"])
     words = plan["seed_words"].reshape(-1, 3)
 
     def branch_key(w):
@@ -226,8 +334,9 @@ def _decode_loop(model: Decoder, spec: ModelSpec, cfg: SamplingConfig, hidden, k
 
     branch_keys = jax.vmap(branch_key)(words)
     unembedding = model.unembedding()
-    close = jnp.asarray(cfg.close_ids, jnp.int32)
-    stops = jnp.asarray(cfg.stop_ids, jnp.int32)
+    close = jnp.asarray(close_ids, jnp.int32)
+    stops = jnp.asarray(stop_ids, jnp.int32)
+    allowed = _option_mask(plan["option_ids"], spec.vocab_size)  # [B, C, V] or None (no branch restricted)
 
     def body(carry):
         j, h, own_k, own_v, out_tok, out_lp, done, code, n_gen = carry
@@ -242,18 +351,16 @@ def _decode_loop(model: Decoder, spec: ModelSpec, cfg: SamplingConfig, hidden, k
             spec.final_logit_softcap,
         )
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, j))(branch_keys).reshape(b, c)
-        token = _choose(logits, step_keys, j, cfg)
+        token = _choose(logits, step_keys, j, plan["temperature"], allowed, knobs if static["filter"] else None)
         lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[..., None], axis=-1)[..., 0]
         active = valid & ~done
         out_tok = out_tok.at[:, :, j].set(jnp.where(active, token, -1))
         out_lp = out_lp.at[:, :, j].set(jnp.where(active, lp, 0.0))
         marker = jnp.zeros_like(done)
-        if len(cfg.close_ids):
-            tail = jax.lax.dynamic_slice_in_dim(
-                out_tok, jnp.maximum(j + 1 - len(cfg.close_ids), 0), len(cfg.close_ids), 2
-            )
-            marker = (j + 1 >= len(cfg.close_ids)) & (tail == close).all(axis=-1)
-        stop = (token[..., None] == stops).any(axis=-1) if len(cfg.stop_ids) else jnp.zeros_like(done)
+        if len(close_ids):
+            tail = jax.lax.dynamic_slice_in_dim(out_tok, jnp.maximum(j + 1 - len(close_ids), 0), len(close_ids), 2)
+            marker = (j + 1 >= len(close_ids)) & (tail == close).all(axis=-1)
+        stop = (token[..., None] == stops).any(axis=-1) if len(stop_ids) else jnp.zeros_like(done)
         code = jnp.where(active & marker, 1, jnp.where(active & stop, 2, code))
         done = done | (active & (marker | stop))
         n_gen = jnp.where(active, j + 1, n_gen)
@@ -287,27 +394,34 @@ def _decode_loop(model: Decoder, spec: ModelSpec, cfg: SamplingConfig, hidden, k
     return out[4], out[5], out[8], out[7]
 
 
-def _choose(logits, keys, step, cfg: SamplingConfig):
-    """The next token int32 [B, C] from float32 logits [B, C, V]: options (first step), then greedy at T = 0,
-    else temperature, top-k, top-p and a draw with each branch's step key."""
-    x = logits
-    if cfg.options:
-        allowed = jnp.zeros(x.shape[-1], bool).at[jnp.asarray(cfg.options)].set(True)
-        x = jnp.where((step > 0) | allowed, x, -jnp.inf)
-    if cfg.temperature == 0:
-        return jnp.argmax(x, axis=-1).astype(jnp.int32)
-    x = x / cfg.temperature
-    if cfg.top_k:
-        kth = jax.lax.top_k(x, min(cfg.top_k, x.shape[-1]))[0][..., -1:]
-        x = jnp.where(x < kth, -jnp.inf, x)
-    if cfg.top_p < 1:
+def _option_mask(option_ids, vocab_size: int):
+    """bool [B, C, V]: the tokens a branch's first token may be (every token where its ids are all -1)."""
+    b, c, k = option_ids.shape
+    ids = option_ids.reshape(b * c, k)
+    rows = jnp.broadcast_to(jnp.arange(b * c)[:, None], ids.shape)
+    mask = jnp.zeros((b * c, vocab_size), bool).at[rows, jnp.maximum(ids, 0)].max(ids >= 0)
+    free = (ids < 0).all(axis=-1, keepdims=True)
+    return (mask | free).reshape(b, c, vocab_size)
+
+
+def _choose(logits, keys, step, temperature, allowed, knobs):
+    """The next token int32 [B, C] from float32 logits [B, C, V]: the first step restricted to each
+    branch's options (``allowed``), then greedy where its temperature is 0, else temperature, top-k and
+    top-p (``knobs``; None: both off) and a draw with each branch's step key."""
+    x = jnp.where((step > 0) | allowed, logits, -jnp.inf)
+    greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    x = x / jnp.where(temperature > 0, temperature, 1.0)[..., None]
+    if knobs is not None:  # one sort serves both: the k-th best value, and the best tokens until mass p
+        v = x.shape[-1]
         ordered = -jnp.sort(-x, axis=-1)
+        k = jnp.where(knobs["top_k"] > 0, jnp.minimum(knobs["top_k"], v), v)
+        kth = jax.lax.dynamic_index_in_dim(ordered, k - 1, axis=-1)
         probs = jax.nn.softmax(ordered, axis=-1)
-        keep = (jnp.cumsum(probs, axis=-1) - probs) < cfg.top_p  # the best tokens until mass p is reached
-        threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+        keep = (jnp.cumsum(probs, axis=-1) - probs) < knobs["top_p"]
+        threshold = jnp.maximum(kth, jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True))
         x = jnp.where(x < threshold, -jnp.inf, x)
     draw = jax.vmap(jax.random.categorical)(keys.reshape(-1), x.reshape(-1, x.shape[-1]))
-    return draw.reshape(keys.shape).astype(jnp.int32)
+    return jnp.where(temperature > 0, draw.reshape(keys.shape).astype(jnp.int32), greedy)
 
 
 def _branch_attention(q, k, v, p, window, step, prefix_end, segment, segment_ids, spec: ModelSpec):

@@ -8,6 +8,9 @@ them. Each slot has ``samples`` branches. A batch's branches are laid out [B, C]
 capacity, static): a branch attends to its own row's keys only, so the decode step's attention needs no
 copy of any prefix. A row with more than C branches takes several passes over the same prefill.
 
+Per participant, a plan also carries each branch's temperature and the option ids its first token is
+restricted to ([B, C, K], padded with -1; K a power of two so that compilations stay few).
+
 Pure numpy and deterministic: a branch's identity (participant, slot, sample) fixes its random stream
 (``seed_words``), never its place in the batch.
 """
@@ -16,10 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
-from jaxtyping import Bool, Int
+from jaxtyping import Bool, Float, Int
 
 from psych201_jax.scoring.packing import PackedBatch
 
@@ -43,6 +46,8 @@ class BranchPlan:
     segment     int32 [B, C]  the branch's segment id in its row (0 = padding branch).
     position    int32 [B, C]  participant-relative position of the first generated token (p + 1).
     seed_words  uint32 [B, C, 3]  (participant hash, response, sample): the branch's random stream.
+    temperature float32 [B, C]  the branch's sampling temperature (0: greedy).
+    option_ids  int32 [B, C, K]  the ids its first token is drawn among, padded with -1 (all -1: any token).
     branches    per flat branch b * C + c: (key, response, sample), or None for padding.
     """
 
@@ -50,7 +55,15 @@ class BranchPlan:
     segment: Int[np.ndarray, "b c"]
     position: Int[np.ndarray, "b c"]
     seed_words: np.ndarray
+    temperature: Float[np.ndarray, "b c"]
+    option_ids: Int[np.ndarray, "b c k"]
     branches: tuple[tuple[Hashable, int, int] | None, ...]
+
+    ARRAYS = ("prefix_end", "segment", "position", "seed_words", "temperature", "option_ids")
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The decode program's inputs by name."""
+        return {name: getattr(self, name) for name in self.ARRAYS}
 
     @property
     def capacity(self) -> int:
@@ -78,14 +91,40 @@ def participant_slots(key: Hashable, token_ids: np.ndarray, response_index: np.n
     return slots
 
 
+def option_capacity(n: int) -> int:
+    """Static K for option sets of at most n ids: the next power of two, at least 1."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 def plan_batch(
-    batch: PackedBatch, slots_of: Mapping[Hashable, list[Slot]], samples: int, capacity: int
+    batch: PackedBatch,
+    slots_of: Mapping[Hashable, list[Slot]],
+    samples: int,
+    capacity: int,
+    *,
+    temperature: float = 1.0,
+    temperature_of: Mapping[Hashable, float] | None = None,
+    options: Sequence[int] = (),
+    options_of: Mapping[Hashable, Sequence[int]] | None = None,
 ) -> list[BranchPlan]:
     """The decode passes of one packed batch: every slot of its participants (``slots_of[key]``) times
     ``samples`` branches, laid out by row, ``capacity`` branches per row and pass (as few passes as the
-    fullest row needs; rows with fewer branches are padded)."""
+    fullest row needs; rows with fewer branches are padded).
+
+    A participant's branches sample at ``temperature_of[key]`` (default ``temperature``) and draw their first
+    token among ``options_of[key]`` (missing or empty: ``options``; empty: any token). K, the option axis,
+    is the largest set of the batch rounded up to a power of two (every pass of the batch has the same K)."""
     if samples < 1 or capacity < 1:
         raise ValueError(f"samples ({samples}) and branch capacity ({capacity}) must be positive")
+    temperature_of, options_of = temperature_of or {}, options_of or {}
+    keys = [seg.key for seg in batch.segments]
+    temps = {key: float(temperature_of.get(key, temperature)) for key in keys}
+    bad = {key: t for key, t in temps.items() if not np.isfinite(t) or t < 0}
+    if bad:
+        raise ValueError(f"temperatures must be finite and >= 0, got {bad}")
+    default = tuple(int(i) for i in options)
+    opts = {key: tuple(int(i) for i in options_of.get(key, ())) or default for key in keys}  # arrays too
+    k_opt = option_capacity(max((len(o) for o in opts.values()), default=0))
     per_row: list[list[tuple[Hashable, int, int, int, int, int]]] = [[] for _ in range(batch.rows)]
     for s, seg in enumerate(batch.segments):
         segment_id = int(batch.segment_ids[seg.row, seg.start])
@@ -100,14 +139,18 @@ def plan_batch(
         shape = (batch.rows, capacity)
         prefix_end, segment, position = (np.zeros(shape, np.int32) for _ in range(3))
         seed_words = np.zeros((*shape, 3), np.uint32)
+        temps_arr = np.zeros(shape, np.float32)
+        option_ids = np.full((*shape, k_opt), -1, np.int32)
         branches: list[tuple[Hashable, int, int] | None] = [None] * (batch.rows * capacity)
         for row, entries in enumerate(per_row):
             for c, (key, response, k, p, segment_id, _) in enumerate(entries[i * capacity : (i + 1) * capacity]):
                 prefix_end[row, c], segment[row, c] = p, segment_id
                 position[row, c] = batch.positions[row, p] + 1
                 seed_words[row, c] = (participant_hash(key), response, k)
+                temps_arr[row, c] = temps[key]
+                option_ids[row, c, : len(opts[key])] = opts[key]
                 branches[row * capacity + c] = (key, response, k)
-        plans.append(BranchPlan(prefix_end, segment, position, seed_words, tuple(branches)))
+        plans.append(BranchPlan(prefix_end, segment, position, seed_words, temps_arr, option_ids, tuple(branches)))
     return plans
 
 
