@@ -245,3 +245,43 @@ def test_emitted_scripts_run_the_simulations_with_the_scoring_conditions(target)
     broken = dict(cfg.to_dict(), conditions=[*cfg.conditions[:2], dict(cfg.conditions[2], simulate=bad)])
     with pytest.raises(sweep.SweepError, match="calibration='nope' must name a scoring condition"):
         sweep.Sweep.from_mapping(broken)
+
+
+def test_a_2x2x2_mesh_job_draws_the_samples_of_the_one_device_job(sweep_root, tmp_path):
+    parsed, jobs = sweep_root
+    reference = _samples(_dirs(jobs, "simulate")["psych201_jax/tiny-qwen3"])
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    mesh = ("--config.mesh.mode=on", "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2")
+    proc = subprocess.run(
+        [sys.executable, "-m", "psych201_jax.cli.simulate", f"--config.out={tmp_path / 'mesh'}"]
+        + [f"--config.data={parsed.data}", f"--config.samples={SAMPLES}", "--config.max_new_tokens=12", *mesh],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = _samples(tmp_path / "mesh")
+    assert got.keys() == reference.keys()
+    for key, draws in reference.items():
+        assert [t for t, _ in got[key]] == [t for t, _ in draws], key
+        np.testing.assert_allclose([lp for _, lp in got[key]], [lp for _, lp in draws], rtol=2e-6, atol=1e-5)
+
+
+def test_options_study_draws_every_first_token_among_the_study_options(tmp_path):
+    from psych201_jax import defaults
+    from psych201_jax.data.tokenizer import TokenizerInfo
+    from psych201_jax.scoring import options
+
+    data = os.path.join(defaults.SAMPLE_DATA, "thoma2025riskychoice")
+    job = SimulateJob.from_mapping(
+        {"data": data, "out": str(tmp_path / "sim"), "options": "study", "samples": 4, "max_new_tokens": 2}
+    )
+    simulate.run(job)
+    tok = TokenizerInfo(os.path.join(job.score.model, "tokenizer"))
+    allowed = options.collect_options(job.score.span_pipeline(None).spans(tok))["thoma2025riskychoice"]
+    assert len(allowed) >= 2
+    firsts = [x["tokens"][:1] or [-1] for r in store.iter_rows(job.out) for s in r["slots"] for x in s["samples"]]
+    assert firsts and all(t[0] in allowed for t in firsts if t != [-1])
+    assert len({t[0] for t in firsts}) >= 2, "drawn, not fixed"

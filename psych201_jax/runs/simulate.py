@@ -127,7 +127,7 @@ def run_loaded(
         stack.enter_context(store.ResultsLock(job.out, fresh=score.fresh))
         writer = store.ResultsWriter(job.out, manifest, fresh=score.fresh)
         run_ = _Run(
-            sampler_lib.SlotSampler(loaded.scorer.model(), config),
+            sampler_lib.SlotSampler(loaded.scorer.model(), config, mesh=loaded.scorer.mesh, rules=loaded.scorer.rules),
             tok,
             marker_ids,
             row_lengths,
