@@ -230,6 +230,55 @@ def test_converted_tokenizer_splits_text_as_the_checkpoints_own(case, data_root)
     assert ours(text).input_ids == theirs(text).input_ids
 
 
+@pytest.mark.parametrize("case", parity.names(parity.MOE), indirect=True)
+def test_moe_router_picks_hfs_experts_on_real_text(case):
+    """On the transcript, at every layer, our router (on HF's own router inputs) picks the same top-k experts as
+    HF's for every token. Records the smallest gap between the k-th and the (k+1)-th router logit, our logits'
+    largest difference from HF's (the gap must exceed it: no rounding flips a choice here) and how many
+    (token, layer) choices are within ten times that of a tie (at most 1%). On our own hidden states a flipped
+    choice would move that token's log-probs far past the float32 bound (the fewer-experts check below), so
+    float32 parity on the same transcript is the end-to-end check that none flipped."""
+    from psych201_jax.model import moe
+
+    hf = parity.hf_model(case.hf_dir, case.row.family, torch.float32)
+    seen = []
+    hooks = [
+        layer.mlp.gate.register_forward_hook(lambda _, args, out: seen.append((args[0], out[2])))
+        for layer in hf.model.layers
+    ]
+    try:
+        with torch.no_grad():
+            hf(input_ids=torch.tensor(case.tokens[None], dtype=torch.long), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    routers = np.asarray(case.model32.layers.router[...])
+    k, gaps, drift = case.spec.num_experts_per_tok, [], 0.0
+    assert len(seen) == case.spec.num_layers
+    for layer, (x, theirs) in enumerate(seen):
+        x = x.reshape(-1, x.shape[-1]).numpy()
+        ours, _ = moe.route(jnp.asarray(x), jnp.asarray(routers[layer]), case.spec)
+        np.testing.assert_array_equal(np.sort(np.asarray(ours), -1), np.sort(theirs.numpy(), -1))
+        logits = np.asarray(jnp.asarray(x) @ jnp.asarray(routers[layer]))
+        hf_logits = torch.nn.functional.linear(torch.tensor(x), hf.model.layers[layer].mlp.gate.weight).detach().numpy()
+        drift = max(drift, float(np.abs(logits - hf_logits).max()))
+        ranked = np.sort(logits, -1)
+        gaps.append(ranked[:, -k] - ranked[:, -k - 1])
+    gap, near = float(np.min(gaps)), float(np.mean(np.concatenate(gaps) < 10 * drift))
+    _record(case, **{"min top-k logit gap": gap, "router logit max |ours - HF|": drift, "near ties": near})
+    assert gap > drift and near <= 0.01, (gap, drift, near)
+
+
+@pytest.mark.parametrize("case", parity.names(parity.MOE), indirect=True)
+def test_parity_check_detects_fewer_experts_per_token(case):
+    """Routing is exercised: the same weights with one expert per token fewer break float32 parity."""
+    err = float(
+        _max_error_with(case, dataclasses.replace(case.spec, num_experts_per_tok=case.spec.num_experts_per_tok - 1))
+    )
+    _record(case, **{"with k - 1 experts": err})
+    assert err > 1e-3, err
+
+
 # --- a whole scoring job ------------------------------------------------------------------------------
 
 

@@ -36,6 +36,9 @@ LIN_V_HEADS = "linear_v_heads"
 LIN_K_DIM = "linear_k_dim"
 LIN_V_DIM = "linear_v_dim"
 CONV = "conv"
+EXPERT = "expert"  # the experts of a mixture-of-experts layer (model/moe.py)
+EXPERT_MLP = "expert_mlp"  # the MLP width within one expert
+ROUTER = "router"  # the router's output (one logit per expert): small, never sharded
 
 # Logical axis names of activations.
 ACT_BATCH = "activation_batch"

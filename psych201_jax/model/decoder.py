@@ -1,5 +1,6 @@
-"""Flax NNX decoder for the Llama, Mistral, Qwen2, Qwen3, OLMo 2/3, Qwen3.5 and Gemma 2/3 families, with stacked,
-scanned layers (the per-position norms and MLP are in model/layers.py).
+"""Flax NNX decoder for the Llama, Mistral, Qwen2, Qwen3, OLMo 2/3, Qwen3.5 and Gemma 2/3 families and the
+mixture-of-experts Qwen2-MoE, Qwen3-MoE, Mixtral and OLMoE, with stacked, scanned layers (the per-position
+norms and MLP are in model/layers.py, the routed MLP in model/moe.py).
 
 Every layer parameter is stored stacked over layers ([L, ...]) and the forward scans over them, so compile
 time does not grow with depth. Layers whose attention differs (OLMo 3: three sliding-window layers, then a
@@ -43,6 +44,8 @@ from psych201_jax.model.axes import (
     CONV,
     EMBED,
     EMBED_VOCAB,
+    EXPERT,
+    EXPERT_MLP,
     HEAD_DIM,
     KV_HEADS,
     LAYERS,
@@ -54,10 +57,12 @@ from psych201_jax.model.axes import (
     NORM,
     Q_HEADS,
     QUERY_GATE,
+    ROUTER,
     VOCAB,
     constrain,
 )
 from psych201_jax.model.layers import mlp_block, rms_norm
+from psych201_jax.model.moe import moe_block
 from psych201_jax.model.spec import LINEAR_ATTENTION, ModelSpec, NormPlacement, QkNorm
 
 BIASES = ("bq", "bk", "bv", "bo", "b_gate", "b_up", "b_down", "lin_dt_bias")
@@ -115,6 +120,18 @@ def layer_param_axes(spec: ModelSpec) -> dict[str, tuple[str, ...]]:
         "w_up": (LAYERS, EMBED, MLP),
         "w_down": (LAYERS, MLP, EMBED),
     }
+    if spec.num_experts:  # routed MLPs; the dense MLP's weights are the shared expert's, if there is one
+        axes.update(
+            router=(LAYERS, EMBED, ROUTER),
+            e_gate=(LAYERS, EXPERT, EMBED, EXPERT_MLP),
+            e_up=(LAYERS, EXPERT, EMBED, EXPERT_MLP),
+            e_down=(LAYERS, EXPERT, EXPERT_MLP, EMBED),
+        )
+        if spec.intermediate_size:
+            axes.update(shared_gate=(LAYERS, EMBED))
+        else:
+            for name in ("w_gate", "w_up", "w_down"):
+                del axes[name]
     if spec.norm_placement != NormPlacement.POST:
         axes.update(attn_in_norm=(LAYERS, NORM), mlp_in_norm=(LAYERS, NORM))
     if spec.norm_placement != NormPlacement.PRE:
@@ -166,6 +183,9 @@ def param_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         LIN_K_DIM: spec.linear_key_head_dim,
         LIN_V_DIM: spec.linear_value_head_dim,
         CONV: spec.linear_conv_kernel,
+        EXPERT: spec.num_experts,
+        EXPERT_MLP: spec.moe_intermediate_size,
+        ROUTER: spec.num_experts,
     }
     shapes = {
         name: (len(param_layers(spec, name)), *(sizes[a] for a in axes[1:]))
@@ -341,7 +361,11 @@ def decoder_layer(
             attend=attend,
         )
     h = take(h) + (norm(attn, "attn_out_norm") if after else attn)
-    mlp = mlp_block(p, norm(h, "mlp_in_norm") if before else h, spec=spec)
+    x = norm(h, "mlp_in_norm") if before else h
+    if spec.num_experts:  # padding (segment 0, or an invalid gathered entry) is routed to no expert
+        mlp = moe_block(p, x, segment_ids > 0 if at is None else at.valid, spec=spec)
+    else:
+        mlp = mlp_block(p, x, spec=spec)
     h = h + (norm(mlp, "mlp_out_norm") if after else mlp)
     return constrain(h, (ACT_BATCH, ACT_LENGTH, ACT_EMBED)), aux
 

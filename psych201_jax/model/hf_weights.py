@@ -7,6 +7,11 @@ bf16 works through ``ml_dtypes`` without torch and the page cache, not the proce
 array), so at most one stacked parameter plus one source tensor is resident at once. (Qwen3.5's fused
 q/k/v projection is read once for each of the three parameters cut from it.)
 
+Mixture-of-experts checkpoints hold their experts either one module per expert (``mlp.experts.{e}.gate_proj``,
+Mixtral's ``block_sparse_moe.experts.{e}.w1``: what hub checkpoints and transformers' save_pretrained write) or
+stacked (``mlp.experts.gate_up_proj`` [E, 2F, D] and ``down_proj`` [E, D, F]: transformers 5's module layout);
+both fill the same stacked [L, E, ...] parameters, one source tensor at a time (``_expert_layer``).
+
 Vision-language checkpoints keep their language model under a prefix that depends on the transformers
 version that saved them (``checkpoint_layout``); their vision tower and projector, and Llama-3.2-Vision's
 cross-attention layers, are never requested from the reader, so none of their bytes is read.
@@ -27,6 +32,7 @@ import numpy as np
 from psych201_jax import torch_pickle
 from psych201_jax.errors import UserError
 from psych201_jax.model.decoder import param_layers, param_shapes
+from psych201_jax.model.moe import EXPERT_PARAMS
 from psych201_jax.model.spec import ModelSpec, NormPlacement
 
 SAFETENSORS_DTYPES = {
@@ -303,8 +309,54 @@ def layer_sources(spec: ModelSpec) -> dict[str, Source]:
             lin_norm=Source(lin + "norm.weight", None),
             lin_wo=Source(lin + "out_proj.weight", 2),
         )
+    if spec.num_experts:  # the dense MLP, if any, is the shared expert
+        src.update(
+            w_gate=Source("mlp.shared_expert.gate_proj.weight", 1),
+            w_up=Source("mlp.shared_expert.up_proj.weight", 1),
+            w_down=Source("mlp.shared_expert.down_proj.weight", 1),
+            shared_gate=Source("mlp.shared_expert_gate.weight", 1),
+        )
     shapes = param_shapes(spec)
     return {name: src[name] for name in shapes if name in src}
+
+
+# Where a routed MLP lives in an HF layer (Mixtral's hub checkpoints: block_sparse_moe; the rest, and
+# transformers 5's module layout of Mixtral: mlp), and each expert's projections in the per-expert layout.
+MOE_MODULES = ("mlp.", "block_sparse_moe.")
+EXPERT_PROJECTIONS = {
+    "mlp.": {"e_gate": "gate_proj", "e_up": "up_proj", "e_down": "down_proj"},
+    "block_sparse_moe.": {"e_gate": "w1", "e_up": "w3", "e_down": "w2"},
+}
+
+
+def _expert_layer(read, available: set[str], layer_key: str, name: str, out: np.ndarray) -> None:
+    """Fills ``out``, one layer's ``router`` [D, E] or expert weights [E, D, F] / [E, F, D], from either layout
+    under ``layer_key`` (``<prefix>layers.{i}.``), one source tensor at a time; WeightsError where neither
+    layout is there."""
+    found = [m for m in MOE_MODULES if layer_key + m + "gate.weight" in available]
+    if len(found) != 1:
+        raise WeightsError(f"{layer_key}: expected one router ({' or '.join(m + 'gate.weight' for m in MOE_MODULES)})")
+    module, shape = layer_key + found[0], out.shape
+    if name == "router":
+        out[...] = _to_ours(read(module + "gate.weight"), shape, Source("", 1), module + "gate.weight")
+        return
+    experts, f = shape[0], shape[1] if name == "e_down" else shape[2]
+    stacked = module + ("experts.down_proj" if name == "e_down" else "experts.gate_up_proj")
+    if stacked in available:
+        x = read(stacked)
+        want = (experts, shape[2], f) if name == "e_down" else (experts, 2 * f, shape[1])
+        if x.shape != want:
+            raise WeightsError(f"{stacked}: shape {x.shape}, expected {want} from the config")
+        if name != "e_down":  # [gate; up] along the output rows (HF chunks it in that order)
+            x = x[:, :f] if name == "e_gate" else x[:, f:]
+        out[...] = np.swapaxes(x, 1, 2)
+        return
+    proj = EXPERT_PROJECTIONS[found[0]][name]
+    for e in range(experts):
+        key = f"{module}experts.{e}.{proj}.weight"
+        if key not in available:
+            raise WeightsError(f"tensor {key} missing from the checkpoint (and no stacked {stacked})")
+        out[e] = _to_ours(read(key), shape[1:], Source("", 1), key)
 
 
 def _to_ours(x: np.ndarray, shape: tuple[int, ...], source: Source, key: str) -> np.ndarray:
@@ -389,6 +441,11 @@ def converted_params(reader, spec: ModelSpec, dtype: str) -> Iterator[tuple[tupl
     else:
         used.update(heads)  # tied: HF ignores a stored copy as well
     hf_layers = spec.hf_layer_indices()
+    for name in EXPERT_PARAMS if spec.num_experts else ():
+        out = np.empty(shapes[name], target)
+        for i, layer in enumerate(param_layers(spec, name)):
+            _expert_layer(read, available, f"{prefix}layers.{hf_layers[layer]}.", name, out[i])
+        yield ("layers", name), out
     for name, source in layer_sources(spec).items():
         out = np.empty(shapes[name], target)
         for i, layer in enumerate(param_layers(spec, name)):

@@ -45,8 +45,14 @@ SUPPORTED_MODEL_TYPES = (
     "gemma2",
     "gemma3_text",
     *VL_WRAPPERS,
+    "qwen2_moe",
+    "qwen3_moe",
+    "mixtral",
+    "olmoe",
 )
 GEMMA_FAMILIES = ("gemma2", "gemma3_text")
+# Mixture-of-experts families (every MLP layer a routed one; model/moe.py).
+MOE_FAMILIES = ("qwen2_moe", "qwen3_moe", "mixtral", "olmoe")
 
 
 class RopeType(enum.StrEnum):
@@ -155,6 +161,14 @@ class ModelSpec:
     dtype first as HF does; ``query_pre_attn_scalar`` sets the attention scale to its -1/2 power (None:
     head_dim**-0.5); ``attn_logit_softcap`` bounds the scaled attention scores by cap * tanh(s / cap) before
     masking (Gemma 2) and ``final_logit_softcap`` the output logits likewise, before any softmax (Gemma 2).
+
+    Mixture of experts (``num_experts`` > 0: Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE; model/moe.py): every
+    layer's MLP is routed: a softmax router picks ``num_experts_per_tok`` of ``num_experts`` gated MLPs of width
+    ``moe_intermediate_size``, weighted by their router probabilities (renormalised over the chosen ones
+    with ``norm_topk_prob``; ``moe_weights_fp32``: the weights stay float32 into the combine, Mixtral's,
+    else they are cast to the activation dtype first). ``intermediate_size`` is then the width of the
+    shared expert, a dense gated MLP beside the routed ones scaled by sigmoid(x . shared_gate) (Qwen2-MoE;
+    0: none).
     """
 
     model_type: str
@@ -194,6 +208,11 @@ class ModelSpec:
     query_pre_attn_scalar: float | None = None
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    moe_weights_fp32: bool = False
 
     def __post_init__(self):
         try:
@@ -206,6 +225,13 @@ class ModelSpec:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise UnsupportedModelError(f"{name} must be positive, got {value}")
+        if self.num_experts and not (
+            0 < self.num_experts_per_tok <= self.num_experts and self.moe_intermediate_size > 0
+        ):
+            raise UnsupportedModelError(
+                f"mixture of experts needs 0 < num_experts_per_tok ({self.num_experts_per_tok}) <= num_experts "
+                f"({self.num_experts}) and a positive moe_intermediate_size ({self.moe_intermediate_size})"
+            )
         if self.num_heads % self.num_kv_heads:
             raise UnsupportedModelError(
                 f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}"
@@ -504,6 +530,8 @@ def _decoder_spec(
             attn_logit_softcap=None if attn_cap is None else float(attn_cap),
             final_logit_softcap=None if final is None or wrapper else float(final),
         )
+    if family in MOE_FAMILIES:
+        extra, layer_types, sliding_window = _moe_fields(config, family, num_layers, layer_types, sliding_window)
     table: dict[str, dict[str, Any]] = dict(
         llama=dict(
             qkv_bias=attention_bias,
@@ -559,12 +587,18 @@ def _decoder_spec(
     # per-head QK-norm, itself a (1 + w) norm.
     table["gemma2"] = dict(table["llama"], o_bias=attention_bias, mlp_bias=False, norm_placement=NormPlacement.SANDWICH)
     table["gemma3_text"] = dict(table["gemma2"], qk_norm=QkNorm.HEAD)
+    # MoE families: their dense relatives' attention (OLMoE: OLMo 2's full-width QK-norm in a pre-norm layer
+    # with Llama's norm and RoPE casts; Qwen2-MoE's q/k/v bias is its config's qkv_bias).
+    table["qwen2_moe"] = dict(table["qwen2"], qkv_bias=bool(getattr(config, "qkv_bias", True)))
+    table["qwen3_moe"] = table["qwen3"]
+    table["mixtral"] = table["mistral"]
+    table["olmoe"] = dict(table["llama"], mlp_bias=False, qk_norm=QkNorm.FULL)
     flags = table[family]
     return ModelSpec(
         model_type=family,
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
+        intermediate_size=extra.pop("intermediate_size", config.intermediate_size),
         num_layers=num_layers,
         num_heads=num_heads,
         num_kv_heads=config.num_key_value_heads or num_heads,
@@ -581,6 +615,47 @@ def _decoder_spec(
         **flags,
         **extra,
     )
+
+
+def _moe_fields(config: Any, family: str, num_layers: int, layer_types: tuple, sliding_window: Any):
+    """(ModelSpec fields, layer_types, sliding_window) of a mixture-of-experts config, as HF builds it.
+
+    Every layer must be sparse: layers made dense by ``mlp_only_layers`` / ``decoder_sparse_step`` (no hub
+    model of these families has any) are refused. Windows: Mixtral and Qwen3-MoE slide every layer when
+    the config has a window (Qwen3-MoE only with use_sliding_window), as their models build one mask;
+    Qwen2-MoE and OLMoE refuse windows.
+    """
+    experts = int(getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0)
+    if experts <= 0:
+        raise UnsupportedModelError(f"{family} config without experts (num_experts={experts})")
+    if family in ("qwen2_moe", "qwen3_moe"):
+        step = int(getattr(config, "decoder_sparse_step", 1) or 1)
+        only = set(getattr(config, "mlp_only_layers", None) or ())
+        dense = sorted(i for i in range(num_layers) if i in only or (i + 1) % step)
+        if dense:
+            raise UnsupportedModelError(
+                f"{family} with dense MLP layers {dense[:8]} (mlp_only_layers / decoder_sparse_step) is not supported"
+            )
+    if family == "olmoe" and getattr(config, "clip_qkv", None) is not None:
+        raise UnsupportedModelError(f"olmoe with clip_qkv={config.clip_qkv} is not supported")
+    if family in ("mixtral", "qwen3_moe") and sliding_window:
+        layer_types = (SLIDING_ATTENTION,) * num_layers
+    else:
+        if sliding_window and family != "mixtral":
+            raise UnsupportedModelError(f"{family} with a sliding window is not supported")
+        layer_types, sliding_window = (FULL_ATTENTION,) * num_layers, None
+    shared = int(getattr(config, "shared_expert_intermediate_size", 0) or 0) if family == "qwen2_moe" else 0
+    fields = dict(
+        num_experts=experts,
+        num_experts_per_tok=int(config.num_experts_per_tok),
+        # Mixtral: intermediate_size is each expert's width; the others have moe_intermediate_size
+        # (OLMoE: intermediate_size too).
+        moe_intermediate_size=int(getattr(config, "moe_intermediate_size", None) or config.intermediate_size),
+        norm_topk_prob=True if family == "mixtral" else bool(getattr(config, "norm_topk_prob", False)),
+        moe_weights_fp32=family == "mixtral",  # MixtralTopKRouter keeps its top-k weights in float32
+        intermediate_size=shared,
+    )
+    return fields, layer_types, sliding_window
 
 
 def from_hf_dir(hf_dir: str) -> ModelSpec:

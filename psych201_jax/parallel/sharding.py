@@ -44,6 +44,11 @@ RULES: Rules = (
     (model_axes.MLP, "tensor"),
     (model_axes.LIN_K_HEADS, "tensor"),
     (model_axes.LIN_V_HEADS, "tensor"),
+    # experts split over fsdp (their embedding axis then stays whole: fsdp is taken), each expert's MLP
+    # width over tensor; where fsdp does not divide the experts, the embedding axis takes fsdp instead.
+    (model_axes.EXPERT, "fsdp"),
+    (model_axes.EXPERT_MLP, "tensor"),
+    (model_axes.ROUTER, None),
     (model_axes.HEAD_DIM, None),
     (model_axes.LAYERS, None),
     (model_axes.NORM, None),
@@ -113,6 +118,8 @@ def logical_sizes(spec: ModelSpec) -> dict[str, int]:
         model_axes.LAYERS: spec.num_layers,
         model_axes.LIN_K_HEADS: spec.linear_num_key_heads,
         model_axes.LIN_V_HEADS: spec.linear_num_value_heads,
+        model_axes.EXPERT: spec.num_experts,
+        model_axes.EXPERT_MLP: spec.moe_intermediate_size,
     }
     sizes.update(
         {

@@ -105,3 +105,31 @@ def gemma(case: Case) -> None:
             "gemma3": "Gemma3ForConditionalGeneration",
         }[family]
     )
+
+
+def moe(case: Case) -> None:
+    """Every layer routed over 8 experts, top 2, with the family's renormalisation, weight dtype, shared expert
+    and attention; the checkpoint in the row's layout (stacked experts or one tensor per expert)."""
+    from psych201_jax.model import hf_weights
+
+    spec, family = case.spec, case.row.family
+    assert spec.model_type == family and (spec.num_experts, spec.num_experts_per_tok) == (8, 2)
+    assert spec.norm_topk_prob == (family in ("qwen3_moe", "mixtral")) and spec.moe_weights_fp32 == (
+        family == "mixtral"
+    )
+    assert spec.moe_intermediate_size == 32 and spec.intermediate_size == (48 if family == "qwen2_moe" else 0)
+    assert spec.qk_norm == {"qwen3_moe": modelspec.QkNorm.HEAD, "olmoe": modelspec.QkNorm.FULL}.get(
+        family, modelspec.QkNorm.NONE
+    )
+    assert spec.qkv_bias == (family == "qwen2_moe") and spec.layer_types == (modelspec.FULL_ATTENTION,) * 2
+    shapes = param_shapes(spec)
+    assert shapes["e_gate"] == (2, 8, spec.hidden_size, 32) and shapes["e_down"] == (2, 8, 32, spec.hidden_size)
+    assert shapes["router"] == (2, spec.hidden_size, 8)
+    assert ("shared_gate" in shapes) == ("w_gate" in shapes) == (family == "qwen2_moe")
+    names = hf_weights.open_weights(case.hf_dir).names()
+    module = "block_sparse_moe." if family == "mixtral" else "mlp."
+    stacked = case.row.kwargs.get("layout") == "stacked"
+    assert ("model.layers.0.mlp.experts.gate_up_proj" in names) == stacked
+    assert (
+        f"model.layers.0.{module}experts.7.{'w2' if family == 'mixtral' else 'down_proj'}.weight" in names
+    ) != stacked

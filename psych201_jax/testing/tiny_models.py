@@ -15,7 +15,9 @@ import os
 import shutil
 from typing import Any
 
-DECODER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "olmo3", "qwen3_5_text", "gemma2", "gemma3_text")
+from psych201_jax.model.spec import MOE_FAMILIES, SUPPORTED_MODEL_TYPES, VL_WRAPPERS
+
+DECODER_FAMILIES = tuple(t for t in SUPPORTED_MODEL_TYPES if t not in VL_WRAPPERS)  # MoE families included
 VL_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "mllama", "qwen3_5", "gemma3")
 # Families whose norms scale by 1 + weight (their norm weights are drawn around 0, not 1).
 ZERO_CENTRED = ("qwen3_5_text", "qwen3_5", "gemma2", "gemma3_text", "gemma3")
@@ -23,7 +25,9 @@ FAMILIES = DECODER_FAMILIES + VL_FAMILIES
 # Weight layouts of a saved VL wrapper: "saved" = as transformers saves it (5.x still writes Qwen2.5-VL
 # and Mllama in their pre-5 hub layouts), "module" = the transformers-5 module names (model.language_model.*,
 # model.visual.* / model.vision_model.* / model.multi_modal_projector.*, lm_head.weight).
-LAYOUTS = ("saved", "module")
+# MoE families: "saved" = one module per expert (as save_pretrained and hub checkpoints write them),
+# "stacked" = transformers 5's stacked experts (mlp.experts.gate_up_proj / down_proj).
+LAYOUTS = ("saved", "module", "stacked")
 
 _COMMON = dict(
     hidden_size=64,
@@ -96,6 +100,14 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
             sliding_attention=dict(rope_type="default", rope_theta=10_000.0),
         ),
     ),
+    # Mixture of experts: 8 experts, top 2, on every layer; expert width 32 (Mixtral and OLMoE: their
+    # intermediate_size); Qwen2-MoE adds a shared expert of width 48 behind its sigmoid gate.
+    "qwen2_moe": dict(
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48
+    ),
+    "qwen3_moe": dict(head_dim=32, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True),
+    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32, sliding_window=None),
+    "olmoe": dict(num_experts=8, num_experts_per_tok=2, intermediate_size=32, norm_topk_prob=False, clip_qkv=None),
     # Text configs of the VL wrappers (nested under text_config).
     "qwen2_5_vl": dict(rope_scaling=dict(type="mrope", mrope_section=[2, 3, 3])),
     "qwen3_vl": dict(
@@ -215,9 +227,23 @@ def make_tiny_hf_checkpoint(
     model.save_pretrained(out_dir, **save_kwargs)
     if layout == "module" and family in VL_FAMILIES:
         _rename_tensors(out_dir, _module_name)
+    if layout == "stacked" and family in MOE_FAMILIES:
+        _save_module_layout(model, out_dir)
     for name in os.listdir(tokenizer_dir):
         shutil.copy2(os.path.join(tokenizer_dir, name), out_dir)
     return out_dir
+
+
+def _save_module_layout(model, out_dir: str) -> None:
+    """Rewrites the weights as one file of the model's own module names (stacked experts), no index."""
+    from safetensors.torch import save_file
+
+    for name in os.listdir(out_dir):
+        if name.endswith(".safetensors") or name.endswith(".index.json"):
+            os.remove(os.path.join(out_dir, name))
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
 
 
 def add_mtp_head(hf_dir: str) -> None:
@@ -303,6 +329,8 @@ def _rescale(
                 p.normal_(0.0, logit_scale / math.sqrt(hidden_size))
             elif "embed_tokens" in name:
                 p.normal_(0.0, 1.0)
+            elif name.endswith(("experts.gate_up_proj", "experts.down_proj")):  # stacked [E, out, in]
+                p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]))
             elif p.ndim >= 2:  # fan-in: [out, in] linear, [channels, 1, kernel] depthwise conv
                 # Qwen3.5's DeltaNet output is RMS-normalised per head before out_proj, so at unit gain its
                 # float rounding is amplified ~100x per layer and the random model turns chaotic (HF's own
