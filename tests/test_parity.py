@@ -360,3 +360,43 @@ def test_real_hub_config_parses_with_hfs_parameter_count(name, tmp_path):
             hf_total = sum(p.numel() for p in model.parameters())
     print(f"{name}: ours {ours:,}, HF {hf_total:,}")
     assert ours == hf_total == expected
+
+
+# Mixture-of-experts hub configs: file -> (model_type, layers, experts, per token, total, active per token); active
+# counts every parameter but the experts a token's router leaves out (sources: tests/data/hub_configs/SOURCES.md).
+MOE_HUB_CONFIGS = {
+    "Qwen3-30B-A3B.json": ("qwen3_moe", 48, 128, 8, 30_532_122_624, 3_353_032_704),
+    "Qwen3-30B-A3B-Base.json": ("qwen3_moe", 48, 128, 8, 30_532_122_624, 3_353_032_704),
+    "Mixtral-8x7B-v0.1.json": ("mixtral", 32, 8, 2, 46_702_792_704, 12_879_925_248),
+    "OLMoE-1B-7B-0924.json": ("olmoe", 16, 64, 8, 6_919_161_856, 1_282_017_280),
+    "Qwen1.5-MoE-A2.7B.json": ("qwen2_moe", 24, 60, 4, 14_315_784_192, 2_689_173_504),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MOE_HUB_CONFIGS))
+def test_real_moe_hub_config_parses_with_hfs_parameter_counts(name, tmp_path):
+    """The MoE hub config parses (every layer routed, full attention), and our total and active-per-token
+    parameter counts equal HF's meta-device model's (its expert tensors: names with ``.experts.``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, layers, experts, top_k, total, active = MOE_HUB_CONFIGS[name]
+    with open(os.path.join(HUB_CONFIGS, name)) as fh:
+        (tmp_path / "config.json").write_text(fh.read())
+    spec = modelspec.from_hf_dir(str(tmp_path))
+    assert (spec.model_type, spec.num_layers, spec.num_experts, spec.num_experts_per_tok) == (
+        model_type,
+        layers,
+        experts,
+        top_k,
+    )
+    assert spec.layer_types == (modelspec.FULL_ATTENTION,) * layers and spec.sliding_window is None
+    shapes = param_shapes(spec)
+    unused = (experts - top_k) / experts
+    ours = sum(math.prod(s) for s in shapes.values())
+    ours_active = ours - int(sum(math.prod(shapes[n]) for n in ("e_gate", "e_up", "e_down")) * unused)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(tmp_path)))
+    hf_total = sum(p.numel() for p in model.parameters())
+    hf_active = hf_total - int(sum(p.numel() for n, p in model.named_parameters() if ".experts." in n) * unused)
+    print(f"{name}: ours {ours:,} ({ours_active:,} active), HF {hf_total:,} ({hf_active:,} active)")
+    assert (ours, ours_active) == (hf_total, hf_active) == (total, active)
