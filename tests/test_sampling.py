@@ -1,9 +1,12 @@
-"""Slot sampling (psych201_jax/sampling): branches decoded on a shared prefill against the plain forward,
-packing invariance, no leakage across participants, stopping, and the sampling options.
+"""Slot sampling (psych201_jax/sampling): branches decoded on a shared prefill against the scorer and HF
+``generate``, packing invariance, no leakage across participants or past a slot, stopping, per-participant
+temperature and options, top-k / top-p, and Qwen3.5's Gated DeltaNet hybrid path.
 
 Tiny random models are built in JAX from the tiny families' HF configs (``tiny_models``) and rescaled as
 the parity checkpoints are (unit-gain projections, peaked outputs), so a wrong key or a missing mask shows
-in the log-probs. Participants are synthetic token sequences with response runs.
+in the log-probs; the HF comparisons convert an HF model's own weights (``hf_and_ours``). Participants are
+synthetic token sequences with response runs. Runs of one model structure and shape share one compiled
+program (``sampler._programs``), so the tests align their shapes where they can.
 """
 
 import dataclasses
@@ -214,12 +217,29 @@ def hf_and_ours(family: str):
     return hf, _fill(spec, params)
 
 
+def hf_greedy(hf, prefix: np.ndarray, n: int) -> np.ndarray:
+    """HF ``generate(do_sample=False)``'s n new tokens after ``prefix``."""
+    import torch
+
+    ids = torch.as_tensor(prefix, dtype=torch.long)[None]
+    with torch.inference_mode():
+        out = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
+    return out[0, ids.shape[1] :].numpy()
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "olmo2"])
 def test_greedy_slots_equal_hf_generate(family):
     """Issue 30 item 5: greedy decoding from every slot of PEOPLE (prefixes past gemma2's 64-token window)
     equals HF ``generate(do_sample=False)`` on the prefix up to and including the slot's opening marker,
     token for token. (The run's shapes are the scorer test's: one decode compilation per family.)"""
-    import torch
 
     hf, ours = hf_and_ours(family)
     out = run(ours, samples=2, max_new_tokens=8, temperature=0.0, seed=3, branch_capacity=8)
@@ -227,17 +247,7 @@ def test_greedy_slots_equal_hf_generate(family):
     distinct = set()
     for (key, response), got in out.items():
         person, slot = slot_of(key, response)
-        prefix = torch.as_tensor(person.token_ids[: slot.prefix_end + 1], dtype=torch.long)[None]
-        with torch.inference_mode():
-            ref = hf.generate(
-                prefix,
-                attention_mask=torch.ones_like(prefix),
-                do_sample=False,
-                max_new_tokens=8,
-                min_new_tokens=8,
-                pad_token_id=0,
-                eos_token_id=None,
-            )[0, prefix.shape[1] :].numpy()
+        ref = hf_greedy(hf, person.token_ids[: slot.prefix_end + 1], 8)
         for sample in got.samples:
             np.testing.assert_array_equal(sample.generated, ref, err_msg=f"{family} slot {key, response}")
         distinct.add(tuple(ref))
@@ -398,11 +408,27 @@ def test_per_participant_temperature_and_options(models):
         sample_participants(model, PEOPLE[:1], SamplingConfig(), row_lengths=(512,), temperature_of={a.key: -1.0})
 
 
-def test_hybrid_models_are_refused_in_one_line():
-    spec = tiny_spec("qwen3_5_text")
-    with pytest.raises(ValueError, match="Gated DeltaNet") as err:
-        sampler_lib.check_supported(spec)
-    assert "\n" not in str(err.value)
+def test_qwen3_5_hybrid_equals_the_scorer_and_hf_generate():
+    """Gated DeltaNet hybrids (Qwen3.5: 6 linear-attention layers, 2 gated softmax ones): b and c packed in
+    one row (c's recurrent state must restart at its segment), drawn at T = 0.7, every step's log-prob equals
+    the scorer's within 1e-5; greedy equals HF ``generate`` token for token (one compiled program for both)."""
+
+    sampler_lib.check_supported(tiny_spec("qwen3_5_text"))
+    hf, model = hf_and_ours("qwen3_5_text")
+    config = dict(people=PEOPLE[1:], row_lengths=(160,), samples=2, max_new_tokens=6, seed=3, branch_capacity=8)
+    drawn, greedy = run(model, temperature=0.7, **config), run(model, temperature=0.0, **config)
+    assert len(drawn) == 3
+    pairs, samples = [], []
+    for (key, response), got in drawn.items():
+        person, slot = slot_of(key, response)
+        pairs += [(person.token_ids[: slot.prefix_end + 1], s.generated) for s in got.samples]
+        samples += got.samples
+    worst = max(float(np.abs(lp - s.logprobs).max()) for lp, s in zip(scorer_log_probs(model, pairs), samples))
+    assert worst <= 1e-5, worst
+    for (key, response), got in greedy.items():
+        person, slot = slot_of(key, response)
+        ref = hf_greedy(hf, person.token_ids[: slot.prefix_end + 1], 6)
+        np.testing.assert_array_equal(got.samples[0].generated, ref, err_msg=f"slot {key, response}")
 
 
 def test_plans_are_padded_rows_of_branches():

@@ -21,46 +21,42 @@ def test_single_token_match_rate_agrees_with_the_scorer():
     approximation, variance k * sum p_i (1 - p_i)), p > 0.001, at T = 1 and T = 0.5 (one run, the second
     participant's temperature from ``temperature_of``).
 
-    The transcript is the model's own continuation of one token at T = 1.5, so the human tokens are
-    likely enough (p_i spread over (0, 1)) for a wrong temperature to show."""
+    The human tokens are the model's own draws at T = 0.8 (the same program's first run, from the prefixes
+    of random tokens then), so they are likely enough (p_i spread over (0, 1)) for a wrong temperature to
+    show."""
     model = tiny_model("llama")
-    seed_person = participant("seed", 3, [1], seed=5, width=1)
-    (drawn,) = run(model, people=(seed_person,), samples=1, max_new_tokens=2 * SLOTS + 4, temperature=1.5).values()
-    tokens = np.concatenate([seed_person.token_ids[:1], drawn.samples[0].generated]).astype(np.int32)
-    index = np.full(len(tokens), -1, np.int32)
-    index[4 : 4 + 2 * SLOTS : 2] = np.arange(SLOTS)
+    start = participant("x", 2 * SLOTS + 4, range(4, 4 + 2 * SLOTS, 2), seed=5, width=1)
 
-    def spans(name):
-        return ParticipantSpans(
-            study="s",
-            experiment="e",
-            participant=name,
-            token_ids=tokens,
-            response_index=index,
-            n_responses=SLOTS,
-            responses_text=SLOTS,
-            responses_scored=SLOTS,
-            lost_truncation=0,
-        )
+    def people(tokens):
+        return [
+            ParticipantSpans(
+                study="s",
+                experiment="e",
+                participant=name,
+                token_ids=tokens,
+                response_index=start.response_index,
+                n_responses=SLOTS,
+                responses_text=SLOTS,
+                responses_scored=SLOTS,
+                lost_truncation=0,
+            )
+            for name in ("t1", "t05")
+        ]
 
-    people = [spans("t1"), spans("t05")]
-    temps = {"t1": 1.0, "t05": 0.5}
-    (scored,) = stream.score_spans(people[:1], Scorer(model, temperatures=(1.0, 0.5)), row_lengths=(256,))
+    config = dict(row_lengths=(512,), samples=DRAWS, max_new_tokens=1, branch_capacity=2 * SLOTS * DRAWS)
+    first = people(start.token_ids)
+    drawn = run(model, people=first, temperature=0.8, seed=2, **config)
+    tokens = start.token_ids.copy()
+    tokens[start.response_index >= 0] = [drawn[(first[0].key, r)].samples[0].generated[0] for r in range(SLOTS)]
+    final = people(tokens)
+    (scored,) = stream.score_spans(final[:1], Scorer(model, temperatures=(1.0, 0.5)), row_lengths=(256,))
     p = np.exp(-scored.nll_t)  # [SLOTS, 2]
-    assert 0.1 < p.mean() < 0.9 and p.std() > 0.1, "human tokens too (un)likely: the test would be weak"
-    out = run(
-        model,
-        people=people,
-        row_lengths=(512,),
-        samples=DRAWS,
-        max_new_tokens=1,
-        temperature=1.0,
-        seed=1,
-        branch_capacity=2 * SLOTS * DRAWS,
-        temperature_of={people[1].key: 0.5},
-    )
+    weak = "human tokens too (un)likely: the test would be weak"
+    assert (0.1 < p.mean(0)).all() and (p.mean(0) < 0.9).all() and p.std() > 0.1, weak
+    out = run(model, people=final, temperature=1.0, seed=1, temperature_of={final[1].key: 0.5}, **config)
+    temps = {"t1": 1.0, "t05": 0.5}
     for j, name in enumerate(temps):
-        key = people[j].key
+        key = final[j].key
         matches = sum(
             int(s.generated[0] == out[(key, r)].human[0]) for r in range(SLOTS) for s in out[(key, r)].samples
         )

@@ -22,7 +22,9 @@ excludes the marker or stop token.
 On a mesh (``SlotSampler(mesh=)``) the parameters lie on their logical-axis shardings and both programs
 run under ``jax.set_mesh`` with the rows and branches replicated.
 
-Gated DeltaNet hybrids (Qwen3.5) are refused: their recurrent state at each slot is not kept yet.
+Gated DeltaNet hybrids (Qwen3.5) take ``hybrid.py``'s path: each linear-attention layer's recurrent state
+(and conv inputs) at every slot's prefix end, advanced one token per step; mixture-of-experts hybrids are
+refused.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from psych201_jax.model.decoder import ATTENTION_INPUT, Decoder
 from psych201_jax.model.layers import soft_cap
 from psych201_jax.model.spec import LINEAR_ATTENTION, ModelSpec
 from psych201_jax.parallel import sharding
+from psych201_jax.sampling import hybrid
 from psych201_jax.sampling import slots as slots_lib
 from psych201_jax.scoring import packing
 
@@ -133,12 +136,10 @@ class SlotSamples:
 
 
 def check_supported(spec: ModelSpec) -> None:
-    """Raises a one-line ValueError for families the sampler cannot run (Gated DeltaNet hybrids)."""
-    if LINEAR_ATTENTION in spec.layer_types:
-        raise ValueError(
-            "slot sampling does not support Gated DeltaNet hybrids (Qwen3.5) yet: their recurrent state at each "
-            "slot is not kept"
-        )
+    """Raises a one-line ValueError for models the sampler cannot run (mixture-of-experts hybrids)."""
+    experts: int = getattr(spec, "num_experts", 0)  # hybrid layers here run the dense MLP only
+    if LINEAR_ATTENTION in spec.layer_types and experts:
+        raise ValueError("slot sampling does not support mixture-of-experts Gated DeltaNet hybrids yet")
 
 
 def _activation_rules(rules: sharding.Rules) -> sharding.Rules:
@@ -164,10 +165,13 @@ def _programs(graphdef, key: tuple, mesh: jax.sharding.Mesh | None, rules: shard
         return run
 
     def prefill(model, tokens, positions, segment_ids):
-        return model.prefill(tokens, positions, segment_ids)
+        if hybrid.is_hybrid(model.spec):
+            return hybrid.prefill(model, tokens, positions, segment_ids)
+        return (*model.prefill(tokens, positions, segment_ids), None)
 
-    def decode(model, hidden, keys, values, segment_ids, plan, knobs):
-        return _decode_loop(model, model.spec, static, hidden, keys, values, segment_ids, plan, knobs)
+    def decode(model, hidden, keys, values, linear_inputs, segment_ids, plan, knobs):
+        args = (hidden, keys, values, linear_inputs, segment_ids, plan, knobs)
+        return _decode_loop(model, model.spec, static, *args)
 
     return jax.jit(scoped(prefill)), jax.jit(scoped(decode))
 
@@ -250,12 +254,12 @@ class SlotSampler:
         draws: dict[tuple[Hashable, int], dict[int, Sample]] = {}
         with scope:
             rows = [self._place(x) for x in (batch.tokens, batch.positions, batch.segment_ids)]
-            hidden, (keys, values) = self._prefill(self.state, *rows)
+            hidden, (keys, values), linear_inputs = self._prefill(self.state, *rows)
             knobs = {"seed": np.uint32(cfg.seed), "top_k": np.int32(cfg.top_k), "top_p": np.float32(cfg.top_p)}
             knobs = {name: self._place(x) for name, x in knobs.items()}
             for plan in plans:
                 arrays = {name: self._place(x) for name, x in plan.arrays().items()}
-                out = self._decode(self.state, hidden, keys, values, rows[2], arrays, knobs)
+                out = self._decode(self.state, hidden, keys, values, linear_inputs, rows[2], arrays, knobs)
                 tokens, logprobs, n_gen, codes = (
                     np.asarray(x).reshape(-1, *np.shape(x)[2:]) for x in jax.device_get(out)
                 )
@@ -313,7 +317,9 @@ def sample_participants(
     return out
 
 
-def _decode_loop(model: Decoder, spec: ModelSpec, static: dict, hidden, keys, values, segment_ids, plan, knobs):
+def _decode_loop(
+    model: Decoder, spec: ModelSpec, static: dict, hidden, keys, values, linear_inputs, segment_ids, plan, knobs
+):
     """All branches of a plan, decoded together until each stopped or M steps: (tokens int32 [B, C, M],
     log-probs float32 [B, C, M], tokens generated int32 [B, C], stop code int32 [B, C]: 0 length, 1 marker,
     2 stop token). ``static``: ``_static_key``'s settings; ``knobs``: the scalars ``seed`` (uint32), ``top_k`` (int32, 0
@@ -339,7 +345,7 @@ def _decode_loop(model: Decoder, spec: ModelSpec, static: dict, hidden, keys, va
     allowed = _option_mask(plan["option_ids"], spec.vocab_size)  # [B, C, V] or None (no branch restricted)
 
     def body(carry):
-        j, h, own_k, own_v, out_tok, out_lp, done, code, n_gen = carry
+        j, h, own_k, own_v, out_tok, out_lp, done, code, n_gen, linear = carry
         logits = soft_cap(
             jnp.einsum(
                 "bcd,vd->bcv",
@@ -370,10 +376,13 @@ def _decode_loop(model: Decoder, spec: ModelSpec, static: dict, hidden, keys, va
 
         inputs = {ATTENTION_INPUT + "k": keys, ATTENTION_INPUT + "v": values}
         inputs |= {ATTENTION_INPUT + "own_k": own_k, ATTENTION_INPUT + "own_v": own_v}
-        h, (new_k, new_v) = model.with_attention(token, position + j, segment, attend, inputs)
+        if linear_inputs is None:
+            h, (new_k, new_v) = model.with_attention(token, position + j, segment, attend, inputs)
+        else:
+            h, (new_k, new_v), linear = hybrid.decode_step(model, token, position + j, segment, attend, inputs, linear)
         own_k = own_k.at[:, :, :, j].set(new_k)
         own_v = own_v.at[:, :, :, j].set(new_v)
-        return j + 1, h, own_k, own_v, out_tok, out_lp, done, code, n_gen
+        return j + 1, h, own_k, own_v, out_tok, out_lp, done, code, n_gen, linear
 
     def cond(carry):
         j, done = carry[0], carry[6]
@@ -389,6 +398,7 @@ def _decode_loop(model: Decoder, spec: ModelSpec, static: dict, hidden, keys, va
         jnp.zeros((b, c), bool),
         jnp.zeros((b, c), jnp.int32),
         jnp.zeros((b, c), jnp.int32),
+        () if linear_inputs is None else hybrid.slot_states(model, linear_inputs, segment_ids, prefix_end, segment),
     )
     out = jax.lax.while_loop(cond, body, init)
     return out[4], out[5], out[8], out[7]
