@@ -326,7 +326,7 @@ FAMILIES: tuple[Family, ...] = (
     # and q/k/v biases, per-expert tensors over sharded files; Mixtral (always renormalised, float32 weights)
     # in the hub's block_sparse_moe.experts.{e}.w1/w2/w3; OLMoE with its full-width QK-norm, not renormalised.
     # (The MLP is per token: leakage between packed participants could only come from attention, the dense
-    # families' code, so two rows check it.)
+    # families' code, so one row checks it.)
     Family(
         "qwen3_moe-8x2-normtopk-stacked",
         "qwen3_moe",
@@ -348,7 +348,7 @@ FAMILIES: tuple[Family, ...] = (
         "mixtral",
         "llama",
         dict(num_key_value_heads=2),
-        features=frozenset({NO_LEAKAGE, MOE}),
+        features=frozenset({MOE}),
         **_MOE,
     ),
     Family(
