@@ -7,7 +7,8 @@ the row's tokens runs the delta rule in its recurrent form (HF ``torch_recurrent
 value head S <- exp(g) S; S <- S + k (beta (v - S^T k))^T; o = S^T q, reset at every segment start) and
 keeps S after each branch's prefix end p, with the conv's last K - 1 inputs up to p (zeros across a segment
 start). A decode step then advances each branch's own state by one token. O(T) sequential steps per pass
-on top of the prefill: this path is slower than the softmax-attention one.
+on top of the prefill (each writing one state per row): this path is slower than the softmax-attention
+one.
 """
 
 from __future__ import annotations
@@ -106,6 +107,11 @@ def slot_states(model: Decoder, inputs, segment_ids, prefix_end, segment):
     params = [p for p, t in zip(layer_params(model), spec.layer_types) if t == LINEAR_ATTENTION]
     b, t = segment_ids.shape
     start = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    # Each row's distinct prefix ends, ascending (padded with T, never reached), and each branch's rank
+    # among them: the scan keeps one state per distinct end, so a step writes one state, not C.
+    c = prefix_end.shape[1]
+    ends = jax.vmap(lambda e: jnp.unique(e, size=c, fill_value=t))(prefix_end)
+    rank = jax.vmap(jnp.searchsorted)(ends, prefix_end).astype(jnp.int32)
     out = []
     for p, x in zip(params, inputs):
         dt = x.dtype
@@ -117,16 +123,19 @@ def slot_states(model: Decoder, inputs, segment_ids, prefix_end, segment):
         hv, dk, dv = convs["v"].shape[2], convs["k"].shape[-1], convs["v"].shape[-1]
         k = _unit(convs["k"], hv)
 
-        def step(carry, xs, k_all=k, v_all=convs["v"], g_all=g, beta_all=beta):
-            state, kept = carry
-            i = xs
+        def step(carry, i, k_all=k, v_all=convs["v"], g_all=g, beta_all=beta):
+            state, kept, next_ = carry
             state = jnp.where(start[:, i, None, None, None], 0.0, state)
             state = _update(state, k_all[:, i], v_all[:, i], g_all[:, i], beta_all[:, i])
-            kept = jnp.where((prefix_end == i)[..., None, None, None], state[:, None], kept)
-            return (state, kept), None
+            at = jnp.minimum(next_, c - 1)
+            hit = (jnp.take_along_axis(ends, at[:, None], 1)[:, 0] == i) & (next_ < c)  # the row's next end
+            kept = jax.vmap(lambda kb, sb, nb, hb: kb.at[nb].set(jnp.where(hb, sb, kb[nb])))(kept, state, at, hit)
+            return (state, kept, next_ + hit), None
 
         zero = jnp.zeros((b, hv, dk, dv), jnp.float32)
-        (_, kept), _ = jax.lax.scan(step, (zero, jnp.zeros((b, *prefix_end.shape[1:], hv, dk, dv))), jnp.arange(t))
+        init = (zero, jnp.zeros((b, c, hv, dk, dv), jnp.float32), jnp.zeros(b, jnp.int32))
+        (_, kept, _), _ = jax.lax.scan(step, init, jnp.arange(t))
+        kept = jnp.take_along_axis(kept, rank[..., None, None, None], 1)  # [B, C, ...]: each branch's end
         width = p["lin_conv_q"].shape[0] - 1
         index = prefix_end[..., None] - (width - 1) + jnp.arange(width)  # [B, C, K - 1]
         safe = jnp.clip(index, 0, t - 1)
