@@ -1,8 +1,7 @@
 """Simulated participants at the study's scale: every model of the paper sweep (``psych201_paper.py``) samples
 k = 8 responses at every response slot of the test set, at T = 1 and at its cross-fitted temperature from
 its plain run (the calibration control), so base and post-trained models can be compared on generated
-behaviour (``psych201-analyze``: exact match, distance to the human distribution, diversity). Qwen3.5
-(a Gated DeltaNet hybrid) is skipped: the slot sampler does not keep its recurrent state yet."""
+behaviour (``psych201-analyze``: exact match, distance to the human distribution, diversity)."""
 
 import os
 import sys
