@@ -83,6 +83,19 @@ def test_every_token_reaches_its_top_k_experts_and_padding_none(norm_topk_prob):
     np.testing.assert_array_equal(np.asarray(run(p, jnp.asarray(loud), jnp.asarray(valid))), out)
 
 
+def test_cpu_tiles_equal_ragged_dot():
+    """The CPU grouped matmul (experts' rows padded to tiles, one expert per tile) equals ``ragged_dot`` on
+    groups of every kind: empty, shorter than a tile, several tiles long, and rows past the last group."""
+    spec = _spec()
+    p = _params(spec)
+    sizes = jnp.asarray([0, 3, 300, 0, 129, 1], jnp.int32)  # 433 of 450 rows: the last 17 in no group
+    rows = jax.random.normal(jax.random.key(3), (450, spec.hidden_size))
+    ragged = np.asarray(moe.ragged_expert_mlp(rows, p, sizes, spec=spec))[:433]
+    tiled = np.asarray(jax.jit(lambda r, s: moe.tiled_expert_mlp(r, p, s, spec=spec))(rows, sizes))
+    np.testing.assert_allclose(tiled[:433], ragged, rtol=1e-5, atol=1e-5)
+    assert np.all(tiled[433:] == 0)
+
+
 def test_routing_weights_follow_hf():
     """Float32 weights for Mixtral (moe_weights_fp32), the activation dtype otherwise; renormalised only with
     norm_topk_prob; the experts of each token distinct."""

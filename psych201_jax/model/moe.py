@@ -3,7 +3,9 @@
 Each token's router picks its top-k experts (softmax over the router logits in float32, top-k, optionally
 renormalised, as HF's ``*TopKRouter``); every chosen (token, expert) pair is computed: no capacity factor, so
 no token is ever dropped. The pairs are sorted by expert and each expert's gated MLP runs as one grouped
-matmul over its contiguous rows (``jax.lax.ragged_dot``), never as a dense [tokens, experts, ...] product.
+matmul over its contiguous rows (``jax.lax.ragged_dot``: XLA's ragged dot on TPU and GPU; on XLA:CPU, where jax
+would expand it into a dense product over every expert, a loop over row tiles of one expert each), never as a
+dense [tokens, experts, ...] product.
 Padding positions (segment 0, or invalid gathered entries) are routed nowhere: they sort past the last
 group, cost no expert compute, and their output is exactly zero.
 
@@ -27,6 +29,8 @@ from psych201_jax.model.spec import ModelSpec
 
 # Stacked layer parameters of a routed MLP (the shared expert reuses the dense MLP's w_gate / w_up / w_down).
 EXPERT_PARAMS = ("router", "e_gate", "e_up", "e_down")
+# Rows per tile of the CPU grouped matmul (``tiled_expert_mlp``).
+TILE = 128
 
 
 def route(x: jnp.ndarray, router: jnp.ndarray, spec: ModelSpec) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -55,14 +59,49 @@ def routed_experts(p: dict[str, jnp.ndarray], x: jnp.ndarray, valid: jnp.ndarray
     order = jnp.argsort(flat, stable=True)
     sizes = jnp.bincount(flat, length=e + 1)[:e].astype(jnp.int32)
     rows = jnp.take(x, order // k, axis=0)
-    gate = jax.lax.ragged_dot(rows, p["e_gate"].astype(dt), sizes)
-    up = jax.lax.ragged_dot(rows, p["e_up"].astype(dt), sizes)
-    out = jax.lax.ragged_dot(activate(gate, spec.activation) * up, p["e_down"].astype(dt), sizes)
+    weights_dt = {name: p[name].astype(dt) for name in ("e_gate", "e_up", "e_down")}
+    grouped = tiled_expert_mlp if jax.default_backend() == "cpu" else ragged_expert_mlp
+    out = grouped(rows, weights_dt, sizes, spec=spec)
     out = jnp.where((jnp.take(flat, order) < e)[:, None], out, 0)  # rows past the groups are unspecified
     weighted = out.astype(weights.dtype) * jnp.take(weights.reshape(-1), order)[:, None]
     back = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=order.dtype))  # inverse permutation
     pairs = jnp.take(weighted, back, axis=0).reshape(n, k, d)
     return jnp.sum(pairs.astype(jnp.float32), axis=1).astype(dt)
+
+
+def ragged_expert_mlp(rows: jnp.ndarray, p: dict[str, jnp.ndarray], sizes: jnp.ndarray, *, spec: ModelSpec):
+    """Each expert's gated MLP on its contiguous rows (``sizes`` [E] rows per expert, in order; rows past them
+    unspecified) as three ``jax.lax.ragged_dot`` grouped matmuls: XLA's native ragged dot on TPU and GPU."""
+    gate = jax.lax.ragged_dot(rows, p["e_gate"], sizes)
+    up = jax.lax.ragged_dot(rows, p["e_up"], sizes)
+    return jax.lax.ragged_dot(activate(gate, spec.activation) * up, p["e_down"], sizes)
+
+
+def tiled_expert_mlp(rows: jnp.ndarray, p: dict[str, jnp.ndarray], sizes: jnp.ndarray, *, spec: ModelSpec):
+    """``ragged_expert_mlp`` for XLA:CPU, where jax expands ``ragged_dot`` into a dense masked product over every
+    expert (E times the FLOPs): each expert's rows are padded to whole tiles of ``TILE`` rows and a loop over
+    the tiles runs one expert's MLP per tile, (rows + E * TILE) * the expert FLOPs at most."""
+    m, d = rows.shape
+    e = sizes.shape[0]
+    tile = min(TILE, m)
+    tiles = -(-m // tile) + e  # each expert's last tile may be partial
+    padded = (sizes + tile - 1) // tile * tile
+    ends, padded_ends = jnp.cumsum(sizes), jnp.cumsum(padded)
+    index = jnp.arange(m, dtype=sizes.dtype)
+    group = jnp.searchsorted(ends, index, side="right")  # e: past every group
+    start = jnp.take(ends - sizes, group, mode="fill", fill_value=0)
+    padded_start = jnp.take(padded_ends - padded, group, mode="fill", fill_value=0)
+    slot = jnp.where(group < e, padded_start + index - start, tiles * tile)  # past the end: dropped
+    xs = jnp.zeros((tiles * tile, d), rows.dtype).at[slot].set(rows, mode="drop").reshape(tiles, tile, d)
+    expert = jnp.minimum(jnp.searchsorted(padded_ends, jnp.arange(tiles) * tile, side="right"), e - 1)
+
+    def one(args):
+        x, j = args
+        gate, up = x @ p["e_gate"][j], x @ p["e_up"][j]
+        return (activate(gate, spec.activation) * up) @ p["e_down"][j]
+
+    out = jax.lax.map(one, (xs, expert)).reshape(tiles * tile, d)
+    return jnp.take(out, slot, axis=0, mode="fill", fill_value=0)
 
 
 def _row_axes(batch: int) -> tuple[str, ...]:
