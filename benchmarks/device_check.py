@@ -11,9 +11,15 @@ Writes ``--out`` (JSON) with:
   reduced to fit the time limit; ``--models`` picks some), bf16: our scorer's tokens/s on packed real
   transcripts, model FLOP/s as a fraction of the measured peak (MFU), peak device memory, the batch-1 HF
   PyTorch reference (bf16, on the GPU when torch sees one) on the same weights and data, the speed-up, the
-  largest relative |dNLL| between the two, and tokens/s with the mesh on and off.
-``--dry_run`` runs the same code paths on tiny shapes (CPU is fine) and writes the same keys. The JSON is
-rewritten after each stage (``complete``/``ok`` false until the end); a model that fails records its error.
+  largest relative |dNLL| between the two, and tokens/s with the mesh on and off;
+- ``simulate``: slot sampling (``psych201_jax.sampling``) on ``--simulate_model``'s shape (bf16): our
+  sampler's decode tokens/s, slots/s and peak device memory against HF ``generate`` (KV cache,
+  ``num_return_sequences=k``, on the GPU when torch sees one) on the same weights and slots of real
+  transcripts (``benchmarks/sampling.py``: what is counted and how); run before the models, so the device's
+  peak bytes are its own, and with ``--models`` only in the call that includes its shape.
+``--dry_run`` runs the same code paths on tiny shapes (CPU is fine; a temporary JAX compile cache) and writes
+the same keys. The JSON is rewritten after each stage (``complete``/``ok`` false until the end); a model or
+stage that fails records its error.
 """
 
 import json
@@ -27,11 +33,13 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks import measure
+from benchmarks import sampling as sampling_bench
 from psych201_jax import defaults
 from psych201_jax.data import records, spans
 from psych201_jax.data.tokenizer import TokenizerInfo
 from psych201_jax.model import attention, checkpoint
 from psych201_jax.parallel import sharding
+from psych201_jax.runs import compilation
 from psych201_jax.scoring import packing, scorer, stream
 from psych201_jax.testing import tiny_models
 
@@ -39,8 +47,12 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "device_check.json", "JSON output path.")
 flags.DEFINE_bool("dry_run", False, "Tiny shapes: exercise every code path quickly (CPU is fine).")
 flags.DEFINE_string("data", os.path.join("tests", "data", "psych201"), "Psych-201 studies (vendored corpus).")
-flags.DEFINE_integer("participants", 48, "Participants scored per model (dry run: 4).")
+flags.DEFINE_integer("participants", 48, "Participants scored per model (dry run: 2).")
 flags.DEFINE_list("models", [], "Model shapes to check (default: all of MODELS), e.g. to split the check over calls.")
+flags.DEFINE_string("simulate_model", "qwen3_0.6b", "Model shape of the simulate stage (one of MODELS).")
+flags.DEFINE_integer("simulate_slots", 64, "Slots the simulate stage samples (0: skip the stage; dry run: 4).")
+flags.DEFINE_integer("simulate_samples", 8, "k: samples per slot in the simulate stage.")
+flags.DEFINE_integer("simulate_max_new_tokens", 16, "M: most tokens per sample in the simulate stage (dry run: 4).")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # family, HF config overrides (real widths), layers used, full depth. Vocabulary: the bundled Qwen3
@@ -173,16 +185,18 @@ def _participants(tokenizer_dir: str, data: str, n: int, max_tokens: int = 0) ->
     return kept
 
 
-def _hf_reference(hf_dir: str, items: list) -> tuple[dict, float, str]:
-    """The reference algorithm (batch 1, full logits) in bf16 on the GPU when torch has one."""
+def _hf_reference(hf_dir: str, items: list, dry: bool = False) -> tuple[dict, float, str]:
+    """The reference algorithm (batch 1, full logits) in bf16 on the GPU when torch has one; the dry run on
+    a CPU computes in float32 on the same bf16 weights (torch's bf16 CPU matmuls took 12 s a model there)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float32 if dry and device == "cpu" else torch.bfloat16
     try:
-        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, attn_implementation="sdpa")
     except ValueError:  # no SDPA where attention is soft-capped (Gemma 2): HF's eager attention
-        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16, attn_implementation="eager")
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, attn_implementation="eager")
     model = model.to(device).eval()
     out = {}
     start = time.perf_counter()
@@ -207,35 +221,43 @@ def _hf_reference(hf_dir: str, items: list) -> tuple[dict, float, str]:
     return out, time.perf_counter() - start, device
 
 
-def model_check(family: str, widths: dict, layers: int, full: int, items: list, peak: float) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        hf_dir = tiny_models.make_tiny_hf_checkpoint(
-            family,
-            os.path.join(tmp, "hf"),
-            defaults.DEFAULT_TOKENIZER,
-            dtype="bfloat16",
-            num_hidden_layers=layers,
-            max_position_embeddings=32768,
-            **{"vocab_size": 151936, **widths},  # at least the bundled Qwen3 tokenizer's ids
-        )
-        conv = os.path.join(tmp, "conv")
-        checkpoint.convert(hf_dir, conv, "bfloat16")
-        reference, ref_s, torch_device = _hf_reference(hf_dir, items)
-        rows, tpb = packing.choose_row_lengths(32768), 65536
-        shapes = {(b.tokens.shape, b.score_index.shape) for b in packing.pack(items, rows, tokens_per_batch=tpb)}
-        runs = {}
-        for mode in ("on", "off"):
-            model, spec = checkpoint.load_model(conv, mesh=None)
-            mesh = sharding.mesh_for(mode)
-            ours = scorer.Scorer(model, mesh=mesh)
-            kwargs = dict(row_lengths=rows, tokens_per_batch=tpb, max_tokens=32768)
-            start = time.perf_counter()
-            list(stream.score_spans(items, ours, **kwargs))  # compiles every batch shape
-            first_s = time.perf_counter() - start
-            start = time.perf_counter()
-            results = {r.key: r for r in stream.score_spans(items, ours, **kwargs)}
-            runs[mode] = (time.perf_counter() - start, results, first_s)
-            del ours, model
+def _checkpoint(family: str, widths: dict, layers: int, tmp: str) -> tuple[str, str]:
+    """A random bf16 HF checkpoint of the shape under ``tmp`` and its conversion: (hf_dir, converted dir)."""
+    hf_dir = tiny_models.make_tiny_hf_checkpoint(
+        family,
+        os.path.join(tmp, "hf"),
+        defaults.DEFAULT_TOKENIZER,
+        dtype="bfloat16",
+        num_hidden_layers=layers,
+        max_position_embeddings=32768,
+        **{"vocab_size": 151936, **widths},  # at least the bundled Qwen3 tokenizer's ids
+    )
+    conv = os.path.join(tmp, "conv")
+    checkpoint.convert(hf_dir, conv, "bfloat16")
+    return hf_dir, conv
+
+
+def model_check(family: str, widths: dict, layers: int, full: int, items: list, peak: float, tmp: str) -> dict:
+    """Scorer vs the HF reference on one shape; its checkpoint under ``tmp`` (made there when missing)."""
+    if not os.path.isdir(os.path.join(tmp, "conv")):
+        _checkpoint(family, widths, layers, tmp)
+    hf_dir, conv = os.path.join(tmp, "hf"), os.path.join(tmp, "conv")
+    reference, ref_s, torch_device = _hf_reference(hf_dir, items, FLAGS.dry_run)
+    rows, tpb = packing.choose_row_lengths(32768), 65536
+    shapes = {(b.tokens.shape, b.score_index.shape) for b in packing.pack(items, rows, tokens_per_batch=tpb)}
+    runs = {}
+    for mode in ("on", "off"):
+        model, spec = checkpoint.load_model(conv, mesh=None)
+        mesh = sharding.mesh_for(mode)
+        ours = scorer.Scorer(model, mesh=mesh)
+        kwargs = dict(row_lengths=rows, tokens_per_batch=tpb, max_tokens=32768)
+        start = time.perf_counter()
+        list(stream.score_spans(items, ours, **kwargs))  # compiles every batch shape
+        first_s = time.perf_counter() - start
+        start = time.perf_counter()
+        results = {r.key: r for r in stream.score_spans(items, ours, **kwargs)}
+        runs[mode] = (time.perf_counter() - start, results, first_s)
+        del ours, model
     tokens = sum(len(p.token_ids) for p in items)
     ours_s, results, first_s = runs["on"]
     rel = max(
@@ -265,9 +287,40 @@ def model_check(family: str, widths: dict, layers: int, full: int, items: list, 
     }
 
 
+def _shape(name: str, dry: bool) -> tuple:
+    """(family, widths, layers used, full depth) of a MODELS shape; the dry run's tiny widths and 2 layers."""
+    family, widths, layers, full = MODELS[name]
+    return (family, DRY, 2, full) if dry else (family, widths, layers, full)
+
+
+def simulate_check(name: str, data: str, dry: bool, tmp: str) -> dict:
+    """Slot sampling on ``name``'s shape (bf16; dry run: tiny): ours against HF ``generate`` on the same
+    weights and slots (``benchmarks.sampling.compare``), HF on the GPU when torch sees one. The checkpoint
+    is made under ``tmp`` (the model check of the same shape reuses it)."""
+    import torch
+
+    family, widths, layers, full = _shape(name, dry)
+    tokenizer = TokenizerInfo(defaults.DEFAULT_TOKENIZER)
+    k, per = FLAGS.simulate_samples, 4  # per: slots per participant
+    max_new = min(FLAGS.simulate_max_new_tokens, 4) if dry else FLAGS.simulate_max_new_tokens
+    cfg = sampling_bench.config(tokenizer, k, max_new, k * per)
+    slots = min(FLAGS.simulate_slots, 4) if dry else FLAGS.simulate_slots
+    cuts, slots_of = sampling_bench.choose_slots(data, tokenizer, slots, per, 256 if dry else 2048)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, hf_model = sampling_bench.load(*_checkpoint(family, widths, layers, tmp), "bfloat16", device)
+    result = sampling_bench.compare(
+        model, hf_model, cuts, slots_of, cfg, hf_batch=4 if dry else 8, rows_per_batch=1 if dry else 8
+    )
+    print(sampling_bench.table(result), flush=True)
+    return {"model": name, "family": family, "layers": layers, "full_depth_layers": full, **result}
+
+
 def main(argv):
     del argv
     start = time.perf_counter()
+    cache = tempfile.TemporaryDirectory(prefix="device_check_jax_")
+    if FLAGS.dry_run:  # CI's time: the mesh-off pass loads the mesh-on pass's programs (one device, same HLO)
+        compilation.enable_compile_cache(cache.name)
     accel = jax.default_backend() != "cpu"
     dtype = jnp.bfloat16 if accel else jnp.float32
     out: dict = {
@@ -279,29 +332,48 @@ def main(argv):
     out["peak_matmul_tflops"] = measure.peak_matmul_flops(dtype, 512 if FLAGS.dry_run else 8192) / 1e12
     out["backends"] = backend_checks(256 if FLAGS.dry_run else 4096, dtype)
     _write(out, start)
-    n = 4 if FLAGS.dry_run else FLAGS.participants
+    unknown = sorted(set(FLAGS.models + [FLAGS.simulate_model]) - set(MODELS))
+    if unknown:
+        raise app.UsageError(f"--models / --simulate_model: unknown shapes {unknown}; known: {sorted(MODELS)}")
+    shared = tempfile.TemporaryDirectory(prefix="device_check_")  # the simulate shape's checkpoint, reused
+    # Before the models (the device's peak bytes are this stage's own); with --models, in the call that
+    # checks --simulate_model's shape only.
+    if FLAGS.simulate_slots > 0 and (not FLAGS.models or FLAGS.simulate_model in FLAGS.models):
+        try:
+            data = os.path.join(REPO, FLAGS.data)
+            out["simulate"] = simulate_check(FLAGS.simulate_model, data, FLAGS.dry_run, shared.name)
+        except Exception as err:  # reported, not fatal: the models' numbers still come
+            out["simulate"] = {"error": f"{type(err).__name__}: {str(err)[:500]}"}
+        print("simulate", json.dumps(out["simulate"]), flush=True)
+        _write(out, start)
+    n = 2 if FLAGS.dry_run else FLAGS.participants
     items = _participants(defaults.DEFAULT_TOKENIZER, os.path.join(REPO, FLAGS.data), n, 800 if FLAGS.dry_run else 0)
     out["models"] = {}
-    unknown = sorted(set(FLAGS.models) - set(MODELS))
-    if unknown:
-        raise app.UsageError(f"--models: unknown shapes {unknown}; known: {sorted(MODELS)}")
-    for name, (family, widths, layers, full) in MODELS.items():
+    for name in MODELS:
         if FLAGS.models and name not in FLAGS.models:
             continue
-        if FLAGS.dry_run:
-            widths, layers = DRY, 2
+        family, widths, layers, full = _shape(name, FLAGS.dry_run)
+        reuse = name == FLAGS.simulate_model and os.path.isdir(os.path.join(shared.name, "conv"))
         try:
-            out["models"][name] = model_check(family, widths, layers, full, items, out["peak_matmul_tflops"] * 1e12)
+            with tempfile.TemporaryDirectory() as tmp:
+                peak = out["peak_matmul_tflops"] * 1e12
+                out["models"][name] = model_check(
+                    family, widths, layers, full, items, peak, shared.name if reuse else tmp
+                )
         except Exception as err:  # one model failing (memory, a kernel) must not lose the other's numbers
             out["models"][name] = {"error": f"{type(err).__name__}: {str(err)[:500]}"}
+        if reuse:
+            shared.cleanup()
         print(name, json.dumps(out["models"][name]), flush=True)
         _write(out, start)
+    shared.cleanup()
     out["complete"] = True
     out["ok"] = all(b.get("ok") for b in out["backends"].values()) and not any(
-        "error" in m for m in out["models"].values()
+        "error" in m for m in [*out["models"].values(), out.get("simulate", {})]
     )
     _write(out, start)
     print(json.dumps(out, indent=1))
+    cache.cleanup()
 
 
 def _write(out: dict, start: float) -> None:

@@ -4,7 +4,9 @@
 # On the single-GPU box (Python 3.12, jax CUDA, torch CUDA, transformers, flax, orbax, tensorstore,
 # absl-py, jaxtyping; no network) the check needs nothing else (it imports no ml_collections). Wheels
 # found in .whl/ (git-ignored, carried by the device tool) are installed into /tmp/site first. Writes $OUT/device_check.json and
-# $OUT/device_check.log. --dry_run runs the same code paths on tiny shapes (CI runs it on CPU).
+# $OUT/device_check.log. --dry_run runs the same code paths on tiny shapes (CI runs it on CPU). Stages:
+# attention backends, the matmul peak, slot sampling against HF generate (simulate: --simulate_model,
+# --simulate_slots=0 skips it), then the scorer per model shape (--models=a,b splits them over calls).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-device_check_out}"

@@ -4,6 +4,7 @@ never rots between the sessions that measure with it (a broken shape once went u
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -16,11 +17,25 @@ SHAPES = ("head", "body", "qwen3_0.6b", "body_job", "qwen3_5")
 SPLIT = {"attention", "body_without_attention", "last_layer", "head", "host"}
 
 
+# CI's time: four short studies of the vendored corpus (the corpus tokenizer, the packing row and the head
+# shape read every study of --data), the longest of them as the long-transcript study.
+STUDIES = (
+    "franke2024bayesian",
+    "guenther2022relational",
+    "guenther2023associations_individual",
+    "thoma2025riskychoice",
+)
+
+
 @pytest.mark.slow
 def test_smoke_runs_every_shape_and_row(tmp_path):
-    out = tmp_path / "bench.json"
-    argv = [sys.executable, "-m", "benchmarks.benchmark", "--smoke", "--data=tests/data/psych201", "--repeats=1"]
-    argv += ["--long_participants=2", f"--shapes={','.join(SHAPES)}", f"--out={out}"]
+    out, data = tmp_path / "bench.json", tmp_path / "data"
+    data.mkdir()
+    for study in STUDIES:
+        shutil.copytree(os.path.join(REPO, "tests", "data", "psych201", study), data / study)  # walked: no links
+    argv = [sys.executable, "-m", "benchmarks.benchmark", "--smoke", f"--data={data}", "--repeats=1"]
+    argv += ["--long_participants=2", "--long_study=guenther2022relational", f"--shapes={','.join(SHAPES)}"]
+    argv += [f"--out={out}"]
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     report = json.loads(out.read_text())

@@ -1,4 +1,5 @@
-"""launch/device_check.sh --dry_run: the accelerator check's code paths on CPU, so the script never rots."""
+"""launch/device_check.sh --dry_run: the accelerator check's code paths on CPU, so the script never rots (the
+slot-sampling comparison of benchmarks/sampling.py included: its ``simulate`` stage)."""
 
 import json
 import math
@@ -26,6 +27,37 @@ MODEL_KEYS = {
     "mesh_on_tokens_per_s",
     "mesh_off_tokens_per_s",
     "mesh_on_equals_off",
+}
+
+SIMULATE_KEYS = {
+    "model",
+    "family",
+    "layers",
+    "full_depth_layers",
+    "slots",
+    "participants",
+    "samples",
+    "max_new_tokens",
+    "prefix_tokens_mean",
+    "prefix_tokens_max",
+    "packed_batches",
+    "counted",
+    "ours_s",
+    "ours_first_pass_s",
+    "ours_tokens",
+    "ours_tokens_per_s",
+    "ours_slots_per_s",
+    "ours_peak_memory_bytes",
+    "hf_s",
+    "hf_batch",
+    "hf_tokens",
+    "hf_tokens_per_s",
+    "hf_slots_per_s",
+    "hf_peak_memory_bytes",
+    "hf_device",
+    "speedup_slots_per_s",
+    "speedup_tokens_per_s",
+    "max_abs_delta_logprob_vs_hf",
 }
 
 
@@ -58,4 +90,12 @@ def test_dry_run_writes_every_key(tmp_path):
             for k in ("ours_tokens_per_s", "mfu", "mfu_executed", "speedup_vs_hf_batch1")
         )
         assert entry["max_rel_delta_nll_vs_hf_bf16"] < 0.05, entry  # bf16 vs bf16 on the same weights
+    simulate = out["simulate"]  # slot sampling against HF generate on the qwen3_0.6b shape (tiny here)
+    assert set(simulate) == SIMULATE_KEYS, simulate
+    assert simulate["model"] == "qwen3_0.6b" and simulate["slots"] == 4 and simulate["hf_device"] == "cpu"
+    assert all(
+        math.isfinite(simulate[k]) and simulate[k] > 0
+        for k in ("ours_tokens_per_s", "ours_slots_per_s", "hf_tokens_per_s", "hf_slots_per_s", "speedup_slots_per_s")
+    )
+    assert simulate["max_abs_delta_logprob_vs_hf"] < 0.5, simulate  # bf16 log-probs of the same weights
     assert (tmp_path / "device_check.log").read_text().strip()
