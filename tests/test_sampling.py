@@ -30,7 +30,8 @@ from psych201_jax.types import ParticipantSpans
 
 VOCAB = 512
 REF_LENGTH = 256  # the scorer's row length (one compilation for every branch)
-FAN_IN = {"wq": 1, "wk": 1, "wv": 1, "w_gate": 1, "w_up": 1, "w_down": 1, "wo": 2}  # axes 1..n: the fan-in
+FAN_IN = {"wq": 1, "wk": 1, "wv": 1, "w_gate": 1, "w_up": 1, "w_down": 1, "wo": 2, "router": 1, "shared_gate": 1}
+EXPERTS = ("e_gate", "e_up", "e_down")  # [L, E, in, out]: the fan-in is the next-to-last axis
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +63,8 @@ def tiny_model(family: str, seed: int = 0) -> Decoder:
             return rng.normal(0, 3.0 / np.sqrt(spec.hidden_size), shape)
         if name == "embed":
             return rng.normal(0, 1.0, shape)
+        if name in EXPERTS:
+            return rng.normal(0, 1 / np.sqrt(shape[-2]), shape)
         return rng.normal(0, 1 / np.sqrt(np.prod(shape[1 : FAN_IN[name] + 1])), shape)
 
     def walk(tree):
@@ -153,7 +156,7 @@ def run(model, people=PEOPLE, row_lengths=(512,), temperature_of=None, options_o
 # --- 1 and 5: the shared-prefill decode equals the scorer ------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral", "gemma2", "qwen3_moe"])
 def test_each_step_log_prob_equals_the_scorer(models, family):
     """Issue 30 item 5: every branch's per-step log-probs (and so each sample's stored log-probability) equal
     what the scorer gives (prefix up to p + the sampled tokens) within 1e-5, drawn at T = 0.7; mistral (a
