@@ -25,7 +25,7 @@ def test_simulate_help_lists_every_simulation_config_key():
     text = _help("simulate")
     keys = config.documented_keys("simulate")
     assert len(keys) == len(config.SimulateJob().flags()) and "not a closed-loop simulation" in text
-    for key, default, doc in keys:
+    for key, _default, doc in keys:
         assert f"  {key} " in text and doc in text, key
 
 
