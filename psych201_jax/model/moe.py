@@ -29,7 +29,7 @@ from psych201_jax.model.spec import ModelSpec
 
 # Stacked layer parameters of a routed MLP (the shared expert reuses the dense MLP's w_gate / w_up / w_down).
 EXPERT_PARAMS = ("router", "e_gate", "e_up", "e_down")
-# Rows per tile of the CPU grouped matmul (``tiled_expert_mlp``).
+# Rows per tile of the CPU grouped matmul at most (``tiled_expert_mlp``).
 TILE = 128
 
 
@@ -79,11 +79,13 @@ def ragged_expert_mlp(rows: jnp.ndarray, p: dict[str, jnp.ndarray], sizes: jnp.n
 
 def tiled_expert_mlp(rows: jnp.ndarray, p: dict[str, jnp.ndarray], sizes: jnp.ndarray, *, spec: ModelSpec):
     """``ragged_expert_mlp`` for XLA:CPU, where jax expands ``ragged_dot`` into a dense masked product over every
-    expert (E times the FLOPs): each expert's rows are padded to whole tiles of ``TILE`` rows and a loop over
-    the tiles runs one expert's MLP per tile, (rows + E * TILE) * the expert FLOPs at most."""
+    expert (E times the FLOPs): each expert's rows are padded to whole tiles (rows / E rounded down to a power
+    of two, 8 to ``TILE``) and a loop over the tiles runs one expert's MLP per tile: (rows + E * tile) x the
+    expert FLOPs at most."""
     m, d = rows.shape
     e = sizes.shape[0]
-    tile = min(TILE, m)
+    # about one tile per expert when the rows are few (padding costs up to a tile per expert), TILE at most
+    tile = min(TILE, m, max(8, 1 << max(m // e, 1).bit_length() - 1))
     tiles = -(-m // tile) + e  # each expert's last tile may be partial
     padded = (sizes + tile - 1) // tile * tile
     ends, padded_ends = jnp.cumsum(sizes), jnp.cumsum(padded)
