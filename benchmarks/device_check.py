@@ -126,6 +126,24 @@ MODELS = {
         6,
         34,
     ),
+    # Qwen3-30B-A3B at 4 of 48 layers: 128 experts of width 768, top 8 (dropless grouped matmuls,
+    # ragged_dot on the accelerator); MFU counts the active parameters (measure.mlp_flops).
+    "qwen3_30b_a3b": (
+        "qwen3_moe",
+        dict(
+            hidden_size=2048,
+            intermediate_size=6144,
+            moe_intermediate_size=768,
+            num_experts=128,
+            num_experts_per_tok=8,
+            norm_topk_prob=True,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            head_dim=128,
+        ),
+        4,
+        48,
+    ),
 }
 DRY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
 
@@ -288,9 +306,13 @@ def model_check(family: str, widths: dict, layers: int, full: int, items: list, 
 
 
 def _shape(name: str, dry: bool) -> tuple:
-    """(family, widths, layers used, full depth) of a MODELS shape; the dry run's tiny widths and 2 layers."""
+    """(family, widths, layers used, full depth) of a MODELS shape; the dry run's tiny widths and 2 layers
+    (a mixture of experts keeps 8 experts, top 2, of width 32)."""
     family, widths, layers, full = MODELS[name]
-    return (family, DRY, 2, full) if dry else (family, widths, layers, full)
+    if not dry:
+        return family, widths, layers, full
+    moe = "num_experts" in widths
+    return family, DRY | (dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32) if moe else {}), 2, full
 
 
 def simulate_check(name: str, data: str, dry: bool, tmp: str) -> dict:

@@ -31,9 +31,20 @@ def model_flops(spec, items) -> float:
     per token, plus causal attention (QK^T and PV); the head is not counted. This is the model's work as a
     full forward does it (the reference's), so it compares implementations; ``executed_flops`` is ours."""
     d, hq, hd = spec.hidden_size, spec.num_heads, spec.head_dim
-    per_layer = 2 * d * hd * (2 * hq + 2 * spec.num_kv_heads) + 3 * 2 * d * spec.intermediate_size
+    per_layer = 2 * d * hd * (2 * hq + 2 * spec.num_kv_heads) + mlp_flops(spec)
     tokens = sum(len(p.token_ids) for p in items)
     return per_layer * spec.num_layers * tokens + attention_flops(spec, items)
+
+
+def mlp_flops(spec) -> float:
+    """One token's MLP FLOPs in one layer: the dense gated MLP, or a mixture of experts' *active* work (the
+    router, its top-k experts and a shared expert), so MFU counts active parameters only."""
+    d = spec.hidden_size
+    dense = 3 * 2 * d * spec.intermediate_size  # a mixture of experts: its shared expert (0 without)
+    experts = getattr(spec, "num_experts", 0)
+    if not experts:
+        return dense
+    return dense + 2 * d * experts + spec.num_experts_per_tok * 3 * 2 * d * spec.moe_intermediate_size
 
 
 def executed_flops(spec, items) -> float:
@@ -42,7 +53,7 @@ def executed_flops(spec, items) -> float:
     attends to the keys before it. An estimate, like ``model_flops``: it takes the last layer to be a plain
     full-attention one (no window, no Gated DeltaNet, no output gate) and each batch to run once."""
     d, hq, hd = spec.hidden_size, spec.num_heads, spec.head_dim
-    per_query = 2 * d * hd * 2 * hq + 3 * 2 * d * spec.intermediate_size  # q and o projections, MLP
+    per_query = 2 * d * hd * 2 * hq + mlp_flops(spec)  # q and o projections, MLP
     skipped = 0.0
     for p in items:
         n = len(p.token_ids)

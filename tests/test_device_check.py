@@ -81,6 +81,7 @@ def test_dry_run_writes_every_key(tmp_path):
         "mistral_7b",
         "gemma2_9b",
         "gemma3_4b",
+        "qwen3_30b_a3b",
     }
     for name, entry in out["models"].items():
         assert set(entry) == MODEL_KEYS, name
@@ -99,3 +100,23 @@ def test_dry_run_writes_every_key(tmp_path):
     )
     assert simulate["max_abs_delta_logprob_vs_hf"] < 0.5, simulate  # bf16 log-probs of the same weights
     assert (tmp_path / "device_check.log").read_text().strip()
+
+
+def test_mfu_counts_a_mixture_of_experts_active_parameters():
+    """Qwen3-30B-A3B: the forward FLOPs per token (attention scores aside) are 2 x its active non-embedding
+    parameters (HF's meta-device count: 3,353,032,704 active, embeddings and head included; norms aside)."""
+    from transformers import AutoConfig
+
+    from benchmarks import measure
+    from psych201_jax.model.spec import from_hf_config
+
+    with open(os.path.join(REPO, "tests", "data", "hub_configs", "Qwen3-30B-A3B.json")) as fh:
+        hf = json.load(fh)
+    spec = from_hf_config(AutoConfig.for_model(hf.pop("model_type"), **hf))
+
+    class One:
+        token_ids, response_index = [0], [0]
+
+    flops = measure.model_flops(spec, [One()]) - measure.attention_flops(spec, [One()])
+    active = 3_353_032_704 - 2 * spec.vocab_size * spec.hidden_size  # untied embedding and head
+    assert abs(flops / 2 / active - 1) < 1e-3
