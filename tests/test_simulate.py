@@ -4,6 +4,7 @@ half, JSONL export, resume after kill -9 identical to an uninterrupted run, one-
 sampler on a 2x2x2 mesh against one device: tests/test_sampling_mesh.py; the job passes it the scorer's
 placed parameters and rules.)"""
 
+import dataclasses
 import json
 import os
 import signal
@@ -125,9 +126,9 @@ def test_a_rerun_skips_complete_simulations_and_a_changed_one_is_not_complete(sw
     parsed, jobs = sweep_root
     sim = [j for j in jobs if j.simulation is not None]
     assert sim and all(sweep.is_complete(j) for j in sim)
-    changed = [j.__class__(**{**j.__dict__, "simulation": j.simulation.__class__(samples=4)}) for j in sim[:1]]
-    assert not sweep.is_complete(changed[0])
-    scoring_view = sim[0].__class__(**{**sim[0].__dict__, "simulation": None})
+    changed = dataclasses.replace(sim[0], simulation=dataclasses.replace(sim[0].simulation, samples=4))
+    assert not sweep.is_complete(changed)
+    scoring_view = dataclasses.replace(sim[0], simulation=None)
     assert not sweep.is_complete(scoring_view), "a simulation directory never completes a scoring job"
 
 

@@ -75,16 +75,8 @@ def find_results_dirs(paths: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-SIMULATE = "simulate"  # the manifest's determinants section of a simulation (psych201-simulate)
-
-
 class NotScoringRunError(UserError):
     """A results directory that holds samples (a simulation), not scores."""
-
-
-def is_simulation(manifest: dict) -> bool:
-    """Whether a manifest is a simulation's (``determinants.simulate``): its rows hold samples, not NLLs."""
-    return isinstance(manifest.get("determinants", {}).get(SIMULATE), dict)
 
 
 def split_simulations(dirs: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -92,7 +84,7 @@ def split_simulations(dirs: Sequence[str]) -> tuple[list[str], list[str]]:
     scoring: list[str] = []
     simulations: list[str] = []
     for d in dirs:
-        (simulations if is_simulation(results.read_manifest(d)) else scoring).append(d)
+        (simulations if results.is_simulation(d) else scoring).append(d)
     return scoring, simulations
 
 
@@ -100,7 +92,7 @@ def load_run(path: str) -> metrics.Run:
     """One scoring results directory (``psych201_jax.runs.store`` layout) as an ``metrics.Run``; a simulation
     directory is a ``NotScoringRunError`` (``simulated.load_simulation`` reads those)."""
     manifest = results.read_manifest(path)
-    if is_simulation(manifest):
+    if results.simulates(manifest):
         raise NotScoringRunError(f"{path}: a simulation results directory (samples, not scores); not a scoring run")
     if not manifest.get("config", {}).get("model_info"):
         logging.warning(

@@ -23,7 +23,7 @@ from absl import logging
 
 from psych201_jax.analysis import behaviour, metrics, pairs
 from psych201_jax.analysis.behaviour import SimulatedParticipant, Slot, StudyBehaviour
-from psych201_jax.analysis.runs import IncompleteRunError, is_simulation
+from psych201_jax.analysis.runs import IncompleteRunError
 from psych201_jax.analysis.stats import nanmean
 from psych201_jax.analysis.tables import write_csv
 from psych201_jax.conditions import Condition, ModelInfo, Simulation
@@ -115,10 +115,10 @@ class SimulationRun:
 def load_simulation(path: str) -> SimulationRun:
     """One simulation results directory as a ``SimulationRun``; a scoring directory is a ``NotASimulationError``."""
     manifest = store.read_manifest(path)
-    if not is_simulation(manifest):
+    if not store.simulates(manifest):
         raise NotASimulationError(f"{path}: not a simulation results directory (no determinants.simulate)")
     config = manifest.get("config", {})
-    simulation = Simulation.from_mapping({**config, **manifest["determinants"]["simulate"]})
+    simulation = Simulation.from_mapping({**config, **manifest["determinants"][store.SIMULATE]})
     participants, rejected = [], []
     stops: dict[str, list[int]] = {}
     temperatures: list[float] = []

@@ -119,9 +119,10 @@ def _checked_status(results_dir: str) -> results.RunStatus:
 
 def _export_reference(out: str) -> None:
     dirs = [d for entry in _RESULTS.value for d in _results_dirs(paths.normalize(entry))]
-    for d in [d for d in dirs if results.is_simulation(d)]:
+    simulations = {d for d in dirs if results.is_simulation(d)}
+    for d in sorted(simulations):
         print(f"skipped {d}: a simulation (sampled responses); the study's layout holds scores only")
-    dirs = [d for d in dirs if not results.is_simulation(d)]
+    dirs = [d for d in dirs if d not in simulations]
     for d in dirs:
         _checked_status(d)
     try:

@@ -15,7 +15,6 @@ capacity and resuming change no sample.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
@@ -107,7 +106,7 @@ def run_loaded(
     )
     score = score.replace(model_info=model_identity(score, loaded.model_dir))
     manifest = build_manifest(score, loaded.model_dir, spec, tok, pipeline.rules, total)
-    manifest["determinants"]["simulate"] = sim.as_dict() | {
+    manifest["determinants"][store.SIMULATE] = sim.as_dict() | {
         "seed": score.seed,
         "fitted_temperatures": list(fitted) if sim.calibrated and fitted else None,
         "stop_rule": STOP_RULE,
@@ -123,8 +122,7 @@ def run_loaded(
             return float(sim.temperature)
         return fitted[1 - half_of(key, score.seed)]  # type: ignore[arg-type]
 
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(store.ResultsLock(job.out, fresh=score.fresh))
+    with store.ResultsLock(job.out, fresh=score.fresh):
         writer = store.ResultsWriter(job.out, manifest, fresh=score.fresh)
         run_ = _Run(
             sampler_lib.SlotSampler(loaded.scorer.model(), config, mesh=loaded.scorer.mesh, rules=loaded.scorer.rules),
@@ -213,7 +211,7 @@ class _Run:
         drawn: dict[tuple[Hashable, int], sampler_lib.SlotSamples] = {}
         self.progress.prefix_tokens += sum(len(p.token_ids) for p in live)
         batches = packing.pack(live, self.row_lengths, tokens_per_batch=self.tokens_per_batch, min_capacity=1)
-        for batch in batches if live else []:
+        for batch in batches:
             if batch.overflow_pass:  # the same rows again (the scoring plan's overflow): nothing new to draw
                 continue
             for s in self.sampler.sample_batch(batch, slots_of, **kwargs):

@@ -50,6 +50,7 @@ MANIFEST = "manifest.json"
 CHUNKS = "chunks"
 COMPLETE = "complete.json"
 SLOTS = "slots.jsonl"
+SIMULATE = "simulate"  # a simulation's section of the manifest's determinants
 
 
 class ResultsError(UserError, RuntimeError):
@@ -523,9 +524,14 @@ def read_complete(out_dir: str) -> dict | None:
         return None
 
 
+def simulates(manifest: dict) -> bool:
+    """Whether a manifest is a simulation's (``determinants.simulate``): its rows hold samples, not scores."""
+    return isinstance(manifest.get("determinants", {}).get(SIMULATE), dict)
+
+
 def is_simulation(out_dir: str) -> bool:
     """Whether a results directory holds sampled responses (``psych201-simulate``), not scores."""
-    return "simulate" in read_manifest(out_dir).get("determinants", {})
+    return simulates(read_manifest(out_dir))
 
 
 def manifest_protocol(out_dir: str) -> Protocol:

@@ -183,7 +183,8 @@ def _condition(m: dict) -> SweepCondition:
     _check_name("condition name", name)
     sim = m.pop("simulate", None)
     try:
-        condition = Condition.from_mapping({"temperatures": "none", **m} | ({"temperatures": "none"} if sim else {}))
+        grid = {"temperatures": "none"} if sim else {}  # a simulation has no head, so no temperature grid
+        condition = Condition.from_mapping({"temperatures": "none", **m, **grid})
         simulation = None if sim is None else Simulation.from_mapping(dict(sim))
     except ConditionError as err:
         raise SweepError(f"condition {name!r}: {err}") from None
@@ -306,7 +307,7 @@ def is_complete(job: Job) -> bool:
     config = manifest.get("config", {})
     try:
         done = Condition.from_mapping(config)
-        simulation = Simulation.from_mapping(config) if "simulate" in manifest.get("determinants", {}) else None
+        simulation = Simulation.from_mapping(config) if store.simulates(manifest) else None
     except ConditionError:
         return False
     return done.values(CONDITION_FIELDS) == job.condition.values(CONDITION_FIELDS) and simulation == job.simulation

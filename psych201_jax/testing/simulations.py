@@ -56,7 +56,7 @@ def manifest(model: Model, *, samples: int, temperature: float | str = 1.0, n_in
     out: dict[str, Any] = {
         "fingerprint": f"sim-{model.hf_id}-{samples}-{temperature}",
         "config": config,
-        "determinants": {"simulate": simulate},
+        "determinants": {store.SIMULATE: simulate},
     }
     if n_input is not None:
         out["n_input"] = n_input
