@@ -25,7 +25,7 @@ from psych201_jax.model import checkpoint
 from psych201_jax.model import spec as modelspec
 from psych201_jax.model.decoder import param_shapes
 from psych201_jax.testing import parity
-from psych201_jax.testing.parity import single_row, token_log_probs
+from psych201_jax.testing.parity import QWEN3_5_PATTERN, single_row, token_log_probs
 from psych201_jax.testing.tiny_models import VL_FAMILIES, make_tiny_hf_checkpoint
 
 PARITY: dict[str, dict[str, float]] = {}  # row name -> measured errors (printed at the end of the module)
@@ -222,7 +222,7 @@ def test_converted_tokenizer_splits_text_as_the_checkpoints_own(case, data_root)
     ours = TokenizerInfo(os.path.join(os.path.dirname(case.hf_dir), "f32", checkpoint.TOKENIZER)).hf
     theirs = AutoTokenizer.from_pretrained(case.hf_dir)
     assert type(ours).__name__ == type(theirs).__name__
-    if case.row.family == "qwen3_5":  # (a qwen3_5_text config maps to no tokenizer class of its own)
+    if case.row.family in ("qwen3_5", "qwen3_5_moe"):  # (a qwen3_5_text config maps to no tokenizer class of its own)
         # transformers 5.24 picks Qwen3_5Tokenizer; 5.17 (the accelerator box's) the generic backend.
         assert type(theirs).__name__ in ("Qwen3_5Tokenizer", "TokenizersBackend")
     texts = parity.sample_texts(data_root, case.row.texts)
@@ -242,9 +242,9 @@ def test_moe_router_picks_hfs_experts_on_real_text(case):
 
     hf = parity.hf_model(case.hf_dir, case.row.family, torch.float32)
     seen = []
+    layers = hf.model.language_model.layers if case.spec.wrapper else hf.model.layers
     hooks = [
-        layer.mlp.gate.register_forward_hook(lambda _, args, out: seen.append((args[0], out[2])))
-        for layer in hf.model.layers
+        layer.mlp.gate.register_forward_hook(lambda _, args, out: seen.append((args[0], out[2]))) for layer in layers
     ]
     try:
         with torch.no_grad():
@@ -260,7 +260,7 @@ def test_moe_router_picks_hfs_experts_on_real_text(case):
         ours, _ = moe.route(jnp.asarray(x), jnp.asarray(routers[layer]), case.spec)
         np.testing.assert_array_equal(np.sort(np.asarray(ours), -1), np.sort(theirs.numpy(), -1))
         logits = np.asarray(jnp.asarray(x) @ jnp.asarray(routers[layer]))
-        hf_logits = torch.nn.functional.linear(torch.tensor(x), hf.model.layers[layer].mlp.gate.weight).detach().numpy()
+        hf_logits = torch.nn.functional.linear(torch.tensor(x), layers[layer].mlp.gate.weight).detach().numpy()
         drift = max(drift, float(np.abs(logits - hf_logits).max()))
         ranked = np.sort(logits, -1)
         gaps.append(ranked[:, -k] - ranked[:, -k - 1])
@@ -370,14 +370,18 @@ MOE_HUB_CONFIGS = {
     "Mixtral-8x7B-v0.1.json": ("mixtral", 32, 8, 2, 46_702_792_704, 12_879_925_248),
     "OLMoE-1B-7B-0924.json": ("olmoe", 16, 64, 8, 6_919_161_856, 1_282_017_280),
     "Qwen1.5-MoE-A2.7B.json": ("qwen2_moe", 24, 60, 4, 14_315_784_192, 2_689_173_504),
+    # Qwen3.5-MoE: the wrapper's language model and its untied lm_head (the vision tower adds 446,571,248).
+    "Qwen3.5-35B-A3B.json": ("qwen3_5_moe_text", 40, 256, 8, 34_660_610_688, 3_454_988_928),
+    "Qwen3.5-35B-A3B-Base.json": ("qwen3_5_moe_text", 40, 256, 8, 34_660_610_688, 3_454_988_928),
 }
 
 
 @pytest.mark.parametrize("name", sorted(MOE_HUB_CONFIGS))
 def test_real_moe_hub_config_parses_with_hfs_parameter_counts(name, tmp_path):
-    """The MoE hub config parses (every layer routed, full attention), and our total and active-per-token
-    parameter counts equal HF's meta-device model's (its expert tensors: names with ``.experts.``)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """The MoE hub config parses (every layer routed; full attention, or Qwen3.5's three Gated DeltaNet layers
+    per gated attention layer), and our total and active-per-token parameter counts equal HF's meta-device
+    model's (its expert tensors: names with ``.experts.``; a wrapper: its language model and lm_head)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     model_type, layers, experts, top_k, total, active = MOE_HUB_CONFIGS[name]
     with open(os.path.join(HUB_CONFIGS, name)) as fh:
@@ -389,14 +393,21 @@ def test_real_moe_hub_config_parses_with_hfs_parameter_counts(name, tmp_path):
         experts,
         top_k,
     )
-    assert spec.layer_types == (modelspec.FULL_ATTENTION,) * layers and spec.sliding_window is None
+    pattern = QWEN3_5_PATTERN if model_type == "qwen3_5_moe_text" else (modelspec.FULL_ATTENTION,)
+    assert spec.layer_types == pattern * (layers // len(pattern)) and spec.sliding_window is None
     shapes = param_shapes(spec)
     unused = (experts - top_k) / experts
     ours = sum(math.prod(s) for s in shapes.values())
     ours_active = ours - int(sum(math.prod(shapes[n]) for n in ("e_gate", "e_up", "e_down")) * unused)
+    config = AutoConfig.from_pretrained(str(tmp_path))
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(tmp_path)))
-    hf_total = sum(p.numel() for p in model.parameters())
-    hf_active = hf_total - int(sum(p.numel() for n, p in model.named_parameters() if ".experts." in n) * unused)
+        if spec.wrapper:
+            wrapper = AutoModelForImageTextToText.from_config(config)
+            parts = [wrapper.model.language_model, wrapper.lm_head]
+        else:
+            parts = [AutoModelForCausalLM.from_config(config)]
+    named = [(n, p) for part in parts for n, p in part.named_parameters()]
+    hf_total = sum(p.numel() for _, p in named)
+    hf_active = hf_total - int(sum(p.numel() for n, p in named if ".experts." in n) * unused)
     print(f"{name}: ours {ours:,} ({ours_active:,} active), HF {hf_total:,} ({hf_active:,} active)")
     assert (ours, ours_active) == (hf_total, hf_active) == (total, active)

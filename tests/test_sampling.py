@@ -414,13 +414,13 @@ def test_per_participant_temperature_and_options(models):
         sample_participants(model, PEOPLE[:1], SamplingConfig(), row_lengths=(512,), temperature_of={a.key: -1.0})
 
 
-def test_qwen3_5_hybrid_equals_the_scorer_and_hf_generate():
-    """Gated DeltaNet hybrids (Qwen3.5: 6 linear-attention layers, 2 gated softmax ones): b and c packed in
-    one row (c's recurrent state must restart at its segment), drawn at T = 0.7, every step's log-prob equals
-    the scorer's within 1e-5; greedy equals HF ``generate`` token for token (one compiled program for both)."""
-
-    sampler_lib.check_supported(tiny_spec("qwen3_5_text"))
-    hf, model = hf_and_ours("qwen3_5_text")
+@pytest.mark.parametrize("family", ["qwen3_5_text", "qwen3_5_moe_text"])
+def test_qwen3_5_hybrid_equals_the_scorer_and_hf_generate(family):
+    """Gated DeltaNet hybrids (Qwen3.5: 6 linear-attention layers, 2 gated softmax ones; Qwen3.5-MoE: every MLP
+    routed): b and c packed in one row (c's recurrent state must restart at its segment), drawn at T = 0.7,
+    every step's log-prob equals the scorer's within 1e-5; greedy equals HF ``generate`` token for token (one
+    compiled program for both)."""
+    hf, model = hf_and_ours(family)
     config = dict(people=PEOPLE[1:], row_lengths=(160,), samples=2, max_new_tokens=6, seed=3, branch_capacity=8)
     drawn, greedy = run(model, temperature=0.7, **config), run(model, temperature=0.0, **config)
     assert len(drawn) == 3

@@ -20,9 +20,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_unsupported_architecture_is_skipped_with_its_reason():
     cfg = psych201_paper.get_config()
-    cfg.models = [dict(cfg.models[0], arch="qwen3_5_moe")]
+    cfg.models = [dict(cfg.models[0], arch="deepseek_v3")]
     jobs = sweep.expand(sweep.Sweep.from_mapping(cfg))
-    assert jobs and all("architecture 'qwen3_5_moe' is not supported" in j.skip_reason for j in jobs)
+    assert jobs and all("architecture 'deepseek_v3' is not supported" in j.skip_reason for j in jobs)
 
 
 def test_paper_sweep_lists_the_study_models_and_pairs():

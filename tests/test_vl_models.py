@@ -106,7 +106,7 @@ def test_spec_json_without_vl_fields_still_loads(layout_dirs):
     assert modelspec.ModelSpec.from_json(json.dumps(d)) == dataclasses.replace(spec, wrapper="")
 
 
-def test_bad_mrope_section_and_qwen3_5_moe_are_refused(tmp_path):
+def test_bad_mrope_section_and_an_unknown_wrapper_are_refused(tmp_path):
     config = AutoConfig.for_model(
         "qwen2_5_vl",
         text_config=dict(
@@ -121,8 +121,8 @@ def test_bad_mrope_section_and_qwen3_5_moe_are_refused(tmp_path):
     )
     with pytest.raises(modelspec.UnsupportedModelError, match="mrope_section"):
         modelspec.from_hf_config(config)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_5_moe", "architectures": ["X"]}))
-    with pytest.raises(modelspec.UnsupportedModelError, match="qwen3_5_moe"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_omni_moe", "architectures": ["X"]}))
+    with pytest.raises(modelspec.UnsupportedModelError, match="qwen3_omni_moe"):
         modelspec.from_hf_dir(str(tmp_path))
 
 

@@ -1,8 +1,10 @@
-"""Mixture-of-experts models (issue 31): base/post-trained pairs of Qwen3-MoE, Mixtral, OLMoE and Qwen1.5-MoE.
+"""Mixture-of-experts models (issue 31): base/post-trained pairs of Qwen3-MoE, Qwen3.5-MoE, Mixtral, OLMoE and
+Qwen1.5-MoE.
 
 Same format as configs/sweeps/families.py (model dicts with ``arch`` = the checkpoint's model_type; local
 snapshots under ``<model_root>/<hf_id>``), with the study's main conditions. Hub ids as their model cards name
-them (huggingface.co/Qwen/Qwen3-30B-A3B-Base: Qwen/Qwen3-30B-A3B is fine-tuned from it; Mixtral-8x7B-v0.1 and
+them (huggingface.co/Qwen/Qwen3-30B-A3B-Base: Qwen/Qwen3-30B-A3B is fine-tuned from it; Qwen/Qwen3.5-35B-A3B
+from Qwen/Qwen3.5-35B-A3B-Base, as the hub's model tree shows; Mixtral-8x7B-v0.1 and
 -Instruct-v0.1; OLMoE-1B-7B-0924 and -Instruct; Qwen1.5-MoE-A2.7B and -Chat). ``size_b`` is the total
 parameter count (the active one per token in the comment); real configs of the bases are parsed with HF's
 total and active counts by tests/test_parity.py (tests/data/hub_configs/SOURCES.md).
@@ -12,7 +14,10 @@ total and active counts by tests/test_parity.py (tests/data/hub_configs/SOURCES.
     attention (no window in v0.1's config).
   OLMoE (arch olmoe): 64 experts, 8 per token, not renormalised; full-width QK-norm.
   Qwen1.5-MoE (arch qwen2_moe): 60 experts, 4 per token, plus a sigmoid-gated shared expert; q/k/v biases.
-Qwen3.5-35B-A3B (qwen3_5_moe, a Gated DeltaNet hybrid with experts) is not supported yet, so it is not listed.
+  Qwen3.5-MoE (arch qwen3_5_moe, the vision-language wrapper, scored as its language model on text): Qwen3.5's
+    Gated DeltaNet hybrid (three linear-attention layers per gated attention layer) with 256 experts, 8 per
+    token, always renormalised, plus a sigmoid-gated shared expert. The post-trained model thinks, as the
+    paper's Qwen3.5 models do ("Reasoning").
 """
 
 import ml_collections
@@ -36,6 +41,12 @@ def models() -> list[dict]:
             _model(base, family, generation, size, "base", arch=arch),
             _model(post, family, generation, size, "Instruction-tuned", base, arch=arch, chat=True),
         ]
+    # 34.7B total (35.1B with the vision tower), 3.5B active per token
+    base = "Qwen/Qwen3.5-35B-A3B-Base"
+    out += [
+        _model(base, "Qwen", "Qwen3.5-MoE", 34.7, "base", arch="qwen3_5_moe"),
+        _model("Qwen/Qwen3.5-35B-A3B", "Qwen", "Qwen3.5-MoE", 34.7, "Reasoning", base, arch="qwen3_5_moe", chat=True),
+    ]
     return out
 
 

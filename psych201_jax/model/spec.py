@@ -25,13 +25,14 @@ from typing import Any
 from psych201_jax.errors import UserError
 
 # Vision-language wrappers whose language model we score on text: model_type -> the text family it runs.
-# Qwen3.5 ("qwen3_5") is a wrapper too: its hub checkpoints are Qwen3_5ForConditionalGeneration.
+# Qwen3.5 ("qwen3_5", "qwen3_5_moe") is a wrapper too: its hub checkpoints are *ForConditionalGeneration.
 # Gemma 3 4B/12B/27B ("gemma3") are Gemma3ForConditionalGeneration; 270M and 1B are text-only ("gemma3_text").
 VL_WRAPPERS = {
     "qwen2_5_vl": "qwen2",
     "qwen3_vl": "qwen3",
     "mllama": "llama",
     "qwen3_5": "qwen3_5_text",
+    "qwen3_5_moe": "qwen3_5_moe_text",
     "gemma3": "gemma3_text",
 }
 SUPPORTED_MODEL_TYPES = (
@@ -49,10 +50,13 @@ SUPPORTED_MODEL_TYPES = (
     "qwen3_moe",
     "mixtral",
     "olmoe",
+    "qwen3_5_moe_text",
 )
 GEMMA_FAMILIES = ("gemma2", "gemma3_text")
 # Mixture-of-experts families (every MLP layer a routed one; model/moe.py).
-MOE_FAMILIES = ("qwen2_moe", "qwen3_moe", "mixtral", "olmoe")
+MOE_FAMILIES = ("qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "qwen3_5_moe_text")
+# Qwen3.5's Gated DeltaNet hybrids (dense and mixture of experts): gated attention, (1 + w) norms, an mtp head.
+HYBRID_FAMILIES = ("qwen3_5_text", "qwen3_5_moe_text")
 
 
 class RopeType(enum.StrEnum):
@@ -150,8 +154,9 @@ class ModelSpec:
     not in our stack (our layer i is the i-th HF layer not skipped), and ``embed_vocab_size`` the rows of
     the input embedding when they differ from the output vocabulary (Llama-3.2-Vision: vocab_size + 8).
 
-    Qwen3.5 (``qwen3_5_text``): ``rotary_dim`` rotates only the first dims of each head (None: all of
-    head_dim); ``norm_zero_centred`` norms scale by 1 + weight (in float32, then cast: Qwen3.5 and Gemma);
+    Qwen3.5 (``qwen3_5_text``, ``qwen3_5_moe_text``): ``rotary_dim`` rotates only the first dims of each head
+    (None: all of head_dim); ``norm_zero_centred`` norms scale by 1 + weight (in float32, then cast: Qwen3.5
+    and Gemma);
     ``attn_output_gate`` makes q_proj emit a sigmoid gate per head next to the query; ``linear_*`` describe
     the Gated DeltaNet layers ("linear_attention" in ``layer_types``): key/value heads and widths and the
     causal conv kernel size.
@@ -162,13 +167,13 @@ class ModelSpec:
     head_dim**-0.5); ``attn_logit_softcap`` bounds the scaled attention scores by cap * tanh(s / cap) before
     masking (Gemma 2) and ``final_logit_softcap`` the output logits likewise, before any softmax (Gemma 2).
 
-    Mixture of experts (``num_experts`` > 0: Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE; model/moe.py): every
+    Mixture of experts (``num_experts`` > 0: Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE, Qwen3.5-MoE; model/moe.py): every
     layer's MLP is routed: a softmax router picks ``num_experts_per_tok`` of ``num_experts`` gated MLPs of width
     ``moe_intermediate_size``, weighted by their router probabilities (renormalised over the chosen ones
     with ``norm_topk_prob``; ``moe_weights_fp32``: the weights stay float32 into the combine, Mixtral's,
     else they are cast to the activation dtype first). ``intermediate_size`` is then the width of the
-    shared expert, a dense gated MLP beside the routed ones scaled by sigmoid(x . shared_gate) (Qwen2-MoE;
-    0: none).
+    shared expert, a dense gated MLP beside the routed ones scaled by sigmoid(x . shared_gate) (Qwen2-MoE,
+    Qwen3.5-MoE; 0: none).
     """
 
     model_type: str
@@ -418,7 +423,7 @@ def _vl_spec(config: Any, wrapper: str) -> ModelSpec:
         if section is not None and sum(section) != head_dim // 2:
             raise UnsupportedModelError(f"mrope_section {list(section)} does not sum to head_dim / 2 = {head_dim // 2}")
         return _decoder_spec(text, family, tie_word_embeddings=tie, head_dim=head_dim, wrapper=wrapper)
-    if wrapper in ("qwen3_5", "gemma3"):
+    if wrapper in ("qwen3_5", "qwen3_5_moe", "gemma3"):
         # Gemma3ForConditionalGeneration applies no final-logit soft cap (only Gemma3ForCausalLM does).
         return _decoder_spec(text, family, tie_word_embeddings=tie, wrapper=wrapper)
     if wrapper == "qwen3_vl":
@@ -487,7 +492,7 @@ def _decoder_spec(
         layer_types = (SLIDING_ATTENTION if sliding_window else FULL_ATTENTION,) * num_layers
         sliding_window = sliding_window or None
 
-    hybrid = family == "qwen3_5_text"
+    hybrid = family in HYBRID_FAMILIES
     rope_parameters = dict(config.rope_parameters)
     if set(rope_parameters) <= {FULL_ATTENTION, SLIDING_ATTENTION}:  # nested per layer type
         rope = tuple(
@@ -531,7 +536,8 @@ def _decoder_spec(
             final_logit_softcap=None if final is None or wrapper else float(final),
         )
     if family in MOE_FAMILIES:
-        extra, layer_types, sliding_window = _moe_fields(config, family, num_layers, layer_types, sliding_window)
+        moe, layer_types, sliding_window = _moe_fields(config, family, num_layers, layer_types, sliding_window)
+        extra.update(moe)
     table: dict[str, dict[str, Any]] = dict(
         llama=dict(
             qkv_bias=attention_bias,
@@ -593,12 +599,13 @@ def _decoder_spec(
     table["qwen3_moe"] = table["qwen3"]
     table["mixtral"] = table["mistral"]
     table["olmoe"] = dict(table["llama"], mlp_bias=False, qk_norm=QkNorm.FULL)
+    table["qwen3_5_moe_text"] = table["qwen3_5_text"]
     flags = table[family]
     return ModelSpec(
         model_type=family,
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
-        intermediate_size=extra.pop("intermediate_size", config.intermediate_size),
+        intermediate_size=extra.pop("intermediate_size") if "intermediate_size" in extra else config.intermediate_size,
         num_layers=num_layers,
         num_heads=num_heads,
         num_kv_heads=config.num_key_value_heads or num_heads,
@@ -623,7 +630,9 @@ def _moe_fields(config: Any, family: str, num_layers: int, layer_types: tuple, s
     Every layer must be sparse: layers made dense by ``mlp_only_layers`` / ``decoder_sparse_step`` (no hub
     model of these families has any) are refused. Windows: Mixtral and Qwen3-MoE slide every layer when
     the config has a window (Qwen3-MoE only with use_sliding_window), as their models build one mask;
-    Qwen2-MoE and OLMoE refuse windows.
+    Qwen2-MoE and OLMoE refuse windows. Qwen3.5-MoE keeps its hybrid ``layer_types`` (it has no windows),
+    always renormalises its top-k weights (its router takes no ``norm_topk_prob``) and always has a shared
+    expert.
     """
     experts = int(getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0)
     if experts <= 0:
@@ -638,20 +647,26 @@ def _moe_fields(config: Any, family: str, num_layers: int, layer_types: tuple, s
             )
     if family == "olmoe" and getattr(config, "clip_qkv", None) is not None:
         raise UnsupportedModelError(f"olmoe with clip_qkv={config.clip_qkv} is not supported")
-    if family in ("mixtral", "qwen3_moe") and sliding_window:
+    if family == "qwen3_5_moe_text":
+        sliding_window = None  # Qwen3_5MoeTextModel builds one causal mask; its layer_types are kept
+    elif family in ("mixtral", "qwen3_moe") and sliding_window:
         layer_types = (SLIDING_ATTENTION,) * num_layers
     else:
         if sliding_window and family != "mixtral":
             raise UnsupportedModelError(f"{family} with a sliding window is not supported")
         layer_types, sliding_window = (FULL_ATTENTION,) * num_layers, None
-    shared = int(getattr(config, "shared_expert_intermediate_size", 0) or 0) if family == "qwen2_moe" else 0
+    shared = 0
+    if family in ("qwen2_moe", "qwen3_5_moe_text"):
+        shared = int(getattr(config, "shared_expert_intermediate_size", 0) or 0)
+    if family == "qwen3_5_moe_text" and shared <= 0:
+        raise UnsupportedModelError(f"qwen3_5_moe without a shared expert (shared_expert_intermediate_size={shared})")
     fields = dict(
         num_experts=experts,
         num_experts_per_tok=int(config.num_experts_per_tok),
         # Mixtral: intermediate_size is each expert's width; the others have moe_intermediate_size
         # (OLMoE: intermediate_size too).
         moe_intermediate_size=int(getattr(config, "moe_intermediate_size", None) or config.intermediate_size),
-        norm_topk_prob=True if family == "mixtral" else bool(getattr(config, "norm_topk_prob", False)),
+        norm_topk_prob=family in ("mixtral", "qwen3_5_moe_text") or bool(getattr(config, "norm_topk_prob", False)),
         moe_weights_fp32=family == "mixtral",  # MixtralTopKRouter keeps its top-k weights in float32
         intermediate_size=shared,
     )

@@ -81,10 +81,6 @@ def run_loaded(
         raise ConfigError("config.temperature=calibrated: the calibration run's fitted temperatures were not given")
     if jax.process_count() > 1:
         raise ConfigError("psych201-simulate runs in one process (a mesh of its local devices); run one per host")
-    try:
-        sampler_lib.check_supported(loaded.spec)
-    except ValueError as err:
-        raise job_lib.ModelError(f"{loaded.model_dir}: {err}") from None
     tok, spec, score = loaded.tok, loaded.spec, job.score
     context = spec.max_position_embeddings
     pipeline = score.span_pipeline(context)

@@ -194,8 +194,6 @@ def _condition(m: dict) -> SweepCondition:
 
 
 CONDITION_FIELDS = Condition.SWEEP_FIELDS
-# Architectures the slot sampler refuses (``sampler.check_supported``): their simulations are skipped.
-UNSAMPLED_MODEL_TYPES = ("qwen3_5_moe",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,8 +251,6 @@ def expand(sweep: Sweep) -> list[Job]:
             skip = ""
             if model.arch and model.arch not in SUPPORTED_MODEL_TYPES:
                 skip = f"architecture {model.arch!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-            elif c.simulation is not None and model.arch in UNSAMPLED_MODEL_TYPES:
-                skip = f"slot sampling does not support {model.arch!r} (a mixture-of-experts Gated DeltaNet hybrid) yet"
             name = f"{slug(model.info.hf_id)}/{c.name}"
             out = paths.normalize(os.path.join(sweep.out_root, name))
             if os.path.dirname(os.path.dirname(out)) != paths.normalize(sweep.out_root):

@@ -1,5 +1,5 @@
-"""Slot sampling for Gated DeltaNet hybrids (Qwen3.5): each linear-attention layer's recurrent state at every
-slot's prefix end, and the recurrent decode step.
+"""Slot sampling for Gated DeltaNet hybrids (Qwen3.5, Qwen3.5-MoE): each linear-attention layer's recurrent
+state at every slot's prefix end, and the recurrent decode step.
 
 The prefill runs the model's own layers (``decoder_layer``, unrolled over layers) and also keeps each
 linear-attention layer's input (the normed residual stream) [Ll, B, T, D]. Per decode pass, a scan over
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from psych201_jax.model import delta_rule
 from psych201_jax.model.decoder import Decoder, decoder_layer, param_layers
 from psych201_jax.model.layers import mlp_block, rms_norm
+from psych201_jax.model.moe import moe_block
 from psych201_jax.model.spec import LINEAR_ATTENTION, ModelSpec, NormPlacement
 
 CONV = ("q", "k", "v")
@@ -195,7 +196,9 @@ def decode_step(model: Decoder, tokens, positions, segment, attend, inputs, line
             new_linear.append(carry)
             ll += 1
             h = h + (_norm(spec, p, attn, "attn_out_norm") if after else attn)
-            mlp = mlp_block(p, _norm(spec, p, h, "mlp_in_norm") if before else h, spec=spec)
+            x = _norm(spec, p, h, "mlp_in_norm") if before else h
+            # decoder_layer's MLP: routed (Qwen3.5-MoE) with absent branches routed nowhere, or dense
+            mlp = moe_block(p, x, segment > 0, spec=spec) if spec.num_experts else mlp_block(p, x, spec=spec)
             h = h + (_norm(spec, p, mlp, "mlp_out_norm") if after else mlp)
             continue
         layer_inputs = {name: x[la] for name, x in inputs.items()}

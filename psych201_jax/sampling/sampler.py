@@ -43,7 +43,7 @@ from psych201_jax.model.attention import attention_at_lse
 from psych201_jax.model.axes import ACT_BATCH
 from psych201_jax.model.decoder import ATTENTION_INPUT, Decoder
 from psych201_jax.model.layers import soft_cap
-from psych201_jax.model.spec import LINEAR_ATTENTION, ModelSpec
+from psych201_jax.model.spec import ModelSpec
 from psych201_jax.parallel import sharding
 from psych201_jax.sampling import hybrid
 from psych201_jax.sampling import slots as slots_lib
@@ -135,13 +135,6 @@ class SlotSamples:
         return np.asarray([s.stopped for s in self.samples])
 
 
-def check_supported(spec: ModelSpec) -> None:
-    """Raises a one-line ValueError for models the sampler cannot run (mixture-of-experts hybrids)."""
-    experts: int = getattr(spec, "num_experts", 0)  # hybrid layers here run the dense MLP only
-    if LINEAR_ATTENTION in spec.layer_types and experts:
-        raise ValueError("slot sampling does not support mixture-of-experts Gated DeltaNet hybrids yet")
-
-
 def _activation_rules(rules: sharding.Rules) -> sharding.Rules:
     """``rules`` with the activation batch (rows) replicated: a batch's rows and branches stay whole on every
     device (few rows, not always a multiple of the row shards); parameters and heads stay split."""
@@ -205,7 +198,6 @@ class SlotSampler:
         mesh: jax.sharding.Mesh | None = None,
         rules: sharding.Rules | None = None,
     ):
-        check_supported(model.spec)
         self.config = config
         self.spec = model.spec
         self.mesh = mesh

@@ -359,6 +359,25 @@ FAMILIES: tuple[Family, ...] = (
         features=frozenset({MOE}),
         **_MOE,
     ),
+    # Qwen3.5-MoE: the Qwen3.5 hybrid with routed experts (8, top 2, always renormalised) and a sigmoid-gated
+    # shared expert; the wrapper as the hub has it (per-expert tensors, a vision tower, an mtp head), and the
+    # text-only causal LM in transformers 5's stacked layout.
+    Family(
+        "qwen3_5_moe-wrapper-mtp-8x2-shared",
+        "qwen3_5_moe",
+        "qwen",
+        dict(),
+        features=frozenset({STATE_RESET, MTP_HEAD, OWN_TOKENIZER, MOE}),
+        **dict(_QWEN3_5, spec_check=spec_checks.qwen3_5_moe),
+    ),
+    Family(
+        "qwen3_5_moe_text-causal-lm-stacked",
+        "qwen3_5_moe_text",
+        "qwen",
+        dict(layout="stacked"),
+        features=frozenset({STATE_RESET, MOE}),
+        **dict(_QWEN3_5, spec_check=spec_checks.qwen3_5_moe),
+    ),
     # Vision-language wrappers scored as their language model on text. Qwen2.5-VL in its hub layout
     # (model.*, visual.*) and sharded; Qwen3-VL tied with 4 query heads per key/value head; Llama-3.2-Vision
     # with cross-attention layers 1 and 3 of 5, in the transformers-5 module layout.
@@ -404,7 +423,9 @@ def removals() -> list[tuple[str, str]]:
 def hf_model(hf_dir: str, family: str, dtype: torch.dtype):
     """HF's model of a tiny checkpoint in eval mode (eager attention): the wrapper class for VL families."""
     cls = AutoModelForImageTextToText if family in VL_FAMILIES else AutoModelForCausalLM
-    return cls.from_pretrained(hf_dir, dtype=dtype, attn_implementation="eager").eval()
+    # torch's grouped matmul (transformers' default MoE experts on CPU) takes no float64: the loop over experts
+    experts = dict(experts_implementation="eager") if dtype == torch.float64 else {}
+    return cls.from_pretrained(hf_dir, dtype=dtype, attn_implementation="eager", **experts).eval()
 
 
 @functools.cache

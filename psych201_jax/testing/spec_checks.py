@@ -31,6 +31,31 @@ def qwen3_5(case: Case) -> None:
     assert prov["architectures"][0] == ("Qwen3_5ForConditionalGeneration" if wrapped else "Qwen3_5ForCausalLM")
 
 
+def qwen3_5_moe(case: Case) -> None:
+    """Qwen3.5's hybrid layer pattern with every MLP routed: 8 experts, top 2, always renormalised, weights
+    cast to the activation dtype, a shared expert of width 48; the checkpoint in the row's expert layout."""
+    from psych201_jax.model import hf_weights
+
+    spec, wrapped = case.spec, case.row.family == "qwen3_5_moe"
+    assert spec.model_type == "qwen3_5_moe_text" and spec.wrapper == ("qwen3_5_moe" if wrapped else "")
+    assert spec.layer_types == QWEN3_5_PATTERN * 2 and layer_groups(spec.layer_types) == ((0, 2, QWEN3_5_PATTERN),)
+    assert spec.rotary_dim == 8 and spec.norm_zero_centred and spec.attn_output_gate
+    assert (spec.num_experts, spec.num_experts_per_tok, spec.moe_intermediate_size) == (8, 2, 32)
+    assert spec.norm_topk_prob and not spec.moe_weights_fp32 and spec.intermediate_size == 48
+    shapes = param_shapes(spec)
+    assert shapes["e_gate"] == (8, 8, spec.hidden_size, 32) and shapes["router"] == (8, spec.hidden_size, 8)
+    assert shapes["w_gate"] == (8, spec.hidden_size, 48) and shapes["shared_gate"] == (8, spec.hidden_size)
+    assert shapes["lin_wq"][0] == 6 and shapes["wq"][0] == 2
+    names = hf_weights.open_weights(case.hf_dir).names()
+    prefix = "model.language_model." if wrapped else "model."
+    stacked = case.row.kwargs.get("layout") == "stacked"
+    assert (f"{prefix}layers.0.mlp.experts.gate_up_proj" in names) == stacked
+    assert (f"{prefix}layers.0.mlp.experts.7.down_proj.weight" in names) != stacked
+    prov = case.provenance
+    assert prov["model_type"] == "qwen3_5_moe_text"
+    assert prov["architectures"][0] == ("Qwen3_5MoeForConditionalGeneration" if wrapped else "Qwen3_5MoeForCausalLM")
+
+
 def vl(case: Case) -> None:
     """The spec describes the wrapper's language model (Llama-3.2-Vision: cross-attention layers skipped)."""
     spec, family = case.spec, case.row.family

@@ -18,9 +18,11 @@ from typing import Any
 from psych201_jax.model.spec import MOE_FAMILIES, SUPPORTED_MODEL_TYPES, VL_WRAPPERS
 
 DECODER_FAMILIES = tuple(t for t in SUPPORTED_MODEL_TYPES if t not in VL_WRAPPERS)  # MoE families included
-VL_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "mllama", "qwen3_5", "gemma3")
+VL_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "mllama", "qwen3_5", "gemma3", "qwen3_5_moe")
 # Families whose norms scale by 1 + weight (their norm weights are drawn around 0, not 1).
-ZERO_CENTRED = ("qwen3_5_text", "qwen3_5", "gemma2", "gemma3_text", "gemma3")
+ZERO_CENTRED = ("qwen3_5_text", "qwen3_5", "gemma2", "gemma3_text", "gemma3", "qwen3_5_moe_text", "qwen3_5_moe")
+# Families with routed experts (the VL wrapper's language model included).
+MOE = (*MOE_FAMILIES, "qwen3_5_moe")
 FAMILIES = DECODER_FAMILIES + VL_FAMILIES
 # Weight layouts of a saved VL wrapper: "saved" = as transformers saves it (5.x still writes Qwen2.5-VL
 # and Mllama in their pre-5 hub layouts), "module" = the transformers-5 module names (model.language_model.*,
@@ -127,6 +129,15 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     ),
 }
 _FAMILY_DEFAULTS["qwen3_5"] = _FAMILY_DEFAULTS["qwen3_5_text"]
+# Qwen3.5-MoE: the Qwen3.5 hybrid with 8 experts, top 2 (always renormalised), and a shared expert of width 48.
+_FAMILY_DEFAULTS["qwen3_5_moe_text"] = dict(
+    _FAMILY_DEFAULTS["qwen3_5_text"],
+    num_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=48,
+)
+_FAMILY_DEFAULTS["qwen3_5_moe"] = _FAMILY_DEFAULTS["qwen3_5_moe_text"]
 _FAMILY_DEFAULTS["gemma3"] = _FAMILY_DEFAULTS["gemma3_text"]
 # Tiny vision towers (never run: the scorer reads text only; they make the checkpoint a real wrapper).
 _VISION: dict[str, dict[str, Any]] = {
@@ -143,6 +154,9 @@ _VISION: dict[str, dict[str, Any]] = {
         num_position_embeddings=64,
     ),
     "qwen3_5": dict(
+        depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, num_position_embeddings=64
+    ),
+    "qwen3_5_moe": dict(
         depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, num_position_embeddings=64
     ),
     "gemma3": dict(
@@ -227,7 +241,7 @@ def make_tiny_hf_checkpoint(
     model.save_pretrained(out_dir, **save_kwargs)
     if layout == "module" and family in VL_FAMILIES:
         _rename_tensors(out_dir, _module_name)
-    if layout == "stacked" and family in MOE_FAMILIES:
+    if layout == "stacked" and family in MOE:
         _save_module_layout(model, out_dir)
     for name in os.listdir(tokenizer_dir):
         shutil.copy2(os.path.join(tokenizer_dir, name), out_dir)
