@@ -199,3 +199,37 @@ def test_converted_tokenizer_resolves_to_the_checkpoints_tokenizer_class(family,
     assert type(ours).__name__ == type(theirs).__name__
     text = "Round 12: I pick 345 of 6789 points, café. <<42>>\n\n"
     assert ours(text).input_ids == theirs(text).input_ids
+
+
+@pytest.mark.parametrize("layout", ["saved", "stacked"])
+def test_stacked_parameters_written_one_layer_at_a_time_restore_identically(layout, tmp_path, qwen_tokenizer_dir):
+    """Issue 31: stacks above ``stream_bytes`` (here all of them) go to the checkpoint one layer at a time
+    (``LayerStack``); restored, into expert-sharded targets too, they equal the in-memory path bit for bit."""
+    hf = make_tiny_hf_checkpoint(
+        "qwen3_moe",
+        str(tmp_path / "hf"),
+        qwen_tokenizer_dir,
+        layout=layout,
+        num_hidden_layers=3,
+        max_shard_size="200KB",
+    )
+    spec = modelspec.from_hf_dir(hf)
+    reader = weights.SafetensorsReader(hf)
+    streamed = list(weights.converted_params(reader, spec, "bfloat16", stream_bytes=0))
+    stacks = {path[-1] for path, x in streamed if isinstance(x, weights.LayerStack)}
+    assert {"e_gate", "e_up", "e_down", "router", "wq"} <= stacks
+    plain, layered = str(tmp_path / "plain"), str(tmp_path / "layered")
+    checkpoint.save_params(plain, weights.converted_params(reader, spec, "bfloat16", stream_bytes=None))
+    checkpoint.save_params(layered, iter(streamed), chunk_bytes=1 << 12)
+    mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    rules = [("expert", "model"), ("mlp", "model"), ("vocab", "model")]
+    _, state = checkpoint.abstract_model(spec, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, mesh=mesh, rules=rules)
+    abstract = nnx.to_pure_dict(state)
+    want, got = checkpoint.restore_params(plain, abstract), checkpoint.restore_params(layered, abstract)
+    assert jax.tree.structure(want) == jax.tree.structure(got)
+    for (path, x), y, target in zip(
+        jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got), jax.tree.leaves(abstract), strict=True
+    ):
+        assert y.sharding == target.sharding and y.dtype == x.dtype, path
+        np.testing.assert_array_equal(np.asarray(y).view(np.uint16), np.asarray(x).view(np.uint16), err_msg=str(path))
+    assert got["layers"]["e_gate"].sharding.spec[1] == "model"  # the experts axis

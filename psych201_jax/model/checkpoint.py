@@ -9,8 +9,11 @@ Layout of a converted directory::
                             what was converted: the text family (model_type), the source config's own
                             model_type and architectures (a vision-language wrapper: its language model)
 
-Conversion writes one parameter per orbax partial save, so the host holds at most one stacked parameter
-(plus orbax's write buffer for it) instead of the whole model. Restoring reads straight into target
+Conversion writes one parameter per orbax partial save, so the host holds one parameter at a time instead
+of the whole model. A stacked parameter too large for that (``hf_weights.LayerStack``: a mixture of experts'
+expert stack is 19 GB) is saved by orbax as a zero-strided placeholder of its shape, stored in chunks of one
+layer, and then written one layer at a time through tensorstore into the array orbax just created, so the
+host holds about one layer of it and orbax still writes all metadata. Restoring reads straight into target
 shardings given by an abstract state of ``jax.ShapeDtypeStruct(..., sharding=...)``, so no host ever
 materialises a model that does not fit it.
 
@@ -32,6 +35,7 @@ from collections.abc import Iterable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tensorstore as ts
 from flax import nnx
 
 from psych201_jax import hashing, locks
@@ -54,25 +58,73 @@ CHUNK_BYTES = 64 << 20
 
 
 def save_params(
-    params_dir: str, items: Iterable[tuple[tuple[str, ...], np.ndarray]], chunk_bytes: int = CHUNK_BYTES
+    params_dir: str,
+    items: Iterable[tuple[tuple[str, ...], np.ndarray | weights.LayerStack]],
+    chunk_bytes: int = CHUNK_BYTES,
 ) -> None:
     """Writes (path, array) items into one orbax PyTree checkpoint, one partial save per item.
 
     Host arrays are not defensively copied (the items are not modified afterwards) and are stored in chunks
     of at most ``chunk_bytes``, which bounds compression buffers and lets sharded restores read only the
-    chunks they need.
+    chunks they need. A ``LayerStack`` is written one layer at a time (``_save_by_layer``).
     """
+    with _save_context(chunk_bytes):
+        for path, array in items:
+            if isinstance(array, weights.LayerStack):
+                _save_by_layer(params_dir, path, array, chunk_bytes)
+            else:
+                ocp.partial.save(params_dir, _tree(path, array))
+            del array
+        ocp.partial.finalize(params_dir)
+
+
+def _save_context(chunk_bytes: int, *, layer_chunks: bool = False) -> ocp.Context:
+    """The orbax context of the converter's saves; ``layer_chunks``: no chunk spans two layers (axis 0)."""
     ctx = ocp.Context()
     ctx.memory.deepcopy_host_arrays = False
     ctx.array.saving.storage_options.chunk_byte_size = chunk_bytes
-    with ctx:
-        for path, array in items:
-            tree: np.ndarray | dict = array
-            for key in reversed(path):
-                tree = {key: tree}
-            ocp.partial.save(params_dir, tree)
-            del tree, array
-        ocp.partial.finalize(params_dir)
+    if layer_chunks:
+        ctx.array.saving.storage_options.shard_axes = (0,)
+    return ctx
+
+
+def _tree(path: tuple[str, ...], leaf: np.ndarray) -> dict:
+    """``{path[0]: {path[1]: ... leaf}}``: one leaf as an orbax PyTree."""
+    tree: dict = {path[-1]: leaf}
+    for key in reversed(path[:-1]):
+        tree = {key: tree}
+    return tree
+
+
+def _save_by_layer(params_dir: str, path: tuple[str, ...], stack: weights.LayerStack, chunk_bytes: int) -> None:
+    """Saves a stacked parameter while holding one layer of it.
+
+    Orbax saves a zero-strided all-zero placeholder of the full shape (no memory; its chunks are zeros,
+    compressed to almost nothing) with chunks of one layer, in a partial save of its own and so in an OCDBT
+    database of its own; each layer is then written over its chunks through tensorstore. Whole chunks are
+    replaced, so nothing is read back, and ``finalize`` merges that database like any other.
+    """
+    pattern = glob.escape(params_dir.rstrip(os.sep)) + "*/**/ocdbt.process_*"
+    before = set(glob.glob(pattern, recursive=True))
+    with _save_context(chunk_bytes, layer_chunks=True):
+        ocp.partial.save(params_dir, _tree(path, np.broadcast_to(np.zeros((), stack.dtype), stack.shape)))
+    new = set(glob.glob(pattern, recursive=True)) - before
+    if len(new) != 1:
+        raise RuntimeError(f"orbax's partial save of {'.'.join(path)} made {len(new)} OCDBT databases, not one")
+    base = {"driver": "ocdbt", "base": "file://" + os.path.abspath(new.pop())}
+    keys = [k.decode() for k in ts.KvStore.open(base).result().list().result() if k.endswith(b"/zarr.json")]
+    if len(keys) != 1:
+        raise RuntimeError(f"orbax's partial save of {'.'.join(path)} holds arrays {keys}, not one")
+    array = ts.open(
+        {"driver": "zarr3", "kvstore": {**base, "path": keys[0].removesuffix("zarr.json")}}, open=True
+    ).result()
+    if array.shape != stack.shape or array.dtype.numpy_dtype != stack.dtype:
+        raise RuntimeError(f"orbax saved {'.'.join(path)} as {array.dtype} {array.shape}, not {stack.shape}")
+    chunk = array.chunk_layout.write_chunk.shape
+    if not chunk or chunk[0] != 1:  # per-layer writes would rewrite each chunk once per layer
+        raise RuntimeError(f"orbax's chunks of {'.'.join(path)} span layers: {chunk}")
+    for i in range(stack.shape[0]):
+        array[i].write(stack.layer(i)).result()
 
 
 def restore_params(params_dir: str, abstract: dict) -> dict:

@@ -3,9 +3,11 @@
 ``SafetensorsReader`` parses safetensors headers itself (8-byte little-endian header length, JSON header,
 raw little-endian data) and reads each tensor with a positioned file read into a fresh numpy buffer, so
 bf16 works through ``ml_dtypes`` without torch and the page cache, not the process, holds file data.
-``converted_params`` yields our parameters one at a time (per-layer HF tensors copied into one stacked
-array), so at most one stacked parameter plus one source tensor is resident at once. (Qwen3.5's fused
-q/k/v projection is read once for each of the three parameters cut from it.)
+``converted_params`` yields our parameters one at a time: a stacked [layers, ...] parameter of at most
+``STREAM_BYTES`` as one array (per-layer HF tensors copied into it), a larger one as a ``LayerStack`` that
+builds one layer's slice on demand, so the checkpoint writer holds one layer of a mixture of experts' 19 GB
+expert stack (or of a 70B model's MLP), not all of it. (Qwen3.5's fused q/k/v projection is read once for
+each of the three parameters cut from it.)
 
 Mixture-of-experts checkpoints hold their experts either one module per expert (``mlp.experts.{e}.gate_proj``,
 Mixtral's ``block_sparse_moe.experts.{e}.w1``: what hub checkpoints and transformers' save_pretrained write) or
@@ -23,7 +25,8 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import ml_dtypes
@@ -33,7 +36,7 @@ from psych201_jax import torch_pickle
 from psych201_jax.errors import UserError
 from psych201_jax.model.decoder import param_layers, param_shapes
 from psych201_jax.model.moe import EXPERT_PARAMS
-from psych201_jax.model.spec import ModelSpec, NormPlacement
+from psych201_jax.model.spec import HYBRID_FAMILIES, ModelSpec, NormPlacement
 
 SAFETENSORS_DTYPES = {
     "F64": np.dtype(np.float64),
@@ -68,6 +71,8 @@ VISION_PREFIXES = (
     "model.multi_modal_projector.",
 )
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on the JSON header
+# Stacked parameters above this many bytes are yielded as a LayerStack (built one layer at a time).
+STREAM_BYTES = 256 << 20
 
 
 class WeightsError(UserError, ValueError):
@@ -329,33 +334,44 @@ EXPERT_PROJECTIONS = {
 }
 
 
-def _expert_layer(read, available: set[str], layer_key: str, name: str, out: np.ndarray) -> None:
-    """Fills ``out``, one layer's ``router`` [D, E] or expert weights [E, D, F] / [E, F, D], from either layout
-    under ``layer_key`` (``<prefix>layers.{i}.``), one source tensor at a time; WeightsError where neither
-    layout is there."""
+def _expert_keys(available: set[str], layer_key: str, name: str, experts: int) -> tuple[list[str], bool]:
+    """(source tensor keys, whether they are transformers 5's stacked experts) of one layer's ``router`` or
+    expert weights under ``layer_key`` (``<prefix>layers.{i}.``); WeightsError where neither layout is there."""
     found = [m for m in MOE_MODULES if layer_key + m + "gate.weight" in available]
     if len(found) != 1:
         raise WeightsError(f"{layer_key}: expected one router ({' or '.join(m + 'gate.weight' for m in MOE_MODULES)})")
-    module, shape = layer_key + found[0], out.shape
+    module = layer_key + found[0]
     if name == "router":
-        out[...] = _to_ours(read(module + "gate.weight"), shape, Source("", 1), module + "gate.weight")
-        return
-    experts, f = shape[0], shape[1] if name == "e_down" else shape[2]
+        return [module + "gate.weight"], False
     stacked = module + ("experts.down_proj" if name == "e_down" else "experts.gate_up_proj")
     if stacked in available:
-        x = read(stacked)
+        return [stacked], True
+    proj = EXPERT_PROJECTIONS[found[0]][name]
+    keys = [f"{module}experts.{e}.{proj}.weight" for e in range(experts)]
+    for key in keys:
+        if key not in available:
+            raise WeightsError(f"tensor {key} missing from the checkpoint (and no stacked {stacked})")
+    return keys, False
+
+
+def _expert_layer(read, keys: list[str], stacked: bool, name: str, out: np.ndarray) -> None:
+    """Fills ``out``, one layer's ``router`` [D, E] or expert weights [E, D, F] / [E, F, D], from the source
+    tensors ``_expert_keys`` gave, one at a time."""
+    shape = out.shape
+    if name == "router":
+        out[...] = _to_ours(read(keys[0]), shape, Source("", 1), keys[0])
+        return
+    experts, f = shape[0], shape[1] if name == "e_down" else shape[2]
+    if stacked:
+        x = read(keys[0])
         want = (experts, shape[2], f) if name == "e_down" else (experts, 2 * f, shape[1])
         if x.shape != want:
-            raise WeightsError(f"{stacked}: shape {x.shape}, expected {want} from the config")
+            raise WeightsError(f"{keys[0]}: shape {x.shape}, expected {want} from the config")
         if name != "e_down":  # [gate; up] along the output rows (HF chunks it in that order)
             x = x[:, :f] if name == "e_gate" else x[:, f:]
         out[...] = np.swapaxes(x, 1, 2)
         return
-    proj = EXPERT_PROJECTIONS[found[0]][name]
-    for e in range(experts):
-        key = f"{module}experts.{e}.{proj}.weight"
-        if key not in available:
-            raise WeightsError(f"tensor {key} missing from the checkpoint (and no stacked {stacked})")
+    for e, key in enumerate(keys):
         out[e] = _to_ours(read(key), shape[1:], Source("", 1), key)
 
 
@@ -392,7 +408,7 @@ class Layout(NamedTuple):
 def checkpoint_layout(names: set[str], spec: ModelSpec) -> Layout:
     """Where ``spec``'s tensors live among the checkpoint's tensor ``names``."""
     # Qwen3.5 checkpoints carry a multi-token-prediction head (mtp.*) that HF skips on load, as do we.
-    extra = ("mtp.",) if spec.model_type == "qwen3_5_text" else ()
+    extra = ("mtp.",) if spec.model_type in HYBRID_FAMILIES else ()
     if not spec.wrapper:
         return Layout("model.", ("lm_head.weight",), extra + (("model.visual.",) if extra else ()))
     found = [p for p in VL_TEXT_PREFIXES if p + "embed_tokens.weight" in names]
@@ -408,11 +424,39 @@ def checkpoint_layout(names: set[str], spec: ModelSpec) -> Layout:
     return Layout(prefix, VL_LM_HEADS, VISION_PREFIXES + skipped + extra)
 
 
-def converted_params(reader, spec: ModelSpec, dtype: str) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
-    """Yields (path in the model's state dict, array in ``dtype``) for every parameter, one at a time.
+@dataclass(frozen=True)
+class LayerStack:
+    """A stacked parameter [layers, ...] too large to hold at once: ``layer(i)`` reads and converts layer
+    i's slice (a fresh array of ``shape[1:]``), so a writer can store it one layer at a time."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    layer: Callable[[int], np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        """The whole stack in memory (for tests and small consumers; the writer never calls this)."""
+        out = np.empty(self.shape, self.dtype)
+        for i in range(self.shape[0]):
+            out[i] = self.layer(i)
+        return out if dtype is None else out.astype(dtype)
+
+
+Param = np.ndarray | LayerStack
+
+
+def converted_params(
+    reader, spec: ModelSpec, dtype: str, *, stream_bytes: int | None = STREAM_BYTES
+) -> Iterator[tuple[tuple[str, ...], Param]]:
+    """Yields (path in the model's state dict, array in ``dtype``) for every parameter, one at a time; a
+    stacked parameter of more than ``stream_bytes`` (None: never) as a ``LayerStack``.
 
     Raises WeightsError for missing tensors, shape mismatches and unexpected tensors (a sign that the
-    config does not describe the weights). Only the language model's tensors are read.
+    config does not describe the weights); a missing tensor of a ``LayerStack`` before it is yielded, a
+    wrong shape when its layer is built. Only the language model's tensors are read.
     """
     target = TARGET_DTYPES[dtype]
     shapes = param_shapes(spec)
@@ -432,6 +476,21 @@ def converted_params(reader, spec: ModelSpec, dtype: str) -> Iterator[tuple[tupl
             raise WeightsError(f"{key}: shape {x.shape}, expected {shapes[name]} from the config")
         return (name,), x.astype(target, copy=False)
 
+    def stacked(name: str, fill: Callable[[int, np.ndarray], None]) -> tuple[tuple[str, ...], Param]:
+        shape = shapes[name]
+        if stream_bytes is not None and math.prod(shape) * target.itemsize > stream_bytes:
+
+            def layer(i: int) -> np.ndarray:
+                out = np.empty(shape[1:], target)
+                fill(i, out)
+                return out
+
+            return ("layers", name), LayerStack(shape, target, layer)
+        out = np.empty(shape, target)
+        for i in range(shape[0]):
+            fill(i, out[i])
+        return ("layers", name), out
+
     prefix = layout.prefix
     yield whole(prefix + "embed_tokens.weight", "embed")
     yield whole(prefix + "norm.weight", "final_norm")
@@ -441,17 +500,32 @@ def converted_params(reader, spec: ModelSpec, dtype: str) -> Iterator[tuple[tupl
     else:
         used.update(heads)  # tied: HF ignores a stored copy as well
     hf_layers = spec.hf_layer_indices()
+    # Every source key is looked up (and counted as used) before its parameter is yielded, so a LayerStack
+    # fails early on a missing tensor and the check for unexpected tensors does not depend on it being built.
     for name in EXPERT_PARAMS if spec.num_experts else ():
-        out = np.empty(shapes[name], target)
-        for i, layer in enumerate(param_layers(spec, name)):
-            _expert_layer(read, available, f"{prefix}layers.{hf_layers[layer]}.", name, out[i])
-        yield ("layers", name), out
+        experts = shapes[name][1]
+        sources = [
+            _expert_keys(available, f"{prefix}layers.{hf_layers[layer]}.", name, experts)
+            for layer in param_layers(spec, name)
+        ]
+        used.update(k for keys, _ in sources for k in keys)
+
+        def fill_experts(i: int, out: np.ndarray, name=name, sources=sources) -> None:
+            keys, stacked_layout = sources[i]
+            _expert_layer(read, keys, stacked_layout, name, out)
+
+        yield stacked(name, fill_experts)
     for name, source in layer_sources(spec).items():
-        out = np.empty(shapes[name], target)
-        for i, layer in enumerate(param_layers(spec, name)):
-            key = f"{prefix}layers.{hf_layers[layer]}.{source.suffix}"
-            out[i] = _to_ours(read(key), shapes[name][1:], source, key)
-        yield ("layers", name), out
+        keys = [f"{prefix}layers.{hf_layers[layer]}.{source.suffix}" for layer in param_layers(spec, name)]
+        for key in keys:
+            if key not in available:
+                raise WeightsError(f"tensor {key} missing from the checkpoint")
+        used.update(keys)
+
+        def fill(i: int, out: np.ndarray, keys=keys, name=name, source=source) -> None:
+            out[...] = _to_ours(read(keys[i]), shapes[name][1:], source, keys[i])
+
+        yield stacked(name, fill)
     unexpected = sorted(
         k for k in available - used if not k.endswith(IGNORED_SUFFIXES) and not k.startswith(layout.ignored)
     )
