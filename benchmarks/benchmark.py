@@ -554,12 +554,12 @@ def qwen3_5_compile_seconds(num_layers: int, seq_len: int = 4096, model_kwargs: 
     from flax import nnx
     from transformers import AutoConfig
 
-    from psych201_jax.model import spec as modelspec
+    from psych201_jax.model import hf_config
 
     kwargs = {**model_kwargs, "num_hidden_layers": num_layers, "vocab_size": 4096}
     kwargs["rope_parameters"] = dict(rope_type="default", rope_theta=1e7, partial_rotary_factor=0.25)
     config = AutoConfig.for_model("qwen3_5_text", **kwargs)
-    spec = modelspec.from_hf_config(config)
+    spec = hf_config.from_hf_config(config)
     graphdef, state = checkpoint.abstract_model(spec, dtype=jnp.float32, param_dtype=jnp.float32)
     ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
     fn = jax.jit(lambda state, a, b, c: nnx.merge(graphdef, state)(a, b, c))

@@ -231,8 +231,8 @@ def child_baseline(hf_dir: str) -> tuple[int, float]:
     """(peak RSS in kB, wall seconds) of a child that only starts up like the converter: imports and reads
     the config through AutoConfig (which imports torch when it is installed)."""
     code = (
-        "import resource, sys, psych201_jax.cli.convert; from psych201_jax.model import spec as modelspec; "
-        "modelspec.from_hf_dir(sys.argv[1]); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "import resource, sys, psych201_jax.cli.convert; from psych201_jax.model import hf_config; "
+        "hf_config.from_hf_dir(sys.argv[1]); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
     )
     start = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code, hf_dir], cwd=REPO, check=True, capture_output=True, text=True)
@@ -246,8 +246,7 @@ def compile_seconds(model_type: str, num_layers: int, seq_len: int = 2048) -> fl
     from flax import nnx
     from transformers import AutoConfig
 
-    from psych201_jax.model import checkpoint
-    from psych201_jax.model import spec as modelspec
+    from psych201_jax.model import checkpoint, hf_config
 
     config = AutoConfig.for_model(
         model_type,
@@ -262,7 +261,7 @@ def compile_seconds(model_type: str, num_layers: int, seq_len: int = 2048) -> fl
         eos_token_id=None,
         bos_token_id=None,
     )
-    spec = modelspec.from_hf_config(config)
+    spec = hf_config.from_hf_config(config)
     graphdef, state = checkpoint.abstract_model(spec, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
     fn = jax.jit(lambda state, a, b, c: nnx.merge(graphdef, state)(a, b, c))

@@ -20,7 +20,7 @@ from absl import app, flags
 from transformers import AutoConfig
 
 from psych201_jax.model import moe
-from psych201_jax.model.spec import from_hf_config
+from psych201_jax.model.hf_config import from_hf_config
 
 CONFIG = flags.DEFINE_string("config", "tests/data/hub_configs/Qwen3-30B-A3B.json", "An MoE model's HF config.json.")
 TOKENS = flags.DEFINE_integer("tokens", 2048, "Tokens routed through the layer.")

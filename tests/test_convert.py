@@ -17,7 +17,7 @@ from flax import nnx
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from psych201_jax.model import checkpoint
+from psych201_jax.model import checkpoint, hf_config
 from psych201_jax.model import hf_weights as weights
 from psych201_jax.model import spec as modelspec
 from psych201_jax.testing.safetensors import write_safetensors
@@ -63,7 +63,7 @@ def _hf_state(hf_dir):
 def test_layout_and_provenance(hf_dir, converted):
     assert os.path.isfile(os.path.join(hf_dir, "model.safetensors.index.json"))
     assert sorted(os.listdir(converted)) == ["model_spec.json", "params", "provenance.json", "tokenizer"]
-    assert modelspec.ModelSpec.load(os.path.join(converted, "model_spec.json")) == modelspec.from_hf_dir(hf_dir)
+    assert modelspec.ModelSpec.load(os.path.join(converted, "model_spec.json")) == hf_config.from_hf_dir(hf_dir)
     with open(os.path.join(converted, "provenance.json")) as fh:
         prov = json.load(fh)
     assert prov["source"] == os.path.abspath(hf_dir)
@@ -213,7 +213,7 @@ def test_stacked_parameters_written_one_layer_at_a_time_restore_identically(layo
         num_hidden_layers=3,
         max_shard_size="200KB",
     )
-    spec = modelspec.from_hf_dir(hf)
+    spec = hf_config.from_hf_dir(hf)
     reader = weights.SafetensorsReader(hf)
     streamed = list(weights.converted_params(reader, spec, "bfloat16", stream_bytes=0))
     stacks = {path[-1] for path, x in streamed if isinstance(x, weights.LayerStack)}

@@ -108,7 +108,7 @@ def test_mfu_counts_a_mixture_of_experts_active_parameters():
     from transformers import AutoConfig
 
     from benchmarks import measure
-    from psych201_jax.model.spec import from_hf_config
+    from psych201_jax.model.hf_config import from_hf_config
 
     with open(os.path.join(REPO, "tests", "data", "hub_configs", "Qwen3-30B-A3B.json")) as fh:
         hf = json.load(fh)

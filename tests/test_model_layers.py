@@ -16,6 +16,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
 from psych201_jax.model import axes as model_axes
 from psych201_jax.model import decoder as model_lib
+from psych201_jax.model import hf_config
 from psych201_jax.model import spec as modelspec
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
@@ -56,7 +57,7 @@ def _config_dir(tmp_path, **raw):
 def test_unsupported_model_type_lists_supported(tmp_path):
     d = _config_dir(tmp_path, model_type="gpt2", n_layer=2)
     with pytest.raises(modelspec.UnsupportedModelError) as err:
-        modelspec.from_hf_dir(d)
+        hf_config.from_hf_dir(d)
     for name in modelspec.SUPPORTED_MODEL_TYPES:
         assert name in str(err.value)
     assert "gpt2" in str(err.value)
@@ -65,13 +66,13 @@ def test_unsupported_model_type_lists_supported(tmp_path):
 def test_remote_code_configs_are_refused(tmp_path):
     d = _config_dir(tmp_path, model_type="llama", auto_map={"AutoModelForCausalLM": "x.Model"}, **SMALL)
     with pytest.raises(modelspec.UnsupportedModelError, match="auto_map"):
-        modelspec.from_hf_dir(d)
+        hf_config.from_hf_dir(d)
 
 
 def test_unsupported_rope_type_is_refused():
     config = AutoConfig.for_model("llama", **SMALL, rope_scaling=dict(rope_type="dynamic", factor=2.0))
     with pytest.raises(modelspec.UnsupportedModelError, match="dynamic"):
-        modelspec.from_hf_config(config)
+        hf_config.from_hf_config(config)
 
 
 @pytest.mark.parametrize(
@@ -102,7 +103,7 @@ def test_unsupported_rope_type_is_refused():
     ],
 )
 def test_spec_json_round_trip_and_family_flags(model_type, extra):
-    spec = modelspec.from_hf_config(AutoConfig.for_model(model_type, **{**SMALL, **extra}))
+    spec = hf_config.from_hf_config(AutoConfig.for_model(model_type, **{**SMALL, **extra}))
     assert modelspec.ModelSpec.from_json(spec.to_json()) == spec
     hash(spec)  # static NNX attribute: must be hashable
     assert spec.qkv_bias == (model_type == "qwen2")
@@ -147,7 +148,7 @@ def test_trunk_groups_are_every_layer_but_the_last(layer_types, expected):
 
 
 def _spec(model_type="olmo3", **kw):
-    return modelspec.from_hf_config(AutoConfig.for_model(model_type, **{**SMALL, **kw}))
+    return hf_config.from_hf_config(AutoConfig.for_model(model_type, **{**SMALL, **kw}))
 
 
 def test_every_parameter_has_logical_axes_matching_its_rank():
@@ -300,15 +301,15 @@ def test_gemma_configs_outside_the_decoder_are_refused():
     base = dict(SMALL, head_dim=16, query_pre_attn_scalar=16)
     encoder = AutoConfig.for_model("gemma3_text", **base, use_bidirectional_attention=True)
     with pytest.raises(modelspec.UnsupportedModelError, match="bidirectional"):
-        modelspec.from_hf_config(encoder)
+        hf_config.from_hf_config(encoder)
     exact_gelu = AutoConfig.for_model("gemma2", **base, hidden_activation="gelu")
     with pytest.raises(modelspec.UnsupportedModelError, match="gelu_pytorch_tanh"):
-        modelspec.from_hf_config(exact_gelu)
+        hf_config.from_hf_config(exact_gelu)
 
 
 def test_specs_saved_before_the_gemma_fields_load_with_todays_behaviour():
     """A spec JSON without the Gemma fields (saved by an earlier release) reads as the behaviour it had."""
-    spec = modelspec.from_hf_config(AutoConfig.for_model("llama", **SMALL))
+    spec = hf_config.from_hf_config(AutoConfig.for_model("llama", **SMALL))
     d = json.loads(spec.to_json())
     for name in ("activation", "embed_scale", "query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
         del d[name]

@@ -120,7 +120,7 @@ def test_per_expert_and_stacked_layouts_convert_to_the_same_parameters(tmp_path)
         names = hf_weights.open_weights(hf).names()
         assert ("model.layers.0.mlp.experts.gate_up_proj" in names) == (layout == "stacked")
         reader = hf_weights.open_weights(hf)
-        spec = checkpoint.modelspec.from_hf_dir(hf)
+        spec = checkpoint.hf_config.from_hf_dir(hf)
         params[layout] = {path: np.asarray(x) for path, x in hf_weights.converted_params(reader, spec, "float32")}
     assert params["saved"].keys() == params["stacked"].keys()
     assert ("layers", "e_gate") in params["saved"]

@@ -21,7 +21,7 @@ import torch
 from transformers import AutoTokenizer
 
 from psych201_jax.data.tokenizer import TokenizerInfo
-from psych201_jax.model import checkpoint
+from psych201_jax.model import checkpoint, hf_config
 from psych201_jax.model import spec as modelspec
 from psych201_jax.model.decoder import param_shapes
 from psych201_jax.testing import parity
@@ -337,7 +337,7 @@ def test_real_hub_config_parses_with_hfs_parameter_count(name, tmp_path):
     model_type, layers, head_dim, window, expected = FAMILY_HUB_CONFIGS[name]
     with open(os.path.join(HUB_CONFIGS, name)) as fh:
         (tmp_path / "config.json").write_text(fh.read())
-    spec = modelspec.from_hf_dir(str(tmp_path))
+    spec = hf_config.from_hf_dir(str(tmp_path))
     assert (spec.model_type, spec.num_layers, spec.head_dim, spec.sliding_window) == (
         model_type,
         layers,
@@ -386,7 +386,7 @@ def test_real_moe_hub_config_parses_with_hfs_parameter_counts(name, tmp_path):
     model_type, layers, experts, top_k, total, active = MOE_HUB_CONFIGS[name]
     with open(os.path.join(HUB_CONFIGS, name)) as fh:
         (tmp_path / "config.json").write_text(fh.read())
-    spec = modelspec.from_hf_dir(str(tmp_path))
+    spec = hf_config.from_hf_dir(str(tmp_path))
     assert (spec.model_type, spec.num_layers, spec.num_experts, spec.num_experts_per_tok) == (
         model_type,
         layers,

@@ -12,9 +12,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText
 
-from psych201_jax.model import checkpoint, delta_rule
+from psych201_jax.model import checkpoint, delta_rule, hf_config
 from psych201_jax.model import hf_weights as weights
-from psych201_jax.model import spec as modelspec
 from psych201_jax.model.decoder import layer_groups, param_shapes
 from psych201_jax.testing.parity import QWEN3_5_PATTERN as PATTERN
 from psych201_jax.testing.tiny_models import add_mtp_head, make_tiny_hf_checkpoint
@@ -111,7 +110,7 @@ def test_real_hub_config_parses_to_the_language_models_full_size(name, tmp_path)
     layers, hidden, tied, value_heads = REAL_CONFIGS[name]
     with open(os.path.join(HUB_CONFIGS, name)) as fh:
         (tmp_path / "config.json").write_text(fh.read())
-    spec = modelspec.from_hf_dir(str(tmp_path))
+    spec = hf_config.from_hf_dir(str(tmp_path))
     config = AutoConfig.from_pretrained(str(tmp_path))
     assert (spec.wrapper, spec.num_layers, spec.hidden_size, spec.tie_word_embeddings) == (
         "qwen3_5",

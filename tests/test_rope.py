@@ -10,7 +10,7 @@ from transformers.models.llama import modeling_llama
 from transformers.models.olmo3 import modeling_olmo3
 from transformers.models.qwen2 import modeling_qwen2
 
-from psych201_jax.model import rope
+from psych201_jax.model import hf_config, rope
 from psych201_jax.model import spec as modelspec
 
 pytestmark = pytest.mark.quick
@@ -99,7 +99,7 @@ def _ours(spec, layer_type, positions=POSITIONS):
 def test_flat_rope_matches_transformers(case):
     model_type, kwargs = FLAT_CASES[case]
     config = AutoConfig.for_model(model_type, **BASE, **kwargs)
-    spec = modelspec.from_hf_config(config)
+    spec = hf_config.from_hf_config(config)
     hf = ROTARY[model_type](config)
     x = torch.zeros(1, dtype=torch.float32)
     hf_cos, hf_sin = hf(x, torch.tensor(POSITIONS, dtype=torch.long))
@@ -129,7 +129,7 @@ def test_olmo3_per_layer_type_rope_matches_transformers(truncate):
             truncate=truncate,
         ),
     )
-    spec = modelspec.from_hf_config(config)
+    spec = hf_config.from_hf_config(config)
     hf = modeling_olmo3.Olmo3RotaryEmbedding(config)
     x = torch.zeros(1, dtype=torch.float32)
     tables = {}

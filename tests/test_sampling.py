@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 from transformers import AutoConfig
 
-from psych201_jax.model import hf_weights
+from psych201_jax.model import hf_config, hf_weights
 from psych201_jax.model import spec as modelspec
 from psych201_jax.model.decoder import BIASES, Decoder
 from psych201_jax.sampling import sampler as sampler_lib
@@ -45,7 +45,7 @@ class Participant:
 def tiny_spec(family: str) -> modelspec.ModelSpec:
     """The spec of ``family``'s tiny config (``tiny_models``) with a 512-token vocabulary."""
     kwargs = {**tiny_models._COMMON, "vocab_size": VOCAB, **tiny_models._FAMILY_DEFAULTS[family]}
-    return modelspec.from_hf_config(AutoConfig.for_model(family, **kwargs))
+    return hf_config.from_hf_config(AutoConfig.for_model(family, **kwargs))
 
 
 def tiny_model(family: str, seed: int = 0) -> Decoder:
@@ -207,7 +207,7 @@ def hf_and_ours(family: str):
     hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").eval()
     zero_centred = family in tiny_models.ZERO_CENTRED
     tiny_models._rescale(hf, config.hidden_size, config.tie_word_embeddings, 3.0, zero_centred=zero_centred)
-    spec = modelspec.from_hf_config(config)
+    spec = hf_config.from_hf_config(config)
 
     def params(tree):
         for path, x in hf_weights.converted_params(_StateDictReader(hf.state_dict()), spec, "float32"):

@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText
 
 from psych201_jax import defaults
 from psych201_jax.data.tokenizer import ChatTemplateError, TokenizerInfo
-from psych201_jax.model import checkpoint
+from psych201_jax.model import checkpoint, hf_config
 from psych201_jax.model import hf_weights as weights
 from psych201_jax.model import spec as modelspec
 from psych201_jax.model.decoder import param_shapes
@@ -91,7 +91,7 @@ def test_vision_weights_are_never_read_and_both_layouts_convert_alike(family, la
 def test_wrong_skipped_layers_fail_conversion(layout_dirs):
     """Mapping our layers onto the wrong HF layers is a clear error, never a silently different model."""
     hf_dir = layout_dirs["mllama"]["saved"]
-    spec = modelspec.from_hf_dir(hf_dir)
+    spec = hf_config.from_hf_dir(hf_dir)
     bad = dataclasses.replace(spec, skipped_layers=(2, 3))
     with pytest.raises(weights.WeightsError, match=r"layers\.1\.self_attn"):
         list(weights.converted_params(weights.SafetensorsReader(hf_dir), bad, "float32"))
@@ -99,7 +99,7 @@ def test_wrong_skipped_layers_fail_conversion(layout_dirs):
 
 def test_spec_json_without_vl_fields_still_loads(layout_dirs):
     """Specs converted before the VL fields existed load as plain decoders."""
-    spec = modelspec.from_hf_dir(layout_dirs["qwen2_5_vl"]["saved"])
+    spec = hf_config.from_hf_dir(layout_dirs["qwen2_5_vl"]["saved"])
     d = json.loads(spec.to_json())
     for key in ("wrapper", "skipped_layers", "embed_vocab_size"):
         d.pop(key)
@@ -120,10 +120,10 @@ def test_bad_mrope_section_and_an_unknown_wrapper_are_refused(tmp_path):
         ),
     )
     with pytest.raises(modelspec.UnsupportedModelError, match="mrope_section"):
-        modelspec.from_hf_config(config)
+        hf_config.from_hf_config(config)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_omni_moe", "architectures": ["X"]}))
     with pytest.raises(modelspec.UnsupportedModelError, match="qwen3_omni_moe"):
-        modelspec.from_hf_dir(str(tmp_path))
+        hf_config.from_hf_dir(str(tmp_path))
 
 
 # --- real hub configs -----------------------------------------------------------------------------------
@@ -257,7 +257,7 @@ def _hf_language_model_params(config, spec) -> tuple[int, int]:
 def test_real_hub_config_parses_to_the_language_models_full_size(name, tmp_path):
     raw, wrapper, layers, head_dim, tied = REAL_CONFIGS[name]
     (tmp_path / "config.json").write_text(json.dumps(raw))
-    spec = modelspec.from_hf_dir(str(tmp_path))
+    spec = hf_config.from_hf_dir(str(tmp_path))
     assert (spec.wrapper, spec.num_layers, spec.head_dim, spec.tie_word_embeddings) == (wrapper, layers, head_dim, tied)
     assert spec.layer_types == ("full_attention",) * layers and spec.window_for("full_attention") is None
     assert spec.rope_for("full_attention").rope_type == "default"
@@ -272,7 +272,7 @@ def test_mllama_11b_style_default_config_counts_without_cross_attention_layers()
     MllamaConfig is its 11B shape (40 layers, 8 cross-attention ones): our stack is the 32 self-attention
     layers, so our count is HF's language model less the cross-attention layers."""
     config = AutoConfig.for_model("mllama")
-    spec = modelspec.from_hf_config(config)
+    spec = hf_config.from_hf_config(config)
     assert spec.num_layers == 32 and spec.skipped_layers == (3, 8, 13, 18, 23, 28, 33, 38)
     assert spec.embed_rows == 128264 and spec.vocab_size == 128256 and not spec.tie_word_embeddings
     ours = sum(math.prod(s) for s in param_shapes(spec).values())

@@ -41,8 +41,8 @@ from flax import nnx
 from psych201_jax import hashing, locks
 from psych201_jax.data.tokenizer import TOKENIZER_FILES
 from psych201_jax.errors import UserError
+from psych201_jax.model import hf_config
 from psych201_jax.model import hf_weights as weights
-from psych201_jax.model import spec as modelspec
 from psych201_jax.model.axes import logical_to_spec
 from psych201_jax.model.decoder import Decoder
 from psych201_jax.model.spec import ModelSpec
@@ -225,8 +225,8 @@ def _write_failure(err: BaseException) -> str:
 
 
 def _convert_into(hf_dir: str, out_dir: str, dtype: str, allow_pickle: bool) -> ModelSpec:
-    raw_config = modelspec.read_raw_config(hf_dir)
-    spec = modelspec.from_hf_dir(hf_dir)
+    raw_config = hf_config.read_raw_config(hf_dir)
+    spec = hf_config.from_hf_dir(hf_dir)
     reader = weights.open_weights(hf_dir, allow_pickle=allow_pickle)
     params_dir = os.path.join(out_dir, PARAMS)
     os.makedirs(out_dir)
@@ -310,7 +310,7 @@ def source_mismatch(converted_dir: str, hf_dir: str, dtype: str) -> str:
         spec = ModelSpec.load(os.path.join(converted_dir, SPEC))
     except (OSError, ValueError, TypeError, KeyError) as err:
         return f"its {SPEC} is unreadable ({type(err).__name__})"
-    if spec != modelspec.from_hf_dir(hf_dir):
+    if spec != hf_config.from_hf_dir(hf_dir):
         return f"its {SPEC} is not what the source's config.json gives"
     return ""
 
