@@ -23,7 +23,7 @@ from transformers import AutoTokenizer
 from psych201_jax.data.tokenizer import TokenizerInfo
 from psych201_jax.model import checkpoint, hf_config
 from psych201_jax.model import spec as modelspec
-from psych201_jax.model.decoder import param_shapes
+from psych201_jax.model.params import param_shapes
 from psych201_jax.testing import parity
 from psych201_jax.testing.parity import QWEN3_5_PATTERN, single_row, token_log_probs
 from psych201_jax.testing.tiny_models import VL_FAMILIES, make_tiny_hf_checkpoint

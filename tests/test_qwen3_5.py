@@ -14,7 +14,8 @@ from transformers import AutoConfig, AutoModelForImageTextToText
 
 from psych201_jax.model import checkpoint, delta_rule, hf_config
 from psych201_jax.model import hf_weights as weights
-from psych201_jax.model.decoder import layer_groups, param_shapes
+from psych201_jax.model.decoder import layer_groups
+from psych201_jax.model.params import param_shapes
 from psych201_jax.testing.parity import QWEN3_5_PATTERN as PATTERN
 from psych201_jax.testing.tiny_models import add_mtp_head, make_tiny_hf_checkpoint
 

@@ -19,7 +19,8 @@ from transformers import AutoConfig
 
 from psych201_jax.model import hf_config, hf_weights
 from psych201_jax.model import spec as modelspec
-from psych201_jax.model.decoder import BIASES, Decoder
+from psych201_jax.model.decoder import Decoder
+from psych201_jax.model.params import BIASES
 from psych201_jax.sampling import sampler as sampler_lib
 from psych201_jax.sampling import slots as slots_lib
 from psych201_jax.sampling.sampler import SamplingConfig, sample_participants

@@ -21,7 +21,7 @@ from psych201_jax.data.tokenizer import ChatTemplateError, TokenizerInfo
 from psych201_jax.model import checkpoint, hf_config
 from psych201_jax.model import hf_weights as weights
 from psych201_jax.model import spec as modelspec
-from psych201_jax.model.decoder import param_shapes
+from psych201_jax.model.params import param_shapes
 from psych201_jax.testing.parity import SCORE_STUDIES, run_module
 from psych201_jax.testing.tiny_models import make_tiny_hf_checkpoint
 

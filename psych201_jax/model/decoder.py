@@ -1,6 +1,6 @@
 """Flax NNX decoder for the Llama, Mistral, Qwen2, Qwen3, OLMo 2/3, Qwen3.5 and Gemma 2/3 families and the
-mixture-of-experts Qwen2-MoE, Qwen3-MoE, Mixtral and OLMoE, with stacked, scanned layers (the per-position
-norms and MLP are in model/layers.py, the routed MLP in model/moe.py).
+mixture-of-experts Qwen2-MoE, Qwen3-MoE, Qwen3.5-MoE, Mixtral and OLMoE, with stacked, scanned layers (the
+per-position norms and MLP are in model/layers.py, the routed MLP in model/moe.py).
 
 Every layer parameter is stored stacked over layers ([L, ...]) and the forward scans over them, so compile
 time does not grow with depth. Layers whose attention differs (OLMo 3: three sliding-window layers, then a
@@ -8,10 +8,10 @@ full one) are scanned in groups of the repeating ``layer_types`` pattern, so eac
 Parameters carry logical axis names (``out_sharding`` metadata, never applied eagerly) and activations
 pass through ``constrain``, a no-op without a mesh; the names are in model/axes.py, and parallel/sharding.py
 maps them to mesh axes.
-Parameter layouts (ours, not HF's): projections are [in, out] with heads split out, e.g. wq [L, D, Hq, hd].
+The parameter tables (which layers hold each stacked parameter, axes, shapes) are in model/params.py.
 Qwen3.5 mixes Gated DeltaNet layers ("linear_attention") with gated softmax-attention layers: a parameter
-that only one kind of layer has is stacked over the layers that have it (``param_layers``), so its L is
-the number of such layers; the scan groups slice each stack accordingly.
+that only one kind of layer has is stacked over the layers that have it; the scan groups slice each stack
+accordingly.
 ``__call__`` is the plain full forward (what the tests compare with HF); scoring runs ``trunk`` (every layer
 but the last) and ``last_layer_at`` (the last layer only at the scored positions), which equal it there.
 The slot sampler (sampling/sampler.py) runs the same layers twice more: ``prefill`` is ``__call__`` that also
@@ -41,49 +41,22 @@ from psych201_jax.model.axes import (
     ACT_LIN_K_HEADS,
     ACT_LIN_V_HEADS,
     ACT_Q_HEADS,
-    CONV,
     EMBED,
     EMBED_VOCAB,
-    EXPERT,
-    EXPERT_MLP,
-    HEAD_DIM,
-    KV_HEADS,
-    LAYERS,
-    LIN_K_DIM,
-    LIN_K_HEADS,
-    LIN_V_DIM,
-    LIN_V_HEADS,
-    MLP,
     NORM,
-    Q_HEADS,
-    QUERY_GATE,
-    ROUTER,
     VOCAB,
     constrain,
 )
 from psych201_jax.model.layers import mlp_block, rms_norm
 from psych201_jax.model.moe import moe_block
-from psych201_jax.model.spec import LINEAR_ATTENTION, ModelSpec, NormPlacement, QkNorm
-
-BIASES = ("bq", "bk", "bv", "bo", "b_gate", "b_up", "b_down", "lin_dt_bias")
-# Parameters only softmax-attention layers have, and only Gated DeltaNet layers have (the rest: every layer).
-ATTENTION_PARAMS = ("wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo", "q_norm", "k_norm")
-LINEAR_PARAMS = (
-    "lin_wq",
-    "lin_wk",
-    "lin_wv",
-    "lin_conv_q",
-    "lin_conv_k",
-    "lin_conv_v",
-    "lin_wz",
-    "lin_wb",
-    "lin_wa",
-    "lin_dt_bias",
-    "lin_a_log",
-    "lin_norm",
-    "lin_wo",
+from psych201_jax.model.params import (
+    ATTENTION_INPUT,
+    BIASES,
+    layer_param_axes,
+    param_in_layer,
+    param_shapes,
 )
-
+from psych201_jax.model.spec import LINEAR_ATTENTION, ModelSpec, NormPlacement, QkNorm
 
 # A softmax-attention layer's attention, replaced: (q, k, v [B, T, H, hd] after RoPE, the layer's parameters
 # and ``with_attention`` inputs, its window) -> (output [B, T, Hq, hd], what the layer hands out). The sampler's
@@ -91,111 +64,6 @@ LINEAR_PARAMS = (
 Attend = Callable[
     [jnp.ndarray, jnp.ndarray, jnp.ndarray, dict[str, jnp.ndarray], int | None], tuple[jnp.ndarray, typing.Any]
 ]
-# Prefix of the names of per-layer inputs stacked over the softmax-attention layers (``with_attention``).
-ATTENTION_INPUT = "attend_"
-
-
-def param_in_layer(name: str, layer_type: str) -> bool:
-    """Whether a layer of ``layer_type`` has the stacked parameter ``name``."""
-    if name in LINEAR_PARAMS:
-        return layer_type == LINEAR_ATTENTION
-    if name in ATTENTION_PARAMS or name.startswith(ATTENTION_INPUT):
-        return layer_type != LINEAR_ATTENTION
-    return True
-
-
-def param_layers(spec: ModelSpec, name: str) -> tuple[int, ...]:
-    """Indices (into spec.layer_types) of the layers whose ``name`` the stack holds, in stack order."""
-    return tuple(i for i, t in enumerate(spec.layer_types) if param_in_layer(name, t))
-
-
-def layer_param_axes(spec: ModelSpec) -> dict[str, tuple[str, ...]]:
-    """Logical axes of every stacked layer parameter this family has (name -> axes, first axis LAYERS)."""
-    axes = {
-        "wq": (LAYERS, EMBED, Q_HEADS, QUERY_GATE if spec.attn_output_gate else HEAD_DIM),
-        "wk": (LAYERS, EMBED, KV_HEADS, HEAD_DIM),
-        "wv": (LAYERS, EMBED, KV_HEADS, HEAD_DIM),
-        "wo": (LAYERS, Q_HEADS, HEAD_DIM, EMBED),
-        "w_gate": (LAYERS, EMBED, MLP),
-        "w_up": (LAYERS, EMBED, MLP),
-        "w_down": (LAYERS, MLP, EMBED),
-    }
-    if spec.num_experts:  # routed MLPs; the dense MLP's weights are the shared expert's, if there is one
-        axes.update(
-            router=(LAYERS, EMBED, ROUTER),
-            e_gate=(LAYERS, EXPERT, EMBED, EXPERT_MLP),
-            e_up=(LAYERS, EXPERT, EMBED, EXPERT_MLP),
-            e_down=(LAYERS, EXPERT, EXPERT_MLP, EMBED),
-        )
-        if spec.intermediate_size:
-            axes.update(shared_gate=(LAYERS, EMBED))
-        else:
-            for name in ("w_gate", "w_up", "w_down"):
-                del axes[name]
-    if spec.norm_placement != NormPlacement.POST:
-        axes.update(attn_in_norm=(LAYERS, NORM), mlp_in_norm=(LAYERS, NORM))
-    if spec.norm_placement != NormPlacement.PRE:
-        axes.update(attn_out_norm=(LAYERS, NORM), mlp_out_norm=(LAYERS, NORM))
-    if spec.qkv_bias:
-        axes.update(bq=(LAYERS, Q_HEADS, HEAD_DIM), bk=(LAYERS, KV_HEADS, HEAD_DIM), bv=(LAYERS, KV_HEADS, HEAD_DIM))
-    if spec.o_bias:
-        axes.update(bo=(LAYERS, EMBED))
-    if spec.mlp_bias:
-        axes.update(b_gate=(LAYERS, MLP), b_up=(LAYERS, MLP), b_down=(LAYERS, EMBED))
-    if spec.qk_norm == QkNorm.HEAD:
-        axes.update(q_norm=(LAYERS, HEAD_DIM), k_norm=(LAYERS, HEAD_DIM))
-    elif spec.qk_norm == QkNorm.FULL:
-        axes.update(q_norm=(LAYERS, Q_HEADS, HEAD_DIM), k_norm=(LAYERS, KV_HEADS, HEAD_DIM))
-    if LINEAR_ATTENTION in spec.layer_types:
-        axes.update(
-            lin_wq=(LAYERS, EMBED, LIN_K_HEADS, LIN_K_DIM),
-            lin_wk=(LAYERS, EMBED, LIN_K_HEADS, LIN_K_DIM),
-            lin_wv=(LAYERS, EMBED, LIN_V_HEADS, LIN_V_DIM),
-            lin_conv_q=(LAYERS, CONV, LIN_K_HEADS, LIN_K_DIM),
-            lin_conv_k=(LAYERS, CONV, LIN_K_HEADS, LIN_K_DIM),
-            lin_conv_v=(LAYERS, CONV, LIN_V_HEADS, LIN_V_DIM),
-            lin_wz=(LAYERS, EMBED, LIN_V_HEADS, LIN_V_DIM),
-            lin_wb=(LAYERS, EMBED, LIN_V_HEADS),
-            lin_wa=(LAYERS, EMBED, LIN_V_HEADS),
-            lin_dt_bias=(LAYERS, LIN_V_HEADS),
-            lin_a_log=(LAYERS, LIN_V_HEADS),
-            lin_norm=(LAYERS, LIN_V_DIM),
-            lin_wo=(LAYERS, LIN_V_HEADS, LIN_V_DIM, EMBED),
-        )
-    if not any(t != LINEAR_ATTENTION for t in spec.layer_types):
-        axes = {name: a for name, a in axes.items() if name not in ATTENTION_PARAMS}
-    return axes
-
-
-def param_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """Shape of every parameter, keyed like ``layer_param_axes`` plus embed/lm_head/final_norm."""
-    sizes = {
-        EMBED: spec.hidden_size,
-        Q_HEADS: spec.num_heads,
-        KV_HEADS: spec.num_kv_heads,
-        HEAD_DIM: spec.head_dim,
-        MLP: spec.intermediate_size,
-        NORM: spec.hidden_size,
-        VOCAB: spec.vocab_size,
-        QUERY_GATE: 2 * spec.head_dim,
-        LIN_K_HEADS: spec.linear_num_key_heads,
-        LIN_V_HEADS: spec.linear_num_value_heads,
-        LIN_K_DIM: spec.linear_key_head_dim,
-        LIN_V_DIM: spec.linear_value_head_dim,
-        CONV: spec.linear_conv_kernel,
-        EXPERT: spec.num_experts,
-        EXPERT_MLP: spec.moe_intermediate_size,
-        ROUTER: spec.num_experts,
-    }
-    shapes = {
-        name: (len(param_layers(spec, name)), *(sizes[a] for a in axes[1:]))
-        for name, axes in layer_param_axes(spec).items()
-    }
-    shapes["embed"] = (spec.embed_rows, spec.hidden_size)
-    shapes["final_norm"] = (spec.hidden_size,)
-    if not spec.tie_word_embeddings:
-        shapes["lm_head"] = (spec.vocab_size, spec.hidden_size)
-    return shapes
 
 
 def embed_row_axis(spec: ModelSpec) -> str:

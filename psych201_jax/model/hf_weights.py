@@ -34,8 +34,8 @@ import numpy as np
 
 from psych201_jax import torch_pickle
 from psych201_jax.errors import UserError
-from psych201_jax.model.decoder import param_layers, param_shapes
 from psych201_jax.model.moe import EXPERT_PARAMS
+from psych201_jax.model.params import param_layers, param_shapes
 from psych201_jax.model.spec import HYBRID_FAMILIES, ModelSpec, NormPlacement
 
 SAFETENSORS_DTYPES = {

@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 
 from psych201_jax.model import delta_rule
-from psych201_jax.model.decoder import Decoder, decoder_layer, param_layers
+from psych201_jax.model.decoder import Decoder, decoder_layer
 from psych201_jax.model.layers import mlp_block, rms_norm
 from psych201_jax.model.moe import moe_block
+from psych201_jax.model.params import param_layers
 from psych201_jax.model.spec import LINEAR_ATTENTION, ModelSpec, NormPlacement
 
 CONV = ("q", "k", "v")

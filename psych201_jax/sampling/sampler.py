@@ -41,8 +41,9 @@ from flax import nnx
 
 from psych201_jax.model.attention import attention_at_lse
 from psych201_jax.model.axes import ACT_BATCH
-from psych201_jax.model.decoder import ATTENTION_INPUT, Decoder
+from psych201_jax.model.decoder import Decoder
 from psych201_jax.model.layers import soft_cap
+from psych201_jax.model.params import ATTENTION_INPUT
 from psych201_jax.model.spec import ModelSpec
 from psych201_jax.parallel import sharding
 from psych201_jax.sampling import hybrid

@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from psych201_jax.model import spec as modelspec
-from psych201_jax.model.decoder import layer_groups, param_shapes
+from psych201_jax.model.decoder import layer_groups
+from psych201_jax.model.params import param_shapes
 
 if TYPE_CHECKING:
     from psych201_jax.testing.parity import Case
