@@ -44,7 +44,9 @@ def mlp_flops(spec) -> float:
     experts = getattr(spec, "num_experts", 0)
     if not experts:
         return dense
-    return dense + 2 * d * experts + spec.num_experts_per_tok * 3 * 2 * d * spec.moe_intermediate_size
+    routed = dense + 2 * d * experts + spec.num_experts_per_tok * 3 * 2 * d * spec.moe_intermediate_size
+    plain = len(spec.dense_mlp_layers)  # dense layers of a mixture of experts: averaged over the layers
+    return (routed * (spec.num_layers - plain) + 3 * 2 * d * spec.dense_intermediate_size * plain) / spec.num_layers
 
 
 def executed_flops(spec, items) -> float:

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from psych201_jax import defaults
-from psych201_jax.model import checkpoint, hf_weights, moe
-from psych201_jax.model.spec import ModelSpec, RopeSpec
+from psych201_jax.model import hf_config, hf_weights, moe
+from psych201_jax.model.params import param_layers, param_shapes
+from psych201_jax.model.spec import FULL_ATTENTION, LayerKind, ModelSpec, RopeSpec, UnsupportedModelError
 from psych201_jax.testing.tiny_models import make_tiny_hf_checkpoint
 
 
@@ -120,7 +121,7 @@ def test_per_expert_and_stacked_layouts_convert_to_the_same_parameters(tmp_path)
         names = hf_weights.open_weights(hf).names()
         assert ("model.layers.0.mlp.experts.gate_up_proj" in names) == (layout == "stacked")
         reader = hf_weights.open_weights(hf)
-        spec = checkpoint.hf_config.from_hf_dir(hf)
+        spec = hf_config.from_hf_dir(hf)
         params[layout] = {path: np.asarray(x) for path, x in hf_weights.converted_params(reader, spec, "float32")}
     assert params["saved"].keys() == params["stacked"].keys()
     assert ("layers", "e_gate") in params["saved"]
@@ -134,3 +135,32 @@ def test_per_expert_and_stacked_layouts_convert_to_the_same_parameters(tmp_path)
     reader = Without(os.path.join(str(tmp_path / "saved")))
     with pytest.raises(hf_weights.WeightsError, match="experts.5.w2.weight"):
         list(hf_weights.converted_params(reader, spec, "float32"))
+
+
+def test_dense_layers_by_config_are_read_as_hf_builds_them():
+    """Qwen2MoeDecoderLayer / Qwen3MoeDecoderLayer: a layer is routed unless listed in mlp_only_layers or off
+    decoder_sparse_step ((i + 1) % step != 0); a dense layer has a plain MLP of width intermediate_size, and
+    the routed stacks hold only the routed layers. A config with no routed layer is refused; the spec
+    round-trips through JSON."""
+    from transformers import AutoConfig
+
+    small = dict(hidden_size=16, num_attention_heads=2, num_key_value_heads=2, vocab_size=32, intermediate_size=40)
+    moe_config = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8)
+    config = AutoConfig.for_model(
+        "qwen3_moe", **small, **moe_config, num_hidden_layers=6, decoder_sparse_step=2, mlp_only_layers=[3]
+    )
+    spec = hf_config.from_hf_config(config)
+    assert spec.dense_mlp_layers == (0, 2, 3, 4) and spec.dense_intermediate_size == 40
+    assert spec.intermediate_size == 0  # no shared expert
+    kinds = spec.layer_kinds
+    assert [k.dense_mlp for k in kinds] == [True, False, True, True, True, False]
+    assert kinds[0] == LayerKind(FULL_ATTENTION, True)
+    assert param_layers(spec, "e_gate") == param_layers(spec, "router") == (1, 5)
+    assert param_layers(spec, "d_up") == (0, 2, 3, 4) and param_layers(spec, "wq") == tuple(range(6))
+    shapes = param_shapes(spec)
+    assert shapes["e_gate"] == (2, 4, 16, 8) and shapes["d_gate"] == (4, 16, 40) and shapes["d_down"] == (4, 40, 16)
+    assert ModelSpec.from_json(spec.to_json()) == spec
+    with pytest.raises(UnsupportedModelError, match="without a routed layer"):
+        hf_config.from_hf_config(
+            AutoConfig.for_model("qwen2_moe", **small, **moe_config, num_hidden_layers=2, mlp_only_layers=[0, 1])
+        )

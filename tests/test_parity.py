@@ -23,7 +23,7 @@ from transformers import AutoTokenizer
 from psych201_jax.data.tokenizer import TokenizerInfo
 from psych201_jax.model import checkpoint, hf_config
 from psych201_jax.model import spec as modelspec
-from psych201_jax.model.params import param_shapes
+from psych201_jax.model.params import param_layers, param_shapes
 from psych201_jax.testing import parity
 from psych201_jax.testing.parity import QWEN3_5_PATTERN, single_row, token_log_probs
 from psych201_jax.testing.tiny_models import VL_FAMILIES, make_tiny_hf_checkpoint
@@ -243,6 +243,7 @@ def test_moe_router_picks_hfs_experts_on_real_text(case):
     hf = parity.hf_model(case.hf_dir, case.row.family, torch.float32)
     seen = []
     layers = hf.model.language_model.layers if case.spec.wrapper else hf.model.layers
+    layers = [layer for layer in layers if hasattr(layer.mlp, "gate")]  # the routed ones (dense_mlp_layers: not)
     hooks = [
         layer.mlp.gate.register_forward_hook(lambda _, args, out: seen.append((args[0], out[2]))) for layer in layers
     ]
@@ -254,7 +255,7 @@ def test_moe_router_picks_hfs_experts_on_real_text(case):
             h.remove()
     routers = np.asarray(case.model32.layers.router[...])
     k, gaps, drift = case.spec.num_experts_per_tok, [], 0.0
-    assert len(seen) == case.spec.num_layers
+    assert len(seen) == len(param_layers(case.spec, "router"))
     for layer, (x, theirs) in enumerate(seen):
         x = x.reshape(-1, x.shape[-1]).numpy()
         ours, _ = moe.route(jnp.asarray(x), jnp.asarray(routers[layer]), case.spec)

@@ -32,6 +32,9 @@ from psych201_jax.types import ParticipantSpans
 VOCAB = 512
 REF_LENGTH = 256  # the scorer's row length (one compilation for every branch)
 FAN_IN = {"wq": 1, "wk": 1, "wv": 1, "w_gate": 1, "w_up": 1, "w_down": 1, "wo": 2, "router": 1, "shared_gate": 1}
+FAN_IN.update(d_gate=1, d_up=1, d_down=1)
+# Config overrides of the tiny models here: Qwen3-MoE's middle layer dense by config (mlp_only_layers).
+OVERRIDES = {"qwen3_moe": dict(num_hidden_layers=3, mlp_only_layers=[1])}
 EXPERTS = ("e_gate", "e_up", "e_down")  # [L, E, in, out]: the fan-in is the next-to-last axis
 
 
@@ -45,7 +48,12 @@ class Participant:
 
 def tiny_spec(family: str) -> modelspec.ModelSpec:
     """The spec of ``family``'s tiny config (``tiny_models``) with a 512-token vocabulary."""
-    kwargs = {**tiny_models._COMMON, "vocab_size": VOCAB, **tiny_models._FAMILY_DEFAULTS[family]}
+    kwargs = {
+        **tiny_models._COMMON,
+        "vocab_size": VOCAB,
+        **tiny_models._FAMILY_DEFAULTS[family],
+        **OVERRIDES.get(family, {}),
+    }
     return hf_config.from_hf_config(AutoConfig.for_model(family, **kwargs))
 
 

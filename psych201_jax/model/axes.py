@@ -38,6 +38,7 @@ LIN_V_DIM = "linear_v_dim"
 CONV = "conv"
 EXPERT = "expert"  # the experts of a mixture-of-experts layer (model/moe.py)
 EXPERT_MLP = "expert_mlp"  # the MLP width within one expert
+DENSE_MLP = "dense_mlp"  # the MLP width of a mixture-of-experts model's dense layers (``dense_mlp_layers``)
 ROUTER = "router"  # the router's output (one logit per expert): small, never sharded
 
 # Logical axis names of activations.

@@ -56,7 +56,9 @@ from psych201_jax.model.params import (
     param_in_layer,
     param_shapes,
 )
-from psych201_jax.model.spec import LINEAR_ATTENTION, ModelSpec, NormPlacement, QkNorm
+from psych201_jax.model.spec import LINEAR_ATTENTION, LayerKind, ModelSpec, NormPlacement, QkNorm
+
+K = typing.TypeVar("K")  # a per-layer kind (``layer_groups``)
 
 # A softmax-attention layer's attention, replaced: (q, k, v [B, T, H, hd] after RoPE, the layer's parameters
 # and ``with_attention`` inputs, its window) -> (output [B, T, Hq, hd], what the layer hands out). The sampler's
@@ -190,6 +192,7 @@ def decoder_layer(
     window: int | None,
     backend: str,
     layer_type: str = "",
+    dense_mlp: bool = False,
     at: Gather | None = None,
     keep_kv: bool = False,
     attend: Attend | None = None,
@@ -198,8 +201,9 @@ def decoder_layer(
     hands out: see ``_attention_block``'s ``keep_kv`` and ``attend``; None for Gated DeltaNet layers).
 
     ``layer_type`` LINEAR_ATTENTION mixes tokens with Gated DeltaNet (``cos``/``sin`` unused), any other
-    with softmax attention. ``at``: the layer's output only at those positions, [G, C, D] (keys, values and
-    Gated DeltaNet still see every position; queries, the residual and the MLP only those).
+    with softmax attention; ``dense_mlp``: a mixture of experts' dense layer (``mlp``). ``at``: the layer's
+    output only at those positions, [G, C, D] (keys, values and Gated DeltaNet still see every position;
+    queries, the residual and the MLP only those).
     """
     take = (lambda x: x) if at is None else at.take
 
@@ -230,16 +234,25 @@ def decoder_layer(
         )
     h = take(h) + (norm(attn, "attn_out_norm") if after else attn)
     x = norm(h, "mlp_in_norm") if before else h
-    if spec.num_experts:  # padding (segment 0, or an invalid gathered entry) is routed to no expert
-        mlp = moe_block(p, x, segment_ids > 0 if at is None else at.valid, spec=spec)
-    else:
-        mlp = mlp_block(p, x, spec=spec)
-    h = h + (norm(mlp, "mlp_out_norm") if after else mlp)
+    # padding (segment 0, or an invalid gathered entry) is routed to no expert
+    mlp_out = mlp(p, x, segment_ids > 0 if at is None else at.valid, spec=spec, dense_mlp=dense_mlp)
+    h = h + (norm(mlp_out, "mlp_out_norm") if after else mlp_out)
     return constrain(h, (ACT_BATCH, ACT_LENGTH, ACT_EMBED)), aux
 
 
-def layer_groups(layer_types: Sequence[str]) -> tuple[tuple[int, int, tuple[str, ...]], ...]:
-    """Splits the layer list into scan groups (start, repeats, pattern) with static per-layer attention.
+def mlp(p: dict[str, jnp.ndarray], x: jnp.ndarray, valid: jnp.ndarray, *, spec: ModelSpec, dense_mlp: bool):
+    """A layer's MLP on x [B, T, D]: the gated MLP, a mixture of experts' routed one (``valid`` bool [B, T]:
+    False routes nowhere), or, in a dense layer of a mixture of experts (``dense_mlp``), its own gated MLP."""
+    if dense_mlp:
+        return mlp_block({"w_gate": p["d_gate"], "w_up": p["d_up"], "w_down": p["d_down"]}, x, spec=spec)
+    if spec.num_experts:
+        return moe_block(p, x, valid, spec=spec)
+    return mlp_block(p, x, spec=spec)
+
+
+def layer_groups(layer_types: Sequence[K]) -> tuple[tuple[int, int, tuple[K, ...]], ...]:
+    """Splits the layer list (``spec.layer_kinds``, or any per-layer kinds) into scan groups (start, repeats,
+    pattern) with static per-layer kinds.
 
     The shortest period p of ``layer_types`` gives one group scanned L // p times over a p-layer body
     (plus a remainder group run once); lists without a period <= L / 2 fall back to runs of equal types.
@@ -260,7 +273,7 @@ def layer_groups(layer_types: Sequence[str]) -> tuple[tuple[int, int, tuple[str,
     return tuple(groups)
 
 
-def trunk_groups(layer_types: Sequence[str]) -> tuple[tuple[int, int, tuple[str, ...]], ...]:
+def trunk_groups(layer_types: Sequence[K]) -> tuple[tuple[int, int, tuple[K, ...]], ...]:
     """``layer_groups`` without the last layer: the last group scans one repeat fewer and its final repeat
     runs once without its last layer, so the program stays the same size at any depth."""
     *groups, (start, repeats, pattern) = layer_groups(layer_types)
@@ -272,13 +285,13 @@ def trunk_groups(layer_types: Sequence[str]) -> tuple[tuple[int, int, tuple[str,
 
 
 def _group_params(
-    spec: ModelSpec, params: dict[str, jnp.ndarray], start: int, repeats: int, pattern: tuple[str, ...]
+    spec: ModelSpec, params: dict[str, jnp.ndarray], start: int, repeats: int, pattern: tuple[LayerKind, ...]
 ) -> tuple[dict[str, jnp.ndarray], dict[str, tuple[int | None, ...]]]:
     """One scan group's slice of every stack, as [repeats, per-repeat layers, ...], and for each name the
-    index into that second axis of each pattern position (None: that layer type lacks the parameter)."""
+    index into that second axis of each pattern position (None: that layer kind lacks the parameter)."""
     group, slots = {}, {}
     for name, x in params.items():
-        members = [param_in_layer(name, t) for t in spec.layer_types]
+        members = [param_in_layer(name, t) for t in spec.layer_kinds]
         per = sum(param_in_layer(name, t) for t in pattern)
         if not per:
             continue
@@ -338,7 +351,7 @@ class Decoder(nnx.Module):
         ``positions`` restart at 0 in each packed segment and drive RoPE; tokens attend only within their
         nonzero segment (0 = padding).
         """
-        groups = layer_groups(self.spec.layer_types)
+        groups = layer_groups(self.spec.layer_kinds)
         h, _ = self._layers(self._embed(tokens), self._rope_tables(positions), segment_ids, groups)
         return self._final_norm(h)
 
@@ -348,7 +361,7 @@ class Decoder(nnx.Module):
         """``__call__`` (the same layers) that also keeps every softmax-attention layer's keys and values after
         RoPE, stacked in layer order: (hidden [B, T, D], (keys, values) [La, B, T, Hk, hd]). The sampler's
         decode steps attend to them (sampling/sampler.py)."""
-        groups = layer_groups(self.spec.layer_types)
+        groups = layer_groups(self.spec.layer_kinds)
         h, kv = self._layers(self._embed(tokens), self._rope_tables(positions), segment_ids, groups, keep_kv=True)
         return self._final_norm(h), kv
 
@@ -366,7 +379,7 @@ class Decoder(nnx.Module):
         [La, ...]). The sampler's decode step: one token per branch attending to cached keys."""
         if any(not name.startswith(ATTENTION_INPUT) for name in inputs):
             raise ValueError(f"attention inputs must be named {ATTENTION_INPUT}*, got {sorted(inputs)}")
-        groups = layer_groups(self.spec.layer_types)
+        groups = layer_groups(self.spec.layer_kinds)
         tables = self._rope_tables(positions)
         h, out = self._layers(self._embed(tokens), tables, segment_ids, groups, attend=attend, inputs=inputs)
         return self._final_norm(h), out
@@ -376,7 +389,7 @@ class Decoder(nnx.Module):
     ) -> Float[Array, "b t d"]:
         """The residual stream [B, T, D] after every layer but the last (inputs as ``__call__``): scoring needs
         the last layer only where a response is scored (``last_layer_at``)."""
-        groups = trunk_groups(self.spec.layer_types)
+        groups = trunk_groups(self.spec.layer_kinds)
         return self._layers(self._embed(tokens), self._rope_tables(positions), segment_ids, groups)[0]
 
     def last_layer_at(
@@ -391,9 +404,10 @@ class Decoder(nnx.Module):
         each of G equal row groups; see ``Gather``): ``__call__``'s hidden states there where ``valid``, for
         about 1 / L of the body's work."""
         spec = self.spec
-        layer_type = spec.layer_types[-1]
+        kind = spec.layer_kinds[-1]
+        layer_type = kind.attention
         params = {
-            name: x[-1] for name, x in self.layers.arrays().items() if param_in_layer(name, layer_type)
+            name: x[-1] for name, x in self.layers.arrays().items() if param_in_layer(name, kind)
         }  # the last layer is the last of every stack it has a parameter in
         cos, sin = self._rope_tables(positions)[layer_type]
         out, _ = decoder_layer(
@@ -406,6 +420,7 @@ class Decoder(nnx.Module):
             window=spec.window_for(layer_type),
             backend=self.attention_backend,
             layer_type=layer_type,
+            dense_mlp=kind.dense_mlp,
             at=Gather(index, valid),
         )
         return self._final_norm(out)
@@ -452,20 +467,21 @@ class Decoder(nnx.Module):
 
             def body(h, p, pattern=pattern, slots=slots):
                 aux = []
-                for j, layer_type in enumerate(pattern):
+                for j, kind in enumerate(pattern):
                     h, out = decoder_layer(
                         {name: x[slots[name][j]] for name, x in p.items() if slots[name][j] is not None},
                         h,
-                        *tables[layer_type],
+                        *tables[kind.attention],
                         segment_ids,
                         spec=spec,
-                        window=spec.window_for(layer_type),
+                        window=spec.window_for(kind.attention),
                         backend=self.attention_backend,
-                        layer_type=layer_type,
+                        layer_type=kind.attention,
+                        dense_mlp=kind.dense_mlp,
                         keep_kv=keep_kv,
                         attend=attend,
                     )
-                    if layer_type != LINEAR_ATTENTION:
+                    if kind.attention != LINEAR_ATTENTION:
                         aux.append(out)
                 return h, aux
 

@@ -329,24 +329,23 @@ def _decoder_spec(
 def _moe_fields(config: Any, family: str, num_layers: int, layer_types: tuple, sliding_window: Any):
     """(ModelSpec fields, layer_types, sliding_window) of a mixture-of-experts config, as HF builds it.
 
-    Every layer must be sparse: layers made dense by ``mlp_only_layers`` / ``decoder_sparse_step`` (no hub
-    model of these families has any) are refused. Windows: Mixtral and Qwen3-MoE slide every layer when
-    the config has a window (Qwen3-MoE only with use_sliding_window), as their models build one mask;
-    Qwen2-MoE and OLMoE refuse windows. Qwen3.5-MoE keeps its hybrid ``layer_types`` (it has no windows),
-    always renormalises its top-k weights (its router takes no ``norm_topk_prob``) and always has a shared
-    expert.
+    Layers made dense by ``mlp_only_layers`` / ``decoder_sparse_step`` (Qwen2-MoE, Qwen3-MoE; no hub model of
+    these families has any) run a plain gated MLP of width ``intermediate_size``. Windows: Mixtral and
+    Qwen3-MoE slide every layer when the config has a window (Qwen3-MoE only with use_sliding_window), as
+    their models build one mask; Qwen2-MoE and OLMoE refuse windows. Qwen3.5-MoE keeps its hybrid
+    ``layer_types`` (it has no windows), always renormalises its top-k weights (its router takes no
+    ``norm_topk_prob``) and always has a shared expert.
     """
     experts = int(getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0)
     if experts <= 0:
         raise UnsupportedModelError(f"{family} config without experts (num_experts={experts})")
-    if family in ("qwen2_moe", "qwen3_moe"):
+    dense: list[int] = []
+    if family in ("qwen2_moe", "qwen3_moe"):  # Qwen2MoeDecoderLayer: routed unless listed or off the step
         step = int(getattr(config, "decoder_sparse_step", 1) or 1)
-        only = set(getattr(config, "mlp_only_layers", None) or ())
+        only = {int(i) for i in getattr(config, "mlp_only_layers", None) or ()}
         dense = sorted(i for i in range(num_layers) if i in only or (i + 1) % step)
-        if dense:
-            raise UnsupportedModelError(
-                f"{family} with dense MLP layers {dense[:8]} (mlp_only_layers / decoder_sparse_step) is not supported"
-            )
+        if len(dense) == num_layers:
+            raise UnsupportedModelError(f"{family} config without a routed layer (every MLP layer is dense)")
     if family == "olmoe" and getattr(config, "clip_qkv", None) is not None:
         raise UnsupportedModelError(f"olmoe with clip_qkv={config.clip_qkv} is not supported")
     if family == "qwen3_5_moe_text":
@@ -371,6 +370,8 @@ def _moe_fields(config: Any, family: str, num_layers: int, layer_types: tuple, s
         norm_topk_prob=family in ("mixtral", "qwen3_5_moe_text") or bool(getattr(config, "norm_topk_prob", False)),
         moe_weights_fp32=family == "mixtral",  # MixtralTopKRouter keeps its top-k weights in float32
         intermediate_size=shared,
+        dense_mlp_layers=tuple(dense),
+        dense_intermediate_size=int(config.intermediate_size) if dense else 0,
     )
     return fields, layer_types, sliding_window
 

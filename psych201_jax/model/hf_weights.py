@@ -320,6 +320,10 @@ def layer_sources(spec: ModelSpec) -> dict[str, Source]:
             w_up=Source("mlp.shared_expert.up_proj.weight", 1),
             w_down=Source("mlp.shared_expert.down_proj.weight", 1),
             shared_gate=Source("mlp.shared_expert_gate.weight", 1),
+            # a mixture of experts' dense layers (dense_mlp_layers): a plain MLP where the routed one would be
+            d_gate=Source("mlp.gate_proj.weight", 1),
+            d_up=Source("mlp.up_proj.weight", 1),
+            d_down=Source("mlp.down_proj.weight", 1),
         )
     shapes = param_shapes(spec)
     return {name: src[name] for name in shapes if name in src}

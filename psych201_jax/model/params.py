@@ -2,14 +2,17 @@
 
 Every layer parameter is stacked over layers ([L, ...]); a parameter that only one kind of layer has (Qwen3.5:
 the Gated DeltaNet layers' ``lin_*``, the softmax-attention layers' projections) is stacked over the layers
-that have it (``param_layers``), so its L is the number of such layers. Projections are [in, out] with heads
-split out, e.g. wq [L, D, Hq, hd]. The decoder, the converter and the sampler read these tables.
+that have it (``param_layers``), so its L is the number of such layers; likewise a mixture of experts' routed
+parameters and its dense layers' MLP (``ModelSpec.dense_mlp_layers``: ``d_gate``, ``d_up``, ``d_down``).
+Projections are [in, out] with heads split out, e.g. wq [L, D, Hq, hd]. The decoder, the converter and the
+sampler read these tables.
 """
 
 from __future__ import annotations
 
 from psych201_jax.model.axes import (
     CONV,
+    DENSE_MLP,
     EMBED,
     EXPERT,
     EXPERT_MLP,
@@ -27,7 +30,7 @@ from psych201_jax.model.axes import (
     ROUTER,
     VOCAB,
 )
-from psych201_jax.model.spec import LINEAR_ATTENTION, ModelSpec, NormPlacement, QkNorm
+from psych201_jax.model.spec import LINEAR_ATTENTION, LayerKind, ModelSpec, NormPlacement, QkNorm
 
 BIASES = ("bq", "bk", "bv", "bo", "b_gate", "b_up", "b_down", "lin_dt_bias")
 # Parameters only softmax-attention layers have, and only Gated DeltaNet layers have (the rest: every layer).
@@ -47,24 +50,31 @@ LINEAR_PARAMS = (
     "lin_norm",
     "lin_wo",
 )
+# A mixture of experts' routed MLP (with its shared expert, w_*), and the MLP of its dense layers.
+ROUTED_PARAMS = ("router", "e_gate", "e_up", "e_down", "shared_gate", "w_gate", "w_up", "w_down")
+DENSE_MLP_PARAMS = ("d_gate", "d_up", "d_down")
 
 
 # Prefix of the names of per-layer inputs stacked over the softmax-attention layers (``with_attention``).
 ATTENTION_INPUT = "attend_"
 
 
-def param_in_layer(name: str, layer_type: str) -> bool:
-    """Whether a layer of ``layer_type`` has the stacked parameter ``name``."""
+def param_in_layer(name: str, kind: LayerKind) -> bool:
+    """Whether a layer of ``kind`` has the stacked parameter ``name``."""
     if name in LINEAR_PARAMS:
-        return layer_type == LINEAR_ATTENTION
+        return kind.attention == LINEAR_ATTENTION
     if name in ATTENTION_PARAMS or name.startswith(ATTENTION_INPUT):
-        return layer_type != LINEAR_ATTENTION
+        return kind.attention != LINEAR_ATTENTION
+    if name in ROUTED_PARAMS:
+        return not kind.dense_mlp
+    if name in DENSE_MLP_PARAMS:
+        return kind.dense_mlp
     return True
 
 
 def param_layers(spec: ModelSpec, name: str) -> tuple[int, ...]:
     """Indices (into spec.layer_types) of the layers whose ``name`` the stack holds, in stack order."""
-    return tuple(i for i, t in enumerate(spec.layer_types) if param_in_layer(name, t))
+    return tuple(i for i, kind in enumerate(spec.layer_kinds) if param_in_layer(name, kind))
 
 
 def layer_param_axes(spec: ModelSpec) -> dict[str, tuple[str, ...]]:
@@ -90,6 +100,10 @@ def layer_param_axes(spec: ModelSpec) -> dict[str, tuple[str, ...]]:
         else:
             for name in ("w_gate", "w_up", "w_down"):
                 del axes[name]
+        if spec.dense_mlp_layers:
+            axes.update(
+                d_gate=(LAYERS, EMBED, DENSE_MLP), d_up=(LAYERS, EMBED, DENSE_MLP), d_down=(LAYERS, DENSE_MLP, EMBED)
+            )
     if spec.norm_placement != NormPlacement.POST:
         axes.update(attn_in_norm=(LAYERS, NORM), mlp_in_norm=(LAYERS, NORM))
     if spec.norm_placement != NormPlacement.PRE:
@@ -133,6 +147,7 @@ def param_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         KV_HEADS: spec.num_kv_heads,
         HEAD_DIM: spec.head_dim,
         MLP: spec.intermediate_size,
+        DENSE_MLP: spec.dense_intermediate_size,
         NORM: spec.hidden_size,
         VOCAB: spec.vocab_size,
         QUERY_GATE: 2 * spec.head_dim,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+from typing import NamedTuple
 
 from psych201_jax.errors import UserError
 
@@ -46,7 +47,7 @@ SUPPORTED_MODEL_TYPES = (
     "qwen3_5_moe_text",
 )
 GEMMA_FAMILIES = ("gemma2", "gemma3_text")
-# Mixture-of-experts families (every MLP layer a routed one; model/moe.py).
+# Mixture-of-experts families (routed MLP layers, model/moe.py; Qwen2-MoE / Qwen3-MoE may make some dense).
 MOE_FAMILIES = ("qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "qwen3_5_moe_text")
 # Qwen3.5's Gated DeltaNet hybrids (dense and mixture of experts): gated attention, (1 + w) norms, an mtp head.
 HYBRID_FAMILIES = ("qwen3_5_text", "qwen3_5_moe_text")
@@ -97,6 +98,14 @@ FULL_ATTENTION = LayerType.FULL
 SLIDING_ATTENTION = LayerType.SLIDING
 LINEAR_ATTENTION = LayerType.LINEAR
 ATTENTION_TYPES = (FULL_ATTENTION, SLIDING_ATTENTION)
+
+
+class LayerKind(NamedTuple):
+    """What sets a layer's parameters and forward: its attention type, and whether its MLP is a plain dense one
+    in a mixture-of-experts model (``ModelSpec.dense_mlp_layers``). Layers scan together by kind."""
+
+    attention: LayerType
+    dense_mlp: bool = False
 
 
 class UnsupportedModelError(UserError, ValueError):
@@ -160,13 +169,14 @@ class ModelSpec:
     head_dim**-0.5); ``attn_logit_softcap`` bounds the scaled attention scores by cap * tanh(s / cap) before
     masking (Gemma 2) and ``final_logit_softcap`` the output logits likewise, before any softmax (Gemma 2).
 
-    Mixture of experts (``num_experts`` > 0: Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE, Qwen3.5-MoE; model/moe.py): every
+    Mixture of experts (``num_experts`` > 0: Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE, Qwen3.5-MoE; model/moe.py): each
     layer's MLP is routed: a softmax router picks ``num_experts_per_tok`` of ``num_experts`` gated MLPs of width
     ``moe_intermediate_size``, weighted by their router probabilities (renormalised over the chosen ones
     with ``norm_topk_prob``; ``moe_weights_fp32``: the weights stay float32 into the combine, Mixtral's,
     else they are cast to the activation dtype first). ``intermediate_size`` is then the width of the
     shared expert, a dense gated MLP beside the routed ones scaled by sigmoid(x . shared_gate) (Qwen2-MoE,
-    Qwen3.5-MoE; 0: none).
+    Qwen3.5-MoE; 0: none). ``dense_mlp_layers`` lists the layers whose MLP is instead a plain gated MLP of
+    width ``dense_intermediate_size`` (Qwen2-MoE / Qwen3-MoE's ``mlp_only_layers`` and ``decoder_sparse_step``).
     """
 
     model_type: str
@@ -211,6 +221,8 @@ class ModelSpec:
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False
     moe_weights_fp32: bool = False
+    dense_mlp_layers: tuple[int, ...] = ()
+    dense_intermediate_size: int = 0
 
     def __post_init__(self):
         try:
@@ -229,6 +241,19 @@ class ModelSpec:
             raise UnsupportedModelError(
                 f"mixture of experts needs 0 < num_experts_per_tok ({self.num_experts_per_tok}) <= num_experts "
                 f"({self.num_experts}) and a positive moe_intermediate_size ({self.moe_intermediate_size})"
+            )
+        dense = self.dense_mlp_layers
+        if dense and not (
+            self.num_experts
+            and self.dense_intermediate_size > 0
+            and list(dense) == sorted(set(dense))
+            and 0 <= dense[0]
+            and dense[-1] < self.num_layers
+            and len(dense) < self.num_layers
+        ):
+            raise UnsupportedModelError(
+                f"dense MLP layers {list(dense)} need a mixture of experts with at least one routed layer, a "
+                f"positive width ({self.dense_intermediate_size}) and distinct sorted layers of {self.num_layers}"
             )
         if self.num_heads % self.num_kv_heads:
             raise UnsupportedModelError(
@@ -291,6 +316,12 @@ class ModelSpec:
         """Dims of each head that RoPE rotates (the first ones; the rest pass through)."""
         return self.head_dim if self.rotary_dim is None else self.rotary_dim
 
+    @property
+    def layer_kinds(self) -> tuple[LayerKind, ...]:
+        """Each layer's (attention type, dense MLP in a mixture of experts): what its parameters and forward are."""
+        dense = set(self.dense_mlp_layers)
+        return tuple(LayerKind(t, i in dense) for i, t in enumerate(self.layer_types))
+
     def attention_layer_types(self) -> tuple[LayerType, ...]:
         """The distinct softmax-attention layer types (those with RoPE tables), sorted."""
         return tuple(sorted(set(self.layer_types) - {LINEAR_ATTENTION}))
@@ -313,8 +344,9 @@ class ModelSpec:
         d = json.loads(text)
         d["rope"] = tuple((name, RopeSpec(**r)) for name, r in sorted(d["rope"].items()))
         d["layer_types"] = tuple(d["layer_types"])
-        if "skipped_layers" in d:
-            d["skipped_layers"] = tuple(d["skipped_layers"])
+        for name in ("skipped_layers", "dense_mlp_layers"):
+            if name in d:
+                d[name] = tuple(d[name])
         return cls(**d)
 
     def save(self, path: str) -> None:

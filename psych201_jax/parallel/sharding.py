@@ -48,6 +48,7 @@ RULES: Rules = (
     # width over tensor; where fsdp does not divide the experts, the embedding axis takes fsdp instead.
     (model_axes.EXPERT, "fsdp"),
     (model_axes.EXPERT_MLP, "tensor"),
+    (model_axes.DENSE_MLP, "tensor"),
     (model_axes.ROUTER, None),
     (model_axes.HEAD_DIM, None),
     (model_axes.LAYERS, None),
@@ -120,6 +121,7 @@ def logical_sizes(spec: ModelSpec) -> dict[str, int]:
         model_axes.LIN_V_HEADS: spec.linear_num_value_heads,
         model_axes.EXPERT: spec.num_experts,
         model_axes.EXPERT_MLP: spec.moe_intermediate_size,
+        model_axes.DENSE_MLP: spec.dense_intermediate_size,
     }
     sizes.update(
         {
@@ -127,7 +129,8 @@ def logical_sizes(spec: ModelSpec) -> dict[str, int]:
             model_axes.ACT_Q_HEADS: spec.num_heads,
             model_axes.ACT_KV_HEADS: spec.num_kv_heads,
             model_axes.ACT_HEAD_DIM: spec.head_dim,
-            model_axes.ACT_MLP: spec.intermediate_size,
+            # every MLP's width (a mixture of experts' dense layers too): a split must divide each
+            model_axes.ACT_MLP: math.gcd(spec.intermediate_size, spec.dense_intermediate_size),
             model_axes.ACT_VOCAB: spec.vocab_size,
             model_axes.ACT_LIN_K_HEADS: spec.linear_num_key_heads,
             model_axes.ACT_LIN_V_HEADS: spec.linear_num_value_heads,

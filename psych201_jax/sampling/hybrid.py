@@ -17,9 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from psych201_jax.model import delta_rule
-from psych201_jax.model.decoder import Decoder, decoder_layer
-from psych201_jax.model.layers import mlp_block, rms_norm
-from psych201_jax.model.moe import moe_block
+from psych201_jax.model.decoder import Decoder, decoder_layer, mlp
+from psych201_jax.model.layers import rms_norm
 from psych201_jax.model.params import param_layers
 from psych201_jax.model.spec import LINEAR_ATTENTION, ModelSpec, NormPlacement
 
@@ -33,7 +32,7 @@ def is_hybrid(spec: ModelSpec) -> bool:
 def layer_params(model: Decoder) -> list[dict[str, jnp.ndarray]]:
     """Each layer's own (unstacked) parameters, in layer order."""
     spec = model.spec
-    out: list[dict[str, jnp.ndarray]] = [{} for _ in spec.layer_types]
+    out: list[dict[str, jnp.ndarray]] = [{} for _ in spec.layer_kinds]
     for name, x in model.layers.arrays().items():
         for j, layer in enumerate(param_layers(spec, name)):
             out[layer][name] = x[j]
@@ -58,7 +57,7 @@ def prefill(model: Decoder, tokens, positions, segment_ids):
     h = model._embed(tokens)
     tables = model._rope_tables(positions)
     keys, values, inputs = [], [], []
-    for p, layer_type in zip(layer_params(model), spec.layer_types):
+    for p, (layer_type, dense_mlp) in zip(layer_params(model), spec.layer_kinds):
         if layer_type == LINEAR_ATTENTION:
             inputs.append(_norm(spec, p, h, "attn_in_norm") if before else h)
         cos, sin = tables[layer_type]
@@ -72,6 +71,7 @@ def prefill(model: Decoder, tokens, positions, segment_ids):
             window=spec.window_for(layer_type),
             backend=model.attention_backend,
             layer_type=layer_type,
+            dense_mlp=dense_mlp,
             keep_kv=True,
         )
         if layer_type != LINEAR_ATTENTION:
@@ -190,7 +190,7 @@ def decode_step(model: Decoder, tokens, positions, segment, attend, inputs, line
     tables = model._rope_tables(positions)
     new_k, new_v, new_linear = [], [], []
     la = ll = 0
-    for p, layer_type in zip(layer_params(model), spec.layer_types):
+    for p, (layer_type, dense_mlp) in zip(layer_params(model), spec.layer_kinds):
         if layer_type == LINEAR_ATTENTION:
             x = _norm(spec, p, h, "attn_in_norm") if before else h
             attn, carry = _linear_step(spec, p, x, *linear[ll])
@@ -198,9 +198,8 @@ def decode_step(model: Decoder, tokens, positions, segment, attend, inputs, line
             ll += 1
             h = h + (_norm(spec, p, attn, "attn_out_norm") if after else attn)
             x = _norm(spec, p, h, "mlp_in_norm") if before else h
-            # decoder_layer's MLP: routed (Qwen3.5-MoE) with absent branches routed nowhere, or dense
-            mlp = moe_block(p, x, segment > 0, spec=spec) if spec.num_experts else mlp_block(p, x, spec=spec)
-            h = h + (_norm(spec, p, mlp, "mlp_out_norm") if after else mlp)
+            out = mlp(p, x, segment > 0, spec=spec, dense_mlp=dense_mlp)  # absent branches: routed nowhere
+            h = h + (_norm(spec, p, out, "mlp_out_norm") if after else out)
             continue
         layer_inputs = {name: x[la] for name, x in inputs.items()}
         cos, sin = tables[layer_type]
@@ -214,6 +213,7 @@ def decode_step(model: Decoder, tokens, positions, segment, attend, inputs, line
             window=spec.window_for(layer_type),
             backend=model.attention_backend,
             layer_type=layer_type,
+            dense_mlp=dense_mlp,
             attend=attend,
         )
         new_k.append(k)

@@ -343,6 +343,16 @@ FAMILIES: tuple[Family, ...] = (
         features=frozenset({MOE}),
         **_MOE,
     ),
+    # Layers made dense by the config (mlp_only_layers=[0], decoder_sparse_step=2: layers 0 and 2 dense, 1 and 3
+    # routed, scanned as one (dense, routed) pattern); the dense MLP (128 wide) is not the shared expert (48).
+    Family(
+        "qwen2_moe-dense-layers-0-2",
+        "qwen2_moe",
+        "qwen",
+        dict(num_hidden_layers=4, mlp_only_layers=[0], decoder_sparse_step=2),
+        features=frozenset({MOE}),
+        **dict(_MOE, spec_check=spec_checks.moe_dense_layers),
+    ),
     Family(
         "mixtral-8x2-hub-layout-gqa2",
         "mixtral",

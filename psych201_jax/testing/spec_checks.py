@@ -57,6 +57,19 @@ def qwen3_5_moe(case: Case) -> None:
     assert prov["architectures"][0] == ("Qwen3_5MoeForConditionalGeneration" if wrapped else "Qwen3_5MoeForCausalLM")
 
 
+def moe_dense_layers(case: Case) -> None:
+    """Qwen2-MoE with layers 0 and 2 dense by config: their plain MLP (width intermediate_size, 128) beside the
+    routed layers' experts and shared expert (48); the four layers scan as one (dense, routed) pattern."""
+    spec = case.spec
+    assert spec.model_type == "qwen2_moe" and spec.dense_mlp_layers == (0, 2) and spec.dense_intermediate_size == 128
+    dense, routed = modelspec.LayerKind(modelspec.FULL_ATTENTION, True), modelspec.LayerKind(modelspec.FULL_ATTENTION)
+    assert layer_groups(spec.layer_kinds) == ((0, 2, (dense, routed)),)
+    shapes = param_shapes(spec)
+    assert shapes["d_gate"] == (2, spec.hidden_size, 128) and shapes["w_gate"] == (2, spec.hidden_size, 48)
+    assert shapes["e_gate"] == (2, 8, spec.hidden_size, 32) and shapes["router"] == (2, spec.hidden_size, 8)
+    assert shapes["wq"][0] == 4
+
+
 def vl(case: Case) -> None:
     """The spec describes the wrapper's language model (Llama-3.2-Vision: cross-attention layers skipped)."""
     spec, family = case.spec, case.row.family
