@@ -146,9 +146,9 @@ def test_no_leakage_between_packed_attention_participants(case):
 
 @pytest.mark.parametrize("case,feature", parity.removals(), indirect=["case"])
 def test_parity_check_detects_feature_removed(case, feature):
-    """Gemma's features are exercised: the same weights under a spec without one of them (attention or final
-    soft cap, the (1 + w) norm offset, the embedding scale, the query scale, RoPE per layer type) break
-    float32 parity."""
+    """Gemma's and OLMoE's features are exercised: the same weights under a spec without one of them (attention
+    or final soft cap, the (1 + w) norm offset, the embedding scale, the query scale, RoPE per layer type,
+    OLMoE's q/k/v clip) break float32 parity."""
     spec = case.spec
     bad = parity.REMOVED[feature](spec)
     assert bad != spec, f"{feature} is not in the spec"

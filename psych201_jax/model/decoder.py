@@ -132,6 +132,8 @@ def _attention_block(
         fp32, centred = spec.norm_weight_fp32, spec.norm_zero_centred
         q = rms_norm(q, p["q_norm"], spec.rms_norm_eps, weight_fp32=fp32, axes=axes, zero_centred=centred)
         k = rms_norm(k, p["k_norm"], spec.rms_norm_eps, weight_fp32=fp32, axes=axes, zero_centred=centred)
+    if spec.clip_qkv is not None:  # OLMoE: clamped after the norm (HF clamp_ in place, before the head split)
+        q, k, v = (jnp.clip(t, -spec.clip_qkv, spec.clip_qkv) for t in (q, k, v))
     q = rope_lib.apply_rope(q, cos_q, sin_q, in_fp32=spec.rope_fp32)
     k = rope_lib.apply_rope(k, cos, sin, in_fp32=spec.rope_fp32)
     q = constrain(q, (ACT_BATCH, ACT_LENGTH, ACT_Q_HEADS, ACT_HEAD_DIM))

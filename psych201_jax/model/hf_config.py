@@ -346,8 +346,6 @@ def _moe_fields(config: Any, family: str, num_layers: int, layer_types: tuple, s
         dense = sorted(i for i in range(num_layers) if i in only or (i + 1) % step)
         if len(dense) == num_layers:
             raise UnsupportedModelError(f"{family} config without a routed layer (every MLP layer is dense)")
-    if family == "olmoe" and getattr(config, "clip_qkv", None) is not None:
-        raise UnsupportedModelError(f"olmoe with clip_qkv={config.clip_qkv} is not supported")
     if family == "qwen3_5_moe_text":
         sliding_window = None  # Qwen3_5MoeTextModel builds one causal mask; its layer_types are kept
     elif family in ("mixtral", "qwen3_moe") and sliding_window:
@@ -370,6 +368,7 @@ def _moe_fields(config: Any, family: str, num_layers: int, layer_types: tuple, s
         norm_topk_prob=family in ("mixtral", "qwen3_5_moe_text") or bool(getattr(config, "norm_topk_prob", False)),
         moe_weights_fp32=family == "mixtral",  # MixtralTopKRouter keeps its top-k weights in float32
         intermediate_size=shared,
+        clip_qkv=None if getattr(config, "clip_qkv", None) is None else float(config.clip_qkv),  # OLMoE's
         dense_mlp_layers=tuple(dense),
         dense_intermediate_size=int(config.intermediate_size) if dense else 0,
     )

@@ -177,6 +177,7 @@ class ModelSpec:
     shared expert, a dense gated MLP beside the routed ones scaled by sigmoid(x . shared_gate) (Qwen2-MoE,
     Qwen3.5-MoE; 0: none). ``dense_mlp_layers`` lists the layers whose MLP is instead a plain gated MLP of
     width ``dense_intermediate_size`` (Qwen2-MoE / Qwen3-MoE's ``mlp_only_layers`` and ``decoder_sparse_step``).
+    ``clip_qkv`` (OLMoE): queries, keys and values clamped to [-clip, clip] after the QK-norm, before RoPE.
     """
 
     model_type: str
@@ -223,6 +224,7 @@ class ModelSpec:
     moe_weights_fp32: bool = False
     dense_mlp_layers: tuple[int, ...] = ()
     dense_intermediate_size: int = 0
+    clip_qkv: float | None = None
 
     def __post_init__(self):
         try:
@@ -231,7 +233,7 @@ class ModelSpec:
             object.__setattr__(self, "activation", Activation(self.activation))
         except ValueError as err:
             raise UnsupportedModelError(str(err)) from None
-        for name in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
+        for name in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap", "clip_qkv"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise UnsupportedModelError(f"{name} must be positive, got {value}")

@@ -59,6 +59,7 @@ NORM_OFFSET = "norm_offset"  # (1 + w) norms
 EMBED_SCALE = "embed_scale"  # embeddings times sqrt(hidden)
 QUERY_SCALE = "query_scale"  # scores scaled by query_pre_attn_scalar**-0.5, not head_dim**-0.5
 LAYER_ROPE = "layer_rope"  # RoPE per layer type (Gemma 3: local 10K, global 1M with linear scaling)
+CLIP_QKV = "clip_qkv"  # OLMoE's clamp of queries, keys and values
 MOE = (
     "moe"  # routed experts: HF's router picks the same experts on the transcript; fewer experts per token break parity
 )
@@ -77,6 +78,7 @@ REMOVED: dict[str, Callable[[modelspec.ModelSpec], modelspec.ModelSpec]] = {
     EMBED_SCALE: lambda s: dataclasses.replace(s, embed_scale=False),
     QUERY_SCALE: lambda s: dataclasses.replace(s, query_pre_attn_scalar=None),
     LAYER_ROPE: _global_rope_everywhere,
+    CLIP_QKV: lambda s: dataclasses.replace(s, clip_qkv=None),
 }
 
 
@@ -324,7 +326,8 @@ FAMILIES: tuple[Family, ...] = (
     # Mixture of experts: 8 experts, top 2, every layer routed. Qwen3-MoE renormalises the top-k weights, in
     # transformers 5's stacked layout (experts.gate_up_proj); Qwen2-MoE adds a sigmoid-gated shared expert
     # and q/k/v biases, per-expert tensors over sharded files; Mixtral (always renormalised, float32 weights)
-    # in the hub's block_sparse_moe.experts.{e}.w1/w2/w3; OLMoE with its full-width QK-norm, not renormalised.
+    # in the hub's block_sparse_moe.experts.{e}.w1/w2/w3; OLMoE with its full-width QK-norm, not renormalised,
+    # queries, keys and values clipped at 2 (which bites: their values reach about 4).
     # (The MLP is per token: leakage between packed participants could only come from attention, the dense
     # families' code, so one row checks it.)
     Family(
@@ -362,11 +365,11 @@ FAMILIES: tuple[Family, ...] = (
         **_MOE,
     ),
     Family(
-        "olmoe-8x2-qknorm-mha",
+        "olmoe-8x2-qknorm-mha-clip2",
         "olmoe",
         "llama",
-        dict(num_key_value_heads=4),
-        features=frozenset({MOE}),
+        dict(num_key_value_heads=4, clip_qkv=2.0),
+        features=frozenset({MOE, CLIP_QKV}),
         **_MOE,
     ),
     # Qwen3.5-MoE: the Qwen3.5 hybrid with routed experts (8, top 2, always renormalised) and a sigmoid-gated
