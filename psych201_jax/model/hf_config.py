@@ -332,7 +332,8 @@ def _moe_fields(config: Any, family: str, num_layers: int, layer_types: tuple, s
     Layers made dense by ``mlp_only_layers`` / ``decoder_sparse_step`` (Qwen2-MoE, Qwen3-MoE; no hub model of
     these families has any) run a plain gated MLP of width ``intermediate_size``. Windows: Mixtral and
     Qwen3-MoE slide every layer when the config has a window (Qwen3-MoE only with use_sliding_window), as
-    their models build one mask; Qwen2-MoE and OLMoE refuse windows. Qwen3.5-MoE keeps its hybrid
+    their models build one mask; Qwen2-MoE slides on its config's ``sliding_attention`` layers (with
+    use_sliding_window: the even layers below max_window_layers); OLMoE never slides. Qwen3.5-MoE keeps its hybrid
     ``layer_types`` (it has no windows), always renormalises its top-k weights (its router takes no
     ``norm_topk_prob``) and always has a shared expert.
     """
@@ -350,9 +351,9 @@ def _moe_fields(config: Any, family: str, num_layers: int, layer_types: tuple, s
         sliding_window = None  # Qwen3_5MoeTextModel builds one causal mask; its layer_types are kept
     elif family in ("mixtral", "qwen3_moe") and sliding_window:
         layer_types = (SLIDING_ATTENTION,) * num_layers
-    else:
-        if sliding_window and family != "mixtral":
-            raise UnsupportedModelError(f"{family} with a sliding window is not supported")
+    elif family == "qwen2_moe" and sliding_window and SLIDING_ATTENTION in layer_types:
+        pass  # Qwen2MoeAttention slides on the config's sliding_attention layers (max_window_layers)
+    else:  # no window (OlmoeModel builds one full causal mask whatever its config says)
         layer_types, sliding_window = (FULL_ATTENTION,) * num_layers, None
     shared = 0
     if family in ("qwen2_moe", "qwen3_5_moe_text"):

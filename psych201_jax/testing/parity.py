@@ -347,13 +347,21 @@ FAMILIES: tuple[Family, ...] = (
         **_MOE,
     ),
     # Layers made dense by the config (mlp_only_layers=[0], decoder_sparse_step=2: layers 0 and 2 dense, 1 and 3
-    # routed, scanned as one (dense, routed) pattern); the dense MLP (128 wide) is not the shared expert (48).
+    # routed); the dense MLP (128 wide) is not the shared expert (48). A 64-token window on the even layers
+    # (use_sliding_window, max_window_layers=4): the four layers scan as one (sliding dense, full routed) pair.
     Family(
-        "qwen2_moe-dense-layers-0-2",
+        "qwen2_moe-dense-layers-0-2-window64",
         "qwen2_moe",
         "qwen",
-        dict(num_hidden_layers=4, mlp_only_layers=[0], decoder_sparse_step=2),
-        features=frozenset({MOE}),
+        dict(
+            num_hidden_layers=4,
+            mlp_only_layers=[0],
+            decoder_sparse_step=2,
+            use_sliding_window=True,
+            sliding_window=64,
+            max_window_layers=4,
+        ),
+        features=frozenset({MOE, SLIDING_WINDOW}),
         **dict(_MOE, spec_check=spec_checks.moe_dense_layers),
     ),
     Family(

@@ -59,10 +59,13 @@ def qwen3_5_moe(case: Case) -> None:
 
 def moe_dense_layers(case: Case) -> None:
     """Qwen2-MoE with layers 0 and 2 dense by config: their plain MLP (width intermediate_size, 128) beside the
-    routed layers' experts and shared expert (48); the four layers scan as one (dense, routed) pattern."""
+    routed layers' experts and shared expert (48); layers 0 and 2 slide over 64 tokens; the four layers scan
+    as one (sliding dense, full routed) pattern."""
     spec = case.spec
     assert spec.model_type == "qwen2_moe" and spec.dense_mlp_layers == (0, 2) and spec.dense_intermediate_size == 128
-    dense, routed = modelspec.LayerKind(modelspec.FULL_ATTENTION, True), modelspec.LayerKind(modelspec.FULL_ATTENTION)
+    sliding, full = modelspec.SLIDING_ATTENTION, modelspec.FULL_ATTENTION
+    assert spec.layer_types == (sliding, full) * 2 and spec.sliding_window == 64
+    dense, routed = modelspec.LayerKind(sliding, True), modelspec.LayerKind(full)
     assert layer_groups(spec.layer_kinds) == ((0, 2, (dense, routed)),)
     shapes = param_shapes(spec)
     assert shapes["d_gate"] == (2, spec.hidden_size, 128) and shapes["w_gate"] == (2, spec.hidden_size, 48)
