@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from configs.sweeps import psych201_paper, tiny
+from configs.sweeps import moe, psych201_paper, tiny
 from psych201_jax.runs import emit, store, sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,6 +49,21 @@ def test_paper_sweep_lists_the_study_models_and_pairs():
     accuracy = next(j for j in jobs if j.condition_name == "accuracy")
     assert "--config.options=study" in accuracy.score_args({})
     assert any(a.startswith("--config.data=hf:marcelbinz/Psych-201-discrete-test") for a in accuracy.score_args({}))
+
+
+def test_moe_sweep_pairs_every_family_and_skips_nothing():
+    """configs/sweeps/moe.py: a base / post-trained pair of each mixture-of-experts family, Qwen3.5-MoE included,
+    every architecture supported (no job skipped)."""
+    cfg = moe.get_config()
+    models = cfg.models
+    archs = {m["arch"] for m in models}
+    assert archs == {"qwen3_moe", "qwen3_5_moe", "mixtral", "olmoe", "qwen2_moe"}
+    ids = {m["hf_id"] for m in models}
+    posts = [m for m in models if m["base_hf_id"]]
+    assert len(models) == 10 and len(posts) == 5 and all(m["base_hf_id"] in ids for m in posts)
+    assert {"Qwen/Qwen3.5-35B-A3B", "Qwen/Qwen3.5-35B-A3B-Base"} <= ids
+    jobs = sweep.expand(sweep.Sweep.from_mapping(cfg))
+    assert jobs and not [j for j in jobs if j.skip_reason]
 
 
 GOLDEN = pathlib.Path(__file__).parent / "data" / "golden"
