@@ -17,7 +17,11 @@ none came: a random model rarely draws ``>>``); tokens/s and slots/s are over th
 prefill included. Ours is timed steady (a second pass; the first compiles) and with compilation; HF after a
 warm-up call. Peak memory: the largest resident-set growth during each side's pass (CPU; on a GPU, the
 device's peak bytes). ``max_abs_delta_logprob_vs_hf``: our recorded log-probabilities of one slot's samples
-against HF's forward on them (the same weights, so ~1e-5 in float32). The model: Qwen3-shaped, random.
+against HF's forward on them (the same weights, so ~1e-5 in float32). The model, random: ``--family=qwen3``
+(default) Qwen3-shaped; ``--family=qwen3_5_text`` a Qwen3.5-shaped Gated DeltaNet hybrid of the same widths
+(``QWEN3_5``: three linear-attention layers then one gated full-attention layer; ours recovers each slot's
+recurrent state from the row's prefill, ``psych201_jax/sampling/hybrid.py``; HF runs its torch fallback of the
+delta rule, so keep its sizes small, e.g. ``--slots=16 --samples=4 --max_new_tokens=8 --max_prefix=512``).
 """
 
 from __future__ import annotations
@@ -59,6 +63,39 @@ QWEN3 = dict(
 )
 SMOKE = {**QWEN3, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
 SMOKE |= {"num_key_value_heads": 2, "head_dim": 16}
+
+
+def _rope_3_5(mrope_section: list[int]) -> dict:
+    """Qwen3.5's RoPE: partial (a quarter of each head), interleaved multimodal sections (equal positions on
+    text, so the sections only have to cover the rotary half-dims)."""
+    return dict(
+        rope_type="default",
+        rope_theta=10000.0,
+        partial_rotary_factor=0.25,
+        mrope_section=mrope_section,
+        mrope_interleaved=True,
+    )
+
+
+# --family=qwen3_5_text: Qwen3.5's layout at the same widths (attention 8/4 heads of 64, intermediate 768, the
+# real vocabulary), 4 layers = 3 Gated DeltaNet + 1 gated full attention (full_attention_interval 4). Linear
+# heads: transformers' Qwen3.5 default (16 key / 32 value heads of 128 at width 4,096: values as wide as the
+# model, keys half) scaled to width 256: 2 key / 4 value heads of 64; conv kernel 4. Partial RoPE on a quarter
+# of the 64-dim heads: 16 dims, mrope sections 3/3/2. --smoke: width 64, 4 layers (attention 4/2 heads of 16,
+# linear 2/4 heads of 16).
+QWEN3_5: dict = {
+    **QWEN3,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 64,
+    "linear_value_head_dim": 64,
+    "linear_conv_kernel_dim": 4,
+    "rope_parameters": _rope_3_5([3, 3, 2]),
+}
+SMOKE_QWEN3_5 = {**QWEN3_5, **SMOKE, "num_hidden_layers": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16}
+SMOKE_QWEN3_5["rope_parameters"] = _rope_3_5([2, 1, 1])  # 8 rotary dims of 16
+# --family -> (the measured shape, the --smoke shape).
+SHAPES = {"qwen3": (QWEN3, SMOKE), "qwen3_5_text": (QWEN3_5, SMOKE_QWEN3_5)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +179,7 @@ class PeakMemory:
         else:
             self._stop.set()
             self._thread.join()
-            self.peak_bytes = max(self._top, self._rss()) - self._start
+            self.peak_bytes = max(0, max(self._top, self._rss()) - self._start)  # 0: it reused freed memory
 
 
 def ours_pass(sampler: SlotSampler, batches, slots_of) -> list:
@@ -363,6 +400,7 @@ def _define_flags() -> None:
     flags.DEFINE_integer("hf_batch", 4, "Prefixes per HF generate call (times k sequences).")
     flags.DEFINE_integer("rows_per_batch", 8, "Packed rows per batch of ours (--smoke: 1).")
     flags.DEFINE_integer("repeats", 1, "Steady passes of each side, interleaved; the best of each is kept.")
+    flags.DEFINE_enum("family", "qwen3", sorted(SHAPES), "Model shape: Qwen3 (softmax) or the Qwen3.5 hybrid.")
     flags.DEFINE_string("json", "", "Optional JSON output path.")
     flags.DEFINE_bool("smoke", False, "Tiny model, few slots and tokens: the code paths only (CI).")
 
@@ -376,15 +414,16 @@ def main(argv):
     max_new = min(f.max_new_tokens, 4) if smoke else f.max_new_tokens
     cfg = config(tokenizer, f.samples, max_new, f.samples * f.per_participant)  # a participant's branches
     cuts, slots_of = choose_slots(f.data, tokenizer, slots, f.per_participant, max_prefix)
-    shape = SMOKE if smoke else QWEN3
+    shape = SHAPES[f.family][1 if smoke else 0]
     with tempfile.TemporaryDirectory() as tmp:
-        model, hf_model = build("qwen3", shape, tmp, "float32")
+        model, hf_model = build(f.family, shape, tmp, "float32")
     rows = 1 if smoke else f.rows_per_batch
     result = compare(model, hf_model, cuts, slots_of, cfg, hf_batch=f.hf_batch, rows_per_batch=rows, repeats=f.repeats)
     out = {
         "device": str(jax.devices()[0]),
         "jax": jax.__version__,
         "smoke": smoke,
+        "family": f.family,
         "model": {k: v for k, v in shape.items() if k != "max_position_embeddings"},
         **result,
     }
