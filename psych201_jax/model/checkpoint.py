@@ -10,7 +10,7 @@ Layout of a converted directory::
                             model_type and architectures (a vision-language wrapper: its language model)
 
 Conversion writes one parameter per orbax partial save, so the host holds one parameter at a time instead
-of the whole model. A stacked parameter too large for that (``hf_weights.LayerStack``: a mixture of experts'
+of the whole model. A stacked parameter too large for that (``hf_weights.StreamedStack``: a mixture of experts'
 expert stack is 19 GB) is saved by orbax as a zero-strided placeholder of its shape, stored in chunks of one
 layer, and then written one layer at a time through tensorstore into the array orbax just created, so the
 host holds about one layer of it and orbax still writes all metadata. Restoring reads straight into target
@@ -26,16 +26,20 @@ from __future__ import annotations
 
 import datetime
 import errno
+import functools
 import glob
+import importlib.metadata
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
+from absl import logging
 from flax import nnx
 
 from psych201_jax import hashing, locks
@@ -59,29 +63,61 @@ CHUNK_BYTES = 64 << 20
 
 def save_params(
     params_dir: str,
-    items: Iterable[tuple[tuple[str, ...], np.ndarray | weights.LayerStack]],
+    items: Iterable[tuple[tuple[str, ...], np.ndarray | weights.StreamedStack]],
     chunk_bytes: int = CHUNK_BYTES,
 ) -> None:
     """Writes (path, array) items into one orbax PyTree checkpoint, one partial save per item.
 
     Host arrays are not defensively copied (the items are not modified afterwards) and are stored in chunks
     of at most ``chunk_bytes``, which bounds compression buffers and lets sharded restores read only the
-    chunks they need. A ``LayerStack`` is written one layer at a time (``_save_by_layer``).
+    chunks they need. A ``StreamedStack`` is written one layer at a time (``_save_by_layer``).
     """
     with _save_context(chunk_bytes):
         for path, array in items:
-            if isinstance(array, weights.LayerStack):
+            if isinstance(array, weights.StreamedStack) and layer_writes_work():
                 _save_by_layer(params_dir, path, array, chunk_bytes)
             else:
-                ocp.partial.save(params_dir, _tree(path, array))
+                if isinstance(array, weights.StreamedStack):
+                    logging.warning(
+                        "%s: this orbax-checkpoint (%s) saves in a layout the layer-by-layer writer does not know; "
+                        "writing it whole (peak memory: the whole stacked parameter)",
+                        ".".join(path),
+                        importlib.metadata.version("orbax-checkpoint"),
+                    )
+                ocp.partial.save(params_dir, _tree(path, np.asarray(array)))
             del array
         ocp.partial.finalize(params_dir)
 
 
+@functools.cache
+def layer_writes_work() -> bool:
+    """Whether ``_save_by_layer`` round-trips with the installed orbax and tensorstore: a small stack saved
+    layer by layer, finalized and restored, equals its layers. It relies on how orbax lays out a partial
+    save (one OCDBT database per save, zarr3 arrays, chunks of one layer), so a release that changes that
+    makes the converter write stacks whole instead of writing a wrong checkpoint."""
+    want = np.arange(3 * 4 * 5, dtype=np.float32).reshape(3, 4, 5)
+    stack = weights.StreamedStack(want.shape, want.dtype, lambda i: want[i] + 0)
+    with tempfile.TemporaryDirectory() as tmp:
+        params_dir = os.path.join(tmp, PARAMS)
+        try:
+            with _save_context(CHUNK_BYTES):
+                _save_by_layer(params_dir, ("layers", "probe"), stack, CHUNK_BYTES)
+                ocp.partial.finalize(params_dir)
+            one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            abstract = {"layers": {"probe": jax.ShapeDtypeStruct(want.shape, want.dtype, sharding=one)}}
+            got = restore_params(params_dir, abstract)
+            return bool(np.array_equal(np.asarray(got["layers"]["probe"]), want))
+        except Exception:  # any failure of the probe: fall back to whole-array saves
+            return False
+
+
 def _save_context(chunk_bytes: int, *, layer_chunks: bool = False) -> ocp.Context:
-    """The orbax context of the converter's saves; ``layer_chunks``: no chunk spans two layers (axis 0)."""
+    """The orbax context of the converter's saves; ``layer_chunks``: no chunk spans two layers (axis 0).
+    OCDBT and zarr3 (orbax's defaults) are set explicitly: ``_save_by_layer`` writes into that layout."""
     ctx = ocp.Context()
     ctx.memory.deepcopy_host_arrays = False
+    ctx.array.saving.use_ocdbt = True
+    ctx.array.saving.use_zarr3 = True
     ctx.array.saving.storage_options.chunk_byte_size = chunk_bytes
     if layer_chunks:
         ctx.array.saving.storage_options.shard_axes = (0,)
@@ -96,7 +132,7 @@ def _tree(path: tuple[str, ...], leaf: np.ndarray) -> dict:
     return tree
 
 
-def _save_by_layer(params_dir: str, path: tuple[str, ...], stack: weights.LayerStack, chunk_bytes: int) -> None:
+def _save_by_layer(params_dir: str, path: tuple[str, ...], stack: weights.StreamedStack, chunk_bytes: int) -> None:
     """Saves a stacked parameter while holding one layer of it.
 
     Orbax saves a zero-strided all-zero placeholder of the full shape (no memory; its chunks are zeros,

@@ -4,7 +4,8 @@ per-position norms and MLP are in model/layers.py, the routed MLP in model/moe.p
 
 Every layer parameter is stored stacked over layers ([L, ...]) and the forward scans over them, so compile
 time does not grow with depth. Layers whose attention differs (OLMo 3: three sliding-window layers, then a
-full one) are scanned in groups of the repeating ``layer_types`` pattern, so each window stays static.
+full one; a mixture of experts' dense layers) are scanned in groups of the repeating pattern of
+``spec.layer_kinds``, so each window and MLP kind stays static.
 Parameters carry logical axis names (``out_sharding`` metadata, never applied eagerly) and activations
 pass through ``constrain``, a no-op without a mesh; the names are in model/axes.py, and parallel/sharding.py
 maps them to mesh axes.

@@ -212,6 +212,8 @@ def _decoder_spec(
         # Qwen3.5: gated attention with partial rotary and zero-centred norms, plus Gated DeltaNet layers.
         if attention_bias:
             raise UnsupportedModelError("qwen3_5 with attention_bias=True is not supported")
+        if SLIDING_ATTENTION in layer_types:  # its model builds masks for full and linear attention only
+            raise UnsupportedModelError(f"{family} layer_types with sliding_attention are not supported")
         extra = dict(
             rotary_dim=int(head_dim * float(rope_parameters.get("partial_rotary_factor", 1.0))),
             norm_zero_centred=True,
@@ -355,6 +357,8 @@ def _moe_fields(config: Any, family: str, num_layers: int, layer_types: tuple, s
         pass  # Qwen2MoeAttention slides on the config's sliding_attention layers (max_window_layers)
     else:  # no window (OlmoeModel builds one full causal mask whatever its config says)
         layer_types, sliding_window = (FULL_ATTENTION,) * num_layers, None
+    # OlmoeAttention's clamp (the other families' attention has none, whatever their config says)
+    clip = getattr(config, "clip_qkv", None) if family == "olmoe" else None
     shared = 0
     if family in ("qwen2_moe", "qwen3_5_moe_text"):
         shared = int(getattr(config, "shared_expert_intermediate_size", 0) or 0)
@@ -369,7 +373,7 @@ def _moe_fields(config: Any, family: str, num_layers: int, layer_types: tuple, s
         norm_topk_prob=family in ("mixtral", "qwen3_5_moe_text") or bool(getattr(config, "norm_topk_prob", False)),
         moe_weights_fp32=family == "mixtral",  # MixtralTopKRouter keeps its top-k weights in float32
         intermediate_size=shared,
-        clip_qkv=None if getattr(config, "clip_qkv", None) is None else float(config.clip_qkv),  # OLMoE's
+        clip_qkv=None if clip is None else float(clip),
         dense_mlp_layers=tuple(dense),
         dense_intermediate_size=int(config.intermediate_size) if dense else 0,
     )

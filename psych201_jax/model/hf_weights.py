@@ -4,7 +4,7 @@
 raw little-endian data) and reads each tensor with a positioned file read into a fresh numpy buffer, so
 bf16 works through ``ml_dtypes`` without torch and the page cache, not the process, holds file data.
 ``converted_params`` yields our parameters one at a time: a stacked [layers, ...] parameter of at most
-``STREAM_BYTES`` as one array (per-layer HF tensors copied into it), a larger one as a ``LayerStack`` that
+``STREAM_BYTES`` as one array (per-layer HF tensors copied into it), a larger one as a ``StreamedStack`` that
 builds one layer's slice on demand, so the checkpoint writer holds one layer of a mixture of experts' 19 GB
 expert stack (or of a 70B model's MLP), not all of it. (Qwen3.5's fused q/k/v projection is read once for
 each of the three parameters cut from it.)
@@ -71,7 +71,7 @@ VISION_PREFIXES = (
     "model.multi_modal_projector.",
 )
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on the JSON header
-# Stacked parameters above this many bytes are yielded as a LayerStack (built one layer at a time).
+# Stacked parameters above this many bytes are yielded as a StreamedStack (built one layer at a time).
 STREAM_BYTES = 256 << 20
 
 
@@ -314,7 +314,7 @@ def layer_sources(spec: ModelSpec) -> dict[str, Source]:
             lin_norm=Source(lin + "norm.weight", None),
             lin_wo=Source(lin + "out_proj.weight", 2),
         )
-    if spec.num_experts:  # the dense MLP, if any, is the shared expert
+    if spec.num_experts:  # w_*: the shared expert (routed layers); d_*: the MLP of dense_mlp_layers
         src.update(
             w_gate=Source("mlp.shared_expert.gate_proj.weight", 1),
             w_up=Source("mlp.shared_expert.up_proj.weight", 1),
@@ -429,17 +429,13 @@ def checkpoint_layout(names: set[str], spec: ModelSpec) -> Layout:
 
 
 @dataclass(frozen=True)
-class LayerStack:
+class StreamedStack:
     """A stacked parameter [layers, ...] too large to hold at once: ``layer(i)`` reads and converts layer
     i's slice (a fresh array of ``shape[1:]``), so a writer can store it one layer at a time."""
 
     shape: tuple[int, ...]
     dtype: np.dtype
     layer: Callable[[int], np.ndarray]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         """The whole stack in memory (for tests and small consumers; the writer never calls this)."""
@@ -449,17 +445,17 @@ class LayerStack:
         return out if dtype is None else out.astype(dtype)
 
 
-Param = np.ndarray | LayerStack
+Param = np.ndarray | StreamedStack
 
 
 def converted_params(
     reader, spec: ModelSpec, dtype: str, *, stream_bytes: int | None = STREAM_BYTES
 ) -> Iterator[tuple[tuple[str, ...], Param]]:
     """Yields (path in the model's state dict, array in ``dtype``) for every parameter, one at a time; a
-    stacked parameter of more than ``stream_bytes`` (None: never) as a ``LayerStack``.
+    stacked parameter of more than ``stream_bytes`` (None: never) as a ``StreamedStack``.
 
     Raises WeightsError for missing tensors, shape mismatches and unexpected tensors (a sign that the
-    config does not describe the weights); a missing tensor of a ``LayerStack`` before it is yielded, a
+    config does not describe the weights); a missing tensor of a ``StreamedStack`` before it is yielded, a
     wrong shape when its layer is built. Only the language model's tensors are read.
     """
     target = TARGET_DTYPES[dtype]
@@ -489,7 +485,7 @@ def converted_params(
                 fill(i, out)
                 return out
 
-            return ("layers", name), LayerStack(shape, target, layer)
+            return ("layers", name), StreamedStack(shape, target, layer)
         out = np.empty(shape, target)
         for i in range(shape[0]):
             fill(i, out[i])
@@ -504,7 +500,7 @@ def converted_params(
     else:
         used.update(heads)  # tied: HF ignores a stored copy as well
     hf_layers = spec.hf_layer_indices()
-    # Every source key is looked up (and counted as used) before its parameter is yielded, so a LayerStack
+    # Every source key is looked up (and counted as used) before its parameter is yielded, so a StreamedStack
     # fails early on a missing tensor and the check for unexpected tensors does not depend on it being built.
     for name in EXPERT_PARAMS if spec.num_experts else ():
         experts = shapes[name][1]

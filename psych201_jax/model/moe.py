@@ -1,4 +1,5 @@
-"""The mixture-of-experts MLP (Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE): dropless top-k routing and grouped matmuls.
+"""The mixture-of-experts MLP (Qwen2-MoE, Qwen3-MoE, Qwen3.5-MoE, Mixtral, OLMoE): dropless top-k routing and
+grouped matmuls.
 
 Each token's router picks its top-k experts (softmax over the router logits in float32, top-k, optionally
 renormalised, as HF's ``*TopKRouter``); every chosen (token, expert) pair is computed: no capacity factor, so
@@ -119,8 +120,8 @@ def _row_axes(batch: int) -> tuple[str, ...]:
 
 def moe_block(p: dict[str, jnp.ndarray], x: jnp.ndarray, valid: jnp.ndarray, *, spec: ModelSpec) -> jnp.ndarray:
     """A routed MLP layer on x [B, T, D] (``valid`` bool [B, T]) -> [B, T, D]: the routed experts, plus the
-    shared expert scaled by sigmoid(x . shared_gate) where the spec has one (Qwen2-MoE), added after (HF's
-    order)."""
+    shared expert scaled by sigmoid(x . shared_gate) where the spec has one (Qwen2-MoE, Qwen3.5-MoE), added
+    after (HF's order)."""
     b, t, d = x.shape
     params = {name: p[name] for name in EXPERT_PARAMS}
 

@@ -88,7 +88,7 @@ def layer_param_axes(spec: ModelSpec) -> dict[str, tuple[str, ...]]:
         "w_up": (LAYERS, EMBED, MLP),
         "w_down": (LAYERS, MLP, EMBED),
     }
-    if spec.num_experts:  # routed MLPs; the dense MLP's weights are the shared expert's, if there is one
+    if spec.num_experts:  # routed MLPs; w_* are then the shared expert's (routed layers), d_* the dense layers' MLP
         axes.update(
             router=(LAYERS, EMBED, ROUTER),
             e_gate=(LAYERS, EXPERT, EMBED, EXPERT_MLP),

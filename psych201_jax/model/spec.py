@@ -169,14 +169,15 @@ class ModelSpec:
     head_dim**-0.5); ``attn_logit_softcap`` bounds the scaled attention scores by cap * tanh(s / cap) before
     masking (Gemma 2) and ``final_logit_softcap`` the output logits likewise, before any softmax (Gemma 2).
 
-    Mixture of experts (``num_experts`` > 0: Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE, Qwen3.5-MoE; model/moe.py): each
-    layer's MLP is routed: a softmax router picks ``num_experts_per_tok`` of ``num_experts`` gated MLPs of width
-    ``moe_intermediate_size``, weighted by their router probabilities (renormalised over the chosen ones
-    with ``norm_topk_prob``; ``moe_weights_fp32``: the weights stay float32 into the combine, Mixtral's,
-    else they are cast to the activation dtype first). ``intermediate_size`` is then the width of the
-    shared expert, a dense gated MLP beside the routed ones scaled by sigmoid(x . shared_gate) (Qwen2-MoE,
-    Qwen3.5-MoE; 0: none). ``dense_mlp_layers`` lists the layers whose MLP is instead a plain gated MLP of
-    width ``dense_intermediate_size`` (Qwen2-MoE / Qwen3-MoE's ``mlp_only_layers`` and ``decoder_sparse_step``).
+    Mixture of experts (``num_experts`` > 0: Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE, Qwen3.5-MoE; model/moe.py):
+    the MLP of each layer not in ``dense_mlp_layers`` is routed: a softmax router picks ``num_experts_per_tok``
+    of ``num_experts`` gated MLPs of width ``moe_intermediate_size``, weighted by their router probabilities
+    (renormalised over the chosen ones with ``norm_topk_prob``; ``moe_weights_fp32``: the weights stay float32
+    into the combine, Mixtral's, else they are cast to the activation dtype first). ``intermediate_size`` is
+    then the width of the shared expert, a dense gated MLP beside the routed ones scaled by
+    sigmoid(x . shared_gate) (Qwen2-MoE, Qwen3.5-MoE; 0: none). ``dense_mlp_layers`` lists the layers whose MLP
+    is instead a plain gated MLP of width ``dense_intermediate_size`` (Qwen2-MoE / Qwen3-MoE's
+    ``mlp_only_layers`` and ``decoder_sparse_step``).
     ``clip_qkv`` (OLMoE): queries, keys and values clamped to [-clip, clip] after the QK-norm, before RoPE.
     """
 

@@ -22,9 +22,9 @@ excludes the marker or stop token.
 On a mesh (``SlotSampler(mesh=)``) the parameters lie on their logical-axis shardings and both programs
 run under ``jax.set_mesh`` with the rows and branches replicated.
 
-Gated DeltaNet hybrids (Qwen3.5) take ``hybrid.py``'s path: each linear-attention layer's recurrent state
-(and conv inputs) at every slot's prefix end, advanced one token per step; mixture-of-experts hybrids are
-refused.
+Gated DeltaNet hybrids (Qwen3.5, Qwen3.5-MoE) take ``hybrid.py``'s path: each linear-attention layer's
+recurrent state (and conv inputs) at every slot's prefix end, advanced one token per step; routed MLPs route
+each decode token as scoring does.
 """
 
 from __future__ import annotations
