@@ -192,10 +192,8 @@ def decoder_layer(
     segment_ids: jnp.ndarray,
     *,
     spec: ModelSpec,
-    window: int | None,
+    kind: LayerKind,
     backend: str,
-    layer_type: str = "",
-    dense_mlp: bool = False,
     at: Gather | None = None,
     keep_kv: bool = False,
     attend: Attend | None = None,
@@ -203,11 +201,12 @@ def decoder_layer(
     """One decoder layer on h [B, T, D] with this layer's (unstacked) parameters ``p``: (h, what its attention
     hands out: see ``_attention_block``'s ``keep_kv`` and ``attend``; None for Gated DeltaNet layers).
 
-    ``layer_type`` LINEAR_ATTENTION mixes tokens with Gated DeltaNet (``cos``/``sin`` unused), any other
-    with softmax attention; ``dense_mlp``: a mixture of experts' dense layer (``mlp``). ``at``: the layer's
-    output only at those positions, [G, C, D] (keys, values and Gated DeltaNet still see every position;
-    queries, the residual and the MLP only those).
+    ``kind``: a LINEAR_ATTENTION layer mixes tokens with Gated DeltaNet (``cos``/``sin`` unused), any other
+    with softmax attention (windowed as the spec says for its type); its MLP is ``mlp``'s for the kind.
+    ``at``: the layer's output only at those positions, [G, C, D] (keys, values and Gated DeltaNet still see
+    every position; queries, the residual and the MLP only those).
     """
+    layer_type = kind.attention
     take = (lambda x: x) if at is None else at.take
 
     def norm(x, name):
@@ -229,7 +228,7 @@ def decoder_layer(
             sin,
             segment_ids,
             spec=spec,
-            window=window,
+            window=spec.window_for(layer_type),
             backend=backend,
             at=at,
             keep_kv=keep_kv,
@@ -238,7 +237,7 @@ def decoder_layer(
     h = take(h) + (norm(attn, "attn_out_norm") if after else attn)
     x = norm(h, "mlp_in_norm") if before else h
     # padding (segment 0, or an invalid gathered entry) is routed to no expert
-    mlp_out = mlp(p, x, segment_ids > 0 if at is None else at.valid, spec=spec, dense_mlp=dense_mlp)
+    mlp_out = mlp(p, x, segment_ids > 0 if at is None else at.valid, spec=spec, dense_mlp=kind.dense_mlp)
     h = h + (norm(mlp_out, "mlp_out_norm") if after else mlp_out)
     return constrain(h, (ACT_BATCH, ACT_LENGTH, ACT_EMBED)), aux
 
@@ -408,11 +407,10 @@ class Decoder(nnx.Module):
         about 1 / L of the body's work."""
         spec = self.spec
         kind = spec.layer_kinds[-1]
-        layer_type = kind.attention
         params = {
             name: x[-1] for name, x in self.layers.arrays().items() if param_in_layer(name, kind)
         }  # the last layer is the last of every stack it has a parameter in
-        cos, sin = self._rope_tables(positions)[layer_type]
+        cos, sin = self._rope_tables(positions)[kind.attention]
         out, _ = decoder_layer(
             params,
             h,
@@ -420,10 +418,8 @@ class Decoder(nnx.Module):
             sin,
             segment_ids,
             spec=spec,
-            window=spec.window_for(layer_type),
+            kind=kind,
             backend=self.attention_backend,
-            layer_type=layer_type,
-            dense_mlp=kind.dense_mlp,
             at=Gather(index, valid),
         )
         return self._final_norm(out)
@@ -477,10 +473,8 @@ class Decoder(nnx.Module):
                         *tables[kind.attention],
                         segment_ids,
                         spec=spec,
-                        window=spec.window_for(kind.attention),
+                        kind=kind,
                         backend=self.attention_backend,
-                        layer_type=kind.attention,
-                        dense_mlp=kind.dense_mlp,
                         keep_kv=keep_kv,
                         attend=attend,
                     )

@@ -57,24 +57,14 @@ def prefill(model: Decoder, tokens, positions, segment_ids):
     h = model._embed(tokens)
     tables = model._rope_tables(positions)
     keys, values, inputs = [], [], []
-    for p, (layer_type, dense_mlp) in zip(layer_params(model), spec.layer_kinds):
-        if layer_type == LINEAR_ATTENTION:
+    for p, kind in zip(layer_params(model), spec.layer_kinds):
+        if kind.attention == LINEAR_ATTENTION:
             inputs.append(_norm(spec, p, h, "attn_in_norm") if before else h)
-        cos, sin = tables[layer_type]
+        cos, sin = tables[kind.attention]
         h, aux = decoder_layer(
-            p,
-            h,
-            cos,
-            sin,
-            segment_ids,
-            spec=spec,
-            window=spec.window_for(layer_type),
-            backend=model.attention_backend,
-            layer_type=layer_type,
-            dense_mlp=dense_mlp,
-            keep_kv=True,
+            p, h, cos, sin, segment_ids, spec=spec, kind=kind, backend=model.attention_backend, keep_kv=True
         )
-        if layer_type != LINEAR_ATTENTION:
+        if kind.attention != LINEAR_ATTENTION:
             keys.append(aux[0])
             values.append(aux[1])
     return model._final_norm(h), (jnp.stack(keys), jnp.stack(values)), jnp.stack(inputs)
@@ -190,31 +180,21 @@ def decode_step(model: Decoder, tokens, positions, segment, attend, inputs, line
     tables = model._rope_tables(positions)
     new_k, new_v, new_linear = [], [], []
     la = ll = 0
-    for p, (layer_type, dense_mlp) in zip(layer_params(model), spec.layer_kinds):
-        if layer_type == LINEAR_ATTENTION:
+    for p, kind in zip(layer_params(model), spec.layer_kinds):
+        if kind.attention == LINEAR_ATTENTION:
             x = _norm(spec, p, h, "attn_in_norm") if before else h
             attn, carry = _linear_step(spec, p, x, *linear[ll])
             new_linear.append(carry)
             ll += 1
             h = h + (_norm(spec, p, attn, "attn_out_norm") if after else attn)
             x = _norm(spec, p, h, "mlp_in_norm") if before else h
-            out = mlp(p, x, segment > 0, spec=spec, dense_mlp=dense_mlp)  # absent branches: routed nowhere
+            out = mlp(p, x, segment > 0, spec=spec, dense_mlp=kind.dense_mlp)  # absent branches: routed nowhere
             h = h + (_norm(spec, p, out, "mlp_out_norm") if after else out)
             continue
         layer_inputs = {name: x[la] for name, x in inputs.items()}
-        cos, sin = tables[layer_type]
+        cos, sin = tables[kind.attention]
         h, (k, v) = decoder_layer(
-            p | layer_inputs,
-            h,
-            cos,
-            sin,
-            segment,
-            spec=spec,
-            window=spec.window_for(layer_type),
-            backend=model.attention_backend,
-            layer_type=layer_type,
-            dense_mlp=dense_mlp,
-            attend=attend,
+            p | layer_inputs, h, cos, sin, segment, spec=spec, kind=kind, backend=model.attention_backend, attend=attend
         )
         new_k.append(k)
         new_v.append(v)
