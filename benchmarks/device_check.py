@@ -38,6 +38,7 @@ from psych201_jax import defaults
 from psych201_jax.data import records, spans
 from psych201_jax.data.tokenizer import TokenizerInfo
 from psych201_jax.model import attention, checkpoint
+from psych201_jax.model.spec import HYBRID_FAMILIES
 from psych201_jax.parallel import sharding
 from psych201_jax.runs import compilation
 from psych201_jax.scoring import packing, scorer, stream
@@ -143,6 +144,27 @@ MODELS = {
         ),
         4,
         48,
+    ),
+    # Qwen3.5-35B-A3B's language model at 4 of 40 layers (3 Gated DeltaNet, 1 gated attention): 256 experts of
+    # width 512, top 8, and a 512-wide shared expert (the vocabulary is the bundled tokenizer's, not 248,320).
+    "qwen3_5_35b_a3b": (
+        "qwen3_5_moe_text",
+        dict(
+            hidden_size=2048,
+            moe_intermediate_size=512,
+            shared_expert_intermediate_size=512,
+            num_experts=256,
+            num_experts_per_tok=8,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            head_dim=256,
+            linear_num_key_heads=16,
+            linear_num_value_heads=32,
+            linear_key_head_dim=128,
+            linear_value_head_dim=128,
+        ),
+        4,
+        40,
     ),
 }
 DRY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
@@ -307,12 +329,19 @@ def model_check(family: str, widths: dict, layers: int, full: int, items: list, 
 
 def _shape(name: str, dry: bool) -> tuple:
     """(family, widths, layers used, full depth) of a MODELS shape; the dry run's tiny widths and 2 layers
-    (a mixture of experts keeps 8 experts, top 2, of width 32)."""
+    (a mixture of experts keeps 8 experts, top 2, of width 32; a Gated DeltaNet hybrid its 4-layer pattern,
+    with the tiny model's linear-attention widths)."""
     family, widths, layers, full = MODELS[name]
     if not dry:
         return family, widths, layers, full
     moe = "num_experts" in widths
-    return family, DRY | (dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32) if moe else {}), 2, full
+    dry_layers = 4 if family in HYBRID_FAMILIES else 2
+    return (
+        family,
+        DRY | (dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32) if moe else {}),
+        dry_layers,
+        full,
+    )
 
 
 def simulate_check(name: str, data: str, dry: bool, tmp: str) -> dict:

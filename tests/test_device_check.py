@@ -82,6 +82,7 @@ def test_dry_run_writes_every_key(tmp_path):
         "gemma2_9b",
         "gemma3_4b",
         "qwen3_30b_a3b",
+        "qwen3_5_35b_a3b",
     }
     for name, entry in out["models"].items():
         assert set(entry) == MODEL_KEYS, name
